@@ -1,0 +1,28 @@
+"""enginehouse: one call from a model identifier to a ready LLM inference pipeline."""
+
+from .backends import BackendDecision
+from .config import EngineConfig, GenerationConfig
+from .hookspecs import hookimpl
+from .pipeline import ChatSession, Pipeline, explain, pipeline
+from .response import Response
+from .runner import KVSpec, ModelRunner, ScheduledBatch, SeqChunk
+from .spec import BackendProbe, ModelSpec
+
+__version__ = "0.1.0"
+__all__ = [
+    "BackendDecision",
+    "BackendProbe",
+    "ChatSession",
+    "EngineConfig",
+    "GenerationConfig",
+    "KVSpec",
+    "ModelRunner",
+    "ModelSpec",
+    "Pipeline",
+    "Response",
+    "ScheduledBatch",
+    "SeqChunk",
+    "explain",
+    "hookimpl",
+    "pipeline",
+]

@@ -1,0 +1,5 @@
+"""`python -m enginehouse` is the `enginehouse` command."""
+
+from .cli import main
+
+main()

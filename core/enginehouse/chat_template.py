@@ -1,0 +1,70 @@
+"""Step 6 of `pipeline()`: which chat template turns messages into a prompt.
+
+Precedence: an explicit `chat_template=` (a Jinja string or a file) overrides everything; then
+the tokenizer's own template; then, only for tokenizers that have none, a small built-in one
+chosen by the config's `model_type` (never by the folder's name), with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PLAIN = (
+    "{{ bos_token or '' }}{% for m in messages %}{{ m['role'] | capitalize }}: "
+    "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+BUILTIN = {"chatml": CHATML, "plain": PLAIN}
+FAMILY_TEMPLATES = {"qwen2": "chatml", "qwen2_moe": "chatml", "qwen3": "chatml"}
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    template: str
+    source: str  # "override", "tokenizer" or "builtin:<name>"
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
+    def render(self, tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True):
+        if self.is_builtin:
+            log.warning(
+                "the tokenizer has no chat template; using enginehouse's %r template. "
+                "Pass chat_template= (a Jinja string or file) for the model's real format",
+                self.source,
+            )
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+
+def load_chat_template(
+    tokenizer: Any, spec: ModelSpec, override: str | Path | None = None
+) -> ChatTemplate:
+    if override is not None:
+        text = str(override)
+        path = Path(text)
+        if "{" not in text and path.is_file():
+            text = path.read_text(encoding="utf-8")
+        return ChatTemplate(text, "override")
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one is for chat
+        own = own.get("default")
+    if own:
+        return ChatTemplate(own, "tokenizer")
+    name = FAMILY_TEMPLATES.get(spec.model_type, "plain")
+    return ChatTemplate(BUILTIN[name], f"builtin:{name}")

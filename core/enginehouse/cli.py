@@ -1,0 +1,186 @@
+"""The `enginehouse` command line: plugins, explain, generate, plus plugins' own commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from .config import EngineConfig, GenerationConfig
+from .errors import EnginehouseError, describe_validation_error
+from .plugins import get_plugins
+
+
+def _friendly_errors(fn: Callable) -> Callable:
+    """Show our errors and invalid settings as one clear line, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EnginehouseError as e:
+            raise click.ClickException(str(e)) from e
+        except ValidationError as e:
+            raise click.ClickException(describe_validation_error(e)) from e
+
+    return wrapper
+
+
+def _option_type(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if len(args) == 1 else annotation
+    if typing.get_origin(base) is typing.Literal:
+        return click.Choice(typing.get_args(base))
+    return base if base in (int, float, bool) else str
+
+
+def engine_options(fn: Callable) -> Callable:
+    """One `--flag` per `EngineConfig` field; the command gets them as `engine_config`."""
+    names = list(EngineConfig.model_fields)
+    for name, field in reversed(EngineConfig.model_fields.items()):
+        flag = "--" + name.replace("_", "-")
+        kind = _option_type(field.annotation)
+        if kind is bool:
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
+        fn = click.option(flag, name, type=kind, default=None, help=field.description)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {n: kwargs.pop(n) for n in names}
+        given = {n: v for n, v in values.items() if v is not None}
+        if isinstance(given.get("kv_cache_memory"), str):
+            try:
+                given["kv_cache_memory"] = float(given["kv_cache_memory"])
+            except ValueError:
+                pass  # a size such as "2GiB"
+        return fn(*args, engine_config=EngineConfig(**given), **kwargs)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="enginehouse")
+def cli() -> None:
+    """enginehouse: a model identifier in, an inference pipeline out."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins: name, distribution, version, hooks and load errors."""
+    infos = [i.as_dict() for i in get_plugins().infos.values()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    for info in infos:
+        dist = f"{info['distribution'] or '?'} {info['version'] or ''}".strip()
+        click.echo(f"{info['name']}  ({dist})")
+        if info["error"]:
+            click.echo(f"    FAILED TO LOAD: {info['error']}")
+        else:
+            click.echo(f"    hooks: {', '.join(info['hooks']) or '-'}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--backend", default=None, help="check this backend as if it were asked for")
+@click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_friendly_errors
+@engine_options
+def explain(
+    model: str, backend: str | None, revision: str | None, as_json: bool, engine_config
+) -> None:
+    """Show how MODEL would be run, and why, without loading its weights."""
+    from .pipeline import explain as explain_model
+
+    report = explain_model(model, backend=backend, engine_config=engine_config, revision=revision)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    facts = report["facts"]
+    click.echo(f"model:        {report['model']}")
+    click.echo(f"architecture: {report['architecture']} (family {facts.get('family')})")
+    click.echo(f"vision model: {'yes' if facts.get('is_vlm') else 'no'}")
+    click.echo(f"chosen:       {report['chosen'] or 'none'}")
+    click.echo("backends:")
+    for v in report["verdicts"]:
+        mark = "yes" if v["supported"] else "no "
+        click.echo(f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]")
+        click.echo(f"        {v['reason']}")
+    if report["error"]:
+        raise click.ClickException(report["error"])
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", nargs=-1, required=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=None, help="sample at this temperature")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="make sampling reproducible")
+@click.option("--stop", multiple=True, help="a stop string (repeatable)")
+@click.option("--system", default=None, help="a system message")
+@click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
+@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--backend", default=None, help="run on this backend (see explain)")
+@click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
+@_friendly_errors
+@engine_options
+def generate(
+    model: str,
+    prompt: tuple[str, ...],
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    system: str | None,
+    raw: bool,
+    stream: bool,
+    backend: str | None,
+    revision: str | None,
+    engine_config: EngineConfig,
+) -> None:
+    """Generate a continuation of PROMPT with MODEL (a folder or a hub id)."""
+    from .pipeline import pipeline
+
+    sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if sampling:
+        sampling["do_sample"] = True
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, random_seed=seed, stop_words=list(stop), **sampling
+    )
+    text = " ".join(prompt)
+    request: Any = text
+    if system and not raw:
+        request = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+    with pipeline(model, backend=backend, engine_config=engine_config, revision=revision) as pipe:
+        if stream:
+            for delta in pipe.stream(request, gen, apply_chat_template=not raw):
+                click.echo(delta.text, nl=False)
+                if delta.error:
+                    raise click.ClickException(delta.error)
+            click.echo()
+        else:
+            click.echo(pipe(request, gen, apply_chat_template=not raw).text)
+
+
+def _load_plugin_commands() -> None:
+    for plugin, result in get_plugins().call_each("register_commands", cli=cli):
+        if isinstance(result, Exception):
+            click.echo(f"warning: plugin {plugin} could not add its commands: {result}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _load_plugin_commands()
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="enginehouse")

@@ -1,0 +1,140 @@
+"""User-facing settings: how to generate (`GenerationConfig`) and how to run (`EngineConfig`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Fields of generation_config.json that become defaults when the user leaves them unset,
+# the way transformers' generate() and vLLM treat a model's own generation settings.
+MODEL_DEFAULT_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class GenerationConfig(BaseModel):
+    """How to generate for one request. Unknown or out-of-range fields raise at construction."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_new_tokens: int = Field(512, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 keeps every token")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop_words: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="top-N logprobs per token")
+    skip_special_tokens: bool = True
+
+    @field_validator("stop_words", mode="before")
+    @classmethod
+    def _one_stop_word(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("stop_words")
+    @classmethod
+    def _no_empty_stop_word(cls, v: list[str]) -> list[str]:
+        if any(not w for w in v):
+            raise ValueError("stop_words must not contain an empty string")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0 or self.top_k == 1
+
+    def with_model_defaults(self, model_defaults: Mapping[str, Any]) -> GenerationConfig:
+        """Fill fields the user did not set from the model's generation_config.json."""
+        updates = {
+            k: model_defaults[k]
+            for k in MODEL_DEFAULT_FIELDS
+            if k not in self.model_fields_set and model_defaults.get(k) is not None
+        }
+        if not updates:
+            return self
+        return GenerationConfig.model_validate({**self.model_dump(exclude_unset=True), **updates})
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_size(value: str) -> int:
+    """'2GiB' -> 2147483648. Decimal (GB) and binary (GiB) units, case-insensitive."""
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"cannot read {value!r} as a size; write e.g. '2GiB' or '512MB'")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").lower()])
+
+
+class EngineConfig(BaseModel):
+    """How to run the model: batching, context, KV cache, dtype and device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(64, ge=1, description="most sequences decoded in one step")
+    max_num_batched_tokens: int = Field(
+        2048, ge=16, description="token budget of one step; longer prompts prefill in chunks"
+    )
+    session_len: int | None = Field(None, ge=1, description="context length; default: model's")
+    block_size: int | None = Field(None, ge=1, description="KV block size; default: backend's")
+    kv_cache_memory: float | int | str = Field(
+        0.8, description="fraction (0, 1] of the memory free after loading, or a size like '2GiB'"
+    )
+    enable_prefix_caching: bool = True
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    trust_remote_code: bool = Field(False, description="allow code from the model's repo")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _check_kv_memory(cls, v: float | int | str) -> float | int:
+        if isinstance(v, str):
+            return parse_size(v)
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError("a fraction must be in (0, 1]; give a size like '2GiB' otherwise")
+        if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
+            raise ValueError("a size in bytes must be positive")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device {v!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @model_validator(mode="after")
+    def _budget_fits_batch(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ValueError(
+                "max_num_batched_tokens must be at least max_batch_size "
+                "(every running sequence needs one token per decode step)"
+            )
+        return self
+
+    @classmethod
+    def coerce(cls, value: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, EngineConfig):
+            return value
+        return cls.model_validate(dict(value))
+
+
+def coerce_generation_config(value: GenerationConfig | Mapping[str, Any] | None):
+    if value is None:
+        return GenerationConfig()
+    if isinstance(value, GenerationConfig):
+        return value
+    return GenerationConfig.model_validate(dict(value))

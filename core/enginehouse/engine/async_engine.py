@@ -1,0 +1,163 @@
+"""Run an `LLMEngine` on a private asyncio loop in a daemon thread.
+
+The loop owns the request streams; engine steps run on one worker thread so that the loop stays
+responsive while the model computes. Callers use whichever side suits them: `stream()` from
+plain (or Jupyter) code, `astream()` from any asyncio loop. Each request hands its outputs to a
+thread-safe sink, so results reach the caller's thread or loop directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from ..config import GenerationConfig
+from .llm_engine import LLMEngine
+from .sequence import RequestOutput
+
+log = logging.getLogger(__name__)
+Sink = Callable[[RequestOutput], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._sinks: dict[str, Sink] = {}
+        self._closed = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="enginehouse-step")
+        self.loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(started,), name="enginehouse-loop", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._task = self.loop.create_task(self._step_loop())
+        self.loop.call_soon(started.set)
+        self.loop.run_forever()
+
+    async def _step_loop(self) -> None:
+        while not self._closed:
+            if not self.engine.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await self.loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as e:  # a bug in the engine itself: fail its requests, keep serving
+                log.exception("engine step failed")
+                error = f"engine step failed: {type(e).__name__}: {e}"
+                outputs = self.engine.finish_all("error", error)
+            for out in outputs:
+                self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+        if sink is None:
+            return
+        try:
+            sink(out)
+        except Exception:  # a consumer that went away must not stop the others
+            log.exception("could not deliver output of request %s", out.request_id)
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: GenerationConfig,
+        sink: Sink,
+        request_id: str | None = None,
+        score_only: bool = False,
+    ) -> str:
+        """Queue a request; raises `RequestError` at once when it cannot be served."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        request_id = request_id or uuid.uuid4().hex
+        self.engine.validate(prompt_ids, score_only)
+
+        def add() -> None:
+            self._sinks[request_id] = sink
+            self.engine.add_request(request_id, prompt_ids, params, score_only)
+            self._wake.set()
+
+        self.loop.call_soon_threadsafe(add)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed at the next step and it ends with 'abort'."""
+
+        def abort() -> None:
+            self.engine.abort(request_id)
+            self._wake.set()
+
+        if not self._closed:
+            self.loop.call_soon_threadsafe(abort)
+
+    def stream(
+        self, prompt_ids: list[int], params: GenerationConfig, score_only: bool = False
+    ) -> Iterator[RequestOutput]:
+        """Outputs of one request, for synchronous code. Leaving the loop early aborts it."""
+        q: queue.Queue[RequestOutput] = queue.Queue()
+        rid = self.submit(prompt_ids, params, q.put, score_only=score_only)
+        finished = False
+        try:
+            while not finished:
+                out = q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    async def astream(
+        self, prompt_ids: list[int], params: GenerationConfig, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request, for code on any asyncio loop. Cancelling it aborts it."""
+        caller = asyncio.get_running_loop()
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = self.submit(
+            prompt_ids, params, lambda o: caller.call_soon_threadsafe(q.put_nowait, o), request_id
+        )
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the loop thread and wait for its result (for stats and tests)."""
+        future = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
+        return future.result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.call_soon_threadsafe(self._wake.set)
+        asyncio.run_coroutine_threadsafe(_wait(self._task), self.loop).result()
+        # Requests still in flight end with 'abort', so that no caller waits forever.
+        self.call(lambda: [self._deliver(o) for o in self.engine.finish_all("abort")])
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self._executor.shutdown(wait=True)
+        self.loop.close()
+
+
+async def _call(fn: Callable[[], object]) -> object:
+    return fn()
+
+
+async def _wait(task: asyncio.Task) -> None:
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,296 @@
+"""The engine step: schedule, run the backend, sample, detokenize, stop.
+
+`LLMEngine` is synchronous and single-threaded: `step()` is its only worker. Other threads hand
+it requests and aborts through `add_request` / `abort`, which only queue them; the next step
+picks them up. `AsyncEngine` (async_engine.py) drives it from its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections import deque
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig, GenerationConfig
+from ..errors import EnginehouseError, RequestError
+from ..runner import ModelRunner, ScheduledBatch
+from ..spec import ModelSpec
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence
+
+log = logging.getLogger(__name__)
+DEFAULT_SESSION_LEN = 4096  # for configs that state no context length
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free now: CUDA's own count on a GPU, MemAvailable from the kernel on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def session_length(spec: ModelSpec, config: EngineConfig) -> int:
+    if config.session_len is not None:
+        if spec.context_length and config.session_len > spec.context_length:
+            log.warning(
+                "session_len %d is longer than the model's context (%d); quality may suffer",
+                config.session_len,
+                spec.context_length,
+            )
+        return config.session_len
+    return spec.context_length or DEFAULT_SESSION_LEN
+
+
+def eos_token_ids(spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
+    ids = spec.generation_config.get("eos_token_id", spec.config.get("eos_token_id"))
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) -> int:
+    """Turn the KV budget into a number of blocks, after a profiling pass where supported."""
+    kv = runner.kv_spec
+    profile = getattr(runner, "profile_run", None)
+    if profile is not None:
+        profile(config.max_num_batched_tokens)  # so that activations are already counted
+    budget = config.kv_cache_memory
+    if isinstance(budget, float):
+        budget = int(available_memory(kv.device) * budget)
+    per_seq = math.ceil(session_len / kv.block_size)
+    # Blocks beyond what max_batch_size full-length sequences can use would sit idle.
+    blocks = min(budget // kv.bytes_per_block, per_seq * config.max_batch_size)
+    if blocks < per_seq:
+        raise EnginehouseError(
+            f"the KV cache budget ({budget / 2**20:.0f} MiB) holds {blocks * kv.block_size} "
+            f"tokens, less than one full context of {session_len}; raise "
+            "EngineConfig(kv_cache_memory=...) or lower session_len"
+        )
+    return blocks
+
+
+class LLMEngine:
+    def __init__(
+        self, runner: ModelRunner, tokenizer: Any, spec: ModelSpec, config: EngineConfig
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.session_len = session_length(spec, config)
+        self.vocab_size = int(spec.config.get("vocab_size") or len(tokenizer))
+        self.eos_ids = eos_token_ids(spec, tokenizer)
+        kv = runner.kv_spec
+        self.block_size = kv.block_size
+        self.num_blocks = plan_kv_blocks(runner, config, self.session_len)
+        runner.allocate_kv(self.num_blocks)
+        caching = config.enable_prefix_caching and kv.prefix_caching
+        self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_batch_size, config.max_num_batched_tokens
+        )
+        self._ids = itertools.count()
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._seqs: dict[str, Sequence] = {}
+
+    # --- called from any thread -------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], score_only: bool = False) -> None:
+        """Raise `RequestError` for a request the engine cannot serve; changes nothing."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        limit = self.session_len if score_only else self.session_len - 1
+        if len(prompt_ids) > limit:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds "
+                f"{self.session_len}, leaving no room to generate; shorten the prompt or "
+                "raise EngineConfig(session_len=...) up to the model's context length"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: GenerationConfig,
+        score_only: bool = False,
+    ) -> None:
+        self.validate(prompt_ids, score_only)
+        self._inbox.append(("add", (request_id, list(prompt_ids), params, score_only)))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id))
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.block_manager.num_used,
+            "kv_blocks_total": self.num_blocks,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One round: take queued requests, run one batch, return every request's news."""
+        outputs = self._drain_inbox()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        batch = ScheduledBatch(tuple(chunk for _, chunk in scheduled), self.block_size)
+        try:
+            logits = self.runner.execute(batch)
+        except Exception as e:
+            log.exception("the backend failed on a batch of %d sequences", len(scheduled))
+            error = f"the backend failed: {type(e).__name__}: {e}"
+            return outputs + [self._finish(seq, "error", error) for seq, _ in scheduled]
+        row, to_sample, rows = 0, [], []
+        for seq, chunk in scheduled:
+            seq_logits = logits[row : row + len(chunk.logits_at)]
+            row += len(chunk.logits_at)
+            seq.num_computed = chunk.end_pos
+            self.block_manager.commit(seq)
+            if seq.score_only:
+                outputs.extend(self._score(seq, chunk.start_pos, seq_logits))
+            elif len(chunk.logits_at):
+                to_sample.append(seq)
+                rows.append(seq_logits[-1])
+        if to_sample:
+            tokens, logprobs = sample(torch.stack(rows), to_sample)
+            for seq, token, lp in zip(to_sample, tokens, logprobs):
+                outputs.append(self._append(seq, token, lp))
+        return outputs
+
+    def finish_all(self, reason: str, error: str | None = None) -> list[RequestOutput]:
+        """Finish every request: with 'error' when a step crashed, 'abort' on shutdown."""
+        self._drain_inbox()
+        return [self._finish(seq, reason, error) for seq in list(self._seqs.values())]
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs = []
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "add":
+                self._add(*payload)
+            elif payload in self._seqs:
+                outputs.append(self._finish(self._seqs[payload], "abort"))
+        return outputs
+
+    def _add(self, request_id: str, prompt_ids: list[int], params: GenerationConfig, score: bool):
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_ids
+        )
+        generator = torch.Generator()
+        if params.random_seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.random_seed)
+        seq = Sequence(
+            seq_id=next(self._ids),
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            stop_ids=stop_ids,
+            max_len=self.session_len,
+            score_only=score,
+            generator=generator,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.skip_special_tokens
+            ),
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _score(self, seq: Sequence, start: int, logits: torch.Tensor) -> list[RequestOutput]:
+        # Position p predicts token p+1; the prompt's last position predicts nothing we know.
+        targets = seq.token_ids[start + 1 : start + 1 + len(logits)]
+        if targets:
+            lp = logits[: len(targets)].float().log_softmax(dim=-1)
+            seq.prompt_logprob_sum += lp.gather(1, torch.tensor(targets).unsqueeze(1)).sum().item()
+        if seq.num_computed < seq.num_tokens:
+            return []
+        return [self._finish(seq, "stop")]
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        p = seq.params
+        if token in seq.stop_ids:
+            return self._finish(seq, "stop")
+        old_len = len(seq.text)
+        seq.text += seq.detokenizer.add(token)
+        if p.stop_words and self._cut_at_stop_word(seq, old_len):
+            return self._finish(seq, "stop", flush=False)
+        if seq.num_generated >= p.max_new_tokens or seq.num_tokens >= seq.max_len:
+            return self._finish(seq, "length")
+        return self._output(seq)
+
+    def _cut_at_stop_word(self, seq: Sequence, old_len: int) -> bool:
+        longest = max(len(w) for w in seq.params.stop_words)
+        start = max(0, old_len - longest + 1)
+        hits = [i for w in seq.params.stop_words if (i := seq.text.find(w, start)) >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[: min(hits)]  # the stop word itself is not part of the output
+        return True
+
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, flush: bool = True
+    ) -> RequestOutput:
+        if flush and seq.detokenizer is not None and not seq.finished:
+            seq.text += seq.detokenizer.flush()
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        out = self._output(seq)
+        out.error = error
+        return out
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        """The news since the last output: new text (held back while it may start a stop
+        word), new tokens, their logprobs; the totals when the request is finished."""
+        end = len(seq.text)
+        if not seq.finished and seq.params.stop_words:
+            hold = max(len(w) for w in seq.params.stop_words) - 1
+            end = max(seq.emitted_text, end - hold)
+        new_ids = seq.generated_ids[seq.emitted_tokens :]
+        out = RequestOutput(
+            request_id=seq.request_id,
+            text=seq.text[seq.emitted_text : end],
+            token_ids=new_ids,
+            logprobs=seq.logprobs[seq.emitted_tokens :]
+            if seq.params.logprobs is not None
+            else None,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            input_token_len=seq.num_prompt,
+            generate_token_len=seq.num_generated,
+            cached_tokens=seq.cached_tokens,
+            prompt_logprob_sum=seq.prompt_logprob_sum if seq.score_only else None,
+        )
+        seq.emitted_text, seq.emitted_tokens = end, seq.num_generated
+        return out

@@ -1,0 +1,94 @@
+"""Pick the next token of every row: torch code in the core, so every backend samples alike.
+
+Order follows transformers: penalties, then temperature, top-k, top-p and min-p. Each seeded
+request draws from its own generator, so its tokens do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            # transformers' rule, over prompt and output: shrink the scores of seen tokens.
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            scores = logits[row, seen]
+            scores = torch.where(
+                scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty
+            )
+            logits[row, seen] = scores
+        if p.presence_penalty or p.frequency_penalty:
+            # OpenAI's rule, over the output only.
+            out = torch.tensor(seq.generated_ids, dtype=torch.long)
+            if out.numel():
+                counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+                logits[row] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
+        if seq.num_generated < p.min_new_tokens and seq.stop_ids:
+            logits[row, list(seq.stop_ids)] = float("-inf")
+    return logits
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, each a no-op where the request turns it off."""
+    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+    logits = logits / temps.clamp_min(1e-6).unsqueeze(1)
+    top_k = [s.params.top_k for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    vocab = logits.shape[1]
+    if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=1, descending=True)
+        ranks = torch.arange(vocab).unsqueeze(0)
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k]).unsqueeze(1)
+        drop = ranks >= ks
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        before = probs.cumsum(dim=1) - probs
+        drop |= before > torch.tensor(top_p, dtype=probs.dtype).unsqueeze(1)
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(dim=1)
+        floor = probs.max(dim=1, keepdim=True).values * torch.tensor(min_p).unsqueeze(1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    # argmax(p / q) with q ~ Exp(1) is a draw from p; each row uses its request's generator.
+    noise = torch.empty_like(probs)
+    for row, seq in enumerate(seqs):
+        noise[row].exponential_(generator=seq.generator)
+    return (probs / noise).argmax(dim=1)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+    """Next token per row, and for rows that ask, logprobs of the raw logits.
+
+    A row's logprobs map the chosen token and the top-N tokens to their log-probabilities.
+    """
+    logits = logits.float()
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    raw_logprobs = logits[want].log_softmax(dim=1) if want else None
+    logits = apply_penalties(logits.clone(), seqs)
+    tokens = logits.argmax(dim=1)
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled:
+        rows = [seqs[i] for i in sampled]
+        probs = _filter(logits[sampled], rows).softmax(dim=1)
+        tokens[sampled] = _draw(probs, rows)
+    token_list = tokens.tolist()
+    logprobs: list[dict | None] = [None] * len(seqs)
+    for j, i in enumerate(want):
+        lp, tok, n = raw_logprobs[j], token_list[i], seqs[i].params.logprobs
+        entry = {tok: lp[tok].item()}
+        if n:
+            top = lp.topk(n)
+            entry.update(zip(top.indices.tolist(), top.values.tolist()))
+        logprobs[i] = entry
+    return token_list, logprobs

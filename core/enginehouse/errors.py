@@ -1,0 +1,35 @@
+"""Errors users see. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EnginehouseError(Exception):
+    """Base class for every error enginehouse raises on purpose."""
+
+
+class ModelNotFoundError(EnginehouseError, FileNotFoundError):
+    """The model identifier names neither a local folder nor a reachable or cached hub repo."""
+
+
+class InvalidModelError(EnginehouseError, ValueError):
+    """The model folder exists but its files cannot describe a runnable model."""
+
+
+class BackendError(EnginehouseError, ValueError):
+    """No backend can run the model, or the requested one is unknown or unsupported."""
+
+
+class RequestError(EnginehouseError, ValueError):
+    """One request is invalid (a prompt longer than the context, a bad parameter)."""
+
+
+def describe_validation_error(error: Any) -> str:
+    """A pydantic ValidationError as one line per field, without pydantic's internals."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "value"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {message} (got {item.get('input')!r})")
+    return f"invalid {error.title}: " + "; ".join(problems)

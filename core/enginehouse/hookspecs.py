@@ -1,0 +1,74 @@
+"""The plugin contract: every hook a plugin may implement.
+
+These docstrings are the reference documentation of the hooks; `docs/hooks.md` repeats them
+and a test fails when a hook is missing from that page or from the tests.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from .config import EngineConfig
+    from .runner import ModelRunner
+    from .spec import BackendProbe, ModelSpec
+
+PROJECT = "enginehouse"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
+    """Add facts about the model described by ``spec``.
+
+    Called on every plugin; the returned dicts are merged into ``spec.facts``. When two plugins
+    give the same key, the one called first wins: plugins marked ``tryfirst`` before ordinary
+    ones, and the core's own default plugin (``trylast``) last, so any plugin can refine what
+    config.json says plainly.
+
+    Well-known keys: ``architecture`` (the class name from config.json), ``family`` (the
+    ``model_type``), ``is_vlm`` (a vision-language model), ``vision_config`` (its vision tower's
+    config), ``native_impl`` (the name of a native implementation that matches), ``context_length``.
+    Return ``None`` when the plugin has nothing to add. Must be cheap: no weights, no downloads.
+    """
+
+
+@hookspec
+def probe_backend(
+    spec: ModelSpec, config: EngineConfig
+) -> BackendProbe | list[BackendProbe] | None:
+    """Say whether each backend this plugin offers can run the model, and why.
+
+    Called on every plugin. Return one ``BackendProbe(name, supported, priority, reason)`` per
+    backend the plugin offers (a list when it offers several), or ``None`` when it offers none.
+    The core ranks the supported ones by ``priority`` (highest wins) unless the user asked for a
+    backend by name, and keeps every verdict in ``pipe.backend_decision``. ``reason`` is shown to
+    users by ``enginehouse explain``: say what matched, or what is missing and how to get it.
+
+    Must be cheap: no weights loaded, no heavy imports beyond what answering needs. A probe that
+    raises is reported as unsupported with its error; it never stops the other backends.
+    """
+
+
+@hookspec(firstresult=True)
+def create_runner(backend: str, spec: ModelSpec, config: EngineConfig) -> ModelRunner | None:
+    """Build the runner for ``backend`` (the chosen ``BackendProbe.name``).
+
+    The first plugin that returns something wins, so return ``None`` for backends you do not
+    own. The runner must follow :class:`enginehouse.runner.ModelRunner`; its weights are loaded
+    afterwards by the core through ``runner.load(progress)``, so building it should be quick.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add sub-commands to the ``enginehouse`` command line.
+
+    ``cli`` is the root ``click.Group``; use ``@cli.command()`` or ``cli.add_command(...)``.
+    Called on every plugin when the CLI starts.
+    """

@@ -1,0 +1,364 @@
+"""`pipeline()`: a model identifier in, a ready `Pipeline` out, in six separate steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .backends import BackendDecision, choose_backend, probe_backends
+from .chat_template import ChatTemplate, load_chat_template
+from .config import EngineConfig, GenerationConfig, coerce_generation_config
+from .detect import detect_architecture
+from .engine import AsyncEngine, LLMEngine, RequestOutput
+from .errors import BackendError, InvalidModelError, RequestError
+from .plugins import PluginHost, get_plugins
+from .resolve import resolve_model
+from .response import Response
+from .runner import ModelRunner
+from .spec import ModelSpec, read_model_spec
+
+log = logging.getLogger(__name__)
+
+Message = Mapping[str, Any]
+Prompt = str | Sequence[Message] | Mapping[str, Any]
+GenConfigs = GenerationConfig | Mapping[str, Any] | Sequence[GenerationConfig] | None
+
+
+def read_spec(
+    model: str | os.PathLike[str],
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    plugins: PluginHost | None = None,
+) -> ModelSpec:
+    """Steps 1-3: resolve the identifier, read the folder once, merge the plugins' facts."""
+    resolved = resolve_model(model, revision, cache_dir)
+    spec = read_model_spec(resolved.path, resolved.model_id, revision)
+    return detect_architecture(spec, plugins or get_plugins())
+
+
+def decide_backend(
+    spec: ModelSpec,
+    config: EngineConfig,
+    backend: str | None = None,
+    plugins: PluginHost | None = None,
+) -> BackendDecision:
+    """Step 4: every backend's verdict, and the chosen one (raises when none fits)."""
+    return choose_backend(probe_backends(spec, config, plugins or get_plugins()), backend)
+
+
+def build_runner(
+    decision: BackendDecision,
+    spec: ModelSpec,
+    config: EngineConfig,
+    plugins: PluginHost | None = None,
+    progress: bool = True,
+) -> ModelRunner:
+    """Step 5: the chosen backend's runner, with its weights loaded."""
+    plugins = plugins or get_plugins()
+    runner = plugins.hook.create_runner(backend=decision.chosen, spec=spec, config=config)
+    if runner is None:
+        verdict = decision.verdict(decision.chosen or "")
+        owner = verdict.plugin if verdict else "?"
+        raise BackendError(
+            f"plugin {owner!r} said it supports backend {decision.chosen!r} but built no runner "
+            "for it; report this to the plugin's authors"
+        )
+    runner.load(progress)
+    return runner
+
+
+def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
+    if not spec.tokenizer_files:
+        raise InvalidModelError(
+            f"{spec.path} has no tokenizer files (tokenizer.json, tokenizer.model, ...); "
+            "copy them from the original model repository"
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+
+
+def pipeline(
+    model: str | os.PathLike[str],
+    *,
+    backend: str | None = None,
+    engine_config: EngineConfig | Mapping[str, Any] | None = None,
+    chat_template: str | Path | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Pipeline:
+    """Build a ready inference pipeline for `model` (a local folder or a hub id).
+
+    `backend` names a backend explicitly (`enginehouse explain MODEL` lists them); otherwise the
+    supported one with the highest priority is chosen. `engine_config` takes an `EngineConfig`
+    or a dict of its fields.
+    """
+    config = EngineConfig.coerce(engine_config)
+    if trust_remote_code and not config.trust_remote_code:
+        config = config.model_copy(update={"trust_remote_code": True})
+    plugins = get_plugins()
+    spec = read_spec(model, revision, cache_dir, plugins)
+    decision = decide_backend(spec, config, backend, plugins)
+    tokenizer = load_tokenizer(spec, config.trust_remote_code)
+    template = load_chat_template(tokenizer, spec, chat_template)
+    runner = build_runner(decision, spec, config, plugins, progress)
+    try:
+        engine = LLMEngine(runner, tokenizer, spec, config)
+    except BaseException:
+        runner.close()
+        raise
+    return Pipeline(spec, decision, AsyncEngine(engine), tokenizer, template)
+
+
+def _is_conversation(prompt: Any) -> bool:
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, str)
+        and (len(prompt) > 0 and all(isinstance(m, Mapping) and "role" in m for m in prompt))
+    )
+
+
+class Pipeline:
+    """A model behind an engine. Use `pipe(prompts)`, `pipe.stream(...)`, `pipe.chat(...)`."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backend_decision: BackendDecision,
+        engine: AsyncEngine,
+        tokenizer: Any,
+        chat_template: ChatTemplate,
+    ) -> None:
+        self.spec = spec
+        self.backend_decision = backend_decision
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+
+    @property
+    def backend(self) -> str | None:
+        return self.backend_decision.chosen
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int]:
+        """Token ids for one prompt: a string, a message list, or {"token_ids": [...]}."""
+        if isinstance(prompt, Mapping):
+            if "token_ids" not in prompt:
+                raise RequestError("a dict prompt must be {'token_ids': [...]}")
+            return [int(t) for t in prompt["token_ids"]]
+        if isinstance(prompt, str):
+            if apply_chat_template and not self.chat_template.is_builtin:
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                return self.tokenizer.encode(prompt)
+        if not _is_conversation(prompt):
+            raise RequestError(
+                "a prompt must be a string, a list of {'role', 'content'} messages, or "
+                f"{{'token_ids': [...]}}; got {type(prompt).__name__}"
+            )
+        text = self.chat_template.render(self.tokenizer, [dict(m) for m in prompt])
+        # The template already wrote any BOS token; adding special tokens would double it.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _batch(self, prompts: Any) -> tuple[list[Prompt], bool]:
+        single = (
+            isinstance(prompts, (str, Mapping))
+            or not isinstance(prompts, Sequence)
+            or _is_conversation(prompts)
+        )
+        return ([prompts] if single else list(prompts)), single
+
+    def _configs(self, gen_config: GenConfigs, n: int) -> list[GenerationConfig]:
+        if isinstance(gen_config, Sequence) and not isinstance(gen_config, (str, Mapping)):
+            if len(gen_config) != n:
+                raise RequestError(f"got {len(gen_config)} generation configs for {n} prompts")
+            configs = [coerce_generation_config(c) for c in gen_config]
+        else:
+            configs = [coerce_generation_config(gen_config)] * n
+        return [c.with_model_defaults(self.spec.generation_config) for c in configs]
+
+    # --- generation -------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenConfigs = None,
+        *,
+        apply_chat_template: bool = True,
+        progress: bool = False,
+    ) -> Response | list[Response]:
+        """Generate for one prompt (one `Response`) or a list (a list, in order).
+
+        In a list, a prompt the engine cannot serve ends with `finish_reason="error"` and its
+        `error`, and the others still run; a single bad prompt raises `RequestError`.
+        """
+        items, single = self._batch(prompts)
+        results = [Response(index=i) for i in range(len(items))]
+        bar = tqdm(total=len(items), disable=not progress, desc="generating")
+        for delta in self._stream(items, gen_config, apply_chat_template, raise_single=single):
+            results[delta.index].extend(delta)
+            if delta.finish_reason is not None:
+                bar.update(1)
+        bar.close()
+        return results[0] if single else results
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenConfigs = None,
+        *,
+        apply_chat_template: bool = True,
+    ) -> Iterator[Response]:
+        """Deltas as they are produced, each tagged with its prompt's `index`."""
+        items, single = self._batch(prompts)
+        yield from self._stream(items, gen_config, apply_chat_template, raise_single=single)
+
+    def _stream(
+        self,
+        items: list[Prompt],
+        gen_config: GenConfigs,
+        apply_chat_template: bool,
+        raise_single: bool,
+        score_only: bool = False,
+    ) -> Iterator[Response]:
+        configs = self._configs(gen_config, len(items))
+        q: queue.Queue[tuple[int, RequestOutput]] = queue.Queue()
+        pending: dict[str, int] = {}
+        try:
+            for i, (prompt, cfg) in enumerate(zip(items, configs)):
+                try:
+                    ids = self.encode(prompt, apply_chat_template)
+                    rid = self.engine.submit(
+                        ids, cfg, lambda o, i=i: q.put((i, o)), score_only=score_only
+                    )
+                except RequestError as e:
+                    if raise_single:
+                        raise
+                    yield Response(index=i, finish_reason="error", error=str(e))
+                    continue
+                pending[rid] = i
+            while pending:
+                i, out = q.get()
+                if out.finished:
+                    pending.pop(out.request_id, None)
+                yield self._response(i, out)
+        finally:
+            for rid in pending:  # the caller stopped early: free their KV blocks
+                self.engine.abort(rid)
+
+    @staticmethod
+    def _response(index: int, out: RequestOutput) -> Response:
+        return Response(
+            text=out.text,
+            token_ids=list(out.token_ids),
+            input_token_len=out.input_token_len,
+            generate_token_len=out.generate_token_len,
+            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+            logprobs=out.logprobs,
+            index=index,
+            cached_tokens=out.cached_tokens,
+            error=out.error,
+        )
+
+    def get_ppl(self, prompts: Prompt | Sequence[Prompt]) -> float | list[float]:
+        """Perplexity of each prompt (exp of the mean negative log-likelihood per token).
+
+        Prompts are scored as given: strings are not wrapped in the chat template.
+        """
+        items, single = self._batch(prompts)
+        sums: dict[int, tuple[float, int]] = {}
+        for i, prompt in enumerate(items):
+            ids = self.encode(prompt, apply_chat_template=False)
+            if len(ids) < 2:
+                raise RequestError("perplexity needs a prompt of at least two tokens")
+            for out in self.engine.stream(ids, GenerationConfig(max_new_tokens=1), True):
+                if out.finished:
+                    if out.error:
+                        raise RequestError(out.error)
+                    sums[i] = (out.prompt_logprob_sum or 0.0, len(ids) - 1)
+        ppl = [math.exp(-total / count) for total, count in (sums[i] for i in range(len(items)))]
+        return ppl[0] if single else ppl
+
+    def chat(
+        self,
+        prompt: str,
+        session: ChatSession | None = None,
+        gen_config: GenConfigs = None,
+    ) -> ChatSession:
+        """One turn of a conversation; pass the returned session back for the next turn."""
+        session = session or ChatSession()
+        session.history.append({"role": "user", "content": prompt})
+        response = self(list(session.history), gen_config)
+        assert isinstance(response, Response)
+        session.history.append({"role": "assistant", "content": response.text})
+        session.response = response
+        return session
+
+    def stats(self) -> dict[str, int]:
+        """Engine counters: running and waiting requests, KV blocks used and in total."""
+        return self.engine.call(self.engine.engine.stats)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.engine.close()
+        self.engine.engine.runner.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChatSession:
+    """The messages of one conversation, and the last response."""
+
+    def __init__(self, system: str | None = None) -> None:
+        self.history: list[dict[str, str]] = []
+        if system:
+            self.history.append({"role": "system", "content": system})
+        self.response: Response | None = None
+
+    def reset(self) -> None:
+        system = [m for m in self.history[:1] if m["role"] == "system"]
+        self.history = system
+        self.response = None
+
+
+def explain(
+    model: str | os.PathLike[str],
+    *,
+    backend: str | None = None,
+    engine_config: EngineConfig | Mapping[str, Any] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """What `pipeline()` would decide for `model`, without loading weights."""
+    config = EngineConfig.coerce(engine_config)
+    plugins = get_plugins()
+    spec = read_spec(model, revision, cache_dir, plugins)
+    verdicts = probe_backends(spec, config, plugins)
+    try:
+        decision = choose_backend(verdicts, backend)
+        chosen, error = decision.chosen, None
+    except BackendError as e:
+        decision = BackendDecision(chosen=None, requested=backend, verdicts=tuple(verdicts))
+        chosen, error = None, str(e)
+    return {
+        "model": spec.model_id,
+        "path": str(spec.path),
+        "architecture": spec.architecture,
+        "facts": dict(spec.facts),
+        "chosen": chosen,
+        "error": error,
+        "verdicts": decision.as_dict()["verdicts"],
+    }

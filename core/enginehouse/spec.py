@@ -1,0 +1,152 @@
+"""Read a model folder once into a frozen `ModelSpec`; nothing downstream re-parses its files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import InvalidModelError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Keys different families use for their context length, most specific first.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _frozen(d: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the files of a model folder say, read once.
+
+    `facts` is empty when read and filled by the `detect_architecture` hooks
+    (see `enginehouse.detect`); use `spec.with_facts(...)` to get the updated copy.
+    """
+
+    model_id: str
+    path: Path
+    config: Mapping[str, Any]
+    generation_config: Mapping[str, Any]
+    architectures: tuple[str, ...]
+    model_type: str
+    tokenizer_files: tuple[str, ...]
+    weight_files: tuple[str, ...]
+    weight_bytes: int
+    dtype: str
+    context_length: int | None
+    revision: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+    @property
+    def architecture(self) -> str:
+        return self.architectures[0]
+
+    @property
+    def is_vlm(self) -> bool:
+        return bool(self.facts.get("is_vlm", False))
+
+    def with_facts(self, facts: Mapping[str, Any]) -> ModelSpec:
+        return replace(self, facts=_frozen(dict(facts)))
+
+
+@dataclass(frozen=True)
+class BackendProbe:
+    """A backend's answer to "can you run this model?" (see the `probe_backend` hook)."""
+
+    name: str
+    supported: bool
+    priority: int = 0
+    reason: str = ""
+    plugin: str = ""  # filled in by the core: which plugin answered
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InvalidModelError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _weight_files(folder: Path) -> tuple[str, ...]:
+    # Prefer safetensors; fall back to PyTorch pickles only when no safetensors exist.
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
+        names = sorted(p.name for p in folder.glob(pattern) if not p.name.startswith("training"))
+        if names:
+            return tuple(names)
+    return ()
+
+
+def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Vision-language configs keep the language model's settings in a nested text_config.
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
+def _context_length(config: Mapping[str, Any]) -> int | None:
+    for source in (config, _text_config(config)):
+        for key in CONTEXT_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def read_model_spec(
+    path: str | Path, model_id: str | None = None, revision: str | None = None
+) -> ModelSpec:
+    """Read config.json, generation_config.json, tokenizer and weight file names once."""
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InvalidModelError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder; "
+            "point enginehouse at the folder that holds config.json and the weights"
+        )
+    config = _read_json(config_path)
+    architectures = config.get("architectures")
+    if not architectures or not isinstance(architectures, list):
+        raise InvalidModelError(
+            f"{config_path} has no 'architectures' list, so enginehouse cannot tell which "
+            'model class to run; add one, e.g. "architectures": ["LlamaForCausalLM"]'
+        )
+    gen_path = folder / "generation_config.json"
+    generation_config = _read_json(gen_path) if gen_path.is_file() else {}
+    weights = _weight_files(folder)
+    dtype = (
+        config.get("dtype")
+        or config.get("torch_dtype")
+        or _text_config(config).get("torch_dtype", "float32")
+    )
+    return ModelSpec(
+        model_id=model_id or str(folder),
+        path=folder,
+        config=_frozen(config),
+        generation_config=_frozen(generation_config),
+        architectures=tuple(str(a) for a in architectures),
+        model_type=str(config.get("model_type", "")),
+        tokenizer_files=tuple(n for n in TOKENIZER_FILES if (folder / n).is_file()),
+        weight_files=weights,
+        weight_bytes=sum((folder / n).stat().st_size for n in weights),
+        dtype=str(dtype),
+        context_length=_context_length(config),
+        revision=revision,
+    )

@@ -1,0 +1,92 @@
+"""Small random-weight models with real tokenizers, built offline.
+
+Used by the tests, the examples and the benchmarks: a BPE tokenizer trained on a generated
+corpus, and a model built from a config with transformers and saved with `save_pretrained`.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+WORDS = (
+    "the a engine model token train cache block batch prompt answer question river city "
+    "paper light blue green quick brown fox jumps over lazy dog hello world café naïve "
+    "über straße 東京 数据 😀 🚂 code python torch plugin kernel graph 12 345 6789 ."
+).split()
+
+
+def _corpus(n: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(n)]
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 512, chat_template: str | None = None) -> Any:
+    """Train a byte-level BPE tokenizer offline and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return fast
+
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,  # peaked logits: greedy ties are practically impossible
+)
+
+
+def model_configs(vocab_size: int) -> dict[str, Any]:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(TINY, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    return {
+        "llama": LlamaConfig(**common),
+        "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
+        "mistral": MistralConfig(**common, sliding_window=32),
+    }
+
+
+def build_model(folder: Path, config: Any, chat_template: str | None = CHATML_TEMPLATE) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(folder, config.vocab_size, chat_template)
+    assert len(tokenizer) <= config.vocab_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,60 @@
+"""Hooks of the pytorch plugin: the `transformers` backend, and the native `pytorch` one."""
+
+from __future__ import annotations
+
+from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
+
+TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
+
+
+def _causal_lm_classes() -> set[str]:
+    # The name table only, not the model code: cheap next to loading any model.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
+    def verdict(supported: bool, reason: str) -> BackendProbe:
+        return BackendProbe("transformers", supported, TRANSFORMERS_PRIORITY, reason)
+
+    if not spec.weight_files:
+        return verdict(False, f"no weight files (*.safetensors, *.bin) in {spec.path}")
+    if spec.is_vlm:
+        return verdict(
+            False,
+            "a vision-language model: the transformers runner takes text only, and the "
+            "vision plugin's image path is not implemented yet",
+        )
+    arch = spec.architecture
+    if arch in _causal_lm_classes():
+        return verdict(True, f"transformers has {arch} (AutoModelForCausalLM); slower than native")
+    remote = spec.config.get("auto_map", {}).get("AutoModelForCausalLM")
+    if remote:
+        if config.trust_remote_code:
+            return verdict(True, f"runs the model's own code ({remote}), trust_remote_code=True")
+        return verdict(False, f"{arch} is code from the model's repo; pass trust_remote_code=True")
+    return verdict(False, f"transformers has no causal-LM class {arch!r}")
+
+
+def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
+    return BackendProbe(
+        "pytorch",
+        supported=False,
+        priority=100,
+        reason="native paged-attention implementations are not implemented yet",
+    )
+
+
+@hookimpl
+def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
+    return [probe_native(spec, config), probe_transformers(spec, config)]
+
+
+@hookimpl
+def create_runner(backend: str, spec: ModelSpec, config: EngineConfig):
+    if backend == "transformers":
+        from .hf_runner import TransformersRunner
+
+        return TransformersRunner(spec, config)
+    return None

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up a development environment in .venv: CPU torch, the core, every plugin, test tools.
+# Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# Torch first, as a CPU build: a bare `torch` requirement pulls a multi-GB CUDA build on Linux.
+# TORCH_SPEC picks another (e.g. TORCH_SPEC="torch==2.11.0"); the CPU index is the fallback.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}" \
+    || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+fi
+
+# The core with its extras, resolved against the workspace's own plugin packages.
+"${PIP[@]}" -e ".[all,test]" \
+  -e plugins/pytorch_backend -e plugins/tensorrt_backend -e plugins/vision \
+  -e tests/third_party_plugin

@@ -1,0 +1,50 @@
+"""Shared fixtures: small random-weight models with real tokenizers (see enginehouse.testing),
+built once per test session. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub, even by accident
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from enginehouse.testing import (  # noqa: F401 - re-exported for the tests
+    CHATML_TEMPLATE,
+    build_model,
+    build_tokenizer,
+    model_configs,
+)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(models_dir) -> dict[str, Path]:
+    """Small random-weight Llama, Qwen2 and Mistral models, keyed by family."""
+    return {name: build_model(models_dir / name, cfg) for name, cfg in model_configs(512).items()}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def base_llama_dir(models_dir) -> Path:
+    """A Llama whose tokenizer has no chat template (a base model)."""
+    return build_model(models_dir / "llama-base", model_configs(512)["llama"], chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def llama_pipe(llama_dir):
+    from enginehouse import pipeline
+
+    pipe = pipeline(str(llama_dir), engine_config={"max_batch_size": 16}, progress=False)
+    yield pipe
+    pipe.close()

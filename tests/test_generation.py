@@ -1,0 +1,238 @@
+"""The pipeline end to end on the transformers backend, checked against transformers itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, pipeline
+from enginehouse.errors import RequestError
+
+PROMPTS = [
+    "hello world the quick brown fox",
+    "cache",
+    "über straße 東京 数据 😀 the engine model token train paper light blue green river city",
+]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_models):
+    """transformers' own model and tokenizer for each family, loaded once."""
+    loaded = {}
+    for name, path in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        loaded[name] = (model, AutoTokenizer.from_pretrained(path))
+    return loaded
+
+
+def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    # min_new_tokens masks EOS, exactly like GenerationConfig(min_new_tokens=n) does here.
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def fixed(n: int, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, min_new_tokens=n, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_greedy_equals_transformers_alone_and_batched(family, tiny_models, hf):
+    model, tok = hf[family]
+    lengths = [24, 7, 40]
+    expected = [hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)]
+    with pipeline(str(tiny_models[family]), progress=False) as pipe:
+        alone = pipe(PROMPTS[0], fixed(lengths[0]), apply_chat_template=False)
+        assert alone.token_ids == expected[0]
+        assert alone.text == tok.decode(expected[0], skip_special_tokens=True)
+        batched = pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
+    assert [r.token_ids for r in batched] == expected
+    assert [r.generate_token_len for r in batched] == lengths
+    assert all(r.finish_reason == "length" for r in batched)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_logits_equal_transformers_forward(family, tiny_models, hf):
+    model, tok = hf[family]
+    with pipeline(str(tiny_models[family]), progress=False) as pipe:
+        runner = pipe.engine.engine.runner
+        seqs = [tok(p).input_ids for p in PROMPTS]
+        # Two sequences prefilled in one batch, the third in two chunks.
+        first = [SeqChunk(i, tuple(ids), 0, (i,), (len(ids) - 1,)) for i, ids in enumerate(seqs)]
+        last = seqs[2]
+        split = [
+            SeqChunk(2, tuple(last[:10]), 0, (5,), ()),
+            SeqChunk(2, tuple(last[10:]), 10, (5,), tuple(range(len(last) - 10))),
+        ]
+        got = runner.execute(ScheduledBatch(tuple(first), runner.kv_spec.block_size))
+        runner.execute(ScheduledBatch(split[:1], runner.kv_spec.block_size))
+        chunked = runner.execute(ScheduledBatch(split[1:], runner.kv_spec.block_size))
+    with torch.no_grad():
+        want = [model(torch.tensor([ids])).logits[0] for ids in seqs]
+    for row, ref in zip(got, want):
+        torch.testing.assert_close(row, ref[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, want[2][10:], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_and_queueing_keep_tokens(llama_dir, hf):
+    model, tok = hf["llama"]
+    expected = [hf_greedy(model, tok, p, 12) for p in PROMPTS]
+    # A 16-token step budget splits the long prompt; two KV blocks make requests queue.
+    config = {"max_num_batched_tokens": 16, "max_batch_size": 2, "session_len": 64}
+    with pipeline(str(llama_dir), engine_config=config, progress=False) as pipe:
+        out = pipe(PROMPTS * 2, fixed(12), apply_chat_template=False)
+        assert pipe.stats()["kv_blocks_used"] == 0
+    assert [r.token_ids for r in out] == expected * 2
+
+
+def test_seeded_sampling_reproduces_alone_and_batched(llama_pipe):
+    cfg = GenerationConfig(
+        max_new_tokens=16,
+        do_sample=True,
+        temperature=0.9,
+        top_k=50,
+        top_p=0.95,
+        random_seed=1234,
+        ignore_eos=True,
+    )
+    a = llama_pipe(PROMPTS[0], cfg, apply_chat_template=False)
+    b = llama_pipe(PROMPTS[0], cfg, apply_chat_template=False)
+    batch = llama_pipe(PROMPTS, cfg, apply_chat_template=False)
+    assert a.token_ids == b.token_ids == batch[0].token_ids
+    other = llama_pipe(
+        PROMPTS[0], cfg.model_copy(update={"random_seed": 99}), apply_chat_template=False
+    )
+    assert other.token_ids != a.token_ids
+
+
+def test_stream_deltas_add_up(llama_pipe):
+    full = llama_pipe(PROMPTS, fixed(20), apply_chat_template=False)
+    texts, ids, reasons = ["", "", ""], [[], [], []], [None] * 3
+    for delta in llama_pipe.stream(PROMPTS, fixed(20), apply_chat_template=False):
+        texts[delta.index] += delta.text
+        ids[delta.index] += delta.token_ids
+        reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+    assert texts == [r.text for r in full]
+    assert ids == [r.token_ids for r in full]
+    assert reasons == ["length"] * 3
+
+
+def test_stop_words_and_stop_tokens(llama_pipe):
+    base = llama_pipe(PROMPTS[0], fixed(30), apply_chat_template=False)
+    stop_id = base.token_ids[5]
+    by_id = llama_pipe(
+        PROMPTS[0],
+        GenerationConfig(max_new_tokens=30, stop_token_ids=[stop_id]),
+        apply_chat_template=False,
+    )
+    assert by_id.finish_reason == "stop"
+    assert by_id.token_ids == base.token_ids[: base.token_ids.index(stop_id) + 1]
+    word = base.text[10:13]
+    by_word = llama_pipe(
+        PROMPTS[0],
+        GenerationConfig(max_new_tokens=30, stop_words=[word]),
+        apply_chat_template=False,
+    )
+    assert by_word.finish_reason == "stop"
+    assert by_word.text == base.text[: base.text.index(word)]
+    streamed = "".join(
+        d.text
+        for d in llama_pipe.stream(
+            PROMPTS[0],
+            GenerationConfig(max_new_tokens=30, stop_words=[word]),
+            apply_chat_template=False,
+        )
+    )
+    assert streamed == by_word.text  # a stop word is never half-sent while streaming
+
+
+def test_logprobs_match_model(llama_dir, llama_pipe, hf):
+    model, tok = hf["llama"]
+    r = llama_pipe(PROMPTS[1], fixed(3, logprobs=2), apply_chat_template=False)
+    assert len(r.logprobs) == 3 and all(len(lp) in (2, 3) for lp in r.logprobs)
+    ids = tok(PROMPTS[1]).input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+    assert r.logprobs[0][r.token_ids[0]] == pytest.approx(ref[r.token_ids[0]].item(), abs=1e-5)
+    assert max(r.logprobs[0].values()) == pytest.approx(ref.max().item(), abs=1e-5)
+
+
+def test_get_ppl_equals_transformers_loss(llama_pipe, hf):
+    model, tok = hf["llama"]
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    for prompt, ppl in zip(prompts, llama_pipe.get_ppl(prompts)):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = torch.exp(model(ids, labels=ids).loss).item()
+        assert ppl == pytest.approx(ref, rel=1e-4)
+    with pytest.raises(RequestError, match="at least two tokens"):
+        llama_pipe.get_ppl("cache")  # a single token: nothing to predict
+
+
+def test_chat_template_and_sessions(llama_pipe):
+    tok = llama_pipe.tokenizer
+    messages = [{"role": "user", "content": "hello"}]
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    r = llama_pipe("hello", fixed(4))
+    assert r.input_token_len == len(tok.encode(want, add_special_tokens=False))
+    assert llama_pipe(messages, fixed(4)).token_ids == r.token_ids
+    session = llama_pipe.chat("hello", gen_config=fixed(4))
+    session = llama_pipe.chat("and again", session, gen_config=fixed(4))
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.response.input_token_len > r.input_token_len
+    token_prompt = llama_pipe({"token_ids": [5, 6, 7]}, fixed(4))
+    assert token_prompt.input_token_len == 3
+
+
+def test_bad_requests_fail_alone(llama_pipe):
+    too_long = "the " * 400
+    with pytest.raises(RequestError, match=r"tokens but the context holds 256"):
+        llama_pipe(too_long, apply_chat_template=False)
+    out = llama_pipe([PROMPTS[0], too_long, PROMPTS[1]], fixed(5), apply_chat_template=False)
+    assert [r.finish_reason for r in out] == ["length", "error", "length"]
+    assert "session_len" in out[1].error
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llama_pipe({"token_ids": [1, 10**6]})
+    with pytest.raises(RequestError, match="must be {'token_ids'"):
+        llama_pipe({"no_role": 1})
+    with pytest.raises(RequestError, match="a prompt must be"):
+        llama_pipe(42)
+    with pytest.raises(ValidationError, match="top_p"):
+        GenerationConfig(top_p=1.5)
+    with pytest.raises(ValidationError, match="not_a_field"):
+        GenerationConfig(not_a_field=1)
+    assert llama_pipe(PROMPTS[0], fixed(3), apply_chat_template=False).generate_token_len == 3
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(llama_pipe):
+    stream = llama_pipe.stream(PROMPTS[0], fixed(200), apply_chat_template=False)
+    next(stream)
+    stream.close()
+    for _ in range(100):
+        if llama_pipe.stats()["kv_blocks_used"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.02))
+    assert llama_pipe.stats() | {"kv_blocks_total": 0} == {
+        "running": 0,
+        "waiting": 0,
+        "kv_blocks_used": 0,
+        "kv_blocks_total": 0,
+        "preemptions": 0,
+    }
+
+
+def test_async_api_and_use_inside_a_running_loop(llama_pipe):
+    ids = llama_pipe.encode(PROMPTS[0], apply_chat_template=False)
+    want = llama_pipe(PROMPTS[0], fixed(6), apply_chat_template=False).token_ids
+
+    async def main():
+        # The sync API works inside a running loop (as in Jupyter): the engine has its own.
+        sync = llama_pipe(PROMPTS[0], fixed(6), apply_chat_template=False).token_ids
+        got = [t async for out in llama_pipe.engine.astream(ids, fixed(6)) for t in out.token_ids]
+        return sync, got
+
+    assert asyncio.run(main()) == (want, want)

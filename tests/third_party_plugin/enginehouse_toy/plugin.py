@@ -1,0 +1,36 @@
+"""The hooks enginehouse finds through the `enginehouse` entry point `toy`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from enginehouse.hookspecs import hookimpl
+from enginehouse.spec import BackendProbe
+
+if TYPE_CHECKING:
+    from enginehouse.config import EngineConfig
+    from enginehouse.spec import ModelSpec
+
+    from .runner import ToyRunner
+
+BACKEND = "toy"
+
+
+@hookimpl
+def probe_backend(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
+    supported = spec.model_type == "toy"
+    reason = (
+        "model_type is 'toy'"
+        if supported
+        else f"only runs model_type 'toy', this is {spec.model_type!r}"
+    )
+    return BackendProbe(name=BACKEND, supported=supported, priority=1, reason=reason)
+
+
+@hookimpl
+def create_runner(backend: str, spec: ModelSpec, config: EngineConfig) -> ToyRunner | None:
+    if backend != BACKEND:
+        return None  # another plugin's backend: let it answer
+    from .runner import ToyRunner  # imported here so that probing stays cheap
+
+    return ToyRunner(spec, config)
