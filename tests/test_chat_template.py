@@ -134,11 +134,6 @@ def test_pipeline_with_an_override_file(llama_dir, chat_tok, tmp_path):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat_template.load_chat_template treats an override path that does not exist as "
-    "the Jinja text itself: a typo in chat_template=Path(...) silently renders the file name",
-)
 def test_override_file_that_does_not_exist_is_an_error(chat_tok, llama_pipe, tmp_path):
     missing = tmp_path / "missing.jinja"
     with pytest.raises((EnginehouseError, FileNotFoundError), match="missing.jinja"):

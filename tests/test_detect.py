@@ -137,11 +137,6 @@ class Wrapper:
         return facts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins.PluginHost.call_each calls every hookimpl as a plain function, wrappers "
-    "included: a wrapper's generator reaches detect, which crashes on generator.items()",
-)
 def test_a_hook_wrapper_does_not_break_detection(llama_spec, default_only):
     default_only.register(Wrapper(), "wrapper")
     facts = detect_architecture(llama_spec, default_only).facts

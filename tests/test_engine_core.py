@@ -39,8 +39,9 @@ TOY_CONFIG = {
     "eos_token_id": EOS,
 }
 BLOCK = 4  # the toy's default block size
-# Room for exactly one full context: concurrent requests must be preempted.
-ONE_CONTEXT_BYTES = CONTEXT // BLOCK * BLOCK * 8
+# Room for exactly one full context (int64 per token): concurrent requests must be preempted.
+# A string, since a bare int that small is refused as a likely mistake.
+ONE_CONTEXT_BYTES = f"{CONTEXT // BLOCK * BLOCK * 8}B"
 
 
 class ToyTokenizer:
@@ -94,19 +95,23 @@ def assert_no_leak(engine: LLMEngine) -> None:
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
+def collect(results: dict[str, Result], outputs: list[RequestOutput]) -> None:
+    for out in outputs:
+        r = results[out.request_id]
+        assert r.final is None, f"{out.request_id} got output after it finished"
+        assert out.error is None, out.error
+        r.token_ids += out.token_ids
+        r.text += out.text
+        if out.finished:
+            r.final = out
+
+
 def drain(engine: LLMEngine, results: dict[str, Result], max_steps: int = 5000) -> None:
     """Step until idle, gathering the deltas; every request must finish exactly once."""
     for _ in range(max_steps):
         if not engine.has_work():
             break
-        for out in engine.step():
-            r = results[out.request_id]
-            assert r.final is None, f"{out.request_id} got output after it finished"
-            assert out.error is None, out.error
-            r.token_ids += out.token_ids
-            r.text += out.text
-            if out.finished:
-                r.final = out
+        collect(results, engine.step())
     else:
         pytest.fail(f"the engine did not finish within {max_steps} steps")
     assert all(r.final is not None for r in results.values())
@@ -225,6 +230,13 @@ def test_prefix_caching_reuses_blocks_and_keeps_tokens(spec: ModelSpec) -> None:
     assert res3["third"].final.cached_tokens == 36
     check_reference(res3, third)
 
+    # A prompt of whole blocks, all cached: the last block is recomputed for its logits.
+    again = {"again": (base[:28] + [9, 9, 9, 9], greedy(4))}
+    run(engine, again)
+    res4 = run(engine, again)
+    assert res4["again"].final.cached_tokens == 28
+    check_reference(res4, again)
+
     uncached = make_engine(spec, enable_prefix_caching=False)
     run(uncached, first)
     res = run(uncached, second)
@@ -239,8 +251,7 @@ def test_prefix_cache_hit_while_the_owner_still_runs(spec: ModelSpec) -> None:
     requests = {"a": (base, greedy(6)), "b": (base[:36] + [5], greedy(6))}
     results = {rid: Result() for rid in requests}
     engine.add_request("a", *requests["a"])
-    for out in engine.step() + engine.step():
-        results["a"].token_ids += out.token_ids
+    collect(results, engine.step() + engine.step())
     engine.add_request("b", *requests["b"])
     drain(engine, results)
     check_reference(results, requests)
@@ -274,27 +285,47 @@ def test_abort_frees_blocks(spec: ModelSpec) -> None:
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     for _ in range(4):
-        for out in engine.step():
-            results[out.request_id].token_ids += out.token_ids
+        collect(results, engine.step())
     assert {s.request_id for s in engine.scheduler.running} == {"a", "b"}
     assert [s.request_id for s in engine.scheduler.waiting] == ["c"]
     engine.abort("a")
     engine.abort("c")  # still waiting: it never ran
     engine.abort("nobody")  # unknown ids are ignored
-    outputs = {o.request_id: o for o in engine.step()}
-    assert outputs["a"].finished and outputs["a"].finish_reason == "abort"
-    assert outputs["c"].finished and outputs["c"].finish_reason == "abort"
+    collect(results, engine.step())
+    assert results["a"].final.finish_reason == "abort"
+    assert results["c"].final.finish_reason == "abort"
     (b,) = engine.scheduler.running
     assert engine.block_manager.num_used == len(b.block_table)  # a's blocks are free again
-    results["a"].token_ids += outputs["a"].token_ids
-    results["b"].token_ids += outputs["b"].token_ids
-    results["a"].final = outputs["a"]
-    results["c"].final = outputs["c"]
     drain(engine, results)
     assert results["a"].token_ids == reference(ps[0], 30)[0][: len(results["a"].token_ids)]
     assert 0 < len(results["a"].token_ids) < 30
     assert results["c"].token_ids == [] and results["c"].final.generate_token_len == 0
     assert results["b"].token_ids == reference(ps[1], 10)[0]
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_keeps_running(spec: ModelSpec) -> None:
+    engine = make_engine(spec)
+    engine.add_request("x", [1, 2, 3], greedy(5))
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request("x", [4, 5, 6], greedy(5))  # still queued: refused
+    engine.step()
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request("x", [4, 5, 6], greedy(5))  # running: refused
+    aborted = engine.finish_all("abort")
+    assert [(o.request_id, o.finish_reason) for o in aborted] == [("x", "abort")]
+    assert not engine.has_work()
+    assert_no_leak(engine)
+
+
+def test_finish_all_also_answers_queued_aborts(spec: ModelSpec) -> None:
+    engine = make_engine(spec)
+    engine.add_request("a", [1, 2, 3], greedy(5))
+    engine.add_request("b", [4, 5, 6], greedy(5))
+    engine.step()
+    engine.abort("a")
+    outputs = engine.finish_all("abort")
+    assert sorted(o.request_id for o in outputs) == ["a", "b"]
+    assert_no_leak(engine)
 
 
 def find_prompt(ok: Any, seed: int = 10) -> tuple[list[int], list[int]]:
@@ -414,3 +445,64 @@ def test_toy_plugin_is_found_through_its_entry_point(spec: ModelSpec, tmp_path: 
     (tmp_path / "config.json").write_text(json.dumps({**TOY_CONFIG, "model_type": "llama"}))
     (verdict,) = probe_backends(read_model_spec(tmp_path), config, host)
     assert not verdict.supported and verdict.reason == "only runs model_type 'toy', this is 'llama'"
+
+
+def score(engine: LLMEngine, prompt: list[int], rid: str = "score") -> float:
+    engine.add_request(rid, prompt, GenerationConfig(), score_only=True)
+    results = {rid: Result()}
+    drain(engine, results)
+    assert results[rid].token_ids == [] and results[rid].final.finish_reason == "stop"
+    return results[rid].final.prompt_logprob_sum
+
+
+def reference_score(prompt: list[int]) -> float:
+    return sum(
+        reference_logits(prompt[:i], VOCAB).log_softmax(0)[prompt[i]].item()
+        for i in range(1, len(prompt))
+    )
+
+
+def test_score_only_sums_the_prompt_logprobs(spec: ModelSpec) -> None:
+    prompt = prompts(1, range(40, 41), seed=12)[0]
+    engine = make_engine(
+        spec, max_num_batched_tokens=16, max_batch_size=4, enable_prefix_caching=False
+    )
+    assert score(engine, prompt) == pytest.approx(reference_score(prompt), rel=1e-5)
+
+
+def test_score_only_is_not_shortened_by_the_prefix_cache(spec: ModelSpec) -> None:
+    # Cached blocks would skip positions whose logits the score needs.
+    prompt = prompts(1, range(30, 31), seed=13)[0]
+    engine = make_engine(spec)
+    assert score(engine, prompt, "first") == pytest.approx(reference_score(prompt), rel=1e-5)
+    assert score(engine, prompt, "second") == pytest.approx(reference_score(prompt), rel=1e-5)
+
+
+def test_score_only_survives_preemption(spec: ModelSpec) -> None:
+    # The sum of the chunks computed before the preemption must not be counted twice.
+    engine = make_engine(
+        spec,
+        kv_cache_memory=ONE_CONTEXT_BYTES,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=16,
+        max_batch_size=4,
+    )
+    prompt = list(range(40, 80))
+    # "gen" is admitted first; as it grows, the newer "score" is preempted mid-prefill.
+    engine.add_request("gen", list(range(1, 31)), greedy(33))
+    engine.add_request("score", prompt, GenerationConfig(), score_only=True)
+    results = {"gen": Result(), "score": Result()}
+    drain(engine, results)
+    assert engine.scheduler.num_preemptions > 0
+    total = results["score"].final.prompt_logprob_sum
+    assert total == pytest.approx(reference_score(prompt), rel=1e-5)
+
+
+def test_a_stop_id_outside_the_vocabulary_is_a_request_error(spec: ModelSpec) -> None:
+    # Refused up front: in the step it would break every request of the batch.
+    engine = make_engine(spec)
+    bad = GenerationConfig(max_new_tokens=4, min_new_tokens=2, stop_token_ids=[VOCAB + 10])
+    with pytest.raises(RequestError, match="stop_token_ids"):
+        engine.add_request("bad", [4, 5, 6], bad)
+    r = run(engine, {"ok": ([1, 2, 3], greedy(4))})["ok"]
+    assert r.token_ids == reference([1, 2, 3], 4)[0]

@@ -236,3 +236,19 @@ def test_async_api_and_use_inside_a_running_loop(llama_pipe):
         return sync, got
 
     assert asyncio.run(main()) == (want, want)
+
+
+def test_a_request_id_in_use_is_refused(llama_pipe):
+    ids = llama_pipe.encode(PROMPTS[0], apply_chat_template=False)
+
+    async def main():
+        first = llama_pipe.engine.astream(ids, fixed(30), request_id="same")
+        got = [await first.__anext__()]
+        with pytest.raises(RequestError, match="already in use"):
+            await llama_pipe.engine.astream(ids, fixed(3), request_id="same").__anext__()
+        got += [out async for out in first]
+        return got
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finish_reason == "length"
+    assert sum(len(o.token_ids) for o in outputs) == 30

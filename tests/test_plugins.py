@@ -293,11 +293,6 @@ def test_probe_that_raises_is_an_unsupported_verdict(plugin_site, llama_spec):
     assert decision.verdict(failed[0].name) == failed[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backends.probe_backends builds the verdict of a probe that raised without "
-    "plugin=<its plugin>, so explain's 'plugin' column and the no-backend message show ''",
-)
 def test_verdict_of_a_probe_that_raises_names_its_plugin(plugin_site, llama_spec):
     _, failed = _raiser_verdicts(plugin_site, llama_spec)
     assert failed[0].plugin == "raiser"

@@ -143,11 +143,6 @@ def test_json_that_is_not_an_object(tmp_path):
         read_model_spec(folder)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec._read_json catches only JSONDecodeError: a config.json that is not UTF-8 "
-    "escapes as a bare UnicodeDecodeError instead of InvalidModelError naming the file",
-)
 def test_config_that_is_not_utf8(tmp_path):
     folder = write_folder(tmp_path / "m", b'{"architectures": ["\xff\xfe"]}')
     with pytest.raises(InvalidModelError, match="config.json"):
@@ -208,11 +203,6 @@ def test_sharded_weights_are_all_listed(tmp_path):
     assert spec.dtype == "bfloat16"  # the older torch_dtype key is read too
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec._weight_files globs every *.safetensors and ignores model.safetensors.index.json:"
-    " a repo that also ships consolidated.safetensors (Mistral) is listed and counted twice",
-)
 def test_index_decides_which_safetensors_are_the_weights(tmp_path):
     folder = write_folder(tmp_path / "m", LLAMA_CONFIG)
     sizes = _shards(folder)
@@ -262,16 +252,7 @@ def test_context_length(tmp_path, extra, expected):
         ({"dtype": "bfloat16", "torch_dtype": "float16"}, "bfloat16"),
         ({"torch_dtype": "float16"}, "float16"),
         ({"text_config": {"torch_dtype": "bfloat16"}}, "bfloat16"),
-        pytest.param(
-            {"dtype": None, "text_config": {"dtype": "bfloat16"}},
-            "bfloat16",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="read_model_spec looks only for 'torch_dtype' in text_config; "
-                "transformers 5 writes 'dtype' there (and dtype: null at the top of a VLM "
-                "config), so the spec says float32",
-            ),
-        ),
+        ({"dtype": None, "text_config": {"dtype": "bfloat16"}}, "bfloat16"),
     ],
 )
 def test_dtype(tmp_path, extra, expected):

@@ -47,7 +47,7 @@ def probe_backends(
     for plugin, result in plugins.call_each("probe_backend", spec=spec, config=config):
         if isinstance(result, Exception):
             reason = f"probe of plugin {plugin!r} failed: {type(result).__name__}: {result}"
-            verdicts.append(BackendProbe(name=f"<{plugin}>", supported=False, reason=reason))
+            verdicts.append(BackendProbe(f"<{plugin}>", False, reason=reason, plugin=plugin))
             continue
         for probe in [result] if isinstance(result, BackendProbe) else result or []:
             verdicts.append(replace(probe, plugin=plugin))

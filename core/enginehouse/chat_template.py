@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidModelError
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,25 @@ class ChatTemplate:
         )
 
 
+def _template_text(override: str | Path) -> str:
+    """A Jinja string as it is, or the contents of the file it names."""
+    text = str(override)
+    if isinstance(override, str) and ("{{" in text or "{%" in text):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise InvalidModelError(
+            f"chat_template {text!r} is neither a Jinja template (no '{{{{' or '{{%') nor an "
+            "existing file; pass the template text or the path of a .jinja file"
+        )
+    return path.read_text(encoding="utf-8")
+
+
 def load_chat_template(
     tokenizer: Any, spec: ModelSpec, override: str | Path | None = None
 ) -> ChatTemplate:
     if override is not None:
-        text = str(override)
-        path = Path(text)
-        if "{" not in text and path.is_file():
-            text = path.read_text(encoding="utf-8")
-        return ChatTemplate(text, "override")
+        return ChatTemplate(_template_text(override), "override")
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one is for chat
         own = own.get("default")

@@ -40,6 +40,16 @@ def _option_type(annotation: Any) -> Any:
     return base if base in (int, float, bool) else str
 
 
+def _number_or_size(text: str) -> int | float | str:
+    """'0.8' is a fraction, '1073741824' a byte count, '2GiB' a size for EngineConfig."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def engine_options(fn: Callable) -> Callable:
     """One `--flag` per `EngineConfig` field; the command gets them as `engine_config`."""
     names = list(EngineConfig.model_fields)
@@ -55,10 +65,7 @@ def engine_options(fn: Callable) -> Callable:
         values = {n: kwargs.pop(n) for n in names}
         given = {n: v for n, v in values.items() if v is not None}
         if isinstance(given.get("kv_cache_memory"), str):
-            try:
-                given["kv_cache_memory"] = float(given["kv_cache_memory"])
-            except ValueError:
-                pass  # a size such as "2GiB"
+            given["kv_cache_memory"] = _number_or_size(given["kv_cache_memory"])
         return fn(*args, engine_config=EngineConfig(**given), **kwargs)
 
     return wrapper
@@ -172,7 +179,10 @@ def generate(
                     raise click.ClickException(delta.error)
             click.echo()
         else:
-            click.echo(pipe(request, gen, apply_chat_template=not raw).text)
+            response = pipe(request, gen, apply_chat_template=not raw)
+            if response.error:
+                raise click.ClickException(response.error)
+            click.echo(response.text)
 
 
 def _load_plugin_commands() -> None:

@@ -47,6 +47,15 @@ class GenerationConfig(BaseModel):
             raise ValueError("stop_words must not contain an empty string")
         return v
 
+    @model_validator(mode="after")
+    def _min_within_max(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens "
+                f"({self.max_new_tokens}); lower it or raise max_new_tokens"
+            )
+        return self
+
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0 or self.top_k == 1
@@ -103,8 +112,11 @@ class EngineConfig(BaseModel):
             return parse_size(v)
         if isinstance(v, float) and not 0.0 < v <= 1.0:
             raise ValueError("a fraction must be in (0, 1]; give a size like '2GiB' otherwise")
-        if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
-            raise ValueError("a size in bytes must be positive")
+        if isinstance(v, bool):
+            raise ValueError("give a fraction like 0.8 or a size like '2GiB', not a bool")
+        if isinstance(v, int) and v < 2**20:
+            hint = "a fraction like 1.0" if v == 1 else "a fraction like 0.8"
+            raise ValueError(f"{v} is read as {v} bytes; give {hint} or a size like '2GiB'")
         return v
 
     @field_validator("device")

@@ -62,15 +62,25 @@ def build_runner(
 ) -> ModelRunner:
     """Step 5: the chosen backend's runner, with its weights loaded."""
     plugins = plugins or get_plugins()
-    runner = plugins.hook.create_runner(backend=decision.chosen, spec=spec, config=config)
+    verdict = decision.verdict(decision.chosen or "")
+    owner = verdict.plugin if verdict else "?"
+    try:
+        runner = plugins.hook.create_runner(backend=decision.chosen, spec=spec, config=config)
+    except Exception as e:
+        raise BackendError(
+            f"backend {decision.chosen!r} (plugin {owner!r}) failed to start: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     if runner is None:
-        verdict = decision.verdict(decision.chosen or "")
-        owner = verdict.plugin if verdict else "?"
         raise BackendError(
             f"plugin {owner!r} said it supports backend {decision.chosen!r} but built no runner "
             "for it; report this to the plugin's authors"
         )
-    runner.load(progress)
+    try:
+        runner.load(progress)
+    except BaseException:
+        runner.close()  # free whatever part of the weights did load
+        raise
     return runner
 
 
@@ -166,7 +176,10 @@ class Pipeline:
                 "a prompt must be a string, a list of {'role', 'content'} messages, or "
                 f"{{'token_ids': [...]}}; got {type(prompt).__name__}"
             )
-        text = self.chat_template.render(self.tokenizer, [dict(m) for m in prompt])
+        try:
+            text = self.chat_template.render(self.tokenizer, [dict(m) for m in prompt])
+        except Exception as e:  # a template may reject a conversation (roles, order)
+            raise RequestError(f"the chat template rejected the messages: {e}") from e
         # The template already wrote any BOS token; adding special tokens would double it.
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -95,6 +95,8 @@ class PluginHost:
         """
         caller = getattr(self.pm.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
+            if impl.hookwrapper or impl.wrapper:
+                continue  # wrappers wrap a joint call; each answer here is taken on its own
             args = {k: kwargs[k] for k in impl.argnames}
             try:
                 yield impl.plugin_name, impl.function(**args)
@@ -128,7 +130,8 @@ def load_plugins(strict: bool | None = None, only: str | None = None) -> PluginH
     `strict` and `only` default to ENGINEHOUSE_STRICT_PLUGINS and ENGINEHOUSE_PLUGINS.
     """
     if strict is None:
-        strict = os.environ.get("ENGINEHOUSE_STRICT_PLUGINS", "") not in ("", "0", "false")
+        flag = os.environ.get("ENGINEHOUSE_STRICT_PLUGINS", "").strip().lower()
+        strict = flag in ("1", "true", "yes", "on")
     selected = _selected(os.environ.get("ENGINEHOUSE_PLUGINS") if only is None else only)
     host = PluginHost()
     host.register(default_plugin, DEFAULT_PLUGIN, PluginInfo(DEFAULT_PLUGIN, *_core_dist()))

@@ -79,7 +79,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidModelError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
     if not isinstance(data, dict):
         raise InvalidModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
@@ -87,6 +87,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _weight_files(folder: Path) -> tuple[str, ...]:
+    # A sharded checkpoint's index names its shards: other files beside them (Mistral repos
+    # also ship consolidated.safetensors) are copies of the same weights, not more weights.
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            shards = sorted(set(_read_json(folder / index).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise InvalidModelError(
+                    f"{folder / index} names {len(missing)} weight file(s) that are not in the "
+                    f"folder (first: {missing[0]}); download the missing shards again"
+                )
+            return tuple(shards)
     # Prefer safetensors; fall back to PyTorch pickles only when no safetensors exist.
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
         names = sorted(p.name for p in folder.glob(pattern) if not p.name.startswith("training"))
@@ -131,10 +143,10 @@ def read_model_spec(
     gen_path = folder / "generation_config.json"
     generation_config = _read_json(gen_path) if gen_path.is_file() else {}
     weights = _weight_files(folder)
-    dtype = (
-        config.get("dtype")
-        or config.get("torch_dtype")
-        or _text_config(config).get("torch_dtype", "float32")
+    text = _text_config(config)
+    # transformers 5 writes "dtype", older versions "torch_dtype"; a VLM keeps it in text_config.
+    dtype = next(
+        (c[k] for c in (config, text) for k in ("dtype", "torch_dtype") if c.get(k)), "float32"
     )
     return ModelSpec(
         model_id=model_id or str(folder),

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config import GenerationConfig
+from ..errors import RequestError
 from .llm_engine import LLMEngine
 from .sequence import RequestOutput
 
@@ -81,9 +82,21 @@ class AsyncEngine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         request_id = request_id or uuid.uuid4().hex
-        self.engine.validate(prompt_ids, score_only)
+        if request_id in self._sinks:
+            raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
+        self.engine.validate(prompt_ids, params, score_only)
 
         def add() -> None:
+            if request_id in self._sinks:  # lost a race with a request of the same id
+                sink(
+                    RequestOutput(
+                        request_id,
+                        finished=True,
+                        finish_reason="error",
+                        error=f"request id {request_id!r} is already in use",
+                    )
+                )
+                return
             self._sinks[request_id] = sink
             self.engine.add_request(request_id, prompt_ids, params, score_only)
             self._wake.set()

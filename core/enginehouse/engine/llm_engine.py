@@ -110,15 +110,18 @@ class LLMEngine:
 
     # --- called from any thread -------------------------------------------------------------
 
-    def validate(self, prompt_ids: list[int], score_only: bool = False) -> None:
+    def validate(
+        self, prompt_ids: list[int], params: GenerationConfig, score_only: bool = False
+    ) -> None:
         """Raise `RequestError` for a request the engine cannot serve; changes nothing."""
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(
-                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
-            )
+        for what, ids in (("token id", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(
+                    f"{what} {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
         limit = self.session_len if score_only else self.session_len - 1
         if len(prompt_ids) > limit:
             raise RequestError(
@@ -134,7 +137,10 @@ class LLMEngine:
         params: GenerationConfig,
         score_only: bool = False,
     ) -> None:
-        self.validate(prompt_ids, score_only)
+        self.validate(prompt_ids, params, score_only)
+        queued = (p[0] for kind, p in list(self._inbox) if kind == "add")
+        if request_id in self._seqs or request_id in queued:
+            raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
         self._inbox.append(("add", (request_id, list(prompt_ids), params, score_only)))
 
     def abort(self, request_id: str) -> None:
@@ -186,8 +192,8 @@ class LLMEngine:
 
     def finish_all(self, reason: str, error: str | None = None) -> list[RequestOutput]:
         """Finish every request: with 'error' when a step crashed, 'abort' on shutdown."""
-        self._drain_inbox()
-        return [self._finish(seq, reason, error) for seq in list(self._seqs.values())]
+        outputs = self._drain_inbox()
+        return outputs + [self._finish(seq, reason, error) for seq in list(self._seqs.values())]
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -229,7 +235,8 @@ class LLMEngine:
         targets = seq.token_ids[start + 1 : start + 1 + len(logits)]
         if targets:
             lp = logits[: len(targets)].float().log_softmax(dim=-1)
-            seq.prompt_logprob_sum += lp.gather(1, torch.tensor(targets).unsqueeze(1)).sum().item()
+            index = torch.tensor(targets, device=lp.device).unsqueeze(1)
+            seq.prompt_logprob_sum += lp.gather(1, index).sum().item()
         if seq.num_computed < seq.num_tokens:
             return []
         return [self._finish(seq, "stop")]

@@ -16,7 +16,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         p = seq.params
         if p.repetition_penalty != 1.0:
             # transformers' rule, over prompt and output: shrink the scores of seen tokens.
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
             scores = logits[row, seen]
             scores = torch.where(
                 scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty
@@ -24,7 +24,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             logits[row, seen] = scores
         if p.presence_penalty or p.frequency_penalty:
             # OpenAI's rule, over the output only.
-            out = torch.tensor(seq.generated_ids, dtype=torch.long)
+            out = torch.tensor(seq.generated_ids, dtype=torch.long, device=logits.device)
             if out.numel():
                 counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
                 logits[row] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
@@ -35,7 +35,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, each a no-op where the request turns it off."""
-    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+    device = logits.device
+    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=device)
     logits = logits / temps.clamp_min(1e-6).unsqueeze(1)
     top_k = [s.params.top_k for s in seqs]
     top_p = [s.params.top_p for s in seqs]
@@ -43,28 +44,31 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab = logits.shape[1]
     if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=1, descending=True)
-        ranks = torch.arange(vocab).unsqueeze(0)
-        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k]).unsqueeze(1)
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        ks = ks.unsqueeze(1)
         drop = ranks >= ks
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=1)
         # Drop a token when the tokens ranked above it already reach top_p.
         before = probs.cumsum(dim=1) - probs
-        drop |= before > torch.tensor(top_p, dtype=probs.dtype).unsqueeze(1)
+        drop |= before > torch.tensor(top_p, dtype=probs.dtype, device=device).unsqueeze(1)
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=1)
-        floor = probs.max(dim=1, keepdim=True).values * torch.tensor(min_p).unsqueeze(1)
+        min_ps = torch.tensor(min_p, dtype=probs.dtype, device=device).unsqueeze(1)
+        floor = probs.max(dim=1, keepdim=True).values * min_ps
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
 def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    # argmax(p / q) with q ~ Exp(1) is a draw from p; each row uses its request's generator.
-    noise = torch.empty_like(probs)
+    # argmax(p / q) with q ~ Exp(1) is a draw from p; each row uses its request's generator,
+    # which lives on the CPU so that a seed gives the same tokens on every device.
+    noise = torch.empty(probs.shape, dtype=probs.dtype)
     for row, seq in enumerate(seqs):
         noise[row].exponential_(generator=seq.generator)
-    return (probs / noise).argmax(dim=1)
+    return (probs / noise.to(probs.device)).argmax(dim=1)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:

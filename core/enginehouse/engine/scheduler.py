@@ -43,6 +43,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free_seq(seq)
         seq.num_computed = 0
+        seq.prompt_logprob_sum = 0.0  # a score-only request scores everything again
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -88,7 +89,8 @@ class Scheduler:
             if len(self.running) >= self.max_batch_size:
                 break
             seq = self.waiting[0]
-            if seq.num_computed == 0:
+            if seq.num_computed == 0 and not seq.score_only:
+                # Scoring needs logits at every position, so it cannot skip cached ones.
                 seq.num_computed = self.bm.match_prefix(seq)
                 if not seq.admitted:
                     seq.cached_tokens = seq.num_computed

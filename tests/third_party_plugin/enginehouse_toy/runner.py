@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from enginehouse.config import EngineConfig
 from enginehouse.runner import KVSpec, ScheduledBatch, SeqChunk
 from enginehouse.spec import ModelSpec
@@ -38,14 +39,17 @@ def reference_logits(ctx: Sequence[int], vocab_size: int) -> torch.Tensor:
 class ToyRunner:
     def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
         self.vocab_size = int(spec.config["vocab_size"])
-        block_size = config.block_size or int(spec.config.get("block_size", 4))
+        block_size = config.block_size
+        if block_size is None:  # the user did not choose: the model's own, or 4
+            block_size = int(spec.config.get("block_size", 4))
         # One int64 per token: bytes_per_block lets the engine size the cache from a budget.
-        self.kv_spec = KVSpec(block_size=block_size, bytes_per_block=block_size * 8)
+        self.kv_spec = KVSpec(
+            block_size=block_size, bytes_per_block=block_size * 8, prefix_caching=True
+        )
         self.storage = torch.empty(0, dtype=torch.long)
         # Tokens each sequence has itself computed, by position: what its cache must hold.
         # (Never pruned: a runner is not told when a sequence ends; fine for a test model.)
         self._seen: dict[int, dict[int, int]] = {}
-        self.num_steps = 0
 
     def load(self, progress: bool = True) -> None:
         pass  # no weights
@@ -58,15 +62,21 @@ class ToyRunner:
         self._seen.clear()
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        self.num_steps += 1
-        if batch.num_tokens:
-            self.storage[batch.slot_mapping] = batch.input_ids
-        for chunk in batch.chunks:
-            if not chunk.token_ids or not all(0 <= i < len(chunk.token_ids) for i in chunk.logits_at):
+        bs = self.kv_spec.block_size
+        for chunk in batch.chunks:  # the contract, checked before anything is written
+            n = len(chunk.token_ids)
+            if not n or not all(0 <= i < n for i in chunk.logits_at):
                 raise RuntimeError(
-                    f"seq {chunk.seq_id}: a chunk of {len(chunk.token_ids)} tokens cannot give "
+                    f"seq {chunk.seq_id}: a chunk of {n} tokens cannot give "
                     f"logits at {chunk.logits_at}"
                 )
+            if len(chunk.block_table) * bs < chunk.end_pos:
+                raise RuntimeError(
+                    f"seq {chunk.seq_id}: block table of {len(chunk.block_table)} blocks does "
+                    f"not cover positions up to {chunk.end_pos - 1}"
+                )
+        self.storage[batch.slot_mapping] = batch.input_ids
+        for chunk in batch.chunks:
             seen = self._seen.setdefault(chunk.seq_id, {})
             seen.update(zip(range(chunk.start_pos, chunk.end_pos), chunk.token_ids))
         rows = [
@@ -79,11 +89,6 @@ class ToyRunner:
     def _context(self, chunk: SeqChunk, pos: int) -> list[int]:
         """Positions 0..pos of `chunk`'s sequence, read back through its block table."""
         bs = self.kv_spec.block_size
-        if pos // bs >= len(chunk.block_table):
-            raise RuntimeError(
-                f"seq {chunk.seq_id}: block table of {len(chunk.block_table)} blocks does not "
-                f"cover position {pos}"
-            )
         slots = [chunk.block_table[p // bs] * bs + p % bs for p in range(pos + 1)]
         ctx = self.storage[slots].tolist()
         unwritten = [p for p, t in enumerate(ctx) if t == EMPTY]
