@@ -64,6 +64,15 @@ def eos_token_ids(spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
+def _human_size(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{size:.1f} {unit}"
+
+
 def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) -> int:
     """Turn the KV budget into a number of blocks, after a profiling pass where supported."""
     kv = runner.kv_spec
@@ -78,7 +87,7 @@ def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) 
     blocks = min(budget // kv.bytes_per_block, per_seq * config.max_batch_size)
     if blocks < per_seq:
         raise EnginehouseError(
-            f"the KV cache budget ({budget / 2**20:.0f} MiB) holds {blocks * kv.block_size} "
+            f"the KV cache budget ({_human_size(budget)}) holds {blocks * kv.block_size} "
             f"tokens, less than one full context of {session_len}; raise "
             "EngineConfig(kv_cache_memory=...) or lower session_len"
         )
