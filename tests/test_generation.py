@@ -252,3 +252,25 @@ def test_a_request_id_in_use_is_refused(llama_pipe):
     outputs = asyncio.run(main())
     assert outputs[-1].finish_reason == "length"
     assert sum(len(o.token_ids) for o in outputs) == 30
+
+
+def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
+    llama_dir, hf, monkeypatch
+):
+    from enginehouse_pytorch import hf_runner
+
+    monkeypatch.setattr(hf_runner.slot_attention, "supported", lambda model: "forced by test")
+    model, tok = hf["llama"]
+    lengths = [9, 5, 13]
+    with pipeline(str(llama_dir), progress=False) as pipe:
+        runner = pipe.engine.engine.runner
+        assert runner.slots is None and runner.unbatched_reason == "forced by test"
+        out = pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
+    assert [r.token_ids for r in out] == [
+        hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)
+    ]
+
+
+def test_batched_slots_are_used_for_native_attention_models(llama_pipe):
+    runner = llama_pipe.engine.engine.runner
+    assert runner.slots is not None and runner.unbatched_reason is None

@@ -1,14 +1,19 @@
 """The `transformers` backend: any `AutoModelForCausalLM`, driven by the core's scheduler.
 
-Each sequence keeps a contiguous transformers cache, so the runner states a block size equal to
-the context length: the block manager then gives every sequence exactly one block, and that
-block's id names the sequence's cache. A chunk that starts at position 0 begins a new cache,
-which is also how a preempted sequence's recompute resets it.
+Each sequence keeps a contiguous cache, so the runner states a block size equal to the context
+length: the block manager then gives every sequence exactly one block, and that block's id names
+the sequence's cache slot. A chunk that starts at position 0 begins the slot anew, which is also
+how a preempted sequence's recompute resets it.
+
+Models whose attention layers take a custom attention function (most decoder families in
+transformers) run a whole step as one batched forward over preallocated slots
+(`slot_attention`). Any other model runs one sequence at a time with transformers' own cache.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,14 +22,16 @@ from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch
 from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
 from enginehouse.engine.llm_engine import session_length
 
+from . import slot_attention
 
-def _kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
+
+def _kv_dims(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) from a config.json, or its text_config for a VLM."""
     text = config.get("text_config") or config
     heads = text.get("num_attention_heads") or 1
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads)
-    layers = text.get("num_hidden_layers") or 1
-    return 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return text.get("num_hidden_layers") or 1, kv_heads, head_dim
 
 
 class TransformersRunner:
@@ -33,8 +40,9 @@ class TransformersRunner:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
-        context = session_length(spec, config)
-        per_token = max(1, _kv_bytes_per_token(dict(spec.config), self.dtype))
+        self.context = context = session_length(spec, config)
+        layers, kv_heads, head_dim = _kv_dims(spec.config)
+        per_token = max(1, 2 * layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8)
         self.kv_spec = KVSpec(
             block_size=context,
             bytes_per_block=per_token * context,
@@ -43,7 +51,9 @@ class TransformersRunner:
             prefix_caching=False,  # a contiguous cache cannot be shared block by block
         )
         self.model: Any = None
-        self.caches: dict[int, Any] = {}
+        self.caches: dict[int, Any] = {}  # slot -> transformers cache, when running unbatched
+        self.slots: slot_attention.SlotKV | None = None
+        self.unbatched_reason: str | None = None  # why the batched path does not apply
         self._cache_arg = "past_key_values"
 
     def load(self, progress: bool = True) -> None:
@@ -66,10 +76,17 @@ class TransformersRunner:
         # transformers 5.x renames `past_key_values` to `cache`; accept either.
         if "cache" in inspect.signature(self.model.forward).parameters:
             self._cache_arg = "cache"
+        self.unbatched_reason = slot_attention.supported(self.model)
 
     def allocate_kv(self, num_blocks: int) -> None:
-        # Caches grow as sequences do; the block count only bounds how many exist at once.
         self.num_blocks = num_blocks
+        if self.unbatched_reason is None:
+            layers, kv_heads, head_dim = _kv_dims(self.model.config.to_dict())
+            self.slots = slot_attention.SlotKV(
+                layers, num_blocks, kv_heads, self.context, head_dim, self.dtype, self.device
+            )
+            slot_attention.attach(self.model, self.slots)
+        # Otherwise caches grow as sequences do; the block count bounds how many exist at once.
 
     def _cache_for(self, slot: int, start: int) -> Any:
         from transformers import DynamicCache
@@ -85,6 +102,24 @@ class TransformersRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        if self.slots is None:
+            return self._execute_unbatched(batch)
+        chunks, offset = [], 0
+        for c in batch.chunks:
+            chunks.append(
+                slot_attention.Chunk(c.block_table[0], c.start_pos, offset, len(c.token_ids))
+            )
+            offset += len(c.token_ids)
+        self.slots.prepare(chunks, self.device)
+        out = self.model(
+            input_ids=batch.input_ids.to(self.device).unsqueeze(0),
+            position_ids=batch.positions.to(self.device).unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=batch.logits_indices.to(self.device),
+        )
+        return out.logits[0].float()
+
+    def _execute_unbatched(self, batch: ScheduledBatch) -> torch.Tensor:
         rows = []
         for chunk in batch.chunks:
             cache = self._cache_for(chunk.block_table[0], chunk.start_pos)
@@ -105,6 +140,7 @@ class TransformersRunner:
 
     def close(self) -> None:
         self.caches.clear()
+        self.slots = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,178 @@
+"""Batched attention for transformers models over per-sequence KV slots.
+
+transformers lets a model's attention layers call a registered attention function. Ours keeps
+each sequence's keys and values in its own contiguous slot of a preallocated tensor per layer
+and attends chunk by chunk, so one forward pass serves a whole engine step: prompts packed
+without padding, decodes of many sequences, and prefill chunks that continue earlier ones.
+The linear layers see every token at once, which is where batching pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "enginehouse_slots"
+ATTRIBUTE = "_enginehouse_slots"  # set on a model's modules: the storage their layers use
+PLAIN_LAYERS = {"full_attention", "sliding_attention"}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    slot: int
+    start: int  # position of the chunk's first token in its sequence
+    offset: int  # index of its first token in the packed batch
+    length: int
+
+
+class SlotKV:
+    """K/V storage of shape [slots, kv_heads, context, head_dim] per layer."""
+
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        kv_heads: int,
+        context: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (slots, kv_heads, context, head_dim)
+        # torch.empty: pages are touched only when written, so unused slots cost no memory.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.chunks: list[Chunk] = []
+
+    def prepare(self, chunks: list[Chunk], device: torch.device) -> None:
+        """Index tensors for one step, shared by every layer."""
+        self.chunks = [c for c in chunks if c.length > 1]
+        self.singles = [c for c in chunks if c.length == 1]  # decodes, mostly
+        slots = [c.slot for c in chunks for _ in range(c.length)]
+        positions = [p for c in chunks for p in range(c.start, c.start + c.length)]
+        self.token_slots = torch.tensor(slots, device=device)
+        self.token_positions = torch.tensor(positions, device=device)
+        self.single_tokens = torch.tensor([c.offset for c in self.singles], device=device)
+        self.single_slots = torch.tensor([c.slot for c in self.singles], device=device)
+        self.single_lengths = torch.tensor([c.start + 1 for c in self.singles], device=device)
+        self.span = max((c.start + 1 for c in self.singles), default=0)
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def _single_mask(self, window: int | None) -> torch.Tensor:
+        """[rows, 1, 1, span]: each single token sees its own sequence's keys (in its window)."""
+        if window not in self._masks:
+            k_pos = torch.arange(self.span, device=self.single_lengths.device).unsqueeze(0)
+            lengths = self.single_lengths.unsqueeze(1)
+            mask = k_pos < lengths
+            if window:
+                mask &= k_pos >= lengths - window
+            self._masks[window] = mask[:, None, None, :]
+        return self._masks[window]
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Store this step's K/V, then attend: all single tokens in one batched call (padded
+        to the longest context and masked), longer chunks one by one over their slot."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.token_slots, :, self.token_positions] = key[0].transpose(0, 1)
+        values[self.token_slots, :, self.token_positions] = value[0].transpose(0, 1)
+        gqa = keys.shape[1] != query.shape[1]
+        out = torch.empty_like(query)
+        if self.singles:
+            q = query[0, :, self.single_tokens].transpose(0, 1).unsqueeze(2)
+            o = F.scaled_dot_product_attention(
+                q,
+                keys[self.single_slots, :, : self.span],
+                values[self.single_slots, :, : self.span],
+                attn_mask=self._single_mask(window),
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out[0, :, self.single_tokens] = o.squeeze(2).transpose(0, 1)
+        for c in self.chunks:
+            end, new = c.start + c.length, slice(c.offset, c.offset + c.length)
+            first = max(0, c.start - window + 1) if window else 0
+            mask, causal = _mask(c, first, window, query.device)
+            out[:, :, new] = F.scaled_dot_product_attention(
+                query[:, :, new],
+                keys[c.slot : c.slot + 1, :, first:end],
+                values[c.slot : c.slot + 1, :, first:end],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        return out.transpose(1, 2).contiguous()
+
+
+def _mask(c: Chunk, first: int, window: int | None, device: torch.device):
+    """(mask, is_causal) for a chunk of several tokens: the causal flag for a whole short
+    prompt (as transformers' own SDPA path does), else an explicit causal/window mask."""
+    if c.start == 0 and (not window or c.length <= window):
+        return None, True
+    q_pos = torch.arange(c.start, c.start + c.length, device=device).unsqueeze(1)
+    k_pos = torch.arange(first, c.start + c.length, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    return mask, False
+
+
+def _attention(
+    module: torch.nn.Module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+):
+    slots: SlotKV = getattr(module, ATTRIBUTE)
+    return slots.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # each chunk's mask is built in `_mask`
+
+
+def register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+def supported(model: Any) -> str | None:
+    """None when slot attention can run `model`, else why not (it then runs unbatched)."""
+    config = model.config
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not take a custom attention function"
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= PLAIN_LAYERS:
+        return f"layer types {sorted(layer_types - PLAIN_LAYERS)} need their own caches"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention soft-capping is not implemented in slot attention"
+    if not any(hasattr(m, "layer_idx") for m in model.modules()):
+        return "no attention layers with a layer index"
+    return None
+
+
+def attach(model: Any, slots: SlotKV) -> None:
+    """Point every layer of `model` at `slots` and switch it to slot attention."""
+    register()
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):
+            setattr(module, ATTRIBUTE, slots)
+    model.set_attn_implementation(ATTENTION_NAME)
