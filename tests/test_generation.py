@@ -274,3 +274,18 @@ def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
 def test_batched_slots_are_used_for_native_attention_models(llama_pipe):
     runner = llama_pipe.engine.engine.runner
     assert runner.slots is not None and runner.unbatched_reason is None
+
+
+def test_batched_decoding_never_reads_unwritten_kv(llama_pipe, hf):
+    # Fill the KV storage with NaN, as reused memory may hold: padded positions of short rows
+    # are masked out, and must not turn the whole batch into NaN (0 * NaN is NaN).
+    slots = llama_pipe.engine.engine.runner.slots
+    for tensor in slots.keys + slots.values:
+        tensor.fill_(float("nan"))
+    slots.finite_upto = [0] * len(slots.finite_upto)
+    model, tok = hf["llama"]
+    lengths = [20, 6, 11]
+    out = llama_pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
+    assert [r.token_ids for r in out] == [
+        hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import queue
@@ -23,8 +22,6 @@ from .resolve import resolve_model
 from .response import Response
 from .runner import ModelRunner
 from .spec import ModelSpec, read_model_spec
-
-log = logging.getLogger(__name__)
 
 Message = Mapping[str, Any]
 Prompt = str | Sequence[Message] | Mapping[str, Any]

@@ -45,6 +45,10 @@ class SlotKV:
         # torch.empty: pages are touched only when written, so unused slots cost no memory.
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        # Positions below finite_upto[slot] hold written or zeroed values. Batched decoding
+        # reads past a short row's end (masked out), and masked garbage must still not be
+        # NaN: 0 * NaN is NaN.
+        self.finite_upto = [0] * slots
         self.chunks: list[Chunk] = []
 
     def prepare(self, chunks: list[Chunk], device: torch.device) -> None:
@@ -60,6 +64,14 @@ class SlotKV:
         self.single_lengths = torch.tensor([c.start + 1 for c in self.singles], device=device)
         self.span = max((c.start + 1 for c in self.singles), default=0)
         self._masks: dict[int | None, torch.Tensor] = {}
+        for c in chunks:  # a sequence writes its slot from position 0 on, without gaps
+            self.finite_upto[c.slot] = max(self.finite_upto[c.slot], c.start + c.length)
+        self.to_zero = []
+        if len(self.singles) > 1:
+            for c in self.singles:
+                if self.finite_upto[c.slot] < self.span:
+                    self.to_zero.append((c.slot, self.finite_upto[c.slot], self.span))
+                    self.finite_upto[c.slot] = self.span
 
     def _single_mask(self, window: int | None) -> torch.Tensor:
         """[rows, 1, 1, span]: each single token sees its own sequence's keys (in its window)."""
@@ -88,16 +100,22 @@ class SlotKV:
         values[self.token_slots, :, self.token_positions] = value[0].transpose(0, 1)
         gqa = keys.shape[1] != query.shape[1]
         out = torch.empty_like(query)
-        if self.singles:
-            q = query[0, :, self.single_tokens].transpose(0, 1).unsqueeze(2)
-            o = F.scaled_dot_product_attention(
-                q,
-                keys[self.single_slots, :, : self.span],
-                values[self.single_slots, :, : self.span],
-                attn_mask=self._single_mask(window),
-                scale=scaling,
-                enable_gqa=gqa,
+        if len(self.singles) == 1:  # one decode: attend over a view of its slot, no mask
+            c = self.singles[0]
+            first = max(0, c.start + 1 - window) if window else 0
+            k = keys[c.slot : c.slot + 1, :, first : c.start + 1]
+            v = values[c.slot : c.slot + 1, :, first : c.start + 1]
+            out[:, :, c.offset : c.offset + 1] = _decode(
+                query[:, :, c.offset : c.offset + 1], k, v, None, scaling
             )
+        elif self.singles:
+            for slot, start, end in self.to_zero:
+                keys[slot, :, start:end].zero_()
+                values[slot, :, start:end].zero_()
+            q = query[0, :, self.single_tokens].transpose(0, 1).unsqueeze(2)
+            k = keys[self.single_slots, :, : self.span]
+            v = values[self.single_slots, :, : self.span]
+            o = _decode(q, k, v, self._single_mask(window), scaling)
             out[0, :, self.single_tokens] = o.squeeze(2).transpose(0, 1)
         for c in self.chunks:
             end, new = c.start + c.length, slice(c.offset, c.offset + c.length)
@@ -113,6 +131,19 @@ class SlotKV:
                 enable_gqa=gqa,
             )
         return out.transpose(1, 2).contiguous()
+
+
+def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling) -> torch.Tensor:
+    """Attention of one query token per row: [rows, heads, 1, dim] over [rows, kv, len, dim].
+
+    The query heads that share a KV head are folded into that head's query length, so no KV
+    is repeated for grouped-query attention (transformers does the same for decoding).
+    """
+    rows, heads, _, dim = q.shape
+    groups = heads // k.shape[1]
+    folded = q.reshape(rows, k.shape[1], groups, dim)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scaling)
+    return out.reshape(rows, heads, 1, dim)
 
 
 def _mask(c: Chunk, first: int, window: int | None, device: torch.device):

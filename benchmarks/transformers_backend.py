@@ -1,0 +1,144 @@
+"""enginehouse's `transformers` backend against transformers' own `generate`, in one run.
+
+    python benchmarks/transformers_backend.py [--quick] [--threads N]
+
+Builds (once, in ./bench-models) a random-weight model of the 56M Llama shape (hidden 512,
+intermediate 1376, 8 layers, 8 heads, 4 KV heads, vocab 32000) with a real tokenizer, then
+times greedy generation with fixed output lengths, float32, best of `--repeat` runs:
+
+- equal:  32 prompts of 64 tokens, 128 new tokens each (one padded `generate` call is
+          transformers' best case);
+- mixed:  48 prompts of 8-256 tokens, 16-128 new tokens each. transformers gets one padded
+          batch generating the longest request's length; only requested tokens count;
+- single: one prompt of 64 tokens, 128 new tokens (decode speed at batch 1);
+- start-up: `pipeline()` to the first token, against `from_pretrained` + one token, each in a
+            fresh process after `import torch, transformers` (best of `--repeat`).
+
+Numbers are tokens generated per second of wall time and their ratio (enginehouse / HF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from enginehouse import GenerationConfig, pipeline
+from enginehouse.testing import build_tokenizer
+
+SHAPE = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build(folder: Path) -> Path:
+    if not (folder / "config.json").is_file():
+        build_tokenizer(folder, SHAPE["vocab_size"])
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE)).save_pretrained(folder)
+    return folder
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+STARTUP = {
+    "HF": "from transformers import AutoModelForCausalLM as M\n"
+    "m = M.from_pretrained(PATH); m.generate(torch.tensor([IDS]), max_new_tokens=1)",
+    "enginehouse": "from enginehouse import pipeline, GenerationConfig as G\n"
+    "p = pipeline(PATH, progress=False); p({'token_ids': IDS}, G(max_new_tokens=1)); p.close()",
+}
+
+
+def startup(kind: str, folder: Path, repeat: int) -> float:
+    """Seconds from the call to the first token, in a fresh process."""
+    code = (
+        "import time, torch, transformers\n"
+        f"PATH, IDS = {str(folder)!r}, list(range(10, 74))\n"
+        "start = time.perf_counter()\n"
+        f"{STARTUP[kind]}\n"
+        "print(time.perf_counter() - start)"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        for _ in range(repeat)
+    ]
+    return min(float(r.stdout.strip().splitlines()[-1]) for r in runs)
+
+
+def hf_batch(model, prompts: list[list[int]], new: int) -> None:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
+    )
+
+
+def eh_batch(pipe, prompts: list[list[int]], news: list[int]) -> None:
+    configs = [GenerationConfig(max_new_tokens=n, min_new_tokens=n) for n in news]
+    pipe([{"token_ids": p} for p in prompts], configs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller sets, one run each")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    folder = build(Path("bench-models/llama-56m"))
+    repeat = 1 if args.quick else args.repeat
+    scale = 4 if args.quick else 1
+    rng = random.Random(0)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(10, SHAPE["vocab_size"]) for _ in range(n)]
+
+    hf_start, eh_start = (startup(k, folder, repeat) for k in ("HF", "enginehouse"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    pipe = pipeline(str(folder), progress=False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"start-up to first token: HF {hf_start:.2f} s, enginehouse {eh_start:.2f} s")
+
+    equal = [tokens(64) for _ in range(32 // scale)]
+    mixed = [tokens(rng.randint(8, 256)) for _ in range(48 // scale)]
+    mixed_new = [rng.randint(16, 128) for _ in mixed]
+    cases = {
+        "equal 32x64+128": (equal, [128 // scale] * len(equal)),
+        "mixed 48x(8-256)+(16-128)": (mixed, mixed_new),
+        "single 1x64+128": ([tokens(64)], [128 // scale]),
+    }
+    print(f"{'case':<28}{'HF tok/s':>10}{'enginehouse tok/s':>20}{'ratio':>8}")
+    with torch.inference_mode():
+        for name, (prompts, news) in cases.items():
+            hf = best(lambda p=prompts, n=news: hf_batch(model, p, max(n)), repeat)
+            eh = best(lambda p=prompts, n=news: eh_batch(pipe, p, n), repeat)
+            useful = sum(news)
+            print(f"{name:<28}{useful / hf:>10.1f}{useful / eh:>20.1f}{hf / eh:>8.2f}")
+    pipe.close()
+
+
+if __name__ == "__main__":
+    main()
