@@ -1,6 +1,6 @@
 """enginehouse's `transformers` backend against transformers' own `generate`, in one run.
 
-    python benchmarks/transformers_backend.py [--quick] [--threads N]
+    python benchmarks/transformers_backend.py [--quick] [--repeat N]
 
 Builds (once, in ./bench-models) a random-weight model of the 56M Llama shape (hidden 512,
 intermediate 1376, 8 layers, 8 heads, 4 KV heads, vocab 32000) with a real tokenizer, then
@@ -14,12 +14,15 @@ times greedy generation with fixed output lengths, float32, best of `--repeat` r
 - start-up: `pipeline()` to the first token, against `from_pretrained` + one token, each in a
             fresh process after `import torch, transformers` (best of `--repeat`).
 
+Each side runs in its own process (see `in_subprocess`).
+
 Numbers are tokens generated per second of wall time and their ratio (enginehouse / HF).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import subprocess
 import sys
@@ -100,44 +103,69 @@ def eh_batch(pipe, prompts: list[list[int]], news: list[int]) -> None:
     pipe([{"token_ids": p} for p in prompts], configs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="smaller sets, one run each")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    folder = build(Path("bench-models/llama-56m"))
-    repeat = 1 if args.quick else args.repeat
-    scale = 4 if args.quick else 1
-    rng = random.Random(0)
+def cases(quick: bool) -> dict[str, tuple[list[list[int]], list[int]]]:
+    """The prompt sets, the same in every process (a fixed seed)."""
+    rng, scale = random.Random(0), 4 if quick else 1
 
     def tokens(n: int) -> list[int]:
         return [rng.randrange(10, SHAPE["vocab_size"]) for _ in range(n)]
 
-    hf_start, eh_start = (startup(k, folder, repeat) for k in ("HF", "enginehouse"))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    pipe = pipeline(str(folder), progress=False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"start-up to first token: HF {hf_start:.2f} s, enginehouse {eh_start:.2f} s")
-
     equal = [tokens(64) for _ in range(32 // scale)]
     mixed = [tokens(rng.randint(8, 256)) for _ in range(48 // scale)]
     mixed_new = [rng.randint(16, 128) for _ in mixed]
-    cases = {
+    return {
         "equal 32x64+128": (equal, [128 // scale] * len(equal)),
         "mixed 48x(8-256)+(16-128)": (mixed, mixed_new),
         "single 1x64+128": ([tokens(64)], [128 // scale]),
     }
-    print(f"{'case':<28}{'HF tok/s':>10}{'enginehouse tok/s':>20}{'ratio':>8}")
+
+
+def run_side(side: str, folder: Path, quick: bool, repeat: int) -> dict[str, float]:
+    """Seconds per case for one side, in this process."""
+    if side == "HF":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        run = lambda p, n: hf_batch(model, p, max(n))  # noqa: E731
+    else:
+        pipe = pipeline(str(folder), progress=False)
+        run = lambda p, n: eh_batch(pipe, p, n)  # noqa: E731
     with torch.inference_mode():
-        for name, (prompts, news) in cases.items():
-            hf = best(lambda p=prompts, n=news: hf_batch(model, p, max(n)), repeat)
-            eh = best(lambda p=prompts, n=news: eh_batch(pipe, p, n), repeat)
-            useful = sum(news)
-            print(f"{name:<28}{useful / hf:>10.1f}{useful / eh:>20.1f}{hf / eh:>8.2f}")
-    pipe.close()
+        return {
+            name: best(lambda p=p, n=n: run(p, n), repeat) for name, (p, n) in cases(quick).items()
+        }
+
+
+def in_subprocess(side: str, args: argparse.Namespace) -> dict[str, float]:
+    # Each side gets a process of its own: torch work on two threads of one process makes
+    # two OpenMP thread teams fight over the cores, which would slow whichever runs second.
+    command = [sys.executable, __file__, "--side", side, "--repeat", str(args.repeat)]
+    command += ["--quick"] if args.quick else []
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller sets, one run each")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--side", choices=["HF", "enginehouse"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folder = build(Path("bench-models/llama-56m"))
+    if args.quick:
+        args.repeat = 1
+    if args.side:
+        print(json.dumps(run_side(args.side, folder, args.quick, args.repeat)))
+        return
+    hf_start, eh_start = (startup(k, folder, args.repeat) for k in ("HF", "enginehouse"))
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"start-up to first token: HF {hf_start:.2f} s, enginehouse {eh_start:.2f} s")
+    hf, eh = in_subprocess("HF", args), in_subprocess("enginehouse", args)
+    print(f"{'case':<28}{'HF tok/s':>10}{'enginehouse tok/s':>20}{'ratio':>8}")
+    for name, (_, news) in cases(args.quick).items():
+        useful = sum(news)
+        print(
+            f"{name:<28}{useful / hf[name]:>10.1f}{useful / eh[name]:>20.1f}"
+            f"{hf[name] / eh[name]:>8.2f}"
+        )
 
 
 if __name__ == "__main__":
