@@ -33,19 +33,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from enginehouse import GenerationConfig, pipeline
+from enginehouse.testing import LLAMA_56M as SHAPE
 from enginehouse.testing import build_tokenizer
-
-SHAPE = dict(
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def build(folder: Path) -> Path:

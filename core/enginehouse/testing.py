@@ -68,6 +68,20 @@ TINY = dict(
 )
 
 
+# The 56M Llama shape the benchmarks use (random weights, 32000-token vocabulary).
+LLAMA_56M = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def model_configs(vocab_size: int) -> dict[str, Any]:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
