@@ -41,7 +41,7 @@ class TransformersRunner:
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
         self.context = context = session_length(spec, config)
-        layers, kv_heads, head_dim = _kv_dims(spec.config)
+        self.kv_dims = layers, kv_heads, head_dim = _kv_dims(spec.config)
         per_token = max(1, 2 * layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8)
         self.kv_spec = KVSpec(
             block_size=context,
@@ -81,7 +81,7 @@ class TransformersRunner:
     def allocate_kv(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         if self.unbatched_reason is None:
-            layers, kv_heads, head_dim = _kv_dims(self.model.config.to_dict())
+            layers, kv_heads, head_dim = self.kv_dims
             self.slots = slot_attention.SlotKV(
                 layers, num_blocks, kv_heads, self.context, head_dim, self.dtype, self.device
             )
@@ -104,13 +104,7 @@ class TransformersRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         if self.slots is None:
             return self._execute_unbatched(batch)
-        chunks, offset = [], 0
-        for c in batch.chunks:
-            chunks.append(
-                slot_attention.Chunk(c.block_table[0], c.start_pos, offset, len(c.token_ids))
-            )
-            offset += len(c.token_ids)
-        self.slots.prepare(chunks, self.device)
+        self.slots.prepare(batch, self.device)
         out = self.model(
             input_ids=batch.input_ids.to(self.device).unsqueeze(0),
             position_ids=batch.positions.to(self.device).unsqueeze(0),

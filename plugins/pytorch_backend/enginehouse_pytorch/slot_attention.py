@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from enginehouse import ScheduledBatch
+
 ATTENTION_NAME = "enginehouse_slots"
 ATTRIBUTE = "_enginehouse_slots"  # set on a model's modules: the storage their layers use
 PLAIN_LAYERS = {"full_attention", "sliding_attention"}
@@ -51,14 +53,19 @@ class SlotKV:
         self.finite_upto = [0] * slots
         self.chunks: list[Chunk] = []
 
-    def prepare(self, chunks: list[Chunk], device: torch.device) -> None:
-        """Index tensors for one step, shared by every layer."""
+    def prepare(self, batch: ScheduledBatch, device: torch.device) -> None:
+        """Index tensors for one step, shared by every layer. A sequence's slot is its only
+        block (the runner's block size is the whole context)."""
+        chunks, offset = [], 0
+        for c in batch.chunks:
+            chunks.append(Chunk(c.block_table[0], c.start_pos, offset, len(c.token_ids)))
+            offset += len(c.token_ids)
         self.chunks = [c for c in chunks if c.length > 1]
         self.singles = [c for c in chunks if c.length == 1]  # decodes, mostly
-        slots = [c.slot for c in chunks for _ in range(c.length)]
-        positions = [p for c in chunks for p in range(c.start, c.start + c.length)]
-        self.token_slots = torch.tensor(slots, device=device)
-        self.token_positions = torch.tensor(positions, device=device)
+        lengths = torch.tensor([c.length for c in chunks])
+        self.token_slots = torch.tensor([c.slot for c in chunks]).repeat_interleave(lengths)
+        self.token_slots = self.token_slots.to(device)
+        self.token_positions = batch.positions.to(device)
         self.single_tokens = torch.tensor([c.offset for c in self.singles], device=device)
         self.single_slots = torch.tensor([c.slot for c in self.singles], device=device)
         self.single_lengths = torch.tensor([c.start + 1 for c in self.singles], device=device)
@@ -102,7 +109,7 @@ class SlotKV:
         out = torch.empty_like(query)
         if len(self.singles) == 1:  # one decode: attend over a view of its slot, no mask
             c = self.singles[0]
-            first = max(0, c.start + 1 - window) if window else 0
+            first = _first_key(c, window)
             k = keys[c.slot : c.slot + 1, :, first : c.start + 1]
             v = values[c.slot : c.slot + 1, :, first : c.start + 1]
             out[:, :, c.offset : c.offset + 1] = _decode(
@@ -120,7 +127,7 @@ class SlotKV:
             out[0, :, self.single_tokens] = o.squeeze(2).transpose(0, 1)
         for c in self.chunks:
             end, new = c.start + c.length, slice(c.offset, c.offset + c.length)
-            first = max(0, c.start - window + 1) if window else 0
+            first = _first_key(c, window)
             mask, causal = _mask(c, first, window, query.device)
             out[:, :, new] = F.scaled_dot_product_attention(
                 query[:, :, new],
@@ -132,6 +139,11 @@ class SlotKV:
                 enable_gqa=gqa,
             )
         return out.transpose(1, 2).contiguous()
+
+
+def _first_key(c: Chunk, window: int | None) -> int:
+    """The earliest position the chunk's first token sees: all, or its sliding window."""
+    return max(0, c.start - window + 1) if window else 0
 
 
 def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling) -> torch.Tensor:
