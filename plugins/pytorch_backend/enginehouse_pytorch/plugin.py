@@ -5,6 +5,7 @@ from __future__ import annotations
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
 
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
+NATIVE_PRIORITY = 100
 
 
 def _causal_lm_classes() -> set[str]:
@@ -38,11 +39,24 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
 
 
 def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
-    return BackendProbe(
-        "pytorch",
-        supported=False,
-        priority=100,
-        reason="native paged-attention implementations are not implemented yet",
+    # arch.py is a small, torch-free module: cheap enough for a probe.
+    from .native.arch import UnsupportedModel, arch_from_config
+
+    def verdict(supported: bool, reason: str) -> BackendProbe:
+        return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason)
+
+    if spec.is_vlm:
+        return verdict(False, "a vision-language model: native image input is not implemented")
+    try:
+        arch = arch_from_config(spec.architecture, spec.config)
+    except UnsupportedModel as e:
+        return verdict(False, str(e))
+    if not any(f.endswith(".safetensors") for f in spec.weight_files):
+        return verdict(False, "the native loader reads *.safetensors only; this has none")
+    window = " with sliding window" if any(arch.windows) else ""
+    moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
+    return verdict(
+        True, f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels"
     )
 
 
@@ -57,4 +71,8 @@ def create_runner(backend: str, spec: ModelSpec, config: EngineConfig):
         from .hf_runner import TransformersRunner
 
         return TransformersRunner(spec, config)
+    if backend == "pytorch":
+        from .native_runner import NativeRunner
+
+        return NativeRunner(spec, config)
     return None

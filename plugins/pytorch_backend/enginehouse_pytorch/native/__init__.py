@@ -1,0 +1,1 @@
+"""Native decoder implementations: architecture switches, layers, paged attention, loading."""

@@ -1,0 +1,179 @@
+"""What a native model looks like, read from config.json: one `Arch` per checkpoint.
+
+Every supported family is the same decoder with different switches (biases, norms, windows,
+soft-capping, experts), so adding a family means writing one function here that turns its
+config into an `Arch`, and, where its checkpoint names differ, a rename rule in `weights.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Rope types implemented in rope.py; anything else is reported by the probe, not guessed.
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+class UnsupportedModel(ValueError):
+    """The config asks for something the native implementation does not do; says what."""
+
+
+@dataclass(frozen=True)
+class Rope:
+    theta: float = 10000.0
+    kind: str = "default"
+    rotary_dim: int = 0  # 0: the whole head
+    params: Mapping[str, Any] = field(default_factory=dict)  # the scaling parameters, as given
+
+
+@dataclass(frozen=True)
+class MoE:
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool  # divide the chosen experts' weights by their sum
+    layers: tuple[bool, ...] = ()  # per layer: True where the MLP is the mixture
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    rope: Rope
+    rms_norm_eps: float = 1e-6
+    act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rope
+    norm_plus_one: bool = False  # Gemma: the norm scales by (1 + weight)
+    sandwich_norm: bool = False  # Gemma 2: norms after attention and MLP as well
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
+    attn_scale: float | None = None  # default head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    windows: tuple[int | None, ...] = ()  # per layer sliding window, None for full attention
+    tie_embeddings: bool = False
+    moe: MoE | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and (not self.moe.layers or self.moe.layers[layer])
+
+
+def _rope(config: Mapping[str, Any], head_dim: int) -> Rope:
+    """transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`."""
+    params = dict(config.get("rope_parameters") or {})
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        raise UnsupportedModel("per-layer-type rope parameters are not supported natively")
+    if not params:
+        params = dict(config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    kind = "longrope" if kind == "su" else kind
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModel(
+            f"rope type {kind!r} is not implemented natively (have: {', '.join(ROPE_TYPES)})"
+        )
+    factor = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    return Rope(
+        theta=float(params.get("rope_theta", 10000.0)),
+        kind=kind,
+        rotary_dim=int(head_dim * factor),
+        params=params,
+    )
+
+
+def _layer_windows(config: Mapping[str, Any], layers: int) -> tuple[int | None, ...]:
+    window = config.get("sliding_window")
+    types = config.get("layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (window,) * layers if window else ()
+
+
+def _common(config: Mapping[str, Any], family: str) -> dict[str, Any]:
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    layers = config["num_hidden_layers"]
+    return dict(
+        family=family,
+        vocab_size=config["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=config.get("intermediate_size", 4 * hidden),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        max_positions=config.get("max_position_embeddings", 4096),
+        rope=_rope(config, head_dim),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        act=config.get("hidden_act") or config.get("hidden_activation") or "silu",
+        windows=_layer_windows(config, layers),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def llama(config: Mapping[str, Any]) -> Arch:
+    bias = bool(config.get("attention_bias", False))
+    return Arch(
+        **_common(config, "llama"),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+    )
+
+
+def mistral(config: Mapping[str, Any]) -> Arch:
+    return Arch(**_common(config, "mistral"))
+
+
+def qwen2(config: Mapping[str, Any]) -> Arch:
+    return Arch(**_common(config, "qwen2"), qkv_bias=True)
+
+
+def qwen3(config: Mapping[str, Any]) -> Arch:
+    bias = bool(config.get("attention_bias", False))
+    return Arch(**_common(config, "qwen3"), qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+
+# Architecture name (config.json "architectures") -> how to read its config.
+FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
+    "LlamaForCausalLM": llama,
+    "MistralForCausalLM": mistral,
+    "Qwen2ForCausalLM": qwen2,
+    "Qwen3ForCausalLM": qwen3,
+}
+
+SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")
+
+
+def arch_from_config(architecture: str, config: Mapping[str, Any]) -> Arch:
+    """The `Arch` of a checkpoint, or `UnsupportedModel` saying what is missing."""
+    read = FAMILIES.get(architecture)
+    if read is None:
+        raise UnsupportedModel(
+            f"no native implementation of {architecture} (native: {', '.join(sorted(FAMILIES))})"
+        )
+    try:
+        arch = read(config)
+    except KeyError as e:
+        raise UnsupportedModel(f"config.json has no {e.args[0]!r}") from None
+    if arch.act not in SUPPORTED_ACTS:
+        raise UnsupportedModel(f"activation {arch.act!r} is not implemented natively")
+    return arch

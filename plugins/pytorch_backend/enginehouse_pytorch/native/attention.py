@@ -1,0 +1,190 @@
+"""Paged attention in plain torch ops: the CPU path, and the GPU path's prefill.
+
+The KV cache of a layer is two tensors [kv_heads, num_slots, head_dim] (slot = block id *
+block_size + offset). A step's tokens are ordered decodes first: the decode rows attend as one
+batch over their gathered context, each prefill chunk attends on its own (packed, no padding).
+Everything that depends only on the batch (gather indices, masks) is built once per step in
+`StepMeta` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Prefill:
+    """A chunk of one sequence's prompt: tokens [begin, end) of the step, at positions
+    start_pos ...; `context` gathers its earlier KV from the cache when start_pos > 0."""
+
+    begin: int
+    end: int
+    start_pos: int
+    context: torch.Tensor | None = None  # slots of positions 0 .. start_pos + n - 1
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+
+@dataclass
+class StepMeta:
+    num_decode: int  # the first num_decode tokens are single-token decodes
+    slots: torch.Tensor  # [tokens] where each new token's K/V goes
+    cos: torch.Tensor  # [tokens, 1, rotary_dim]
+    sin: torch.Tensor
+    decode_gather: torch.Tensor | None = None  # [decodes * max_len] context slots, padded
+    decode_len: int = 0
+    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    prefills: list[Prefill] = field(default_factory=list)
+
+
+def window_mask(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None, limit: torch.Tensor
+) -> torch.Tensor:
+    """True where a query may see a key: causal, below `limit`, inside the sliding window
+    (key > query - window, the convention of Mistral and transformers)."""
+    ok = (key_pos <= query_pos) & (key_pos < limit)
+    if window is not None:
+        ok &= key_pos > query_pos - window
+    return ok
+
+
+def decode_metadata(
+    meta: StepMeta,
+    block_tables: list[tuple[int, ...]],
+    context_lens: list[int],
+    block_size: int,
+    windows: set[int | None],
+    device: torch.device,
+    null_slot: int,
+) -> None:
+    """Gather indices and additive masks for the decode rows, as [1, B, 1, L] masks.
+
+    Padding positions read `null_slot`, which always holds zeros: a masked position still goes
+    through probs @ V, and a stale slot holding a NaN (0 * NaN = NaN) would poison the row.
+    """
+    longest = max(context_lens)
+    width = max(len(t) for t in block_tables)
+    table = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables])
+    pos = torch.arange(longest)
+    gather = table[:, pos // block_size] * block_size + pos % block_size
+    lens = torch.tensor(context_lens)[:, None]
+    gather = torch.where(pos[None] < lens, gather, null_slot)
+    meta.decode_gather = gather.flatten().to(device)
+    meta.decode_len = longest
+    for w in windows:
+        ok = window_mask(lens - 1, pos[None], w, lens)
+        bias = torch.zeros(ok.shape).masked_fill_(~ok, NEG_INF)
+        meta.decode_masks[w] = bias[None, :, None, :].to(device)
+
+
+def prefill_metadata(
+    chunk_range: tuple[int, int],
+    start_pos: int,
+    block_table: tuple[int, ...],
+    block_size: int,
+    windows: set[int | None],
+    device: torch.device,
+) -> Prefill:
+    begin, end = chunk_range
+    n = end - begin
+    total = start_pos + n
+    p = Prefill(begin, end, start_pos)
+    if start_pos > 0:
+        pos = torch.arange(total)
+        table = torch.tensor(block_table)
+        p.context = (table[pos // block_size] * block_size + pos % block_size).to(device)
+    for w in windows:
+        if start_pos == 0 and (w is None or w >= n):
+            p.masks[w] = None  # plain causal: the kernel's own is_causal is fastest
+        else:
+            q = torch.arange(start_pos, total)[:, None]
+            p.masks[w] = window_mask(q, torch.arange(total)[None], w, total).to(device)
+    return p
+
+
+def _softcapped(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def attend_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Grouped-query attention as two matrix products: q [kvh, ..., g, d], k/v [kvh, ..., L, d].
+
+    Query heads that share a KV head are grouped, so K/V are never repeated per query head.
+    """
+    scores = _softcapped(q @ k.transpose(-1, -2) * scale, softcap)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+class TorchAttention:
+    """Paged attention for one step, in torch ops; `meta` was built for this step."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.h, self.kvh, self.d = num_heads, num_kv_heads, head_dim
+        self.g = num_heads // num_kv_heads
+        self.scale = scale
+
+    def store(self, cache: tuple[torch.Tensor, torch.Tensor], k, v, slots) -> None:
+        cache[0].index_copy_(1, slots, k.transpose(0, 1))
+        cache[1].index_copy_(1, slots, v.transpose(0, 1))
+
+    def __call__(
+        self,
+        meta: StepMeta,
+        q: torch.Tensor,  # [tokens, heads, d]
+        k: torch.Tensor,  # [tokens, kv_heads, d]
+        v: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        self.store(cache, k, v, meta.slots)
+        out = torch.empty(q.shape[0], self.h * self.d, dtype=q.dtype, device=q.device)
+        b = meta.num_decode
+        if b:
+            out[:b] = self.decode(meta, q[:b], cache, window, softcap)
+        for p in meta.prefills:
+            out[p.begin : p.end] = self.prefill(p, q, k, v, cache, window, softcap)
+        return out
+
+    def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
+        b, L = q.shape[0], meta.decode_len
+        keys = cache[0].index_select(1, meta.decode_gather).view(self.kvh, b, L, self.d)
+        values = cache[1].index_select(1, meta.decode_gather).view(self.kvh, b, L, self.d)
+        qg = q.view(b, self.kvh, self.g, self.d).transpose(0, 1)  # [kvh, b, g, d]
+        o = attend_math(qg, keys, values, meta.decode_masks[window], self.scale, softcap)
+        return o.transpose(0, 1).reshape(b, self.h * self.d)
+
+    def prefill(self, p: Prefill, q, k, v, cache, window, softcap) -> torch.Tensor:
+        q = q[p.begin : p.end].transpose(0, 1)  # [h, n, d]
+        if p.context is None:
+            k, v = k[p.begin : p.end].transpose(0, 1), v[p.begin : p.end].transpose(0, 1)
+        else:
+            k, v = cache[0].index_select(1, p.context), cache[1].index_select(1, p.context)
+        mask = p.masks[window]
+        n = q.shape[1]
+        if softcap is not None:
+            if mask is None:
+                mask = window_mask(torch.arange(n)[:, None], torch.arange(n)[None], None, n)
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~mask.to(q.device), NEG_INF)
+            qg = q.view(self.kvh, self.g, n, self.d)
+            o = attend_math(qg, k[:, None], v[:, None], bias, self.scale, softcap)
+            return o.view(self.h, n, self.d).transpose(0, 1).reshape(n, self.h * self.d)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+        )
+        return o.transpose(0, 1).reshape(n, self.h * self.d)

@@ -1,0 +1,111 @@
+"""The building blocks: norms, projections, the gated MLP and the mixture of experts.
+
+Parameters are created empty (no random init: the checkpoint fills them) and projections that
+read the same input are fused into one matrix (q/k/v, gate/up), so a layer makes fewer, larger
+matrix products; `weights.py` loads each checkpoint tensor into its slice of the fused one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import MoE
+
+
+def empty(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). `shards` names the row ranges that separate checkpoint tensors fill."""
+
+    def __init__(self, in_features: int, out_features: list[int], bias: bool = False) -> None:
+        super().__init__()
+        self.weight = empty(sum(out_features), in_features)
+        self.bias = empty(sum(out_features)) if bias else None
+        self.shards = [sum(out_features[:i]) for i in range(len(out_features) + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False) -> None:
+        super().__init__()
+        self.weight = empty(dim)
+        self.eps = eps
+        self.plus_one = plus_one  # Gemma scales by (1 + weight); folded in after loading
+
+    def fold(self) -> None:
+        """Turn Gemma's (1 + w) into a plain weight once, so forward is one fused op."""
+        if self.plus_one:
+            self.weight.data += 1.0
+            self.plus_one = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Half precision: normalise in float32, as the reference implementations do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias)
+        self.down_proj = Linear(intermediate, [hidden], bias)
+        self.act = activation(act)
+        self.intermediate = intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k routed gated experts. Tokens are grouped by expert, so each expert runs one
+    matrix product over just the tokens routed to it."""
+
+    def __init__(self, hidden: int, moe: MoE, act: str) -> None:
+        super().__init__()
+        self.moe = moe
+        self.gate = Linear(hidden, [moe.num_experts])
+        inter = moe.intermediate_size
+        self.w13 = empty(moe.num_experts, 2 * inter, hidden)  # gate and up, stacked per expert
+        self.w2 = empty(moe.num_experts, hidden, inter)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moe = self.moe
+        probs = self.gate(x).softmax(dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(moe.top_k, dim=-1)
+        if moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = order[start : start + n]
+            start += n
+            tokens = rows // moe.top_k
+            gate, up = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.w2[e])
+            out.index_add_(0, tokens, y * weights.flatten()[rows, None])
+        return out

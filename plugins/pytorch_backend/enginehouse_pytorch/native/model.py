@@ -1,0 +1,115 @@
+"""The native decoder: every supported family is this model with its `Arch` switches.
+
+Checkpoint names are kept (model.layers.N.self_attn..., lm_head) except where projections are
+fused (`qkv_proj`, `gate_up_proj`, the experts' `w13`/`w2`); `weights.py` maps the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .attention import StepMeta, TorchAttention
+from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
+from .rope import apply_rope
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: Arch, layer: int) -> None:
+        super().__init__()
+        h, kvh, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.sizes = [h * d, kvh * d, kvh * d]
+        self.qkv_proj = Linear(arch.hidden_size, self.sizes, arch.qkv_bias)
+        self.o_proj = Linear(h * d, [arch.hidden_size], arch.o_bias)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(d, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(d, arch.rms_norm_eps)
+        self.heads = (h, kvh, d)
+        self.window = arch.window(layer)
+        self.softcap = arch.attn_softcap
+        self.qk_norm = arch.qk_norm
+        self.attn = TorchAttention(h, kvh, d, arch.scale)
+
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        h, kvh, d = self.heads
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
+        out = self.attn(meta, q, k, v, cache, self.window, self.softcap)
+        return self.o_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: Arch, layer: int) -> None:
+        super().__init__()
+        eps, plus_one = arch.rms_norm_eps, arch.norm_plus_one
+        self.self_attn = Attention(arch, layer)
+        if arch.is_moe_layer(layer):
+            self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act)
+        else:
+            self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.act, arch.mlp_bias)
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
+        self.sandwich = arch.sandwich_norm
+        if arch.sandwich_norm:
+            # Gemma 2: post_attention_layernorm normalises the attention output; the MLP has
+            # its own norms before and after.
+            self.pre_feedforward_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
+            self.post_feedforward_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
+
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), meta, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """`model.*` in the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, arch: Arch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = empty(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_plus_one)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, arch: Arch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = Body(arch)
+        self.lm_head = Linear(arch.hidden_size, [arch.vocab_size])
+        if arch.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def finish_loading(self) -> None:
+        """After the weights are in: fold Gemma's norm offsets into the weights."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fold()
+
+    def forward(self, input_ids: torch.Tensor, meta: StepMeta, kv: list[KVCache]) -> torch.Tensor:
+        x = self.model.embed_tokens.weight[input_ids]
+        if self.arch.embed_scale is not None:
+            # Gemma multiplies by the scale rounded to the weights' dtype, as its reference does.
+            x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
+        for layer, cache in zip(self.model.layers, kv):
+            x = layer(x, meta, cache)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.arch.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,78 @@
+"""Rotary position embeddings: the inverse frequencies of each rope type, and a cos/sin table.
+
+The table covers every position the engine may use, so a step only indexes it by position.
+Formulas follow the papers (and agree with transformers' implementations to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .arch import Arch
+
+
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _longrope_factor(arch: Arch) -> tuple[float, int]:
+    """Phi-3 LongRoPE: the attention factor and the original (short) context length."""
+    p = arch.rope.params
+    original = p.get("original_max_position_embeddings") or arch.max_positions
+    factor = p.get("factor") or arch.max_positions / original
+    attention = p.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return attention, original
+
+
+def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, float32, shape [num_positions, rotary_dim]."""
+    rope = arch.rope
+    dim = rope.rotary_dim or arch.head_dim
+    positions = torch.arange(num_positions, dtype=torch.float32)
+    scale = 1.0
+    if rope.kind == "longrope":
+        scale, original = _longrope_factor(arch)
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        short = 1.0 / (torch.tensor(rope.params["short_factor"]) * rope.theta**shape)
+        long = 1.0 / (torch.tensor(rope.params["long_factor"]) * rope.theta**shape)
+        # Each position takes the frequencies of its own range (vLLM does the same per token).
+        freqs = torch.where(
+            (positions >= original)[:, None],
+            positions[:, None] * long[None],
+            positions[:, None] * short[None],
+        )
+    else:
+        inv_freq = _base_inv_freq(rope.theta, dim)
+        if rope.kind == "linear":
+            inv_freq = inv_freq / rope.params["factor"]
+        elif rope.kind == "llama3":
+            inv_freq = _llama3(inv_freq, dict(rope.params))
+        freqs = positions[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [tokens, heads, head_dim] by cos/sin [tokens, 1, rotary_dim] (rotate-half form)."""
+    rot = cos.shape[-1]
+    if rot != x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    half = rot // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,112 @@
+"""Stream a checkpoint's safetensors into a native model, tensor by tensor.
+
+Each file is memory-mapped and read one tensor at a time, converted to the model's dtype and
+copied into its parameter (or its slice of a fused parameter), so peak memory stays near the
+model's own size. Sharded checkpoints are just several files; the index file only names them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from enginehouse.errors import InvalidModelError
+
+from .layers import Linear
+
+log = logging.getLogger(__name__)
+
+# Checkpoint name pattern -> (our parameter name, which shard of a fused parameter).
+# Group 1 of a pattern with an expert number is the expert.
+_FUSED = [
+    (re.compile(r"\.self_attn\.([qkv])_proj\."), ".self_attn.qkv_proj.", {"q": 0, "k": 1, "v": 2}),
+    (re.compile(r"\.mlp\.(gate|up)_proj\."), ".mlp.gate_up_proj.", {"gate": 0, "up": 1}),
+]
+_EXPERT = re.compile(
+    r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
+)
+_EXPERT_SHARD = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1, "w2": None, "down_proj": None}
+_RENAMES = [
+    (".block_sparse_moe.gate.", ".mlp.gate."),
+    (".mlp.experts.gate_up_proj", ".mlp.w13"),  # transformers 5's fused expert layout
+    (".mlp.experts.down_proj", ".mlp.w2"),
+]
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def target(name: str) -> tuple[str, int | None, int | None] | None:
+    """(parameter name, expert or None, shard or None) for a checkpoint tensor name."""
+    if _IGNORED.search(name):
+        return None
+    if m := _EXPERT.search(name):
+        which = m.group(2)
+        param = "w2" if _EXPERT_SHARD[which] is None else "w13"
+        return name[: m.start()] + f".mlp.{param}", int(m.group(1)), _EXPERT_SHARD[which]
+    for pattern, fused, shards in _FUSED:
+        if m := pattern.search(name):
+            return name[: m.start()] + fused + name[m.end() :], None, shards[m.group(1)]
+    for old, new in _RENAMES:
+        name = name.replace(old, new)
+    return name, None, None
+
+
+def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard) -> torch.Tensor:
+    dest = param.data if expert is None else param.data[expert]
+    if shard is None:
+        return dest
+    if expert is not None:  # an expert's gate (0) or up (1) half of w13
+        half = dest.shape[0] // 2
+        return dest[shard * half : (shard + 1) * half]
+    owner = model.get_submodule(name.rsplit(".", 1)[0])
+    assert isinstance(owner, Linear)
+    begin, end = owner.shards[shard], owner.shards[shard + 1]
+    return dest[begin:end]
+
+
+def load_safetensors(model: nn.Module, files: Iterable[Path], progress: bool = True) -> None:
+    """Fill every parameter of `model` from `files`; raise if any is left unfilled."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {}  # parameter -> number of elements written
+    unknown = []
+    files = list(files)
+    with tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress) as bar:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    where = target(name)
+                    if where is None:
+                        continue
+                    pname, expert, shard = where
+                    if pname not in params:
+                        if pname != "lm_head.weight":  # a tied head is the embedding itself
+                            unknown.append(name)
+                        continue
+                    dest = _destination(model, params[pname], pname, expert, shard)
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != dest.shape:
+                        raise InvalidModelError(
+                            f"{name} in {path.name} has shape {tuple(tensor.shape)}, the model "
+                            f"expects {tuple(dest.shape)} from config.json; the checkpoint and "
+                            "its config disagree"
+                        )
+                    dest.copy_(tensor)
+                    filled[pname] = filled.get(pname, 0) + tensor.numel()
+            bar.update(1)
+    if unknown:
+        log.warning(
+            "ignored %d checkpoint tensors unknown to the model, e.g. %s", len(unknown), unknown[0]
+        )
+    missing = [n for n, p in params.items() if filled.get(n, 0) < p.numel()]
+    if missing:
+        raise InvalidModelError(
+            f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[0]}; "
+            "is it complete (every shard downloaded)?"
+        )

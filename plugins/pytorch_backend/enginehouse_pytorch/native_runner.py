@@ -1,0 +1,149 @@
+"""The native `pytorch` backend: our own decoder implementations over a paged KV cache.
+
+Per step the runner orders the batch decodes first, builds the step's metadata once (rope
+rows, KV slots, gather indices and masks, see `native.attention`), runs the model over all
+tokens packed together, and returns logits only for the rows the engine asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch
+from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
+from enginehouse.engine.llm_engine import session_length
+from enginehouse.errors import InvalidModelError
+
+from .native.arch import Arch, arch_from_config
+from .native.attention import StepMeta, decode_metadata, prefill_metadata
+from .native.model import DecoderLM
+from .native.rope import rope_table
+from .native.weights import load_safetensors
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class NativeRunner:
+    def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.arch: Arch = arch_from_config(spec.architecture, spec.config)
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, spec, self.device)
+        self.context = session_length(spec, config)
+        self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
+        a = self.arch
+        per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        self.kv_spec = KVSpec(
+            block_size=self.block_size,
+            bytes_per_block=per_token * self.block_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.windows = set(a.windows) if a.windows else {None}
+        self.model: DecoderLM | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def load(self, progress: bool = True) -> None:
+        if self.device.type == "cpu":
+            use_all_cores()
+        files = [self.spec.path / f for f in self.spec.weight_files if f.endswith(".safetensors")]
+        if not files:
+            raise InvalidModelError(f"no *.safetensors weights in {self.spec.path}")
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # parameters are created empty in the final dtype
+        try:
+            with torch.device(self.device):
+                model = DecoderLM(self.arch)
+        finally:
+            torch.set_default_dtype(default)
+        load_safetensors(model, files, progress)
+        model.finish_loading()
+        self.model = model.eval()
+        cos, sin = rope_table(self.arch, max(self.context, 1))
+        self.cos = cos.to(self.device, self.dtype)
+        self.sin = sin.to(self.device, self.dtype)
+
+    def profile_run(self, num_tokens: int) -> None:
+        """On a GPU, one forward at the largest step, so that the KV budget is taken from the
+        memory its activations leave free. The CPU skips it: activations there are small next
+        to system memory, and the pass would cost seconds of start-up."""
+        if self.device.type != "cuda":
+            return
+        n = min(num_tokens, self.context)
+        self._allocate(math.ceil(n / self.block_size))
+        table = tuple(range(math.ceil(n / self.block_size)))
+        from enginehouse.runner import SeqChunk
+
+        chunk = SeqChunk(0, (0,) * n, 0, table, (n - 1,))
+        self.execute(ScheduledBatch((chunk,), self.block_size))
+        self.kv = []
+        torch.cuda.synchronize(self.device)
+
+    def _allocate(self, num_blocks: int) -> None:
+        a = self.arch
+        # One slot past the blocks is the null slot that padding reads: zeros, always. The rest
+        # stays uninitialised, since attention only ever reads slots written before.
+        self.null_slot = num_blocks * self.block_size
+        shape = (a.num_layers, 2, a.num_kv_heads, self.null_slot + 1, a.head_dim)
+        cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        cache[:, :, :, self.null_slot].zero_()
+        self.kv = [(cache[i, 0], cache[i, 1]) for i in range(a.num_layers)]
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        self._allocate(num_blocks)
+
+    def _metadata(self, order: list) -> StepMeta:
+        positions = [p for c in order for p in range(c.start_pos, c.end_pos)]
+        bs = self.block_size
+        slots = [
+            c.block_table[p // bs] * bs + p % bs
+            for c in order
+            for p in range(c.start_pos, c.end_pos)
+        ]
+        pos = torch.tensor(positions)
+        meta = StepMeta(
+            num_decode=sum(1 for c in order if len(c.token_ids) == 1),
+            slots=torch.tensor(slots).to(self.device),
+            cos=self.cos[pos][:, None].to(self.device),
+            sin=self.sin[pos][:, None].to(self.device),
+        )
+        decodes = order[: meta.num_decode]
+        if decodes:
+            lens = [c.end_pos for c in decodes]
+            tables = [c.block_table for c in decodes]
+            decode_metadata(meta, tables, lens, bs, self.windows, self.device, self.null_slot)
+        offset = meta.num_decode
+        for c in order[meta.num_decode :]:
+            n = len(c.token_ids)
+            meta.prefills.append(
+                prefill_metadata(
+                    (offset, offset + n), c.start_pos, c.block_table, bs, self.windows, self.device
+                )
+            )
+            offset += n
+        return meta
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        chunks = batch.chunks
+        # Single-token chunks (decodes) first: they attend together as one batch.
+        order = sorted(chunks, key=lambda c: len(c.token_ids) != 1)
+        meta = self._metadata(order)
+        offsets, at = {}, 0
+        for c in order:
+            offsets[c.seq_id] = at
+            at += len(c.token_ids)
+        rows = [offsets[c.seq_id] + i for c in chunks for i in c.logits_at]
+        ids = torch.tensor([t for c in order for t in c.token_ids], device=self.device)
+        hidden = self.model(ids, meta, self.kv)
+        index = torch.tensor(rows, device=self.device)
+        return self.model.logits(hidden.index_select(0, index)).float()
+
+    def close(self) -> None:
+        self.kv = []
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
