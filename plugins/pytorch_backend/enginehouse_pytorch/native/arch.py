@@ -152,12 +152,63 @@ def qwen3(config: Mapping[str, Any]) -> Arch:
     return Arch(**_common(config, "qwen3"), qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
+def phi3(config: Mapping[str, Any]) -> Arch:
+    # The checkpoint already fuses qkv_proj and gate_up_proj, in our layout.
+    return Arch(**_common(config, "phi3"))
+
+
+def gemma2(config: Mapping[str, Any]) -> Arch:
+    return Arch(
+        **_common(config, "gemma2"),
+        norm_plus_one=True,
+        sandwich_norm=True,
+        embed_scale=config["hidden_size"] ** 0.5,
+        attn_scale=config.get("query_pre_attn_scalar", 256) ** -0.5,
+        attn_softcap=config.get("attn_logit_softcapping"),
+        final_softcap=config.get("final_logit_softcapping"),
+    )
+
+
+def mixtral(config: Mapping[str, Any]) -> Arch:
+    moe = MoE(
+        num_experts=config["num_local_experts"],
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        renormalize=True,
+    )
+    return Arch(**_common(config, "mixtral"), moe=moe)
+
+
+def qwen3_moe(config: Mapping[str, Any]) -> Arch:
+    # transformers 5 writes num_local_experts; released checkpoints say num_experts.
+    experts = config.get("num_experts") or config["num_local_experts"]
+    step = config.get("decoder_sparse_step", 1)
+    dense = set(config.get("mlp_only_layers") or ())
+    layers = tuple(
+        experts > 0 and i not in dense and (i + 1) % step == 0
+        for i in range(config["num_hidden_layers"])
+    )
+    moe = MoE(
+        num_experts=experts,
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["moe_intermediate_size"],
+        renormalize=bool(config.get("norm_topk_prob", False)),
+        layers=layers,
+    )
+    bias = bool(config.get("attention_bias", False))
+    return Arch(**_common(config, "qwen3_moe"), qkv_bias=bias, o_bias=bias, qk_norm=True, moe=moe)
+
+
 # Architecture name (config.json "architectures") -> how to read its config.
 FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "LlamaForCausalLM": llama,
     "MistralForCausalLM": mistral,
     "Qwen2ForCausalLM": qwen2,
     "Qwen3ForCausalLM": qwen3,
+    "Phi3ForCausalLM": phi3,
+    "Gemma2ForCausalLM": gemma2,
+    "MixtralForCausalLM": mixtral,
+    "Qwen3MoeForCausalLM": qwen3_moe,
 }
 
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")
