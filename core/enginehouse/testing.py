@@ -93,6 +93,65 @@ def model_configs(vocab_size: int) -> dict[str, Any]:
     }
 
 
+# Qwen2.5-0.5B's shape (random weights): the second benchmark model.
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+
+
+def native_model_configs(vocab_size: int) -> dict[str, Any]:
+    """One small config per natively implemented family, with the features that set each apart
+    switched on (Llama 3 rope scaling, sliding windows, LongRoPE, soft-capping, experts)."""
+    import transformers as tf
+
+    common = dict(TINY, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama3_rope = dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )
+    longrope = dict(
+        type="longrope",
+        factor=4.0,
+        short_factor=[1.0 + 0.1 * i for i in range(8)],
+        long_factor=[2.0 + 0.3 * i for i in range(8)],
+    )
+    return {
+        **model_configs(vocab_size),
+        "llama3": tf.LlamaConfig(**common, rope_scaling=llama3_rope),
+        "qwen3": tf.Qwen3Config(**common, head_dim=16),
+        "phi3": tf.Phi3Config(
+            **{**common, "max_position_embeddings": 512},
+            original_max_position_embeddings=128,
+            rope_scaling=longrope,
+        ),
+        "gemma2": tf.Gemma2Config(
+            **common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16
+        ),
+        "mixtral": tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        ),
+    }
+
+
 def build_model(folder: Path, config: Any, chat_template: str | None = CHATML_TEMPLATE) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
