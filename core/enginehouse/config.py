@@ -104,6 +104,7 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
+    eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
 
     @field_validator("kv_cache_memory")
     @classmethod

@@ -17,7 +17,7 @@ from enginehouse.engine.llm_engine import session_length
 from enginehouse.errors import InvalidModelError
 
 from .native.arch import Arch, arch_from_config
-from .native.attention import StepMeta, decode_metadata, prefill_metadata
+from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.model import DecoderLM
 from .native.rope import rope_table
 from .native.weights import load_safetensors
@@ -45,6 +45,19 @@ class NativeRunner:
         self.windows = set(a.windows) if a.windows else {None}
         self.model: DecoderLM | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kernel = self._attention_kernel()
+        self.paged = self.kernel is not TorchAttention  # a kernel that reads block tables
+        self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
+
+    def _attention_kernel(self) -> type[TorchAttention]:
+        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
+        if self.device.type != "cuda":
+            return TorchAttention
+        try:
+            from .native.triton_ops import TritonAttention
+        except ImportError:
+            return TorchAttention
+        return TritonAttention
 
     def load(self, progress: bool = True) -> None:
         if self.device.type == "cpu":
@@ -56,7 +69,7 @@ class NativeRunner:
         torch.set_default_dtype(self.dtype)  # parameters are created empty in the final dtype
         try:
             with torch.device(self.device):
-                model = DecoderLM(self.arch)
+                model = DecoderLM(self.arch, self.kernel)
         finally:
             torch.set_default_dtype(default)
         load_safetensors(model, files, progress)
@@ -94,6 +107,11 @@ class NativeRunner:
 
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
+        if self.device.type == "cuda" and self.paged and not self.config.eager:
+            from .native.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
+            self.graphs.capture()
 
     def _metadata(self, order: list) -> StepMeta:
         positions = [p for c in order for p in range(c.start_pos, c.end_pos)]
@@ -114,7 +132,9 @@ class NativeRunner:
         if decodes:
             lens = [c.end_pos for c in decodes]
             tables = [c.block_table for c in decodes]
-            decode_metadata(meta, tables, lens, bs, self.windows, self.device, self.null_slot)
+            decode_metadata(
+                meta, tables, lens, bs, self.windows, self.device, self.null_slot, self.paged
+            )
         offset = meta.num_decode
         for c in order[meta.num_decode :]:
             n = len(c.token_ids)
@@ -129,6 +149,10 @@ class NativeRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         chunks = batch.chunks
+        if self.graphs is not None:
+            logits = self.graphs.run(batch)  # None unless a captured decode step fits
+            if logits is not None:
+                return logits
         # Single-token chunks (decodes) first: they attend together as one batch.
         order = sorted(chunks, key=lambda c: len(c.token_ids) != 1)
         meta = self._metadata(order)

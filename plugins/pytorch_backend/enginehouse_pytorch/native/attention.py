@@ -38,6 +38,9 @@ class StepMeta:
     decode_gather: torch.Tensor | None = None  # [decodes * max_len] context slots, padded
     decode_len: int = 0
     decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    # The GPU's paged kernel reads block tables directly instead of gathered slots.
+    block_tables: torch.Tensor | None = None  # [decodes, max blocks] int32, padded with 0
+    context_lens: torch.Tensor | None = None  # [decodes] int32
     prefills: list[Prefill] = field(default_factory=list)
 
 
@@ -60,6 +63,7 @@ def decode_metadata(
     windows: set[int | None],
     device: torch.device,
     null_slot: int,
+    paged: bool = False,
 ) -> None:
     """Gather indices and additive masks for the decode rows, as [1, B, 1, L] masks.
 
@@ -69,6 +73,10 @@ def decode_metadata(
     longest = max(context_lens)
     width = max(len(t) for t in block_tables)
     table = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables])
+    if paged:
+        meta.block_tables = table.to(device, torch.int32)
+        meta.context_lens = torch.tensor(context_lens, dtype=torch.int32).to(device)
+        return
     pos = torch.arange(longest)
     gather = table[:, pos // block_size] * block_size + pos % block_size
     lens = torch.tensor(context_lens)[:, None]

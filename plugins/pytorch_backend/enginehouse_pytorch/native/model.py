@@ -18,7 +18,7 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: Arch, layer: int) -> None:
+    def __init__(self, arch: Arch, layer: int, kernel: type[TorchAttention]) -> None:
         super().__init__()
         h, kvh, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.sizes = [h * d, kvh * d, kvh * d]
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         self.window = arch.window(layer)
         self.softcap = arch.attn_softcap
         self.qk_norm = arch.qk_norm
-        self.attn = TorchAttention(h, kvh, d, arch.scale)
+        self.attn = kernel(h, kvh, d, arch.scale)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         h, kvh, d = self.heads
@@ -46,10 +46,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: Arch, layer: int) -> None:
+    def __init__(self, arch: Arch, layer: int, kernel: type[TorchAttention]) -> None:
         super().__init__()
         eps, plus_one = arch.rms_norm_eps, arch.norm_plus_one
-        self.self_attn = Attention(arch, layer)
+        self.self_attn = Attention(arch, layer, kernel)
         if arch.is_moe_layer(layer):
             self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act)
         else:
@@ -75,19 +75,21 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     """`model.*` in the checkpoint: embeddings, layers, final norm."""
 
-    def __init__(self, arch: Arch) -> None:
+    def __init__(self, arch: Arch, kernel: type[TorchAttention]) -> None:
         super().__init__()
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = empty(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, kernel) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_plus_one)
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, arch: Arch) -> None:
+    """`kernel` is the attention implementation: torch ops, or the GPU's Triton kernels."""
+
+    def __init__(self, arch: Arch, kernel: type[TorchAttention] = TorchAttention) -> None:
         super().__init__()
         self.arch = arch
-        self.model = Body(arch)
+        self.model = Body(arch, kernel)
         self.lm_head = Linear(arch.hidden_size, [arch.vocab_size])
         if arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
