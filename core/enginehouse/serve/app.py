@@ -1,0 +1,154 @@
+"""The FastAPI app: OpenAI-compatible endpoints in front of one `Pipeline`.
+
+`create_app(pipe)` works with whichever backend `pipeline()` chose: the endpoints only use the
+pipeline's tokenizer, chat template and engine. Run it with `enginehouse serve MODEL`, with
+`run_server`, or under any ASGI server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..pipeline import Pipeline
+from .chat import create_chat_completion
+from .completions import create_completion
+from .errors import APIError
+from .generation import ClientDisconnected
+from .state import ServerState
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+OPEN_ENDPOINTS = ("/health",)  # reachable without the API key (load balancers' probes)
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label for a path; unknown paths share one label to keep the series few."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+class _Gate:
+    """Pure ASGI middleware: checks the API key first (so a bad key is a 401 whatever the
+    body), and counts every answer by endpoint and status code. Pure ASGI rather than
+    `@app.middleware`, which would get in the way of streaming and disconnect detection."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, api_key: str | None) -> None:
+        self.app = app
+        self.state = state
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        if self.expected is None or scope["path"] in OPEN_ENDPOINTS:
+            return None
+        given = dict(scope["headers"]).get(b"authorization")
+        if given is None:
+            message = "no API key given: send the header 'Authorization: Bearer <key>'"
+        elif not hmac.compare_digest(given, self.expected):
+            message = "incorrect API key provided"
+        else:
+            return None
+        return APIError(401, message, code="invalid_api_key")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what an exception that escapes every handler turns into
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                response = refusal.response({"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.state.metrics.http_requests.inc(1, _endpoint(scope["path"]), status)
+
+
+def create_app(
+    pipe: Pipeline, model_name: str | None = None, api_key: str | None = None
+) -> FastAPI:
+    """An app serving `pipe` under `model_name` (default: the model's id).
+
+    With `api_key`, every endpoint but `/health` requires `Authorization: Bearer <api_key>`.
+    The caller keeps ownership of `pipe` and closes it after the server stops.
+    """
+    state = ServerState(pipe, model_name or pipe.spec.model_id)
+    app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.add_middleware(_Gate, state=state, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message = f"there is no endpoint {request.url.path} (see docs/serving.md)"
+        return APIError(exc.status_code, message).response(exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return APIError(400, "the request is invalid").response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+
+    @app.get("/health")
+    async def health() -> Any:
+        if not pipe.engine.loop.is_running():
+            return APIError(503, "the engine has stopped").response()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> Any:
+        return {"object": "list", "data": [state.model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Any:
+        state.check_model(model)
+        return state.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await create_chat_completion(state, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await create_completion(state, request)
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        # stats() waits for the engine's loop thread; keep that wait off the server's loop.
+        stats = await asyncio.to_thread(pipe.stats)
+        return PlainTextResponse(
+            state.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return app

@@ -1,0 +1,125 @@
+"""`POST /v1/chat/completions`: messages through the chat template, one answer per choice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..response import Response
+from .generation import Generation, as_response, unless_disconnected
+from .protocol import ChatCompletionRequest, parse
+from .state import SSE_DONE, ServerState, failure, finite, read_json, sse, usage
+
+
+async def create_chat_completion(state: ServerState, request: Request) -> Any:
+    req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+    state.check_model(req.model)
+    messages = [m.for_template() for m in req.messages]
+    prompt_ids = state.encode(messages, "messages", apply_chat_template=True)
+    configs = state.configs(req, len(prompt_ids))
+    response_id, generation = state.start("chatcmpl", [(prompt_ids, c) for c in configs])
+    chat = _Chat(state, req, response_id, len(prompt_ids))
+    if req.stream:
+        return StreamingResponse(chat.events(generation), media_type="text/event-stream")
+    results = await unless_disconnected(request, generation.collect(req.num_choices))
+    for result in results:
+        if (error := failure(result)) is not None:
+            return error.response()
+    return JSONResponse(chat.response(results))
+
+
+class _Chat:
+    """Formats one chat completion, whole or as stream chunks."""
+
+    def __init__(
+        self, state: ServerState, req: ChatCompletionRequest, response_id: str, prompt_len: int
+    ) -> None:
+        self.state = state
+        self.req = req
+        self.id = response_id
+        self.created = int(time.time())
+        self.prompt_len = prompt_len
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> Any:
+        if logprobs is None:
+            return None
+        top_n = self.req.num_logprobs or 0
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.state.token_text(token_id)
+            return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
+
+        content = []
+        for token_id, candidates in zip(token_ids, logprobs):
+            top = sorted(candidates.items(), key=lambda kv: -kv[1])[:top_n]
+            content.append(
+                {
+                    **entry(token_id, candidates[token_id]),
+                    "top_logprobs": [entry(t, lp) for t, lp in top],
+                }
+            )
+        return {"content": content}
+
+    def response(self, results: list[Response]) -> dict[str, Any]:
+        choices = [
+            {
+                "index": r.index,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": self._logprobs(r.token_ids, r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+            for r in results
+        ]
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+            "usage": usage([self.prompt_len], results, self.req.num_choices),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+        }
+        if self.req.include_usage:
+            chunk["usage"] = None  # as OpenAI: only the last chunk carries usage
+        return sse({**chunk, **extra})
+
+    def _choice(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    async def events(self, generation: Generation) -> AsyncIterator[str]:
+        """OpenAI's chunk sequence: the role, content deltas, an empty delta with the finish
+        reason per choice; then a usage chunk when asked; then `[DONE]`."""
+        n = self.req.num_choices
+        results = [Response(index=i) for i in range(n)]
+        try:
+            for i in range(n):
+                yield self._chunk([self._choice(i, {"role": "assistant", "content": ""})])
+            async for i, out in generation.outputs():
+                delta = as_response(i, out)
+                results[i].extend(delta)
+                if (error := failure(delta)) is not None:
+                    yield error.sse()
+                    break
+                logprobs = self._logprobs(delta.token_ids, delta.logprobs)
+                if delta.text or (logprobs and logprobs["content"]):
+                    yield self._chunk([self._choice(i, {"content": delta.text}, logprobs)])
+                if out.finished:
+                    yield self._chunk([self._choice(i, {}, finish=out.finish_reason)])
+            else:
+                if self.req.include_usage:
+                    yield self._chunk([], usage=usage([self.prompt_len], results, n))
+            yield SSE_DONE
+        finally:
+            generation.abort()

@@ -1,0 +1,116 @@
+"""`POST /v1/completions`: raw prompts (text or token ids), continued as they are.
+
+Several prompts may come in one request; with `n` choices each, choice `p * n + j` is the j-th
+choice of prompt p, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..response import Response
+from .generation import Generation, as_response, unless_disconnected
+from .protocol import CompletionRequest, parse
+from .state import SSE_DONE, ServerState, failure, finite, read_json, sse, usage
+
+
+async def create_completion(state: ServerState, request: Request) -> Any:
+    req: CompletionRequest = parse(CompletionRequest, await read_json(request))
+    state.check_model(req.model)
+    prompts = [
+        state.encode(p if isinstance(p, str) else {"token_ids": p}, "prompt") for p in req.prompts
+    ]
+    choices = [(ids, config) for ids in prompts for config in state.configs(req, len(ids))]
+    response_id, generation = state.start("cmpl", choices)
+    completion = _Completion(state, req, response_id, [len(p) for p in prompts])
+    if req.stream:
+        return StreamingResponse(completion.events(generation), media_type="text/event-stream")
+    results = await unless_disconnected(request, generation.collect(len(choices)))
+    for result in results:
+        if (error := failure(result)) is not None:
+            return error.response()
+    return JSONResponse(completion.response(results))
+
+
+class _Completion:
+    """Formats one text completion, whole or as stream chunks."""
+
+    def __init__(
+        self, state: ServerState, req: CompletionRequest, response_id: str, prompt_lens: list[int]
+    ) -> None:
+        self.state = state
+        self.req = req
+        self.id = response_id
+        self.created = int(time.time())
+        self.prompt_lens = prompt_lens
+        self._offsets: dict[int, int] = {}  # per choice: characters sent so far (text_offset)
+
+    def _logprobs(self, index: int, token_ids: list[int], logprobs: Any) -> Any:
+        """OpenAI's legacy shape: parallel lists, and per token a {text: logprob} dict holding
+        the top `logprobs` tokens and always the chosen one."""
+        if logprobs is None:
+            return None
+        texts = [self.state.token_text(t) for t in token_ids]
+        offsets = []
+        for text in texts:
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": [finite(lp[t]) for t, lp in zip(token_ids, logprobs)],
+            "top_logprobs": [
+                {self.state.token_text(t): finite(v) for t, v in lp.items()} for lp in logprobs
+            ],
+            "text_offset": offsets,
+        }
+
+    def _choice(self, r: Response) -> dict[str, Any]:
+        return {
+            "index": r.index,
+            "text": r.text,
+            "logprobs": self._logprobs(r.index, r.token_ids, r.logprobs),
+            "finish_reason": r.finish_reason,
+        }
+
+    def _body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+            **extra,
+        }
+
+    def response(self, results: list[Response]) -> dict[str, Any]:
+        return self._body(
+            [self._choice(r) for r in results],
+            usage=usage(self.prompt_lens, results, self.req.num_choices),
+        )
+
+    async def events(self, generation: Generation) -> AsyncIterator[str]:
+        """A chunk per delta (the last one with its finish reason), a usage chunk when asked,
+        then `[DONE]`."""
+        results = [Response(index=i) for i in range(len(self.prompt_lens) * self.req.num_choices)]
+        extra = {"usage": None} if self.req.include_usage else {}
+        try:
+            async for i, out in generation.outputs():
+                delta = as_response(i, out)
+                results[i].extend(delta)
+                if (error := failure(delta)) is not None:
+                    yield error.sse()
+                    break
+                if delta.text or out.finished or (delta.logprobs and delta.token_ids):
+                    yield sse(self._body([self._choice(delta)], **extra))
+            else:
+                if self.req.include_usage:
+                    summary = usage(self.prompt_lens, results, self.req.num_choices)
+                    yield sse(self._body([], usage=summary))
+            yield SSE_DONE
+        finally:
+            generation.abort()

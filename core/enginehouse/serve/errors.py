@@ -1,0 +1,88 @@
+"""Errors in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Every failure the server reports goes through `APIError`, so clients (the official `openai`
+package included) see the status code and body they expect: 400 for an invalid request, 401
+for a missing or wrong key, 404 for an unknown model or path, 500 when the backend fails.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+# OpenAI's `type` for each status code.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """A failure to report to the client as an OpenAI error body with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        kind = ERROR_TYPES.get(self.status, "invalid_request_error")
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def sse(self) -> str:
+        """The error as a server-sent event, for failures after a stream has started."""
+        return f"data: {json.dumps(self.body())}\n\n"
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+def _short(value: Any) -> str | None:
+    """A small input value worth echoing back; whole objects and long strings are not."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    if isinstance(value, str) and len(value) <= 40:
+        return repr(value)
+    return None
+
+
+def _describe(item: Any) -> tuple[str, str]:
+    """(param, message) for one pydantic error, worded for an API user."""
+    loc = [str(p) for p in item["loc"]]
+    param = ".".join(loc)
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        return param, f"unrecognized request argument {param!r}"
+    if kind == "missing":
+        return param, f"{param!r} is required"
+    message = item["msg"].removeprefix("Value error, ")
+    got = _short(item.get("input"))
+    return param, f"{param}: {message}" + (f" (got {got})" if got is not None else "")
+
+
+def from_validation_error(error: ValidationError) -> APIError:
+    """A 400 naming each invalid field in plain words, without pydantic's internals."""
+    described = [_describe(item) for item in error.errors()]
+    message = "; ".join(m for _, m in described) or "the request is invalid"
+    return bad_request(message, described[0][0] if described else None)

@@ -1,0 +1,145 @@
+"""Run the choices of one API request on the engine and bring their outputs to the server's loop.
+
+Each choice is one engine request. Outputs arrive on the engine's loop thread and are handed to
+the server's event loop with `call_soon_threadsafe`, where metrics are recorded and the handler
+reads them in arrival order. Whoever stops reading early (a client that went away, an error)
+aborts the choices still running, which frees their KV blocks at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from fastapi import Request
+
+from ..config import GenerationConfig
+from ..engine import RequestOutput
+from ..pipeline import Pipeline
+from ..response import Response
+from .metrics import ServerMetrics
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class Generation:
+    """The engine requests behind one API request: started together, read as one stream."""
+
+    def __init__(self, pipe: Pipeline, metrics: ServerMetrics, request_id: str) -> None:
+        self.pipe = pipe
+        self.metrics = metrics
+        self.request_id = request_id
+        self.arrival = time.perf_counter()
+        self._queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        self._running: dict[str, int] = {}  # engine request id -> choice index
+        self._last_token: dict[int, float] = {}
+        self._to_read = 0
+
+    def start(self, choices: list[tuple[list[int], GenerationConfig]]) -> None:
+        """Submit every choice; raises `RequestError` before submitting any when one is bad."""
+        for ids, config in choices:
+            self.pipe.engine.engine.validate(ids, config)
+        loop = asyncio.get_running_loop()
+        try:
+            for index, (ids, config) in enumerate(choices):
+
+                def sink(out: RequestOutput, index: int = index) -> None:
+                    try:
+                        loop.call_soon_threadsafe(self._receive, index, out)
+                    except RuntimeError:  # the server's loop has closed; nobody listens
+                        pass
+
+                rid = self.pipe.engine.submit(ids, config, sink, f"{self.request_id}-{index}")
+                self._running[rid] = index
+                self._to_read += 1
+        except BaseException:  # the engine closed under us: stop what did start
+            self.abort()
+            raise
+
+    def _receive(self, index: int, out: RequestOutput) -> None:
+        """Record metrics (even for outputs nobody reads any more) and queue the output."""
+        now = time.perf_counter()
+        new_tokens = len(out.token_ids)
+        if new_tokens:
+            last = self._last_token.get(index)
+            if last is None:
+                self.metrics.ttft.observe(now - self.arrival)
+            else:
+                for _ in range(new_tokens):
+                    self.metrics.tpot.observe((now - last) / new_tokens)
+            self._last_token[index] = now
+            self.metrics.generation_tokens.inc(new_tokens)
+        if out.finished:
+            self._running.pop(out.request_id, None)
+            self.metrics.finished.inc(1, out.finish_reason)
+            self.metrics.prompt_tokens.inc(out.input_token_len)
+            self.metrics.duration.observe(now - self.arrival)
+        self._queue.put_nowait((index, out))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, delta) pairs until every choice has finished."""
+        try:
+            while self._to_read:
+                index, out = await self._queue.get()
+                if out.finished:
+                    self._to_read -= 1
+                yield index, out
+        finally:
+            self.abort()
+
+    async def collect(self, n: int) -> list[Response]:
+        """The whole answer of each of the `n` choices."""
+        results = [Response(index=i) for i in range(n)]
+        async for index, out in self.outputs():
+            results[index].extend(as_response(index, out))
+        return results
+
+    def abort(self) -> None:
+        """Stop the choices still running (a no-op once all have finished)."""
+        for rid in list(self._running):
+            self.pipe.engine.abort(rid)
+        self._running.clear()
+
+
+def as_response(index: int, out: RequestOutput) -> Response:
+    return Response(
+        text=out.text,
+        token_ids=list(out.token_ids),
+        input_token_len=out.input_token_len,
+        generate_token_len=out.generate_token_len,
+        finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+        logprobs=out.logprobs,
+        index=index,
+        cached_tokens=out.cached_tokens,
+        error=out.error,
+    )
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read, so the next message is the disconnect (or nothing, until then).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """Await `work`, cancelling it (and so aborting its generation) if the client leaves.
+
+    Streaming responses get this from Starlette; a non-streaming handler would otherwise
+    keep generating for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()

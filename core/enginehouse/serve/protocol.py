@@ -1,0 +1,270 @@
+"""Request bodies of the OpenAI API, as pydantic models, and their mapping to `GenerationConfig`.
+
+Unknown fields are rejected (as OpenAI does) rather than silently ignored, and so are known
+fields this server cannot honour (tools, response formats, logit bias...): a request is either
+served as asked or refused with a 400 that names the field. A few fields that change nothing
+about the output (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored.
+Extensions named as in vLLM (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`, `skip_special_tokens`) map to the matching `GenerationConfig`
+fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import GenerationConfig
+from ..errors import describe_validation_error
+from .errors import bad_request, from_validation_error
+
+MAX_N = 128  # choices per request, as OpenAI limits it
+MAX_LOGPROBS = 20  # the engine's own limit (GenerationConfig.logprobs)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    """One message. Extra keys (`name`, `tool_calls`, ...) are kept for the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        # Content may be a list of parts; only text parts have a meaning for a text model.
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for part in v:
+            if not isinstance(part, Mapping) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise ValueError(
+                    f"only text content parts are supported, got a {kind!r} part; "
+                    "this server runs a text-only model"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string 'text'")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it (`developer` is OpenAI's new `system`)."""
+        message = self.model_dump(exclude_none=True)
+        message.setdefault("content", "")
+        if message["role"] == "developer":
+            message["role"] = "system"
+        return message
+
+
+class _GenerationRequest(_Body):
+    """Fields the chat and completions endpoints share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    # Accepted and ignored: they do not change the output.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Extensions, named as in vLLM.
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0 keeps every token")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else [] if v is None else v
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_supported(self) -> None:
+        """Refuse what this server cannot do, naming the field."""
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+    def generation_config(
+        self,
+        max_new_tokens: int,
+        logprobs: int | None,
+        model_defaults: Mapping[str, Any],
+        choice: int = 0,
+    ) -> GenerationConfig:
+        """The engine's settings for choice number `choice` of this request.
+
+        Like OpenAI's API, the server samples unless the temperature is 0; unset fields take
+        the model's generation_config.json values (its `do_sample` is not consulted), then
+        OpenAI's defaults. Choice i of a seeded request uses seed + i, so that n > 1 seeded
+        choices differ from each other and are each reproducible.
+        """
+        fields: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "logprobs": logprobs,
+            "do_sample": self.temperature is None or self.temperature > 0,
+            "stop_words": self.stop,
+        }
+        same_names = (
+            "temperature",
+            "top_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "min_p",
+            "repetition_penalty",
+            "ignore_eos",
+            "stop_token_ids",
+            "skip_special_tokens",
+        )
+        fields.update({k: getattr(self, k) for k in same_names if getattr(self, k) is not None})
+        if self.top_k is not None:
+            fields["top_k"] = max(self.top_k, 0)
+        if self.min_tokens:
+            fields["min_new_tokens"] = self.min_tokens
+        if self.seed is not None:
+            fields["random_seed"] = self.seed + choice
+        try:
+            return GenerationConfig(**fields).with_model_defaults(model_defaults)
+        except ValidationError as e:  # combinations, e.g. min_tokens above max_tokens
+            raise bad_request(describe_validation_error(e)) from e
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Known to OpenAI, not supported here: refused unless left at a value that means "off".
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools or self.functions:
+            field = "tools" if self.tools else "functions"
+            raise bad_request(f"{field} (tool calling) is not supported by this server", field)
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            field = "tool_choice" if self.tool_choice not in (None, "none") else "function_call"
+            raise bad_request(f"{field} is not supported by this server", field)
+        if self.response_format and self.response_format.get("type") != "text":
+            raise bad_request(
+                "only response_format {'type': 'text'} is supported by this server",
+                "response_format",
+            )
+        if self.modalities and self.modalities != ["text"]:
+            raise bad_request("this server only produces text", "modalities")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Any = Field(description="a string, a list of strings, token ids, or lists of ids")
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> list[str] | list[list[int]]:
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)
+
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+            return v
+        if ids(v) and v:
+            return [v]
+        if isinstance(v, list) and v and all(ids(p) for p in v):
+            return v
+        raise ValueError(
+            "give a string, a list of strings, a list of token ids or a list of such lists "
+            "(none of them empty)"
+        )
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        return self.prompt
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise bad_request("echo is not supported by this server", "echo")
+        if self.suffix:
+            raise bad_request("suffix (insertion) is not supported by this server", "suffix")
+        if self.best_of is not None and self.best_of != self.num_choices:
+            raise bad_request("best_of other than n is not supported by this server", "best_of")
+
+
+def parse(model: type[_GenerationRequest], body: Any) -> Any:
+    """Validate a decoded JSON body; a 400 naming each bad field otherwise."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        request = model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from e
+    request.check_supported()
+    return request

@@ -1,0 +1,399 @@
+"""The OpenAI-compatible server: a real uvicorn server on 127.0.0.1 in front of a small
+random-weight Llama, talked to by the official `openai` client (sync and async) and, for
+bodies no client would send, by httpx. One server for the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import openai
+import pytest
+
+from enginehouse import GenerationConfig, pipeline
+from enginehouse.serve import ServerThread, create_app
+
+MODEL = "tiny-llama"
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+class Server:
+    def __init__(self, url: str, pipe) -> None:
+        self.url = url
+        self.pipe = pipe
+
+    def client(self, **kw) -> openai.OpenAI:
+        kw = {"api_key": KEY, "max_retries": 0, **kw}
+        return openai.OpenAI(base_url=f"{self.url}/v1", **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
+        return httpx.post(f"{self.url}{path}", headers=headers, timeout=60, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples, keyed by name with labels as written."""
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def expected(self, prompt, **gen) -> str:
+        """What the Python API answers, greedily, for the same prompt."""
+        return self.pipe(prompt, GenerationConfig(**gen)).text
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    pipe = pipeline(str(llama_dir), engine_config={"max_batch_size": 32}, progress=False)
+    with ServerThread(create_app(pipe, MODEL, KEY)) as running:
+        yield Server(running.url, pipe)
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return server.client()
+
+
+def test_lists_the_served_model_and_refuses_others(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].max_model_len == server.pipe.engine.engine.session_len
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=HELLO, max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and MODEL in e.value.body["message"]
+
+
+def test_chat_completion_answers_as_the_python_api_with_usage(server, client):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == server.expected(HELLO, max_new_tokens=8)
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+    prompt_len = len(server.pipe.encode(HELLO))
+    generated = server.pipe(HELLO, GenerationConfig(max_new_tokens=8)).generate_token_len
+    assert r.usage.prompt_tokens == prompt_len
+    assert r.usage.completion_tokens == generated
+    assert r.usage.total_tokens == prompt_len + generated
+    assert choice.finish_reason == ("length" if generated == 8 else "stop")
+
+
+def test_chat_stream_sends_role_deltas_finish_and_usage(server, client):
+    want = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == want.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == want.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_include_usage_sends_no_usage(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=4, stream=True))
+    assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason
+
+
+def test_completion_prompt_forms_and_n(server, client):
+    ids = server.pipe.encode("the quick brown fox", apply_chat_template=False)
+    want = server.expected({"token_ids": ids}, max_new_tokens=6)
+    for prompt in ("the quick brown fox", ids):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == want and r.object == "text_completion"
+        assert r.usage.prompt_tokens == len(ids)
+    # Several prompts with n choices each: choice p * n + j is prompt p's j-th choice.
+    hello = server.pipe.encode("hello", apply_chat_template=False)
+    r = client.completions.create(
+        model=MODEL,
+        prompt=[hello, [5, 6, 7]],
+        n=2,
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in r.choices]
+    first = server.expected({"token_ids": hello}, max_new_tokens=5, ignore_eos=True)
+    second = server.expected({"token_ids": [5, 6, 7]}, max_new_tokens=5, ignore_eos=True)
+    assert texts == [first, first, second, second]
+    assert r.usage.prompt_tokens == len(hello) + 3  # each prompt once, as OpenAI counts
+    assert r.usage.completion_tokens == 4 * 5
+
+
+def _stop_inside(text: str) -> str:
+    """A stop string that first occurs well inside `text`."""
+    start = len(text) // 2
+    stop = text[start : start + 2]
+    assert stop and text.index(stop) > 0, f"pick another prompt: {text!r}"
+    return stop
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_the_text_before_them(server, client, stream):
+    full = server.expected(HELLO, max_new_tokens=24, ignore_eos=True)
+    stop = _stop_inside(full)
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=24, temperature=0, stop=[stop])
+    kw["extra_body"] = {"ignore_eos": True}
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        text, finish = choice.message.content, choice.finish_reason
+    assert text == full[: full.index(stop)] and finish == "stop"
+    completion = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=24, temperature=0, stop=stop[0]
+    )
+    assert stop[0] not in completion.choices[0].text
+
+
+def test_a_seed_makes_sampling_reproducible(client):
+    def sample(seed: int, n: int = 1) -> list[str]:
+        r = client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=12, temperature=1.0, seed=seed, n=n
+        )
+        return [c.message.content for c in r.choices]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    pair = sample(7, n=2)
+    assert pair == sample(7, n=2) and pair[0] != pair[1]  # choice i draws with seed + i
+
+
+def test_penalties_are_applied(server, client):
+    prompt = "the the the the"
+    ids = {"token_ids": server.pipe.encode(prompt, apply_chat_template=False)}
+    plain = server.expected(ids, max_new_tokens=24, ignore_eos=True)
+    for field in ("presence_penalty", "frequency_penalty"):
+        r = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            **{field: 2.0},
+        )
+        want = server.expected(ids, max_new_tokens=24, ignore_eos=True, **{field: 2.0})
+        assert r.choices[0].text == want != plain
+
+
+def test_logprobs_in_openai_shapes(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen one is the top
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode() == entry.token
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=6, temperature=0, logprobs=True, stream=True
+    )
+    tokens = [
+        e.token
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert tokens == [e.token for e in content]
+
+    r = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)  # the top 2 and the chosen one
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_async_client_streams_chat_and_completions(server):
+    async def main():
+        client = server.async_client()
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=8, temperature=0, stream=True
+        )
+        chat_text = "".join([c.choices[0].delta.content or "" async for c in chat])
+        completion = await client.completions.create(
+            model=MODEL, prompt="hello", max_tokens=8, temperature=0
+        )
+        await client.close()
+        return chat_text, completion.choices[0].text
+
+    chat_text, completion_text = asyncio.run(main())
+    assert chat_text == server.expected(HELLO, max_new_tokens=8)
+    ids = {"token_ids": server.pipe.encode("hello", apply_chat_template=False)}
+    assert completion_text == server.expected(ids, max_new_tokens=8)
+
+
+LONG = [{"role": "user", "content": "hello " * 400}]
+
+
+@pytest.mark.parametrize(
+    "kw, param, words",
+    [
+        ({"temperature": 3}, "temperature", "less than or equal to 2"),
+        ({"top_p": 0}, "top_p", "greater than 0"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"max_tokens": 100_000}, "max_tokens", "context holds"),
+        ({"max_completion_tokens": 100_000}, "max_completion_tokens", "context holds"),
+        ({"presence_penalty": 5}, "presence_penalty", "less than or equal to 2"),
+        ({"stop": [""]}, "stop", "must not be empty"),
+        ({"top_logprobs": 2}, "top_logprobs", "logprobs=true"),
+        ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "less than or equal to 20"),
+        ({"messages": LONG}, "messages", "leaving no room"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'user'"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"extra_body": {"foo": 1}}, "foo", "unrecognized request argument"),
+        ({"extra_body": {"stop_token_ids": [10**6]}}, None, "outside the vocabulary"),
+        ({"extra_body": {"min_tokens": 9}, "max_tokens": 3}, None, "min_new_tokens"),
+    ],
+)
+def test_invalid_chat_requests_are_400_naming_the_field(client, kw, param, words):
+    request = {"model": MODEL, "messages": HELLO, "max_tokens": 4, **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**request)
+    body = e.value.body
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["param"] == param and words in body["message"]
+    assert body["type"] == "invalid_request_error"
+    assert "pydantic" not in body["message"] and "loc" not in body["message"]
+
+
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], "x"]}, "prompt"),
+        ({"prompt": [10**6]}, None),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ],
+)
+def test_invalid_completion_requests_are_400(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, max_tokens=4, **kw)
+    assert e.value.body["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "body is empty"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": "tiny-llama"}', "'messages' is required"),
+        (b'{"messages": "hello"}', "messages"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "text-only"),
+        ('{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": "x"}', "max_tokens"),
+    ],
+)
+def test_malformed_bodies_are_400_and_never_reach_the_engine(server, body, words):
+    before = server.metrics()
+    response = server.post("/v1/chat/completions", content=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+    assert not re.search(r"pydantic|\bloc\b|errors\.pydantic\.dev|Traceback", response.text)
+    after = server.metrics()
+    assert (
+        after["enginehouse_generation_tokens_total"]
+        == before["enginehouse_generation_tokens_total"]
+    )
+    assert (
+        after["enginehouse_time_to_first_token_seconds_count"]
+        == before["enginehouse_time_to_first_token_seconds_count"]
+    )
+
+
+def test_a_json_body_is_read_whatever_its_content_type(server):
+    # curl -d sends application/x-www-form-urlencoded; the body is JSON all the same.
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = server.post("/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_the_api_key_guards_everything_but_health(server):
+    with pytest.raises(openai.AuthenticationError) as e:
+        server.client(api_key="wrong").chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=2
+        )
+    assert e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    for path in ("/v1/models", "/metrics"):
+        response = httpx.get(f"{server.url}{path}")
+        assert response.status_code == 401 and "Authorization: Bearer" in response.text
+    # A bad key is refused before the body is even read.
+    response = httpx.post(f"{server.url}/v1/completions", content=b"{bad")
+    assert response.status_code == 401
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(server):
+    missing = server.post("/v1/embeddings", json={})
+    assert missing.status_code == 404 and "/v1/embeddings" in missing.json()["error"]["message"]
+    wrong_method = httpx.get(
+        f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert wrong_method.status_code == 405 and set(wrong_method.json()["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    before = server.metrics()
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, temperature=9)
+    after = server.metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    chat = 'enginehouse_http_requests_total{endpoint="/v1/chat/completions",status="%s"}'
+    assert grew(chat % 200) == 1 and grew(chat % 400) == 1
+    assert grew("enginehouse_prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("enginehouse_generation_tokens_total") == r.usage.completion_tokens
+    assert grew("enginehouse_time_to_first_token_seconds_count") == 1
+    assert grew("enginehouse_time_per_output_token_seconds_count") == r.usage.completion_tokens - 1
+    reason = r.choices[0].finish_reason
+    assert grew(f'enginehouse_generations_finished_total{{finish_reason="{reason}"}}') == 1
+    for gauge in ("requests_running", "requests_waiting", "kv_cache_blocks_used"):
+        assert after[f"enginehouse_{gauge}"] == 0
+    assert after["enginehouse_kv_cache_blocks_total"] > 0
+    assert (
+        after['enginehouse_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == after["enginehouse_time_to_first_token_seconds_count"]
+    )
