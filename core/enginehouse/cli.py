@@ -185,6 +185,109 @@ def generate(
             click.echo(response.text)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port")
+@click.option(
+    "--api-key",
+    envvar="ENGINEHOUSE_API_KEY",
+    default=None,
+    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+    "[env: ENGINEHOUSE_API_KEY]",
+)
+@click.option("--served-model-name", default=None, help="the name clients ask for [default: MODEL]")
+@click.option("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+@click.option("--backend", default=None, help="run on this backend (see explain)")
+@click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+@_friendly_errors
+@engine_options
+def serve(
+    model: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    served_model_name: str | None,
+    chat_template: str | None,
+    backend: str | None,
+    revision: str | None,
+    log_level: str,
+    engine_config: EngineConfig,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (see docs/serving.md)."""
+    try:
+        from .serve import run_server
+    except ImportError as e:
+        raise click.ClickException(
+            f"serving needs the 'serve' extra ({e}); install it with "
+            "pip install 'enginehouse[serve]'"
+        ) from e
+    from .pipeline import pipeline
+
+    with pipeline(
+        model,
+        backend=backend,
+        engine_config=engine_config,
+        chat_template=chat_template,
+        revision=revision,
+    ) as pipe:
+        name = served_model_name or model
+        click.echo(f"serving {model} as {name!r} on backend {pipe.backend}", err=True)
+        run_server(pipe, host, port, name, api_key or None, log_level)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--system", default=None, help="a system message")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=None, help="sample at this temperature")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="make sampling reproducible")
+@click.option("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+@click.option("--backend", default=None, help="run on this backend (see explain)")
+@click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
+@_friendly_errors
+@engine_options
+def chat(
+    model: str,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    chat_template: str | None,
+    backend: str | None,
+    revision: str | None,
+    engine_config: EngineConfig,
+) -> None:
+    """Chat with MODEL in the terminal: /reset, /system TEXT, /exit; Ctrl-C stops an answer."""
+    from .chat_cli import run_chat
+    from .pipeline import pipeline
+
+    sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if sampling:
+        sampling["do_sample"] = True
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, random_seed=seed, **sampling)
+    with pipeline(
+        model,
+        backend=backend,
+        engine_config=engine_config,
+        chat_template=chat_template,
+        revision=revision,
+    ) as pipe:
+        click.echo(f"chatting with {model} on backend {pipe.backend}", err=True)
+        run_chat(pipe, gen, system)
+
+
 def _load_plugin_commands() -> None:
     for plugin, result in get_plugins().call_each("register_commands", cli=cli):
         if isinstance(result, Exception):
