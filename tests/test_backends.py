@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from enginehouse import BackendProbe, EngineConfig, explain, hookimpl
 from enginehouse.backends import BackendDecision, choose_backend, probe_backends
@@ -15,6 +16,7 @@ from enginehouse.detect import detect_architecture
 from enginehouse.errors import BackendError
 from enginehouse.plugins import PluginHost, load_plugins
 from enginehouse.spec import read_model_spec
+from enginehouse_pytorch.native.arch import FAMILIES
 
 INSTALLED_BACKENDS = {"transformers", "pytorch", "tensorrt", "onnxruntime"}
 
@@ -123,11 +125,11 @@ def test_unknown_backend_without_any_backend_plugin():
 
 
 def test_requested_but_unsupported_gives_its_reason(llama_verdicts):
-    reason = next(v.reason for v in llama_verdicts if v.name == "pytorch")
+    reason = next(v.reason for v in llama_verdicts if v.name == "tensorrt")
     with pytest.raises(BackendError) as info:
-        choose_backend(llama_verdicts, "pytorch")
+        choose_backend(llama_verdicts, "tensorrt")
     message = str(info.value)
-    assert "'pytorch' cannot run this model" in message
+    assert "'tensorrt' cannot run this model" in message
     assert reason in message
 
 
@@ -166,21 +168,24 @@ def test_decision_as_dict_and_lookup():
 # --- the installed backends on real models ------------------------------------------------------
 
 
-def test_tiny_llama_runs_on_transformers(llama_verdicts):
+def test_tiny_llama_runs_on_native_pytorch(llama_verdicts):
     by_name = {v.name: v for v in llama_verdicts}
     assert INSTALLED_BACKENDS <= set(by_name)
+    native = by_name["pytorch"]
+    assert native.supported is True
+    assert native.plugin == "pytorch"
+    assert "native llama implementation" in native.reason
     transformers = by_name["transformers"]
     assert transformers.supported is True
     assert transformers.plugin == "pytorch"
     assert "LlamaForCausalLM" in transformers.reason
-    assert llama_verdicts[0].name == "transformers"  # the only supported one, so first
-    assert choose_backend(llama_verdicts).chosen == "transformers"
+    # Both are supported: native first by priority, transformers the fallback second.
+    assert [v.name for v in llama_verdicts[:2]] == ["pytorch", "transformers"]
+    assert choose_backend(llama_verdicts).chosen == "pytorch"
+    assert choose_backend(llama_verdicts, "transformers").chosen == "transformers"
 
 
-@pytest.mark.parametrize(
-    "backend, plugin",
-    [("pytorch", "pytorch"), ("tensorrt", "tensorrt"), ("onnxruntime", "tensorrt")],
-)
+@pytest.mark.parametrize("backend, plugin", [("tensorrt", "tensorrt"), ("onnxruntime", "tensorrt")])
 def test_planned_backends_say_not_implemented(llama_verdicts, backend, plugin):
     verdict = next(v for v in llama_verdicts if v.name == backend)
     assert verdict.supported is False
@@ -194,10 +199,67 @@ def test_native_pytorch_outranks_transformers_once_it_exists(llama_verdicts):
     assert priority["tensorrt"] > priority["transformers"]
 
 
-def test_every_tiny_model_runs_on_transformers(tiny_models, host):
-    for folder in tiny_models.values():
-        verdicts = probe_backends(detected(folder, host), EngineConfig(), host)
-        assert choose_backend(verdicts).chosen == "transformers"
+def test_every_tiny_model_runs_natively_with_transformers_second(tiny_models, host):
+    assert set(tiny_models) == {"llama", "qwen2", "mistral"}
+    for family, folder in tiny_models.items():
+        spec = detected(folder, host)
+        verdicts = probe_backends(spec, EngineConfig(), host)
+        assert choose_backend(verdicts).chosen == "pytorch", family
+        native, fallback = verdicts[:2]
+        assert (native.name, native.supported) == ("pytorch", True)
+        assert f"native {family} implementation" in native.reason
+        assert (fallback.name, fallback.supported) == ("transformers", True)
+        assert spec.architecture in fallback.reason
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2, saved by transformers: a causal LM with no native implementation."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    folder = tmp_path_factory.mktemp("gpt2") / "gpt2"
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_architecture_without_a_native_implementation_runs_on_transformers(gpt2_dir, host):
+    spec = detected(gpt2_dir, host)
+    assert spec.architecture == "GPT2LMHeadModel"
+    assert spec.architecture not in FAMILIES
+    verdicts = probe_backends(spec, EngineConfig(), host)
+    by_name = {v.name: v for v in verdicts}
+    native = by_name["pytorch"]
+    assert native.supported is False
+    assert "no native implementation of GPT2LMHeadModel" in native.reason
+    for name in FAMILIES:  # it says which architectures are native
+        assert name in native.reason
+    assert by_name["transformers"].supported is True
+    assert "GPT2LMHeadModel" in by_name["transformers"].reason
+    assert choose_backend(verdicts).chosen == "transformers"
+    with pytest.raises(BackendError, match="no native implementation"):
+        choose_backend(verdicts, "pytorch")
+    assert explain(str(gpt2_dir))["chosen"] == "transformers"
+
+
+def test_bin_only_checkpoint_is_refused_natively_and_runs_on_transformers(
+    tmp_path, llama_dir, host
+):
+    folder = tmp_path / "llama-bin"
+    shutil.copytree(llama_dir, folder)
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    weights = load_file(llama_dir / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin")
+    spec = detected(folder, host)
+    assert spec.weight_files == ("pytorch_model.bin",)
+    verdicts = probe_backends(spec, EngineConfig(), host)
+    by_name = {v.name: v for v in verdicts}
+    native = by_name["pytorch"]
+    assert native.supported is False
+    assert "reads *.safetensors only" in native.reason
+    assert by_name["transformers"].supported is True
+    assert choose_backend(verdicts).chosen == "transformers"
 
 
 def test_folder_without_weights_is_refused_with_reason(tmp_path, llama_dir, host):
@@ -283,7 +345,7 @@ def test_explain_reports_the_whole_decision(llama_dir):
     assert info["model"] == str(llama_dir)
     assert info["architecture"] == "LlamaForCausalLM"
     assert info["facts"]["family"] == "llama"
-    assert info["chosen"] == "transformers"
+    assert info["chosen"] == "pytorch"
     assert info["error"] is None
     json.dumps(info)  # printable as JSON by `enginehouse explain --json`
     backends = set()

@@ -36,10 +36,15 @@ def test_console_script_explains_and_generates(llama_dir):
     explained = run("explain", str(llama_dir), "--json")
     assert explained.returncode == 0, explained.stderr
     report = json.loads(explained.stdout)
-    assert report["chosen"] == "transformers"
+    assert report["chosen"] == "pytorch"
     assert report["architecture"] == "LlamaForCausalLM"
     assert {"model", "facts", "verdicts"} <= set(report)
     assert {"backend", "plugin", "supported", "priority", "reason"} == set(report["verdicts"][0])
+    native, fallback = report["verdicts"][:2]
+    assert (native["backend"], native["supported"]) == ("pytorch", True)
+    assert "native llama implementation" in native["reason"]
+    assert (fallback["backend"], fallback["supported"]) == ("transformers", True)
+    assert "LlamaForCausalLM" in fallback["reason"]
     generated = run("generate", str(llama_dir), "Hello", "--max-new-tokens", "5", "--no-stream")
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.strip()
@@ -50,7 +55,8 @@ def test_explain_human_output_names_every_backend(llama_dir):
     assert result.exit_code == 0, result.output
     for name in ("transformers", "pytorch", "tensorrt", "onnxruntime"):
         assert name in result.output
-    assert "chosen:       transformers" in result.output
+    assert "chosen:       pytorch" in result.output
+    assert "native llama implementation" in result.output
 
 
 def test_generate_streams_and_matches_the_python_api(llama_dir, llama_pipe):

@@ -1,8 +1,15 @@
-"""The pipeline end to end on the transformers backend, checked against transformers itself."""
+"""The pipeline end to end, checked against transformers itself.
+
+The family-equivalence tests run on both backends, the native `pytorch` one and `transformers`.
+The request-handling tests (sampling, streams, stops, logprobs, chat, errors, abort, async) run on
+the default backend, which for these tiny Llamas is the native one. Each backend's own robustness
+checks (unbatched fallback, slot attention, NaN in unwritten KV memory) name their backend.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -17,6 +24,8 @@ PROMPTS = [
     "cache",
     "über straße 東京 数据 😀 the engine model token train paper light blue green river city",
 ]
+LONG = " ".join(PROMPTS * 2)  # 46 tokens: three of the native runner's 16-token blocks
+BACKENDS = ["pytorch", "transformers"]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +49,33 @@ def fixed(n: int, **kw) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=n, min_new_tokens=n, **kw)
 
 
+@pytest.fixture(scope="module")
+def hf_pipe(llama_dir):
+    """The tiny Llama on the transformers backend, for the tests of that runner's internals."""
+    with pipeline(
+        str(llama_dir),
+        backend="transformers",
+        engine_config={"max_batch_size": 16},
+        progress=False,
+    ) as pipe:
+        yield pipe
+
+
+def test_default_pipe_is_native_and_hf_pipe_is_transformers(llama_pipe, hf_pipe):
+    from enginehouse_pytorch.hf_runner import TransformersRunner
+    from enginehouse_pytorch.native_runner import NativeRunner
+
+    assert isinstance(llama_pipe.engine.engine.runner, NativeRunner)
+    assert isinstance(hf_pipe.engine.engine.runner, TransformersRunner)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_greedy_equals_transformers_alone_and_batched(family, tiny_models, hf):
+def test_greedy_equals_transformers_alone_and_batched(family, backend, tiny_models, hf):
     model, tok = hf[family]
     lengths = [24, 7, 40]
     expected = [hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)]
-    with pipeline(str(tiny_models[family]), progress=False) as pipe:
+    with pipeline(str(tiny_models[family]), backend=backend, progress=False) as pipe:
         alone = pipe(PROMPTS[0], fixed(lengths[0]), apply_chat_template=False)
         assert alone.token_ids == expected[0]
         assert alone.text == tok.decode(expected[0], skip_special_tokens=True)
@@ -55,38 +85,82 @@ def test_greedy_equals_transformers_alone_and_batched(family, tiny_models, hf):
     assert all(r.finish_reason == "length" for r in batched)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_logits_equal_transformers_forward(family, tiny_models, hf):
+def test_logits_equal_transformers_forward(family, backend, tiny_models, hf):
     model, tok = hf[family]
-    with pipeline(str(tiny_models[family]), progress=False) as pipe:
+    with pipeline(str(tiny_models[family]), backend=backend, progress=False) as pipe:
         runner = pipe.engine.engine.runner
-        seqs = [tok(p).input_ids for p in PROMPTS]
-        # Two sequences prefilled in one batch, the third in two chunks.
-        first = [SeqChunk(i, tuple(ids), 0, (i,), (len(ids) - 1,)) for i, ids in enumerate(seqs)]
-        last = seqs[2]
-        split = [
-            SeqChunk(2, tuple(last[:10]), 0, (5,), ()),
-            SeqChunk(2, tuple(last[10:]), 10, (5,), tuple(range(len(last) - 10))),
+        # The context length for transformers (one block per sequence), 16 for pytorch.
+        bs = runner.kv_spec.block_size
+        seqs = [tok(p).input_ids for p in [*PROMPTS[:2], LONG]]
+        free = iter(range(pipe.engine.engine.num_blocks))
+
+        def table(length: int) -> tuple[int, ...]:
+            """Distinct, unused block ids enough for `length` positions."""
+            return tuple(next(free) for _ in range(math.ceil(length / bs)))
+
+        # The three sequences prefilled in one batch, then the third again in two chunks, each
+        # asking for the logits of its last position (a step asking for none is tested below).
+        first = [
+            SeqChunk(i, tuple(ids), 0, table(len(ids)), (len(ids) - 1,))
+            for i, ids in enumerate(seqs)
         ]
-        got = runner.execute(ScheduledBatch(tuple(first), runner.kv_spec.block_size))
-        runner.execute(ScheduledBatch(split[:1], runner.kv_spec.block_size))
-        chunked = runner.execute(ScheduledBatch(split[1:], runner.kv_spec.block_size))
+        last = seqs[2]
+        blocks = table(len(last))
+        assert len(blocks) == (3 if backend == "pytorch" else 1)
+        # Split inside the second block: the second chunk starts in a half-written block.
+        split = [
+            SeqChunk(3, tuple(last[:20]), 0, blocks, (19,)),
+            SeqChunk(3, tuple(last[20:]), 20, blocks, tuple(range(len(last) - 20))),
+        ]
+        got = runner.execute(ScheduledBatch(tuple(first), bs))
+        head = runner.execute(ScheduledBatch(split[:1], bs))
+        chunked = runner.execute(ScheduledBatch(split[1:], bs))
     with torch.no_grad():
         want = [model(torch.tensor([ids])).logits[0] for ids in seqs]
     for row, ref in zip(got, want):
         torch.testing.assert_close(row, ref[-1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(chunked, want[2][10:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head, want[2][19:20], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, want[2][20:], rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_prefill_and_queueing_keep_tokens(llama_dir, hf):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_prefill_and_queueing_keep_tokens(backend, llama_dir, hf):
     model, tok = hf["llama"]
     expected = [hf_greedy(model, tok, p, 12) for p in PROMPTS]
-    # A 16-token step budget splits the long prompt; two KV blocks make requests queue.
+    # A 16-token step budget splits the long prompt; two sequences at a time make requests queue.
     config = {"max_num_batched_tokens": 16, "max_batch_size": 2, "session_len": 64}
-    with pipeline(str(llama_dir), engine_config=config, progress=False) as pipe:
+    with pipeline(str(llama_dir), backend=backend, engine_config=config, progress=False) as pipe:
         out = pipe(PROMPTS * 2, fixed(12), apply_chat_template=False)
         assert pipe.stats()["kv_blocks_used"] == 0
     assert [r.token_ids for r in out] == expected * 2
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            "pytorch",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="native runner: a step whose chunks ask for no logits (the first chunk of "
+                "a lone prompt longer than the step budget) builds a float index tensor from [] "
+                "and index_select raises",
+            ),
+        ),
+        "transformers",
+    ],
+)
+def test_a_lone_prompt_longer_than_the_step_budget(backend, llama_dir, hf):
+    # Alone in the engine, the long prompt's first chunks are steps that need no logits at all.
+    model, tok = hf["llama"]
+    config = {"max_num_batched_tokens": 16, "max_batch_size": 2}
+    assert len(tok(LONG).input_ids) > 2 * 16
+    with pipeline(str(llama_dir), backend=backend, engine_config=config, progress=False) as pipe:
+        out = pipe(LONG, fixed(5), apply_chat_template=False)
+    assert out.error is None
+    assert out.token_ids == hf_greedy(model, tok, LONG, 5)
 
 
 def test_seeded_sampling_reproduces_alone_and_batched(llama_pipe):
@@ -262,7 +336,7 @@ def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
     monkeypatch.setattr(hf_runner.slot_attention, "supported", lambda model: "forced by test")
     model, tok = hf["llama"]
     lengths = [9, 5, 13]
-    with pipeline(str(llama_dir), progress=False) as pipe:
+    with pipeline(str(llama_dir), backend="transformers", progress=False) as pipe:
         runner = pipe.engine.engine.runner
         assert runner.slots is None and runner.unbatched_reason == "forced by test"
         out = pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
@@ -271,21 +345,45 @@ def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
     ]
 
 
-def test_batched_slots_are_used_for_native_attention_models(llama_pipe):
-    runner = llama_pipe.engine.engine.runner
+def test_batched_slots_are_used_for_native_attention_models(hf_pipe):
+    runner = hf_pipe.engine.engine.runner
     assert runner.slots is not None and runner.unbatched_reason is None
 
 
-def test_batched_decoding_never_reads_unwritten_kv(llama_pipe, hf):
+def test_batched_decoding_never_reads_unwritten_kv(hf_pipe, hf):
     # Fill the KV storage with NaN, as reused memory may hold: padded positions of short rows
     # are masked out, and must not turn the whole batch into NaN (0 * NaN is NaN).
-    slots = llama_pipe.engine.engine.runner.slots
+    slots = hf_pipe.engine.engine.runner.slots
     for tensor in slots.keys + slots.values:
         tensor.fill_(float("nan"))
     slots.finite_upto = [0] * len(slots.finite_upto)
     model, tok = hf["llama"]
     lengths = [20, 6, 11]
-    out = llama_pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
+    out = hf_pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
     assert [r.token_ids for r in out] == [
         hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)
+    ]
+
+
+def test_native_batched_decoding_never_reads_unwritten_kv(llama_dir, hf):
+    # The native cache is allocated uninitialised and blocks are reused: attention must read
+    # only slots written for the sequence, and padding only the null slot (zeros, always).
+    model, tok = hf["llama"]
+    prompts, lengths = [*PROMPTS, LONG], [20, 6, 11, 9]  # 6, 1, 16 and 46 prompt tokens
+    with pipeline(
+        str(llama_dir), backend="pytorch", engine_config={"max_batch_size": 16}, progress=False
+    ) as pipe:
+        runner = pipe.engine.engine.runner
+        pipe(PROMPTS[0], fixed(4), apply_chat_template=False)
+        null = runner.null_slot
+        for k, v in runner.kv:
+            for tensor in (k, v):
+                assert tensor.shape[1] > null  # [kv_heads, slots, head_dim]
+                tensor[:, :null].fill_(float("nan"))
+                tensor[:, null + 1 :].fill_(float("nan"))
+                assert not tensor[:, null].any()
+        out = pipe(prompts, [fixed(n) for n in lengths], apply_chat_template=False)
+        assert all(not t[:, null].any() for kv in runner.kv for t in kv)  # never written
+    assert [r.token_ids for r in out] == [
+        hf_greedy(model, tok, p, n) for p, n in zip(prompts, lengths)
     ]

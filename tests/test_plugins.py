@@ -205,7 +205,8 @@ def test_broken_plugin_is_named_and_skipped(plugin_site, llama_spec):
     assert set(INSTALLED) <= set(host.infos)
     assert host.pm.get_plugin("broken") is None
     verdicts = probe_backends(llama_spec, EngineConfig(), host)
-    assert choose_backend(verdicts).chosen == "transformers"
+    assert choose_backend(verdicts).chosen == "pytorch"
+    assert {"transformers", "pytorch", "tensorrt", "onnxruntime"} <= {v.name for v in verdicts}
 
 
 def test_strict_mode_reraises_the_import_error(plugin_site, monkeypatch):
@@ -249,7 +250,8 @@ def test_misspelled_hook_is_named_and_skipped(plugin_site, llama_spec):
     assert detect_architecture(llama_spec, host).facts["family"] == "llama"
     verdicts = probe_backends(llama_spec, EngineConfig(), host)
     assert "misspelled" not in {v.name for v in verdicts}
-    assert choose_backend(verdicts).chosen == "transformers"
+    # Its priority-10000 "supported" verdict would have won; the native backend does instead.
+    assert choose_backend(verdicts).chosen == "pytorch"
 
 
 def test_misspelled_hook_in_strict_mode(plugin_site, monkeypatch):
@@ -289,7 +291,7 @@ def test_probe_that_raises_is_an_unsupported_verdict(plugin_site, llama_spec):
     names = {v.name for v in verdicts}
     assert {"transformers", "pytorch", "tensorrt", "onnxruntime"} <= names
     decision = choose_backend(verdicts)
-    assert decision.chosen == "transformers"
+    assert decision.chosen == "pytorch"
     assert decision.verdict(failed[0].name) == failed[0]
 
 

@@ -234,4 +234,4 @@ def test_explain_a_cached_hub_model_offline(hub_cache):
     info = explain(REPO, revision=COMMIT, cache_dir=hub_cache)
     assert info["model"] == REPO
     assert Path(info["path"]).name == COMMIT
-    assert info["chosen"] == "transformers"
+    assert info["chosen"] == "pytorch"
