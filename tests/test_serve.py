@@ -311,7 +311,8 @@ def test_invalid_completion_requests_are_400(client, kw, param):
         (b'{"model": "tiny-llama"}', "'messages' is required"),
         (b'{"messages": "hello"}', "messages"),
         (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "text-only"),
-        ('{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": "x"}', "max_tokens"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"}', "max_tokens"),
+        ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "unpaired surrogate"),
     ],
 )
 def test_malformed_bodies_are_400_and_never_reach_the_engine(server, body, words):
@@ -354,6 +355,9 @@ def test_the_api_key_guards_everything_but_health(server):
     # A bad key is refused before the body is even read.
     response = httpx.post(f"{server.url}/v1/completions", content=b"{bad")
     assert response.status_code == 401
+    # The scheme is case-insensitive, as HTTP says.
+    lower = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 

@@ -46,18 +46,20 @@ class _Gate:
     def __init__(self, app: ASGIApp, state: ServerState, api_key: str | None) -> None:
         self.app = app
         self.state = state
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key.encode() if api_key else None
 
     def _refusal(self, scope: Scope) -> APIError | None:
-        if self.expected is None or scope["path"] in OPEN_ENDPOINTS:
+        if self.key is None or scope["path"] in OPEN_ENDPOINTS:
             return None
         given = dict(scope["headers"]).get(b"authorization")
         if given is None:
             message = "no API key given: send the header 'Authorization: Bearer <key>'"
-        elif not hmac.compare_digest(given, self.expected):
-            message = "incorrect API key provided"
         else:
-            return None
+            scheme, _, token = given.partition(b" ")
+            # The scheme is case-insensitive (RFC 9110); compare the key in constant time.
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                return None
+            message = "incorrect API key provided"
         return APIError(401, message, code="invalid_api_key")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

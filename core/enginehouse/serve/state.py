@@ -152,6 +152,14 @@ async def read_json(request: Request) -> Any:
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from e
+    try:  # JSON may escape half a surrogate pair ("\ud800"), which no tokenizer can encode
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            "the request body holds an unpaired surrogate escape (such as \\ud800); "
+            "send valid Unicode text"
+        ) from e
+    return data
