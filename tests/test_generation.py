@@ -137,21 +137,7 @@ def test_chunked_prefill_and_queueing_keep_tokens(backend, llama_dir, hf):
     assert [r.token_ids for r in out] == expected * 2
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            "pytorch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="native runner: a step whose chunks ask for no logits (the first chunk of "
-                "a lone prompt longer than the step budget) builds a float index tensor from [] "
-                "and index_select raises",
-            ),
-        ),
-        "transformers",
-    ],
-)
+@pytest.mark.parametrize("backend", ["pytorch", "transformers"])
 def test_a_lone_prompt_longer_than_the_step_budget(backend, llama_dir, hf):
     # Alone in the engine, the long prompt's first chunks are steps that need no logits at all.
     model, tok = hf["llama"]

@@ -99,8 +99,10 @@ class NativeRunner:
         a = self.arch
         # One slot past the blocks is the null slot that padding reads: zeros, always. The rest
         # stays uninitialised, since attention only ever reads slots written before.
+        # The slot after it is scratch: the padding rows of a CUDA graph write their K/V there.
         self.null_slot = num_blocks * self.block_size
-        shape = (a.num_layers, 2, a.num_kv_heads, self.null_slot + 1, a.head_dim)
+        self.scratch_slot = self.null_slot + 1
+        shape = (a.num_layers, 2, a.num_kv_heads, self.null_slot + 2, a.head_dim)
         cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         cache[:, :, :, self.null_slot].zero_()
         self.kv = [(cache[i, 0], cache[i, 1]) for i in range(a.num_layers)]
@@ -163,7 +165,7 @@ class NativeRunner:
         rows = [offsets[c.seq_id] + i for c in chunks for i in c.logits_at]
         ids = torch.tensor([t for c in order for t in c.token_ids], device=self.device)
         hidden = self.model(ids, meta, self.kv)
-        index = torch.tensor(rows, device=self.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden.index_select(0, index)).float()
 
     def close(self) -> None:
