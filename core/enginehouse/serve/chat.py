@@ -113,7 +113,10 @@ class _Chat:
                     yield error.sse()
                     break
                 logprobs = self._logprobs(delta.token_ids, delta.logprobs)
-                if delta.text or (logprobs and logprobs["content"]):
+                # A chunk per step that made tokens, as vLLM does, even when their text is
+                # held back (a possible stop string, half a UTF-8 character): clients see
+                # progress, and each token's logprobs arrive with it.
+                if delta.text or delta.token_ids:
                     yield self._chunk([self._choice(i, {"content": delta.text}, logprobs)])
                 if out.finished:
                     yield self._chunk([self._choice(i, {}, finish=out.finish_reason)])

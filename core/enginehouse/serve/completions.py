@@ -105,7 +105,7 @@ class _Completion:
                 if (error := failure(delta)) is not None:
                     yield error.sse()
                     break
-                if delta.text or out.finished or (delta.logprobs and delta.token_ids):
+                if delta.text or delta.token_ids or out.finished:  # a chunk per step, as vLLM
                     yield sse(self._body([self._choice(delta)], **extra))
             else:
                 if self.req.include_usage:
