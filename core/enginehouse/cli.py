@@ -288,6 +288,55 @@ def chat(
         run_chat(pipe, gen, system)
 
 
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    help="a backend to measure (repeatable) [default: the one pipeline() picks]",
+)
+@click.option(
+    "--cases",
+    default=",".join(("equal", "mixed", "single", "ttft", "startup")),
+    show_default=True,
+    help="comma-separated: equal, mixed, single, ttft, startup",
+)
+@click.option("--baseline/--no-baseline", default=True, help="also time transformers' generate")
+@click.option("--quick", is_flag=True, help="4x smaller sets, one run each")
+@click.option("--repeat", type=int, default=2, show_default=True, help="best of N runs")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_friendly_errors
+@engine_options
+def bench(
+    model: str,
+    backends: tuple[str, ...],
+    cases: str,
+    baseline: bool,
+    quick: bool,
+    repeat: int,
+    as_json: bool,
+    engine_config: EngineConfig,
+) -> None:
+    """Time MODEL (a local folder) against transformers' generate; each side in its own process."""
+    from . import bench as benchmark
+    from .pipeline import explain as explain_model
+
+    names = [c.strip() for c in cases.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(benchmark.CASES))
+    if unknown:
+        raise click.BadParameter(f"unknown case {unknown[0]!r}; choose from {benchmark.CASES}")
+    if not backends:
+        backends = (explain_model(model, engine_config=engine_config)["chosen"],)
+    config = engine_config.model_dump(exclude_defaults=True)
+    result = benchmark.measure(model, list(backends), names, quick, repeat, config, baseline)
+    rows = benchmark.report(result)
+    if as_json:
+        click.echo(json.dumps({**result, "rows": rows}, indent=2))
+    else:
+        click.echo(benchmark.format_table(rows))
+
+
 def _load_plugin_commands() -> None:
     for plugin, result in get_plugins().call_each("register_commands", cli=cli):
         if isinstance(result, Exception):
