@@ -19,7 +19,7 @@ from .generation import Generation
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
-Request_ = ChatCompletionRequest | CompletionRequest
+GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
 class ServerState:
@@ -67,7 +67,7 @@ class ServerState:
             )
         return ids
 
-    def configs(self, req: Request_, prompt_len: int) -> list[GenerationConfig]:
+    def configs(self, req: GenerationRequest, prompt_len: int) -> list[GenerationConfig]:
         """One engine config per choice, with max_tokens checked against the context."""
         room = self.session_len - prompt_len
         max_new = req.max_new_tokens
