@@ -401,3 +401,21 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
         after['enginehouse_time_to_first_token_seconds_bucket{le="+Inf"}']
         == after["enginehouse_time_to_first_token_seconds_count"]
     )
+
+
+def test_a_model_without_a_chat_template_is_served_too(base_llama_dir):
+    # Chat falls back to a built-in template (with a warning); completions need none.
+    with pipeline(str(base_llama_dir), progress=False) as pipe:
+        with ServerThread(create_app(pipe)) as running:
+            c = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+            name = c.models.list().data[0].id
+            assert name == pipe.spec.model_id
+            chat = c.chat.completions.create(
+                model=name, messages=HELLO, max_tokens=4, temperature=0
+            )
+            assert (
+                chat.choices[0].message.content
+                == pipe(HELLO, GenerationConfig(max_new_tokens=4)).text
+            )
+            text = c.completions.create(model=name, prompt="hello", max_tokens=4, temperature=0)
+            assert text.usage.completion_tokens >= 1

@@ -47,6 +47,13 @@ class _Once(logging.Filter):
         return True
 
 
+def warn_once_about_builtin_templates() -> None:
+    """A built-in chat template warns each time it renders; a chat or a server needs it once."""
+    logger = logging.getLogger("enginehouse.chat_template")
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
+
+
 class ChatREPL:
     """The read-answer loop. `read` returns a line (raising EOFError at the end of input)."""
 
@@ -139,7 +146,7 @@ def run_chat(
     system: str | None = None,
 ) -> None:
     """Chat on the terminal until /exit or Ctrl-D."""
-    logging.getLogger("enginehouse.chat_template").addFilter(_Once())
+    warn_once_about_builtin_templates()
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
     ChatREPL(pipe, gen_config, system).run()

@@ -8,6 +8,7 @@ import time
 
 import uvicorn
 
+from ..chat_cli import warn_once_about_builtin_templates
 from ..pipeline import Pipeline
 from .app import create_app
 
@@ -25,6 +26,7 @@ def run_server(
     uvicorn shuts down gracefully on either signal and then raises it again; SIGTERM is
     turned into the same KeyboardInterrupt as Ctrl-C so that it, too, ends here.
     """
+    warn_once_about_builtin_templates()
     app = create_app(pipe, model_name, api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     main = threading.current_thread() is threading.main_thread()
