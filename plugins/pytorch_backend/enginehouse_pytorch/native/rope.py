@@ -51,7 +51,9 @@ def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tens
         shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         short = 1.0 / (torch.tensor(rope.params["short_factor"]) * rope.theta**shape)
         long = 1.0 / (torch.tensor(rope.params["long_factor"]) * rope.theta**shape)
-        # Each position takes the frequencies of its own range (vLLM does the same per token).
+        # Each position takes the frequencies of its own range. transformers instead switches a
+        # whole sequence to the long factors once it passes `original` and recomputes its cache;
+        # a paged cache keeps the KV it computed, so sequences past `original` differ from it.
         freqs = torch.where(
             (positions >= original)[:, None],
             positions[:, None] * long[None],

@@ -37,6 +37,13 @@ _RENAMES = [
     (".mlp.experts.down_proj", ".mlp.w2"),
 ]
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+# Fused parameters and the checkpoint tensors that fill them, for error messages.
+_FUSED_FROM = {
+    ".qkv_proj.": "q_proj, k_proj and v_proj, or a fused qkv_proj",
+    ".gate_up_proj.": "gate_proj and up_proj, or a fused gate_up_proj",
+    ".w13": "each expert's gate and up projections (w1/w3 or gate_proj/up_proj)",
+    ".w2": "each expert's down projection (w2 or down_proj)",
+}
 
 
 def target(name: str) -> tuple[str, int | None, int | None] | None:
@@ -106,7 +113,10 @@ def load_safetensors(model: nn.Module, files: Iterable[Path], progress: bool = T
         )
     missing = [n for n, p in params.items() if filled.get(n, 0) < p.numel()]
     if missing:
+        name = missing[0]
+        parts = next((f" (from {v})" for k, v in _FUSED_FROM.items() if k in name), "")
         raise InvalidModelError(
-            f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[0]}; "
-            "is it complete (every shard downloaded)?"
+            f"the checkpoint lacks weights the model needs: {name}{parts}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; is it complete "
+            "(every shard downloaded) and does config.json describe it?"
         )
