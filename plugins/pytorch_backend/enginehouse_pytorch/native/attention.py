@@ -41,6 +41,7 @@ class StepMeta:
     # The GPU's paged kernel reads block tables directly instead of gathered slots.
     block_tables: torch.Tensor | None = None  # [decodes, max blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [decodes] int32
+    block_size: int = 0  # tokens per block, for the kernel to turn positions into slots
     prefills: list[Prefill] = field(default_factory=list)
 
 
@@ -76,6 +77,7 @@ def decode_metadata(
     if paged:
         meta.block_tables = table.to(device, torch.int32)
         meta.context_lens = torch.tensor(context_lens, dtype=torch.int32).to(device)
+        meta.block_size = block_size
         return
     pos = torch.arange(longest)
     gather = table[:, pos // block_size] * block_size + pos % block_size
@@ -160,8 +162,12 @@ class TorchAttention:
         softcap: float | None,
     ) -> torch.Tensor:
         self.store(cache, k, v, meta.slots)
-        out = torch.empty(q.shape[0], self.h * self.d, dtype=q.dtype, device=q.device)
         b = meta.num_decode
+        if not meta.prefills:  # the common step: decodes only, no copy into a shared output
+            return self.decode(meta, q, cache, window, softcap)
+        if not b and len(meta.prefills) == 1:
+            return self.prefill(meta.prefills[0], q, k, v, cache, window, softcap)
+        out = torch.empty(q.shape[0], self.h * self.d, dtype=q.dtype, device=q.device)
         if b:
             out[:b] = self.decode(meta, q[:b], cache, window, softcap)
         for p in meta.prefills:

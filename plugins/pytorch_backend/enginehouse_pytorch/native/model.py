@@ -36,11 +36,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         h, kvh, d = self.heads
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
+            q, k = qkv[:, : h * d].view(t, h, d), qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+            q, k = (
+                apply_rope(self.q_norm(q), meta.cos, meta.sin),
+                apply_rope(self.k_norm(k), meta.cos, meta.sin),
+            )
+        else:
+            # q and k side by side are one tensor of h + kvh heads: rotate them in one go.
+            qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), meta.cos, meta.sin)
+            q, k = qk[:, :h], qk[:, h:]
         out = self.attn(meta, q, k, v, cache, self.window, self.softcap)
         return self.o_proj(out)
 
@@ -95,10 +102,18 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def finish_loading(self) -> None:
-        """After the weights are in: fold Gemma's norm offsets into the weights."""
+        """After the weights are in: fold Gemma's norm offsets into the weights, and store the
+        head transposed ([hidden, vocab] contiguous). Measured on a 2-core AVX2 CPU, `x @ W^T`
+        with W^T contiguous ran 2.4x faster than F.linear for the 32000x512 head at batch 1
+        (24 vs 10 GB/s) and 1.3x at batch 32. A tied embedding becomes a view of that storage,
+        so the model keeps one copy."""
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.fold()
+        head = self.lm_head.weight.data.t().contiguous().t()  # [vocab, hidden], column-major
+        self.lm_head.weight = nn.Parameter(head, requires_grad=False)
+        if self.arch.tie_embeddings:
+            self.model.embed_tokens.weight = self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, meta: StepMeta, kv: list[KVCache]) -> torch.Tensor:
         x = self.model.embed_tokens.weight[input_ids]
@@ -110,7 +125,7 @@ class DecoderLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = hidden @ self.lm_head.weight.t()  # a contiguous [hidden, vocab] operand
         cap = self.arch.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

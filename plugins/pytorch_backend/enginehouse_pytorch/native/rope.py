@@ -67,14 +67,16 @@ def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tens
             inv_freq = _llama3(inv_freq, dict(rope.params))
         freqs = positions[:, None] * inv_freq[None]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos() * scale, emb.sin() * scale
+    # The first half of sin is negated here once, so that applying rope needs no negation:
+    # rotate_half(x) * sin == roll(x, half) * signed_sin.
+    sign = torch.cat([-torch.ones(dim // 2), torch.ones(dim // 2)])
+    return emb.cos() * scale, emb.sin() * scale * sign
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, head_dim] by cos/sin [tokens, 1, rotary_dim] (rotate-half form)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [tokens, heads, head_dim] by rows of `rope_table` ([tokens, 1, rotary_dim]),
+    in the rotate-half form: x * cos + rotate_half(x) * sin, in three ops."""
     rot = cos.shape[-1]
     if rot != x.shape[-1]:
-        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
-    half = rot // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+        return torch.cat([apply_rope(x[..., :rot], cos, signed_sin), x[..., rot:]], dim=-1)
+    return torch.addcmul(x * cos, x.roll(rot // 2, dims=-1), signed_sin)
