@@ -106,6 +106,7 @@ class NativeRunner:
         cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         cache[:, :, :, self.null_slot].zero_()
         self.kv = [(cache[i, 0], cache[i, 1]) for i in range(a.num_layers)]
+        self.layout = {"kv_heads": a.num_kv_heads, "num_slots": shape[3]}
 
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
@@ -135,14 +136,28 @@ class NativeRunner:
             lens = [c.end_pos for c in decodes]
             tables = [c.block_table for c in decodes]
             decode_metadata(
-                meta, tables, lens, bs, self.windows, self.device, self.null_slot, self.paged
+                meta,
+                tables,
+                lens,
+                bs,
+                self.windows,
+                self.device,
+                self.null_slot,
+                self.paged,
+                **self.layout,
             )
         offset = meta.num_decode
         for c in order[meta.num_decode :]:
             n = len(c.token_ids)
             meta.prefills.append(
                 prefill_metadata(
-                    (offset, offset + n), c.start_pos, c.block_table, bs, self.windows, self.device
+                    (offset, offset + n),
+                    c.start_pos,
+                    c.block_table,
+                    bs,
+                    self.windows,
+                    self.device,
+                    **self.layout,
                 )
             )
             offset += n
@@ -171,5 +186,6 @@ class NativeRunner:
     def close(self) -> None:
         self.kv = []
         self.model = None
+        self.graphs = None  # their memory pool goes too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

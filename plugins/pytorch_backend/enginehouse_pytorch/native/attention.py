@@ -56,6 +56,17 @@ def window_mask(
     return ok
 
 
+def across_heads(slots: torch.Tensor, kv_heads: int, num_slots: int) -> torch.Tensor:
+    """Row indices of `slots` in every head of a cache viewed as [kv_heads * num_slots, d].
+
+    Gathering rows of that 2-D view (index_select on dim 0, each row one contiguous head_dim
+    vector) ran 2.5-5x faster here than index_select on dim 1 of [kv_heads, slots, d], and it
+    lands already laid out as [kv_heads, ..., d] for the attention products.
+    """
+    heads = torch.arange(kv_heads, device=slots.device)[:, None] * num_slots
+    return (heads + slots.flatten()[None]).flatten()
+
+
 def decode_metadata(
     meta: StepMeta,
     block_tables: list[tuple[int, ...]],
@@ -65,6 +76,8 @@ def decode_metadata(
     device: torch.device,
     null_slot: int,
     paged: bool = False,
+    kv_heads: int = 1,
+    num_slots: int = 0,
 ) -> None:
     """Gather indices and additive masks for the decode rows, as [1, B, 1, L] masks.
 
@@ -83,7 +96,7 @@ def decode_metadata(
     gather = table[:, pos // block_size] * block_size + pos % block_size
     lens = torch.tensor(context_lens)[:, None]
     gather = torch.where(pos[None] < lens, gather, null_slot)
-    meta.decode_gather = gather.flatten().to(device)
+    meta.decode_gather = across_heads(gather, kv_heads, num_slots).to(device)
     meta.decode_len = longest
     for w in windows:
         ok = window_mask(lens - 1, pos[None], w, lens)
@@ -98,6 +111,8 @@ def prefill_metadata(
     block_size: int,
     windows: set[int | None],
     device: torch.device,
+    kv_heads: int = 1,
+    num_slots: int = 0,
 ) -> Prefill:
     begin, end = chunk_range
     n = end - begin
@@ -106,7 +121,8 @@ def prefill_metadata(
     if start_pos > 0:
         pos = torch.arange(total)
         table = torch.tensor(block_table)
-        p.context = (table[pos // block_size] * block_size + pos % block_size).to(device)
+        slots = table[pos // block_size] * block_size + pos % block_size
+        p.context = across_heads(slots, kv_heads, num_slots).to(device)
     for w in windows:
         if start_pos == 0 and (w is None or w >= n):
             p.masks[w] = None  # plain causal: the kernel's own is_causal is fastest
@@ -147,6 +163,10 @@ class TorchAttention:
         self.g = num_heads // num_kv_heads
         self.scale = scale
 
+    def rows(self, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Gather rows (see `across_heads`) of one cache viewed as [kv_heads * slots, d]."""
+        return cache.view(-1, self.d).index_select(0, index)
+
     def store(self, cache: tuple[torch.Tensor, torch.Tensor], k, v, slots) -> None:
         cache[0].index_copy_(1, slots, k.transpose(0, 1))
         cache[1].index_copy_(1, slots, v.transpose(0, 1))
@@ -176,8 +196,8 @@ class TorchAttention:
 
     def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
         b, L = q.shape[0], meta.decode_len
-        keys = cache[0].index_select(1, meta.decode_gather).view(self.kvh, b, L, self.d)
-        values = cache[1].index_select(1, meta.decode_gather).view(self.kvh, b, L, self.d)
+        keys = self.rows(cache[0], meta.decode_gather).view(self.kvh, b, L, self.d)
+        values = self.rows(cache[1], meta.decode_gather).view(self.kvh, b, L, self.d)
         qg = q.view(b, self.kvh, self.g, self.d).transpose(0, 1)  # [kvh, b, g, d]
         o = attend_math(qg, keys, values, meta.decode_masks[window], self.scale, softcap)
         return o.transpose(0, 1).reshape(b, self.h * self.d)
@@ -187,7 +207,8 @@ class TorchAttention:
         if p.context is None:
             k, v = k[p.begin : p.end].transpose(0, 1), v[p.begin : p.end].transpose(0, 1)
         else:
-            k, v = cache[0].index_select(1, p.context), cache[1].index_select(1, p.context)
+            k = self.rows(cache[0], p.context).view(self.kvh, -1, self.d)
+            v = self.rows(cache[1], p.context).view(self.kvh, -1, self.d)
         mask = p.masks[window]
         n = q.shape[1]
         if softcap is not None:
