@@ -84,8 +84,12 @@ def load_safetensors(model: nn.Module, files: Iterable[Path], progress: bool = T
     filled: dict[str, int] = {}  # parameter -> number of elements written
     unknown = []
     files = list(files)
-    with tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress) as bar:
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(
+        total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
         for path in files:
+            start = bar.n
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     where = target(name)
@@ -106,7 +110,8 @@ def load_safetensors(model: nn.Module, files: Iterable[Path], progress: bool = T
                         )
                     dest.copy_(tensor)
                     filled[pname] = filled.get(pname, 0) + tensor.numel()
-            bar.update(1)
+                    bar.update(tensor.nbytes)
+            bar.update(start + path.stat().st_size - bar.n)  # the file's header and skips
     if unknown:
         log.warning(
             "ignored %d checkpoint tensors unknown to the model, e.g. %s", len(unknown), unknown[0]
