@@ -1,0 +1,799 @@
+"""The native backend's CUDA path on a real GPU: correctness against the CPU, then speed.
+
+    bash benchmarks/gpu_check.sh            # installs the repo (no deps, offline), runs this
+    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,timing] [--skip-timing]
+        [--quick] [--budget SECONDS] [--models DIR] [--families llama,gemma2,...]
+    python benchmarks/gpu_check.py --dry-run-cpu --quick   # the script's plumbing, no GPU
+
+One prepared script for a short GPU session: every check runs in its own try/except (a failure
+prints its traceback and the next check runs), sections are skipped once `--budget` seconds
+have passed, and the results go to stdout and, when $OUT is set, to $OUT/gpu_check.json and
+$OUT/gpu_check.md. Exit status 0 when every check passed. Needs torch with CUDA, transformers,
+tokenizers and triton; builds its small random-weight models offline.
+
+1. kernels: the Triton store and paged decode kernels against the torch reference
+   (`TorchAttention`) on the GPU: GQA group sizes 1-8, head dims 64/96/128/256, windows,
+   soft-capping, rows of length 0, long contexts split in parts; float32, float16, bfloat16.
+   Then the decode kernel's time against the torch gather + matmul path.
+2. runner logits (float32): every native family (`native_model_configs(512)`) and the 56M
+   Llama shape, stepped through prefill, chunked prefill, mixed and decode steps (3 and 20
+   sequences, shuffled block ids) by the CPU runner, the CUDA runner with CUDA graphs and the
+   CUDA runner with eager=True; each step's logits are compared with the CPU's, and at the end
+   every row with transformers' own forward on the GPU. A bfloat16 CUDA runner takes the same
+   steps: its greedy token agreement with the float32 CPU is reported.
+3. pipeline tokens (six families; section 2 steps all of them): greedy generation for a mixed
+   batch (12 prompts of 3-80 tokens, 8-40 new tokens each),
+   `pipeline(path, engine_config={"device": "cuda", "dtype": "float32"})` with graphs and with
+   eager=True, against the CPU pipeline: the tokens must be equal.
+4. bfloat16 (the GPU's default dtype): the same batch; tokens should agree for the most part.
+5. timing, 56M Llama shape, bfloat16, greedy, fixed lengths: an equal batch (32 prompts of 64
+   tokens, 128 new each) and a single stream (64 + 128): enginehouse with CUDA graphs, with
+   eager=True, and transformers' `generate`, tokens per second and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+RESULTS: list[dict] = []
+TIMINGS: list[dict] = []
+INFO: dict = {}
+START = time.perf_counter()
+BUDGET = 480.0
+# max |error| / max(1, max |reference|): float32 exact up to summation order, the half types
+# round probabilities and the output to 11 / 8 significant bits
+TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+LOGITS_RTOL = 1e-3  # float32 logits: max |diff| <= LOGITS_RTOL * max(1, max |reference|)
+DEV = "cuda"  # --dry-run-cpu: "cpu", to try the script's own plumbing on a machine without GPU
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def log(msg: str = "") -> None:
+    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+
+
+def record(check: str, ok: bool, detail: str, **extra) -> None:
+    RESULTS.append({"check": check, "ok": bool(ok), "detail": detail, **extra})
+    log(f"{'PASS' if ok else 'FAIL'}  {check}: {detail}")
+
+
+def guarded(name: str, fn, *args, **kwargs):
+    """Run one check; a crash is recorded as a failure with its traceback, then we go on."""
+    if time.perf_counter() - START > BUDGET:
+        record(name, False, f"skipped: the {BUDGET:.0f} s budget is spent")
+        return None
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - one broken check must not stop the others
+        traceback.print_exc()
+        record(name, False, f"crashed: {type(e).__name__}: {e}")
+        return None
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def section(title: str) -> None:
+    print(f"\n{'=' * 8} {title} {'=' * (70 - len(title))}", flush=True)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+MODELS: dict[str, Path] = {}
+
+
+def model_path(name: str, folder: Path) -> Path:
+    """Build (once) a random-weight model with a tokenizer: a native family, or 'llama56m'."""
+    if name not in MODELS:
+        from transformers import LlamaConfig
+
+        from enginehouse.testing import LLAMA_56M, build_model, native_model_configs
+
+        path = folder / name
+        if not (path / "config.json").is_file():
+            if name == "llama56m":
+                config = LlamaConfig(**LLAMA_56M)
+            else:
+                config = native_model_configs(512)[name]
+                if name == "gemma2":
+                    # Its tied head makes a random model repeat its last token (see
+                    # tests/test_native.py): untied, greedy tokens say more.
+                    config.tie_word_embeddings = False
+            build_model(path, config)
+            randomize_constant_tensors(path / "model.safetensors")
+        MODELS[name] = path
+    return MODELS[name]
+
+
+def randomize_constant_tensors(file: Path) -> None:
+    """Biases and norm weights start constant; random values make a mix-up visible."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    gen = torch.Generator().manual_seed(0)
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
+            tensors[key] = t + 0.2 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+# --- 1. kernels -----------------------------------------------------------------------------
+
+
+def paged_case(kvh, d, bs, lens, dtype, device, seed):
+    """Contexts in shuffled blocks of a cache whose other slots hold NaN (the null slot: 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [math.ceil(n / bs) for n in lens]
+    perm = torch.randperm(sum(need) + 5, generator=gen).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(tuple(perm[at : at + n]))
+        at += n
+    null = len(perm) * bs
+    kc = torch.full((kvh, null + 1, d), float("nan"))
+    vc = torch.full((kvh, null + 1, d), float("nan"))
+    kc[:, null] = 0
+    vc[:, null] = 0
+    for table, n in zip(tables, lens):
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
+        kc[:, slots] = torch.randn(kvh, n, d, generator=gen)
+        vc[:, slots] = torch.randn(kvh, n, d, generator=gen)
+    return tables, null, kc.to(device, dtype), vc.to(device, dtype)
+
+
+def reference_meta(tables, lens, block_size, window, device, null_slot, k_cache):
+    """The torch path's decode metadata (gathered slots, masks) for `TorchAttention.decode`;
+    passes the cache layout where `decode_metadata` asks for it."""
+    import inspect
+
+    from enginehouse_pytorch.native.attention import StepMeta, decode_metadata
+
+    meta = StepMeta(num_decode=len(lens), slots=None, cos=None, sin=None)
+    layout = {"kv_heads": k_cache.shape[0], "num_slots": k_cache.shape[1]}
+    params = inspect.signature(decode_metadata).parameters
+    layout = {k: v for k, v in layout.items() if k in params}
+    decode_metadata(meta, tables, lens, block_size, {window}, device, null_slot, **layout)
+    return meta
+
+
+def decode_case(name, kvh, g, d, bs, lens, window=None, softcap=None, dtype="float32", parts=None):
+    from enginehouse_pytorch.native.attention import TorchAttention
+    from enginehouse_pytorch.native.triton_ops import paged_decode
+
+    dev = torch.device("cuda")
+    dt = getattr(torch, dtype)
+    h = kvh * g
+    tables, null, kc, vc = paged_case(kvh, d, bs, lens, dt, dev, seed=len(name))
+    q = (torch.randn(len(lens), h, d) * 2).to(dev, dt)
+    scale = d**-0.5
+    live = [i for i, n in enumerate(lens) if n > 0]
+    ref = torch.zeros(0, h * d, device=dev)
+    if live:
+        sub = [tables[i] for i in live]
+        meta = reference_meta(sub, [lens[i] for i in live], bs, window, dev, null, kc)
+        ref = TorchAttention(h, kvh, d, scale).decode(
+            meta, q[live].float(), (kc.float(), vc.float()), window, softcap
+        )
+    width = max(max(len(t) for t in tables), 1)
+    bt = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    out = paged_decode(q, kc, vc, bt.to(dev), cl.to(dev), bs, scale, window, softcap, parts)
+    torch.cuda.synchronize()
+    err = (out[live].float() - ref).abs().max().item() if live else 0.0
+    err /= max(1.0, ref.abs().max().item()) if live else 1.0
+    empty = [i for i, n in enumerate(lens) if n == 0]
+    zeros = bool((out[empty] == 0).all()) if empty else True
+    finite = bool(out.float().isfinite().all())
+    ok = err <= TOL[dtype] and zeros and finite
+    record(
+        f"kernel/{name}",
+        ok,
+        f"max rel err {err:.2e} (tol {TOL[dtype]}), empty rows zero {zeros}, finite {finite}",
+    )
+
+
+def store_case(name, kvh, d, dtype):
+    from enginehouse_pytorch.native.attention import TorchAttention
+    from enginehouse_pytorch.native.triton_ops import store_kv
+
+    dev, dt = torch.device("cuda"), getattr(torch, dtype)
+    t, slots_total = 300, 1024
+    qkv = torch.randn(t, (4 + 2 * kvh) * d, device=dev).to(dt)
+    _, k, v = qkv.split([4 * d, kvh * d, kvh * d], dim=-1)
+    k, v = k.view(t, kvh, d), v.view(t, kvh, d)
+    slots = torch.randperm(slots_total, device=dev)[:t]
+    ref = tuple(torch.zeros(kvh, slots_total, d, device=dev, dtype=dt) for _ in range(2))
+    mine = tuple(torch.zeros(kvh, slots_total, d, device=dev, dtype=dt) for _ in range(2))
+    TorchAttention(4, kvh, d, 1.0).store(ref, k, v, slots)
+    store_kv(mine[0], mine[1], k, v, slots)
+    ok = torch.equal(ref[0], mine[0]) and torch.equal(ref[1], mine[1])
+    record(f"kernel/{name}", ok, "identical caches" if ok else "caches differ")
+
+
+def check_kernels() -> None:
+    section("1. Triton kernels against the torch reference, on the GPU")
+    for name, kvh, d, dtype in (
+        ("store-f32", 2, 64, "float32"),
+        ("store-bf16", 8, 128, "bfloat16"),
+        ("store-f16-d96", 4, 96, "float16"),
+    ):
+        guarded(f"kernel/{name}", store_case, name, kvh, d, dtype)
+    cases = [
+        ("mha-f32", dict(kvh=4, g=1, d=64, bs=16, lens=[5, 17, 1, 64, 300])),
+        ("gqa2-empty-row-f32", dict(kvh=2, g=2, d=64, bs=16, lens=[5, 0, 17, 1])),
+        ("gqa4-d128-f32", dict(kvh=8, g=4, d=128, bs=16, lens=[700, 33, 0, 129])),
+        ("gqa8-window-f32", dict(kvh=1, g=8, d=64, bs=16, lens=[100, 3, 0, 64], window=20)),
+        ("gqa7-d64-f32", dict(kvh=2, g=7, d=64, bs=16, lens=[200, 9])),  # Qwen2.5-0.5B: 14/2
+        ("window-parts-f32", dict(kvh=2, g=2, d=64, bs=16, lens=[900, 7, 90], window=33, parts=5)),
+        (
+            "softcap-window-d256-f32",
+            dict(kvh=2, g=2, d=256, bs=16, lens=[90, 9, 40], window=8, softcap=5.0),
+        ),
+        ("d96-f32", dict(kvh=4, g=3, d=96, bs=16, lens=[40, 1, 77])),
+        ("long-auto-parts-f32", dict(kvh=2, g=4, d=128, bs=16, lens=[4000, 1, 0, 2500])),
+        ("all-empty-f32", dict(kvh=2, g=2, d=64, bs=16, lens=[0, 0, 0], parts=3)),
+        ("gqa4-f16", dict(kvh=8, g=4, d=128, bs=16, lens=[700, 33, 0, 129], dtype="float16")),
+        ("gqa4-bf16", dict(kvh=8, g=4, d=128, bs=16, lens=[700, 33, 0, 129], dtype="bfloat16")),
+        (
+            "softcap-window-bf16",
+            dict(
+                kvh=4, g=2, d=256, bs=16, lens=[300, 5], window=64, softcap=50.0, dtype="bfloat16"
+            ),
+        ),
+        ("long-bf16", dict(kvh=2, g=7, d=64, bs=16, lens=[8000, 3], dtype="bfloat16")),
+        (
+            "batch64-bf16",
+            dict(kvh=4, g=2, d=64, bs=16, lens=list(range(1, 640, 10)), dtype="bfloat16"),
+        ),
+    ]
+    for name, kw in cases:
+        guarded(f"kernel/{name}", decode_case, name, **kw)
+    guarded("kernel/timing", time_kernels)
+
+
+def cuda_time(fn, iters: int = 50) -> float:
+    """Mean milliseconds per call, by CUDA events, after a warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def time_kernels() -> None:
+    for label, b, kvh, g, d, ctx in (
+        ("batch 32, ctx 1024, 32/8 heads, d 128", 32, 8, 4, 128, 1024),
+        ("batch 1, ctx 8192, 32/8 heads, d 128", 1, 8, 4, 128, 8192),
+    ):
+        time_decode(label, b, kvh, g, d, ctx)
+
+
+def time_decode(label: str, b: int, kvh: int, g: int, d: int, ctx: int) -> None:
+    from enginehouse_pytorch.native.attention import TorchAttention
+    from enginehouse_pytorch.native.triton_ops import paged_decode
+
+    dev, bs = torch.device("cuda"), 16
+    lens = [ctx] * b
+    tables, null, kc, vc = paged_case(kvh, d, bs, lens, torch.bfloat16, dev, seed=3)
+    q = torch.randn(b, kvh * g, d, device=dev, dtype=torch.bfloat16)
+    bt = torch.tensor([list(t) for t in tables], dtype=torch.int32, device=dev)
+    cl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    scale = d**-0.5
+    meta = reference_meta(tables, lens, bs, None, dev, null, kc)
+    torch_attn = TorchAttention(kvh * g, kvh, d, scale)
+    t_triton = cuda_time(lambda: paged_decode(q, kc, vc, bt, cl, bs, scale))
+    t_one = cuda_time(lambda: paged_decode(q, kc, vc, bt, cl, bs, scale, num_parts=1))
+    t_torch = cuda_time(lambda: torch_attn.decode(meta, q, (kc, vc), None, None))
+    TIMINGS.append(
+        {
+            "case": f"decode kernel, {label}, bf16",
+            "triton_ms": round(t_triton, 4),
+            "triton_one_part_ms": round(t_one, 4),
+            "torch_ms": round(t_torch, 4),
+            "torch/triton": round(t_torch / t_triton, 2),
+        }
+    )
+    log(
+        f"decode kernel ({label}): triton {t_triton * 1e3:.1f} us (one part "
+        f"{t_one * 1e3:.1f} us), torch gather+matmul {t_torch * 1e3:.1f} us, "
+        f"{t_torch / t_triton:.1f}x"
+    )
+
+
+# --- 2. runner logits -----------------------------------------------------------------------
+
+
+class Script:
+    """Drives runners through the same steps; the next tokens are the reference's argmax."""
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.free = list(range(num_blocks))
+        self.rng.shuffle(self.free)
+        self.bs = block_size
+        self.tokens: dict[int, list[int]] = {}
+        self.tables: dict[int, list[int]] = {}
+        self.done: dict[int, int] = {}
+
+    def add(self, seq: int, prompt_len: int, vocab: int) -> None:
+        self.tokens[seq] = [self.rng.randrange(5, vocab) for _ in range(prompt_len)]
+        self.tables[seq], self.done[seq] = [], 0
+
+    def chunk(self, seq: int, n: int | None = None, logits: bool = True):
+        from enginehouse.runner import SeqChunk
+
+        start = self.done[seq]
+        n = n or len(self.tokens[seq]) - start
+        while len(self.tables[seq]) * self.bs < start + n:
+            self.tables[seq].append(self.free.pop())
+        self.done[seq] += n
+        ids = tuple(self.tokens[seq][start : start + n])
+        return SeqChunk(seq, ids, start, tuple(self.tables[seq]), (n - 1,) if logits else ())
+
+    def advance(self, batch, logits: torch.Tensor) -> None:
+        rows = iter(logits)
+        for c in batch.chunks:
+            token = int(next(rows).argmax()) if c.logits_at else 7
+            if self.done[c.seq_id] == len(self.tokens[c.seq_id]):
+                self.tokens[c.seq_id].append(token)
+
+
+def scenario_steps(script: Script, vocab: int, which: str):
+    """Yields the steps' chunk lists; `script` tracks the sequences."""
+    if which == "mixed":
+        for seq, n in ((0, 37), (1, 5), (2, 70)):
+            script.add(seq, n, vocab)
+        yield [script.chunk(0), script.chunk(1)]
+        yield [script.chunk(0, 1), script.chunk(2, 40, logits=False), script.chunk(1, 1)]
+        yield [script.chunk(2, 30), script.chunk(0, 1), script.chunk(1, 1)]
+        for _ in range(12):
+            yield [script.chunk(1, 1), script.chunk(0, 1), script.chunk(2, 1)]
+        yield [script.chunk(2, 1), script.chunk(0, 1, logits=False)]
+        yield [script.chunk(0, 1)]
+    else:  # 20 sequences: graphs padded to 24, then 16
+        seqs = list(range(100, 120))
+        for seq in seqs:
+            script.add(seq, script.rng.randint(1, 60), vocab)
+        yield [script.chunk(s) for s in seqs]
+        for _ in range(4):
+            yield [script.chunk(s, 1) for s in seqs]
+        yield [script.chunk(s, 1) for s in seqs[:17]]
+        yield [script.chunk(s, 1) for s in seqs[5:14]]
+
+
+def make_runner(path: Path, **engine):
+    from enginehouse import EngineConfig
+    from enginehouse.pipeline import read_spec
+    from enginehouse_pytorch.native_runner import NativeRunner
+
+    spec = read_spec(str(path))
+    runner = NativeRunner(spec, EngineConfig(block_size=16, max_batch_size=32, **engine))
+    runner.load(progress=False)
+    runner.allocate_kv(256)
+    return runner
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.float().cpu() - want).abs().max().item() / max(1.0, want.abs().max().item())
+
+
+def check_runner_logits(name: str, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from enginehouse import ScheduledBatch
+
+    path = model_path(name, folder)
+    cpu = make_runner(path, device="cpu", dtype="float32")
+    gpus = {
+        "graphs": make_runner(path, device=DEV, dtype="float32"),
+        "eager": make_runner(path, device=DEV, dtype="float32", eager=True),
+        "bf16": make_runner(path, device=DEV, dtype="bfloat16"),
+    }
+    kernel = gpus["graphs"].kernel.__name__
+    graphs = gpus["graphs"].graphs
+    worst = dict.fromkeys(gpus, 0.0)
+    agree = total = 0
+    rows_seen: list[tuple[int, list[int], int, torch.Tensor]] = []  # for transformers
+    for which in ("mixed", "twenty"):
+        script = Script(256, 16, seed=len(name))
+        vocab = cpu.arch.vocab_size
+        for chunks in scenario_steps(script, vocab, which):
+            batch = ScheduledBatch(tuple(chunks), 16)
+            want = cpu.execute(batch)
+            for key, runner in gpus.items():
+                got = runner.execute(batch)
+                assert got.shape == want.shape and got.dtype == torch.float32, (key, got.shape)
+                if key == "bf16":
+                    agree += int((got.argmax(-1).cpu() == want.argmax(-1)).sum())
+                    total += want.shape[0]
+                else:
+                    worst[key] = max(worst[key], rel_err(got, want))
+                if key == "graphs":
+                    for c, row in zip([c for c in chunks if c.logits_at], got):
+                        rows_seen.append((c.seq_id, script.tokens[c.seq_id], c.end_pos - 1, row))
+            script.advance(batch, want)
+    replays = graphs.replays if graphs is not None else 0
+    on = graphs is not None and graphs.enabled
+    graphs_note = f"graphs {'on' if on else 'off'}, {replays} replays" if graphs else "no graphs"
+    for key in ("graphs", "eager"):
+        record(
+            f"logits/{name}/cuda-{key}-vs-cpu",
+            worst[key] <= LOGITS_RTOL,
+            f"max rel diff {worst[key]:.2e} over all steps (tol {LOGITS_RTOL}); kernel {kernel}"
+            + (f", {graphs_note}" if key == "graphs" else ""),
+        )
+    expect_graphs = cpu.arch.moe is None
+    record(
+        f"logits/{name}/graphs-used",
+        (replays > 0) == expect_graphs,
+        graphs_note + ("" if expect_graphs else " (mixture of experts: eager by design)"),
+    )
+    ratio = agree / max(total, 1)
+    record(f"logits/{name}/bf16-top1", ratio >= 0.8, f"{agree}/{total} rows agree ({ratio:.1%})")
+    for runner in (cpu, *gpus.values()):
+        runner.close()
+    del gpus, cpu
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+    # transformers' own forward on the GPU, float32, over each sequence's final tokens.
+    hf = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
+    hf = hf.to(DEV).eval()
+    worst_hf = 0.0
+    final: dict[int, list[int]] = {}
+    for seq, tokens, _, _ in rows_seen:
+        final[seq] = tokens
+    cache: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        for seq, _, pos, row in rows_seen:
+            if seq not in cache:
+                ids = torch.tensor([final[seq]], device=DEV)
+                cache[seq] = hf(input_ids=ids).logits[0].float().cpu()
+            worst_hf = max(worst_hf, rel_err(row, cache[seq][pos]))
+    del hf
+    record(
+        f"logits/{name}/cuda-graphs-vs-transformers",
+        worst_hf <= LOGITS_RTOL,
+        f"max rel diff {worst_hf:.2e} over {len(rows_seen)} rows (tol {LOGITS_RTOL})",
+    )
+
+
+# --- 3 and 4. pipelines ---------------------------------------------------------------------
+
+
+def mixed_requests(vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts = [
+        {"token_ids": [rng.randrange(5, vocab) for _ in range(rng.randint(3, 80))]}
+        for _ in range(12)
+    ]
+    configs = [{"max_new_tokens": rng.randint(8, 40), "ignore_eos": True} for _ in prompts]
+    return prompts, configs
+
+
+def generate(path: Path, engine: dict, prompts, configs) -> tuple[list[list[int]], dict]:
+    from enginehouse import pipeline
+
+    pipe = pipeline(str(path), backend="pytorch", engine_config=engine, progress=False)
+    try:
+        out = pipe(prompts, configs)
+        runner = pipe.engine.engine.runner
+        graphs = getattr(runner, "graphs", None)
+        info = {
+            "dtype": str(runner.dtype),
+            "kernel": runner.kernel.__name__,
+            "replays": graphs.replays if graphs is not None else 0,
+        }
+        return [r.token_ids for r in out], info
+    finally:
+        pipe.close()
+
+
+def check_pipeline_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
+    path = model_path(name, folder)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompts, configs = mixed_requests(vocab)
+    if name not in cpu_tokens:
+        cpu = {"device": "cpu", "dtype": "float32"}
+        cpu_tokens[name] = generate(path, cpu, prompts, configs)[0]
+    want = cpu_tokens[name]
+    for label, engine in (
+        ("graphs", {"device": DEV, "dtype": "float32", "max_batch_size": 16}),
+        ("eager", {"device": DEV, "dtype": "float32", "eager": True}),
+    ):
+        got, info = generate(path, engine, prompts, configs)
+        same = sum(g == w for g, w in zip(got, want))
+        moe = name in ("mixtral", "qwen3_moe")  # no graphs by design
+        used = label != "graphs" or moe or info["replays"] > 0
+        record(
+            f"tokens/{name}/cuda-{label}-f32",
+            same == len(want) and used,
+            f"{same}/{len(want)} sequences identical to the CPU's; {info}",
+        )
+
+
+def prefix_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Mean fraction of each sequence's tokens before the first difference."""
+    fractions = []
+    for g, w in zip(got, want):
+        n = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+        fractions.append(n / max(len(w), 1))
+    return sum(fractions) / max(len(fractions), 1)
+
+
+def check_bf16_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
+    path = model_path(name, folder)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompts, configs = mixed_requests(vocab)
+    if name not in cpu_tokens:
+        cpu = {"device": "cpu", "dtype": "float32"}
+        cpu_tokens[name] = generate(path, cpu, prompts, configs)[0]
+    got, info = generate(path, {"device": DEV, "max_batch_size": 16}, prompts, configs)
+    agreement = prefix_agreement(got, cpu_tokens[name])
+    same = sum(g == w for g, w in zip(got, cpu_tokens[name]))
+    record(
+        f"bf16/{name}/default-dtype-tokens",
+        agreement >= 0.5 and info["dtype"] == "torch.bfloat16",
+        f"dtype {info['dtype']} by default; {agreement:.1%} of tokens before the first "
+        f"difference, {same}/{len(got)} sequences identical to float32 CPU; {info}",
+    )
+
+
+# --- 5. timing ------------------------------------------------------------------------------
+
+
+def check_timing(folder: Path, repeat: int, quick: bool = False) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from enginehouse import pipeline
+
+    section("5. Decode throughput, 56M Llama shape, bfloat16, on the GPU")
+    path = model_path("llama56m", folder)
+    rng = random.Random(1)
+    vocab = 32000
+    cases = {
+        "equal 32x64+128": (32, 64, 128),
+        "single 1x64+128": (1, 64, 128),
+    }
+    if quick:
+        cases = {"equal 4x16+8": (4, 16, 8), "single 1x16+8": (1, 16, 8)}
+    rows = {}
+    for case, (n, plen, new) in cases.items():
+        ids = [[rng.randrange(5, vocab) for _ in range(plen)] for _ in range(n)]
+        rows[case] = {"tokens": n * new}
+        for label, engine in (("graphs", {}), ("eager", {"eager": True})):
+            cfg = {"device": DEV, "dtype": "bfloat16", **engine}
+            pipe = pipeline(str(path), backend="pytorch", engine_config=cfg, progress=False)
+            try:
+                prompts = [{"token_ids": p} for p in ids]
+                gen = {"max_new_tokens": new, "ignore_eos": True}
+                pipe(prompts[:2], {"max_new_tokens": 4, "ignore_eos": True})  # warm-up
+                best = math.inf
+                for _ in range(repeat):
+                    sync()
+                    t0 = time.perf_counter()
+                    out = pipe(prompts, gen)
+                    best = min(best, time.perf_counter() - t0)
+                assert all(len(r.token_ids) == new for r in out)
+                rows[case][label] = n * new / best
+            finally:
+                pipe.close()
+            log(f"{case}: enginehouse {label}: {rows[case][label]:.0f} tok/s")
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEV).eval()
+        x = torch.tensor(ids, device=DEV)
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            hf.generate(x[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+            best = math.inf
+            for _ in range(repeat):
+                sync()
+                t0 = time.perf_counter()
+                hf.generate(x, **kw)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+        del hf
+        rows[case]["transformers"] = n * new / best
+        r = rows[case]
+        log(
+            f"{case}: transformers generate {r['transformers']:.0f} tok/s | graphs/HF "
+            f"{r['graphs'] / r['transformers']:.2f}x, eager/HF "
+            f"{r['eager'] / r['transformers']:.2f}x, graphs/eager {r['graphs'] / r['eager']:.2f}x"
+        )
+        TIMINGS.append(
+            {
+                "case": f"{case}, bf16, tok/s (best of {repeat})",
+                "graphs": round(r["graphs"], 1),
+                "eager": round(r["eager"], 1),
+                "transformers": round(r["transformers"], 1),
+                "graphs/HF": round(r["graphs"] / r["transformers"], 2),
+                "eager/HF": round(r["eager"] / r["transformers"], 2),
+                "graphs/eager": round(r["graphs"] / r["eager"], 2),
+            }
+        )
+        record(f"timing/{case}", True, json.dumps(TIMINGS[-1]))
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def environment() -> bool:
+    INFO["python"] = sys.version.split()[0]
+    INFO["torch"] = torch.__version__
+    INFO["cuda"] = torch.version.cuda
+    INFO["cuda_available"] = torch.cuda.is_available()
+    for mod in ("transformers", "triton"):
+        try:
+            INFO[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            INFO[mod] = f"missing ({e})"
+    if torch.cuda.is_available():
+        INFO["gpu"] = torch.cuda.get_device_name(0)
+    log(f"environment: {json.dumps(INFO)}")
+    return torch.cuda.is_available()
+
+
+def ensure_pytorch_plugin() -> None:
+    """From a source tree that pip could not install (no entry point), register the pytorch
+    plugin by hand, so that `pipeline()` still finds the native backend."""
+    root = Path(__file__).resolve().parents[1]
+    for sub in ("core", "plugins/pytorch_backend"):
+        if str(root / sub) not in sys.path:
+            sys.path.append(str(root / sub))
+    from enginehouse.plugins import get_plugins
+
+    host = get_plugins()
+    if "pytorch" not in host.infos:
+        import enginehouse_pytorch.plugin as plugin
+
+        host.register(plugin, "pytorch")
+        log("the pytorch plugin has no entry point here (not pip-installed): registered by hand")
+
+
+def write_report() -> None:
+    passed = sum(r["ok"] for r in RESULTS)
+    section(f"Summary: {passed}/{len(RESULTS)} checks passed")
+    for r in RESULTS:
+        if not r["ok"]:
+            print(f"  FAIL {r['check']}: {r['detail']}")
+    for t in TIMINGS:
+        print("  " + json.dumps(t))
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "info": INFO,
+        "results": RESULTS,
+        "timings": TIMINGS,
+        "seconds": time.perf_counter() - START,
+    }
+    (folder / "gpu_check.json").write_text(json.dumps(data, indent=2))
+    lines = [
+        "# gpu_check",
+        "",
+        f"{passed}/{len(RESULTS)} checks passed in {data['seconds']:.0f} s.",
+        "",
+        "```",
+        json.dumps(INFO, indent=2),
+        "```",
+        "",
+        "| check | ok | detail |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['check']} | {'PASS' if r['ok'] else 'FAIL'} | {r['detail'].replace('|', '/')} |"
+        for r in RESULTS
+    ]
+    if TIMINGS:
+        keys = sorted({k for t in TIMINGS for k in t if k != "case"})
+        lines += ["", "| case | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+        lines += [
+            f"| {t['case']} | " + " | ".join(str(t.get(k, "")) for k in keys) + " |"
+            for t in TIMINGS
+        ]
+    (folder / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    log(f"wrote {folder / 'gpu_check.json'} and {folder / 'gpu_check.md'}")
+
+
+SECTIONS = ("kernels", "logits", "tokens", "bf16", "timing")
+
+
+def main() -> int:
+    global BUDGET, DEV
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="timing: small cases")
+    parser.add_argument("--budget", type=float, default=BUDGET, help="seconds before skipping")
+    parser.add_argument("--models", type=Path, default=None, help="where to build the models")
+    parser.add_argument("--repeat", type=int, default=2, help="timing: best of N")
+    parser.add_argument("--families", default=None, help="comma-separated, default: all")
+    parser.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="run sections 2-5 with device=cpu: tries this script's plumbing without a GPU "
+        "(no kernels, no graphs; the graph checks fail by design)",
+    )
+    args = parser.parse_args()
+    BUDGET = args.budget
+    only = set(args.only.split(","))
+    if args.skip_timing:
+        only.discard("timing")
+    if args.dry_run_cpu:
+        DEV = "cpu"
+        only.discard("kernels")
+        environment()
+    elif not environment():
+        record("environment", False, "torch sees no CUDA device: nothing to check")
+        write_report()
+        return 2
+    guarded("plugin", ensure_pytorch_plugin)
+    folder = args.models or Path(tempfile.mkdtemp(prefix="gpu-check-models-"))
+    names = ["llama", "qwen2", "mistral", "llama3", "qwen3", "phi3", "gemma2", "mixtral"]
+    names += ["qwen3_moe"]
+    if args.families:
+        names = args.families.split(",")
+
+    if "kernels" in only:
+        check_kernels()
+
+    if "logits" in only:
+        section("2. Runner logits, float32: CUDA (graphs, eager) vs CPU and transformers")
+        for name in names + ([] if args.families else ["llama56m"]):
+            guarded(f"logits/{name}", check_runner_logits, name, folder)
+
+    cpu_tokens: dict[str, list[list[int]]] = {}
+    if "tokens" in only:
+        section("3. Pipeline greedy tokens, float32: CUDA (graphs, eager) vs CPU")
+        # Section 2 steps every family already; here the engine end to end, on a subset.
+        subset = ("llama", "qwen2", "mistral", "phi3", "gemma2", "qwen3_moe")
+        for name in [n for n in names if n in subset or args.families]:
+            guarded(f"tokens/{name}", check_pipeline_tokens, name, folder, cpu_tokens)
+
+    if "bf16" in only:
+        section("4. bfloat16 by default on the GPU: tokens against float32 CPU")
+        for name in [n for n in ("llama", "mistral", "gemma2", "qwen3") if n in names]:
+            guarded(f"bf16/{name}", check_bf16_tokens, name, folder, cpu_tokens)
+
+    if "timing" in only:
+        guarded("timing", check_timing, folder, args.repeat, args.quick)
+    write_report()
+    return 0 if all(r["ok"] for r in RESULTS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

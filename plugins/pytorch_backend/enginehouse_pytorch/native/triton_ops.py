@@ -1,0 +1,378 @@
+"""The GPU's attention kernels, in Triton: K/V into their slots, and paged decode attention.
+
+`TritonAttention` is `TorchAttention` with two steps replaced:
+
+- `store`: one program per new token writes its K and V (all KV heads) into the token's slot
+  of the cache [kv_heads, num_slots, head_dim]; a negative slot is skipped.
+- `decode`: each decode row attends over its context by reading its block table directly
+  (slot = block_tables[b, pos // block_size] * block_size + pos % block_size), no gather in
+  torch. One program serves all query heads of one KV head (grouped-query attention: K/V are
+  loaded once per group; the group is padded to 16 rows for the tensor cores) and walks the
+  context in tiles with an online softmax in float32. Sliding windows (keys > query - window),
+  Gemma 2's soft-capping (tanh(s / cap) * cap) and rows of context length 0 (padding rows of a
+  CUDA graph: their output is zeros) are handled in the kernel. When there are too few
+  (row, KV head) programs to fill the GPU, the context is split in parts (flash-decoding): each
+  part writes its partial softmax state and a second kernel combines them.
+
+Prefill stays the torch path (SDPA), which is already fast on a GPU. The number of parts is
+a function of the tensor shapes only, so a captured CUDA graph replays the same launch.
+
+The kernels also run under Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+imported) on CPU tensors, which is how the tests check them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import StepMeta, TorchAttention
+
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for a running max: no inf - inf
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    k_st,
+    k_sh,
+    v_st,
+    v_sh,
+    kc_sh,
+    kc_ss,
+    vc_sh,
+    vc_ss,
+    slot_stride,
+    KVH: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h[:, None] < KVH) & (d[None, :] < D) & (slot >= 0)
+    h64 = h.to(tl.int64)
+    k = tl.load(k_ptr + t * k_st + h[:, None] * k_sh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * v_st + h[:, None] * v_sh + d[None, :], mask=mask)
+    kc = kc_ptr + h64[:, None] * kc_sh + slot * kc_ss + d[None, :]
+    vc = vc_ptr + h64[:, None] * vc_sh + slot * vc_ss + d[None, :]
+    tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp (saturates cleanly at +-1 for large |x|); float32 in, float32 out.
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    lens_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    q_sb,
+    q_sh,
+    c_sh,
+    c_ss,
+    bt_sb,
+    bt_sw,
+    lens_s,
+    o_sb,
+    o_sh,
+    p_sb,
+    p_sh,
+    p_ss,
+    scale,
+    softcap,
+    window,
+    tiles_per_split,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    length = tl.load(lens_ptr + b * lens_s).to(tl.int32)
+    lo = part * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, length)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, length - window)  # keys > query - window, query = length - 1
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < G
+    d_ok = d < D
+    heads = kvh * G + g
+    q = tl.load(
+        q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    k_base = kc_ptr + kvh.to(tl.int64) * c_sh
+    v_base = vc_ptr + kvh.to(tl.int64) * c_sh
+
+    m_i = tl.full([BLOCK_G], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        p_ok = pos < hi
+        block = tl.load(bt_ptr + b * bt_sb + (pos // PAGE) * bt_sw, mask=p_ok, other=0)
+        slot = block.to(tl.int64) * PAGE + pos % PAGE
+        kv_ok = p_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if HAS_SOFTCAP:
+            s = _tanh(s / softcap) * softcap
+        s = tl.where(p_ok[None, :], s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if SPLIT:
+        row = b * p_sb + heads * p_sh + part * p_ss  # [BLOCK_G] offsets into the parts
+        tl.store(part_m_ptr + row, m_i, mask=g_ok)
+        tl.store(part_l_ptr + row, l_i, mask=g_ok)
+        o_ptrs = part_o_ptr + row[:, None] * BLOCK_D + d[None, :]
+        tl.store(o_ptrs, acc, mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty row stays zeros
+        o_ptrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_parts_kernel(
+    out_ptr,
+    part_o_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    o_sb,
+    o_sh,
+    p_sb,
+    p_sh,
+    p_ss,
+    num_parts,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m = tl.full([], NEG_BIG, dtype=tl.float32)
+    total = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    base = b * p_sb + h * p_sh
+    for i in range(num_parts):
+        m_i = tl.load(part_m_ptr + base + i * p_ss)
+        l_i = tl.load(part_l_ptr + base + i * p_ss)
+        o_i = tl.load(part_o_ptr + (base + i * p_ss) * BLOCK_D + d, mask=d_ok, other=0.0)
+        m_new = tl.maximum(m, m_i)
+        a = tl.exp2(m - m_new)
+        w = tl.exp2(m_i - m_new)
+        total = total * a + l_i * w
+        acc = acc * a + o_i * w
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,  # [tokens, kv_heads, d]
+    v: torch.Tensor,
+    slots: torch.Tensor,  # [tokens] int, a negative slot is skipped
+) -> None:
+    t, kvh, d = k.shape
+    if t == 0:
+        return
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    _store_kv_kernel[(t,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        slots.stride(0),
+        KVH=kvh,
+        D=d,
+        BLOCK_H=triton.next_power_of_2(kvh),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+
+
+@functools.cache
+def _parallel_programs(device: torch.device) -> int:
+    """How many programs keep the GPU busy: two per multiprocessor. Elsewhere (the interpreter)
+    one, so that contexts are only split when asked."""
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, heads, d]
+    k_cache: torch.Tensor,  # [kv_heads, slots, d]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    context_lens: torch.Tensor,  # [B] int
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    num_parts: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query per row over its paged context; returns [B, heads * d].
+
+    `num_parts` splits each context in that many parts (default: by the GPU's size, from the
+    shapes alone, so a CUDA graph sees the same launch every replay).
+    """
+    b, h, d = q.shape
+    kvh = k_cache.shape[0]
+    g = h // kvh
+    out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    block_d = triton.next_power_of_2(d)
+    block_n = 32 if block_d >= 256 else 64
+    tiles = max(1, math.ceil(block_tables.shape[1] * block_size / block_n))
+    if num_parts is None:
+        num_parts = _parallel_programs(q.device) // (b * kvh)
+    num_parts = max(1, min(num_parts, tiles))
+    tiles_per_part = math.ceil(tiles / num_parts)
+    num_parts = math.ceil(tiles / tiles_per_part)
+    split = num_parts > 1
+    if split:
+        part_o = torch.empty(b, h, num_parts, block_d, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(b, h, num_parts, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_o = part_m = part_l = out  # unused
+    _paged_decode_kernel[(b, kvh, num_parts)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_o,
+        part_m,
+        part_l,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        block_tables.stride(1),
+        context_lens.stride(0),
+        out.stride(0),
+        d,
+        h * num_parts,
+        num_parts,
+        1,
+        float(scale),
+        float(softcap or 1.0),
+        int(window or 0),
+        tiles_per_part,
+        G=g,
+        D=d,
+        PAGE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        SPLIT=split,
+        IEEE=q.dtype == torch.float32,
+    )
+    if split:
+        _combine_parts_kernel[(b, h)](
+            out,
+            part_o,
+            part_m,
+            part_l,
+            out.stride(0),
+            d,
+            h * num_parts,
+            num_parts,
+            1,
+            num_parts,
+            D=d,
+            BLOCK_D=block_d,
+        )
+    return out
+
+
+class TritonAttention(TorchAttention):
+    """The GPU path: Triton kernels for the KV store and decode; torch (SDPA) for prefill."""
+
+    def store(self, cache: tuple[torch.Tensor, torch.Tensor], k, v, slots) -> None:
+        store_kv(cache[0], cache[1], k, v, slots)
+
+    def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
+        return paged_decode(
+            q,
+            cache[0],
+            cache[1],
+            meta.block_tables,
+            meta.context_lens,
+            meta.block_size,
+            self.scale,
+            window,
+            softcap,
+        )
