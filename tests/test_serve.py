@@ -272,7 +272,7 @@ LONG = [{"role": "user", "content": "hello " * 400}]
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({"extra_body": {"foo": 1}}, "foo", "unrecognized request argument"),
         ({"extra_body": {"stop_token_ids": [10**6]}}, None, "outside the vocabulary"),
-        ({"extra_body": {"min_tokens": 9}, "max_tokens": 3}, None, "min_new_tokens"),
+        ({"extra_body": {"min_tokens": 9}, "max_tokens": 3}, "min_tokens", "lower min_tokens"),
     ],
 )
 def test_invalid_chat_requests_are_400_naming_the_field(client, kw, param, words):

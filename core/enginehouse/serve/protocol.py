@@ -159,6 +159,12 @@ class _GenerationRequest(_Body):
         if self.top_k is not None:
             fields["top_k"] = max(self.top_k, 0)
         if self.min_tokens:
+            if self.min_tokens > max_new_tokens:
+                raise bad_request(
+                    f"min_tokens ({self.min_tokens}) is larger than the {max_new_tokens} tokens "
+                    "this request may generate; lower min_tokens or raise max_tokens",
+                    "min_tokens",
+                )
             fields["min_new_tokens"] = self.min_tokens
         if self.seed is not None:
             fields["random_seed"] = self.seed + choice
