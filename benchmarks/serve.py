@@ -5,7 +5,7 @@
 
 Starts `enginehouse serve` in its own process (on a free port of 127.0.0.1) for a model folder,
 by default a random-weight model of the 56M Llama shape built once in ./bench-models (the one
-benchmarks/transformers_backend.py uses). Then, for each N in `--clients`, N clients of the
+benchmarks/native_backend.py uses). Then, for each N in `--clients`, N clients of the
 official `openai` package (async) each send `--requests-per-client` streaming completions one
 after another: a prompt of `--prompt-tokens` random token ids (distinct per request, so no
 prefix is shared), exactly `--max-tokens` generated tokens (`ignore_eos`), greedy.
@@ -41,7 +41,7 @@ from enginehouse.testing import build_tokenizer
 
 
 def build(folder: Path) -> Path:
-    """The 56M Llama shape with random weights (shared with transformers_backend.py)."""
+    """The 56M Llama shape with random weights (as benchmarks/native_backend.py builds it)."""
     if not (folder / "config.json").is_file():
         import torch
         from transformers import AutoModelForCausalLM, LlamaConfig
