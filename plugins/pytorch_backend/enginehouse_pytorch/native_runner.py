@@ -18,6 +18,7 @@ from enginehouse.errors import InvalidModelError
 
 from .native.arch import Arch, arch_from_config
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
+from .native.layers import can_pack
 from .native.model import DecoderLM
 from .native.rope import rope_table
 from .native.weights import load_safetensors
@@ -73,7 +74,7 @@ class NativeRunner:
         finally:
             torch.set_default_dtype(default)
         load_safetensors(model, files, progress)
-        model.finish_loading()
+        model.finish_loading(pack=can_pack(self.device, self.dtype))
         self.model = model.eval()
         cos, sin = rope_table(self.arch, max(self.context, 1))
         self.cos = cos.to(self.device, self.dtype)
