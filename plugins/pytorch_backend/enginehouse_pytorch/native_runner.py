@@ -16,6 +16,7 @@ from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
 from enginehouse.engine.llm_engine import session_length
 from enginehouse.errors import InvalidModelError
 
+from .native import cpu_kernels
 from .native.arch import Arch, arch_from_config
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
@@ -52,6 +53,10 @@ class NativeRunner:
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
+        if self.device.type == "cpu":
+            if self.dtype == torch.float32 and cpu_kernels.load():
+                return cpu_kernels.CpuPagedAttention
+            return TorchAttention
         if self.device.type != "cuda":
             return TorchAttention
         try:

@@ -1,0 +1,188 @@
+"""A C++ paged decode-attention kernel for the CPU, compiled on first use.
+
+The torch-ops path gathers every decode row's K/V out of the paged cache into a padded copy,
+then runs two batched matrix products: the cache is read, written and read again. This kernel
+walks each row's block table and reads each K/V vector once, in place, one (sequence, KV head)
+per task across the cores (`at::parallel_for`), with the softmax in between. It is built with
+torch's own C++ extension machinery (a compiler and ninja; about a minute, once per machine,
+cached under ~/.cache/torch_extensions). Where that is not possible, or with
+ENGINEHOUSE_CPU_KERNELS=0, the runner keeps the torch-ops path; both compute the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from .attention import StepMeta, TorchAttention
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+// The two inner loops, with AVX2 + FMA where the compiler targets them (-march=native).
+static inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  half = _mm_hadd_ps(half, half);
+  half = _mm_hadd_ps(half, half);
+  s = _mm_cvtss_f32(half);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Ask for a K/V vector a few positions ahead: their slots jump between blocks, and waiting on
+// each cache line in turn (not the arithmetic) was what bounded this loop.
+static inline void prefetch(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+static inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// q [B, H, D]; caches [KVH, S, D] (float32, contiguous); tables [B, W] and lens [B].
+// Returns [B, H * D]. window <= 0: no sliding window; softcap <= 0: none.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+                        double scale, double softcap, int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k_cache.size(0), S = k_cache.size(1), W = tables.size(1);
+  const int64_t G = H / KVH;
+  auto qc = q.contiguous();
+  auto tables64 = tables.to(at::kLong).contiguous();
+  auto lens64 = lens.to(at::kLong).contiguous();
+  auto out = at::empty({B, H * D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* tp = tables64.data_ptr<int64_t>();
+  const int64_t* lp = lens64.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<int64_t> slots;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, kh = task % KVH, len = lp[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      float* o = op + (b * H + kh * G) * D;
+      std::fill(o, o + G * D, 0.0f);
+      if (n <= 0) continue;
+      scores.assign(G * n, 0.0f);
+      const float* qh = qp + (b * H + kh * G) * D;
+      const float* kbase = kp + kh * S * D;
+      const float* vbase = vp + kh * S * D;
+      // slots[t]: the cache slot of position first + t, walking the block table once.
+      slots.resize(n);
+      for (int64_t t = 0; t < n;) {
+        const int64_t pos = first + t, off = pos % block_size;
+        const int64_t base = tp[b * W + pos / block_size] * block_size;
+        for (int64_t o = off; o < block_size && t < n; ++o, ++t) slots[t] = base + o;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* kv = kbase + slots[t] * D;
+        if (t + 8 < n) prefetch(kbase + slots[t + 8] * D, D);
+        for (int64_t g = 0; g < G; ++g) {
+          float x = dot(qh + g * D, kv, D) * fscale;
+          if (cap > 0.0f) x = std::tanh(x / cap) * cap;
+          scores[g * n + t] = x;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * n;
+        const float top = *std::max_element(s, s + n);
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; ++t) { s[t] = std::exp(s[t] - top); sum += s[t]; }
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* vv = vbase + slots[t] * D;
+        if (t + 8 < n) prefetch(vbase + slots[t + 8] * D, D);
+        for (int64_t g = 0; g < G; ++g) axpy(o + g * D, scores[g * n + t], vv, D);
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(enginehouse_cpu, m) {
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, "
+        "int block_size, float scale, float softcap, int window) -> Tensor");
+  m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
+}
+"""
+
+# Vectorise the dot products and sums (reassociation), without assuming finite math.
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or find already built) and register the kernel; False where that fails."""
+    if os.environ.get("ENGINEHOUSE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        load_inline(
+            name="enginehouse_cpu_kernels",
+            cpp_sources=[SOURCE],
+            extra_cflags=FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+        return hasattr(torch.ops.enginehouse_cpu, "paged_decode")
+    except Exception as e:  # no compiler, no ninja, an unusual CPU: the torch path still works
+        log.warning("the CPU attention kernel could not be built (%s); using torch ops", e)
+        return False
+
+
+class CpuPagedAttention(TorchAttention):
+    """`TorchAttention` whose decode reads the paged cache in place (float32 only)."""
+
+    def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
+        return torch.ops.enginehouse_cpu.paged_decode(
+            q,
+            cache[0],
+            cache[1],
+            meta.block_tables,
+            meta.context_lens,
+            meta.block_size,
+            self.scale,
+            softcap or 0.0,
+            window or 0,
+        )
