@@ -109,3 +109,21 @@ def test_register_commands_hook_adds_a_command(tmp_path, monkeypatch):
         cli_module.cli.commands.pop("hello", None)
         reset_plugins()
     assert "hello" not in cli_module.cli.commands
+
+
+def test_bench_times_the_backend_against_generate(llama_dir):
+    # The real console script, quick sets, two cases: every side runs in a fresh process.
+    done = run("bench", str(llama_dir), "--quick", "--cases", "single,ttft", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result["seconds"]) == {"hf-generate", "pytorch"}
+    rows = {(r["case"], r["side"]): r for r in result["rows"]}
+    assert rows[("single", "hf-generate")]["ratio"] == 1.0
+    assert rows[("single", "pytorch")]["tokens_per_s"] > 0
+    assert rows[("ttft", "pytorch")]["ratio"] > 0
+
+
+def test_bench_refuses_an_unknown_case(llama_dir):
+    done = run("bench", str(llama_dir), "--cases", "equal,warp")
+    assert done.returncode != 0
+    assert "unknown case 'warp'" in done.stderr

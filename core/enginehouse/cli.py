@@ -328,7 +328,7 @@ def bench(
         raise click.BadParameter(f"unknown case {unknown[0]!r}; choose from {benchmark.CASES}")
     if not backends:
         backends = (explain_model(model, engine_config=engine_config)["chosen"],)
-    config = engine_config.model_dump(exclude_defaults=True)
+    config = engine_config.model_dump(exclude_unset=True)
     result = benchmark.measure(model, list(backends), names, quick, repeat, config, baseline)
     rows = benchmark.report(result)
     if as_json:

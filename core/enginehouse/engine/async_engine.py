@@ -26,11 +26,13 @@ Sink = Callable[[RequestOutput], None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, executor: ThreadPoolExecutor | None = None) -> None:
+        """`executor`: the one-thread executor that runs the steps; pass the one the model was
+        loaded on, so that all torch work stays on one thread (see `pipeline()`)."""
         self.engine = engine
         self._sinks: dict[str, Sink] = {}
         self._closed = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="enginehouse-step")
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="enginehouse-step")
         self.loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         started = threading.Event()

@@ -4,7 +4,7 @@ The torch-ops path gathers every decode row's K/V out of the paged cache into a 
 then runs two batched matrix products: the cache is read, written and read again. This kernel
 walks each row's block table and reads each K/V vector once, in place, one (sequence, KV head)
 per task across the cores (`at::parallel_for`), with the softmax in between. It is built with
-torch's own C++ extension machinery (a compiler and ninja; about a minute, once per machine,
+torch's own C++ extension machinery (a compiler and ninja; about 45 s on 2 cores, once,
 cached under ~/.cache/torch_extensions). Where that is not possible, or with
 ENGINEHOUSE_CPU_KERNELS=0, the runner keeps the torch-ops path; both compute the same thing.
 """
