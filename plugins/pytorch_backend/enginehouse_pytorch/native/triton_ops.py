@@ -61,7 +61,10 @@ def _store_kv_kernel(
     slot = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    mask = (h[:, None] < KVH) & (d[None, :] < D) & (slot >= 0)
+    # The slot test as a full tile, not a scalar: triton 3.9's interpreter refuses a mask
+    # broadcast from a scalar ("mask has unsupported dtype").
+    valid = (h[:, None] * 0 + slot) >= 0
+    mask = (h[:, None] < KVH) & (d[None, :] < D) & valid
     h64 = h.to(tl.int64)
     k = tl.load(k_ptr + t * k_st + h[:, None] * k_sh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * v_st + h[:, None] * v_sh + d[None, :], mask=mask)
