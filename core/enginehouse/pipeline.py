@@ -281,24 +281,10 @@ class Pipeline:
                 i, out = q.get()
                 if out.finished:
                     pending.pop(out.request_id, None)
-                yield self._response(i, out)
+                yield Response.from_output(i, out)
         finally:
             for rid in pending:  # the caller stopped early: free their KV blocks
                 self.engine.abort(rid)
-
-    @staticmethod
-    def _response(index: int, out: RequestOutput) -> Response:
-        return Response(
-            text=out.text,
-            token_ids=list(out.token_ids),
-            input_token_len=out.input_token_len,
-            generate_token_len=out.generate_token_len,
-            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
-            logprobs=out.logprobs,
-            index=index,
-            cached_tokens=out.cached_tokens,
-            error=out.error,
-        )
 
     def get_ppl(self, prompts: Prompt | Sequence[Prompt]) -> float | list[float]:
         """Perplexity of each prompt (exp of the mean negative log-likelihood per token).

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .engine.sequence import RequestOutput
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -25,6 +28,21 @@ class Response:
     index: int = 0
     cached_tokens: int = 0
     error: str | None = None
+
+    @classmethod
+    def from_output(cls, index: int, out: RequestOutput) -> Response:
+        """The user-facing view of one engine output (a delta while the request runs)."""
+        return cls(
+            text=out.text,
+            token_ids=list(out.token_ids),
+            input_token_len=out.input_token_len,
+            generate_token_len=out.generate_token_len,
+            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+            logprobs=out.logprobs,
+            index=index,
+            cached_tokens=out.cached_tokens,
+            error=out.error,
+        )
 
     def extend(self, delta: Response) -> None:
         """Add a streamed delta to this accumulated response."""

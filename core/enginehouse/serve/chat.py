@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..response import Response
-from .generation import Generation, as_response, unless_disconnected
+from .generation import Generation, unless_disconnected
 from .protocol import ChatCompletionRequest, parse
 from .state import SSE_DONE, ServerState, failure, finite, read_json, sse, usage
 
@@ -107,7 +107,7 @@ class _Chat:
             for i in range(n):
                 yield self._chunk([self._choice(i, {"role": "assistant", "content": ""})])
             async for i, out in generation.outputs():
-                delta = as_response(i, out)
+                delta = Response.from_output(i, out)
                 results[i].extend(delta)
                 if (error := failure(delta)) is not None:
                     yield error.sse()

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..response import Response
-from .generation import Generation, as_response, unless_disconnected
+from .generation import Generation, unless_disconnected
 from .protocol import CompletionRequest, parse
 from .state import SSE_DONE, ServerState, failure, finite, read_json, sse, usage
 
@@ -100,7 +100,7 @@ class _Completion:
         extra = {"usage": None} if self.req.include_usage else {}
         try:
             async for i, out in generation.outputs():
-                delta = as_response(i, out)
+                delta = Response.from_output(i, out)
                 results[i].extend(delta)
                 if (error := failure(delta)) is not None:
                     yield error.sse()

@@ -95,7 +95,7 @@ class Generation:
         """The whole answer of each of the `n` choices."""
         results = [Response(index=i) for i in range(n)]
         async for index, out in self.outputs():
-            results[index].extend(as_response(index, out))
+            results[index].extend(Response.from_output(index, out))
         return results
 
     def abort(self) -> None:
@@ -103,20 +103,6 @@ class Generation:
         for rid in list(self._running):
             self.pipe.engine.abort(rid)
         self._running.clear()
-
-
-def as_response(index: int, out: RequestOutput) -> Response:
-    return Response(
-        text=out.text,
-        token_ids=list(out.token_ids),
-        input_token_len=out.input_token_len,
-        generate_token_len=out.generate_token_len,
-        finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
-        logprobs=out.logprobs,
-        index=index,
-        cached_tokens=out.cached_tokens,
-        error=out.error,
-    )
 
 
 async def _until_disconnected(request: Request) -> None:
