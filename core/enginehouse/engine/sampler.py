@@ -12,6 +12,9 @@ from .sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Penalties and min_new_tokens, in place on `logits`."""
+    banned_rows: list[int] = []
+    banned_ids: list[int] = []
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.repetition_penalty != 1.0:
@@ -29,7 +32,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                 counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
                 logits[row] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
         if seq.num_generated < p.min_new_tokens and seq.stop_ids:
-            logits[row, list(seq.stop_ids)] = float("-inf")
+            banned_rows.extend([row] * len(seq.stop_ids))
+            banned_ids.extend(seq.stop_ids)
+    if banned_rows:  # one indexing op for the whole batch, not one per row
+        logits[banned_rows, banned_ids] = float("-inf")
     return logits
 
 
@@ -79,7 +85,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     logits = logits.float()
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw_logprobs = logits[want].log_softmax(dim=1) if want else None
-    logits = apply_penalties(logits.clone(), seqs)
+    logits = apply_penalties(logits, seqs)  # in place: the runner's output is ours to change
     tokens = logits.argmax(dim=1)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
