@@ -71,6 +71,24 @@ def engine_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def _generation_config(
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: tuple[str, ...] = (),
+) -> GenerationConfig:
+    """The sampling flags of `generate` and `chat`: any of them given turns sampling on."""
+    sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if sampling:
+        sampling["do_sample"] = True
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, random_seed=seed, stop_words=list(stop), **sampling
+    )
+
+
 @click.group()
 @click.version_option(package_name="enginehouse")
 def cli() -> None:
@@ -160,13 +178,7 @@ def generate(
     """Generate a continuation of PROMPT with MODEL (a folder or a hub id)."""
     from .pipeline import pipeline
 
-    sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    sampling = {k: v for k, v in sampling.items() if v is not None}
-    if sampling:
-        sampling["do_sample"] = True
-    gen = GenerationConfig(
-        max_new_tokens=max_new_tokens, random_seed=seed, stop_words=list(stop), **sampling
-    )
+    gen = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, stop)
     text = " ".join(prompt)
     request: Any = text
     if system and not raw:
@@ -272,11 +284,7 @@ def chat(
     from .chat_cli import run_chat
     from .pipeline import pipeline
 
-    sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    sampling = {k: v for k, v in sampling.items() if v is not None}
-    if sampling:
-        sampling["do_sample"] = True
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, random_seed=seed, **sampling)
+    gen = _generation_config(max_new_tokens, temperature, top_p, top_k, seed)
     with pipeline(
         model,
         backend=backend,

@@ -7,12 +7,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..response import Response
-from .generation import Generation, unless_disconnected
+from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
-from .state import SSE_DONE, ServerState, failure, finite, read_json, sse, usage
+from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, sse, usage
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Any:
@@ -23,13 +22,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     configs = state.configs(req, len(prompt_ids))
     response_id, generation = state.start("chatcmpl", [(prompt_ids, c) for c in configs])
     chat = _Chat(state, req, response_id, len(prompt_ids))
-    if req.stream:
-        return StreamingResponse(chat.events(generation), media_type="text/event-stream")
-    results = await unless_disconnected(request, generation.collect(req.num_choices))
-    for result in results:
-        if (error := failure(result)) is not None:
-            return error.response()
-    return JSONResponse(chat.response(results))
+    return await respond(request, generation, chat, req.num_choices)
 
 
 class _Chat:

@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..response import Response
-from .generation import Generation, unless_disconnected
+from .generation import Generation
 from .protocol import CompletionRequest, parse
-from .state import SSE_DONE, ServerState, failure, finite, read_json, sse, usage
+from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, sse, usage
 
 
 async def create_completion(state: ServerState, request: Request) -> Any:
@@ -28,13 +27,7 @@ async def create_completion(state: ServerState, request: Request) -> Any:
     choices = [(ids, config) for ids in prompts for config in state.configs(req, len(ids))]
     response_id, generation = state.start("cmpl", choices)
     completion = _Completion(state, req, response_id, [len(p) for p in prompts])
-    if req.stream:
-        return StreamingResponse(completion.events(generation), media_type="text/event-stream")
-    results = await unless_disconnected(request, generation.collect(len(choices)))
-    for result in results:
-        if (error := failure(result)) is not None:
-            return error.response()
-    return JSONResponse(completion.response(results))
+    return await respond(request, generation, completion, len(choices))
 
 
 class _Completion:

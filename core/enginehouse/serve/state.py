@@ -9,13 +9,14 @@ import uuid
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..config import GenerationConfig
 from ..errors import RequestError
 from ..pipeline import Pipeline
 from ..response import Response
 from .errors import APIError, bad_request
-from .generation import Generation
+from .generation import Generation, unless_disconnected
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
@@ -163,3 +164,15 @@ async def read_json(request: Request) -> Any:
             "send valid Unicode text"
         ) from e
     return data
+
+
+async def respond(request: Request, generation: Generation, formatter: Any, choices: int) -> Any:
+    """The answer to a chat or text completion: `formatter.events` as an SSE stream, or, once
+    every choice is done, `formatter.response` (the first failed choice's error instead)."""
+    if formatter.req.stream:
+        return StreamingResponse(formatter.events(generation), media_type="text/event-stream")
+    results = await unless_disconnected(request, generation.collect(choices))
+    for result in results:
+        if (error := failure(result)) is not None:
+            return error.response()
+    return JSONResponse(formatter.response(results))
