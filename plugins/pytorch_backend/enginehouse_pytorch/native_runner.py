@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch
+from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
 from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
 from enginehouse.engine.llm_engine import session_length
 from enginehouse.errors import InvalidModelError
@@ -94,8 +94,6 @@ class NativeRunner:
         n = min(num_tokens, self.context)
         self._allocate(math.ceil(n / self.block_size))
         table = tuple(range(math.ceil(n / self.block_size)))
-        from enginehouse.runner import SeqChunk
-
         chunk = SeqChunk(0, (0,) * n, 0, table, (n - 1,))
         self.execute(ScheduledBatch((chunk,), self.block_size))
         self.kv = []
@@ -134,8 +132,8 @@ class NativeRunner:
         meta = StepMeta(
             num_decode=sum(1 for c in order if len(c.token_ids) == 1),
             slots=torch.tensor(slots).to(self.device),
-            cos=self.cos[pos][:, None].to(self.device),
-            sin=self.sin[pos][:, None].to(self.device),
+            cos=self.cos[pos][:, None],  # the tables already live on the device
+            sin=self.sin[pos][:, None],
         )
         decodes = order[: meta.num_decode]
         if decodes:
