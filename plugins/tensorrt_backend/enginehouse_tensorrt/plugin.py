@@ -1,15 +1,34 @@
-"""Hooks of the tensorrt plugin. Both backends answer 'not implemented yet' until they exist."""
+"""Hooks of the tensorrt plugin: the `tensorrt` and `onnxruntime` backends, and the
+`enginehouse tensorrt export` command. Heavy modules (torch export, onnxruntime, tensorrt) are
+imported only when a runner is built or the command runs."""
 
 from __future__ import annotations
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
 
-NOT_YET = "not implemented yet: the ONNX export and {what} runner are planned, not built"
-
 
 @hookimpl
 def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
-    return [
-        BackendProbe("tensorrt", False, 50, NOT_YET.format(what="TensorRT engine")),
-        BackendProbe("onnxruntime", False, 5, NOT_YET.format(what="ONNX Runtime")),
-    ]
+    from .probe import probe_backends
+
+    return probe_backends(spec, config)
+
+
+@hookimpl
+def create_runner(backend: str, spec: ModelSpec, config: EngineConfig):
+    if backend == "onnxruntime":
+        from .ort_runner import OrtRunner
+
+        return OrtRunner(spec, config)
+    if backend == "tensorrt":
+        from .trt_runner import TrtRunner
+
+        return TrtRunner(spec, config)
+    return None
+
+
+@hookimpl
+def register_commands(cli) -> None:
+    from .cli import tensorrt
+
+    cli.add_command(tensorrt)
