@@ -23,7 +23,7 @@ from enginehouse.spec import read_model_spec
 INSTALLED = {
     # entry point name: (distribution, hooks)
     "pytorch": ("enginehouse-pytorch", ["create_runner", "probe_backend"]),
-    "tensorrt": ("enginehouse-tensorrt", ["probe_backend"]),
+    "tensorrt": ("enginehouse-tensorrt", ["create_runner", "probe_backend", "register_commands"]),
     "vision": ("enginehouse-vision", ["detect_architecture"]),
 }
 
