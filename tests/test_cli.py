@@ -77,7 +77,7 @@ def test_generate_streams_and_matches_the_python_api(llama_dir, llama_pipe):
         (["generate", "{llama}", "hi", "--backend", "nope"], "unknown backend 'nope'"),
         (["generate", "{llama}", "hi", "--temperature", "-1"], "temperature"),
         (["generate", "{llama}", "hi", "--kv-cache-memory", "lots"], "kv_cache_memory"),
-        (["explain", "{llama}", "--backend", "tensorrt"], "not implemented yet"),
+        (["explain", "{llama}", "--backend", "tensorrt", "--device", "cpu"], "NVIDIA GPUs only"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, llama_dir, tmp_path, monkeypatch):

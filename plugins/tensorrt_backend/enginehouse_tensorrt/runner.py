@@ -87,9 +87,12 @@ class GraphRunner:
 
     def allocate_kv(self, num_blocks: int) -> None:
         shape = (num_blocks, self.kv_heads, self.context, self.head_dim)
-        # Uninitialised: a slot's positions are always written before the mask lets them be read.
+        # Zeros, not empty: a decode batch pads each row's past with whatever its slot holds
+        # beyond its length. The mask zeroes those keys' weights, but 0 * NaN is NaN, so the
+        # padding must be finite; what a sequence wrote there before always is. (On the CPU,
+        # zeros of this size come from calloc and cost no time until touched.)
         self.kv = [
-            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.past_names
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.past_names
         ]
 
     @torch.inference_mode()
