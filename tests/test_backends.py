@@ -277,20 +277,29 @@ def test_folder_without_weights_is_refused_with_reason(tmp_path, llama_dir, host
         choose_backend(verdicts)
 
 
-def test_vlm_is_recognised_and_refused_with_reason(vlm_dir, host):
+def test_vlm_is_recognised_and_run_natively_with_its_encoder(vlm_dir, host):
     spec = detected(vlm_dir, host)
     assert spec.facts["is_vlm"] is True
     assert spec.is_vlm is True
     assert spec.facts["vision_family"] == "llava"  # from the vision plugin
     assert spec.facts["vision_config"]["hidden_size"] == 32
+    assert spec.facts["text_architecture"] == "LlamaForCausalLM"
     assert spec.context_length == 512  # from text_config
-    verdicts = probe_backends(spec, EngineConfig(), host)
-    transformers = next(v for v in verdicts if v.name == "transformers")
-    assert transformers.supported is False
-    assert "vision-language" in transformers.reason
+    verdicts = {v.name: v for v in probe_backends(spec, EngineConfig(), host)}
+    assert verdicts["transformers"].supported is False
+    assert "vision-language" in verdicts["transformers"].reason
+    assert verdicts["pytorch"].supported is True
+    assert "images through the llava encoder" in verdicts["pytorch"].reason
+    assert choose_backend(list(verdicts.values())).chosen == "pytorch"
+
+
+def test_vlm_without_the_vision_plugin_is_refused_with_the_fix(vlm_dir):
+    host = load_plugins(only="pytorch")
+    verdicts = probe_backends(detected(vlm_dir, host), EngineConfig(), host)
     with pytest.raises(BackendError) as info:
         choose_backend(verdicts)
     message = str(info.value)
+    assert "enginehouse[vision]" in message
     for v in verdicts:
         assert f"{v.name} ({v.plugin}): {v.reason}" in message
 
@@ -369,5 +378,5 @@ def test_explain_with_an_unsupported_request_keeps_the_verdicts(llama_dir):
 def test_explain_a_vlm(vlm_dir):
     info = explain(str(vlm_dir))
     assert info["facts"]["is_vlm"] is True
-    assert info["chosen"] is None
-    assert "no installed backend can run this model" in info["error"]
+    assert info["facts"]["vision_encoder"] == "llava"
+    assert info["chosen"] == "pytorch" and info["error"] is None

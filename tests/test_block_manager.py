@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from enginehouse.config import GenerationConfig
+from enginehouse.multimodal import MultiModalData
 from enginehouse.engine.block_manager import BlockManager
 from enginehouse.engine.scheduler import Scheduler
 from enginehouse.engine.sequence import Sequence, Status
@@ -69,8 +70,10 @@ def test_prefix_match_shares_full_blocks_and_leaves_one_token() -> None:
     # A block matches only after the same parents: a change in block 1 stops the match there.
     forked = make_seq([0, 1, 2, 3, 4, 5, 6, 0, 8, 9, 10, 11, 12])
     assert bm.match_prefix(forked) == 4
+    # The same tokens with an image in block 0: its key holds the image's hash, so no match.
     other_extra = make_seq(tokens + [99])
-    assert bm.match_prefix(other_extra, extra=("image-hash",)) == 0
+    other_extra.mm, other_extra.mm_positions = MultiModalData({}, ("image-hash",)), [2]
+    assert bm.match_prefix(other_extra) == 0
     for seq in (first, same, longer, forked, other_extra):
         bm.free_seq(seq)
     assert bm.num_used == 0 and not any(bm.ref_count)

@@ -16,7 +16,13 @@ HOOKS = sorted(
 
 
 def test_there_are_hooks():
-    assert HOOKS == ["create_runner", "detect_architecture", "probe_backend", "register_commands"]
+    assert HOOKS == [
+        "create_runner",
+        "create_vision_encoder",
+        "detect_architecture",
+        "probe_backend",
+        "register_commands",
+    ]
 
 
 @pytest.mark.parametrize("hook", HOOKS)

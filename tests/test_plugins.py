@@ -24,7 +24,7 @@ INSTALLED = {
     # entry point name: (distribution, hooks)
     "pytorch": ("enginehouse-pytorch", ["create_runner", "probe_backend"]),
     "tensorrt": ("enginehouse-tensorrt", ["create_runner", "probe_backend", "register_commands"]),
-    "vision": ("enginehouse-vision", ["detect_architecture"]),
+    "vision": ("enginehouse-vision", ["create_vision_encoder", "detect_architecture"]),
 }
 
 BROKEN = """

@@ -310,7 +310,17 @@ def test_invalid_completion_requests_are_400(client, kw, param):
         (b"[1, 2]", "must be a JSON object"),
         (b'{"model": "tiny-llama"}', "'messages' is required"),
         (b'{"messages": "hello"}', "messages"),
-        (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "text-only"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "image_url part"),
+        (
+            b'{"messages": [{"role": "user", "content": [{"type": "image_url", '
+            b'"image_url": {"url": "data:image/png;base64,AAAA"}}]}]}',
+            "takes text only",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": [{"type": "image_url", '
+            b'"image_url": {"url": "file:///etc/passwd"}}]}]}',
+            "--allowed-local-media-path",
+        ),
         ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"}', "max_tokens"),
         ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "unpaired surrogate"),
     ],

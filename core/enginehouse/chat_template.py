@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ class ChatTemplate:
     def is_builtin(self) -> bool:
         return self.source.startswith("builtin:")
 
+    def reads_parts(self, tokenizer: Any) -> bool:
+        """Whether the template takes message content as a list of typed parts (the format of
+        transformers' VLM templates) rather than as a string."""
+        return _reads_parts(self.template, tokenizer)
+
     def render(self, tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True):
         if self.is_builtin:
             log.warning(
@@ -51,6 +57,18 @@ class ChatTemplate:
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
+
+
+@lru_cache(maxsize=16)
+def _reads_parts(template: str, tokenizer: Any) -> bool:
+    # Render a probe message given as a list of parts: a template that reads parts writes the
+    # probe's text; one that expects a string writes nothing of it (or fails).
+    probe = [{"role": "user", "content": [{"type": "text", "text": "PARTS-PROBE-1f6e"}]}]
+    try:
+        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception:
+        return False
+    return "PARTS-PROBE-1f6e" in text and "'type'" not in text
 
 
 def _template_text(override: str | Path) -> str:

@@ -213,6 +213,13 @@ def generate(
 @click.option("--backend", default=None, help="run on this backend (see explain)")
 @click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
 @click.option(
+    "--allowed-local-media-path",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="clients may name image files (file://) under this folder; otherwise images come "
+    "inline (data:) or from --allowed-media-domains",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -229,6 +236,7 @@ def serve(
     chat_template: str | None,
     backend: str | None,
     revision: str | None,
+    allowed_local_media_path: str | None,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -251,7 +259,7 @@ def serve(
     ) as pipe:
         name = served_model_name or model
         click.echo(f"serving {model} as {name!r} on backend {pipe.backend}", err=True)
-        run_server(pipe, host, port, name, api_key or None, log_level)
+        run_server(pipe, host, port, name, api_key or None, log_level, allowed_local_media_path)
 
 
 @cli.command()

@@ -105,6 +105,10 @@ class EngineConfig(BaseModel):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
     eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
+    allowed_media_domains: list[str] = Field(
+        default_factory=list,
+        description="domains images may be fetched from over http(s) (default: none)",
+    )
 
     @field_validator("kv_cache_memory")
     @classmethod
@@ -135,6 +139,14 @@ class EngineConfig(BaseModel):
                 "(every running sequence needs one token per decode step)"
             )
         return self
+
+    @field_validator("allowed_media_domains", mode="before")
+    @classmethod
+    def _domain_list(cls, v: Any) -> Any:
+        # The command line gives one string: "a.com,b.org".
+        if isinstance(v, str):
+            return [d.strip().lower() for d in v.split(",") if d.strip()]
+        return v
 
     @classmethod
     def coerce(cls, value: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import click
 
     from .config import EngineConfig
+    from .multimodal import VisionEncoder
     from .runner import ModelRunner
     from .spec import BackendProbe, ModelSpec
 
@@ -62,6 +63,19 @@ def create_runner(backend: str, spec: ModelSpec, config: EngineConfig) -> ModelR
     The first plugin that returns something wins, so return ``None`` for backends you do not
     own. The runner must follow :class:`enginehouse.runner.ModelRunner`; its weights are loaded
     afterwards by the core through ``runner.load(progress)``, so building it should be quick.
+    """
+
+
+@hookspec(firstresult=True)
+def create_vision_encoder(spec: ModelSpec, config: EngineConfig) -> VisionEncoder | None:
+    """Build the image side of a vision-language model (``spec.is_vlm``).
+
+    Called once by ``pipeline()`` for a VLM, after the runner is built; the first plugin that
+    returns something wins. The encoder follows :class:`enginehouse.multimodal.VisionEncoder`:
+    it loads images and runs the model's processor (``prepare``), then embeds the images on the
+    language model's device (``load``, ``encode``). The engine hands those embeddings to the
+    runner for the image positions (``SeqChunk.embeds``). Building it should be quick; the
+    weights load in ``load``. Return ``None`` for models you do not handle.
     """
 
 

@@ -18,6 +18,15 @@ from .config import EngineConfig, GenerationConfig, coerce_generation_config
 from .detect import detect_architecture
 from .engine import AsyncEngine, LLMEngine, RequestOutput
 from .errors import BackendError, InvalidModelError, RequestError
+from .multimodal import (
+    IMAGE_PART,
+    PreparedPrompt,
+    VisionEncoder,
+    check_placeholders,
+    flatten_parts,
+    image_prompt,
+    split_images,
+)
 from .plugins import PluginHost, get_plugins
 from .resolve import resolve_model
 from .response import Response
@@ -25,7 +34,8 @@ from .runner import ModelRunner
 from .spec import ModelSpec, read_model_spec
 
 Message = Mapping[str, Any]
-Prompt = str | Sequence[Message] | Mapping[str, Any]
+# A string, a message list, {"token_ids": [...]}, or (text, image or images) for a VLM.
+Prompt = str | Sequence[Message] | Mapping[str, Any] | tuple[str, Any]
 GenConfigs = GenerationConfig | Mapping[str, Any] | Sequence[GenerationConfig] | None
 
 
@@ -139,11 +149,45 @@ def _build_engine(
     tokenizer: Any,
 ) -> LLMEngine:
     runner = build_runner(decision, spec, config, plugins, progress)
+    vision = None
     try:
-        return LLMEngine(runner, tokenizer, spec, config)
+        if spec.is_vlm:
+            vision = build_vision_encoder(spec, config, plugins, runner, progress)
+        return LLMEngine(runner, tokenizer, spec, config, vision)
     except BaseException:
         runner.close()
+        if vision is not None:
+            vision.close()
         raise
+
+
+def build_vision_encoder(
+    spec: ModelSpec,
+    config: EngineConfig,
+    plugins: PluginHost,
+    runner: ModelRunner,
+    progress: bool = True,
+) -> VisionEncoder:
+    """The image side of a VLM, loaded on the language model's device and in its dtype."""
+    encoder = plugins.hook.create_vision_encoder(spec=spec, config=config)
+    if encoder is None:
+        raise BackendError(
+            f"{spec.architecture} is a vision-language model but no installed plugin can encode "
+            "its images; install the vision plugin: pip install 'enginehouse[vision]'"
+        )
+    encoder.load(runner.kv_spec.device, runner.kv_spec.dtype, progress)
+    return encoder
+
+
+def _is_image_prompt(prompt: Any, vlm: bool) -> bool:
+    # ("text", image): a str second item is an image path or URL only for a VLM; for a text
+    # model a pair of strings stays a batch of two prompts.
+    return (
+        isinstance(prompt, tuple)
+        and len(prompt) == 2
+        and isinstance(prompt[0], str)
+        and (vlm or not isinstance(prompt[1], str))
+    )
 
 
 def _is_conversation(prompt: Any) -> bool:
@@ -175,36 +219,75 @@ class Pipeline:
     def backend(self) -> str | None:
         return self.backend_decision.chosen
 
+    @property
+    def vision(self) -> VisionEncoder | None:
+        """The image encoder of a vision-language model; None for a text model."""
+        return self.engine.engine.vision
+
     # --- inputs -----------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int]:
-        """Token ids for one prompt: a string, a message list, or {"token_ids": [...]}."""
+        """Token ids for one prompt: a string, a message list, or {"token_ids": [...]}.
+
+        A prompt with images has its placeholders expanded; `prepare` also gives its images.
+        """
+        return self.prepare(prompt, apply_chat_template).token_ids
+
+    def prepare(self, prompt: Prompt, apply_chat_template: bool = True) -> PreparedPrompt:
+        """One prompt as the engine takes it: token ids, and for a VLM its images."""
         if isinstance(prompt, Mapping):
             if "token_ids" not in prompt:
                 raise RequestError("a dict prompt must be {'token_ids': [...]}")
-            return [int(t) for t in prompt["token_ids"]]
+            return PreparedPrompt([int(t) for t in prompt["token_ids"]])
+        vision = self.vision
+        body, images = prompt, []
+        if _is_image_prompt(prompt, vision is not None) or _is_conversation(prompt):
+            split = split_images(prompt)
+            body, images = split.prompt, split.images
+        if images and vision is None:
+            raise RequestError(
+                f"{self.spec.architecture} takes text only, but the prompt has images; use a "
+                "vision-language model (see `enginehouse explain MODEL`)"
+            )
+        image_token = vision.image_token if vision is not None else ""
+        text, special = self._text(body, images, apply_chat_template, image_token)
+        if not images:
+            return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
+        check_placeholders(text, len(images), image_token)
+        assert vision is not None
+        return vision.prepare(text, images, special)
+
+    def _text(
+        self, prompt: Any, images: list[Any], apply_chat_template: bool, image_token: str
+    ) -> tuple[str, bool]:
+        """The prompt's text, and whether tokenizing it adds special tokens (not after a
+        template: the template already wrote any BOS token, and it would double)."""
         if isinstance(prompt, str):
-            if apply_chat_template and not self.chat_template.is_builtin:
-                prompt = [{"role": "user", "content": prompt}]
-            else:
-                return self.tokenizer.encode(prompt)
+            if not apply_chat_template or self.chat_template.is_builtin:
+                return image_prompt(prompt, len(images), image_token), True
+            content: Any = prompt
+            if images:
+                content = [IMAGE_PART] * len(images) + [{"type": "text", "text": prompt}]
+            prompt = [{"role": "user", "content": content}]
         if not _is_conversation(prompt):
             raise RequestError(
-                "a prompt must be a string, a list of {'role', 'content'} messages, or "
-                f"{{'token_ids': [...]}}; got {type(prompt).__name__}"
+                "a prompt must be a string, a list of {'role', 'content'} messages, "
+                "(text, image), or {'token_ids': [...]}; got " + type(prompt).__name__
             )
+        messages = [dict(m) for m in prompt]
+        if not self.chat_template.reads_parts(self.tokenizer):
+            messages = flatten_parts(messages, image_token)
         try:
-            text = self.chat_template.render(self.tokenizer, [dict(m) for m in prompt])
+            return self.chat_template.render(self.tokenizer, messages), False
         except Exception as e:  # a template may reject a conversation (roles, order)
             raise RequestError(f"the chat template rejected the messages: {e}") from e
-        # The template already wrote any BOS token; adding special tokens would double it.
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _batch(self, prompts: Any) -> tuple[list[Prompt], bool]:
         single = (
             isinstance(prompts, (str, Mapping))
             or not isinstance(prompts, Sequence)
             or _is_conversation(prompts)
+            or _is_image_prompt(prompts, self.vision is not None)
         )
         return ([prompts] if single else list(prompts)), single
 
@@ -267,9 +350,13 @@ class Pipeline:
         try:
             for i, (prompt, cfg) in enumerate(zip(items, configs)):
                 try:
-                    ids = self.encode(prompt, apply_chat_template)
+                    prepared = self.prepare(prompt, apply_chat_template)
                     rid = self.engine.submit(
-                        ids, cfg, lambda o, i=i: q.put((i, o)), score_only=score_only
+                        prepared.token_ids,
+                        cfg,
+                        lambda o, i=i: q.put((i, o)),
+                        score_only=score_only,
+                        mm=prepared.mm,
                     )
                 except RequestError as e:
                     if raise_single:

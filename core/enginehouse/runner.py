@@ -40,6 +40,11 @@ class SeqChunk:
     block_table: tuple[int, ...]
     # Positions (0-based within this chunk) whose logits the engine needs back.
     logits_at: tuple[int, ...] = ()
+    # Image positions (0-based within this chunk) and their embeddings, one row each: the model
+    # takes these rows instead of looking the tokens up. Only runners whose probe accepts
+    # vision-language models ever get them.
+    embed_rows: tuple[int, ...] = ()
+    embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def end_pos(self) -> int:

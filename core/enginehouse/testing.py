@@ -163,3 +163,74 @@ def build_model(folder: Path, config: Any, chat_template: str | None = CHATML_TE
     model.generation_config.do_sample = False
     model.save_pretrained(folder)
     return folder
+
+
+# A chat template that reads content parts, as the templates of transformers' VLMs do.
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VISION_TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=56,  # 4x4 patches of 14 pixels: 16 image tokens per LLaVA image
+    patch_size=14,
+    projection_dim=32,
+    initializer_range=0.2,
+)
+
+
+def build_vlm(folder: Path, family: str = "llava", chat_template: str = PARTS_TEMPLATE) -> Path:
+    """A small random-weight LLaVA or LLaVA-NeXT with its processor, saved like a hub model."""
+    import torch
+    import transformers as tf
+
+    tokenizer = build_tokenizer(folder, 512, chat_template)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(folder)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = tf.LlamaConfig(**TINY, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = tf.CLIPVisionConfig(**VISION_TINY)
+    size = VISION_TINY["image_size"]
+    common = dict(image_size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if family == "llava":
+        config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
+        images = tf.CLIPImageProcessor(**common)
+        processor = tf.LlavaProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    elif family == "llava_next":
+        grid = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+        config = tf.LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=image_id,
+            image_grid_pinpoints=grid,
+        )
+        images = tf.LlavaNextImageProcessor(**common, image_grid_pinpoints=grid)
+        processor = tf.LlavaNextProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    else:
+        raise ValueError(f"no test VLM for {family!r}")
+    processor.chat_template = chat_template
+    torch.manual_seed(0)
+    cls = getattr(tf, type(config).__name__.replace("Config", "ForConditionalGeneration"))
+    model = cls(config)
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..config import GenerationConfig
 from ..errors import RequestError
+from ..multimodal import MultiModalData
 from .llm_engine import LLMEngine
 from .sequence import RequestOutput
 
@@ -79,6 +80,7 @@ class AsyncEngine:
         sink: Sink,
         request_id: str | None = None,
         score_only: bool = False,
+        mm: MultiModalData | None = None,
     ) -> str:
         """Queue a request; raises `RequestError` at once when it cannot be served."""
         if self._closed:
@@ -86,7 +88,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._sinks:
             raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
-        self.engine.validate(prompt_ids, params, score_only)
+        self.engine.validate(prompt_ids, params, score_only, mm)
 
         def add() -> None:
             if request_id in self._sinks:  # lost a race with a request of the same id
@@ -100,7 +102,7 @@ class AsyncEngine:
                 )
                 return
             self._sinks[request_id] = sink
-            self.engine.add_request(request_id, prompt_ids, params, score_only)
+            self.engine.add_request(request_id, prompt_ids, params, score_only, mm)
             self._wake.set()
 
         self.loop.call_soon_threadsafe(add)

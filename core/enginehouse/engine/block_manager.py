@@ -1,9 +1,10 @@
 """Backend-agnostic KV block bookkeeping: block tables, reference counts, the prefix cache.
 
 Blocks hold `block_size` tokens. A full block is registered under a key made of its parent
-block's hash, its tokens and any extra keys (an image hash), so a later sequence that starts
-with the same tokens can share it. Freed blocks keep their contents and stay findable until
-they are reused, least recently freed first.
+block's hash, its tokens and the hashes of any images whose tokens it holds
+(`Sequence.block_extra`), so a later sequence that starts with the same tokens can share it.
+Freed blocks keep their contents and stay findable until they are reused, least recently freed
+first.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class BlockManager:
             del self.free[block]
         self.ref_count[block] += 1
 
-    def match_prefix(self, seq: Sequence, extra: tuple = ()) -> int:
+    def match_prefix(self, seq: Sequence) -> int:
         """Share the longest cached prefix of `seq`'s tokens; returns how many tokens it covers.
 
         At least one token is always left to compute, so that its logits can be sampled.
@@ -55,7 +56,7 @@ class BlockManager:
             return 0
         bs, parent = self.block_size, 0
         for i in range((seq.num_tokens - 1) // bs):
-            key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], extra)
+            key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
             block = self.cached.get(key)
             if block is None:
                 break
@@ -83,14 +84,14 @@ class BlockManager:
             self.ref_count[block] = 1
             seq.block_table.append(block)
 
-    def commit(self, seq: Sequence, extra: tuple = ()) -> None:
+    def commit(self, seq: Sequence) -> None:
         """Register the blocks `seq` has completely computed so later sequences can share them."""
         if not self.prefix_caching:
             return
         bs = self.block_size
         parent = seq.block_hashes[-1] if seq.block_hashes else 0
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
-            key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], extra)
+            key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
             block = seq.block_table[i]
             if key not in self.cached:
                 self.cached[key] = block

@@ -18,6 +18,7 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig
 from ..errors import EnginehouseError, RequestError
+from ..multimodal import MultiModalData, VisionEncoder
 from ..runner import ModelRunner, ScheduledBatch
 from ..spec import ModelSpec
 from .block_manager import BlockManager
@@ -96,9 +97,15 @@ def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) 
 
 class LLMEngine:
     def __init__(
-        self, runner: ModelRunner, tokenizer: Any, spec: ModelSpec, config: EngineConfig
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        spec: ModelSpec,
+        config: EngineConfig,
+        vision: VisionEncoder | None = None,
     ) -> None:
         self.runner = runner
+        self.vision = vision  # turns a prompt's images into embeddings (VLMs only)
         self.tokenizer = tokenizer
         self.config = config
         self.session_len = session_length(spec, config)
@@ -120,11 +127,17 @@ class LLMEngine:
     # --- called from any thread -------------------------------------------------------------
 
     def validate(
-        self, prompt_ids: list[int], params: GenerationConfig, score_only: bool = False
+        self,
+        prompt_ids: list[int],
+        params: GenerationConfig,
+        score_only: bool = False,
+        mm: MultiModalData | None = None,
     ) -> None:
         """Raise `RequestError` for a request the engine cannot serve; changes nothing."""
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
+        if mm is not None:
+            self._validate_images(prompt_ids, mm)
         for what, ids in (("token id", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
@@ -139,18 +152,32 @@ class LLMEngine:
                 "raise EngineConfig(session_len=...) up to the model's context length"
             )
 
+    def _validate_images(self, prompt_ids: list[int], mm: MultiModalData) -> None:
+        if self.vision is None:
+            raise RequestError(
+                "this model takes text only, but the prompt has images; use a vision-language "
+                "model (see `enginehouse explain MODEL`)"
+            )
+        found = prompt_ids.count(self.vision.image_token_id)
+        if found != mm.num_image_tokens:
+            raise RequestError(
+                f"the prompt has {found} image token positions but its images make "
+                f"{mm.num_image_tokens}; let the pipeline expand the image placeholders"
+            )
+
     def add_request(
         self,
         request_id: str,
         prompt_ids: list[int],
         params: GenerationConfig,
         score_only: bool = False,
+        mm: MultiModalData | None = None,
     ) -> None:
-        self.validate(prompt_ids, params, score_only)
+        self.validate(prompt_ids, params, score_only, mm)
         queued = (p[0] for kind, p in list(self._inbox) if kind == "add")
         if request_id in self._seqs or request_id in queued:
             raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
-        self._inbox.append(("add", (request_id, list(prompt_ids), params, score_only)))
+        self._inbox.append(("add", (request_id, list(prompt_ids), params, score_only, mm)))
 
     def abort(self, request_id: str) -> None:
         self._inbox.append(("abort", request_id))
@@ -205,16 +232,57 @@ class LLMEngine:
         return outputs + [self._finish(seq, reason, error) for seq in list(self._seqs.values())]
 
     def _drain_inbox(self) -> list[RequestOutput]:
-        outputs = []
+        outputs, with_images = [], []
         while self._inbox:
             kind, payload = self._inbox.popleft()
             if kind == "add":
-                self._add(*payload)
+                seq = self._add(*payload)
+                if seq.mm is not None:
+                    with_images.append(seq)
             elif payload in self._seqs:
                 outputs.append(self._finish(self._seqs[payload], "abort"))
+        if with_images:
+            outputs.extend(self._encode_images(with_images))
         return outputs
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: GenerationConfig, score: bool):
+    def _encode_images(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Embed the new requests' images in one batch; when that fails, one request at a
+        time, so that only the request whose images fail ends with the error."""
+        assert self.vision is not None
+        try:
+            embeds = self.vision.encode([s.mm for s in seqs])  # type: ignore[misc]
+            results = [(s, e, None) for s, e in zip(seqs, embeds)]
+        except Exception:
+            results = [self._encode_one(s) for s in seqs]
+        outputs = []
+        for seq, rows, error in results:
+            if error is None and len(rows) != len(seq.mm_positions):
+                error = (
+                    f"the vision encoder made {len(rows)} embeddings for "
+                    f"{len(seq.mm_positions)} image positions"
+                )
+            if error is None:
+                seq.mm_embeds = rows
+            else:
+                outputs.append(self._finish(seq, "error", error))
+        return outputs
+
+    def _encode_one(self, seq: Sequence) -> tuple[Sequence, Any, str | None]:
+        assert self.vision is not None and seq.mm is not None
+        try:
+            return seq, self.vision.encode([seq.mm])[0], None
+        except Exception as e:
+            log.exception("the vision encoder failed on request %s", seq.request_id)
+            return seq, None, f"the vision encoder failed: {type(e).__name__}: {e}"
+
+    def _add(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: GenerationConfig,
+        score: bool,
+        mm: MultiModalData | None = None,
+    ) -> Sequence:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_ids
         )
@@ -236,8 +304,13 @@ class LLMEngine:
                 self.tokenizer, prompt_ids, params.skip_special_tokens
             ),
         )
+        if mm is not None and self.vision is not None:
+            image_id = self.vision.image_token_id
+            seq.mm = mm
+            seq.mm_positions = [i for i, t in enumerate(prompt_ids) if t == image_id]
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+        return seq
 
     def _score(self, seq: Sequence, start: int, logits: torch.Tensor) -> list[RequestOutput]:
         # Position p predicts token p+1; the prompt's last position predicts nothing we know.

@@ -38,6 +38,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free_seq(seq)
         seq.status = Status.FINISHED
+        seq.mm, seq.mm_embeds = None, None  # the images' memory goes with the request
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -55,12 +56,15 @@ class Scheduler:
             logits_at = tuple(range(n))  # every position scores the token after it
         else:
             logits_at = (n - 1,) if reaches_end else ()
+        embed_rows, embeds = seq.embeds_between(start, start + n)
         return SeqChunk(
             seq_id=seq.seq_id,
             token_ids=tuple(seq.token_ids[start : start + n]),
             start_pos=start,
             block_table=tuple(seq.block_table),
             logits_at=logits_at,
+            embed_rows=embed_rows,
+            embeds=embeds,
         )
 
     def schedule(self) -> list[tuple[Sequence, SeqChunk]]:

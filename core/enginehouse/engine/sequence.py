@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import GenerationConfig
+from ..multimodal import MultiModalData
 
 
 class Status(enum.Enum):
@@ -57,10 +59,36 @@ class Sequence:
     prompt_logprob_sum: float = 0.0
     finish_reason: str | None = None
     admitted: bool = False
+    # Images: their data until encoded, then one embedding row per image position.
+    mm: MultiModalData | None = None
+    mm_positions: list[int] = field(default_factory=list)
+    mm_embeds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+
+    def embeds_between(self, start: int, end: int) -> tuple[tuple[int, ...], torch.Tensor | None]:
+        """The image positions in [start, end), relative to `start`, and their embeddings."""
+        if self.mm_embeds is None:
+            return (), None
+        a = bisect.bisect_left(self.mm_positions, start)
+        b = bisect.bisect_left(self.mm_positions, end)
+        if a == b:
+            return (), None
+        rows = tuple(p - start for p in self.mm_positions[a:b])
+        return rows, self.mm_embeds[a:b]
+
+    def block_extra(self, block: int, block_size: int) -> tuple:
+        """The prefix-cache key's extra part for one block: the prompt's image hashes when the
+        block holds image tokens, so blocks of different images are never shared."""
+        if self.mm is None:
+            return ()
+        start = block * block_size
+        i = bisect.bisect_left(self.mm_positions, start)
+        if i < len(self.mm_positions) and self.mm_positions[i] < start + block_size:
+            return self.mm.image_hashes
+        return ()
 
     @property
     def num_tokens(self) -> int:

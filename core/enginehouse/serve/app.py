@@ -86,14 +86,18 @@ class _Gate:
 
 
 def create_app(
-    pipe: Pipeline, model_name: str | None = None, api_key: str | None = None
+    pipe: Pipeline,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    local_media_path: str | None = None,
 ) -> FastAPI:
     """An app serving `pipe` under `model_name` (default: the model's id).
 
     With `api_key`, every endpoint but `/health` requires `Authorization: Bearer <api_key>`.
+    Image URLs may name local files (file://) only under `local_media_path`.
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
-    state = ServerState(pipe, model_name or pipe.spec.model_id)
+    state = ServerState(pipe, model_name or pipe.spec.model_id, local_media_path)
     app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(_Gate, state=state, api_key=api_key)

@@ -17,11 +17,14 @@ from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, s
 async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(req.model)
+    for message in req.messages:
+        for url in message.image_urls():
+            state.check_image_url(url)
     messages = [m.for_template() for m in req.messages]
-    prompt_ids = state.encode(messages, "messages", apply_chat_template=True)
-    configs = state.configs(req, len(prompt_ids))
-    response_id, generation = state.start("chatcmpl", [(prompt_ids, c) for c in configs])
-    chat = _Chat(state, req, response_id, len(prompt_ids))
+    prompt = state.prepare(messages, "messages", apply_chat_template=True)
+    configs = state.configs(req, len(prompt.token_ids))
+    response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
+    chat = _Chat(state, req, response_id, len(prompt.token_ids))
     return await respond(request, generation, chat, req.num_choices)
 
 

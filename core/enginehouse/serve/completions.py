@@ -22,11 +22,15 @@ async def create_completion(state: ServerState, request: Request) -> Any:
     req: CompletionRequest = parse(CompletionRequest, await read_json(request))
     state.check_model(req.model)
     prompts = [
-        state.encode(p if isinstance(p, str) else {"token_ids": p}, "prompt") for p in req.prompts
+        state.prepare(p if isinstance(p, str) else {"token_ids": p}, "prompt") for p in req.prompts
     ]
-    choices = [(ids, config) for ids in prompts for config in state.configs(req, len(ids))]
+    choices = [
+        (prompt, config)
+        for prompt in prompts
+        for config in state.configs(req, len(prompt.token_ids))
+    ]
     response_id, generation = state.start("cmpl", choices)
-    completion = _Completion(state, req, response_id, [len(p) for p in prompts])
+    completion = _Completion(state, req, response_id, [len(p.token_ids) for p in prompts])
     return await respond(request, generation, completion, len(choices))
 
 

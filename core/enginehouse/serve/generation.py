@@ -17,6 +17,7 @@ from fastapi import Request
 
 from ..config import GenerationConfig
 from ..engine import RequestOutput
+from ..multimodal import PreparedPrompt
 from ..pipeline import Pipeline
 from ..response import Response
 from .metrics import ServerMetrics
@@ -39,13 +40,13 @@ class Generation:
         self._last_token: dict[int, float] = {}
         self._to_read = 0
 
-    def start(self, choices: list[tuple[list[int], GenerationConfig]]) -> None:
+    def start(self, choices: list[tuple[PreparedPrompt, GenerationConfig]]) -> None:
         """Submit every choice; raises `RequestError` before submitting any when one is bad."""
-        for ids, config in choices:
-            self.pipe.engine.engine.validate(ids, config)
+        for prompt, config in choices:
+            self.pipe.engine.engine.validate(prompt.token_ids, config, mm=prompt.mm)
         loop = asyncio.get_running_loop()
         try:
-            for index, (ids, config) in enumerate(choices):
+            for index, (prompt, config) in enumerate(choices):
 
                 def sink(out: RequestOutput, index: int = index) -> None:
                     try:
@@ -53,7 +54,9 @@ class Generation:
                     except RuntimeError:  # the server's loop has closed; nobody listens
                         pass
 
-                rid = self.pipe.engine.submit(ids, config, sink, f"{self.request_id}-{index}")
+                rid = self.pipe.engine.submit(
+                    prompt.token_ids, config, sink, f"{self.request_id}-{index}", mm=prompt.mm
+                )
                 self._running[rid] = index
                 self._to_read += 1
         except BaseException:  # the engine closed under us: stop what did start

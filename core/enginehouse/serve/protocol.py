@@ -38,26 +38,34 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | None = None
+    # A string, or OpenAI's list of parts: text, and image_url for a vision-language model.
+    content: str | list[dict[str, Any]] | None = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, v: Any) -> Any:
-        # Content may be a list of parts; only text parts have a meaning for a text model.
+    def _parts(cls, v: Any) -> Any:
         if not isinstance(v, list):
             return v
-        texts = []
         for part in v:
-            if not isinstance(part, Mapping) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs a string 'text'")
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, Mapping) else None
+                if not isinstance(url, str):
+                    raise ValueError("an image_url part needs {'image_url': {'url': '...'}}")
+            else:
                 raise ValueError(
-                    f"only text content parts are supported, got a {kind!r} part; "
-                    "this server runs a text-only model"
+                    f"content parts of type {kind!r} are not supported; use 'text' or 'image_url'"
                 )
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a text content part needs a string 'text'")
-            texts.append(part["text"])
-        return "\n".join(texts)
+        return v
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [p["image_url"]["url"] for p in self.content if p["type"] == "image_url"]
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (`developer` is OpenAI's new `system`)."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import time
+import urllib.parse
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -13,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..config import GenerationConfig
 from ..errors import RequestError
+from ..multimodal import PreparedPrompt
 from ..pipeline import Pipeline
 from ..response import Response
 from .errors import APIError, bad_request
@@ -24,9 +28,13 @@ GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
 class ServerState:
-    def __init__(self, pipe: Pipeline, model_name: str) -> None:
+    def __init__(
+        self, pipe: Pipeline, model_name: str, local_media_path: str | Path | None = None
+    ) -> None:
         self.pipe = pipe
         self.model_name = model_name
+        # Clients may name image files on this machine only under this folder.
+        self.local_media = Path(local_media_path).resolve() if local_media_path else None
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         self.session_len: int = pipe.engine.engine.session_len
@@ -54,11 +62,29 @@ class ServerState:
                 "model_not_found",
             )
 
-    def encode(self, prompt: Any, param: str, apply_chat_template: bool = False) -> list[int]:
+    def check_image_url(self, url: str) -> None:
+        """Clients send images inline or by http(s) URL; a local file only under the folder
+        the server was started with (--allowed-local-media-path)."""
+        scheme = urllib.parse.urlparse(url).scheme.lower()
+        if scheme in ("data", "http", "https"):
+            return
+        if scheme == "file" and self.local_media is not None:
+            path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)).resolve()
+            if path.is_relative_to(self.local_media):
+                return
+        raise bad_request(
+            f"image URL {url[:60]!r} is not allowed: send the image as a data: URL or an "
+            "http(s) URL; file:// URLs are read only under the server's "
+            "--allowed-local-media-path",
+            "messages",
+        )
+
+    def prepare(self, prompt: Any, param: str, apply_chat_template: bool = False) -> PreparedPrompt:
         try:
-            ids = self.pipe.encode(prompt, apply_chat_template)
+            prepared = self.pipe.prepare(prompt, apply_chat_template)
         except RequestError as e:
             raise bad_request(str(e), param) from e
+        ids = prepared.token_ids
         if len(ids) >= self.session_len:
             raise bad_request(
                 f"the prompt has {len(ids)} tokens but this model's context holds "
@@ -66,7 +92,7 @@ class ServerState:
                 "(the server's context is set with --session-len)",
                 param,
             )
-        return ids
+        return prepared
 
     def configs(self, req: GenerationRequest, prompt_len: int) -> list[GenerationConfig]:
         """One engine config per choice, with max_tokens checked against the context."""
@@ -91,7 +117,7 @@ class ServerState:
         ]
 
     def start(
-        self, prefix: str, choices: list[tuple[list[int], GenerationConfig]]
+        self, prefix: str, choices: list[tuple[PreparedPrompt, GenerationConfig]]
     ) -> tuple[str, Generation]:
         """A response id, and the generation of every choice, started."""
         response_id = f"{prefix}-{uuid.uuid4().hex}"

@@ -17,10 +17,10 @@ from enginehouse.engine.llm_engine import session_length
 from enginehouse.errors import InvalidModelError
 
 from .native import cpu_kernels
-from .native.arch import Arch, arch_from_config
+from .native.arch import Arch, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
-from .native.model import DecoderLM
+from .native.model import DecoderLM, Embeds
 from .native.rope import rope_table
 from .native.weights import load_safetensors
 
@@ -31,7 +31,11 @@ class NativeRunner:
     def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
         self.spec = spec
         self.config = config
-        self.arch: Arch = arch_from_config(spec.architecture, spec.config)
+        self.arch: Arch = arch_from_config(
+            *language_model(spec.architecture, spec.config, spec.facts)
+        )
+        # A VLM's checkpoint also holds the vision tower: load only the language model's part.
+        self.prefixes = spec.facts.get("text_weight_prefixes") if spec.is_vlm else None
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
         self.context = session_length(spec, config)
@@ -78,7 +82,7 @@ class NativeRunner:
                 model = DecoderLM(self.arch, self.kernel)
         finally:
             torch.set_default_dtype(default)
-        load_safetensors(model, files, progress)
+        load_safetensors(model, files, progress, self.prefixes)
         model.finish_loading(pack=can_pack(self.device, self.dtype))
         self.model = model.eval()
         cos, sin = rope_table(self.arch, max(self.context, 1))
@@ -183,9 +187,18 @@ class NativeRunner:
             at += len(c.token_ids)
         rows = [offsets[c.seq_id] + i for c in chunks for i in c.logits_at]
         ids = torch.tensor([t for c in order for t in c.token_ids], device=self.device)
-        hidden = self.model(ids, meta, self.kv)
+        hidden = self.model(ids, meta, self.kv, self._embeds(order, offsets))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden.index_select(0, index)).float()
+
+    def _embeds(self, order: list[SeqChunk], offsets: dict[int, int]) -> Embeds | None:
+        """Image embeddings and the packed rows they replace (VLM prompts only)."""
+        with_embeds = [c for c in order if c.embeds is not None]
+        if not with_embeds:
+            return None
+        rows = [offsets[c.seq_id] + r for c in with_embeds for r in c.embed_rows]
+        values = torch.cat([c.embeds for c in with_embeds])  # type: ignore[misc]
+        return torch.tensor(rows, device=self.device), values.to(self.device, self.dtype)
 
     def close(self) -> None:
         self.kv = []

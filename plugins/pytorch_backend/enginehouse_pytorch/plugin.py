@@ -24,8 +24,8 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     if spec.is_vlm:
         return verdict(
             False,
-            "a vision-language model: the transformers runner takes text only, and the "
-            "vision plugin's image path is not implemented yet",
+            "a vision-language model: the transformers runner takes text only; the native "
+            "pytorch backend runs the supported VLM families",
         )
     arch = spec.architecture
     if arch in _causal_lm_classes():
@@ -40,23 +40,29 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
 
 def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     # arch.py is a small, torch-free module: cheap enough for a probe.
-    from .native.arch import UnsupportedModel, arch_from_config
+    from .native.arch import UnsupportedModel, arch_from_config, language_model
 
     def verdict(supported: bool, reason: str) -> BackendProbe:
         return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason)
 
-    if spec.is_vlm:
-        return verdict(False, "a vision-language model: native image input is not implemented")
+    encoder = spec.facts.get("vision_encoder")
+    if spec.is_vlm and not encoder:
+        why = spec.facts.get("vision_unsupported") or (
+            "no installed plugin encodes its images; pip install 'enginehouse[vision]'"
+        )
+        return verdict(False, f"a vision-language model: {why}")
     try:
-        arch = arch_from_config(spec.architecture, spec.config)
+        arch = arch_from_config(*language_model(spec.architecture, spec.config, spec.facts))
     except UnsupportedModel as e:
         return verdict(False, str(e))
     if not any(f.endswith(".safetensors") for f in spec.weight_files):
         return verdict(False, "the native loader reads *.safetensors only; this has none")
     window = " with sliding window" if any(arch.windows) else ""
     moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
+    images = f", images through the {encoder} encoder" if encoder else ""
     return verdict(
-        True, f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels"
+        True,
+        f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}",
     )
 
 

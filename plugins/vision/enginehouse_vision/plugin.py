@@ -1,33 +1,50 @@
-"""Hooks of the vision plugin: recognise vision-language models from their config.
+"""Hooks of the vision plugin: recognise vision-language models, and build their image encoder.
 
-Running them (the vision tower, the projector, image inputs) is not implemented yet, so this
-plugin only adds facts; `enginehouse explain` shows them and the backends' reasons.
+`detect_architecture` says which encoder handles a VLM (or why none does) and describes the
+language model inside it (`text_architecture`, `text_config`, `text_weight_prefixes`), so that
+a text backend such as the native `pytorch` one can run that part and take the image
+embeddings for the placeholder positions.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from enginehouse import ModelSpec, hookimpl
+from enginehouse import EngineConfig, ModelSpec, hookimpl
 
-# Architectures known to be vision-language models even where the config nests differently.
-KNOWN_VLMS = {
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextForConditionalGeneration": "llava_next",
-    "Qwen2VLForConditionalGeneration": "qwen2_vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-}
+from .families import FAMILIES, TEXT_WEIGHT_PREFIXES, image_token_id, text_model
 
 
 @hookimpl
 def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
-    family = KNOWN_VLMS.get(spec.architecture)
+    family = FAMILIES.get(spec.architecture)
     vision_config = spec.config.get("vision_config")
     if family is None and not isinstance(vision_config, dict):
         return None
-    return {
+    facts: dict[str, Any] = {
         "is_vlm": True,
-        "vision_family": family or spec.model_type,
+        "vision_family": family.name if family else spec.model_type,
         "vision_config": dict(vision_config) if isinstance(vision_config, dict) else None,
-        "vision_encoder": None,  # none implemented yet
+        "image_token_id": image_token_id(spec.config),
     }
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        facts["vision_unsupported"] = f"no image encoder for {spec.architecture} (known: {known})"
+    elif family.model_class is None:
+        facts["vision_unsupported"] = family.unsupported
+    else:
+        facts["vision_encoder"] = family.name
+    text = text_model(spec.config)
+    if text is not None:
+        facts["text_architecture"], facts["text_config"] = text
+        facts["text_weight_prefixes"] = dict(TEXT_WEIGHT_PREFIXES)
+    return facts
+
+
+@hookimpl
+def create_vision_encoder(spec: ModelSpec, config: EngineConfig):
+    if not spec.facts.get("vision_encoder"):
+        return None
+    from .encoder import HFVisionEncoder
+
+    return HFVisionEncoder(spec, config)

@@ -214,6 +214,22 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
+def language_model(
+    architecture: str, config: Mapping[str, Any], facts: Mapping[str, Any]
+) -> tuple[str, Mapping[str, Any]]:
+    """The architecture and config of the text model to run: the model itself, or the language
+    model inside a vision-language model, as the vision plugin describes it."""
+    if facts.get("is_vlm"):
+        text_arch, text_config = facts.get("text_architecture"), facts.get("text_config")
+        if not text_arch or not isinstance(text_config, Mapping):
+            raise UnsupportedModel(
+                f"{architecture} is a vision-language model whose language model is not "
+                "described (no text_config the vision plugin could read)"
+            )
+        return text_arch, text_config
+    return architecture, config
+
+
 def arch_from_config(architecture: str, config: Mapping[str, Any]) -> Arch:
     """The `Arch` of a checkpoint, or `UnsupportedModel` saying what is missing."""
     read = FAMILIES.get(architecture)

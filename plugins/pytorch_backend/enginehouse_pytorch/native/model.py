@@ -15,6 +15,7 @@ from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
 from .rope import apply_rope
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+Embeds = tuple[torch.Tensor, torch.Tensor]  # packed rows, and the embeddings that replace them
 
 
 class Attention(nn.Module):
@@ -111,11 +112,19 @@ class DecoderLM(nn.Module):
             elif pack and isinstance(m, Linear):
                 m.pack()
 
-    def forward(self, input_ids: torch.Tensor, meta: StepMeta, kv: list[KVCache]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: StepMeta,
+        kv: list[KVCache],
+        embeds: Embeds | None = None,
+    ) -> torch.Tensor:
         x = self.model.embed_tokens.weight[input_ids]
         if self.arch.embed_scale is not None:
             # Gemma multiplies by the scale rounded to the weights' dtype, as its reference does.
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
+        if embeds is not None:  # image positions of a VLM prompt take the vision embeddings
+            x[embeds[0]] = embeds[1]
         for layer, cache in zip(self.model.layers, kv):
             x = layer(x, meta, cache)
         return self.model.norm(x)

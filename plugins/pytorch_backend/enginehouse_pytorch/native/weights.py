@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -75,8 +75,27 @@ def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard
     return dest[begin:end]
 
 
-def load_safetensors(model: nn.Module, files: Iterable[Path], progress: bool = True) -> None:
-    """Fill every parameter of `model` from `files`; raise if any is left unfilled."""
+def _renamed(name: str, prefixes: Mapping[str, str] | None) -> str | None:
+    """The name with its prefix mapped (a VLM's language model), or None to skip it."""
+    if prefixes is None:
+        return name
+    for old, new in prefixes.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return None
+
+
+def load_safetensors(
+    model: nn.Module,
+    files: Iterable[Path],
+    progress: bool = True,
+    prefixes: Mapping[str, str] | None = None,
+) -> None:
+    """Fill every parameter of `model` from `files`; raise if any is left unfilled.
+
+    With `prefixes` (checkpoint prefix -> ours), only tensors under one of them are read: the
+    language model inside a vision-language checkpoint.
+    """
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -92,7 +111,8 @@ def load_safetensors(model: nn.Module, files: Iterable[Path], progress: bool = T
             start = bar.n
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    where = target(name)
+                    ours = _renamed(name, prefixes)
+                    where = None if ours is None else target(ours)
                     if where is None:
                         continue
                     pname, expert, shard = where

@@ -1,0 +1,158 @@
+"""Images in prompts: finding them, and the contract of the plugin that turns them into vectors.
+
+The core never decodes an image itself (it does not depend on Pillow). It pulls the images out
+of a prompt, renders the text with the model's image placeholder where each image was, and hands
+text and images to the `VisionEncoder` that the `create_vision_encoder` hook built. That gives
+back the prompt's token ids, with each placeholder expanded to as many image tokens as the model's
+own processor makes, and a `MultiModalData` the engine later turns into embeddings for those
+positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .errors import RequestError
+
+# The image part the chat templates of VLMs expect (transformers' format).
+IMAGE_PART = {"type": "image"}
+
+
+@dataclass
+class MultiModalData:
+    """A prompt's images, preprocessed: what the encoder needs to embed them, and their hashes.
+
+    `inputs` is whatever the encoder's processor produced (pixel values, image sizes, grids).
+    `image_hashes` identify the images' contents, in order: they are part of the prefix-cache
+    key of every KV block that holds image tokens, so different images never share blocks.
+    """
+
+    inputs: dict[str, Any]
+    image_hashes: tuple[str, ...]
+    num_image_tokens: int = 0  # placeholder positions after expansion
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for the engine: token ids, and its images when it has any."""
+
+    token_ids: list[int]
+    mm: MultiModalData | None = None
+
+
+@runtime_checkable
+class VisionEncoder(Protocol):
+    """What a vision plugin returns from `create_vision_encoder`.
+
+    `image_token` is the placeholder string a prompt carries for each image (before expansion)
+    and `image_token_id` the id every expanded image position has. `prepare` runs on the
+    caller's thread; `load` and `encode` on the engine's step thread.
+    """
+
+    image_token: str
+    image_token_id: int
+
+    def prepare(self, text: str, images: Sequence[Any], add_special_tokens: bool) -> PreparedPrompt:
+        """Load the images, run the model's processor, expand the placeholders."""
+
+    def load(self, device: torch.device, dtype: torch.dtype, progress: bool = True) -> None:
+        """Load the vision tower and projector on the language model's device and dtype."""
+
+    def encode(self, batch: Sequence[MultiModalData]) -> list[torch.Tensor]:
+        """One `[num_image_tokens, hidden_size]` tensor per prompt, in the LM's dtype."""
+
+    def close(self) -> None:
+        """Free the weights."""
+
+
+@dataclass
+class SplitPrompt:
+    """A prompt with its images taken out: the text or messages, and the images in order."""
+
+    prompt: Any
+    images: list[Any] = field(default_factory=list)
+
+
+def _image_of(part: Mapping[str, Any]) -> Any:
+    kind = part.get("type")
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, Mapping) else url
+        if not isinstance(url, str):
+            raise RequestError("an image_url part needs {'image_url': {'url': '...'}}")
+        return url
+    image = part.get("image", part.get("url"))
+    if image is None:
+        raise RequestError("an image part needs the image: {'type': 'image', 'image': ...}")
+    return image
+
+
+def _split_content(content: Any, images: list[Any]) -> Any:
+    """Message content with image parts replaced by `IMAGE_PART`; images appended to `images`."""
+    if not isinstance(content, Sequence) or isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if not isinstance(part, Mapping) or "type" not in part:
+            raise RequestError(f"a content part must be a dict with a 'type', got {part!r:.60}")
+        if part["type"] in ("image", "image_url"):
+            images.append(_image_of(part))
+            parts.append(dict(IMAGE_PART))
+        elif part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise RequestError("a text content part needs a string 'text'")
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            raise RequestError(
+                f"content parts of type {part['type']!r} are not supported; use 'text', "
+                "'image' or 'image_url'"
+            )
+    return parts
+
+
+def split_images(prompt: Any) -> SplitPrompt:
+    """Take the images out of a `(text, image or images)` tuple or of a message list."""
+    if isinstance(prompt, tuple) and len(prompt) == 2 and isinstance(prompt[0], str):
+        text, imgs = prompt
+        many = isinstance(imgs, (list, tuple))
+        return SplitPrompt(text, list(imgs) if many else [imgs])
+    if isinstance(prompt, Sequence) and not isinstance(prompt, str):
+        if all(isinstance(m, Mapping) and "role" in m for m in prompt):
+            images: list[Any] = []
+            messages = [{**m, "content": _split_content(m.get("content"), images)} for m in prompt]
+            return SplitPrompt(messages, images)
+    return SplitPrompt(prompt)
+
+
+def flatten_parts(messages: list[dict[str, Any]], image_token: str) -> list[dict[str, Any]]:
+    """For templates that take string content: parts joined by newlines, each image its
+    placeholder."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = [image_token if p["type"] == "image" else p["text"] for p in content]
+            m = {**m, "content": "\n".join(texts)}
+        out.append(m)
+    return out
+
+
+def image_prompt(text: str, num_images: int, image_token: str) -> str:
+    """A raw (untemplated) prompt with its images: their placeholders first, unless the text
+    already places them."""
+    if num_images and image_token not in text:
+        return (image_token + "\n") * num_images + text
+    return text
+
+
+def check_placeholders(text: str, num_images: int, image_token: str) -> None:
+    found = text.count(image_token)
+    if found != num_images:
+        raise RequestError(
+            f"the prompt has {num_images} image(s) but {found} image placeholder(s) "
+            f"{image_token!r}; give one image per placeholder"
+        )

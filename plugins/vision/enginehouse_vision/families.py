@@ -1,0 +1,71 @@
+"""Which vision-language models this plugin knows, and what their config.json says about the
+language model inside them (so that a text backend can run that part natively)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    name: str
+    # The transformers class that holds the vision tower and projector (its language model is
+    # dropped), or None when the family is recognised but not runnable, with `unsupported`.
+    model_class: str | None
+    unsupported: str = ""
+
+
+FAMILIES = {
+    "LlavaForConditionalGeneration": VisionFamily("llava", "LlavaModel"),
+    "LlavaNextForConditionalGeneration": VisionFamily("llava_next", "LlavaNextModel"),
+    "Qwen2VLForConditionalGeneration": VisionFamily(
+        "qwen2_vl",
+        None,
+        "Qwen2-VL places image tokens with multimodal rotary positions (M-RoPE: separate "
+        "time, height and width positions), which the native runner does not implement yet",
+    ),
+    "Qwen2_5_VLForConditionalGeneration": VisionFamily(
+        "qwen2_5_vl",
+        None,
+        "Qwen2.5-VL places image tokens with multimodal rotary positions (M-RoPE: separate "
+        "time, height and width positions), which the native runner does not implement yet",
+    ),
+}
+
+# Where each checkpoint layout keeps the language model, and the names the text model uses:
+# llava-hf checkpoints (and transformers' save_pretrained) write `language_model.model.*`,
+# transformers 5's in-memory layout `model.language_model.*`.
+TEXT_WEIGHT_PREFIXES = {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+    "lm_head.": "lm_head.",
+}
+
+
+def image_token_id(config: Mapping[str, Any]) -> int | None:
+    value = config.get("image_token_id", config.get("image_token_index"))
+    return int(value) if value is not None else None
+
+
+def text_model(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The language model's architecture and its complete config (transformers' defaults
+    filled in: hub configs often state only what differs from them)."""
+    text = config.get("text_config")
+    if not isinstance(text, Mapping) or "model_type" not in text:
+        return None
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = text["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        return None
+    full = CONFIG_MAPPING[model_type](**text).to_dict()
+    archs = text.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)]
+    if archs[0] is None:
+        return None
+    if "tie_word_embeddings" in config:  # the VLM's own setting is the one its weights follow
+        full["tie_word_embeddings"] = config["tie_word_embeddings"]
+    return archs[0], full

@@ -1,0 +1,359 @@
+"""Vision-language models through `pipeline()`, checked against transformers' own `generate`.
+
+Small random-weight LLaVA and LLaVA-NeXT models with real processors are built offline
+(`enginehouse.testing.build_vlm`); images are generated pixels saved as real PNG files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+
+from enginehouse import GenerationConfig, explain, hookimpl, pipeline
+from enginehouse.errors import RequestError
+from enginehouse.plugins import get_plugins
+from enginehouse.testing import build_vlm
+
+FAMILIES = ["llava", "llava_next"]
+
+
+def picture(seed: int, size: tuple[int, int] = (90, 60)) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def fixed(n: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, min_new_tokens=n)
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    return {f: build_vlm(tmp_path_factory.mktemp(f), f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def pipes(vlm_dirs):
+    opened = {f: pipeline(str(p), progress=False) for f, p in vlm_dirs.items()}
+    yield opened
+    for pipe in opened.values():
+        pipe.close()
+
+
+@pytest.fixture(scope="module")
+def hf_models(vlm_dirs):
+    loaded = {}
+    for family, path in vlm_dirs.items():
+        cls = tf.AutoModelForImageTextToText
+        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        loaded[family] = (model, tf.AutoProcessor.from_pretrained(path))
+    return loaded
+
+
+def hf_greedy(hf_models, family: str, text: str, images: list, n: int) -> tuple[list, list]:
+    """transformers' prompt ids and greedy tokens for a templated text with images."""
+    model, processor = hf_models[family]
+    inputs = processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    ids = inputs["input_ids"][0].tolist()
+    return ids, out[0, len(ids) :].tolist()
+
+
+def templated(pipe, question: str, num_images: int = 1) -> str:
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    return pipe.chat_template.render(pipe.tokenizer, [{"role": "user", "content": content}])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_names_the_encoder_and_the_text_model(family, vlm_dirs):
+    info = explain(vlm_dirs[family])
+    assert info["chosen"] == "pytorch"
+    facts = info["facts"]
+    assert facts["is_vlm"] and facts["vision_encoder"] == family
+    assert facts["text_architecture"] == "LlamaForCausalLM"
+    reasons = {v["backend"]: v["reason"] for v in info["verdicts"]}
+    assert f"images through the {family} encoder" in reasons["pytorch"]
+    assert "takes text only" in reasons["transformers"]
+
+
+def test_qwen2_vl_is_reported_unsupported_with_the_reason(tmp_path):
+    config = tf.Qwen2VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4),
+        vision_config=dict(depth=1, embed_dim=32, num_heads=4, hidden_size=64),
+        architectures=["Qwen2VLForConditionalGeneration"],
+    )
+    config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # explain loads no weights
+    info = explain(tmp_path)
+    assert info["chosen"] is None
+    reasons = {v["backend"]: v["reason"] for v in info["verdicts"]}
+    assert "M-RoPE" in reasons["pytorch"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_transformers_alone_and_batched_with_text(family, pipes, hf_models):
+    pipe = pipes[family]
+    image, wide = picture(0), picture(1, (40, 100))
+    question = "describe the picture"
+    text = templated(pipe, question)
+    ids, expected = hf_greedy(hf_models, family, text, [image], 12)
+    alone = pipe((question, image), fixed(12))
+    assert pipe.encode((question, image)) == ids  # placeholders expanded as the processor does
+    assert alone.token_ids == expected and alone.input_token_len == len(ids)
+    _, expected_wide = hf_greedy(hf_models, family, text, [wide], 9)
+    two = templated(pipe, "compare them", 2)
+    _, expected_two = hf_greedy(hf_models, family, two, [image, wide], 6)
+    text_only = pipe("hello world the quick brown fox", fixed(10))
+    batch = pipe(
+        [
+            "hello world the quick brown fox",
+            (question, wide),
+            (question, image),
+            ("compare them", [image, wide]),
+        ],
+        [fixed(10), fixed(9), fixed(12), fixed(6)],
+    )
+    assert [r.token_ids for r in batch] == [
+        text_only.token_ids,
+        expected_wide,
+        expected,
+        expected_two,
+    ]
+
+
+def test_image_split_across_chunks_and_recomputed_after_preemption(pipes, vlm_dirs):
+    """Chunked prefill cuts the image tokens between steps; a KV cache so small that requests
+    are preempted recomputes them from the kept embeddings. Tokens stay the same."""
+    prompts = [(f"picture number {i}", picture(20 + i)) for i in range(3)]
+    expected = [r.token_ids for r in pipes["llava"](prompts, fixed(20))]
+    kv = pipes["llava"].engine.engine.runner.kv_spec
+    per_token = kv.bytes_per_block // kv.block_size
+    session, block = 80, 4
+    blocks = session // block + 2
+    config = dict(
+        session_len=session,
+        block_size=block,
+        max_num_batched_tokens=16,  # the smallest: the 16 image tokens span two chunks
+        max_batch_size=4,
+        kv_cache_memory=f"{blocks * block * per_token}B",
+    )
+    with pipeline(str(vlm_dirs["llava"]), engine_config=config, progress=False) as pipe:
+        out = pipe(prompts, fixed(20))
+        stats = pipe.stats()
+    assert stats["preemptions"] > 0
+    assert [r.token_ids for r in out] == expected
+    assert stats["kv_blocks_used"] == 0
+
+
+class CountingEncoders:
+    """A plugin that supplies the encoder itself (ahead of the vision plugin) and records the
+    size of every batch the engine hands it."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    @hookimpl(tryfirst=True)
+    def create_vision_encoder(self, spec, config):
+        from enginehouse_vision.encoder import HFVisionEncoder
+
+        batches = self.batches
+
+        class Counting(HFVisionEncoder):
+            def encode(self, batch):
+                batches.append(len(batch))
+                return super().encode(batch)
+
+        return Counting(spec, config)
+
+
+def test_requests_admitted_together_are_encoded_in_one_batch(vlm_dirs):
+    plugin = CountingEncoders()
+    host = get_plugins()
+    host.register(plugin, "counting-encoders")
+    try:
+        pipe = pipeline(str(vlm_dirs["llava_next"]), progress=False)
+    finally:
+        host.pm.unregister(name="counting-encoders")
+    with pipe:
+        prompts = [
+            pipe.prepare((f"picture {i}", picture(30 + i, (50 + 20 * i, 60)))) for i in range(3)
+        ]
+        engine = pipe.engine.engine
+
+        def run_all() -> list:
+            for i, p in enumerate(prompts):
+                engine.add_request(f"r{i}", p.token_ids, fixed(5), mm=p.mm)
+            tokens: dict[str, list[int]] = {}
+            while engine.has_work():
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            return tokens
+
+        finished = pipe.engine.call(run_all)
+        alone = [
+            pipe((f"picture {i}", picture(30 + i, (50 + 20 * i, 60))), fixed(5)) for i in range(3)
+        ]
+    assert plugin.batches[0] == 3  # one batch for the three requests of the first step
+    assert [finished[f"r{i}"] for i in range(3)] == [r.token_ids for r in alone]
+
+
+def test_messages_with_image_parts_from_every_source(pipes, tmp_path):
+    pipe = pipes["llava"]
+    image = picture(2)
+    path = tmp_path / "pic.png"
+    path.write_bytes(png_bytes(image))
+    expected = pipe(("what is this?", image), fixed(8)).token_ids
+    sources = [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "image_url", "image_url": {"url": path.as_uri()}},
+        {"type": "image", "image": str(path)},
+        {"type": "image", "image": png_bytes(image)},
+    ]
+    for part in sources:
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "what is this?"}]}]
+        assert pipe(messages, fixed(8)).token_ids == expected, part["type"]
+
+
+def test_string_template_gets_placeholders_in_the_text(tmp_path):
+    from enginehouse.testing import CHATML_TEMPLATE
+
+    folder = build_vlm(tmp_path / "chatml", "llava", chat_template=CHATML_TEMPLATE)
+    with pipeline(str(folder), progress=False) as pipe:
+        assert not pipe.chat_template.reads_parts(pipe.tokenizer)
+        ids = pipe.encode(("what is this?", picture(3)))
+        assert ids.count(pipe.vision.image_token_id) == 16
+        text = pipe.tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>user\n<image>") and "what is this?" in text
+
+
+def test_prefix_cache_never_shares_blocks_of_different_images(pipes):
+    pipe = pipes["llava"]
+    question = "the same words " * 8  # text blocks after the image that would match
+    first = pipe((question, picture(10)), fixed(8))
+    again = pipe((question, picture(10)), fixed(8))
+    other = pipe((question, picture(11)), fixed(8))
+    assert again.token_ids == first.token_ids and again.cached_tokens > 16
+    assert other.token_ids != first.token_ids
+    # Only the blocks before the image (the template's head) may be shared.
+    image_start = pipe.encode((question, picture(11))).index(pipe.vision.image_token_id)
+    assert other.cached_tokens <= image_start
+    assert pipe.stats()["kv_blocks_used"] == 0
+
+
+def test_bad_images_fail_alone_and_the_engine_keeps_serving(pipes, tmp_path):
+    pipe = pipes["llava"]
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(png_bytes(picture(4))[:200])
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"plain text").decode()
+    cases = {
+        "missing file": (("hi", str(tmp_path / "nope.png")), "could not read the image file"),
+        "truncated png": (("hi", str(truncated)), "could not be decoded"),
+        "data url not an image": (("hi", not_an_image), "could not be decoded"),
+        "bad base64": (("hi", "data:image/png;base64,@@@"), "invalid base64"),
+        "domain not allowed": (("hi", "https://example.com/cat.png"), "not allowed"),
+    }
+    good = ("describe", picture(5))
+    expected = pipe(good, fixed(6)).token_ids
+    for name, (prompt, message) in cases.items():
+        with pytest.raises(RequestError, match=message):
+            pipe(prompt, fixed(4))
+        results = pipe([prompt, good], fixed(6))
+        assert results[0].finish_reason == "error" and message in results[0].error, name
+        assert results[1].token_ids == expected, name
+    one_placeholder = templated(pipe, "hi")
+    with pytest.raises(RequestError, match="2 image.* but 1 image placeholder"):
+        pipe((one_placeholder, [picture(6), picture(7)]), fixed(4), apply_chat_template=False)
+    assert pipe.stats()["kv_blocks_used"] == 0
+
+
+def test_http_images_only_from_allowed_domains(vlm_dirs, tmp_path):
+    """A real HTTP server on 127.0.0.1: fetched once its domain is allowed, refused before."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "pic.png").write_bytes(png_bytes(picture(8)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/pic.png"
+    try:
+        config = {"allowed_media_domains": ["127.0.0.1"]}
+        with pipeline(str(vlm_dirs["llava"]), engine_config=config, progress=False) as pipe:
+            fetched = pipe(("what is it", url), fixed(6))
+            assert fetched.token_ids == pipe(("what is it", picture(8)), fixed(6)).token_ids
+            with pytest.raises(RequestError, match="'127.0.0.2' is not allowed"):
+                pipe(("what is it", url.replace("127.0.0.1", "127.0.0.2")), fixed(6))
+    finally:
+        server.shutdown()
+
+
+def test_text_model_refuses_images(llama_pipe):
+    with pytest.raises(RequestError, match="takes text only"):
+        llama_pipe(("describe", picture(0)), fixed(4))
+    # A pair of strings stays a batch of two prompts for a text model.
+    assert len(llama_pipe(("hello", "world"), fixed(2))) == 2
+
+
+def test_openai_server_takes_image_url_parts(pipes, tmp_path):
+    """The same message shape through a real server and the official client, images inline, by
+    a file under the allowed folder, and refused outside it; each bad request fails alone."""
+    import openai
+
+    from enginehouse.serve import ServerThread, create_app
+
+    pipe = pipes["llava"]
+    image = picture(40)
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    (allowed / "pic.png").write_bytes(png_bytes(image))
+    (tmp_path / "secret.png").write_bytes(png_bytes(image))
+    expected = pipe(("what is this?", image), GenerationConfig(max_new_tokens=8)).text
+
+    def ask(url: str):
+        return client.chat.completions.create(
+            model="tiny-llava",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "what is this?"},
+                    ],
+                }
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    with ServerThread(create_app(pipe, "tiny-llava", None, str(allowed))) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+        inline = ask(data_url(image))
+        assert inline.choices[0].message.content == expected
+        assert inline.usage.prompt_tokens == len(pipe.encode(("what is this?", image)))
+        assert ask((allowed / "pic.png").as_uri()).choices[0].message.content == expected
+        for bad, words in [
+            ((tmp_path / "secret.png").as_uri(), "--allowed-local-media-path"),
+            (str(allowed / "pic.png"), "--allowed-local-media-path"),
+            ("https://example.com/cat.png", "'example.com' is not allowed"),
+            ("data:image/png;base64," + base64.b64encode(b"not a picture").decode(), "decoded"),
+        ]:
+            with pytest.raises(openai.BadRequestError, match=re.escape(words)):
+                ask(bad)
+        assert ask(data_url(image)).choices[0].message.content == expected
