@@ -38,6 +38,10 @@ class OrtSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
+        # ONNX Runtime's threads spin after each run by default. Between runs torch's own
+        # threads do the runner's gathers and the sampler; with both teams spinning on the same
+        # few cores, each waits for the other.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
