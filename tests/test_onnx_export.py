@@ -132,6 +132,10 @@ def test_export_in_half_precision_declares_it(exported, tmp_path):
     assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
     assert types["logits"] == onnx.TensorProto.FLOAT16
     assert types["input_ids"] == onnx.TensorProto.INT64
+    with pytest.raises(
+        ValueError, match="cannot export in 'bfloat16'; use one of float32, float16"
+    ):
+        export_onnx(folder, tmp_path / "bf16", dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,8 @@ def test_tensorrt_verdict_with_everything_present_and_with_a_cached_engine(model
     assert cached.priority > 100  # an engine already built for this GPU outranks pytorch
     on_cpu = probe.tensorrt_verdict(spec, EngineConfig(device="cpu"), "11.4.0", gpu)
     assert not on_cpu.supported and "device='cpu'" in on_cpu.reason
+    bf16 = probe.tensorrt_verdict(spec, EngineConfig(dtype="bfloat16"), "11.4.0", gpu)
+    assert not bf16.supported and "pass one" in bf16.reason
 
 
 def test_both_probes_refuse_a_vision_language_model(models):

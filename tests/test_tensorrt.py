@@ -140,13 +140,13 @@ def test_probe_finds_a_cached_engine_for_this_gpu_only(llama, tmp_path, monkeypa
     spec = read_model_spec(llama)
     config = EngineConfig()
     assert not has_cached_engine(spec, config, H100, "11.4.0")
-    folder = engine_dir(spec, "bfloat16")  # a float32 checkpoint runs in bf16 on a GPU
+    folder = engine_dir(spec, "float16")  # what the tensorrt backend runs by default
     folder.mkdir(parents=True)
     (folder / f"{gpu_tag(H100.name, H100.capability, '11.4.0')}-0123.engine").write_bytes(b"x")
     assert has_cached_engine(spec, config, H100, "11.4.0")
     assert not has_cached_engine(spec, config, H100, "11.5.0")
     assert not has_cached_engine(spec, config, Gpu("NVIDIA L4", (8, 9)), "11.4.0")
-    assert not has_cached_engine(spec, EngineConfig(dtype="float16"), H100, "11.4.0")
+    assert not has_cached_engine(spec, EngineConfig(dtype="float32"), H100, "11.4.0")
     verdict = tensorrt_verdict(spec, config, "11.4.0", H100, cached_engine=True)
     assert verdict.supported and verdict.priority > 100
 

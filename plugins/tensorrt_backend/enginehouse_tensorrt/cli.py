@@ -17,7 +17,7 @@ def tensorrt() -> None:
 @click.option("-o", "--output", "output", required=True, help="folder to write model.onnx to")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=click.Choice(["float32", "float16"]),
     default="float32",
     show_default=True,
     help="the precision the graph is exported (and will run) in",

@@ -76,6 +76,8 @@ def tensorrt_verdict(
             "no CUDA device is visible (torch.cuda.is_available() is False): TensorRT needs an "
             "NVIDIA GPU, its driver and a CUDA build of torch"
         )
+    if config.dtype == "bfloat16":
+        missing.append("dtype='bfloat16': the ONNX export is float16 or float32; pass one")
     if missing:
         return verdict(False, "; ".join(missing))
     where = f"{gpu.name} (sm{gpu.capability[0]}{gpu.capability[1]}), TensorRT {trt_version}"

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 import torch
 
 from enginehouse import EngineConfig, ModelSpec
-from enginehouse.device import resolve_dtype
 
 from .cache import engine_dir, ensure_onnx, file_sha256, gpu_tag
 from .export import GraphInfo
@@ -114,12 +113,19 @@ def engine_path(folder: Path, key: str, trt_version: str, gpu: Gpu) -> Path:
 
 
 def runner_dtype(spec: ModelSpec, config: EngineConfig) -> torch.dtype:
-    device = torch.device("cuda" if config.device == "auto" else config.device)
-    return resolve_dtype(config, spec, device)
+    """float16 unless float32 is asked for: the export has no bfloat16 (see export.DTYPES)."""
+    if config.dtype == "bfloat16":
+        raise ValueError(
+            "the tensorrt backend runs float16 or float32 graphs, not bfloat16; "
+            "pass dtype='float16' (or 'float32')"
+        )
+    return torch.float32 if config.dtype == "float32" else torch.float16
 
 
 def has_cached_engine(spec: ModelSpec, config: EngineConfig, gpu: Gpu, trt_version: str) -> bool:
     """Whether any engine of this model (in the dtype it would run in) exists for this GPU."""
+    if config.dtype == "bfloat16":
+        return False  # refused by the probe, see runner_dtype
     dtype = str(runner_dtype(spec, config)).removeprefix("torch.")
     prefix = gpu_tag(gpu.name, gpu.capability, trt_version)
     return any(engine_dir(spec, dtype).glob(f"{prefix}-*.engine"))
