@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 
 from enginehouse.config import GenerationConfig
-from enginehouse.multimodal import MultiModalData
 from enginehouse.engine.block_manager import BlockManager
 from enginehouse.engine.scheduler import Scheduler
 from enginehouse.engine.sequence import Sequence, Status
+from enginehouse.multimodal import MultiModalData
 
 _ids = itertools.count()
 

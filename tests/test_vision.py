@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 
 import numpy as np
@@ -19,9 +20,11 @@ from PIL import Image
 from enginehouse import GenerationConfig, explain, hookimpl, pipeline
 from enginehouse.errors import RequestError
 from enginehouse.plugins import get_plugins
-from enginehouse.testing import build_vlm
+from enginehouse.testing import build_qwen_vl, build_vlm
 
-FAMILIES = ["llava", "llava_next"]
+LLAVA = ["llava", "llava_next"]
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = LLAVA + QWEN
 
 
 def picture(seed: int, size: tuple[int, int] = (90, 60)) -> Image.Image:
@@ -45,7 +48,8 @@ def fixed(n: int) -> GenerationConfig:
 
 @pytest.fixture(scope="module")
 def vlm_dirs(tmp_path_factory):
-    return {f: build_vlm(tmp_path_factory.mktemp(f), f) for f in FAMILIES}
+    built = {f: build_vlm(tmp_path_factory.mktemp(f), f) for f in LLAVA}
+    return built | {f: build_qwen_vl(tmp_path_factory.mktemp(f), f) for f in QWEN}
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +66,33 @@ def hf_models(vlm_dirs):
     for family, path in vlm_dirs.items():
         cls = tf.AutoModelForImageTextToText
         model = cls.from_pretrained(path, dtype=torch.float32).eval()
-        loaded[family] = (model, tf.AutoProcessor.from_pretrained(path))
+        # Qwen2-VL's full processor needs torchvision (for videos): its image processor and
+        # tokenizer are used as the processor uses them (see qwen_inputs).
+        auto = tf.AutoProcessor if family in LLAVA else tf.AutoImageProcessor
+        loaded[family] = (model, auto.from_pretrained(path), tf.AutoTokenizer.from_pretrained(path))
     return loaded
+
+
+def qwen_inputs(image_processor, tokenizer, text: str, images: list) -> dict:
+    """What Qwen2VLProcessor makes: each <|image_pad|> repeated once per 2x2 patches."""
+    inputs = dict(image_processor(images=images, return_tensors="pt"))
+    for grid in inputs["image_grid_thw"]:
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * (int(grid.prod()) // 4), 1)
+    ids = tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"), add_special_tokens=False)
+    input_ids = torch.tensor([ids["input_ids"]])
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return inputs | {"input_ids": input_ids, "mm_token_type_ids": (input_ids == image_id).int()}
 
 
 def hf_greedy(hf_models, family: str, text: str, images: list, n: int) -> tuple[list, list]:
     """transformers' prompt ids and greedy tokens for a templated text with images."""
-    model, processor = hf_models[family]
-    inputs = processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+    model, processor, tokenizer = hf_models[family]
+    if family in LLAVA:
+        inputs = processor(
+            text=[text], images=images, add_special_tokens=False, return_tensors="pt"
+        )
+    else:
+        inputs = qwen_inputs(processor, tokenizer, text, images)
     out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     ids = inputs["input_ids"][0].tolist()
     return ids, out[0, len(ids) :].tolist()
@@ -86,24 +109,29 @@ def test_explain_names_the_encoder_and_the_text_model(family, vlm_dirs):
     assert info["chosen"] == "pytorch"
     facts = info["facts"]
     assert facts["is_vlm"] and facts["vision_encoder"] == family
-    assert facts["text_architecture"] == "LlamaForCausalLM"
+    text_model = "LlamaForCausalLM" if family in LLAVA else "Qwen2ForCausalLM"
+    assert facts["text_architecture"] == text_model
     reasons = {v["backend"]: v["reason"] for v in info["verdicts"]}
     assert f"images through the {family} encoder" in reasons["pytorch"]
     assert "takes text only" in reasons["transformers"]
 
 
-def test_qwen2_vl_is_reported_unsupported_with_the_reason(tmp_path):
-    config = tf.Qwen2VLConfig(
-        text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4),
-        vision_config=dict(depth=1, embed_dim=32, num_heads=4, hidden_size=64),
-        architectures=["Qwen2VLForConditionalGeneration"],
-    )
-    config.save_pretrained(tmp_path)
+def test_an_unknown_vlm_is_reported_unsupported_with_the_reason(tmp_path):
+    config = {
+        "architectures": ["Idefics3ForConditionalGeneration"],
+        "model_type": "idefics3",
+        "vision_config": {"hidden_size": 32},
+        "text_config": {"model_type": "llama"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes(b"")  # explain loads no weights
     info = explain(tmp_path)
     assert info["chosen"] is None
     reasons = {v["backend"]: v["reason"] for v in info["verdicts"]}
-    assert "M-RoPE" in reasons["pytorch"]
+    assert "no image encoder for Idefics3ForConditionalGeneration" in reasons["pytorch"]
+    assert (
+        "known: " in reasons["pytorch"] and "Qwen2VLForConditionalGeneration" in reasons["pytorch"]
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,12 +165,14 @@ def test_greedy_equals_transformers_alone_and_batched_with_text(family, pipes, h
     ]
 
 
-def test_image_split_across_chunks_and_recomputed_after_preemption(pipes, vlm_dirs):
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_image_split_across_chunks_and_recomputed_after_preemption(family, pipes, vlm_dirs):
     """Chunked prefill cuts the image tokens between steps; a KV cache so small that requests
-    are preempted recomputes them from the kept embeddings. Tokens stay the same."""
+    are preempted recomputes them from the kept embeddings (and, for Qwen2-VL, the kept
+    multimodal positions). Tokens stay the same."""
     prompts = [(f"picture number {i}", picture(20 + i)) for i in range(3)]
-    expected = [r.token_ids for r in pipes["llava"](prompts, fixed(20))]
-    kv = pipes["llava"].engine.engine.runner.kv_spec
+    expected = [r.token_ids for r in pipes[family](prompts, fixed(20))]
+    kv = pipes[family].engine.engine.runner.kv_spec
     per_token = kv.bytes_per_block // kv.block_size
     session, block = 80, 4
     blocks = session // block + 2
@@ -153,7 +183,7 @@ def test_image_split_across_chunks_and_recomputed_after_preemption(pipes, vlm_di
         max_batch_size=4,
         kv_cache_memory=f"{blocks * block * per_token}B",
     )
-    with pipeline(str(vlm_dirs["llava"]), engine_config=config, progress=False) as pipe:
+    with pipeline(str(vlm_dirs[family]), engine_config=config, progress=False) as pipe:
         out = pipe(prompts, fixed(20))
         stats = pipe.stats()
     assert stats["preemptions"] > 0

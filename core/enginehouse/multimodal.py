@@ -34,6 +34,10 @@ class MultiModalData:
     inputs: dict[str, Any]
     image_hashes: tuple[str, ...]
     num_image_tokens: int = 0  # placeholder positions after expansion
+    # Multimodal rotary positions (Qwen2-VL's M-RoPE): [3, prompt length] positions (time,
+    # height, width) for the prompt, and the shift of every later position (`p + delta`).
+    rope_positions: torch.Tensor | None = None
+    rope_delta: int = 0
 
 
 @dataclass
@@ -48,13 +52,16 @@ class PreparedPrompt:
 class VisionEncoder(Protocol):
     """What a vision plugin returns from `create_vision_encoder`.
 
-    `image_token` is the placeholder string a prompt carries for each image (before expansion)
-    and `image_token_id` the id every expanded image position has. `prepare` runs on the
-    caller's thread; `load` and `encode` on the engine's step thread.
+    `image_token` is the token a prompt carries once per image before expansion, and
+    `image_token_id` the id every expanded image position has. `image_placeholder` is the text
+    that stands for one image where the chat template does not write it (often `image_token`
+    itself; Qwen2-VL wraps it in vision start and end tokens). `prepare` runs on the caller's
+    thread; `load` and `encode` on the engine's step thread.
     """
 
     image_token: str
     image_token_id: int
+    image_placeholder: str
 
     def prepare(self, text: str, images: Sequence[Any], add_special_tokens: bool) -> PreparedPrompt:
         """Load the images, run the model's processor, expand the placeholders."""
@@ -128,24 +135,24 @@ def split_images(prompt: Any) -> SplitPrompt:
     return SplitPrompt(prompt)
 
 
-def flatten_parts(messages: list[dict[str, Any]], image_token: str) -> list[dict[str, Any]]:
+def flatten_parts(messages: list[dict[str, Any]], placeholder: str) -> list[dict[str, Any]]:
     """For templates that take string content: parts joined by newlines, each image its
     placeholder."""
     out = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            texts = [image_token if p["type"] == "image" else p["text"] for p in content]
+            texts = [placeholder if p["type"] == "image" else p["text"] for p in content]
             m = {**m, "content": "\n".join(texts)}
         out.append(m)
     return out
 
 
-def image_prompt(text: str, num_images: int, image_token: str) -> str:
+def image_prompt(text: str, num_images: int, image_token: str, placeholder: str) -> str:
     """A raw (untemplated) prompt with its images: their placeholders first, unless the text
     already places them."""
     if num_images and image_token not in text:
-        return (image_token + "\n") * num_images + text
+        return (placeholder + "\n") * num_images + text
     return text
 
 

@@ -249,22 +249,23 @@ class Pipeline:
                 f"{self.spec.architecture} takes text only, but the prompt has images; use a "
                 "vision-language model (see `enginehouse explain MODEL`)"
             )
-        image_token = vision.image_token if vision is not None else ""
-        text, special = self._text(body, images, apply_chat_template, image_token)
+        text, special = self._text(body, images, apply_chat_template)
         if not images:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
-        check_placeholders(text, len(images), image_token)
         assert vision is not None
+        check_placeholders(text, len(images), vision.image_token)
         return vision.prepare(text, images, special)
 
-    def _text(
-        self, prompt: Any, images: list[Any], apply_chat_template: bool, image_token: str
-    ) -> tuple[str, bool]:
+    def _text(self, prompt: Any, images: list[Any], apply_chat_template: bool) -> tuple[str, bool]:
         """The prompt's text, and whether tokenizing it adds special tokens (not after a
         template: the template already wrote any BOS token, and it would double)."""
+        vision = self.vision
+        placeholder = vision.image_placeholder if vision is not None else ""
         if isinstance(prompt, str):
             if not apply_chat_template or self.chat_template.is_builtin:
-                return image_prompt(prompt, len(images), image_token), True
+                if vision is None:
+                    return prompt, True
+                return image_prompt(prompt, len(images), vision.image_token, placeholder), True
             content: Any = prompt
             if images:
                 content = [IMAGE_PART] * len(images) + [{"type": "text", "text": prompt}]
@@ -276,7 +277,7 @@ class Pipeline:
             )
         messages = [dict(m) for m in prompt]
         if not self.chat_template.reads_parts(self.tokenizer):
-            messages = flatten_parts(messages, image_token)
+            messages = flatten_parts(messages, placeholder)
         try:
             return self.chat_template.render(self.tokenizer, messages), False
         except Exception as e:  # a template may reject a conversation (roles, order)

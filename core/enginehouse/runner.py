@@ -45,6 +45,9 @@ class SeqChunk:
     # vision-language models ever get them.
     embed_rows: tuple[int, ...] = ()
     embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # [3, len(token_ids)] multimodal rotary positions (Qwen2-VL's M-RoPE) when the sequence has
+    # them; otherwise every token's position is start_pos + i.
+    rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def end_pos(self) -> int:

@@ -234,3 +234,70 @@ def build_vlm(folder: Path, family: str = "llava", chat_template: str = PARTS_TE
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen_vl(folder: Path, family: str = "qwen2_vl") -> Path:
+    """A small random-weight Qwen2-VL or Qwen2.5-VL with its image processor and a chat
+    template that writes the vision tokens. The model's full processor is not saved: its video
+    half needs torchvision."""
+    import torch
+    import transformers as tf
+
+    tokenizer = build_tokenizer(folder, 512, QWEN_VL_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    tokenizer.save_pretrained(folder)
+    ids = dict(zip(QWEN_VL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)))
+    text = dict(
+        TINY,
+        vocab_size=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=TINY["hidden_size"], mlp_ratio=2)
+        cls = tf.Qwen2VLForConditionalGeneration
+        config = tf.Qwen2VLConfig
+    elif family == "qwen2_5_vl":
+        vision.update(
+            hidden_size=32,
+            out_hidden_size=TINY["hidden_size"],
+            intermediate_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+        config = tf.Qwen2_5_VLConfig
+    else:
+        raise ValueError(f"no test Qwen VLM for {family!r}")
+    config = config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        architectures=[cls.__name__],
+    )
+    torch.manual_seed(0)
+    model = cls(config)
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+    # 4 to 16 merged tokens per image: 28x28-pixel units, 2x2 patches each.
+    tf.Qwen2VLImageProcessor(
+        min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, merge_size=2
+    ).save_pretrained(folder)
+    return folder

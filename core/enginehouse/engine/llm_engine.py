@@ -7,6 +7,7 @@ picks them up. `AsyncEngine` (async_engine.py) drives it from its own thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -263,6 +264,8 @@ class LLMEngine:
                 )
             if error is None:
                 seq.mm_embeds = rows
+                # The pixels are not needed again (the data may be shared by several choices).
+                seq.mm = dataclasses.replace(seq.mm, inputs={})  # type: ignore[type-var]
             else:
                 outputs.append(self._finish(seq, "error", error))
         return outputs

@@ -65,6 +65,7 @@ class Scheduler:
             logits_at=logits_at,
             embed_rows=embed_rows,
             embeds=embeds,
+            rope_positions=seq.rope_positions(start, start + n),
         )
 
     def schedule(self) -> list[tuple[Sequence, SeqChunk]]:

@@ -79,6 +79,17 @@ class Sequence:
         rows = tuple(p - start for p in self.mm_positions[a:b])
         return rows, self.mm_embeds[a:b]
 
+    def rope_positions(self, start: int, end: int) -> torch.Tensor | None:
+        """[3, end - start] multimodal rotary positions, for models that have them: the
+        prompt's from the processor, then `p + delta` for every later token."""
+        if self.mm is None or self.mm.rope_positions is None:
+            return None
+        table = self.mm.rope_positions
+        length = table.shape[1]
+        prompt = table[:, start : min(end, length)]
+        later = torch.arange(max(start, length), max(end, length)) + self.mm.rope_delta
+        return torch.cat([prompt, later.expand(3, -1)], dim=1)
+
     def block_extra(self, block: int, block_size: int) -> tuple:
         """The prefix-cache key's extra part for one block: the prompt's image hashes when the
         block holds image tokens, so blocks of different images are never shared."""

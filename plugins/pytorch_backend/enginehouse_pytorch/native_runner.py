@@ -21,7 +21,7 @@ from .native.arch import Arch, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
-from .native.rope import rope_table
+from .native.rope import mrope_rows, rope_table
 from .native.weights import load_safetensors
 
 DEFAULT_BLOCK_SIZE = 16
@@ -124,6 +124,23 @@ class NativeRunner:
             self.graphs = DecodeGraphs(self)
             self.graphs.capture()
 
+    def _rope_rows(self, order: list, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rope table's rows for the step's tokens (the tables already live on the device);
+        with multimodal positions (M-RoPE) in any chunk, each frequency picks its own."""
+        pos = torch.tensor(positions)
+        if all(c.rope_positions is None for c in order):
+            return self.cos[pos], self.sin[pos]
+        three = torch.cat(
+            [
+                c.rope_positions
+                if c.rope_positions is not None
+                else torch.arange(c.start_pos, c.end_pos).expand(3, -1)
+                for c in order
+            ],
+            dim=1,
+        )
+        return mrope_rows(self.cos, self.sin, three, self.arch.rope.mrope_section)
+
     def _metadata(self, order: list) -> StepMeta:
         positions = [p for c in order for p in range(c.start_pos, c.end_pos)]
         bs = self.block_size
@@ -132,12 +149,12 @@ class NativeRunner:
             for c in order
             for p in range(c.start_pos, c.end_pos)
         ]
-        pos = torch.tensor(positions)
+        cos, sin = self._rope_rows(order, positions)
         meta = StepMeta(
             num_decode=sum(1 for c in order if len(c.token_ids) == 1),
             slots=torch.tensor(slots).to(self.device),
-            cos=self.cos[pos][:, None],  # the tables already live on the device
-            sin=self.sin[pos][:, None],
+            cos=cos[:, None],
+            sin=sin[:, None],
         )
         decodes = order[: meta.num_decode]
         if decodes:

@@ -22,14 +22,14 @@ from enginehouse import EngineConfig, ModelSpec
 from enginehouse.errors import InvalidModelError
 from enginehouse.multimodal import MultiModalData, PreparedPrompt
 
-from .families import FAMILIES, TEXT_WEIGHT_PREFIXES, image_token_id
+from .families import FAMILIES, image_token_id
 from .images import image_hash, load_image
 
 log = logging.getLogger(__name__)
 
 
-def _load_processor(path: Path) -> Any:
-    from transformers import AutoProcessor
+def _load_processor(path: Path, auto_class: str = "AutoProcessor") -> Any:
+    import transformers
 
     if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         raise InvalidModelError(
@@ -37,9 +37,8 @@ def _load_processor(path: Path) -> Any:
             "model needs its image processor: copy those files from the original repository"
         )
     # Without torchvision transformers falls back to its PIL processors, and says so loudly.
-    logger = logging.getLogger("transformers.image_processing_utils_fast")
-    with _quiet("transformers"), _quiet(logger.name):
-        return AutoProcessor.from_pretrained(path)
+    with _quiet("transformers"):
+        return getattr(transformers, auto_class).from_pretrained(path)
 
 
 @contextlib.contextmanager
@@ -72,7 +71,9 @@ def _checkpoint_names(name: str) -> list[str]:
 
 
 class HFVisionEncoder:
-    """`VisionEncoder` for LLaVA-style models (see `enginehouse.multimodal`)."""
+    """`VisionEncoder` for LLaVA-style models (see `enginehouse.multimodal`): the model's own
+    processor expands the placeholders; the tower's features are taken at the configured
+    layer (`vision_feature_layer`, `vision_feature_select_strategy`)."""
 
     def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
         family = FAMILIES[spec.architecture]
@@ -86,11 +87,15 @@ class HFVisionEncoder:
                 f"config.json of {spec.model_id} names no image_token_index / image_token_id"
             )
         self.image_token_id = token_id
-        self.processor = _load_processor(spec.path)
-        self.image_token: str = self.processor.image_token
+        self._load_processor()
         self.model: nn.Module | None = None
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+
+    def _load_processor(self) -> None:
+        self.processor = _load_processor(self.spec.path)
+        self.image_token: str = self.processor.image_token
+        self.image_placeholder = self.image_token
 
     # --- the caller's thread ----------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class HFVisionEncoder:
         for path in tqdm(files, desc="Loading vision weights", disable=not progress):
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    if key.startswith(tuple(TEXT_WEIGHT_PREFIXES)) or key not in wanted:
+                    if key not in wanted:  # the language model's, or unused
                         continue
                     name = wanted[key]
                     tensor = f.get_tensor(key)
@@ -181,23 +186,96 @@ class HFVisionEncoder:
                 f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; is it complete?"
             )
 
+    def _feature_args(self) -> dict[str, Any]:
+        return {
+            "vision_feature_layer": self.config.vision_feature_layer,
+            "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
+        }
+
     @torch.inference_mode()
     def encode(self, batch: Sequence[MultiModalData]) -> list[torch.Tensor]:
         assert self.model is not None, "load() first"
-        cfg = self.config
-        kwargs: dict[str, Any] = {
-            "pixel_values": torch.cat([mm.inputs["pixel_values"] for mm in batch]).to(
-                self.device, self.dtype
-            ),
-            "vision_feature_layer": cfg.vision_feature_layer,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-        }
-        if "image_sizes" in batch[0].inputs:
-            kwargs["image_sizes"] = torch.cat([mm.inputs["image_sizes"] for mm in batch])
-        features = self.model.get_image_features(**kwargs, return_dict=True).pooler_output
+        # Every prompt's tensors concatenated along images: one pass of the tower for all.
+        kwargs = {key: torch.cat([mm.inputs[key] for mm in batch]) for key in batch[0].inputs}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.device, self.dtype)
+        features = self.model.get_image_features(
+            **kwargs, **self._feature_args(), return_dict=True
+        ).pooler_output
         if not isinstance(features, torch.Tensor):
             features = torch.cat(list(features))
         return list(torch.split(features, [mm.num_image_tokens for mm in batch]))
 
     def close(self) -> None:
         self.model = None
+
+
+class QwenVLEncoder(HFVisionEncoder):
+    """`VisionEncoder` for Qwen2-VL and Qwen2.5-VL.
+
+    The image processor resizes each image to a grid of 14-pixel patches; each image pad token
+    becomes one token per 2x2 patches, as Qwen2-VL's processor does. (That processor is not
+    loaded itself: its video half needs torchvision.) The prompt also gets its multimodal
+    rotary positions: text tokens count up on all three axes, an image's tokens take their
+    row and column on the height and width axes, and the text after an image continues past
+    the largest position used.
+    """
+
+    def _load_processor(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.image_processor = _load_processor(self.spec.path, "AutoImageProcessor")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
+        cfg = self.spec.config
+        self.merge = int(cfg["vision_config"].get("spatial_merge_size", 2))
+        token = self.tokenizer.convert_ids_to_tokens
+        self.image_token = token(self.image_token_id)
+        start, end = cfg.get("vision_start_token_id"), cfg.get("vision_end_token_id")
+        self.image_placeholder = (
+            f"{token(start)}{self.image_token}{token(end)}" if start and end else self.image_token
+        )
+
+    def prepare(self, text: str, images: Sequence[Any], add_special_tokens: bool) -> PreparedPrompt:
+        pictures = [load_image(source, self.allowed_domains) for source in images]
+        with _quiet("transformers"):
+            out = self.image_processor(images=pictures, return_tensors="pt")
+        grids = out["image_grid_thw"]
+        pieces = text.split(self.image_token)
+        counts = [int(g.prod()) // self.merge**2 for g in grids]
+        expanded = pieces[0] + "".join(
+            self.image_token * n + piece for n, piece in zip(counts, pieces[1:])
+        )
+        ids = self.tokenizer.encode(expanded, add_special_tokens=add_special_tokens)
+        positions, delta = self._rope_positions(ids, grids)
+        mm = MultiModalData(
+            inputs={"pixel_values": out["pixel_values"], "image_grid_thw": grids},
+            image_hashes=tuple(image_hash(p) for p in pictures),
+            num_image_tokens=ids.count(self.image_token_id),
+            rope_positions=positions,
+            rope_delta=delta,
+        )
+        return PreparedPrompt(ids, mm)
+
+    def _rope_positions(self, ids: list[int], grids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        parts, start, i, grid = [], 0, 0, iter(grids.tolist())
+        while i < len(ids):
+            if ids[i] == self.image_token_id:
+                t, h, w = next(grid)
+                h, w = h // self.merge, w // self.merge
+                axes = torch.meshgrid(
+                    torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
+                )
+                parts.append(torch.stack([a.flatten() for a in axes]) + start)
+                start += max(h, w)
+                i += t * h * w
+            else:
+                j = i
+                while j < len(ids) and ids[j] != self.image_token_id:
+                    j += 1
+                parts.append(torch.arange(start, start + j - i).expand(3, -1))
+                start += j - i
+                i = j
+        positions = torch.cat(parts, dim=1)
+        return positions, int(positions.max()) + 1 - len(ids)
+
+    def _feature_args(self) -> dict[str, Any]:
+        return {}

@@ -4,8 +4,25 @@ language model inside them (so that a text backend can run that part natively)."
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+# Where each checkpoint layout keeps the language model (checkpoint prefix -> the text model's;
+# None: not the language model's). llava-hf checkpoints, and transformers' save_pretrained, write
+# `language_model.model.*`; transformers 5's in-memory layout is `model.language_model.*`.
+LLAVA_TEXT_PREFIXES: dict[str, str | None] = {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+    "lm_head.": "lm_head.",
+}
+# Qwen2-VL checkpoints keep the language model at the top (`model.layers.*`) next to `visual.*`.
+QWEN_VL_TEXT_PREFIXES: dict[str, str | None] = {
+    "model.language_model.": "model.",
+    "model.visual.": None,
+    "model.": "model.",
+    "lm_head.": "lm_head.",
+}
 
 
 @dataclass(frozen=True)
@@ -14,34 +31,21 @@ class VisionFamily:
     # The transformers class that holds the vision tower and projector (its language model is
     # dropped), or None when the family is recognised but not runnable, with `unsupported`.
     model_class: str | None
+    text_prefixes: Mapping[str, str | None] = field(default_factory=lambda: LLAVA_TEXT_PREFIXES)
+    # The language model's architecture when its text_config names none that runs natively.
+    text_architecture: str | None = None
+    mrope: bool = False  # multimodal rotary positions (M-RoPE)
     unsupported: str = ""
 
 
+QWEN_VL = dict(
+    text_prefixes=QWEN_VL_TEXT_PREFIXES, text_architecture="Qwen2ForCausalLM", mrope=True
+)
 FAMILIES = {
     "LlavaForConditionalGeneration": VisionFamily("llava", "LlavaModel"),
     "LlavaNextForConditionalGeneration": VisionFamily("llava_next", "LlavaNextModel"),
-    "Qwen2VLForConditionalGeneration": VisionFamily(
-        "qwen2_vl",
-        None,
-        "Qwen2-VL places image tokens with multimodal rotary positions (M-RoPE: separate "
-        "time, height and width positions), which the native runner does not implement yet",
-    ),
-    "Qwen2_5_VLForConditionalGeneration": VisionFamily(
-        "qwen2_5_vl",
-        None,
-        "Qwen2.5-VL places image tokens with multimodal rotary positions (M-RoPE: separate "
-        "time, height and width positions), which the native runner does not implement yet",
-    ),
-}
-
-# Where each checkpoint layout keeps the language model, and the names the text model uses:
-# llava-hf checkpoints (and transformers' save_pretrained) write `language_model.model.*`,
-# transformers 5's in-memory layout `model.language_model.*`.
-TEXT_WEIGHT_PREFIXES = {
-    "language_model.model.": "model.",
-    "language_model.lm_head.": "lm_head.",
-    "model.language_model.": "model.",
-    "lm_head.": "lm_head.",
+    "Qwen2VLForConditionalGeneration": VisionFamily("qwen2_vl", "Qwen2VLModel", **QWEN_VL),
+    "Qwen2_5_VLForConditionalGeneration": VisionFamily("qwen2_5_vl", "Qwen2_5_VLModel", **QWEN_VL),
 }
 
 
@@ -50,7 +54,9 @@ def image_token_id(config: Mapping[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
-def text_model(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+def text_model(
+    config: Mapping[str, Any], family: VisionFamily | None
+) -> tuple[str, dict[str, Any]] | None:
     """The language model's architecture and its complete config (transformers' defaults
     filled in: hub configs often state only what differs from them)."""
     text = config.get("text_config")
@@ -64,6 +70,8 @@ def text_model(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
         return None
     full = CONFIG_MAPPING[model_type](**text).to_dict()
     archs = text.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)]
+    if family is not None and family.text_architecture:
+        archs = [family.text_architecture]
     if archs[0] is None:
         return None
     if "tie_word_embeddings" in config:  # the VLM's own setting is the one its weights follow

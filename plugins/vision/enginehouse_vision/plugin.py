@@ -12,7 +12,7 @@ from typing import Any
 
 from enginehouse import EngineConfig, ModelSpec, hookimpl
 
-from .families import FAMILIES, TEXT_WEIGHT_PREFIXES, image_token_id, text_model
+from .families import FAMILIES, image_token_id, text_model
 
 
 @hookimpl
@@ -34,10 +34,10 @@ def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
         facts["vision_unsupported"] = family.unsupported
     else:
         facts["vision_encoder"] = family.name
-    text = text_model(spec.config)
-    if text is not None:
+    text = text_model(spec.config, family)
+    if text is not None and family is not None:
         facts["text_architecture"], facts["text_config"] = text
-        facts["text_weight_prefixes"] = dict(TEXT_WEIGHT_PREFIXES)
+        facts["text_weight_prefixes"] = dict(family.text_prefixes)
     return facts
 
 
@@ -45,6 +45,8 @@ def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
 def create_vision_encoder(spec: ModelSpec, config: EngineConfig):
     if not spec.facts.get("vision_encoder"):
         return None
-    from .encoder import HFVisionEncoder
+    from .encoder import HFVisionEncoder, QwenVLEncoder
 
+    if FAMILIES[spec.architecture].mrope:
+        return QwenVLEncoder(spec, config)
     return HFVisionEncoder(spec, config)

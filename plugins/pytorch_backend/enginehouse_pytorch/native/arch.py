@@ -25,6 +25,8 @@ class Rope:
     kind: str = "default"
     rotary_dim: int = 0  # 0: the whole head
     params: Mapping[str, Any] = field(default_factory=dict)  # the scaling parameters, as given
+    # Qwen2-VL's M-RoPE: how many frequency pairs follow the time, height and width positions.
+    mrope_section: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ def _rope(config: Mapping[str, Any], head_dim: int) -> Rope:
         params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     kind = params.get("rope_type") or params.get("type") or "default"
     kind = "longrope" if kind == "su" else kind
+    kind = "default" if kind == "mrope" else kind  # older Qwen2-VL configs name it a type
     if kind not in ROPE_TYPES:
         raise UnsupportedModel(
             f"rope type {kind!r} is not implemented natively (have: {', '.join(ROPE_TYPES)})"
@@ -95,6 +98,7 @@ def _rope(config: Mapping[str, Any], head_dim: int) -> Rope:
         kind=kind,
         rotary_dim=int(head_dim * factor),
         params=params,
+        mrope_section=tuple(params.get("mrope_section") or ()),
     )
 
 

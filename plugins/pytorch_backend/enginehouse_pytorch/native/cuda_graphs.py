@@ -114,7 +114,10 @@ class DecodeGraphs:
         k = len(chunks)
         if not self.enabled or not 0 < k <= self.max_size:
             return None
-        if any(len(c.token_ids) != 1 or c.embeds is not None for c in chunks):
+        if any(
+            len(c.token_ids) != 1 or c.embeds is not None or c.rope_positions is not None
+            for c in chunks
+        ):
             return None
         width = max(len(c.block_table) for c in chunks)
         if width > self.width:

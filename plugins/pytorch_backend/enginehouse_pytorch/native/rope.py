@@ -73,6 +73,18 @@ def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tens
     return emb.cos() * scale, emb.sin() * scale * sign
 
 
+def mrope_rows(
+    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, section: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the table for multimodal positions [3, tokens] (Qwen2-VL's M-RoPE): each
+    frequency takes its row from the time, height or width position, by `section`."""
+    half = torch.cat([torch.full((n,), i) for i, n in enumerate(section)])
+    which = torch.cat([half, half]).to(cos.device)  # both halves of the rotate-half layout
+    columns = torch.arange(cos.shape[-1], device=cos.device)
+    rows = positions.to(cos.device)[which]  # [dim, tokens]: the position each column uses
+    return cos[rows, columns[:, None]].T, sin[rows, columns[:, None]].T
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [tokens, heads, head_dim] by rows of `rope_table` ([tokens, 1, rotary_dim]),
     in the rotate-half form: x * cos + rotate_half(x) * sin, in three ops."""

@@ -75,13 +75,13 @@ def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard
     return dest[begin:end]
 
 
-def _renamed(name: str, prefixes: Mapping[str, str] | None) -> str | None:
+def _renamed(name: str, prefixes: Mapping[str, str | None] | None) -> str | None:
     """The name with its prefix mapped (a VLM's language model), or None to skip it."""
     if prefixes is None:
         return name
-    for old, new in prefixes.items():
+    for old, new in prefixes.items():  # the first prefix that matches decides
         if name.startswith(old):
-            return new + name[len(old) :]
+            return None if new is None else new + name[len(old) :]
     return None
 
 
@@ -89,7 +89,7 @@ def load_safetensors(
     model: nn.Module,
     files: Iterable[Path],
     progress: bool = True,
-    prefixes: Mapping[str, str] | None = None,
+    prefixes: Mapping[str, str | None] | None = None,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
 
