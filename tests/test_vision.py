@@ -334,6 +334,32 @@ def test_http_images_only_from_allowed_domains(vlm_dirs, tmp_path):
         server.shutdown()
 
 
+def test_generate_command_takes_images(pipes, vlm_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    path = tmp_path / "pic.png"
+    path.write_bytes(png_bytes(picture(9)))
+    want = pipes["llava"](("what is it", picture(9)), GenerationConfig(max_new_tokens=6)).text
+    args = ["generate", str(vlm_dirs["llava"]), "what", "is", "it", "--image", str(path)]
+    result = CliRunner().invoke(cli, [*args, "--max-new-tokens", "6", "--no-stream"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == want + "\n"
+    missing = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "nope.png")])
+    assert missing.exit_code == 1 and "could not read the image file" in missing.output
+
+
+def test_image_tokens_without_images_and_perplexity_with_images_are_refused(pipes):
+    pipe = pipes["llava"]
+    ids = pipe.encode(("describe", picture(0)))
+    with pytest.raises(RequestError, match="image tokens but no images"):
+        pipe({"token_ids": ids}, fixed(2))
+    with pytest.raises(RequestError, match="text prompts only"):
+        pipe.get_ppl(("describe", picture(0)))
+    assert pipe.get_ppl("hello world the quick brown fox") > 1
+
+
 def test_text_model_refuses_images(llama_pipe):
     with pytest.raises(RequestError, match="takes text only"):
         llama_pipe(("describe", picture(0)), fixed(4))

@@ -154,6 +154,12 @@ def explain(
 @click.option("--stop", multiple=True, help="a stop string (repeatable)")
 @click.option("--system", default=None, help="a system message")
 @click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    help="an image for a vision-language model: a path, data: or http(s) URL (repeatable)",
+)
 @click.option("--stream/--no-stream", default=True, show_default=True)
 @click.option("--backend", default=None, help="run on this backend (see explain)")
 @click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -170,6 +176,7 @@ def generate(
     stop: tuple[str, ...],
     system: str | None,
     raw: bool,
+    images: tuple[str, ...],
     stream: bool,
     backend: str | None,
     revision: str | None,
@@ -180,9 +187,13 @@ def generate(
 
     gen = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, stop)
     text = " ".join(prompt)
-    request: Any = text
+    request: Any = (text, list(images)) if images else text
     if system and not raw:
-        request = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        content: Any = text
+        if images:
+            content = [{"type": "image", "image": i} for i in images]
+            content.append({"type": "text", "text": text})
+        request = [{"role": "system", "content": system}, {"role": "user", "content": content}]
     with pipeline(model, backend=backend, engine_config=engine_config, revision=revision) as pipe:
         if stream:
             for delta in pipe.stream(request, gen, apply_chat_template=not raw):

@@ -382,7 +382,12 @@ class Pipeline:
         items, single = self._batch(prompts)
         sums: dict[int, tuple[float, int]] = {}
         for i, prompt in enumerate(items):
-            ids = self.encode(prompt, apply_chat_template=False)
+            prepared = self.prepare(prompt, apply_chat_template=False)
+            ids = prepared.token_ids
+            if prepared.mm is not None:
+                raise RequestError(
+                    "perplexity is computed for text prompts only; this one has images"
+                )
             if len(ids) < 2:
                 raise RequestError("perplexity needs a prompt of at least two tokens")
             for out in self.engine.stream(ids, GenerationConfig(max_new_tokens=1), True):

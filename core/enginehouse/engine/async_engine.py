@@ -119,11 +119,15 @@ class AsyncEngine:
             self.loop.call_soon_threadsafe(abort)
 
     def stream(
-        self, prompt_ids: list[int], params: GenerationConfig, score_only: bool = False
+        self,
+        prompt_ids: list[int],
+        params: GenerationConfig,
+        score_only: bool = False,
+        mm: MultiModalData | None = None,
     ) -> Iterator[RequestOutput]:
         """Outputs of one request, for synchronous code. Leaving the loop early aborts it."""
         q: queue.Queue[RequestOutput] = queue.Queue()
-        rid = self.submit(prompt_ids, params, q.put, score_only=score_only)
+        rid = self.submit(prompt_ids, params, q.put, score_only=score_only, mm=mm)
         finished = False
         try:
             while not finished:

@@ -139,6 +139,11 @@ class LLMEngine:
             raise RequestError("the prompt is empty; give at least one token")
         if mm is not None:
             self._validate_images(prompt_ids, mm)
+        elif self.vision is not None and self.vision.image_token_id in prompt_ids:
+            raise RequestError(
+                "the prompt has image tokens but no images; pass the images with the prompt, "
+                "e.g. (text, image), and let the pipeline place their tokens"
+            )
         for what, ids in (("token id", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
