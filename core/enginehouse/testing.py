@@ -185,8 +185,16 @@ VISION_TINY = dict(
 )
 
 
-def build_vlm(folder: Path, family: str = "llava", chat_template: str = PARTS_TEMPLATE) -> Path:
-    """A small random-weight LLaVA or LLaVA-NeXT with its processor, saved like a hub model."""
+def build_vlm(
+    folder: Path,
+    family: str = "llava",
+    chat_template: str = PARTS_TEMPLATE,
+    text_shape: dict[str, Any] | None = None,
+    vision_shape: dict[str, Any] | None = None,
+) -> Path:
+    """A small random-weight LLaVA or LLaVA-NeXT with its processor, saved like a hub model.
+
+    `text_shape` and `vision_shape` replace the tiny Llama and CLIP shapes (the benchmarks)."""
     import torch
     import transformers as tf
 
@@ -194,9 +202,10 @@ def build_vlm(folder: Path, family: str = "llava", chat_template: str = PARTS_TE
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.save_pretrained(folder)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = tf.LlamaConfig(**TINY, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = tf.CLIPVisionConfig(**VISION_TINY)
-    size = VISION_TINY["image_size"]
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = tf.LlamaConfig(**{**(text_shape or dict(TINY, vocab_size=512)), **ids})
+    vision = tf.CLIPVisionConfig(**(vision_shape or VISION_TINY))
+    size, patch = vision.image_size, vision.patch_size
     common = dict(image_size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     if family == "llava":
         config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
@@ -204,7 +213,7 @@ def build_vlm(folder: Path, family: str = "llava", chat_template: str = PARTS_TE
         processor = tf.LlavaProcessor(
             image_processor=images,
             tokenizer=tokenizer,
-            patch_size=14,
+            patch_size=patch,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
         )
@@ -220,7 +229,7 @@ def build_vlm(folder: Path, family: str = "llava", chat_template: str = PARTS_TE
         processor = tf.LlavaNextProcessor(
             image_processor=images,
             tokenizer=tokenizer,
-            patch_size=14,
+            patch_size=patch,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
         )
