@@ -116,6 +116,17 @@ def test_explain_names_the_encoder_and_the_text_model(family, vlm_dirs):
     assert "takes text only" in reasons["transformers"]
 
 
+def test_explain_command_names_encoder_and_text_model(vlm_dirs):
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    result = CliRunner().invoke(cli, ["explain", str(vlm_dirs["qwen2_vl"])])
+    assert result.exit_code == 0, result.output
+    line = "vision model: yes: images by the qwen2_vl encoder, text by Qwen2ForCausalLM"
+    assert line in result.output
+
+
 def test_an_unknown_vlm_is_reported_unsupported_with_the_reason(tmp_path):
     config = {
         "architectures": ["Idefics3ForConditionalGeneration"],

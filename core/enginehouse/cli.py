@@ -132,7 +132,7 @@ def explain(
     facts = report["facts"]
     click.echo(f"model:        {report['model']}")
     click.echo(f"architecture: {report['architecture']} (family {facts.get('family')})")
-    click.echo(f"vision model: {'yes' if facts.get('is_vlm') else 'no'}")
+    click.echo(f"vision model: {_vision_line(facts)}")
     click.echo(f"chosen:       {report['chosen'] or 'none'}")
     click.echo("backends:")
     for v in report["verdicts"]:
@@ -141,6 +141,16 @@ def explain(
         click.echo(f"        {v['reason']}")
     if report["error"]:
         raise click.ClickException(report["error"])
+
+
+def _vision_line(facts: dict[str, Any]) -> str:
+    if not facts.get("is_vlm"):
+        return "no"
+    text = facts.get("text_architecture", "?")
+    if facts.get("vision_encoder"):
+        return f"yes: images by the {facts['vision_encoder']} encoder, text by {text}"
+    why = facts.get("vision_unsupported") or "install the vision plugin"
+    return f"yes, but no image encoder: {why}"
 
 
 @cli.command()
