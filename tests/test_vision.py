@@ -6,6 +6,7 @@ Small random-weight LLaVA and LLaVA-NeXT models with real processors are built o
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -424,3 +425,31 @@ def test_openai_server_takes_image_url_parts(pipes, tmp_path):
             with pytest.raises(openai.BadRequestError, match=re.escape(words)):
                 ask(bad)
         assert ask(data_url(image)).choices[0].message.content == expected
+        text_expected = pipe("hello world", GenerationConfig(max_new_tokens=8)).text
+        assert asyncio.run(concurrent(running.url, data_url(image), 8)) == (
+            [expected] * 8 + [text_expected] * 8
+        )
+
+
+async def concurrent(url: str, image_url: str, n: int) -> list[str]:
+    """n image requests and n text requests at once, through the async client."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    image = [
+        {"type": "image_url", "image_url": {"url": image_url}},
+        {"type": "text", "text": "what is this?"},
+    ]
+    asks = [image] * n + ["hello world"] * n
+    answers = await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model="tiny-llava",
+                messages=[{"role": "user", "content": content}],
+                max_tokens=8,
+                temperature=0,
+            )
+            for content in asks
+        )
+    )
+    return [a.choices[0].message.content for a in answers]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,11 +18,15 @@ from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, s
 async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(req.model)
-    for message in req.messages:
-        for url in message.image_urls():
-            state.check_image_url(url)
+    urls = [url for message in req.messages for url in message.image_urls()]
+    for url in urls:
+        state.check_image_url(url)
     messages = [m.for_template() for m in req.messages]
-    prompt = state.prepare(messages, "messages", apply_chat_template=True)
+    if urls:
+        # Fetching and decoding images can take a while: not on the loop that serves the others.
+        prompt = await asyncio.to_thread(state.prepare, messages, "messages", True)
+    else:
+        prompt = state.prepare(messages, "messages", apply_chat_template=True)
     configs = state.configs(req, len(prompt.token_ids))
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, len(prompt.token_ids))
