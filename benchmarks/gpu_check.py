@@ -1,7 +1,7 @@
 """The native backend's CUDA path on a real GPU: correctness against the CPU, then speed.
 
     bash benchmarks/gpu_check.sh            # installs the repo (no deps, offline), runs this
-    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,timing] [--skip-timing]
+    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,vision,timing] [--skip-timing]
         [--quick] [--budget SECONDS] [--models DIR] [--families llama,gemma2,...]
     python benchmarks/gpu_check.py --dry-run-cpu --quick   # the script's plumbing, no GPU
 
@@ -29,6 +29,9 @@ tokenizers and triton; builds its small random-weight models offline.
 5. timing, 56M Llama shape, bfloat16, greedy, fixed lengths: an equal batch (32 prompts of 64
    tokens, 128 new each) and a single stream (64 + 128): enginehouse with CUDA graphs, with
    eager=True, and transformers' `generate`, tokens per second and their ratios.
+6. vision: tiny LLaVA, LLaVA-NeXT and Qwen2-VL with generated images, mixed with text prompts:
+   float32 CUDA tokens must equal the CPU's; bfloat16 agreement is reported. Needs Pillow and
+   numpy (skipped with the reason otherwise).
 """
 
 from __future__ import annotations
@@ -667,19 +670,20 @@ def environment() -> bool:
 
 def ensure_pytorch_plugin() -> None:
     """From a source tree that pip could not install (no entry point), register the pytorch
-    plugin by hand, so that `pipeline()` still finds the native backend."""
+    and vision plugins by hand, so that `pipeline()` still finds the native backend."""
     root = Path(__file__).resolve().parents[1]
-    for sub in ("core", "plugins/pytorch_backend"):
+    for sub in ("core", "plugins/pytorch_backend", "plugins/vision"):
         if str(root / sub) not in sys.path:
             sys.path.append(str(root / sub))
+    import importlib
+
     from enginehouse.plugins import get_plugins
 
     host = get_plugins()
-    if "pytorch" not in host.infos:
-        import enginehouse_pytorch.plugin as plugin
-
-        host.register(plugin, "pytorch")
-        log("the pytorch plugin has no entry point here (not pip-installed): registered by hand")
+    for name in ("pytorch", "vision"):
+        if name not in host.infos:
+            host.register(importlib.import_module(f"enginehouse_{name}.plugin"), name)
+            log(f"the {name} plugin has no entry point here (not installed): registered by hand")
 
 
 def write_report() -> None:
@@ -729,7 +733,39 @@ def write_report() -> None:
     log(f"wrote {folder / 'gpu_check.json'} and {folder / 'gpu_check.md'}")
 
 
-SECTIONS = ("kernels", "logits", "tokens", "bf16", "timing")
+SECTIONS = ("kernels", "logits", "tokens", "bf16", "vision", "timing")
+
+
+def check_vision(family: str, folder: Path) -> None:
+    """A VLM end to end on the GPU: greedy tokens of image and text prompts, float32, against
+    the CPU pipeline (the vision tower runs on the GPU too)."""
+    import numpy as np
+    from PIL import Image
+
+    from enginehouse import pipeline
+    from enginehouse.testing import build_qwen_vl, build_vlm
+
+    path = folder / f"vlm-{family}"
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        (build_qwen_vl if family.startswith("qwen") else build_vlm)(path, family)
+    rng = np.random.RandomState(0)
+    sizes = [(90, 60), (40, 100), (64, 64)]
+    images = [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    prompts = [("describe it", images[0]), "hello world", ("compare", images[1:]), "a b c"]
+    configs = [{"max_new_tokens": 24, "min_new_tokens": 24}] * len(prompts)
+    tokens = {}
+    for label, engine in (
+        ("cpu", {"device": "cpu", "dtype": "float32"}),
+        ("cuda-f32", {"device": DEV, "dtype": "float32"}),
+        ("cuda-bf16", {"device": DEV}),
+    ):
+        with pipeline(str(path), engine_config=engine, progress=False) as pipe:
+            tokens[label] = [r.token_ids for r in pipe(prompts, configs)]
+    same = sum(g == w for g, w in zip(tokens["cuda-f32"], tokens["cpu"]))
+    record(f"vision/{family}/cuda-f32", same == len(prompts), f"{same}/{len(prompts)} identical")
+    agree = prefix_agreement(tokens["cuda-bf16"], tokens["cpu"])
+    record(f"vision/{family}/cuda-bf16", True, f"greedy prefix agreement {agree:.2f} (info)")
 
 
 def main() -> int:
@@ -788,6 +824,11 @@ def main() -> int:
         section("4. bfloat16 by default on the GPU: tokens against float32 CPU")
         for name in [n for n in ("llama", "mistral", "gemma2", "qwen3") if n in names]:
             guarded(f"bf16/{name}", check_bf16_tokens, name, folder, cpu_tokens)
+
+    if "vision" in only:
+        section("6. Vision-language models: image prompts on the GPU vs the CPU")
+        for family in ("llava", "llava_next", "qwen2_vl"):
+            guarded(f"vision/{family}", check_vision, family, folder)
 
     if "timing" in only:
         guarded("timing", check_timing, folder, args.repeat, args.quick)

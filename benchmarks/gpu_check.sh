@@ -15,17 +15,17 @@ PYTHON=${PYTHON:-python3}
 # The repository itself, leaving the installed torch/transformers/triton alone: no dependencies,
 # no index, no build isolation (the machine may be offline).
 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index \
-  -e . -e plugins/pytorch_backend \
+  -e . -e plugins/pytorch_backend -e plugins/vision \
   || echo "gpu_check.sh: pip install -e failed; gpu_check.py falls back to the source tree" >&2
 
 "$PYTHON" - <<'PY'
 import importlib.util
 
 need = ("torch", "transformers", "tokenizers", "triton", "safetensors", "pluggy", "pydantic",
-        "click", "jinja2", "tqdm", "huggingface_hub")
+        "click", "jinja2", "tqdm", "huggingface_hub", "PIL", "numpy")
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 print("gpu_check.sh: missing Python packages:", ", ".join(missing) if missing else "none")
 PY
 
-export PYTHONPATH="$PWD/core:$PWD/plugins/pytorch_backend${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/core:$PWD/plugins/pytorch_backend:$PWD/plugins/vision${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" benchmarks/gpu_check.py "$@"

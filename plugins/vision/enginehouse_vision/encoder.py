@@ -139,7 +139,11 @@ class HFVisionEncoder:
 
     def load(self, device: torch.device, dtype: torch.dtype, progress: bool = True) -> None:
         import transformers
-        from transformers.initialization import no_init_weights
+
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers before 5.2 kept it here
+            from transformers.modeling_utils import no_init_weights
 
         full = transformers.AutoConfig.from_pretrained(self.spec.path)
         cls = getattr(transformers, self.family.model_class or "")
@@ -198,9 +202,8 @@ class HFVisionEncoder:
         # Every prompt's tensors concatenated along images: one pass of the tower for all.
         kwargs = {key: torch.cat([mm.inputs[key] for mm in batch]) for key in batch[0].inputs}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(self.device, self.dtype)
-        features = self.model.get_image_features(
-            **kwargs, **self._feature_args(), return_dict=True
-        ).pooler_output
+        features = self.model.get_image_features(**kwargs, **self._feature_args(), return_dict=True)
+        features = getattr(features, "pooler_output", features)  # older versions: the features
         if not isinstance(features, torch.Tensor):
             features = torch.cat(list(features))
         return list(torch.split(features, [mm.num_image_tokens for mm in batch]))
