@@ -53,8 +53,8 @@ def check_exportable(spec: ModelSpec) -> None:
 
     if spec.is_vlm:
         raise UnsupportedExport(
-            f"{spec.architecture} is a vision-language model: only text decoders export to "
-            "ONNX (the native image path is not built yet)"
+            f"{spec.architecture} is a vision-language model: the exported graph takes token "
+            "ids only, not image embeddings; run it on the pytorch backend"
         )
     try:
         arch_from_config(spec.architecture, spec.config)
