@@ -453,3 +453,18 @@ async def concurrent(url: str, image_url: str, n: int) -> list[str]:
         )
     )
     return [a.choices[0].message.content for a in answers]
+
+
+def test_the_vision_example_runs(tmp_path):
+    """examples/vision.py, as a user runs it: builds its model offline, answers, refuses."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "vision.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-> backend pytorch" in result.stdout and "images: llava" in result.stdout
+    assert "a bad request is refused" in result.stdout
