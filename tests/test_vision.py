@@ -284,6 +284,19 @@ def test_string_template_gets_placeholders_in_the_text(tmp_path):
         assert text.startswith("<|im_start|>user\n<image>") and "what is this?" in text
 
 
+def test_a_template_kept_by_the_processor_is_used(vlm_dirs, tmp_path):
+    """Older llava-hf checkpoints keep the chat template in chat_template.json only."""
+    import shutil
+
+    folder = shutil.copytree(vlm_dirs["llava"], tmp_path / "llava-old")
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    with pipeline(str(folder), progress=False) as pipe:
+        assert pipe.chat_template.source == "processor"
+        assert pipe.chat_template.template == template
+
+
 def test_prefix_cache_never_shares_blocks_of_different_images(pipes):
     pipe = pipes["llava"]
     question = "the same words " * 8  # text blocks after the image that would match

@@ -1,12 +1,14 @@
 """Step 6 of `pipeline()`: which chat template turns messages into a prompt.
 
 Precedence: an explicit `chat_template=` (a Jinja string or a file) overrides everything; then
-the tokenizer's own template; then, only for tokenizers that have none, a small built-in one
+the tokenizer's own template; then a processor's `chat_template.json` (vision-language models);
+then, only for tokenizers that have none, a small built-in one
 chosen by the config's `model_type` (never by the folder's name), with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,7 +35,7 @@ FAMILY_TEMPLATES = {"qwen2": "chatml", "qwen2_moe": "chatml", "qwen3": "chatml"}
 @dataclass(frozen=True)
 class ChatTemplate:
     template: str
-    source: str  # "override", "tokenizer" or "builtin:<name>"
+    source: str  # "override", "tokenizer", "processor" or "builtin:<name>"
 
     @property
     def is_builtin(self) -> bool:
@@ -71,6 +73,19 @@ def _reads_parts(template: str, tokenizer: Any) -> bool:
     return "PARTS-PROBE-1f6e" in text and "'type'" not in text
 
 
+def _processor_template(folder: Path) -> str | None:
+    """The template a VLM's processor keeps in chat_template.json (older llava-hf checkpoints),
+    where the tokenizer has none."""
+    path = folder / "chat_template.json"
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template else None
+
+
 def _template_text(override: str | Path) -> str:
     """A Jinja string as it is, or the contents of the file it names."""
     text = str(override)
@@ -95,5 +110,8 @@ def load_chat_template(
         own = own.get("default")
     if own:
         return ChatTemplate(own, "tokenizer")
+    processor_own = _processor_template(spec.path)
+    if processor_own:
+        return ChatTemplate(processor_own, "processor")
     name = FAMILY_TEMPLATES.get(spec.model_type, "plain")
     return ChatTemplate(BUILTIN[name], f"builtin:{name}")
