@@ -297,6 +297,34 @@ def test_a_template_kept_by_the_processor_is_used(vlm_dirs, tmp_path):
         assert pipe.chat_template.template == template
 
 
+HUB_LAYOUT = [("vision_tower.", "vision_tower.vision_model.")]  # llava-hf on the hub
+NEW_LAYOUT = [  # transformers 5's module names
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+
+
+@pytest.mark.parametrize("renames", [HUB_LAYOUT, NEW_LAYOUT], ids=["hub", "transformers5"])
+def test_other_checkpoint_layouts_load_the_same_model(renames, pipes, vlm_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(vlm_dirs["llava"], tmp_path / "renamed")
+    tensors = load_file(folder / "model.safetensors")
+
+    def renamed(key: str) -> str:
+        return next((new + key[len(old) :] for old, new in renames if key.startswith(old)), key)
+
+    save_file({renamed(k): v for k, v in tensors.items()}, folder / "model.safetensors")
+    prompt = ("what is this?", picture(12))
+    expected = pipes["llava"](prompt, fixed(8)).token_ids
+    with pipeline(str(folder), progress=False) as pipe:
+        assert pipe(prompt, fixed(8)).token_ids == expected
+
+
 def test_prefix_cache_never_shares_blocks_of_different_images(pipes):
     pipe = pipes["llava"]
     question = "the same words " * 8  # text blocks after the image that would match

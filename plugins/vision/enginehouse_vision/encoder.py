@@ -63,11 +63,15 @@ def _vision_only_config(full: Any) -> Any:
 
 def _checkpoint_names(name: str) -> list[str]:
     """The names a module parameter may have in a checkpoint, across transformers versions."""
-    names = [name, "model." + name]
-    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
-        inner = "vision_tower.vision_model." + name[len("vision_tower.") :]
-        names += [inner, "model." + inner]
-    return names
+    # CLIP's tower is `vision_tower.vision_model.*` in some versions, `vision_tower.*` in others.
+    nested, flat = "vision_tower.vision_model.", "vision_tower."
+    if name.startswith(nested):
+        other = flat + name[len(nested) :]
+    elif name.startswith(flat):
+        other = nested + name[len(flat) :]
+    else:
+        other = name
+    return list(dict.fromkeys([name, "model." + name, other, "model." + other]))
 
 
 class HFVisionEncoder:
