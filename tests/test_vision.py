@@ -306,13 +306,20 @@ NEW_LAYOUT = [  # transformers 5's module names
 ]
 
 
-@pytest.mark.parametrize("renames", [HUB_LAYOUT, NEW_LAYOUT], ids=["hub", "transformers5"])
-def test_other_checkpoint_layouts_load_the_same_model(renames, pipes, vlm_dirs, tmp_path):
+QWEN_NEW_LAYOUT = [("model.", "model.language_model."), ("visual.", "model.visual.")]
+
+
+@pytest.mark.parametrize(
+    "family, renames",
+    [("llava", HUB_LAYOUT), ("llava", NEW_LAYOUT), ("qwen2_vl", QWEN_NEW_LAYOUT)],
+    ids=["llava-hub", "llava-transformers5", "qwen2_vl-transformers5"],
+)
+def test_other_checkpoint_layouts_load_the_same_model(family, renames, pipes, vlm_dirs, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    folder = shutil.copytree(vlm_dirs["llava"], tmp_path / "renamed")
+    folder = shutil.copytree(vlm_dirs[family], tmp_path / "renamed")
     tensors = load_file(folder / "model.safetensors")
 
     def renamed(key: str) -> str:
@@ -320,7 +327,7 @@ def test_other_checkpoint_layouts_load_the_same_model(renames, pipes, vlm_dirs, 
 
     save_file({renamed(k): v for k, v in tensors.items()}, folder / "model.safetensors")
     prompt = ("what is this?", picture(12))
-    expected = pipes["llava"](prompt, fixed(8)).token_ids
+    expected = pipes[family](prompt, fixed(8)).token_ids
     with pipeline(str(folder), progress=False) as pipe:
         assert pipe(prompt, fixed(8)).token_ids == expected
 
