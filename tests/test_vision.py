@@ -379,7 +379,17 @@ def test_http_images_only_from_allowed_domains(vlm_dirs, tmp_path):
     import threading
 
     (tmp_path / "pic.png").write_bytes(png_bytes(picture(8)))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # /away redirects to a host that is not allowed
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", url.replace("127.0.0.1", "127.0.0.2"))
+                self.end_headers()
+                return
+            super().do_GET()
+
+    handler = functools.partial(Handler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/pic.png"
@@ -390,6 +400,8 @@ def test_http_images_only_from_allowed_domains(vlm_dirs, tmp_path):
             assert fetched.token_ids == pipe(("what is it", picture(8)), fixed(6)).token_ids
             with pytest.raises(RequestError, match="'127.0.0.2' is not allowed"):
                 pipe(("what is it", url.replace("127.0.0.1", "127.0.0.2")), fixed(6))
+            with pytest.raises(RequestError, match="'127.0.0.2' is not allowed"):
+                pipe(("what is it", url.replace("pic.png", "away")), fixed(6))
     finally:
         server.shutdown()
 

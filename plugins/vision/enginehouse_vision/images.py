@@ -43,7 +43,7 @@ def _data_url(url: str) -> bytes:
         raise RequestError(f"the data URL {_describe(url)} has invalid base64: {e}") from None
 
 
-def _fetch(url: str, allowed: list[str]) -> bytes:
+def _check_domain(url: str, allowed: list[str]) -> None:
     host = urllib.parse.urlparse(url).hostname or ""
     if not domain_allowed(host, allowed):
         raise RequestError(
@@ -51,8 +51,24 @@ def _fetch(url: str, allowed: list[str]) -> bytes:
             "EngineConfig(allowed_media_domains=[...]) or --allowed-media-domains, or send the "
             "image inline as a data: URL"
         )
+
+
+class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed domain: an allowed host must not be a way out."""
+
+    def __init__(self, allowed: list[str]) -> None:
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        _check_domain(newurl, self.allowed)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, allowed: list[str]) -> bytes:
+    _check_domain(url, allowed)
+    opener = urllib.request.build_opener(_AllowedRedirects(allowed))
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310
+        with opener.open(url, timeout=FETCH_TIMEOUT_S) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except OSError as e:
         raise RequestError(f"could not fetch the image {_describe(url)}: {e}") from None
