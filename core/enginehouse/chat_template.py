@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +60,20 @@ class ChatTemplate:
         )
 
 
-@lru_cache(maxsize=16)
+_READS_PARTS: dict[str, bool] = {}  # by template text (not by tokenizer: none is kept alive)
+
+
 def _reads_parts(template: str, tokenizer: Any) -> bool:
     # Render a probe message given as a list of parts: a template that reads parts writes the
     # probe's text; one that expects a string writes nothing of it (or fails).
-    probe = [{"role": "user", "content": [{"type": "text", "text": "PARTS-PROBE-1f6e"}]}]
-    try:
-        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
-    except Exception:
-        return False
-    return "PARTS-PROBE-1f6e" in text and "'type'" not in text
+    if template not in _READS_PARTS:
+        probe = [{"role": "user", "content": [{"type": "text", "text": "PARTS-PROBE-1f6e"}]}]
+        try:
+            text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+        except Exception:
+            text = ""
+        _READS_PARTS[template] = "PARTS-PROBE-1f6e" in text and "'type'" not in text
+    return _READS_PARTS[template]
 
 
 def _processor_template(folder: Path) -> str | None:
