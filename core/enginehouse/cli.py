@@ -143,6 +143,22 @@ def explain(
         raise click.ClickException(report["error"])
 
 
+def sampling_options(fn: Callable) -> Callable:
+    """--temperature, --top-p, --top-k and --seed, shared by generate and chat."""
+    for option in reversed(
+        [
+            click.option(
+                "--temperature", type=float, default=None, help="sample at this temperature"
+            ),
+            click.option("--top-p", type=float, default=None),
+            click.option("--top-k", type=int, default=None),
+            click.option("--seed", type=int, default=None, help="make sampling reproducible"),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 def _vision_line(facts: dict[str, Any]) -> str:
     if not facts.get("is_vlm"):
         return "no"
@@ -157,10 +173,7 @@ def _vision_line(facts: dict[str, Any]) -> str:
 @click.argument("model")
 @click.argument("prompt", nargs=-1, required=True)
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=None, help="sample at this temperature")
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=None, help="make sampling reproducible")
+@sampling_options
 @click.option("--stop", multiple=True, help="a stop string (repeatable)")
 @click.option("--system", default=None, help="a system message")
 @click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
@@ -287,10 +300,7 @@ def serve(
 @click.argument("model")
 @click.option("--system", default=None, help="a system message")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True)
-@click.option("--temperature", type=float, default=None, help="sample at this temperature")
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=None, help="make sampling reproducible")
+@sampling_options
 @click.option("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
 @click.option("--backend", default=None, help="run on this backend (see explain)")
 @click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
