@@ -454,9 +454,10 @@ def test_openai_server_takes_image_url_parts(pipes, tmp_path):
     (tmp_path / "secret.png").write_bytes(png_bytes(image))
     expected = pipe(("what is this?", image), GenerationConfig(max_new_tokens=8)).text
 
-    def ask(url: str):
+    def ask(url: str, n: int = 1):
         return client.chat.completions.create(
             model="tiny-llava",
+            n=n,
             messages=[
                 {
                     "role": "user",
@@ -484,7 +485,8 @@ def test_openai_server_takes_image_url_parts(pipes, tmp_path):
         ]:
             with pytest.raises(openai.BadRequestError, match=re.escape(words)):
                 ask(bad)
-        assert ask(data_url(image)).choices[0].message.content == expected
+        two = ask(data_url(image), n=2)  # two choices share one prompt's images
+        assert [c.message.content for c in two.choices] == [expected, expected]
         text_expected = pipe("hello world", GenerationConfig(max_new_tokens=8)).text
         assert asyncio.run(concurrent(running.url, data_url(image), 8)) == (
             [expected] * 8 + [text_expected] * 8
