@@ -58,9 +58,6 @@ TIMINGS: list[dict] = []
 INFO: dict = {}
 START = time.perf_counter()
 BUDGET = 480.0
-# max |error| / max(1, max |reference|): float32 exact up to summation order, the half types
-# round probabilities and the output to 11 / 8 significant bits
-TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 LOGITS_RTOL = 1e-3  # float32 logits: max |diff| <= LOGITS_RTOL * max(1, max |reference|)
 DEV = "cuda"  # --dry-run-cpu: "cpu", to try the script's own plumbing on a machine without GPU
 
@@ -144,76 +141,13 @@ def randomize_constant_tensors(file: Path) -> None:
 # --- 1. kernels -----------------------------------------------------------------------------
 
 
-def paged_case(kvh, d, bs, lens, dtype, device, seed):
-    """Contexts in shuffled blocks of a cache whose other slots hold NaN (the null slot: 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    need = [math.ceil(n / bs) for n in lens]
-    perm = torch.randperm(sum(need) + 5, generator=gen).tolist()
-    tables, at = [], 0
-    for n in need:
-        tables.append(tuple(perm[at : at + n]))
-        at += n
-    null = len(perm) * bs
-    kc = torch.full((kvh, null + 1, d), float("nan"))
-    vc = torch.full((kvh, null + 1, d), float("nan"))
-    kc[:, null] = 0
-    vc[:, null] = 0
-    for table, n in zip(tables, lens):
-        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
-        kc[:, slots] = torch.randn(kvh, n, d, generator=gen)
-        vc[:, slots] = torch.randn(kvh, n, d, generator=gen)
-    return tables, null, kc.to(device, dtype), vc.to(device, dtype)
+def decode_case(name, **case):
+    from enginehouse_pytorch.native.kernel_checks import decode_case as run_case
+    from enginehouse_pytorch.native.kernel_checks import describe
 
-
-def reference_meta(tables, lens, block_size, window, device, null_slot, k_cache):
-    """The torch path's decode metadata (gathered slots, masks) for `TorchAttention.decode`;
-    passes the cache layout where `decode_metadata` asks for it."""
-    import inspect
-
-    from enginehouse_pytorch.native.attention import StepMeta, decode_metadata
-
-    meta = StepMeta(num_decode=len(lens), slots=None, cos=None, sin=None)
-    layout = {"kv_heads": k_cache.shape[0], "num_slots": k_cache.shape[1]}
-    params = inspect.signature(decode_metadata).parameters
-    layout = {k: v for k, v in layout.items() if k in params}
-    decode_metadata(meta, tables, lens, block_size, {window}, device, null_slot, **layout)
-    return meta
-
-
-def decode_case(name, kvh, g, d, bs, lens, window=None, softcap=None, dtype="float32", parts=None):
-    from enginehouse_pytorch.native.attention import TorchAttention
-    from enginehouse_pytorch.native.triton_ops import paged_decode
-
-    dev = torch.device("cuda")
-    dt = getattr(torch, dtype)
-    h = kvh * g
-    tables, null, kc, vc = paged_case(kvh, d, bs, lens, dt, dev, seed=len(name))
-    q = (torch.randn(len(lens), h, d) * 2).to(dev, dt)
-    scale = d**-0.5
-    live = [i for i, n in enumerate(lens) if n > 0]
-    ref = torch.zeros(0, h * d, device=dev)
-    if live:
-        sub = [tables[i] for i in live]
-        meta = reference_meta(sub, [lens[i] for i in live], bs, window, dev, null, kc)
-        ref = TorchAttention(h, kvh, d, scale).decode(
-            meta, q[live].float(), (kc.float(), vc.float()), window, softcap
-        )
-    width = max(max(len(t) for t in tables), 1)
-    bt = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    cl = torch.tensor(lens, dtype=torch.int32)
-    out = paged_decode(q, kc, vc, bt.to(dev), cl.to(dev), bs, scale, window, softcap, parts)
-    torch.cuda.synchronize()
-    err = (out[live].float() - ref).abs().max().item() if live else 0.0
-    err /= max(1.0, ref.abs().max().item()) if live else 1.0
-    empty = [i for i, n in enumerate(lens) if n == 0]
-    zeros = bool((out[empty] == 0).all()) if empty else True
-    finite = bool(out.float().isfinite().all())
-    ok = err <= TOL[dtype] and zeros and finite
-    record(
-        f"kernel/{name}",
-        ok,
-        f"max rel err {err:.2e} (tol {TOL[dtype]}), empty rows zero {zeros}, finite {finite}",
-    )
+    result = run_case(len(name), **case, device=torch.device("cuda"))
+    ok = result["err"] <= result["tolerance"] and result["zeros"] and result["finite"]
+    record(f"kernel/{name}", ok, describe(result))
 
 
 def store_case(name, kvh, d, dtype):
@@ -299,11 +233,13 @@ def time_kernels() -> None:
 
 def time_decode(label: str, b: int, kvh: int, g: int, d: int, ctx: int) -> None:
     from enginehouse_pytorch.native.attention import TorchAttention
+    from enginehouse_pytorch.native.kernel_checks import paged_case, reference_meta
     from enginehouse_pytorch.native.triton_ops import paged_decode
 
     dev, bs = torch.device("cuda"), 16
     lens = [ctx] * b
-    tables, null, kc, vc = paged_case(kvh, d, bs, lens, torch.bfloat16, dev, seed=3)
+    tables, null, kc, vc = paged_case(torch.Generator().manual_seed(3), kvh, d, bs, lens)
+    kc, vc = kc.to(dev, torch.bfloat16), vc.to(dev, torch.bfloat16)
     q = torch.randn(b, kvh * g, d, device=dev, dtype=torch.bfloat16)
     bt = torch.tensor([list(t) for t in tables], dtype=torch.int32, device=dev)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)

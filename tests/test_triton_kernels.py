@@ -29,11 +29,6 @@ from pathlib import Path
 
 import pytest
 
-# max |error| / max(1, max |reference|): float32 exact up to summation order, the half types
-# round probabilities and the output to 11 / 8 significant bits
-TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-
 # --- the pytest side: no triton import here -------------------------------------------------
 
 
@@ -123,82 +118,17 @@ def _patch_interpreter() -> None:
         ip.InterpreterBuilder.create_dot = _create_dot
 
 
-def _paged_case(gen, kvh, d, bs, lens, dtype, spare_blocks=3):
-    """A cache holding the contexts in shuffled blocks; every other slot is NaN but the null
-    slot (zeros, as the runner keeps it)."""
-    import math
+def _decode_check(name, **case):
+    from enginehouse_pytorch.native.kernel_checks import decode_case, describe
 
-    import torch
-
-    need = [math.ceil(n / bs) for n in lens]
-    perm = torch.randperm(sum(need) + spare_blocks, generator=gen).tolist()
-    tables, at = [], 0
-    for n in need:
-        tables.append(tuple(perm[at : at + n]))
-        at += n
-    null = len(perm) * bs
-    k_cache = torch.full((kvh, null + 1, d), float("nan"))
-    v_cache = torch.full((kvh, null + 1, d), float("nan"))
-    k_cache[:, null] = 0
-    v_cache[:, null] = 0
-    for table, n in zip(tables, lens):
-        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
-        k_cache[:, slots] = torch.randn(kvh, n, d, generator=gen)
-        v_cache[:, slots] = torch.randn(kvh, n, d, generator=gen)
-    return tables, null, k_cache.to(dtype), v_cache.to(dtype)
-
-
-def reference_meta(tables, lens, block_size, window, device, null_slot, k_cache):
-    """The torch path's decode metadata (gathered slots, masks) for `TorchAttention.decode`;
-    passes the cache layout where `decode_metadata` asks for it."""
-    import inspect
-
-    from enginehouse_pytorch.native.attention import StepMeta, decode_metadata
-
-    meta = StepMeta(num_decode=len(lens), slots=None, cos=None, sin=None)
-    layout = {"kv_heads": k_cache.shape[0], "num_slots": k_cache.shape[1]}
-    params = inspect.signature(decode_metadata).parameters
-    layout = {k: v for k, v in layout.items() if k in params}
-    decode_metadata(meta, tables, lens, block_size, {window}, device, null_slot, **layout)
-    return meta
-
-
-def _decode_check(
-    name, kvh, g, d, bs, lens, window=None, softcap=None, dtype="float32", parts=None
-):
-    import torch
-
-    from enginehouse_pytorch.native.attention import TorchAttention
-    from enginehouse_pytorch.native.triton_ops import paged_decode
-
-    gen = torch.Generator().manual_seed(len(name))
-    dt = getattr(torch, dtype)
-    h = kvh * g
-    tables, null, kc, vc = _paged_case(gen, kvh, d, bs, lens, dt)
-    q = (torch.randn(len(lens), h, d, generator=gen) * 2).to(dt)
-    scale = d**-0.5
-    live = [i for i, n in enumerate(lens) if n > 0]
-    reference = torch.zeros(0, h * d)
-    if live:  # the torch path has no rows of length 0: they are compared with zeros below
-        sub, sub_lens = [tables[i] for i in live], [lens[i] for i in live]
-        meta = reference_meta(sub, sub_lens, bs, window, "cpu", null, kc)
-        reference = TorchAttention(h, kvh, d, scale).decode(
-            meta, q[live].float(), (kc.float(), vc.float()), window, softcap
-        )
-    width = max(max(len(t) for t in tables), 1)
-    bt = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    cl = torch.tensor(lens, dtype=torch.int32)
-    out = paged_decode(q, kc, vc, bt, cl, bs, scale, window, softcap, num_parts=parts)
-    err = (out[live].float() - reference).abs().max().item() if live else 0.0
-    err /= max(1.0, reference.abs().max().item()) if live else 1.0
-    empty = [i for i, n in enumerate(lens) if n == 0]
-    zeros = bool((out[empty] == 0).all()) if empty else True
-    finite = bool(out.float().isfinite().all())
-    ok = err <= TOLERANCE[dtype] and zeros and finite and out.dtype == dt
-    detail = (
-        f"max rel err {err:.2e} (tol {TOLERANCE[dtype]}), empty rows zero {zeros}, finite {finite}"
+    result = decode_case(len(name), **case)
+    ok = (
+        result["err"] <= result["tolerance"]
+        and result["zeros"]
+        and result["finite"]
+        and result["dtype_ok"]
     )
-    return {"name": name, "ok": ok, "detail": detail}
+    return {"name": name, "ok": ok, "detail": describe(result)}
 
 
 def _decode_checks() -> list[dict]:
