@@ -457,16 +457,21 @@ def generate(path: Path, engine: dict, prompts, configs) -> tuple[list[list[int]
         pipe.close()
 
 
-def check_pipeline_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
+def cpu_reference(name: str, folder: Path, cpu_tokens: dict):
+    """The model's path, the mixed requests, and the float32 CPU pipeline's tokens for them
+    (generated once per model, kept in `cpu_tokens`)."""
     path = model_path(name, folder)
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(path).vocab_size
-    prompts, configs = mixed_requests(vocab)
+    prompts, configs = mixed_requests(AutoConfig.from_pretrained(path).vocab_size)
     if name not in cpu_tokens:
         cpu = {"device": "cpu", "dtype": "float32"}
         cpu_tokens[name] = generate(path, cpu, prompts, configs)[0]
-    want = cpu_tokens[name]
+    return path, prompts, configs, cpu_tokens[name]
+
+
+def check_pipeline_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
+    path, prompts, configs, want = cpu_reference(name, folder, cpu_tokens)
     for label, engine in (
         ("graphs", {"device": DEV, "dtype": "float32", "max_batch_size": 16}),
         ("eager", {"device": DEV, "dtype": "float32", "eager": True}),
@@ -492,17 +497,10 @@ def prefix_agreement(got: list[list[int]], want: list[list[int]]) -> float:
 
 
 def check_bf16_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
-    path = model_path(name, folder)
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(path).vocab_size
-    prompts, configs = mixed_requests(vocab)
-    if name not in cpu_tokens:
-        cpu = {"device": "cpu", "dtype": "float32"}
-        cpu_tokens[name] = generate(path, cpu, prompts, configs)[0]
+    path, prompts, configs, want = cpu_reference(name, folder, cpu_tokens)
     got, info = generate(path, {"device": DEV, "max_batch_size": 16}, prompts, configs)
-    agreement = prefix_agreement(got, cpu_tokens[name])
-    same = sum(g == w for g, w in zip(got, cpu_tokens[name]))
+    agreement = prefix_agreement(got, want)
+    same = sum(g == w for g, w in zip(got, want))
     record(
         f"bf16/{name}/default-dtype-tokens",
         agreement >= 0.5 and info["dtype"] == "torch.bfloat16",
