@@ -295,6 +295,7 @@ def test_a_template_kept_by_the_processor_is_used(vlm_dirs, tmp_path):
     with pipeline(str(folder), progress=False) as pipe:
         assert pipe.chat_template.source == "processor"
         assert pipe.chat_template.template == template
+    assert pipe.vision.model is None  # closing the pipeline frees the vision tower too
 
 
 HUB_LAYOUT = [("vision_tower.", "vision_tower.vision_model.")]  # llava-hf on the hub

@@ -420,6 +420,8 @@ class Pipeline:
     def close(self) -> None:
         self.engine.close()
         self.engine.engine.runner.close()
+        if self.vision is not None:
+            self.vision.close()
 
     def __enter__(self) -> Pipeline:
         return self

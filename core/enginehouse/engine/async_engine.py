@@ -119,15 +119,11 @@ class AsyncEngine:
             self.loop.call_soon_threadsafe(abort)
 
     def stream(
-        self,
-        prompt_ids: list[int],
-        params: GenerationConfig,
-        score_only: bool = False,
-        mm: MultiModalData | None = None,
+        self, prompt_ids: list[int], params: GenerationConfig, score_only: bool = False
     ) -> Iterator[RequestOutput]:
         """Outputs of one request, for synchronous code. Leaving the loop early aborts it."""
         q: queue.Queue[RequestOutput] = queue.Queue()
-        rid = self.submit(prompt_ids, params, q.put, score_only=score_only, mm=mm)
+        rid = self.submit(prompt_ids, params, q.put, score_only=score_only)
         finished = False
         try:
             while not finished:
