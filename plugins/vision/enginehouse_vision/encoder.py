@@ -149,7 +149,9 @@ class HFVisionEncoder:
         except ImportError:  # transformers before 5.2 kept it here
             from transformers.modeling_utils import no_init_weights
 
-        full = transformers.AutoConfig.from_pretrained(self.spec.path)
+        # From the config the spec already read (nested dicts copied: from_dict may take them).
+        config_class = transformers.CONFIG_MAPPING[self.spec.model_type]
+        full = config_class.from_dict(copy.deepcopy(dict(self.spec.config)))
         cls = getattr(transformers, self.family.model_class or "")
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
