@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, explain, pipeline
 from enginehouse.errors import BackendError, InvalidModelError
-from enginehouse.testing import build_model, native_model_configs
+from enginehouse.testing import build_model, native_model_configs, tight_kv_config
 
 CONFIGS = native_model_configs(512)
 FAMILIES = list(CONFIGS)
@@ -344,17 +344,11 @@ def test_preemption_recomputes_the_same_tokens(family, native_models, pipes, hf)
     ref = hf[family]
     prompts = greedy_prompts()
     expected = informative([ref.greedy(p, n) for p, (_, n) in zip(prompts, GREEDY)])
-    kv = pipes[family].engine.engine.runner.kv_spec
-    per_token = kv.bytes_per_block // kv.block_size
     # Blocks of 4 tokens and room for one 64-token context and one block more: the first three
     # prompts (7 + 40 + 19 tokens) take every block, so the first decode step preempts.
     session, block = 64, 4
     blocks = session // block + 1
-    config = dict(
-        session_len=session,
-        block_size=block,
-        kv_cache_memory=f"{blocks * block * per_token}B",
-    )
+    config = tight_kv_config(pipes[family], session, block, blocks)
     with open_pipe(native_models[family], **config) as pipe:
         assert pipe.engine.engine.runner.kv_spec.block_size == block
         assert pipe.stats()["kv_blocks_total"] == blocks

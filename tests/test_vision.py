@@ -21,7 +21,7 @@ from PIL import Image
 from enginehouse import GenerationConfig, explain, hookimpl, pipeline
 from enginehouse.errors import RequestError
 from enginehouse.plugins import get_plugins
-from enginehouse.testing import build_qwen_vl, build_vlm
+from enginehouse.testing import build_qwen_vl, build_vlm, tight_kv_config
 
 LLAVA = ["llava", "llava_next"]
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
@@ -184,16 +184,11 @@ def test_image_split_across_chunks_and_recomputed_after_preemption(family, pipes
     multimodal positions). Tokens stay the same."""
     prompts = [(f"picture number {i}", picture(20 + i)) for i in range(3)]
     expected = [r.token_ids for r in pipes[family](prompts, fixed(20))]
-    kv = pipes[family].engine.engine.runner.kv_spec
-    per_token = kv.bytes_per_block // kv.block_size
     session, block = 80, 4
-    blocks = session // block + 2
     config = dict(
-        session_len=session,
-        block_size=block,
+        tight_kv_config(pipes[family], session, block, num_blocks=session // block + 2),
         max_num_batched_tokens=16,  # the smallest: the 16 image tokens span two chunks
         max_batch_size=4,
-        kv_cache_memory=f"{blocks * block * per_token}B",
     )
     with pipeline(str(vlm_dirs[family]), engine_config=config, progress=False) as pipe:
         out = pipe(prompts, fixed(20))
