@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,11 +23,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     for url in urls:
         state.check_image_url(url)
     messages = [m.for_template() for m in req.messages]
-    if urls:
-        # Fetching and decoding images can take a while: not on the loop that serves the others.
-        prompt = await asyncio.to_thread(state.prepare, messages, "messages", True)
-    else:
-        prompt = state.prepare(messages, "messages", apply_chat_template=True)
+    prepare = functools.partial(state.prepare, messages, "messages", apply_chat_template=True)
+    # Fetching and decoding images can take a while: not on the loop that serves the others.
+    prompt = await asyncio.to_thread(prepare) if urls else prepare()
     configs = state.configs(req, len(prompt.token_ids))
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, len(prompt.token_ids))
