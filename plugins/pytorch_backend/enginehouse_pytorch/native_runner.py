@@ -127,8 +127,8 @@ class NativeRunner:
     def _rope_rows(self, order: list, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rope table's rows for the step's tokens (the tables already live on the device);
         with multimodal positions (M-RoPE) in any chunk, each frequency picks its own."""
-        pos = torch.tensor(positions)
         if all(c.rope_positions is None for c in order):
+            pos = torch.tensor(positions)
             return self.cos[pos], self.sin[pos]
         three = torch.cat(
             [
