@@ -329,10 +329,12 @@ def scenario_steps(script: Script, vocab: int, which: str):
 def make_runner(path: Path, **engine):
     from enginehouse import EngineConfig
     from enginehouse.pipeline import read_spec
+    from enginehouse.runner import RunnerContext
     from enginehouse_pytorch.native_runner import NativeRunner
 
     spec = read_spec(str(path))
-    runner = NativeRunner(spec, EngineConfig(block_size=16, max_batch_size=32, **engine))
+    config = EngineConfig(block_size=16, max_batch_size=32, **engine)
+    runner = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     runner.load(progress=False)
     runner.allocate_kv(256)
     return runner

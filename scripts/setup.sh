@@ -21,3 +21,8 @@ fi
 "${PIP[@]}" -e ".[all,test]" \
   -e plugins/pytorch_backend -e plugins/tensorrt_backend -e plugins/vision \
   -e tests/third_party_plugin
+
+# The native backend's C++ CPU kernels, built now for this CPU rather than on the first model
+# load (about a minute on 2 cores). A machine without a compiler keeps the torch-ops path.
+.venv/bin/enginehouse pytorch build-kernels \
+  || echo "note: the CPU kernels could not be built; the native backend uses torch ops" >&2

@@ -21,7 +21,7 @@ import torch
 from enginehouse.config import EngineConfig, GenerationConfig
 from enginehouse.engine import LLMEngine, RequestOutput
 from enginehouse.errors import RequestError
-from enginehouse.runner import ScheduledBatch
+from enginehouse.runner import RunnerContext, ScheduledBatch
 from enginehouse.spec import ModelSpec, read_model_spec
 
 try:
@@ -438,9 +438,12 @@ def test_toy_plugin_is_found_through_its_entry_point(spec: ModelSpec, tmp_path: 
     verdicts = probe_backends(spec, config, host)
     assert choose_backend(verdicts).chosen == "toy"
     assert verdicts[0].reason == "model_type is 'toy'" and verdicts[0].plugin == "toy"
-    runner = host.hook.create_runner(backend="toy", spec=spec, config=config)
+    context = RunnerContext.for_model(spec, config)
+    runner = host.hook.create_runner(backend="toy", spec=spec, config=config, context=context)
     assert isinstance(runner, ToyRunner)
-    assert host.hook.create_runner(backend="other", spec=spec, config=config) is None
+    assert (
+        host.hook.create_runner(backend="other", spec=spec, config=config, context=context) is None
+    )
 
     (tmp_path / "config.json").write_text(json.dumps({**TOY_CONFIG, "model_type": "llama"}))
     (verdict,) = probe_backends(read_model_spec(tmp_path), config, host)

@@ -22,7 +22,7 @@ from enginehouse.spec import read_model_spec
 
 INSTALLED = {
     # entry point name: (distribution, hooks)
-    "pytorch": ("enginehouse-pytorch", ["create_runner", "probe_backend"]),
+    "pytorch": ("enginehouse-pytorch", ["create_runner", "probe_backend", "register_commands"]),
     "tensorrt": ("enginehouse-tensorrt", ["create_runner", "probe_backend", "register_commands"]),
     "vision": ("enginehouse-vision", ["create_vision_encoder", "detect_architecture"]),
 }
@@ -145,7 +145,7 @@ def test_as_dict_lists_name_version_hooks():
         "name": "pytorch",
         "distribution": "enginehouse-pytorch",
         "version": version("enginehouse-pytorch"),
-        "hooks": ["create_runner", "probe_backend"],
+        "hooks": ["create_runner", "probe_backend", "register_commands"],
         "error": None,
     }
 

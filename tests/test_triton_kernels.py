@@ -207,7 +207,7 @@ def _runner_checks(folder: Path) -> list[dict]:
 
     from enginehouse import EngineConfig, ScheduledBatch
     from enginehouse.pipeline import read_spec
-    from enginehouse.runner import SeqChunk
+    from enginehouse.runner import RunnerContext, SeqChunk
     from enginehouse.testing import native_model_configs
     from enginehouse_pytorch.native.cuda_graphs import DecodeGraphs
     from enginehouse_pytorch.native.triton_ops import TritonAttention
@@ -220,10 +220,10 @@ def _runner_checks(folder: Path) -> list[dict]:
     spec = read_spec(str(folder / "gemma2"))
     config = EngineConfig(device="cpu", dtype="float32", block_size=4, max_batch_size=4)
     num_blocks = 40
-    ref = NativeRunner(spec, config)
+    ref = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     ref.load(progress=False)
     ref.allocate_kv(num_blocks)
-    tri = NativeRunner(spec, config)
+    tri = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     tri.kernel, tri.paged = TritonAttention, True
     tri.load(progress=False)
     tri.allocate_kv(num_blocks)

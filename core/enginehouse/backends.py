@@ -22,6 +22,14 @@ class BackendDecision:
     def verdict(self, name: str) -> BackendProbe | None:
         return next((v for v in self.verdicts if v.name == name), None)
 
+    @property
+    def chosen_verdict(self) -> BackendProbe:
+        """The chosen backend's verdict (its plugin builds the runner)."""
+        verdict = self.verdict(self.chosen or "")
+        if verdict is None:
+            raise BackendError("no backend was chosen")
+        return verdict
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "chosen": self.chosen,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from .config import EngineConfig
     from .multimodal import VisionEncoder
-    from .runner import ModelRunner
+    from .runner import ModelRunner, RunnerContext
     from .spec import BackendProbe, ModelSpec
 
 PROJECT = "enginehouse"
@@ -57,12 +57,18 @@ def probe_backend(
 
 
 @hookspec(firstresult=True)
-def create_runner(backend: str, spec: ModelSpec, config: EngineConfig) -> ModelRunner | None:
+def create_runner(
+    backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext
+) -> ModelRunner | None:
     """Build the runner for ``backend`` (the chosen ``BackendProbe.name``).
 
-    The first plugin that returns something wins, so return ``None`` for backends you do not
-    own. The runner must follow :class:`enginehouse.runner.ModelRunner`; its weights are loaded
-    afterwards by the core through ``runner.load(progress)``, so building it should be quick.
+    The core asks only the plugin whose probe offered the chosen backend (firstresult, should
+    anything else call the hook on every plugin: return ``None`` for backends you do not own).
+    ``context`` carries what the core has decided for the runner (``session_len``). The runner
+    must follow :class:`enginehouse.runner.ModelRunner`, which the core checks; its weights are
+    loaded afterwards by the core through ``runner.load(progress)``, so building it should be
+    quick. A plugin offering several backends can answer with
+    ``enginehouse.runner.build_from_table``.
     """
 
 

@@ -30,7 +30,7 @@ from .multimodal import (
 from .plugins import PluginHost, get_plugins
 from .resolve import resolve_model
 from .response import Response
-from .runner import ModelRunner
+from .runner import ModelRunner, RunnerContext, missing_members
 from .spec import ModelSpec, read_model_spec
 
 Message = Mapping[str, Any]
@@ -68,21 +68,30 @@ def build_runner(
     plugins: PluginHost | None = None,
     progress: bool = True,
 ) -> ModelRunner:
-    """Step 5: the chosen backend's runner, with its weights loaded."""
+    """Step 7: the chosen backend's runner, built by the plugin that offered it, loaded."""
     plugins = plugins or get_plugins()
-    verdict = decision.verdict(decision.chosen or "")
-    owner = verdict.plugin if verdict else "?"
+    verdict = decision.chosen_verdict
+    backend, owner = verdict.name, verdict.plugin
+    context = RunnerContext.for_model(spec, config)
     try:
-        runner = plugins.hook.create_runner(backend=decision.chosen, spec=spec, config=config)
+        runner = plugins.call_one(
+            owner, "create_runner", backend=backend, spec=spec, config=config, context=context
+        )
     except Exception as e:
         raise BackendError(
-            f"backend {decision.chosen!r} (plugin {owner!r}) failed to start: "
-            f"{type(e).__name__}: {e}"
+            f"backend {backend!r} (plugin {owner!r}) failed to start: {type(e).__name__}: {e}"
         ) from e
     if runner is None:
         raise BackendError(
-            f"plugin {owner!r} said it supports backend {decision.chosen!r} but built no runner "
+            f"plugin {owner!r} said it supports backend {backend!r} but built no runner "
             "for it; report this to the plugin's authors"
+        )
+    missing = missing_members(runner)
+    if missing:
+        raise BackendError(
+            f"plugin {owner!r} built a {type(runner).__name__} for backend {backend!r}, which is "
+            f"not a runner: it lacks {', '.join(missing)} (see enginehouse.runner.ModelRunner); "
+            "report this to the plugin's authors"
         )
     try:
         runner.load(progress)

@@ -103,6 +103,14 @@ class PluginHost:
             except Exception as e:  # noqa: BLE001 - reported to the user, never swallowed
                 yield impl.plugin_name, e
 
+    def call_one(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
+        """Call one plugin's implementation of a hook (None when it has none)."""
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            if impl.plugin_name == plugin and not (impl.hookwrapper or impl.wrapper):
+                return impl.function(**{k: kwargs[k] for k in impl.argnames})
+        return None
+
     @property
     def hook(self) -> Any:
         return self.pm.hook

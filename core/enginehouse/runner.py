@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import EngineConfig
+    from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_SESSION_LEN = 4096  # for configs that state no context length
+
+
+def kv_slot(block_table: Sequence[int], pos: int, block_size: int) -> int:
+    """The KV slot of position `pos`: its block's first slot plus its offset in the block."""
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take across all layers."""
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class RunnerContext:
+    """What the core decides for a runner before building it (the `create_runner` hook's
+    `context`): values a runner must agree on with the engine, so that no plugin re-derives
+    them or imports the engine's internals."""
+
+    session_len: int  # the longest sequence the engine will schedule (prompt + output)
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, config: EngineConfig) -> RunnerContext:
+        """The context `pipeline()` gives a runner for this model and these settings."""
+        return cls(session_len=session_length(spec, config))
+
+
+def session_length(spec: ModelSpec, config: EngineConfig) -> int:
+    """The engine's context length: `session_len` if set, else the model's, else 4096."""
+    if config.session_len is not None:
+        if spec.context_length and config.session_len > spec.context_length:
+            log.warning(
+                "session_len %d is longer than the model's context (%d); quality may suffer",
+                config.session_len,
+                spec.context_length,
+            )
+        return config.session_len
+    return spec.context_length or DEFAULT_SESSION_LEN
 
 
 @dataclass(frozen=True)
@@ -57,6 +104,12 @@ class SeqChunk:
     def is_prefill(self) -> bool:
         return self.start_pos == 0 or len(self.token_ids) > 1
 
+    def slots(self, block_size: int) -> list[int]:
+        """The KV slot of each new token, in order."""
+        return [
+            kv_slot(self.block_table, p, block_size) for p in range(self.start_pos, self.end_pos)
+        ]
+
 
 @dataclass(frozen=True)
 class ScheduledBatch:
@@ -83,14 +136,8 @@ class ScheduledBatch:
     @cached_property
     def slot_mapping(self) -> torch.Tensor:
         """For each new token, its KV slot: block_id * block_size + offset in the block."""
-        bs = self.block_size
         return torch.tensor(
-            [
-                c.block_table[p // bs] * bs + p % bs
-                for c in self.chunks
-                for p in range(c.start_pos, c.end_pos)
-            ],
-            dtype=torch.long,
+            [s for c in self.chunks for s in c.slots(self.block_size)], dtype=torch.long
         )
 
     @cached_property
@@ -109,6 +156,10 @@ class ModelRunner(Protocol):
 
     `execute` returns float logits of shape [len(batch.logits_indices), vocab_size]: one row per
     position named in the chunks' `logits_at`, in batch order.
+
+    A runner may also implement the methods of `RunnerExtras`; the core calls them where they
+    exist. `pipeline()` checks what `create_runner` returns against this protocol
+    (`missing_members`) and names the plugin and the missing members when it falls short.
     """
 
     kv_spec: KVSpec
@@ -124,3 +175,37 @@ class ModelRunner(Protocol):
 
     def close(self) -> None:
         """Free the weights and the KV cache."""
+
+
+class RunnerExtras(Protocol):
+    """Optional runner methods: the core calls each one only where the runner has it."""
+
+    def profile_run(self, num_tokens: int) -> None:
+        """One forward pass at the largest step (`num_tokens` tokens), before the KV budget is
+        read, so that the memory its activations take is already counted."""
+
+    def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
+        """A sequence's blocks were freed (it finished, was aborted or preempted): drop
+        whatever the runner keeps for it beyond the blocks themselves."""
+
+
+def missing_members(runner: object) -> list[str]:
+    """The members of `ModelRunner` that `runner` lacks (empty when it meets the contract)."""
+    return [n for n in _members(ModelRunner) if not hasattr(runner, n)]
+
+
+def _members(protocol: type) -> list[str]:
+    """A protocol's attributes and methods, as its class body declares them."""
+    methods = [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    return [*protocol.__annotations__, *methods]
+
+
+def build_from_table(table: Mapping[str, str], backend: str, *args: Any) -> Any:
+    """`create_runner` for a plugin offering several backends: `table` maps each backend name
+    to the runner class as "module:Class", imported only when that backend is built (so that
+    probing stays cheap). Returns None for a name the table lacks."""
+    target = table.get(backend)
+    if target is None:
+        return None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)

@@ -20,7 +20,7 @@ import torch
 from ..config import EngineConfig, GenerationConfig
 from ..errors import EnginehouseError, RequestError
 from ..multimodal import MultiModalData, VisionEncoder
-from ..runner import ModelRunner, ScheduledBatch
+from ..runner import ModelRunner, ScheduledBatch, session_length
 from ..spec import ModelSpec
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -29,7 +29,6 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 
 log = logging.getLogger(__name__)
-DEFAULT_SESSION_LEN = 4096  # for configs that state no context length
 
 
 def available_memory(device: torch.device) -> int:
@@ -44,18 +43,6 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def session_length(spec: ModelSpec, config: EngineConfig) -> int:
-    if config.session_len is not None:
-        if spec.context_length and config.session_len > spec.context_length:
-            log.warning(
-                "session_len %d is longer than the model's context (%d); quality may suffer",
-                config.session_len,
-                spec.context_length,
-            )
-        return config.session_len
-    return spec.context_length or DEFAULT_SESSION_LEN
 
 
 def eos_token_ids(spec: ModelSpec, tokenizer: Any) -> frozenset[int]:

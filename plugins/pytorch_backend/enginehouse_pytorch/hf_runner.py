@@ -20,7 +20,7 @@ import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch
 from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
-from enginehouse.engine.llm_engine import session_length
+from enginehouse.runner import RunnerContext, kv_bytes_per_token
 
 from . import slot_attention
 
@@ -35,14 +35,14 @@ def _kv_dims(config: Mapping[str, Any]) -> tuple[int, int, int]:
 
 
 class TransformersRunner:
-    def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
+    def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
-        self.context = context = session_length(spec, config)
+        self.context = context = context.session_len
         self.kv_dims = layers, kv_heads, head_dim = _kv_dims(spec.config)
-        per_token = max(1, 2 * layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8)
+        per_token = max(1, kv_bytes_per_token(layers, kv_heads, head_dim, self.dtype))
         self.kv_spec = KVSpec(
             block_size=context,
             bytes_per_block=per_token * context,

@@ -13,8 +13,8 @@ import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
 from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
-from enginehouse.engine.llm_engine import session_length
 from enginehouse.errors import InvalidModelError
+from enginehouse.runner import RunnerContext, kv_bytes_per_token
 
 from .native import cpu_kernels
 from .native.arch import Arch, arch_from_config, language_model
@@ -28,7 +28,7 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 class NativeRunner:
-    def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
+    def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
         self.config = config
         self.arch: Arch = arch_from_config(
@@ -38,10 +38,10 @@ class NativeRunner:
         self.prefixes = spec.facts.get("text_weight_prefixes") if spec.is_vlm else None
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
-        self.context = session_length(spec, config)
+        self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a = self.arch
-        per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_token = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, self.dtype)
         self.kv_spec = KVSpec(
             block_size=self.block_size,
             bytes_per_block=per_token * self.block_size,
@@ -144,11 +144,7 @@ class NativeRunner:
     def _metadata(self, order: list) -> StepMeta:
         positions = [p for c in order for p in range(c.start_pos, c.end_pos)]
         bs = self.block_size
-        slots = [
-            c.block_table[p // bs] * bs + p % bs
-            for c in order
-            for p in range(c.start_pos, c.end_pos)
-        ]
+        slots = [s for c in order for s in c.slots(bs)]
         cos, sin = self._rope_rows(order, positions)
         meta = StepMeta(
             num_decode=sum(1 for c in order if len(c.token_ids) == 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
+from enginehouse.runner import RunnerContext, build_from_table
 
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
 NATIVE_PRIORITY = 100
@@ -71,14 +72,19 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
     return [probe_native(spec, config), probe_transformers(spec, config)]
 
 
+RUNNERS = {
+    "pytorch": "enginehouse_pytorch.native_runner:NativeRunner",
+    "transformers": "enginehouse_pytorch.hf_runner:TransformersRunner",
+}
+
+
 @hookimpl
-def create_runner(backend: str, spec: ModelSpec, config: EngineConfig):
-    if backend == "transformers":
-        from .hf_runner import TransformersRunner
+def create_runner(backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext):
+    return build_from_table(RUNNERS, backend, spec, config, context)
 
-        return TransformersRunner(spec, config)
-    if backend == "pytorch":
-        from .native_runner import NativeRunner
 
-        return NativeRunner(spec, config)
-    return None
+@hookimpl
+def register_commands(cli) -> None:
+    from .cli import pytorch
+
+    cli.add_command(pytorch)

@@ -12,6 +12,7 @@ import torch
 
 from enginehouse import EngineConfig, ModelSpec
 from enginehouse.device import use_all_cores
+from enginehouse.runner import RunnerContext
 
 from .cache import ensure_onnx
 from .export import GraphInfo
@@ -54,13 +55,13 @@ class OrtSession:
 class OrtRunner(GraphRunner):
     backend = "onnxruntime"
 
-    def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
+    def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         if config.dtype not in DTYPES:
             raise ValueError(
                 f"the onnxruntime backend runs float32 or float16, not {config.dtype}; "
                 "pass dtype='float32' (or 'float16')"
             )
-        super().__init__(spec, config, torch.device("cpu"), DTYPES[config.dtype])
+        super().__init__(spec, config, context, torch.device("cpu"), DTYPES[config.dtype])
         self.providers = providers(config.device)
 
     def open_session(self, progress: bool) -> OrtSession:

@@ -5,6 +5,7 @@ imported only when a runner is built or the command runs."""
 from __future__ import annotations
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
+from enginehouse.runner import RunnerContext, build_from_table
 
 
 @hookimpl
@@ -14,17 +15,15 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
     return probe_backends(spec, config)
 
 
+RUNNERS = {
+    "onnxruntime": "enginehouse_tensorrt.ort_runner:OrtRunner",
+    "tensorrt": "enginehouse_tensorrt.trt_runner:TrtRunner",
+}
+
+
 @hookimpl
-def create_runner(backend: str, spec: ModelSpec, config: EngineConfig):
-    if backend == "onnxruntime":
-        from .ort_runner import OrtRunner
-
-        return OrtRunner(spec, config)
-    if backend == "tensorrt":
-        from .trt_runner import TrtRunner
-
-        return TrtRunner(spec, config)
-    return None
+def create_runner(backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext):
+    return build_from_table(RUNNERS, backend, spec, config, context)
 
 
 @hookimpl

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
-from enginehouse.engine.llm_engine import session_length
+from enginehouse.runner import RunnerContext, kv_bytes_per_token
 
 from .export import GraphInfo
 from .graph import kv_names
@@ -40,7 +40,12 @@ class GraphRunner:
     backend = "graph"
 
     def __init__(
-        self, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype
+        self,
+        spec: ModelSpec,
+        config: EngineConfig,
+        context: RunnerContext,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         from enginehouse_pytorch.native.arch import arch_from_config
 
@@ -48,7 +53,7 @@ class GraphRunner:
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.context = context = session_length(spec, config)
+        self.context = context = context.session_len
         arch = arch_from_config(spec.architecture, spec.config)
         if context > arch.max_positions:
             # The graph's rope table ends at the model's context: positions past it do not exist.
@@ -61,7 +66,7 @@ class GraphRunner:
             arch.num_kv_heads,
             arch.head_dim,
         )
-        per_token = 2 * self.layers * self.kv_heads * self.head_dim * dtype.itemsize
+        per_token = kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, dtype)
         self.kv_spec = KVSpec(
             block_size=context,
             bytes_per_block=per_token * context,

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 
 from enginehouse import EngineConfig, ModelSpec
+from enginehouse.runner import RunnerContext
 
 from .cache import engine_dir, ensure_onnx, file_sha256, gpu_tag
 from .export import GraphInfo
@@ -237,11 +238,11 @@ class TrtSession:
 class TrtRunner(GraphRunner):
     backend = "tensorrt"
 
-    def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
+    def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         if not torch.cuda.is_available() or config.device == "cpu":
             raise RuntimeError("the tensorrt backend needs a CUDA device; see enginehouse explain")
         device = torch.device("cuda" if config.device == "auto" else config.device)
-        super().__init__(spec, config, device, runner_dtype(spec, config))
+        super().__init__(spec, config, context, device, runner_dtype(spec, config))
 
     def open_session(self, progress: bool) -> TrtSession:
         import tensorrt as trt

@@ -9,6 +9,7 @@ from enginehouse.spec import BackendProbe
 
 if TYPE_CHECKING:
     from enginehouse.config import EngineConfig
+    from enginehouse.runner import RunnerContext
     from enginehouse.spec import ModelSpec
 
     from .runner import ToyRunner
@@ -28,9 +29,11 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
 
 
 @hookimpl
-def create_runner(backend: str, spec: ModelSpec, config: EngineConfig) -> ToyRunner | None:
+def create_runner(
+    backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext
+) -> ToyRunner | None:
     if backend != BACKEND:
-        return None  # another plugin's backend: let it answer
+        return None  # not ours (the core only asks the plugin that offered the backend)
     from .runner import ToyRunner  # imported here so that probing stays cheap
 
     return ToyRunner(spec, config)

@@ -4,22 +4,19 @@ The torch-ops path gathers every decode row's K/V out of the paged cache into a 
 then runs two batched matrix products: the cache is read, written and read again. This kernel
 walks each row's block table and reads each K/V vector once, in place, one (sequence, KV head)
 per task across the cores (`at::parallel_for`), with the softmax in between. It is built with
-torch's own C++ extension machinery (a compiler and ninja; about 45 s on 2 cores, once,
-cached under ~/.cache/torch_extensions). Where that is not possible, or with
+torch's own C++ extension machinery (a compiler and ninja; about 45 s on 2 cores, once per
+instruction set, see `cpu_build`). Where that is not possible, or with
 ENGINEHOUSE_CPU_KERNELS=0, the runner keeps the torch-ops path; both compute the same thing.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import torch
 
+from . import cpu_build
 from .attention import StepMeta, TorchAttention
-
-log = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <ATen/ATen.h>
@@ -139,36 +136,12 @@ TORCH_LIBRARY(enginehouse_cpu, m) {
 }
 """
 
-# Vectorise the dot products and sums (reassociation), without assuming finite math.
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fno-math-errno",
-    "-fassociative-math",
-    "-fno-signed-zeros",
-    "-fno-trapping-math",
-]
-
 
 @functools.cache
 def load() -> bool:
     """Build (or find already built) and register the kernel; False where that fails."""
-    if os.environ.get("ENGINEHOUSE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return False
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        load_inline(
-            name="enginehouse_cpu_kernels",
-            cpp_sources=[SOURCE],
-            extra_cflags=FLAGS,
-            is_python_module=False,
-            verbose=False,
-        )
-        return hasattr(torch.ops.enginehouse_cpu, "paged_decode")
-    except Exception as e:  # no compiler, no ninja, an unusual CPU: the torch path still works
-        log.warning("the CPU attention kernel could not be built (%s); using torch ops", e)
-        return False
+    built = cpu_build.build("enginehouse_cpu_kernels", SOURCE, "CPU attention kernel")
+    return built and hasattr(torch.ops.enginehouse_cpu, "paged_decode")
 
 
 class CpuPagedAttention(TorchAttention):

@@ -1,0 +1,93 @@
+"""Build the native backend's C++ CPU kernels once per instruction set, and say so first.
+
+Kernels are compiled with `-march=native` by torch's C++ extension machinery, which caches the
+built library by name. The name therefore carries the instruction sets the compiler targeted
+(`isa_tag`): a cache carried to another CPU (an AVX2-only machine after an AVX-512 one, say)
+builds its own library instead of loading one with instructions that CPU lacks. A build takes
+tens of seconds on a small machine, so it is announced before the wait;
+`enginehouse pytorch build-kernels` builds every kernel ahead (scripts/setup.sh runs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Vectorise the dot products and sums (reassociation), without assuming finite math.
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
+# /proc/cpuinfo flags that change what -march=native emits (vector and bit-manipulation sets).
+ISA_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "bmi", "amx", "vnni", "vaes", "gfni")
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags of this CPU, sorted (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = line.partition(":")[2].split()
+            return sorted({f for f in flags if f.startswith(ISA_PREFIXES)})
+    return []
+
+
+def isa_tag() -> str:
+    """A short name for this CPU's instruction sets: the widest vector set and a hash of all."""
+    flags = cpu_flags()
+    widest = next((w for w in ("avx512f", "avx2", "avx") if w in flags), "generic")
+    digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
+    return f"{widest.removesuffix('f')}_{digest}"
+
+
+def disabled() -> bool:
+    return os.environ.get("ENGINEHOUSE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off")
+
+
+def _build_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def build(name: str, source: str, what: str) -> bool:
+    """Compile `source` (registering torch ops) as `name` for this CPU, or find it built.
+
+    `what` names the kernel in the message shown before a build. False where it cannot be built
+    (no compiler, no ninja): callers then keep their torch-ops path.
+    """
+    if disabled():
+        return False
+    full_name = f"{name}_{isa_tag()}"
+    if not any((_build_root() / full_name).glob("*.so")):
+        log.warning(
+            "building the %s for this CPU (%s): once, about a minute on 2 cores; "
+            "`enginehouse pytorch build-kernels` builds it ahead",
+            what,
+            full_name,
+        )
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        load_inline(
+            name=full_name,
+            cpp_sources=[source],
+            extra_cflags=FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+        return True
+    except Exception as e:  # no compiler, no ninja, an unusual CPU: the torch path still works
+        log.warning("the %s could not be built (%s); using torch ops", what, e)
+        return False
