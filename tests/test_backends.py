@@ -158,7 +158,9 @@ def test_decision_as_dict_and_lookup():
     assert decision.verdict("y") is None
     assert decision.as_dict() == {
         "chosen": "x",
+        "chosen_plugin": None,
         "requested": None,
+        "conflicts": {},
         "verdicts": [
             {"backend": "x", "plugin": "px", "supported": True, "priority": 3, "reason": "fine"}
         ],

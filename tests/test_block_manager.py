@@ -13,6 +13,7 @@ from enginehouse.engine.block_manager import BlockManager
 from enginehouse.engine.scheduler import Scheduler
 from enginehouse.engine.sequence import Sequence, Status
 from enginehouse.multimodal import MultiModalData
+from enginehouse.runner import kv_slot
 
 _ids = itertools.count()
 
@@ -195,8 +196,8 @@ class Walk:
     def step(self) -> None:
         bs = self.bm.block_size
         for seq, chunk in self.sched.schedule():
-            for pos, token in enumerate(chunk.token_ids, chunk.start_pos):
-                self.kv[chunk.block_table[pos // bs] * bs + pos % bs] = token
+            for slot, token in zip(chunk.slots(bs), chunk.token_ids):
+                self.kv[slot] = token
             seq.num_computed = chunk.end_pos
             self.bm.commit(seq)
             if seq.num_computed == seq.num_tokens:  # sampled: one more token, or the end
@@ -230,7 +231,7 @@ class Walk:
             assert bm.blocks_for(seq.num_computed) <= len(seq.block_table)
             assert len(seq.block_table) <= bm.blocks_for(seq.num_tokens)
             # The KV the sequence has computed is its own tokens, wherever the blocks came from.
-            kv = [self.kv[seq.block_table[p // bs] * bs + p % bs] for p in range(seq.num_computed)]
+            kv = [self.kv[kv_slot(seq.block_table, p, bs)] for p in range(seq.num_computed)]
             assert kv == seq.token_ids[: seq.num_computed], f"seq {seq.seq_id}"
         for key, block in bm.cached.items():
             assert bm.block_key[block] == key

@@ -7,6 +7,9 @@ temporary sys.path entry, so that `importlib.metadata` finds them like any insta
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
 import sys
 import textwrap
 from importlib.metadata import entry_points, version
@@ -17,7 +20,9 @@ import pytest
 from enginehouse.backends import choose_backend, probe_backends
 from enginehouse.config import EngineConfig
 from enginehouse.detect import detect_architecture
-from enginehouse.plugins import DEFAULT_PLUGIN, ENTRY_POINT_GROUP, load_plugins
+from enginehouse.errors import BackendError, PluginLoadError
+from enginehouse.pipeline import explain, pipeline
+from enginehouse.plugins import DEFAULT_PLUGIN, ENTRY_POINT_GROUP, load_plugins, reset_plugins
 from enginehouse.spec import read_model_spec
 
 INSTALLED = {
@@ -183,9 +188,31 @@ def test_only_argument_overrides_the_env(monkeypatch):
     assert set(load_plugins(only="tensorrt").infos) == {DEFAULT_PLUGIN, "tensorrt"}
 
 
-def test_unknown_name_in_env_loads_nothing_else(monkeypatch):
+def test_unknown_name_in_env_loads_nothing_else_and_is_named(monkeypatch, caplog):
     monkeypatch.setenv("ENGINEHOUSE_PLUGINS", "no-such-plugin")
-    assert set(load_plugins().infos) == {DEFAULT_PLUGIN}
+    host = load_plugins()
+    assert set(host.infos) == {DEFAULT_PLUGIN}
+    assert host.unmatched == ["no-such-plugin"]
+    assert "ENGINEHOUSE_PLUGINS names 'no-such-plugin', which no installed plugin" in caplog.text
+
+
+def test_misspelt_plugin_name_is_named_where_the_backend_is_missing(monkeypatch, llama_spec):
+    monkeypatch.setenv("ENGINEHOUSE_PLUGINS", "Pytorch")
+    host = load_plugins()
+    verdicts = probe_backends(llama_spec, EngineConfig(), host)
+    with pytest.raises(BackendError) as info:
+        choose_backend(verdicts, problems=host.problems())
+    message = str(info.value)
+    assert "no backend plugin is installed" in message
+    assert "ENGINEHOUSE_PLUGINS names 'Pytorch'" in message
+    assert "installed: pytorch, tensorrt" in message
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled"])
+def test_strict_mode_garbage_is_an_error(monkeypatch, value):
+    monkeypatch.setenv("ENGINEHOUSE_STRICT_PLUGINS", value)
+    with pytest.raises(PluginLoadError, match=f"ENGINEHOUSE_STRICT_PLUGINS='{value}' is not"):
+        load_plugins()
 
 
 # --- faulty plugins -----------------------------------------------------------------------------
@@ -209,11 +236,31 @@ def test_broken_plugin_is_named_and_skipped(plugin_site, llama_spec):
     assert {"transformers", "pytorch", "tensorrt", "onnxruntime"} <= {v.name for v in verdicts}
 
 
-def test_strict_mode_reraises_the_import_error(plugin_site, monkeypatch):
+def test_strict_mode_names_the_plugin_and_keeps_the_import_error(plugin_site, monkeypatch):
     plugin_site("brokenplug", "broken", BROKEN)
     monkeypatch.setenv("ENGINEHOUSE_STRICT_PLUGINS", "1")
-    with pytest.raises(ModuleNotFoundError, match="brokenplug_missing_dependency"):
+    with pytest.raises(PluginLoadError) as info:
         load_plugins()
+    assert str(info.value).startswith("error loading plugin 'broken' (brokenplug): ")
+    assert "ModuleNotFoundError" in str(info.value)
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+def test_broken_plugin_is_a_warning_at_load(plugin_site, caplog):
+    plugin_site("brokenplug", "broken", BROKEN)
+    load_plugins()
+    assert "plugin 'broken' (brokenplug) failed to load and is skipped" in caplog.text
+
+
+def test_unknown_backend_of_a_plugin_that_failed_to_load_says_so(plugin_site, llama_spec):
+    plugin_site("brokenplug", "broken", BROKEN)
+    host = load_plugins()
+    verdicts = probe_backends(llama_spec, EngineConfig(), host)
+    with pytest.raises(BackendError) as info:
+        choose_backend(verdicts, "broken", host.problems())
+    message = str(info.value)
+    assert "unknown backend 'broken'" in message
+    assert "plugin 'broken' (brokenplug) failed to load: ModuleNotFoundError" in message
 
 
 @pytest.mark.parametrize("value", ["0", "false", ""])
@@ -225,7 +272,7 @@ def test_strict_mode_off_values(plugin_site, monkeypatch, value):
 
 def test_strict_argument(plugin_site):
     plugin_site("brokenplug", "broken", BROKEN)
-    with pytest.raises(ModuleNotFoundError):
+    with pytest.raises(PluginLoadError, match="plugin 'broken'"):
         load_plugins(strict=True)
 
 
@@ -257,8 +304,9 @@ def test_misspelled_hook_is_named_and_skipped(plugin_site, llama_spec):
 def test_misspelled_hook_in_strict_mode(plugin_site, monkeypatch):
     plugin_site("typoplug", "misspelled", MISSPELLED)
     monkeypatch.setenv("ENGINEHOUSE_STRICT_PLUGINS", "1")
-    with pytest.raises(pluggy.PluginValidationError, match="probe_backends"):
+    with pytest.raises(PluginLoadError, match="plugin 'misspelled'.*probe_backends") as info:
         load_plugins()
+    assert isinstance(info.value.__cause__, pluggy.PluginValidationError)
 
 
 def test_a_good_plugin_beside_a_broken_one(plugin_site, llama_spec):
@@ -298,3 +346,115 @@ def test_probe_that_raises_is_an_unsupported_verdict(plugin_site, llama_spec):
 def test_verdict_of_a_probe_that_raises_names_its_plugin(plugin_site, llama_spec):
     _, failed = _raiser_verdicts(plugin_site, llama_spec)
     assert failed[0].plugin == "raiser"
+
+
+# --- two plugins, one backend name ---------------------------------------------------------------
+
+HIJACKER = """
+from enginehouse import BackendProbe, hookimpl
+
+
+@hookimpl
+def probe_backend(spec, config):
+    return BackendProbe("pytorch", True, 1_000, "another plugin's 'pytorch'")
+
+
+@hookimpl
+def create_runner(backend, spec, config):
+    raise RuntimeError("the hijacker's create_runner was called")
+"""
+
+NOT_A_RUNNER = """
+from enginehouse import BackendProbe, hookimpl
+
+
+@hookimpl
+def probe_backend(spec, config):
+    return BackendProbe("halfway", True, 1, "builds something that is not a runner")
+
+
+@hookimpl
+def create_runner(backend, spec, config):
+    class Halfway:
+        def load(self, progress=True):
+            pass
+
+    return Halfway()
+"""
+
+
+@pytest.fixture
+def global_plugins():
+    """`pipeline()` and the CLI read the process-wide host: fresh before and after the test."""
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+def test_a_backend_name_offered_twice_is_a_conflict_not_a_takeover(
+    plugin_site, llama_dir, global_plugins, caplog
+):
+    plugin_site("hijackplug", "hijack", HIJACKER)
+    report = explain(str(llama_dir))
+    assert report["conflicts"] == {"pytorch": ["hijack", "pytorch"]}
+    # The automatic choice passes over the ambiguous name, with a warning that names both.
+    assert report["chosen"] == "transformers"
+    assert "backend 'pytorch' is offered by plugins 'hijack' and 'pytorch'" in caplog.text
+    with pytest.raises(BackendError) as info:
+        pipeline(str(llama_dir), backend="pytorch", progress=False)
+    message = str(info.value)
+    assert "backend 'pytorch' is offered by plugins 'hijack' and 'pytorch'" in message
+    assert "backend='hijack:pytorch'" in message and "ENGINEHOUSE_PLUGINS" in message
+    # Qualified, the name is the native one, built by its own plugin only: the hijacker's
+    # create_runner (which raises) is never asked.
+    with pipeline(str(llama_dir), backend="pytorch:pytorch", progress=False) as pipe:
+        assert (pipe.backend, pipe.backend_decision.chosen_plugin) == ("pytorch", "pytorch")
+        assert type(pipe.runner).__name__ == "NativeRunner"
+        assert pipe("hi", {"max_new_tokens": 2}).generate_token_len == 2
+
+
+def test_explain_and_plugins_commands_name_the_conflict(plugin_site, llama_dir, tmp_path):
+    plugin_site("hijackplug", "hijack", HIJACKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=120)
+    explained = run([sys.executable, "-m", "enginehouse", "explain", str(llama_dir)])
+    assert "conflict: backend 'pytorch' is offered by plugins 'hijack' and 'pytorch'" in (
+        explained.stdout
+    )
+    assert "--backend hijack:pytorch" in explained.stdout
+    listed = run([sys.executable, "-m", "enginehouse", "plugins"])
+    assert "conflict: backend 'pytorch' is offered by plugins 'hijack' and 'pytorch'" in (
+        listed.stdout
+    )
+
+
+def test_what_create_runner_returns_is_checked_against_the_contract(
+    plugin_site, llama_dir, global_plugins
+):
+    plugin_site("halfplug", "half", NOT_A_RUNNER)
+    with pytest.raises(BackendError) as info:
+        pipeline(str(llama_dir), backend="halfway", progress=False)
+    assert str(info.value) == (
+        "plugin 'half' built a Halfway for backend 'halfway', which is not a runner: it lacks "
+        "kv_spec, allocate_kv, execute, close (see enginehouse.runner.ModelRunner); report "
+        "this to the plugin's authors"
+    )
+
+
+GREEDY = """
+from enginehouse import hookimpl
+
+
+@hookimpl(tryfirst=True)
+def create_runner(backend, spec, config):
+    return "a runner for any backend, whoever offered it"
+"""
+
+
+def test_only_the_plugin_that_offered_the_backend_builds_its_runner(
+    plugin_site, llama_dir, global_plugins
+):
+    plugin_site("greedyplug", "greedy", GREEDY)
+    with pipeline(str(llama_dir), progress=False) as pipe:
+        assert pipe.backend_decision.chosen_plugin == "pytorch"
+        assert type(pipe.runner).__name__ == "NativeRunner"

@@ -2,11 +2,12 @@
 
 from .backends import BackendDecision
 from .config import EngineConfig, GenerationConfig
+from .errors import GenerationError, RequestError
 from .hookspecs import hookimpl
 from .pipeline import ChatSession, Pipeline, explain, pipeline
 from .response import Response
-from .runner import KVSpec, ModelRunner, ScheduledBatch, SeqChunk
-from .spec import BackendProbe, ModelSpec
+from .runner import KVSpec, ModelRunner, RunnerContext, ScheduledBatch, SeqChunk
+from .spec import BackendProbe, ModelFacts, ModelSpec
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,11 +16,15 @@ __all__ = [
     "ChatSession",
     "EngineConfig",
     "GenerationConfig",
+    "GenerationError",
     "KVSpec",
+    "ModelFacts",
     "ModelRunner",
     "ModelSpec",
     "Pipeline",
+    "RequestError",
     "Response",
+    "RunnerContext",
     "ScheduledBatch",
     "SeqChunk",
     "explain",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import typing
 from collections.abc import Callable
@@ -12,9 +13,10 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from .backends import conflict_message, offered_backends
 from .config import EngineConfig, GenerationConfig
 from .errors import EnginehouseError, describe_validation_error
-from .plugins import get_plugins
+from .plugins import SELECT_VAR, get_plugins, unmatched_message
 
 
 def _friendly_errors(fn: Callable) -> Callable:
@@ -98,8 +100,10 @@ def cli() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins(as_json: bool) -> None:
-    """List loaded plugins: name, distribution, version, hooks and load errors."""
-    infos = [i.as_dict() for i in get_plugins().infos.values()]
+    """List plugins: name, distribution, version, hooks, backends offered and load errors."""
+    host = get_plugins()
+    offered = offered_backends(host)
+    infos = [{**i.as_dict(), "backends": offered.get(n, [])} for n, i in host.infos.items()]
     if as_json:
         click.echo(json.dumps(infos, indent=2))
         return
@@ -108,8 +112,22 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{info['name']}  ({dist})")
         if info["error"]:
             click.echo(f"    FAILED TO LOAD: {info['error']}")
-        else:
-            click.echo(f"    hooks: {', '.join(info['hooks']) or '-'}")
+            continue
+        click.echo(f"    hooks: {', '.join(info['hooks']) or '-'}")
+        if info["backends"]:
+            click.echo(f"    backends: {', '.join(info['backends'])}")
+    owners: dict[str, list[str]] = {}
+    for plugin, names in offered.items():
+        for name in names:
+            owners.setdefault(name, []).append(plugin)
+    for name, plugins in owners.items():
+        if len(plugins) > 1:
+            click.echo(
+                f"conflict: {conflict_message(name, plugins)}; ask for one as "
+                f"--backend {plugins[0]}:{name}, or load one with {SELECT_VAR}"
+            )
+    for name in host.unmatched:
+        click.echo(f"warning: {unmatched_message([name])}")
 
 
 @cli.command()
@@ -129,16 +147,34 @@ def explain(
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    facts = report["facts"]
+    facts, plan = report["facts"], report["runtime"]
     click.echo(f"model:        {report['model']}")
     click.echo(f"architecture: {report['architecture']} (family {facts.get('family')})")
     click.echo(f"vision model: {_vision_line(facts)}")
-    click.echo(f"chosen:       {report['chosen'] or 'none'}")
+    click.echo(f"context:      {plan['session_len']} tokens")
+    if plan["device"] is None:
+        click.echo(f"device:       {plan['error']}")
+    else:
+        click.echo(f"device:       {plan['device']}, {plan['dtype']}")
+        click.echo(f"weights:      {plan['weights']}")
+        click.echo(f"KV cache:     {plan['kv_cache']}")
+    chosen = report["chosen"]
+    if chosen and report["chosen_plugin"] != chosen:
+        chosen = f"{chosen} (plugin {report['chosen_plugin']})"
+    click.echo(f"chosen:       {chosen or 'none'}")
     click.echo("backends:")
     for v in report["verdicts"]:
         mark = "yes" if v["supported"] else "no "
         click.echo(f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]")
         click.echo(f"        {v['reason']}")
+    for name, owners in report["conflicts"].items():
+        first = owners[0]
+        click.echo(
+            f"conflict: {conflict_message(name, owners)}; ask for one as "
+            f"--backend {first}:{name}, or load one with {SELECT_VAR}"
+        )
+    for problem in report["plugin_problems"]:
+        click.echo(f"warning: {problem}")
     if report["error"]:
         raise click.ClickException(report["error"])
 
@@ -391,5 +427,7 @@ def _load_plugin_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Warnings (a plugin that failed to load, a kernel being built) go to stderr, one line each.
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     _load_plugin_commands()
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="enginehouse")

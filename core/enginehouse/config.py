@@ -86,6 +86,16 @@ def parse_size(value: str) -> int:
     return int(float(number) * _UNITS[(unit or "B").lower()])
 
 
+def format_size(n: int | float) -> str:
+    """1536 -> '1.5 KiB': a byte count as people read it."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.1f} {unit}"
+
+
 class EngineConfig(BaseModel):
     """How to run the model: batching, context, KV cache, dtype and device."""
 

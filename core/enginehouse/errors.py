@@ -21,8 +21,16 @@ class BackendError(EnginehouseError, ValueError):
     """No backend can run the model, or the requested one is unknown or unsupported."""
 
 
+class PluginLoadError(EnginehouseError):
+    """A plugin failed to load in strict mode, or the plugin settings are invalid."""
+
+
 class RequestError(EnginehouseError, ValueError):
     """One request is invalid (a prompt longer than the context, a bad parameter)."""
+
+
+class GenerationError(EnginehouseError, RuntimeError):
+    """The backend failed while running a request that was sent alone."""
 
 
 def describe_validation_error(error: Any) -> str:

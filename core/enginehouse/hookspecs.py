@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .config import EngineConfig
     from .multimodal import VisionEncoder
     from .runner import ModelRunner, RunnerContext
-    from .spec import BackendProbe, ModelSpec
+    from .spec import BackendProbe, ModelFacts, ModelSpec
 
 PROJECT = "enginehouse"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -24,18 +24,18 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
+def detect_architecture(spec: ModelSpec) -> ModelFacts | dict[str, Any] | None:
     """Add facts about the model described by ``spec``.
 
     Called on every plugin; the returned dicts are merged into ``spec.facts``. When two plugins
     give the same key, the one called first wins: plugins marked ``tryfirst`` before ordinary
     ones, and the core's own default plugin (``trylast``) last, so any plugin can refine what
-    config.json says plainly.
+    config.json says plainly. The core uses the refined ``architecture``, ``context_length`` and
+    ``dtype`` (``spec.architecture``, ``spec.context_length``, ``spec.dtype``).
 
-    Well-known keys: ``architecture`` (the class name from config.json), ``family`` (the
-    ``model_type``), ``is_vlm`` (a vision-language model), ``vision_config`` (its vision tower's
-    config), ``native_impl`` (the name of a native implementation that matches), ``context_length``.
-    Return ``None`` when the plugin has nothing to add. Must be cheap: no weights, no downloads.
+    The keys plugins exchange are declared by :class:`enginehouse.spec.ModelFacts`; a plugin may
+    add its own. Return ``None`` when the plugin has nothing to add. Must be cheap: no weights,
+    no downloads.
     """
 
 

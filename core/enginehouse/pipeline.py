@@ -14,10 +14,11 @@ from tqdm import tqdm
 
 from .backends import BackendDecision, choose_backend, probe_backends
 from .chat_template import ChatTemplate, load_chat_template
-from .config import EngineConfig, GenerationConfig, coerce_generation_config
+from .config import EngineConfig, GenerationConfig, coerce_generation_config, format_size
 from .detect import detect_architecture
+from .device import available_memory, resolve_device, resolve_dtype
 from .engine import AsyncEngine, LLMEngine, RequestOutput
-from .errors import BackendError, InvalidModelError, RequestError
+from .errors import BackendError, GenerationError, InvalidModelError, RequestError
 from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
@@ -30,9 +31,10 @@ from .multimodal import (
 from .plugins import PluginHost, get_plugins
 from .resolve import resolve_model
 from .response import Response
-from .runner import ModelRunner, RunnerContext, missing_members
+from .runner import ModelRunner, RunnerContext, missing_members, session_length
 from .spec import ModelSpec, read_model_spec
 
+SCORE_CONFIG = GenerationConfig(max_new_tokens=1)  # score-only requests generate nothing
 Message = Mapping[str, Any]
 # A string, a message list, {"token_ids": [...]}, or (text, image or images) for a VLM.
 Prompt = str | Sequence[Message] | Mapping[str, Any] | tuple[str, Any]
@@ -58,7 +60,8 @@ def decide_backend(
     plugins: PluginHost | None = None,
 ) -> BackendDecision:
     """Step 4: every backend's verdict, and the chosen one (raises when none fits)."""
-    return choose_backend(probe_backends(spec, config, plugins or get_plugins()), backend)
+    plugins = plugins or get_plugins()
+    return choose_backend(probe_backends(spec, config, plugins), backend, plugins.problems())
 
 
 def build_runner(
@@ -229,9 +232,33 @@ class Pipeline:
         return self.backend_decision.chosen
 
     @property
+    def runner(self) -> ModelRunner:
+        """The backend's runner (its `kv_spec` says the KV layout, dtype and device)."""
+        return self.engine.engine.runner
+
+    @property
+    def session_len(self) -> int:
+        """The context length the engine enforces: prompt and output together."""
+        return self.engine.engine.session_len
+
+    @property
     def vision(self) -> VisionEncoder | None:
         """The image encoder of a vision-language model; None for a text model."""
         return self.engine.engine.vision
+
+    def summary(self) -> dict[str, Any]:
+        """What the engine runs with: backend, context, dtype, device and the KV cache."""
+        kv, stats = self.runner.kv_spec, self.stats()
+        blocks = stats["kv_blocks_total"]
+        return {
+            "backend": self.backend,
+            "session_len": self.session_len,
+            "dtype": str(kv.dtype).removeprefix("torch."),
+            "device": str(kv.device),
+            "kv_blocks": blocks,
+            "kv_tokens": blocks * kv.block_size,
+            "kv_bytes": blocks * kv.bytes_per_block,
+        }
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -352,13 +379,28 @@ class Pipeline:
         gen_config: GenConfigs,
         apply_chat_template: bool,
         raise_single: bool,
-        score_only: bool = False,
     ) -> Iterator[Response]:
         configs = self._configs(gen_config, len(items))
+        outputs = self._outputs(
+            [(p, c) for p, c in zip(items, configs)], apply_chat_template, raise_single
+        )
+        for i, out in outputs:
+            yield out if isinstance(out, Response) else Response.from_output(i, out)
+
+    def _outputs(
+        self,
+        requests: list[tuple[Prompt, GenerationConfig]],
+        apply_chat_template: bool,
+        raise_single: bool,
+        score_only: bool = False,
+    ) -> Iterator[tuple[int, RequestOutput | Response]]:
+        """Submit every request, then yield (index, engine output) as they come. A request
+        that cannot be served yields an error `Response`, or raises with `raise_single`: a
+        `RequestError` when it is refused, a `GenerationError` when the backend fails on it."""
         q: queue.Queue[tuple[int, RequestOutput]] = queue.Queue()
         pending: dict[str, int] = {}
         try:
-            for i, (prompt, cfg) in enumerate(zip(items, configs)):
+            for i, (prompt, cfg) in enumerate(requests):
                 try:
                     prepared = self.prepare(prompt, apply_chat_template)
                     rid = self.engine.submit(
@@ -371,14 +413,16 @@ class Pipeline:
                 except RequestError as e:
                     if raise_single:
                         raise
-                    yield Response(index=i, finish_reason="error", error=str(e))
+                    yield i, Response(index=i, finish_reason="error", error=str(e))
                     continue
                 pending[rid] = i
             while pending:
                 i, out = q.get()
                 if out.finished:
                     pending.pop(out.request_id, None)
-                yield Response.from_output(i, out)
+                    if raise_single and out.finish_reason == "error":
+                        raise GenerationError(out.error or "the request failed")
+                yield i, out
         finally:
             for rid in pending:  # the caller stopped early: free their KV blocks
                 self.engine.abort(rid)
@@ -386,25 +430,26 @@ class Pipeline:
     def get_ppl(self, prompts: Prompt | Sequence[Prompt]) -> float | list[float]:
         """Perplexity of each prompt (exp of the mean negative log-likelihood per token).
 
-        Prompts are scored as given: strings are not wrapped in the chat template.
+        Prompts are scored as given (strings are not wrapped in the chat template), all of
+        them as one batch.
         """
         items, single = self._batch(prompts)
-        sums: dict[int, tuple[float, int]] = {}
-        for i, prompt in enumerate(items):
+        requests = []
+        for prompt in items:
             prepared = self.prepare(prompt, apply_chat_template=False)
-            ids = prepared.token_ids
             if prepared.mm is not None:
                 raise RequestError(
                     "perplexity is computed for text prompts only; this one has images"
                 )
-            if len(ids) < 2:
+            if len(prepared.token_ids) < 2:
                 raise RequestError("perplexity needs a prompt of at least two tokens")
-            for out in self.engine.stream(ids, GenerationConfig(max_new_tokens=1), True):
-                if out.finished:
-                    if out.error:
-                        raise RequestError(out.error)
-                    sums[i] = (out.prompt_logprob_sum or 0.0, len(ids) - 1)
-        ppl = [math.exp(-total / count) for total, count in (sums[i] for i in range(len(items)))]
+            requests.append(({"token_ids": prepared.token_ids}, SCORE_CONFIG))
+        sums: dict[int, float] = {}
+        for i, out in self._outputs(requests, False, raise_single=True, score_only=True):
+            if isinstance(out, RequestOutput) and out.finished:
+                sums[i] = out.prompt_logprob_sum or 0.0
+        counts = [len(prompt["token_ids"]) - 1 for prompt, _ in requests]
+        ppl = [math.exp(-sums[i] / counts[i]) for i in range(len(items))]
         return ppl[0] if single else ppl
 
     def chat(
@@ -468,17 +513,42 @@ def explain(
     spec = read_spec(model, revision, cache_dir, plugins)
     verdicts = probe_backends(spec, config, plugins)
     try:
-        decision = choose_backend(verdicts, backend)
-        chosen, error = decision.chosen, None
+        decision = choose_backend(verdicts, backend, plugins.problems())
+        error = None
     except BackendError as e:
         decision = BackendDecision(chosen=None, requested=backend, verdicts=tuple(verdicts))
-        chosen, error = None, str(e)
+        error = str(e)
     return {
         "model": spec.model_id,
         "path": str(spec.path),
         "architecture": spec.architecture,
         "facts": dict(spec.facts),
-        "chosen": chosen,
+        **decision.as_dict(),
         "error": error,
-        "verdicts": decision.as_dict()["verdicts"],
+        "plugin_problems": plugins.problems(),
+        "runtime": runtime_plan(spec, config),
     }
+
+
+def runtime_plan(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
+    """What the engine will run with, as far as it is known before any weights load: the
+    context length, the device, the dtype the bundled backends pick, and the KV budget."""
+    plan: dict[str, Any] = {"session_len": session_length(spec, config)}
+    try:
+        device = resolve_device(config)
+    except RuntimeError as e:
+        return {**plan, "device": None, "error": str(e)}
+    plan["device"] = str(device)
+    plan["dtype"] = str(resolve_dtype(config, spec, device)).removeprefix("torch.")
+    budget = config.kv_cache_memory
+    if isinstance(budget, float):
+        # The real budget is taken after loading; estimate it from what is free now.
+        free_after = max(0, available_memory(device) - spec.weight_bytes)
+        plan["kv_cache"] = (
+            f"{budget:.0%} of the memory free after the weights load "
+            f"(about {format_size(free_after * budget)} now)"
+        )
+    else:
+        plan["kv_cache"] = format_size(budget)
+    plan["weights"] = format_size(spec.weight_bytes)
+    return plan

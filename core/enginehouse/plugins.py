@@ -1,13 +1,15 @@
 """Find, load and call plugins.
 
 Plugins are modules named by entry points in the group ``enginehouse``. Each is loaded on its own:
-one that fails to import or register is recorded with its error and skipped, so a broken plugin
-never takes the host down. ``ENGINEHOUSE_STRICT_PLUGINS=1`` re-raises instead (for plugin
-authors); ``ENGINEHOUSE_PLUGINS=a,b`` loads only those entry points (empty: none).
+one that fails to import or register is recorded with its error, logged as a warning and
+skipped, so a broken plugin never takes the host down. ``ENGINEHOUSE_STRICT_PLUGINS=1`` raises
+instead, naming the plugin (for plugin authors); ``ENGINEHOUSE_PLUGINS=a,b`` loads only those
+entry points (empty: none), and names in it that no installed plugin has are reported.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -18,9 +20,13 @@ from typing import Any
 import pluggy
 
 from . import default_plugin, hookspecs
+from .errors import PluginLoadError
 
+log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "enginehouse"
 DEFAULT_PLUGIN = "enginehouse.default"
+STRICT_VAR, SELECT_VAR = "ENGINEHOUSE_STRICT_PLUGINS", "ENGINEHOUSE_PLUGINS"
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 @dataclass
@@ -32,6 +38,11 @@ class PluginInfo:
     version: str | None = None
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def label(self) -> str:
+        """'name' or 'name' (distribution), as messages name the plugin."""
+        return f"{self.name!r}" + (f" ({self.distribution})" if self.distribution else "")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +61,8 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
+        # Names ENGINEHOUSE_PLUGINS (or `only`) asked for that no installed plugin has.
+        self.unmatched: list[str] = []
 
     def register(self, plugin: object, name: str, info: PluginInfo | None = None) -> None:
         """Register one plugin and validate its hooks; on failure nothing of it stays."""
@@ -74,18 +87,19 @@ class PluginHost:
             version=dist.version if dist else None,
         )
         try:
-            module = ep.load()
+            self.register(ep.load(), ep.name, info)
         except Exception as e:
-            info.error = f"{type(e).__name__}: {e}"
+            info.error = info.error or f"{type(e).__name__}: {e}"
             self.infos[ep.name] = info
             if strict:
-                raise
-            return
-        try:
-            self.register(module, ep.name, info)
-        except Exception:
-            if strict:
-                raise
+                raise PluginLoadError(f"error loading plugin {info.label}: {info.error}") from e
+            log.warning(
+                "plugin %s failed to load and is skipped: %s (enginehouse plugins lists load "
+                "errors; %s=1 raises them)",
+                info.label,
+                info.error,
+                STRICT_VAR,
+            )
 
     def call_each(self, hook_name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Call every implementation of a hook on its own, in pluggy's order.
@@ -118,6 +132,15 @@ class PluginHost:
     def errors(self) -> dict[str, str]:
         return {n: i.error for n, i in self.infos.items() if i.error}
 
+    def problems(self) -> list[str]:
+        """What went wrong while loading, one line each: for errors about missing backends."""
+        lines = [
+            f"plugin {self.infos[n].label} failed to load: {e}" for n, e in self.errors().items()
+        ]
+        if self.unmatched:
+            lines.append(unmatched_message(self.unmatched))
+        return lines
+
 
 def _core_dist() -> tuple[str, str | None]:
     try:
@@ -132,15 +155,35 @@ def _selected(names: str | None) -> set[str] | None:
     return {n.strip() for n in names.split(",") if n.strip()}
 
 
+def strict_from_env() -> bool:
+    """ENGINEHOUSE_STRICT_PLUGINS as a yes/no value; anything else is an error, not 'off'."""
+    value = os.environ.get(STRICT_VAR, "")
+    flag = value.strip().lower()
+    if flag in _ON or flag in _OFF:
+        return flag in _ON
+    raise PluginLoadError(
+        f"{STRICT_VAR}={value!r} is not a yes/no value; set it to 1 (raise plugin load errors) "
+        "or 0 (skip broken plugins), or unset it"
+    )
+
+
+def unmatched_message(names: list[str]) -> str:
+    installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return (
+        f"{SELECT_VAR} names {', '.join(map(repr, names))}, which no installed plugin is "
+        f"called (installed: {', '.join(installed) or 'none'}); names are the entry-point "
+        "names `enginehouse plugins` shows, case included"
+    )
+
+
 def load_plugins(strict: bool | None = None, only: str | None = None) -> PluginHost:
     """A fresh host with the core's default plugin and the installed entry-point plugins.
 
     `strict` and `only` default to ENGINEHOUSE_STRICT_PLUGINS and ENGINEHOUSE_PLUGINS.
     """
     if strict is None:
-        flag = os.environ.get("ENGINEHOUSE_STRICT_PLUGINS", "").strip().lower()
-        strict = flag in ("1", "true", "yes", "on")
-    selected = _selected(os.environ.get("ENGINEHOUSE_PLUGINS") if only is None else only)
+        strict = strict_from_env()
+    selected = _selected(os.environ.get(SELECT_VAR) if only is None else only)
     host = PluginHost()
     host.register(default_plugin, DEFAULT_PLUGIN, PluginInfo(DEFAULT_PLUGIN, *_core_dist()))
     seen: set[str] = set()
@@ -149,6 +192,9 @@ def load_plugins(strict: bool | None = None, only: str | None = None) -> PluginH
             continue  # the same distribution can be visible twice on odd sys.paths
         seen.add(ep.name)
         host.load_entry_point(ep, strict)
+    host.unmatched = sorted((selected or set()) - seen)
+    if host.unmatched:
+        log.warning("%s", unmatched_message(host.unmatched))
     return host
 
 

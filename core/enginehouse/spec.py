@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import InvalidModelError
 
@@ -28,6 +28,34 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 def _frozen(d: dict[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(d))
+
+
+class ModelFacts(TypedDict, total=False):
+    """The facts plugins exchange through `detect_architecture` (`ModelSpec.facts`).
+
+    Every key is optional; plugins may add keys of their own. The core's default plugin answers
+    the first six from config.json; any plugin may refine them, and the core then uses the
+    refined value (`ModelSpec.with_facts`). The vision plugin answers the rest for VLMs.
+    """
+
+    architecture: str  # the class to run (config.json's first `architectures` entry)
+    family: str | None  # config.json's model_type
+    is_vlm: bool  # a vision-language model
+    context_length: int | None  # the model's context; the default session length
+    dtype: str  # the checkpoint's dtype ("float32", "bfloat16", ...)
+    trust_remote_code_needed: bool  # config.json has an auto_map (code from the repo)
+    native_impl: str  # the name of a native implementation that matches
+    vision_family: str  # which VLM family (llava, qwen2_vl, ...)
+    vision_config: dict[str, Any] | None  # the vision tower's config
+    vision_encoder: str  # the encoder that handles the images
+    vision_unsupported: str  # why no encoder handles them
+    image_token_id: int | None  # the placeholder token an image expands into
+    text_architecture: str  # the language model inside a VLM: its class,
+    text_config: dict[str, Any]  # its config (transformers' defaults filled in),
+    text_weight_prefixes: dict[str, str | None]  # checkpoint prefix -> text-model prefix
+
+
+FACT_FIELDS = ("context_length", "dtype")  # facts that refine a ModelSpec field of that name
 
 
 @dataclass(frozen=True)
@@ -54,14 +82,17 @@ class ModelSpec:
 
     @property
     def architecture(self) -> str:
-        return self.architectures[0]
+        """The class to run: config.json's, unless a plugin refined it."""
+        return self.facts.get("architecture") or self.architectures[0]
 
     @property
     def is_vlm(self) -> bool:
         return bool(self.facts.get("is_vlm", False))
 
     def with_facts(self, facts: Mapping[str, Any]) -> ModelSpec:
-        return replace(self, facts=_frozen(dict(facts)))
+        """A copy with these facts; `context_length` and `dtype` take the facts' values."""
+        refined = {k: facts[k] for k in FACT_FIELDS if facts.get(k) is not None}
+        return replace(self, facts=_frozen(dict(facts)), **refined)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 from collections import deque
 from typing import Any
 
 import torch
 
-from ..config import EngineConfig, GenerationConfig
+from ..config import EngineConfig, GenerationConfig, format_size
+from ..device import available_memory
 from ..errors import EnginehouseError, RequestError
 from ..multimodal import MultiModalData, VisionEncoder
 from ..runner import ModelRunner, ScheduledBatch, session_length
@@ -31,35 +31,12 @@ from .sequence import RequestOutput, Sequence
 log = logging.getLogger(__name__)
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free now: CUDA's own count on a GPU, MemAvailable from the kernel on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def eos_token_ids(spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
     ids = spec.generation_config.get("eos_token_id", spec.config.get("eos_token_id"))
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids)
-
-
-def _human_size(n: int) -> str:
-    size, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            break
-        size /= 1024
-    return f"{size:.1f} {unit}"
 
 
 def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) -> int:
@@ -76,7 +53,7 @@ def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) 
     blocks = min(budget // kv.bytes_per_block, per_seq * config.max_batch_size)
     if blocks < per_seq:
         raise EnginehouseError(
-            f"the KV cache budget ({_human_size(budget)}) holds {blocks * kv.block_size} "
+            f"the KV cache budget ({format_size(budget)}) holds {blocks * kv.block_size} "
             f"tokens, less than one full context of {session_len}; raise "
             "EngineConfig(kv_cache_memory=...) or lower session_len"
         )
@@ -106,11 +83,21 @@ class LLMEngine:
         caching = config.enable_prefix_caching and kv.prefix_caching
         self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_batch_size, config.max_num_batched_tokens
+            self.block_manager,
+            config.max_batch_size,
+            config.max_num_batched_tokens,
+            self._release if hasattr(runner, "release_sequence") else None,
         )
         self._ids = itertools.count()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._seqs: dict[str, Sequence] = {}
+
+    def _release(self, seq: Sequence) -> None:
+        """Tell the runner a sequence's blocks are going (it may keep state of its own)."""
+        try:
+            self.runner.release_sequence(seq.seq_id, tuple(seq.block_table))  # type: ignore[attr-defined]
+        except Exception:  # the blocks are freed anyway; the runner's leftovers are its own
+            log.exception("the runner failed to release sequence %s", seq.request_id)
 
     # --- called from any thread -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ waits to be recomputed from its tokens, so it still ends with the tokens it woul
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from ..runner import SeqChunk
 from .block_manager import BlockManager
@@ -16,8 +17,16 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_batch_size: int,
+        max_tokens: int,
+        on_release: Callable[[Sequence], None] | None = None,
+    ) -> None:
         self.bm = block_manager
+        # Told before a sequence's computed blocks are freed (the runner's `release_sequence`).
+        self.on_release = on_release
         self.max_batch_size = max_batch_size
         self.max_tokens = max_tokens
         self.waiting: deque[Sequence] = deque()
@@ -36,13 +45,18 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.free_seq(seq)
+        self._free(seq)
         seq.status = Status.FINISHED
         seq.mm, seq.mm_embeds = None, None  # the images' memory goes with the request
 
+    def _free(self, seq: Sequence) -> None:
+        if self.on_release is not None and seq.block_table:
+            self.on_release(seq)
+        self.bm.free_seq(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free_seq(seq)
+        self._free(seq)
         seq.num_computed = 0
         seq.prompt_logprob_sum = 0.0  # a score-only request scores everything again
         seq.status = Status.WAITING

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from enginehouse.config import EngineConfig
-from enginehouse.runner import KVSpec, ScheduledBatch, SeqChunk
+from enginehouse.runner import KVSpec, ScheduledBatch, SeqChunk, kv_slot
 from enginehouse.spec import ModelSpec
 
 EMPTY = -1  # a slot nothing has written yet
@@ -48,8 +48,9 @@ class ToyRunner:
         )
         self.storage = torch.empty(0, dtype=torch.long)
         # Tokens each sequence has itself computed, by position: what its cache must hold.
-        # (Never pruned: a runner is not told when a sequence ends; fine for a test model.)
+        # Dropped when the engine releases the sequence (`release_sequence`).
         self._seen: dict[int, dict[int, int]] = {}
+        self.released: list[int] = []  # sequence ids, in the order the engine released them
 
     def load(self, progress: bool = True) -> None:
         pass  # no weights
@@ -60,6 +61,11 @@ class ToyRunner:
     def close(self) -> None:
         self.storage = torch.empty(0, dtype=torch.long)
         self._seen.clear()
+
+    def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
+        """The engine freed this sequence's blocks (finished, aborted or preempted)."""
+        self._seen.pop(seq_id, None)
+        self.released.append(seq_id)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         bs = self.kv_spec.block_size
@@ -89,7 +95,7 @@ class ToyRunner:
     def _context(self, chunk: SeqChunk, pos: int) -> list[int]:
         """Positions 0..pos of `chunk`'s sequence, read back through its block table."""
         bs = self.kv_spec.block_size
-        slots = [chunk.block_table[p // bs] * bs + p % bs for p in range(pos + 1)]
+        slots = [kv_slot(chunk.block_table, p, bs) for p in range(pos + 1)]
         ctx = self.storage[slots].tolist()
         unwritten = [p for p, t in enumerate(ctx) if t == EMPTY]
         if unwritten:
