@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from enginehouse import GenerationConfig, Response
 from enginehouse import cli as cli_module
+from enginehouse.chat_cli import printable
+from enginehouse.pipeline import Pipeline
 from enginehouse.plugins import reset_plugins
 
 SCRIPT = Path(sys.executable).with_name("enginehouse")
@@ -66,7 +69,7 @@ def test_generate_streams_and_matches_the_python_api(llama_dir, llama_pipe):
     result = CliRunner().invoke(cli_module.cli, args)
     assert result.exit_code == 0, result.output
     want = llama_pipe("hello world", GenerationConfig(max_new_tokens=8), apply_chat_template=False)
-    assert result.stdout == want.text + "\n"
+    assert result.stdout == printable(want.text) + "\n"
 
 
 @pytest.mark.parametrize(
@@ -127,3 +130,79 @@ def test_bench_refuses_an_unknown_case(llama_dir):
     done = run("bench", str(llama_dir), "--cases", "equal,warp")
     assert done.returncode != 0
     assert "unknown case 'warp'" in done.stderr
+
+
+def test_explain_text_shows_what_the_engine_will_use(llama_dir):
+    result = CliRunner().invoke(
+        cli_module.cli, ["explain", str(llama_dir), "--session-len", "256", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "context:      256 tokens" in result.output
+    assert "device:       cpu, float32" in result.output
+    assert "KV cache:     80% of the memory free after the weights load (about " in result.output
+    sized = CliRunner().invoke(
+        cli_module.cli, ["explain", str(llama_dir), "--kv-cache-memory", "64MiB"]
+    )
+    assert "KV cache:     64.0 MiB" in sized.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "nope"], "Error: unknown backend 'nope'"),
+        (["--backend", "tensorrt", "--device", "cpu"], "Error: backend 'tensorrt' cannot run"),
+    ],
+)
+def test_bench_refuses_a_backend_that_cannot_run_before_any_side_runs(args, message, llama_dir):
+    done = run("bench", str(llama_dir), "--quick", "--cases", "single", *args)
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""  # no baseline was timed
+
+
+def test_generate_checks_images_before_loading_weights(llama_dir, tmp_path):
+    missing = CliRunner().invoke(
+        cli_module.cli, ["generate", str(llama_dir), "hi", "--image", str(tmp_path / "cat.png")]
+    )
+    assert missing.exit_code == 2
+    assert f"Invalid value for --image: '{tmp_path / 'cat.png'}' is not a file" in missing.output
+    (tmp_path / "cat.png").write_bytes(b"not looked at")
+    text_model = CliRunner().invoke(
+        cli_module.cli, ["generate", str(llama_dir), "hi", "--image", str(tmp_path / "cat.png")]
+    )
+    assert text_model.exit_code == 2
+    assert "LlamaForCausalLM takes text only; --image needs a vision-language model" in (
+        text_model.output
+    )
+
+
+def test_generate_escapes_control_characters_in_model_output(llama_dir, monkeypatch):
+    def stream(self, *args, **kwargs):
+        yield Response(text="clear\x1b[2Jscreen\x07", index=0)
+
+    monkeypatch.setattr(Pipeline, "stream", stream)
+    result = CliRunner().invoke(cli_module.cli, ["generate", str(llama_dir), "hi"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "clear\\x1b[2Jscreen\\x07\n"
+
+
+def test_one_max_new_tokens_default_everywhere():
+    default = GenerationConfig().max_new_tokens
+    for command in ("generate", "chat"):
+        option = next(
+            p for p in cli_module.cli.commands[command].params if p.name == "max_new_tokens"
+        )
+        assert option.default == default, command
+
+
+def test_serve_on_a_busy_port_fails_before_loading_the_model(llama_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", str(llama_dir), "--port", str(port))
+    assert done.returncode == 1
+    assert f"Error: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "serving" not in done.stderr  # it stopped before the pipeline was built

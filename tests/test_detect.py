@@ -141,3 +141,34 @@ def test_a_hook_wrapper_does_not_break_detection(llama_spec, default_only):
     default_only.register(Wrapper(), "wrapper")
     facts = detect_architecture(llama_spec, default_only).facts
     assert facts["family"] == "llama"
+
+
+def test_the_core_uses_a_plugins_refined_facts(llama_spec, default_only, llama_dir):
+    from enginehouse import EngineConfig
+    from enginehouse.runner import session_length
+
+    default_only.register(FirstFacts({"context_length": 128, "dtype": "bfloat16"}), "refiner")
+    spec = detect_architecture(llama_spec, default_only)
+    assert (spec.context_length, spec.dtype) == (128, "bfloat16")
+    assert session_length(spec, EngineConfig()) == 128  # the engine's default context follows
+    default_only.register(FirstFacts({"architecture": "MistralForCausalLM"}), "renamer")
+    assert detect_architecture(llama_spec, default_only).architecture == "MistralForCausalLM"
+    assert llama_spec.architecture == "LlamaForCausalLM"  # the spec read from disk is unchanged
+
+
+def test_model_facts_declares_every_key_the_bundled_plugins_give(llama_spec, tmp_path):
+    from typing import get_type_hints
+
+    from enginehouse.spec import ModelFacts, read_model_spec
+
+    declared = set(get_type_hints(ModelFacts))
+    assert set(detect_architecture(llama_spec, load_plugins()).facts) <= declared
+    vlm = tmp_path / "llava"
+    vlm.mkdir()
+    (vlm / "config.json").write_text(
+        '{"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", '
+        '"vision_config": {"model_type": "clip_vision_model"}, '
+        '"text_config": {"model_type": "llama"}}'
+    )
+    facts = detect_architecture(read_model_spec(vlm), load_plugins()).facts
+    assert "vision_encoder" in facts and set(facts) <= declared

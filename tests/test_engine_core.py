@@ -271,6 +271,10 @@ def test_preemption_keeps_every_request_exact(spec: ModelSpec, prefix_caching: b
     requests["sampled"] = (ps[2], seeded)
     results = run(engine, requests)
     assert engine.scheduler.num_preemptions > 0
+    # The runner was told of every release: each preemption, and each request's end.
+    released = engine.runner.released
+    assert len(released) == engine.scheduler.num_preemptions + len(requests)
+    assert not engine.runner._seen  # so it keeps nothing of sequences that are gone
     del requests["sampled"]
     check_reference(results, requests)
     alone = run(make_engine(spec), {"sampled": (ps[2], seeded)})
@@ -294,6 +298,7 @@ def test_abort_frees_blocks(spec: ModelSpec) -> None:
     collect(results, engine.step())
     assert results["a"].final.finish_reason == "abort"
     assert results["c"].final.finish_reason == "abort"
+    assert len(engine.runner.released) == 1  # "a" had blocks; "c" never ran
     (b,) = engine.scheduler.running
     assert engine.block_manager.num_used == len(b.block_table)  # a's blocks are free again
     drain(engine, results)

@@ -130,10 +130,20 @@ def test_hub_id_not_cached_offline_is_a_clear_error(tmp_path):
     assert "hf download Qwen/Qwen2.5-0.5B-Instruct" in message  # and how to fix it
 
 
-def test_single_name_hub_id_not_cached_offline(tmp_path):
-    # "gpt2"-style ids without an org are hub ids too, not folders.
-    with pytest.raises(ModelNotFoundError, match="not in the local cache"):
-        resolve_model("no-such-model", cache_dir=tmp_path)
+def test_bare_name_that_is_neither_a_folder_nor_cached_says_the_folder_is_missing(tmp_path):
+    # "gpt2"-style ids without an org are still looked up in the hub cache, but a bare name
+    # found nowhere is most likely a mistyped folder: say so, do not suggest a download.
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("no-such-dir", cache_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith("model folder 'no-such-dir' does not exist; check the path")
+    assert "hf download" not in message
+
+
+def test_bare_name_found_in_the_hub_cache_resolves(tmp_path, llama_dir):
+    cache = tmp_path / "cache"
+    snapshot = add_snapshot(cache, "gpt2", COMMIT, llama_dir)
+    assert resolve_model("gpt2", cache_dir=cache).path == snapshot
 
 
 def test_cached_hub_id_resolves_offline_to_its_snapshot(hub_cache):
@@ -176,10 +186,12 @@ def test_cached_revision_by_branch_name(tmp_path, llama_dir):
     assert resolve_model(REPO, revision="main", cache_dir=cache).path == snapshot
 
 
-def test_uncached_revision_is_a_clear_error(hub_cache):
-    with pytest.raises(ModelNotFoundError, match="not in the local cache"):
+def test_uncached_revision_is_a_clear_error_naming_the_revision(hub_cache):
+    with pytest.raises(ModelNotFoundError, match="not in the local cache") as info:
         resolve_model(REPO, revision=OTHER_COMMIT, cache_dir=hub_cache)
-    with pytest.raises(ModelNotFoundError, match="not in the local cache"):
+    assert f"{REPO!r} at revision {OTHER_COMMIT!r} is not in the local cache" in str(info.value)
+    assert f"hf download {REPO} --revision {OTHER_COMMIT}" in str(info.value)
+    with pytest.raises(ModelNotFoundError, match="at revision 'no-such-branch'"):
         resolve_model(REPO, revision="no-such-branch", cache_dir=hub_cache)
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import EnginehouseError
+
 BASELINE = "hf-generate"
 CASES = ("equal", "mixed", "single", "ttft", "startup")
 
@@ -131,14 +133,16 @@ def startup_time(path: str, side: str, repeat: int, engine_config: dict) -> floa
         f"{STARTUP[BASELINE if side == BASELINE else 'engine']}\n"
         "print(time.perf_counter() - start)"
     )
-    runs = [_python(["-c", code]) for _ in range(repeat)]
+    runs = [_python(["-c", code], side) for _ in range(repeat)]
     return min(float(out.strip().splitlines()[-1]) for out in runs)
 
 
-def _python(args: list[str]) -> str:
+def _python(args: list[str], side: str) -> str:
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark subprocess failed:\n{done.stderr[-3000:]}")
+        # The traceback's last line says what failed; the rest is the benchmark's own frames.
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise EnginehouseError(f"the {side} side failed: {lines[-1] if lines else 'no output'}")
     return done.stdout
 
 
@@ -162,7 +166,7 @@ def measure(
     for side in sides:
         args = ["-m", "enginehouse.bench", path, side, json.dumps(timed), json.dumps(config)]
         args += [str(repeat), "quick" if quick else "full"]
-        seconds[side] = json.loads(_python(args).strip().splitlines()[-1]) if timed else {}
+        seconds[side] = json.loads(_python(args, side).strip().splitlines()[-1]) if timed else {}
         if "startup" in cases:
             seconds[side]["startup"] = startup_time(path, side, repeat, config)
     return {"model": path, "quick": quick, "repeat": repeat, "seconds": seconds}

@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import socket
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import ValidationError
 
 from .backends import conflict_message, offered_backends
-from .config import EngineConfig, GenerationConfig
+from .config import EngineConfig, GenerationConfig, format_size
 from .errors import EnginehouseError, describe_validation_error
 from .plugins import SELECT_VAR, get_plugins, unmatched_message
 
@@ -71,6 +73,10 @@ def engine_options(fn: Callable) -> Callable:
         return fn(*args, engine_config=EngineConfig(**given), **kwargs)
 
     return wrapper
+
+
+# One default for every surface: GenerationConfig's, which `generate` and `chat` show.
+MAX_NEW_TOKENS = GenerationConfig.model_fields["max_new_tokens"].default
 
 
 def _generation_config(
@@ -208,7 +214,7 @@ def _vision_line(facts: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("model")
 @click.argument("prompt", nargs=-1, required=True)
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, show_default=True)
 @sampling_options
 @click.option("--stop", multiple=True, help="a stop string (repeatable)")
 @click.option("--system", default=None, help="a system message")
@@ -242,9 +248,12 @@ def generate(
     engine_config: EngineConfig,
 ) -> None:
     """Generate a continuation of PROMPT with MODEL (a folder or a hub id)."""
+    from .chat_cli import printable
     from .pipeline import pipeline
 
     gen = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, stop)
+    if images:
+        _check_images(model, revision, images)
     text = " ".join(prompt)
     request: Any = (text, list(images)) if images else text
     if system and not raw:
@@ -256,15 +265,28 @@ def generate(
     with pipeline(model, backend=backend, engine_config=engine_config, revision=revision) as pipe:
         if stream:
             for delta in pipe.stream(request, gen, apply_chat_template=not raw):
-                click.echo(delta.text, nl=False)
-                if delta.error:
-                    raise click.ClickException(delta.error)
+                click.echo(printable(delta.text), nl=False)
             click.echo()
         else:
-            response = pipe(request, gen, apply_chat_template=not raw)
-            if response.error:
-                raise click.ClickException(response.error)
-            click.echo(response.text)
+            click.echo(printable(pipe(request, gen, apply_chat_template=not raw).text))
+
+
+def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> None:
+    """What `--image` can get wrong, found before any weights load."""
+    from .pipeline import read_spec
+
+    local = [i for i in images if not i.startswith(("http://", "https://", "data:"))]
+    for image in local:
+        path = Path(image.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise click.BadParameter(f"{image!r} is not a file", param_hint="--image")
+    spec = read_spec(model, revision)
+    if not spec.is_vlm:
+        raise click.BadParameter(
+            f"{spec.architecture} takes text only; --image needs a vision-language model "
+            "(see `enginehouse explain MODEL`)",
+            param_hint="--image",
+        )
 
 
 @cli.command()
@@ -320,6 +342,7 @@ def serve(
         ) from e
     from .pipeline import pipeline
 
+    _check_port(host, port)  # before minutes of loading, not after
     with pipeline(
         model,
         backend=backend,
@@ -328,14 +351,37 @@ def serve(
         revision=revision,
     ) as pipe:
         name = served_model_name or model
-        click.echo(f"serving {model} as {name!r} on backend {pipe.backend}", err=True)
+        click.echo(f"serving {model} as {name!r}; {_summary_line(pipe.summary())}", err=True)
         run_server(pipe, host, port, name, api_key or None, log_level, allowed_local_media_path)
+
+
+def _check_port(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {e.strerror}; pick another port with --port "
+                "(0 takes a free one) or stop what is using it"
+            ) from e
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    """The engine's settings as `serve` and `chat` log them at start, like vLLM does."""
+    return (
+        f"backend {summary['backend']}, {summary['device']} {summary['dtype']}, context "
+        f"{summary['session_len']} tokens, KV cache {summary['kv_tokens']} tokens "
+        f"({format_size(summary['kv_bytes'])} in {summary['kv_blocks']} blocks)"
+    )
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--system", default=None, help="a system message")
-@click.option("--max-new-tokens", type=int, default=512, show_default=True)
+@click.option("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, show_default=True)
 @sampling_options
 @click.option("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
 @click.option("--backend", default=None, help="run on this backend (see explain)")
@@ -367,7 +413,7 @@ def chat(
         chat_template=chat_template,
         revision=revision,
     ) as pipe:
-        click.echo(f"chatting with {model} on backend {pipe.backend}", err=True)
+        click.echo(f"chatting with {model}; {_summary_line(pipe.summary())}", err=True)
         run_chat(pipe, gen, system)
 
 
@@ -409,8 +455,13 @@ def bench(
     unknown = sorted(set(names) - set(benchmark.CASES))
     if unknown:
         raise click.BadParameter(f"unknown case {unknown[0]!r}; choose from {benchmark.CASES}")
-    if not backends:
-        backends = (explain_model(model, engine_config=engine_config)["chosen"],)
+    # Every backend must be able to run the model before any side (the baseline included) runs.
+    for requested in backends or (None,):
+        report = explain_model(model, backend=requested, engine_config=engine_config)
+        if report["error"]:
+            raise click.ClickException(report["error"])
+        if requested is None:
+            backends = (report["chosen"],)
     config = engine_config.model_dump(exclude_unset=True)
     result = benchmark.measure(model, list(backends), names, quick, repeat, config, baseline)
     rows = benchmark.report(result)

@@ -48,11 +48,15 @@ def resolve_model(
     if path.exists():
         raise ModelNotFoundError(f"{identifier} is a file; give the model folder that holds it")
     if _looks_like_path(identifier):
-        raise ModelNotFoundError(
-            f"model folder {identifier!r} does not exist; check the path, or give a hub id "
-            "like 'Qwen/Qwen2.5-0.5B-Instruct'"
-        )
+        raise ModelNotFoundError(_no_folder(identifier))
     return ResolvedModel(identifier, _download(identifier, revision, cache_dir), revision, True)
+
+
+def _no_folder(identifier: str) -> str:
+    return (
+        f"model folder {identifier!r} does not exist; check the path, or give a hub id "
+        "like 'Qwen/Qwen2.5-0.5B-Instruct'"
+    )
 
 
 def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -68,14 +72,25 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike[s
         # snapshot_download shows a tqdm progress bar per file while it downloads.
         return Path(snapshot_download(repo_id, local_files_only=_offline(), **kwargs))
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        if "/" not in repo_id:  # a bare name was more likely meant as a folder
+            raise ModelNotFoundError(f"{_no_folder(repo_id)} (nor is it a hub repo)") from e
         raise ModelNotFoundError(
             f"{repo_id!r} (revision {revision or 'main'}) is not on the hub or is private: {e}. "
             "Check the spelling, or log in with `hf auth login` for gated models"
         ) from e
     except LocalEntryNotFoundError as e:
+        if "/" not in repo_id:
+            # Hub ids are "org/name"; a bare name that is not cached is most likely a folder
+            # name with a typo, so say that rather than suggesting a download.
+            raise ModelNotFoundError(
+                f"{_no_folder(repo_id)}; a bare name is also looked up in the local hub cache, "
+                "where it is not either"
+            ) from e
         where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
+        what = f"{repo_id!r} at revision {revision!r}" if revision else repr(repo_id)
+        download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
         raise ModelNotFoundError(
-            f"{repo_id!r} is not in the local cache ({where}) and the hub cannot be reached "
-            "(offline mode or no network). Download it where there is a network "
-            f"(`hf download {repo_id}`) and copy the cache, or pass a local model folder"
+            f"{what} is not in the local cache ({where}) and the hub cannot be reached "
+            f"(offline mode or no network). Download it where there is a network "
+            f"(`{download}`) and copy the cache, or pass a local model folder"
         ) from e

@@ -55,10 +55,11 @@ def disabled() -> bool:
     return os.environ.get("ENGINEHOUSE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off")
 
 
-def _build_root() -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
+def _build_dir(name: str) -> Path:
+    # torch's own rule (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/py311_cpu/...).
+    from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return Path(_get_build_directory(name, verbose=False))
 
 
 def build(name: str, source: str, what: str) -> bool:
@@ -70,7 +71,7 @@ def build(name: str, source: str, what: str) -> bool:
     if disabled():
         return False
     full_name = f"{name}_{isa_tag()}"
-    if not any((_build_root() / full_name).glob("*.so")):
+    if not any(_build_dir(full_name).glob("*.so")):
         log.warning(
             "building the %s for this CPU (%s): once, about a minute on 2 cores; "
             "`enginehouse pytorch build-kernels` builds it ahead",
