@@ -5,6 +5,7 @@ bodies no client would send, by httpx. One server for the whole module."""
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 
 import httpx
@@ -17,6 +18,7 @@ from enginehouse.serve import ServerThread, create_app
 MODEL = "tiny-llama"
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "hello"}]
+METRIC = 'enginehouse:%s{model_name="tiny-llama"}'  # one engine metric, by its name
 
 
 class Server:
@@ -66,7 +68,7 @@ def client(server) -> openai.OpenAI:
 def test_lists_the_served_model_and_refuses_others(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    assert models.data[0].max_model_len == server.pipe.engine.engine.session_len
+    assert models.data[0].max_model_len == server.pipe.session_len
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
@@ -292,7 +294,8 @@ def test_invalid_chat_requests_are_400_naming_the_field(client, kw, param, words
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1, 2], "x"]}, "prompt"),
         ({"prompt": [10**6]}, None),
-        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "extra_body": {"max_tokens": 0}}, "max_tokens"),
+        ({"prompt": "hi", "stream": True, "extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
         ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ],
 )
@@ -333,14 +336,8 @@ def test_malformed_bodies_are_400_and_never_reach_the_engine(server, body, words
     assert words in error["message"] and error["type"] == "invalid_request_error"
     assert not re.search(r"pydantic|\bloc\b|errors\.pydantic\.dev|Traceback", response.text)
     after = server.metrics()
-    assert (
-        after["enginehouse_generation_tokens_total"]
-        == before["enginehouse_generation_tokens_total"]
-    )
-    assert (
-        after["enginehouse_time_to_first_token_seconds_count"]
-        == before["enginehouse_time_to_first_token_seconds_count"]
-    )
+    for name in ("generation_tokens_total", "time_to_first_token_seconds_count"):
+        assert after.get(METRIC % name, 0) == before.get(METRIC % name, 0)
 
 
 def test_a_json_body_is_read_whatever_its_content_type(server):
@@ -396,21 +393,54 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     def grew(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
 
-    chat = 'enginehouse_http_requests_total{endpoint="/v1/chat/completions",status="%s"}'
+    chat = 'enginehouse:http_requests_total{endpoint="/v1/chat/completions",status="%s"}'
     assert grew(chat % 200) == 1 and grew(chat % 400) == 1
-    assert grew("enginehouse_prompt_tokens_total") == r.usage.prompt_tokens
-    assert grew("enginehouse_generation_tokens_total") == r.usage.completion_tokens
-    assert grew("enginehouse_time_to_first_token_seconds_count") == 1
-    assert grew("enginehouse_time_per_output_token_seconds_count") == r.usage.completion_tokens - 1
+    assert grew(METRIC % "prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew(METRIC % "generation_tokens_total") == r.usage.completion_tokens
+    assert grew(METRIC % "prefix_cache_queries_total") == r.usage.prompt_tokens
+    assert grew(METRIC % "time_to_first_token_seconds_count") == 1
+    assert grew(METRIC % "time_per_output_token_seconds_count") == r.usage.completion_tokens - 1
+    assert grew(METRIC % "e2e_request_latency_seconds_count") == 1
+    assert grew(METRIC % "request_generation_tokens_sum") == r.usage.completion_tokens
     reason = r.choices[0].finish_reason
-    assert grew(f'enginehouse_generations_finished_total{{finish_reason="{reason}"}}') == 1
-    for gauge in ("requests_running", "requests_waiting", "kv_cache_blocks_used"):
-        assert after[f"enginehouse_{gauge}"] == 0
-    assert after["enginehouse_kv_cache_blocks_total"] > 0
-    assert (
-        after['enginehouse_time_to_first_token_seconds_bucket{le="+Inf"}']
-        == after["enginehouse_time_to_first_token_seconds_count"]
+    success = (
+        f'enginehouse:request_success_total{{finished_reason="{reason}",model_name="{MODEL}"}}'
     )
+    assert grew(success) == 1
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert after[METRIC % gauge] == 0
+    assert after[METRIC % "num_preemptions_total"] == 0
+    bucket = f'enginehouse:time_to_first_token_seconds_bucket{{le="+Inf",model_name="{MODEL}"}}'
+    assert after[bucket] == after[METRIC % "time_to_first_token_seconds_count"]
+
+
+def test_metric_names_are_vllms_with_another_prefix(server):
+    # vLLM's names (its Grafana dashboard's queries), with enginehouse: for vllm:.
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+    assert {
+        "enginehouse:num_requests_running": "gauge",
+        "enginehouse:num_requests_waiting": "gauge",
+        "enginehouse:kv_cache_usage_perc": "gauge",
+        "enginehouse:num_preemptions_total": "counter",
+        "enginehouse:prompt_tokens_total": "counter",
+        "enginehouse:generation_tokens_total": "counter",
+        "enginehouse:request_success_total": "counter",
+        "enginehouse:prefix_cache_queries_total": "counter",
+        "enginehouse:prefix_cache_hits_total": "counter",
+        "enginehouse:time_to_first_token_seconds": "histogram",
+        "enginehouse:time_per_output_token_seconds": "histogram",
+        "enginehouse:e2e_request_latency_seconds": "histogram",
+        "enginehouse:request_prompt_tokens": "histogram",
+        "enginehouse:request_generation_tokens": "histogram",
+    }.items() <= types.items()
+
+
+def test_version_answers_without_a_key(server):
+    from enginehouse import __version__
+
+    response = httpx.get(f"{server.url}/version")
+    assert response.status_code == 200 and response.json() == {"version": __version__}
 
 
 def test_a_model_without_a_chat_template_is_served_too(base_llama_dir):
@@ -429,3 +459,64 @@ def test_a_model_without_a_chat_template_is_served_too(base_llama_dir):
             )
             text = c.completions.create(model=name, prompt="hello", max_tokens=4, temperature=0)
             assert text.usage.completion_tokens >= 1
+
+
+# --- echo and prompt logprobs: loglikelihood evaluations ------------------------------------------
+
+PASSAGE = "the quick brown fox jumps over the lazy dog"
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_as_lm_eval_asks(server, client):
+    # lm-evaluation-harness's local-completions model: echo, logprobs, max_tokens=0.
+    r = client.completions.create(
+        model=MODEL, prompt=PASSAGE, echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+    choice = r.choices[0]
+    ids = server.pipe.tokenizer.encode(PASSAGE)
+    assert choice.text == PASSAGE and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp.tokens == [server.pipe.tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    # The same log-likelihood get_ppl computes.
+    ppl = server.pipe.get_ppl({"token_ids": ids})
+    total = sum(lp.token_logprobs[1:])
+    assert math.exp(-total / (len(ids) - 1)) == pytest.approx(ppl, rel=1e-4)
+    assert server.pipe.stats()["kv_blocks_used"] == 0
+
+
+def test_echo_prepends_the_prompt_to_the_answer_streamed_or_not(server, client):
+    plain = client.completions.create(model=MODEL, prompt=PASSAGE, max_tokens=4, temperature=0)
+    echoed = client.completions.create(
+        model=MODEL, prompt=PASSAGE, max_tokens=4, temperature=0, echo=True, logprobs=0
+    )
+    assert echoed.choices[0].text == PASSAGE + plain.choices[0].text
+    prompt_len = len(server.pipe.tokenizer.encode(PASSAGE))
+    assert len(echoed.choices[0].logprobs.tokens) == prompt_len + 4
+    stream = client.completions.create(
+        model=MODEL, prompt=PASSAGE, max_tokens=4, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == echoed.choices[0].text
+
+
+def test_prompt_logprobs_on_both_endpoints_as_vllm_gives_them(server):
+    ids = server.pipe.tokenizer.encode(PASSAGE)
+    body = {"model": MODEL, "prompt": PASSAGE, "max_tokens": 1, "prompt_logprobs": 2}
+    choice = server.post("/v1/completions", json=body).json()["choices"][0]
+    prompt_logprobs = choice["prompt_logprobs"]
+    assert len(prompt_logprobs) == len(ids) and prompt_logprobs[0] is None
+    for token, entry in zip(ids[1:], prompt_logprobs[1:]):
+        assert str(token) in entry and 2 <= len(entry) <= 3  # the token and the top 2
+        assert set(entry[str(token)]) == {"logprob", "rank", "decoded_token"}
+        assert sorted(e["rank"] for t, e in entry.items() if t != str(token))[0] == 1
+    echoed = server.post(
+        "/v1/completions", json={**body, "echo": True, "logprobs": 0, "max_tokens": 0}
+    ).json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert [e[str(t)]["logprob"] for t, e in zip(ids[1:], prompt_logprobs[1:])] == pytest.approx(
+        echoed[1:], abs=1e-5
+    )
+    chat = server.post(
+        "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1, "prompt_logprobs": 0}
+    ).json()
+    prompt = server.pipe.encode(HELLO)
+    assert len(chat["prompt_logprobs"]) == len(prompt) and chat["prompt_logprobs"][0] is None

@@ -87,12 +87,12 @@ def test_64_concurrent_streams_deliver_every_token_and_free_the_kv_cache(served)
         assert text == expected.text
     stats = wait_idle(pipe)
     assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
-    assert counter(url, "enginehouse_kv_cache_blocks_used") == 0
+    assert counter(url, 'enginehouse:kv_cache_usage_perc{model_name="tiny-llama"}') == 0
 
 
 def test_a_client_cut_off_mid_stream_is_aborted_and_the_others_carry_on(served):
     url, pipe = served
-    aborted = 'enginehouse_generations_finished_total{finish_reason="abort"}'
+    aborted = 'enginehouse:request_success_total{finished_reason="abort",model_name="tiny-llama"}'
     before = counter(url, aborted)
     c = client(url)
     long = dict(model=MODEL, prompt="hello", temperature=0, stream=True)
@@ -120,7 +120,7 @@ def test_a_client_cut_off_mid_stream_is_aborted_and_the_others_carry_on(served):
 
 def test_a_non_streaming_client_that_gives_up_is_aborted(served):
     url, pipe = served
-    aborted = 'enginehouse_generations_finished_total{finish_reason="abort"}'
+    aborted = 'enginehouse:request_success_total{finished_reason="abort",model_name="tiny-llama"}'
     before = counter(url, aborted)
     impatient = client(url, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):

@@ -33,6 +33,9 @@ class GenerationConfig(BaseModel):
     ignore_eos: bool = False
     random_seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20, description="top-N logprobs per token")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="top-N logprobs per prompt token (each prompt token too)"
+    )
     skip_special_tokens: bool = True
 
     @field_validator("stop_words", mode="before")

@@ -16,7 +16,10 @@ class Response:
     """One prompt's result (or, from `stream`, one delta of it, tagged with `index`).
 
     `token_ids` are the generated tokens only; `cached_tokens` counts prompt tokens whose KV came
-    from the prefix cache; `error` says what went wrong when `finish_reason == "error"`.
+    from the prefix cache; `error` says what went wrong when `finish_reason == "error"`. With
+    `GenerationConfig(prompt_logprobs=N)`, `prompt_logprobs` has one entry per prompt token (the
+    first is None: nothing predicts it) mapping the token and the top N to their logprobs, and
+    `prompt_ranks` each prompt token's rank among all tokens (1: the most likely).
     """
 
     text: str = ""
@@ -28,6 +31,8 @@ class Response:
     index: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
     @classmethod
     def from_output(cls, index: int, out: RequestOutput) -> Response:
@@ -42,6 +47,8 @@ class Response:
             index=index,
             cached_tokens=out.cached_tokens,
             error=out.error,
+            prompt_logprobs=out.prompt_logprobs,
+            prompt_ranks=out.prompt_ranks,
         )
 
     def extend(self, delta: Response) -> None:
@@ -55,3 +62,5 @@ class Response:
         self.finish_reason = delta.finish_reason
         self.cached_tokens = delta.cached_tokens
         self.error = delta.error
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_ranks = delta.prompt_logprobs, delta.prompt_ranks

@@ -108,6 +108,20 @@ class AsyncEngine:
         self.loop.call_soon_threadsafe(add)
         return request_id
 
+    def validate(
+        self,
+        prompt_ids: list[int],
+        params: GenerationConfig,
+        score_only: bool = False,
+        mm: MultiModalData | None = None,
+    ) -> None:
+        """Raise `RequestError` for a request `submit` would refuse; queues nothing."""
+        self.engine.validate(prompt_ids, params, score_only, mm)
+
+    def check_length(self, prompt_len: int, score_only: bool = False) -> None:
+        """Raise `RequestError` when a prompt of this length does not fit the context."""
+        self.engine.check_length(prompt_len, score_only)
+
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed at the next step and it ends with 'abort'."""
 

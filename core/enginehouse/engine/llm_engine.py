@@ -124,12 +124,16 @@ class LLMEngine:
                 raise RequestError(
                     f"{what} {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
                 )
-        limit = self.session_len if score_only else self.session_len - 1
-        if len(prompt_ids) > limit:
+        self.check_length(len(prompt_ids), score_only)
+
+    def check_length(self, prompt_len: int, score_only: bool = False) -> None:
+        """A prompt must leave room for one generated token (or, scored only, just fit)."""
+        if prompt_len > (self.session_len if score_only else self.session_len - 1):
+            room = "" if score_only else ", leaving no room to generate"
             raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds "
-                f"{self.session_len}, leaving no room to generate; shorten the prompt or "
-                "raise EngineConfig(session_len=...) up to the model's context length"
+                f"the prompt has {prompt_len} tokens but the context holds "
+                f"{self.session_len}{room}; shorten the prompt or raise the session length "
+                "(EngineConfig(session_len=...), --session-len) up to the model's context length"
             )
 
     def _validate_images(self, prompt_ids: list[int], mm: MultiModalData) -> None:
@@ -195,9 +199,11 @@ class LLMEngine:
             row += len(chunk.logits_at)
             seq.num_computed = chunk.end_pos
             self.block_manager.commit(seq)
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt:
+                self._prompt_logprobs(seq, chunk.start_pos, seq_logits)
             if seq.score_only:
                 outputs.extend(self._score(seq, chunk.start_pos, seq_logits))
-            elif len(chunk.logits_at):
+            elif len(chunk.logits_at) and chunk.end_pos == seq.num_tokens:
                 to_sample.append(seq)
                 rows.append(seq_logits[-1])
         if to_sample:
@@ -305,6 +311,27 @@ class LLMEngine:
             return []
         return [self._finish(seq, "stop")]
 
+    def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Add the prompt positions this chunk scores that are still missing (a recompute
+        after preemption finds the first ones already there): the logprob and rank of each
+        prompt token, and the top-N of its row."""
+        first = len(seq.prompt_logprobs)  # the next prompt token to score
+        rows = slice(first - 1 - start, seq.num_prompt - 1 - start)  # row p predicts p + 1
+        lp = logits[max(rows.start, 0) : rows.stop].float().log_softmax(dim=-1)
+        if lp.shape[0] == 0:
+            return
+        targets = torch.tensor(seq.prompt_ids[first : first + lp.shape[0]], device=lp.device)
+        chosen = lp.gather(1, targets.unsqueeze(1))
+        ranks = (lp > chosen).sum(dim=1) + 1
+        top_n = seq.params.prompt_logprobs or 0
+        top = lp.topk(top_n) if top_n else None
+        for i, (token, value) in enumerate(zip(targets.tolist(), chosen.squeeze(1).tolist())):
+            entry = {token: value}
+            if top is not None:
+                entry.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
+            seq.prompt_logprobs.append(entry)
+        seq.prompt_ranks.extend(ranks.tolist())
+
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
         seq.token_ids.append(token)
         if logprobs is not None:
@@ -363,5 +390,9 @@ class LLMEngine:
             cached_tokens=seq.cached_tokens,
             prompt_logprob_sum=seq.prompt_logprob_sum if seq.score_only else None,
         )
+        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            if len(seq.prompt_logprobs) == seq.num_prompt:  # complete: send them once
+                out.prompt_logprobs, out.prompt_ranks = seq.prompt_logprobs, seq.prompt_ranks
+                seq.prompt_logprobs_sent = True
         seq.emitted_text, seq.emitted_tokens = end, seq.num_generated
         return out

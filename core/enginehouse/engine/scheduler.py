@@ -66,7 +66,7 @@ class Scheduler:
     def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
         start = seq.num_computed
         reaches_end = start + n == seq.num_tokens
-        if seq.score_only:
+        if seq.scores_prompt:
             logits_at = tuple(range(n))  # every position scores the token after it
         else:
             logits_at = (n - 1,) if reaches_end else ()
@@ -108,7 +108,7 @@ class Scheduler:
             if len(self.running) >= self.max_batch_size:
                 break
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.score_only:
+            if seq.num_computed == 0 and not seq.scores_prompt:
                 # Scoring needs logits at every position, so it cannot skip cached ones.
                 seq.num_computed = self.bm.match_prefix(seq)
                 if not seq.admitted:

@@ -33,6 +33,9 @@ class RequestOutput:
     cached_tokens: int = 0
     error: str | None = None
     prompt_logprob_sum: float | None = None  # score-only requests (perplexity)
+    # With `prompt_logprobs`: per prompt position (the first is None), once, in one output.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank in its row
 
 
 @dataclass(eq=False)
@@ -57,6 +60,10 @@ class Sequence:
     emitted_tokens: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprob_sum: float = 0.0
+    # Prompt logprobs (params.prompt_logprobs): one entry per prompt position so far.
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
+    prompt_ranks: list[int | None] = field(default_factory=lambda: [None])
+    prompt_logprobs_sent: bool = False
     finish_reason: str | None = None
     admitted: bool = False
     # Images: their data until encoded, then one embedding row per image position.
@@ -100,6 +107,15 @@ class Sequence:
         if i < len(self.mm_positions) and self.mm_positions[i] < start + block_size:
             return self.mm.image_hashes
         return ()
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the next chunk must return logits at every position: a score-only request,
+        or one asking for prompt logprobs that it does not have in full yet."""
+        if self.score_only:
+            return True
+        wanted = self.params.prompt_logprobs is not None
+        return wanted and len(self.prompt_logprobs) < self.num_prompt
 
     @property
     def num_tokens(self) -> int:

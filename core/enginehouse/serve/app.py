@@ -14,21 +14,31 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import __version__
 from ..pipeline import Pipeline
 from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError
 from .generation import ClientDisconnected
+from .metrics import CONTENT_TYPE
 from .state import ServerState
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
-OPEN_ENDPOINTS = ("/health",)  # reachable without the API key (load balancers' probes)
+ENDPOINTS = (
+    "/health",
+    "/version",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+)
+# Reachable without the API key: load balancers' probes, and the version (as vLLM has them).
+OPEN_ENDPOINTS = ("/health", "/version")
 
 
 def _endpoint(path: str) -> str:
@@ -82,7 +92,7 @@ class _Gate:
             else:
                 await self.app(scope, receive, counting_send)
         finally:
-            self.state.metrics.http_requests.inc(1, _endpoint(scope["path"]), status)
+            self.state.metrics.answered(_endpoint(scope["path"]), status)
 
 
 def create_app(
@@ -153,8 +163,10 @@ def create_app(
     async def metrics() -> Any:
         # stats() waits for the engine's loop thread; keep that wait off the server's loop.
         stats = await asyncio.to_thread(pipe.stats)
-        return PlainTextResponse(
-            state.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        return Response(state.metrics.render(stats), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> Any:
+        return {"version": __version__}
 
     return app

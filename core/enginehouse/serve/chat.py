@@ -28,7 +28,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     prompt = await asyncio.to_thread(prepare) if urls else prepare()
     configs = state.configs(req, len(prompt.token_ids))
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
-    chat = _Chat(state, req, response_id, len(prompt.token_ids))
+    chat = _Chat(state, req, response_id, prompt.token_ids)
     return await respond(request, generation, chat, req.num_choices)
 
 
@@ -36,13 +36,18 @@ class _Chat:
     """Formats one chat completion, whole or as stream chunks."""
 
     def __init__(
-        self, state: ServerState, req: ChatCompletionRequest, response_id: str, prompt_len: int
+        self,
+        state: ServerState,
+        req: ChatCompletionRequest,
+        response_id: str,
+        prompt_ids: list[int],
     ) -> None:
         self.state = state
         self.req = req
         self.id = response_id
         self.created = int(time.time())
-        self.prompt_len = prompt_len
+        self.prompt_ids = prompt_ids
+        self.prompt_len = len(prompt_ids)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> Any:
         if logprobs is None:
@@ -74,7 +79,7 @@ class _Chat:
             }
             for r in results
         ]
-        return {
+        body = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -82,6 +87,10 @@ class _Chat:
             "choices": choices,
             "usage": usage([self.prompt_len], results, self.req.num_choices),
         }
+        if self.req.prompt_logprobs is not None:  # vLLM's extension, once for the prompt
+            top_n = self.req.prompt_logprobs
+            body["prompt_logprobs"] = self.state.prompt_logprobs(results[0], self.prompt_ids, top_n)
+        return body
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         chunk = {

@@ -40,10 +40,13 @@ class Generation:
         self._last_token: dict[int, float] = {}
         self._to_read = 0
 
-    def start(self, choices: list[tuple[PreparedPrompt, GenerationConfig]]) -> None:
-        """Submit every choice; raises `RequestError` before submitting any when one is bad."""
+    def start(
+        self, choices: list[tuple[PreparedPrompt, GenerationConfig]], score_only: bool = False
+    ) -> None:
+        """Submit every choice; raises `RequestError` before submitting any when one is bad.
+        `score_only`: score the prompts, generate nothing (echo with max_tokens=0)."""
         for prompt, config in choices:
-            self.pipe.engine.engine.validate(prompt.token_ids, config, mm=prompt.mm)
+            self.pipe.engine.validate(prompt.token_ids, config, score_only, prompt.mm)
         loop = asyncio.get_running_loop()
         try:
             for index, (prompt, config) in enumerate(choices):
@@ -55,7 +58,12 @@ class Generation:
                         pass
 
                 rid = self.pipe.engine.submit(
-                    prompt.token_ids, config, sink, f"{self.request_id}-{index}", mm=prompt.mm
+                    prompt.token_ids,
+                    config,
+                    sink,
+                    f"{self.request_id}-{index}",
+                    score_only=score_only,
+                    mm=prompt.mm,
                 )
                 self._running[rid] = index
                 self._to_read += 1
@@ -70,17 +78,18 @@ class Generation:
         if new_tokens:
             last = self._last_token.get(index)
             if last is None:
-                self.metrics.ttft.observe(now - self.arrival)
-            else:
-                for _ in range(new_tokens):
-                    self.metrics.tpot.observe((now - last) / new_tokens)
+                self.metrics.first_token(now - self.arrival)
+            self.metrics.tokens(new_tokens, None if last is None else (now - last) / new_tokens)
             self._last_token[index] = now
-            self.metrics.generation_tokens.inc(new_tokens)
         if out.finished:
             self._running.pop(out.request_id, None)
-            self.metrics.finished.inc(1, out.finish_reason)
-            self.metrics.prompt_tokens.inc(out.input_token_len)
-            self.metrics.duration.observe(now - self.arrival)
+            self.metrics.finished(
+                out.finish_reason or "abort",
+                out.input_token_len,
+                out.generate_token_len,
+                out.cached_tokens,
+                now - self.arrival,
+            )
         self._queue.put_nowait((index, out))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -1,147 +1,157 @@
-"""Prometheus metrics in the text exposition format, written by hand (no extra dependency).
+"""Prometheus metrics (prometheus_client), named as vLLM names them.
 
-Counters and histograms are updated on the server's event loop only, so they need no lock.
-The engine's own gauges (running and waiting requests, KV blocks) are read from
-`Pipeline.stats()` when `/metrics` is scraped.
+Every metric is vLLM's name with the prefix `enginehouse:` in place of `vllm:`, the same type,
+the same `model_name` label (and `finished_reason` where vLLM has it), so a Grafana dashboard
+built for vLLM works after a prefix change. `http_requests_total` (by endpoint and status) is
+this server's own. Each app has its own registry, so several servers in one process (tests,
+notebooks) do not mix their counts.
+
+Counters and histograms are updated on the server's event loop. The engine's own numbers
+(running and waiting requests, KV-cache use, preemptions) are read from `Pipeline.stats()` when
+`/metrics` is scraped and reported by `EngineCollector`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 
-# Seconds. Time to first token spans queueing and prefill; per-token latency is one decode step.
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+disable_created_metrics()  # no `_created` series beside every counter, as vLLM turns them off
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _labels(names: Iterable[str], values: Iterable[object]) -> str:
-    def escape(v: object) -> str:
-        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    pairs = [f'{n}="{escape(v)}"' for n, v in zip(names, values)]
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-class Counter:
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
-        self.name, self.help, self.label_names = name, help, labels
-        self.values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-
-    def inc(self, amount: float = 1.0, *labels: object) -> None:
-        key = tuple(str(v) for v in labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def get(self, *labels: object) -> float:
-        return self.values.get(tuple(str(v) for v in labels), 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        for key, value in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.label_names, key)} {_number(value)}")
-        return lines
+PREFIX = "enginehouse:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds, as vLLM buckets them (time to first token spans queueing and prefill).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+TTFT_BUCKETS += (7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+TPOT_BUCKETS += (7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0)
+LATENCY_BUCKETS += (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help = name, help
-        self.bounds = tuple(sorted(buckets)) + (math.inf,)
-        self.counts = [0] * len(self.bounds)  # per bucket, made cumulative when rendered
-        self.sum = 0.0
-        self.count = 0
+class EngineCollector(Collector):
+    """The engine's state at scrape time: vLLM's gauges and its preemption counter."""
 
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        self.sum += value
-        self.count += 1
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: Mapping[str, int] = {}
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, n in zip(self.bounds, self.counts):
-            cumulative += n
-            lines.append(f'{self.name}_bucket{{le="{_number(bound)}"}} {cumulative}')
-        lines.append(f"{self.name}_sum {_number(self.sum)}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
-
-
-def _gauge(name: str, help: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {_number(value)}"]
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s, labels = self.stats, [self.model_name]
+        if not s:
+            return
+        gauges = (
+            ("num_requests_running", "Requests being computed.", s["running"]),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", s["waiting"]),
+            (
+                "kv_cache_usage_perc",
+                "KV-cache usage: 1 means 100 percent of the blocks are in use.",
+                s["kv_blocks_used"] / max(1, s["kv_blocks_total"]),
+            ),
+        )
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            gauge.add_metric(labels, value)
+            yield gauge
+        preempted = CounterMetricFamily(
+            PREFIX + "num_preemptions",
+            "Requests preempted (their KV freed, recomputed later) for lack of KV blocks.",
+            labels=["model_name"],
+        )
+        preempted.add_metric(labels, s["preemptions"])
+        yield preempted
 
 
 class ServerMetrics:
-    """Everything `/metrics` reports."""
+    """Everything `/metrics` reports, in a registry of this server's own."""
 
-    def __init__(self) -> None:
-        self.http_requests = Counter(
-            "enginehouse_http_requests_total",
-            "HTTP requests answered, by endpoint and status code.",
-            ("endpoint", "status"),
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.engine = EngineCollector(model_name)
+        self.registry.register(self.engine)
+        r, model = self.registry, ["model_name"]
+
+        def counter(name: str, doc: str, labels: list[str] = model) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(PREFIX + name, doc, model, buckets=buckets, registry=r)
+
+        self.http_requests = counter(
+            "http_requests", "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "status"],
+        )  # fmt: skip
+        self.request_success = counter(
+            "request_success", "Finished requests (one per choice), by finish reason.",
+            ["model_name", "finished_reason"],
+        )  # fmt: skip
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
         )
-        self.finished = Counter(
-            "enginehouse_generations_finished_total",
-            "Generations (one per choice) finished, by finish reason.",
-            ("finish_reason",),
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache."
         )
-        self.prompt_tokens = Counter(
-            "enginehouse_prompt_tokens_total", "Prompt tokens of finished generations."
-        )
-        self.generation_tokens = Counter("enginehouse_generation_tokens_total", "Tokens generated.")
-        self.ttft = Histogram(
-            "enginehouse_time_to_first_token_seconds",
-            "From the request's arrival to its first generated token.",
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
+            "From a request's arrival to its first generated token.",
             TTFT_BUCKETS,
         )
-        self.tpot = Histogram(
-            "enginehouse_time_per_output_token_seconds",
-            "Between consecutive generated tokens of one generation.",
+        self.tpot = histogram(
+            "time_per_output_token_seconds",
+            "Between consecutive generated tokens of one request.",
             TPOT_BUCKETS,
         )
-        self.duration = Histogram(
-            "enginehouse_generation_duration_seconds",
-            "From the request's arrival to the generation's end.",
-            DURATION_BUCKETS,
+        self.e2e_latency = histogram(
+            "e2e_request_latency_seconds",
+            "From a request's arrival to its end.",
+            LATENCY_BUCKETS,
+        )
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request.", TOKEN_BUCKETS
         )
 
-    def render(self, stats: Mapping[str, int]) -> str:
-        """The exposition text, with the engine's `stats()` as gauges."""
-        lines: list[str] = []
-        for metric in (
-            self.http_requests,
-            self.finished,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.ttft,
-            self.tpot,
-            self.duration,
-        ):
-            lines += metric.render()
-        lines += _gauge(
-            "enginehouse_requests_running", "Generations being computed.", stats["running"]
-        )
-        lines += _gauge(
-            "enginehouse_requests_waiting", "Generations queued for a slot.", stats["waiting"]
-        )
-        lines += _gauge(
-            "enginehouse_kv_cache_blocks_used", "KV-cache blocks in use.", stats["kv_blocks_used"]
-        )
-        lines += _gauge(
-            "enginehouse_kv_cache_blocks_total", "KV-cache blocks.", stats["kv_blocks_total"]
-        )
-        lines += [
-            "# HELP enginehouse_preemptions_total Generations preempted for lack of KV blocks.",
-            "# TYPE enginehouse_preemptions_total counter",
-            f"enginehouse_preemptions_total {stats['preemptions']}",
-        ]
-        return "\n".join(lines) + "\n"
+    def answered(self, endpoint: str, status: int) -> None:
+        self.http_requests.labels(endpoint, str(status)).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def tokens(self, count: int, seconds_each: float | None) -> None:
+        """`count` new tokens; `seconds_each` between them (None for a request's first)."""
+        self.generation_tokens.labels(self.model_name).inc(count)
+        if seconds_each is not None:
+            for _ in range(count):
+                self.tpot.labels(self.model_name).observe(seconds_each)
+
+    def finished(
+        self, reason: str, prompt_tokens: int, generated: int, cached: int, seconds: float
+    ) -> None:
+        model = self.model_name
+        self.request_success.labels(model, reason).inc()
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.prefix_cache_queries.labels(model).inc(prompt_tokens)
+        self.prefix_cache_hits.labels(model).inc(cached)
+        self.request_prompt_tokens.labels(model).observe(prompt_tokens)
+        self.request_generation_tokens.labels(model).observe(generated)
+        self.e2e_latency.labels(model).observe(seconds)
+
+    def render(self, stats: Mapping[str, int]) -> bytes:
+        """The exposition text, with the engine's `stats()` as of now."""
+        self.engine.stats = stats
+        return generate_latest(self.registry)

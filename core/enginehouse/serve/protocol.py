@@ -104,6 +104,7 @@ class _GenerationRequest(_Body):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -125,12 +126,22 @@ class _GenerationRequest(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top-N logprobs per prompt token, when the request wants prompt logprobs."""
+        return self.prompt_logprobs
+
     def check_supported(self) -> None:
         """Refuse what this server cannot do, naming the field."""
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request(
+                "prompt_logprobs are not available with stream=true; ask without streaming",
+                "prompt_logprobs",
+            )
 
     def generation_config(
         self,
@@ -147,8 +158,10 @@ class _GenerationRequest(_Body):
         choices differ from each other and are each reproducible.
         """
         fields: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
+            # max_tokens=0 (echo, scoring a prompt) runs as a score-only request: see `scores`.
+            "max_new_tokens": max(max_new_tokens, 1),
             "logprobs": logprobs,
+            "prompt_logprobs": self.num_prompt_logprobs,
             "do_sample": self.temperature is None or self.temperature > 0,
             "stop_words": self.stop,
         }
@@ -225,7 +238,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: Any = Field(description="a string, a list of strings, token ids, or lists of ids")
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    # OpenAI's default for this endpoint; 0 only with echo (score the prompt, generate nothing).
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
@@ -262,10 +276,26 @@ class CompletionRequest(_GenerationRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        # With echo, the prompt's tokens are part of the answer and get logprobs like the rest.
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
+    @property
+    def scores_only(self) -> bool:
+        """max_tokens=0 with echo: the prompt is scored and nothing is generated."""
+        return self.max_tokens == 0
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("echo is not supported by this server", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request(
+                "max_tokens=0 generates nothing; it is only allowed with echo=true (to score "
+                "the prompt); ask for at least 1 token",
+                "max_tokens",
+            )
         if self.suffix:
             raise bad_request("suffix (insertion) is not supported by this server", "suffix")
         if self.best_of is not None and self.best_of != self.num_choices:

@@ -35,9 +35,9 @@ class ServerState:
         self.model_name = model_name
         # Clients may name image files on this machine only under this folder.
         self.local_media = Path(local_media_path).resolve() if local_media_path else None
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(model_name)
         self.created = int(time.time())
-        self.session_len: int = pipe.engine.engine.session_len
+        self.session_len: int = pipe.session_len
         self._token_text: dict[int, str] = {}
 
     def model_card(self) -> dict[str, Any]:
@@ -79,26 +79,23 @@ class ServerState:
             "messages",
         )
 
-    def prepare(self, prompt: Any, param: str, apply_chat_template: bool = False) -> PreparedPrompt:
+    def prepare(
+        self, prompt: Any, param: str, apply_chat_template: bool = False, score_only: bool = False
+    ) -> PreparedPrompt:
         try:
             prepared = self.pipe.prepare(prompt, apply_chat_template)
+            self.pipe.engine.check_length(len(prepared.token_ids), score_only)
         except RequestError as e:
             raise bad_request(str(e), param) from e
-        ids = prepared.token_ids
-        if len(ids) >= self.session_len:
-            raise bad_request(
-                f"the prompt has {len(ids)} tokens but this model's context holds "
-                f"{self.session_len}, leaving no room to generate; shorten the prompt "
-                "(the server's context is set with --session-len)",
-                param,
-            )
         return prepared
 
     def configs(self, req: GenerationRequest, prompt_len: int) -> list[GenerationConfig]:
         """One engine config per choice, with max_tokens checked against the context."""
         room = self.session_len - prompt_len
         max_new = req.max_new_tokens
-        if max_new is None:
+        if max_new == 0:
+            pass  # scored only (echo with max_tokens=0): nothing to fit
+        elif max_new is None:
             max_new = room  # OpenAI's chat default: as long as the context allows
         elif max_new > room:
             param = "max_tokens"
@@ -117,18 +114,49 @@ class ServerState:
         ]
 
     def start(
-        self, prefix: str, choices: list[tuple[PreparedPrompt, GenerationConfig]]
+        self,
+        prefix: str,
+        choices: list[tuple[PreparedPrompt, GenerationConfig]],
+        score_only: bool = False,
     ) -> tuple[str, Generation]:
         """A response id, and the generation of every choice, started."""
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         generation = Generation(self.pipe, self.metrics, response_id)
         try:
-            generation.start(choices)
+            generation.start(choices, score_only)
         except RequestError as e:
             raise bad_request(str(e)) from e
         except RuntimeError as e:  # the engine was closed: the server is shutting down
             raise APIError(503, f"the server is shutting down: {e}") from e
         return response_id, generation
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.pipe.tokenizer.decode(token_ids)
+
+    def prompt_logprobs(
+        self, r: Response, prompt_ids: list[int], top_n: int
+    ) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (the first is None), the token itself and
+        the `top_n` most likely, keyed by id, each with its logprob, rank and text."""
+        out: list[dict[str, Any] | None] = []
+        for entry, rank, token in zip(r.prompt_logprobs or [], r.prompt_ranks or [], prompt_ids):
+            if entry is None:
+                out.append(None)
+                continue
+            # The entry holds the top N and the prompt token, which sorts last unless among them.
+            top = sorted(entry, key=lambda t: -entry[t])[:top_n]
+            ranks = {t: i + 1 for i, t in enumerate(top)} | {token: rank}
+            out.append(
+                {
+                    str(t): {
+                        "logprob": finite(entry[t]),
+                        "rank": ranks[t],
+                        "decoded_token": self.token_text(t),
+                    }
+                    for t in ranks
+                }
+            )
+        return out
 
     def token_text(self, token_id: int) -> str:
         """How one token reads on its own (for logprobs), cached: the vocabulary is fixed."""
