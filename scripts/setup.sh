@@ -14,13 +14,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
 fi
 
-# The core with its extras, resolved against the workspace's own plugin packages. The tensorrt
+# The core with its extras, resolved against the workspace's own plugin packages (the tests
+# install their example third-party plugin, tests/third_party_plugin, for themselves). The tensorrt
 # plugin brings onnx and onnxruntime (its `onnxruntime` backend runs anywhere); TensorRT itself
 # is only in the `tensorrt` extra, not in `all`: its wheels download from NVIDIA's own host,
 # which CI and most machines cannot reach. On a GPU machine that can: pip install -e '.[tensorrt]'
 "${PIP[@]}" -e ".[all,test]" \
-  -e plugins/pytorch_backend -e plugins/tensorrt_backend -e plugins/vision \
-  -e tests/third_party_plugin
+  -e plugins/pytorch_backend -e plugins/tensorrt_backend -e plugins/vision
 
 # The native backend's C++ CPU kernels, built now for this CPU rather than on the first model
 # load (about a minute on 2 cores). A machine without a compiler keeps the torch-ops path.

@@ -1,9 +1,18 @@
 """Shared fixtures: small random-weight models with real tokenizers (see enginehouse.testing),
-built once per test session. Nothing here touches the network."""
+built once per test session. Nothing here touches the network.
+
+The example third-party plugin (tests/third_party_plugin, `enginehouse-toy`) is pip-installed
+for the test session only, into a folder of its own that this process and its subprocesses put
+on their path: its entry point is read from real installed metadata, and the environment users
+run (scripts/setup.sh) never sees a `toy` backend.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +20,22 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub, even by accident
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from enginehouse.testing import (  # noqa: F401 - re-exported for the tests
+
+def _install_toy_plugin() -> None:
+    target = Path(tempfile.mkdtemp(prefix="enginehouse-toy-"))
+    source = Path(__file__).parent / "third_party_plugin"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip += ["--no-deps", "--no-index", "--no-build-isolation", "--target", str(target)]
+    subprocess.run([*pip, str(source)], check=True, capture_output=True)
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(target), os.environ.get("PYTHONPATH")])
+    )
+
+
+_install_toy_plugin()  # before any test module imports it or loads plugins
+
+from enginehouse.testing import (  # noqa: E402, F401 - re-exported for the tests
     CHATML_TEMPLATE,
     build_model,
     build_tokenizer,

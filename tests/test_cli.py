@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,14 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(llama_dir):
     assert done.returncode == 1
     assert f"Error: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert "serving" not in done.stderr  # it stopped before the pipeline was built
+
+
+def test_the_example_third_party_plugin_is_not_in_the_users_environment():
+    # The tests install `toy` for themselves (conftest.py); the environment scripts/setup.sh
+    # makes, which the README's main job runs, has only the project's own plugins.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [str(SCRIPT), "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
+    names = {p["name"] for p in json.loads(done.stdout)}
+    assert "toy" not in names and {"pytorch", "tensorrt", "vision"} <= names

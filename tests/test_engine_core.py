@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,12 +22,7 @@ from enginehouse.engine import LLMEngine, RequestOutput
 from enginehouse.errors import RequestError
 from enginehouse.runner import RunnerContext, ScheduledBatch
 from enginehouse.spec import ModelSpec, read_model_spec
-
-try:
-    from enginehouse_toy.runner import ToyRunner, reference_logits, reference_next
-except ImportError:  # not pip-installed: use its source, so the core's tests still run
-    sys.path.insert(0, str(Path(__file__).parent / "third_party_plugin"))
-    from enginehouse_toy.runner import ToyRunner, reference_logits, reference_next
+from enginehouse_toy.runner import ToyRunner, reference_logits, reference_next
 
 VOCAB, EOS, CONTEXT = 97, 96, 64
 TOY_CONFIG = {

@@ -134,10 +134,9 @@ def test_every_entry_point_is_loaded():
         assert host.infos[name].hooks, name
 
 
-def test_third_party_toy_plugin_if_installed():
+def test_third_party_toy_plugin_is_installed_for_the_tests():
     toy = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == "toy"]
-    if not toy:
-        pytest.skip("the third-party toy plugin is not installed")
+    assert toy, "conftest.py installs tests/third_party_plugin for the test session"
     info = load_plugins().infos["toy"]
     assert info.error is None
     assert info.distribution == toy[0].dist.name

@@ -12,11 +12,7 @@ import pytest
 
 from enginehouse import GenerationConfig, pipeline
 from enginehouse.testing import build_tokenizer
-
-enginehouse_toy = pytest.importorskip(
-    "enginehouse_toy", reason="pip install -e tests/third_party_plugin"
-)
-from enginehouse_toy.runner import reference_next  # noqa: E402
+from enginehouse_toy.runner import reference_next  # installed for the session by conftest.py
 
 VOCAB = 512
 

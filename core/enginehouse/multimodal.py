@@ -84,18 +84,34 @@ class SplitPrompt:
     images: list[Any] = field(default_factory=list)
 
 
-def _image_of(part: Mapping[str, Any]) -> Any:
-    kind = part.get("type")
+PART_TYPES = ("text", "image", "image_url")  # "image": transformers' part; the others OpenAI's
+
+
+def read_part(part: Any, allowed: tuple[str, ...] = PART_TYPES) -> tuple[str, Any]:
+    """("text", the text) or ("image", the image or its URL) for one message content part;
+    `RequestError` naming what is wrong with it otherwise."""
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind is None:
+        raise RequestError(f"a content part must be a dict with a 'type', got {part!r:.60}")
+    if kind not in allowed:
+        raise RequestError(
+            f"content parts of type {kind!r} are not supported; use "
+            + " or ".join(repr(a) for a in allowed)
+        )
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError("a text content part needs a string 'text'")
+        return "text", part["text"]
     if kind == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, Mapping) else url
         if not isinstance(url, str):
             raise RequestError("an image_url part needs {'image_url': {'url': '...'}}")
-        return url
+        return "image", url
     image = part.get("image", part.get("url"))
     if image is None:
         raise RequestError("an image part needs the image: {'type': 'image', 'image': ...}")
-    return image
+    return "image", image
 
 
 def _split_content(content: Any, images: list[Any]) -> Any:
@@ -104,20 +120,12 @@ def _split_content(content: Any, images: list[Any]) -> Any:
         return content
     parts = []
     for part in content:
-        if not isinstance(part, Mapping) or "type" not in part:
-            raise RequestError(f"a content part must be a dict with a 'type', got {part!r:.60}")
-        if part["type"] in ("image", "image_url"):
-            images.append(_image_of(part))
+        kind, value = read_part(part)
+        if kind == "image":
+            images.append(value)
             parts.append(dict(IMAGE_PART))
-        elif part["type"] == "text":
-            if not isinstance(part.get("text"), str):
-                raise RequestError("a text content part needs a string 'text'")
-            parts.append({"type": "text", "text": part["text"]})
         else:
-            raise RequestError(
-                f"content parts of type {part['type']!r} are not supported; use 'text', "
-                "'image' or 'image_url'"
-            )
+            parts.append({"type": "text", "text": value})
     return parts
 
 

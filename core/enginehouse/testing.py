@@ -11,10 +11,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from .chat_template import CHATML
+
+CHATML_TEMPLATE = CHATML  # the built-in one: tests see what a ChatML checkpoint renders
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 WORDS = (
     "the a engine model token train cache block batch prompt answer question river city "

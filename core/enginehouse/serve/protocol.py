@@ -17,10 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..config import GenerationConfig
-from ..errors import describe_validation_error
+from ..errors import RequestError, describe_validation_error
+from ..multimodal import read_part
 from .errors import bad_request, from_validation_error
 
 MAX_N = 128  # choices per request, as OpenAI limits it
+OPENAI_PARTS = ("text", "image_url")
 MAX_LOGPROBS = 20  # the engine's own limit (GenerationConfig.logprobs)
 
 
@@ -44,28 +46,19 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _parts(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        for part in v:
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise ValueError("a text content part needs a string 'text'")
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, Mapping) else None
-                if not isinstance(url, str):
-                    raise ValueError("an image_url part needs {'image_url': {'url': '...'}}")
-            else:
-                raise ValueError(
-                    f"content parts of type {kind!r} are not supported; use 'text' or 'image_url'"
-                )
+        if isinstance(v, list):
+            for part in v:
+                try:  # OpenAI's parts only: images come as URLs, which the server checks
+                    read_part(part, OPENAI_PARTS)
+                except RequestError as e:
+                    raise ValueError(str(e)) from e
         return v
 
     def image_urls(self) -> list[str]:
         if not isinstance(self.content, list):
             return []
-        return [p["image_url"]["url"] for p in self.content if p["type"] == "image_url"]
+        parts = (read_part(p, OPENAI_PARTS) for p in self.content)
+        return [value for kind, value in parts if kind == "image"]
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (`developer` is OpenAI's new `system`)."""
