@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from enginehouse.runner import kv_slot
 from enginehouse_pytorch.native import cpu_kernels
 from enginehouse_pytorch.native.attention import StepMeta, TorchAttention, decode_metadata
 
@@ -29,7 +30,7 @@ def test_kernel_equals_torch_path(heads, kv_heads, dim, window, softcap):
         tables.append(tuple(perm[at : at + need]))
         at += need
         for p in range(n):
-            slot = tables[-1][p // block_size] * block_size + p % block_size
+            slot = kv_slot(tables[-1], p, block_size)
             cache[:, :, slot] = torch.randn(2, kv_heads, dim)
     q = torch.randn(len(lens), heads, dim)
     kv = (cache[0], cache[1])

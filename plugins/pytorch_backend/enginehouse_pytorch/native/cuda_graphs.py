@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from enginehouse import ScheduledBatch
+from enginehouse.runner import kv_slot
 
 from .attention import StepMeta
 
@@ -129,7 +130,7 @@ class DecodeGraphs:
         for c in chunks:
             p = c.start_pos
             table = list(c.block_table)
-            slot = table[p // bs] * bs + p % bs
+            slot = kv_slot(table, p, bs)
             rows.append([c.token_ids[0], slot, p, p + 1, *table] + [0] * (width - len(table)))
         pad = [0, r.scratch_slot, 0, 0] + [0] * width
         rows.extend([pad] * (n - k))

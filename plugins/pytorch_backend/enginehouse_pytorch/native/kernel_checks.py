@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from enginehouse.runner import kv_slot
+
 from .attention import StepMeta, TorchAttention, decode_metadata
 
 # max |error| / max(1, max |reference|): float32 exact up to summation order, the half types
@@ -29,7 +31,7 @@ def paged_case(gen: torch.Generator, kvh: int, d: int, bs: int, lens: list[int],
     k_cache[:, null] = 0
     v_cache[:, null] = 0
     for table, n in zip(tables, lens):
-        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
+        slots = torch.tensor([kv_slot(table, p, bs) for p in range(n)], dtype=torch.long)
         k_cache[:, slots] = torch.randn(kvh, n, d, generator=gen)
         v_cache[:, slots] = torch.randn(kvh, n, d, generator=gen)
     return tables, null, k_cache, v_cache
