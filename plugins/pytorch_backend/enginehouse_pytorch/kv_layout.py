@@ -107,9 +107,10 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs: Any):
 
 
 def returned_cache(out: Any) -> Any:
-    """The cache a forward pass returned (transformers 5 may call it `cache`)."""
-    cache = getattr(out, "past_key_values", None)
-    return cache if cache is not None else getattr(out, "cache", None)
+    """The cache a forward pass returned (`cache` in recent transformers, before that
+    `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def measure(model: Any) -> KVLayout:

@@ -9,13 +9,14 @@ TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should 
 NATIVE_PRIORITY = 100
 
 
-# Causal LMs of transformers whose forward takes no transformers Cache: the runner continues a
-# sequence one step at a time through that cache, so these cannot run at all.
+# Causal LMs of transformers that keep no per-sequence transformers Cache: the runner continues
+# each sequence one step at a time through the cache its forward returns, so these cannot run.
 NO_KV_CACHE = {
     "rwkv": "RWKV keeps its recurrent state in a `state` argument, not a transformers Cache",
     "xlnet": "XLNet carries memories (`mems`), not a transformers Cache",
     "reformer": "Reformer caches LSH buckets (`past_buckets_states`), not a transformers Cache",
     "openai-gpt": "GPT-1 has no KV cache in transformers",
+    "recurrent_gemma": "RecurrentGemma keeps its recurrent state in its modules, not in a Cache",
     "gemma4_assistant": "a draft model that reads its target model's KV (`shared_kv_states`)",
     "gemma4_unified_assistant": (
         "a draft model that reads its target model's KV (`shared_kv_states`)"
@@ -47,8 +48,8 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     if no_cache:
         return verdict(
             False,
-            f"{arch} cannot run on the transformers backend: {no_cache}, and sequences "
-            "continue one step at a time through that cache",
+            f"{arch} cannot run on the transformers backend, which continues each sequence "
+            f"through a transformers Cache: {no_cache}",
         )
     if arch in _causal_lm_classes():
         return verdict(True, f"transformers has {arch} (AutoModelForCausalLM); slower than native")
