@@ -326,6 +326,9 @@ def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
         runner = pipe.engine.engine.runner
         assert runner.slots is None and runner.unbatched_reason == "forced by test"
         out = pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
+        for slot in range(pipe.engine.engine.num_blocks):  # what the engine calls at the end
+            runner.release_sequence(0, (slot,))
+        assert runner.caches == {}
     assert [r.token_ids for r in out] == [
         hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)
     ]

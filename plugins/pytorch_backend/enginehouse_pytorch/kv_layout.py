@@ -40,10 +40,13 @@ UNDERSTOOD = {
 
 @dataclass
 class KVLayout:
+    """What the runner sizes its KV budget and slots from."""
+
     dtype: torch.dtype
-    layers: dict[int, LayerKV] = field(default_factory=dict)  # by the modules' `layer_idx`
-    bytes_per_token: int = 0  # the keys and values transformers' cache keeps, all layers
-    state_bytes: int = 0  # fixed per sequence: recurrent layers' states
+    layers: dict[int, LayerKV] = field(default_factory=dict)  # batched: by `layer_idx`
+    # Per token, all layers: what the slots hold (batched) or transformers' cache keeps.
+    bytes_per_token: int = 0
+    state_bytes: int = 0  # fixed per sequence: recurrent layers' states (unbatched)
     unbatched_reason: str | None = None  # why slot attention cannot run the model, if it can't
 
 
@@ -180,8 +183,6 @@ def _from_cache(cache: Any, dtype: torch.dtype) -> KVLayout:
 
 def _why_unbatched(config: Any, cache: Any, calls: list[_Call]) -> str | None:
     """None when slot attention computes exactly what the model's own attention does."""
-    from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
-
     text = config.get_text_config()
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     if not kinds <= PLAIN_LAYERS:
@@ -198,16 +199,17 @@ def _why_unbatched(config: Any, cache: Any, calls: list[_Call]) -> str | None:
         return f"its attention takes {', '.join(extras)}, which slot attention does not implement"
     if any(c.masked for c in calls):
         return "it builds its own attention mask or bias (ALiBi or similar)"
+    # Cache layer classes by name: the set differs between transformers versions.
     for i, layer in enumerate(cache.layers):
-        kind = type(layer)
-        if kind is DummyLayer:
+        kind = type(layer).__name__
+        if kind == "DummyLayer":  # no KV of its own: an MLP-only layer, or shared KV
             if i in counts:
                 return f"layer {i} attends over another layer's keys and values (shared KV)"
-        elif kind not in (DynamicLayer, DynamicSlidingWindowLayer):
-            return f"its cache has {kind.__name__} layers (recurrent state or special KV)"
+        elif kind not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+            return f"its cache has {kind} layers (recurrent state or special KV)"
         elif i not in counts and layer.get_seq_length():
             return f"layer {i} attends without the attention function"
-        elif kind is DynamicSlidingWindowLayer and i in counts:
+        elif kind == "DynamicSlidingWindowLayer" and i in counts:
             window = next(c.window for c in calls if c.layer == i)
             if not window:
                 return f"layer {i} has a sliding window its attention function is not told"
