@@ -317,15 +317,18 @@ def test_a_request_id_in_use_is_refused(llama_pipe):
 def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
     llama_dir, hf, monkeypatch
 ):
-    from enginehouse_pytorch import hf_runner
+    from enginehouse_pytorch import kv_layout
 
-    monkeypatch.setattr(hf_runner.slot_attention, "supported", lambda model: "forced by test")
+    monkeypatch.setattr(kv_layout, "_why_unbatched", lambda *args: "forced by test")
     model, tok = hf["llama"]
     lengths = [9, 5, 13]
     with pipeline(str(llama_dir), backend="transformers", progress=False) as pipe:
         runner = pipe.engine.engine.runner
         assert runner.slots is None and runner.unbatched_reason == "forced by test"
         out = pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
+        for slot in range(pipe.engine.engine.num_blocks):  # what the engine calls at the end
+            runner.release_sequence(0, (slot,))
+        assert runner.caches == {}
     assert [r.token_ids for r in out] == [
         hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)
     ]
@@ -340,7 +343,7 @@ def test_batched_decoding_never_reads_unwritten_kv(hf_pipe, hf):
     # Fill the KV storage with NaN, as reused memory may hold: padded positions of short rows
     # are masked out, and must not turn the whole batch into NaN (0 * NaN is NaN).
     slots = hf_pipe.engine.engine.runner.slots
-    for tensor in slots.keys + slots.values:
+    for tensor in [*slots.keys.values(), *slots.values.values()]:
         tensor.fill_(float("nan"))
     slots.finite_upto = [0] * len(slots.finite_upto)
     model, tok = hf["llama"]

@@ -92,6 +92,80 @@ def model_configs(vocab_size: int) -> dict[str, Any]:
     }
 
 
+def transformers_model_configs(vocab_size: int) -> dict[str, Any]:
+    """One small config per family that only the `transformers` backend runs, chosen among
+    the ones people deploy and for what sets each apart: how its config names the attention
+    shape (`n_head`, `multi_query`, derived or given `head_dim`, keys and values of different
+    sizes), positions (learned, partial rotary, ALiBi), windows, attention sinks, recurrent and
+    hybrid layers. Keyed by model type."""
+    from transformers import AutoConfig
+
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    gqa = dict(num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
+    experts = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+    shapes: dict[str, dict[str, Any]] = {
+        "gpt2": dict(n_positions=256),
+        "gptj": dict(rotary_dim=8, n_positions=256),
+        "codegen": dict(rotary_dim=8, n_positions=256, n_ctx=256),
+        "gpt_bigcode": dict(multi_query=True, n_positions=256),  # StarCoder 1
+        "gpt_neox": dict(intermediate_size=128, rotary_pct=0.25),  # Pythia
+        "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+        "phi": dict(gqa, partial_rotary_factor=0.5),
+        "gemma": dict(gqa, head_dim=16),
+        "starcoder2": dict(gqa, sliding_window=8),
+        "gemma3_text": dict(gqa, head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+        "deepseek_v3": dict(
+            **experts,
+            intermediate_size=128,
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            n_routed_experts=4,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+        "falcon": dict(multi_query=True, new_decoder_architecture=False, alibi=False),
+        "bloom": dict(),
+        "gpt_oss": dict(
+            gqa,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "mamba": dict(state_size=4, expand=2),
+        "qwen3_next": dict(
+            **gqa,
+            **experts,
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention"],
+            num_experts=4,
+            shared_expert_intermediate_size=32,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+        ),
+        "lfm2": dict(**gqa, layer_types=["conv", "full_attention"]),
+        "rwkv": dict(attention_hidden_size=64, intermediate_size=128, context_length=256),
+    }
+    return {name: AutoConfig.for_model(name, **common, **shape) for name, shape in shapes.items()}
+
+
 # Qwen2.5-0.5B's shape (random weights): the second benchmark model.
 QWEN25_05B = dict(
     hidden_size=896,
@@ -163,11 +237,21 @@ def tight_kv_config(pipe: Any, session_len: int, block_size: int, num_blocks: in
     )
 
 
-def build_model(folder: Path, config: Any, chat_template: str | None = CHATML_TEMPLATE) -> Path:
+def build_model(
+    folder: Path,
+    config: Any,
+    chat_template: str | None = CHATML_TEMPLATE,
+    tokenizer: Any = None,
+) -> Path:
+    """Save a random-weight model of `config` with a tokenizer: `tokenizer` when given (one
+    trained tokenizer can serve many models), else one trained here."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer(folder, config.vocab_size, chat_template)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(folder, config.vocab_size, chat_template)
+    else:
+        tokenizer.save_pretrained(folder)
     assert len(tokenizer) <= config.vocab_size
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -5,33 +5,25 @@ length: the block manager then gives every sequence exactly one block, and that 
 the sequence's cache slot. A chunk that starts at position 0 begins the slot anew, which is also
 how a preempted sequence's recompute resets it.
 
-Models whose attention layers take a custom attention function (most decoder families in
-transformers) run a whole step as one batched forward over preallocated slots
-(`slot_attention`). Any other model runs one sequence at a time with transformers' own cache.
+After loading, one short forward (`kv_layout`) measures what the model keeps per token and
+whether slot attention computes exactly what its own attention does. If so (most decoder
+families), a whole step runs as one batched forward over preallocated slots (`slot_attention`);
+otherwise (ALiBi, attention sinks, recurrent or hybrid layers, ...) one sequence at a time with
+the cache the model makes for itself, as in `generate`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch
 from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
-from enginehouse.runner import RunnerContext, kv_bytes_per_token
+from enginehouse.runner import RunnerContext
 
-from . import slot_attention
-
-
-def _kv_dims(config: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) from a config.json, or its text_config for a VLM."""
-    text = config.get("text_config") or config
-    heads = text.get("num_attention_heads") or 1
-    kv_heads = text.get("num_key_value_heads") or heads
-    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads)
-    return text.get("num_hidden_layers") or 1, kv_heads, head_dim
+from . import kv_layout, slot_attention
 
 
 class TransformersRunner:
@@ -40,21 +32,25 @@ class TransformersRunner:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
-        self.context = context = context.session_len
-        self.kv_dims = layers, kv_heads, head_dim = _kv_dims(spec.config)
-        per_token = max(1, kv_bytes_per_token(layers, kv_heads, head_dim, self.dtype))
-        self.kv_spec = KVSpec(
-            block_size=context,
-            bytes_per_block=per_token * context,
+        self.context = context.session_len
+        # A placeholder: load() measures what the model keeps per token and sizes it; the engine
+        # reads it only after that.
+        self.kv_spec = self._kv_spec(bytes_per_block=0)
+        self.model: Any = None
+        self.layout: kv_layout.KVLayout | None = None
+        self.caches: dict[int, tuple[Any, int]] = {}  # slot -> (transformers cache, tokens)
+        self.slots: slot_attention.SlotKV | None = None
+        self.unbatched_reason: str | None = None  # why the batched path does not apply
+        self._cache_arg = "past_key_values"
+
+    def _kv_spec(self, bytes_per_block: int) -> KVSpec:
+        return KVSpec(
+            block_size=self.context,
+            bytes_per_block=bytes_per_block,
             dtype=self.dtype,
             device=self.device,
             prefix_caching=False,  # a contiguous cache cannot be shared block by block
         )
-        self.model: Any = None
-        self.caches: dict[int, Any] = {}  # slot -> transformers cache, when running unbatched
-        self.slots: slot_attention.SlotKV | None = None
-        self.unbatched_reason: str | None = None  # why the batched path does not apply
-        self._cache_arg = "past_key_values"
 
     def load(self, progress: bool = True) -> None:
         from transformers import AutoModelForCausalLM
@@ -76,29 +72,35 @@ class TransformersRunner:
         # transformers 5.x renames `past_key_values` to `cache`; accept either.
         if "cache" in inspect.signature(self.model.forward).parameters:
             self._cache_arg = "cache"
-        self.unbatched_reason = slot_attention.supported(self.model)
+        self.layout = layout = kv_layout.measure(self.model)
+        self.unbatched_reason = layout.unbatched_reason
+        per_seq = layout.bytes_per_token * self.context + layout.state_bytes
+        self.kv_spec = self._kv_spec(bytes_per_block=max(1, per_seq))
 
     def allocate_kv(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         if self.unbatched_reason is None:
-            layers, kv_heads, head_dim = self.kv_dims
+            layout = self.layout
             self.slots = slot_attention.SlotKV(
-                layers, num_blocks, kv_heads, self.context, head_dim, self.dtype, self.device
+                layout.layers, num_blocks, self.context, layout.dtype, self.device
             )
             slot_attention.attach(self.model, self.slots)
         # Otherwise caches grow as sequences do; the block count bounds how many exist at once.
 
-    def _cache_for(self, slot: int, start: int) -> Any:
-        from transformers import DynamicCache
+    def _cache_for(self, slot: int, start: int) -> dict[str, Any]:
+        """The cache argument for a chunk at `start`: none for a sequence's first chunk (the
+        model makes its own kind of cache, as in `generate`), else the one it returned. The
+        runner counts the tokens itself: a cache of recurrent layers has no length to ask."""
+        if start == 0:
+            return {}
+        cache, held = self.caches.get(slot, (None, 0))
+        if held != start:
+            raise RuntimeError(f"cache of block {slot} holds {held} tokens, expected {start}")
+        return {self._cache_arg: cache}
 
-        cache = self.caches.get(slot)
-        if start == 0 or cache is None:
-            cache = self.caches[slot] = DynamicCache(config=self.model.config)
-        if cache.get_seq_length() != start:
-            raise RuntimeError(
-                f"cache of block {slot} holds {cache.get_seq_length()} tokens, expected {start}"
-            )
-        return cache
+    def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
+        """Drop the finished sequence's transformers cache (unbatched path)."""
+        self.caches.pop(block_table[0], None)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -116,7 +118,8 @@ class TransformersRunner:
     def _execute_unbatched(self, batch: ScheduledBatch) -> torch.Tensor:
         rows = []
         for chunk in batch.chunks:
-            cache = self._cache_for(chunk.block_table[0], chunk.start_pos)
+            slot = chunk.block_table[0]
+            cache = self._cache_for(slot, chunk.start_pos)
             positions = torch.arange(chunk.start_pos, chunk.end_pos, device=self.device)
             wanted = list(chunk.logits_at)
             # Only the last position's logits, unless the engine wants more (perplexity).
@@ -126,8 +129,9 @@ class TransformersRunner:
                 position_ids=positions.unsqueeze(0),
                 use_cache=True,
                 logits_to_keep=keep,
-                **{self._cache_arg: cache},
+                **cache,
             )
+            self.caches[slot] = (kv_layout.returned_cache(out), chunk.end_pos)
             logits = out.logits[0]
             rows.append(logits[-1:] if keep == 1 and wanted else logits[wanted])
         return torch.cat(rows).float()

@@ -9,6 +9,21 @@ TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should 
 NATIVE_PRIORITY = 100
 
 
+# Causal LMs of transformers that keep no per-sequence transformers Cache: the runner continues
+# each sequence one step at a time through the cache its forward returns, so these cannot run.
+NO_KV_CACHE = {
+    "rwkv": "RWKV keeps its recurrent state in a `state` argument, not a transformers Cache",
+    "xlnet": "XLNet carries memories (`mems`), not a transformers Cache",
+    "reformer": "Reformer caches LSH buckets (`past_buckets_states`), not a transformers Cache",
+    "openai-gpt": "GPT-1 has no KV cache in transformers",
+    "recurrent_gemma": "RecurrentGemma keeps its recurrent state in its modules, not in a Cache",
+    "gemma4_assistant": "a draft model that reads its target model's KV (`shared_kv_states`)",
+    "gemma4_unified_assistant": (
+        "a draft model that reads its target model's KV (`shared_kv_states`)"
+    ),
+}
+
+
 def _causal_lm_classes() -> set[str]:
     # The name table only, not the model code: cheap next to loading any model.
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -29,6 +44,13 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             "pytorch backend runs the supported VLM families",
         )
     arch = spec.architecture
+    no_cache = NO_KV_CACHE.get(spec.config.get("model_type", ""))
+    if no_cache:
+        return verdict(
+            False,
+            f"{arch} cannot run on the transformers backend, which continues each sequence "
+            f"through a transformers Cache: {no_cache}",
+        )
     if arch in _causal_lm_classes():
         return verdict(True, f"transformers has {arch} (AutoModelForCausalLM); slower than native")
     remote = spec.config.get("auto_map", {}).get("AutoModelForCausalLM")

@@ -9,6 +9,7 @@ The linear layers see every token at once, which is where batching pays.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,23 +31,33 @@ class Chunk:
     length: int
 
 
+@dataclass(frozen=True)
+class LayerKV:
+    """What one attention layer receives per token: (heads, size) of its keys and of its
+    values (sizes differ in multi-head latent attention; one head is multi-query)."""
+
+    key: tuple[int, int]
+    value: tuple[int, int]
+
+
 class SlotKV:
-    """K/V storage of shape [slots, kv_heads, context, head_dim] per layer."""
+    """K/V storage of shape [slots, heads, context, size] per attention layer."""
 
     def __init__(
         self,
-        layers: int,
+        layers: Mapping[int, LayerKV],
         slots: int,
-        kv_heads: int,
         context: int,
-        head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (slots, kv_heads, context, head_dim)
-        # torch.empty: pages are touched only when written, so unused slots cost no memory.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        def empty(heads: int, size: int) -> torch.Tensor:
+            # torch.empty: pages are touched only when written, so unused slots cost no memory.
+            return torch.empty((slots, heads, context, size), dtype=dtype, device=device)
+
+        # By the modules' layer_idx: hybrid models may leave gaps.
+        self.keys = {i: empty(*kv.key) for i, kv in layers.items()}
+        self.values = {i: empty(*kv.value) for i, kv in layers.items()}
         # Positions below finite_upto[slot] hold written or zeroed values. Batched decoding
         # reads past a short row's end (masked out), and masked garbage must still not be
         # NaN: 0 * NaN is NaN.
@@ -106,7 +117,7 @@ class SlotKV:
         keys[self.token_slots, :, self.token_positions] = key[0].transpose(0, 1)
         values[self.token_slots, :, self.token_positions] = value[0].transpose(0, 1)
         gqa = keys.shape[1] != query.shape[1]
-        out = torch.empty_like(query)
+        out = query.new_empty((*query.shape[:3], values.shape[-1]))
         if len(self.singles) == 1:  # one decode: attend over a view of its slot, no mask
             c = self.singles[0]
             first = _first_key(c, window)
@@ -147,7 +158,8 @@ def _first_key(c: Chunk, window: int | None) -> int:
 
 
 def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling) -> torch.Tensor:
-    """Attention of one query token per row: [rows, heads, 1, dim] over [rows, kv, len, dim].
+    """Attention of one query token per row: [rows, heads, 1, dim] over [rows, kv, len, dim]
+    (values may have another size than keys).
 
     The query heads that share a KV head are folded into that head's query length, so no KV
     is repeated for grouped-query attention (transformers does the same for decoding).
@@ -161,7 +173,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scaling) ->
         # With a padding mask, two matmuls beat SDPA's CPU kernel at one query per row.
         scores = torch.matmul(folded, k.transpose(-1, -2)) * (scaling or dim**-0.5)
         out = torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), v)
-    return out.reshape(rows, heads, 1, dim)
+    return out.reshape(rows, heads, 1, v.shape[-1])
 
 
 def _mask(c: Chunk, first: int, window: int | None, device: torch.device):
@@ -192,7 +204,7 @@ def _attention(
     return slots.attend(module.layer_idx, query, key, value, scaling, sliding_window), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
+def no_mask(*args: Any, **kwargs: Any) -> None:
     return None  # each chunk's mask is built in `_mask`
 
 
@@ -200,22 +212,7 @@ def register() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, _attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
-
-
-def supported(model: Any) -> str | None:
-    """None when slot attention can run `model`, else why not (it then runs unbatched)."""
-    config = model.config
-    if not getattr(model, "_supports_attention_backend", False):
-        return f"{type(model).__name__} does not take a custom attention function"
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if not layer_types <= PLAIN_LAYERS:
-        return f"layer types {sorted(layer_types - PLAIN_LAYERS)} need their own caches"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "attention soft-capping is not implemented in slot attention"
-    if not any(hasattr(m, "layer_idx") for m in model.modules()):
-        return "no attention layers with a layer index"
-    return None
+    AttentionMaskInterface.register(ATTENTION_NAME, no_mask)
 
 
 def attach(model: Any, slots: SlotKV) -> None:
