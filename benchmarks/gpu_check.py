@@ -447,7 +447,7 @@ def generate(path: Path, engine: dict, prompts, configs) -> tuple[list[list[int]
     pipe = pipeline(str(path), backend="pytorch", engine_config=engine, progress=False)
     try:
         out = pipe(prompts, configs)
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         graphs = getattr(runner, "graphs", None)
         info = {
             "dtype": str(runner.dtype),

@@ -65,8 +65,8 @@ def test_default_pipe_is_native_and_hf_pipe_is_transformers(llama_pipe, hf_pipe)
     from enginehouse_pytorch.hf_runner import TransformersRunner
     from enginehouse_pytorch.native_runner import NativeRunner
 
-    assert isinstance(llama_pipe.engine.engine.runner, NativeRunner)
-    assert isinstance(hf_pipe.engine.engine.runner, TransformersRunner)
+    assert isinstance(llama_pipe.runner, NativeRunner)
+    assert isinstance(hf_pipe.runner, TransformersRunner)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,11 +90,11 @@ def test_greedy_equals_transformers_alone_and_batched(family, backend, tiny_mode
 def test_logits_equal_transformers_forward(family, backend, tiny_models, hf):
     model, tok = hf[family]
     with pipeline(str(tiny_models[family]), backend=backend, progress=False) as pipe:
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         # The context length for transformers (one block per sequence), 16 for pytorch.
         bs = runner.kv_spec.block_size
         seqs = [tok(p).input_ids for p in [*PROMPTS[:2], LONG]]
-        free = iter(range(pipe.engine.engine.num_blocks))
+        free = iter(range(pipe.stats()["kv_blocks_total"]))
 
         def table(length: int) -> tuple[int, ...]:
             """Distinct, unused block ids enough for `length` positions."""
@@ -323,26 +323,24 @@ def test_models_without_custom_attention_run_unbatched_with_the_same_tokens(
     model, tok = hf["llama"]
     lengths = [9, 5, 13]
     with pipeline(str(llama_dir), backend="transformers", progress=False) as pipe:
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         assert runner.slots is None and runner.unbatched_reason == "forced by test"
         out = pipe(PROMPTS, [fixed(n) for n in lengths], apply_chat_template=False)
-        for slot in range(pipe.engine.engine.num_blocks):  # what the engine calls at the end
-            runner.release_sequence(0, (slot,))
-        assert runner.caches == {}
+        assert runner.caches == {}  # the engine released every finished sequence
     assert [r.token_ids for r in out] == [
         hf_greedy(model, tok, p, n) for p, n in zip(PROMPTS, lengths)
     ]
 
 
 def test_batched_slots_are_used_for_native_attention_models(hf_pipe):
-    runner = hf_pipe.engine.engine.runner
+    runner = hf_pipe.runner
     assert runner.slots is not None and runner.unbatched_reason is None
 
 
 def test_batched_decoding_never_reads_unwritten_kv(hf_pipe, hf):
     # Fill the KV storage with NaN, as reused memory may hold: padded positions of short rows
     # are masked out, and must not turn the whole batch into NaN (0 * NaN is NaN).
-    slots = hf_pipe.engine.engine.runner.slots
+    slots = hf_pipe.runner.slots
     for tensor in [*slots.keys.values(), *slots.values.values()]:
         tensor.fill_(float("nan"))
     slots.finite_upto = [0] * len(slots.finite_upto)
@@ -362,7 +360,7 @@ def test_native_batched_decoding_never_reads_unwritten_kv(llama_dir, hf):
     with pipeline(
         str(llama_dir), backend="pytorch", engine_config={"max_batch_size": 16}, progress=False
     ) as pipe:
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         pipe(PROMPTS[0], fixed(4), apply_chat_template=False)
         null = runner.null_slot
         for k, v in runner.kv:

@@ -179,7 +179,7 @@ def block_tables(lengths: list[int], block_size: int, num_blocks: int) -> list[t
 
 def native_logits(pipe, ids: list[int]) -> torch.Tensor:
     """The logits at every position of `ids`, prefilled in one step on an idle engine."""
-    runner = pipe.engine.engine.runner
+    runner = pipe.runner
     bs = runner.kv_spec.block_size
     (table,) = block_tables([len(ids)], bs, pipe.stats()["kv_blocks_total"])
     chunk = SeqChunk(0, tuple(ids), 0, table, tuple(range(len(ids))))
@@ -192,7 +192,7 @@ def native_logits(pipe, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_transformers_prefill_decode_and_chunks(family, pipes, hf):
     pipe, ref = pipes[family], hf[family]
-    runner = pipe.engine.engine.runner
+    runner = pipe.runner
     bs = runner.kv_spec.block_size
     steps = 3
     # Prefilled together: within a block, exactly one block, past Mistral's window, three blocks.
@@ -274,7 +274,7 @@ def test_greedy_equals_transformers_alone_and_batched(family, pipes, hf):
 
 def record_batches(pipe) -> list[ScheduledBatch]:
     """Make the runner keep every batch it is handed (the engine calls it from its thread)."""
-    runner = pipe.engine.engine.runner
+    runner = pipe.runner
     seen: list[ScheduledBatch] = []
     execute = runner.execute
 
@@ -317,7 +317,7 @@ def test_prefix_cache_hits_keep_tokens(family, native_models, hf):
     turn1 = tokens(20, seed=303)
     expected = informative([ref.greedy(first, 6), ref.greedy(second, 6), ref.greedy(turn1, 16)])
     with open_pipe(native_models[family], enable_prefix_caching=True) as pipe:
-        bs = pipe.engine.engine.runner.kv_spec.block_size
+        bs = pipe.runner.kv_spec.block_size
         a = pipe({"token_ids": first}, fixed(6))
         b = pipe({"token_ids": second}, fixed(6))
         assert a.cached_tokens == 0
@@ -350,7 +350,7 @@ def test_preemption_recomputes_the_same_tokens(family, native_models, pipes, hf)
     blocks = session // block + 1
     config = tight_kv_config(pipes[family], session, block, blocks)
     with open_pipe(native_models[family], **config) as pipe:
-        assert pipe.engine.engine.runner.kv_spec.block_size == block
+        assert pipe.runner.kv_spec.block_size == block
         assert pipe.stats()["kv_blocks_total"] == blocks
         out = pipe([{"token_ids": p} for p in prompts], [fixed(n) for _, n in GREEDY])
         stats = pipe.stats()
@@ -393,7 +393,7 @@ def test_bf16_checkpoint_runs_in_float32_on_cpu(family, native_models, tmp_path)
     with torch.no_grad():
         want = upcast(torch.tensor([PROBE])).logits[0]
     with open_pipe(folder) as pipe:
-        assert pipe.engine.engine.runner.kv_spec.dtype == torch.float32
+        assert pipe.runner.kv_spec.dtype == torch.float32
         got = native_logits(pipe, PROBE)
     torch.testing.assert_close(got, want, **TOL)
 

@@ -50,6 +50,6 @@ def test_get_ppl_scores_every_prompt_in_one_batch(llama_pipe, monkeypatch):
     monkeypatch.setattr(llama_pipe.runner, "execute", spy)
     together = llama_pipe.get_ppl(prompts)
     assert together == pytest.approx(alone, rel=1e-5)
-    assert len(batches[0]) == len(prompts)  # all of them in the first step
+    assert len(batches[0]) == len(prompts)  # all of them from the first step on
     with pytest.raises(RequestError, match="at least two tokens"):
         llama_pipe.get_ppl(["a fine prompt", "x"])

@@ -104,7 +104,7 @@ def test_family_equals_transformers_alone_batched_and_scored(family, family_dir)
     assert ids.shape[1] > 16  # so that a 16-token step budget prefills it in two chunks
     config = {"max_num_batched_tokens": 16, "max_batch_size": 4}
     with pipeline(str(path), backend="transformers", engine_config=config, progress=False) as pipe:
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         if HOW[family] is None:
             assert runner.slots is not None and runner.unbatched_reason is None
         else:

@@ -399,23 +399,26 @@ class Pipeline:
         `RequestError` when it is refused, a `GenerationError` when the backend fails on it."""
         q: queue.Queue[tuple[int, RequestOutput]] = queue.Queue()
         pending: dict[str, int] = {}
+        refused: list[tuple[int, Response]] = []
         try:
-            for i, (prompt, cfg) in enumerate(requests):
-                try:
-                    prepared = self.prepare(prompt, apply_chat_template)
-                    rid = self.engine.submit(
-                        prepared.token_ids,
-                        cfg,
-                        lambda o, i=i: q.put((i, o)),
-                        score_only=score_only,
-                        mm=prepared.mm,
-                    )
-                except RequestError as e:
-                    if raise_single:
-                        raise
-                    yield i, Response(index=i, finish_reason="error", error=str(e))
-                    continue
-                pending[rid] = i
+            with self.engine.together():
+                for i, (prompt, cfg) in enumerate(requests):
+                    try:
+                        prepared = self.prepare(prompt, apply_chat_template)
+                        rid = self.engine.submit(
+                            prepared.token_ids,
+                            cfg,
+                            lambda o, i=i: q.put((i, o)),
+                            score_only=score_only,
+                            mm=prepared.mm,
+                        )
+                    except RequestError as e:
+                        if raise_single:
+                            raise
+                        refused.append((i, Response(index=i, finish_reason="error", error=str(e))))
+                        continue
+                    pending[rid] = i
+            yield from refused
             while pending:
                 i, out = q.get()
                 if out.finished:
@@ -473,7 +476,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.engine.close()
-        self.engine.engine.runner.close()
+        self.runner.close()
         if self.vision is not None:
             self.vision.close()
 

@@ -9,6 +9,7 @@ thread-safe sink, so results reach the caller's thread or loop directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ class AsyncEngine:
         self.engine = engine
         self._sinks: dict[str, Sink] = {}
         self._closed = False
+        self._held = threading.local()  # per caller thread: adds held back by `together()`
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="enginehouse-step")
         self.loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
@@ -105,8 +107,24 @@ class AsyncEngine:
             self.engine.add_request(request_id, prompt_ids, params, score_only, mm)
             self._wake.set()
 
-        self.loop.call_soon_threadsafe(add)
+        held = getattr(self._held, "adds", None)
+        if held is None:
+            self.loop.call_soon_threadsafe(add)
+        else:
+            held.append(add)
         return request_id
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests submitted inside reach the engine at once, so that its next step sees them
+        all (a list of prompts is one batch from its first step)."""
+        self._held.adds = adds = []
+        try:
+            yield
+        finally:
+            self._held.adds = None
+            if adds and not self._closed:
+                self.loop.call_soon_threadsafe(lambda: [add() for add in adds])
 
     def validate(
         self,

@@ -49,24 +49,25 @@ class Generation:
             self.pipe.engine.validate(prompt.token_ids, config, score_only, prompt.mm)
         loop = asyncio.get_running_loop()
         try:
-            for index, (prompt, config) in enumerate(choices):
+            with self.pipe.engine.together():  # every choice joins the same engine step
+                for index, (prompt, config) in enumerate(choices):
 
-                def sink(out: RequestOutput, index: int = index) -> None:
-                    try:
-                        loop.call_soon_threadsafe(self._receive, index, out)
-                    except RuntimeError:  # the server's loop has closed; nobody listens
-                        pass
+                    def sink(out: RequestOutput, index: int = index) -> None:
+                        try:
+                            loop.call_soon_threadsafe(self._receive, index, out)
+                        except RuntimeError:  # the server's loop has closed; nobody listens
+                            pass
 
-                rid = self.pipe.engine.submit(
-                    prompt.token_ids,
-                    config,
-                    sink,
-                    f"{self.request_id}-{index}",
-                    score_only=score_only,
-                    mm=prompt.mm,
-                )
-                self._running[rid] = index
-                self._to_read += 1
+                    rid = self.pipe.engine.submit(
+                        prompt.token_ids,
+                        config,
+                        sink,
+                        f"{self.request_id}-{index}",
+                        score_only=score_only,
+                        mm=prompt.mm,
+                    )
+                    self._running[rid] = index
+                    self._to_read += 1
         except BaseException:  # the engine closed under us: stop what did start
             self.abort()
             raise
