@@ -31,7 +31,9 @@ class GenerationConfig(BaseModel):
     stop_words: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    random_seed: int | None = None
+    random_seed: int | None = Field(
+        None, ge=0, lt=2**63, description="0 <= seed < 2**63; None draws a fresh seed"
+    )
     logprobs: int | None = Field(None, ge=0, le=20, description="top-N logprobs per token")
     skip_special_tokens: bool = True
 

@@ -174,8 +174,8 @@ class _GenerationRequest(_Body):
                     "min_tokens",
                 )
             fields["min_new_tokens"] = self.min_tokens
-        if self.seed is not None:
-            fields["random_seed"] = self.seed + choice
+        if self.seed is not None:  # OpenAI's seed is any int64; the engine's is 0 <= s < 2**63
+            fields["random_seed"] = (self.seed + choice) % 2**63
         try:
             return GenerationConfig(**fields).with_model_defaults(model_defaults)
         except ValidationError as e:  # combinations, e.g. min_tokens above max_tokens
