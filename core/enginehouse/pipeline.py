@@ -100,7 +100,25 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, ImportError) as e:  # transformers' words for missing files
+        cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        if "trust_remote_code" in str(e):
+            raise InvalidModelError(
+                f"the tokenizer of {spec.path} needs code from its repository ({cause}); "
+                "allow it with trust_remote_code=True (--trust-remote-code) if you trust it"
+            ) from e
+        files = ", ".join(spec.tokenizer_files)
+        vocabulary = ("tokenizer.json", "tokenizer.model", "vocab.json")
+        if not any(f in spec.tokenizer_files for f in vocabulary):
+            what = f"it has {files} but no tokenizer.json, tokenizer.model or vocab.json"
+        else:
+            what = f"its tokenizer files ({files}) could not be read"
+        raise InvalidModelError(
+            f"could not load the tokenizer of {spec.path}: {what} ({cause}); copy the "
+            "tokenizer files from the original model repository"
+        ) from e
 
 
 def pipeline(
