@@ -22,6 +22,7 @@ from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
     VisionEncoder,
+    check_image_count,
     check_placeholders,
     flatten_parts,
     image_prompt,
@@ -267,12 +268,14 @@ class Pipeline:
                 f"{self.spec.architecture} takes text only, but the prompt has images; use a "
                 "vision-language model (see `enginehouse explain MODEL`)"
             )
+        if images:
+            check_image_count(len(images), self.engine.engine.config)
         text, special = self._text(body, images, apply_chat_template)
         if not images:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
         assert vision is not None
         check_placeholders(text, len(images), vision.image_token)
-        return vision.prepare(text, images, special)
+        return vision.prepare(text, images, special, max_tokens=self.engine.engine.session_len)
 
     def _text(self, prompt: Any, images: list[Any], apply_chat_template: bool) -> tuple[str, bool]:
         """The prompt's text, and whether tokenizing it adds special tokens (not after a
