@@ -62,11 +62,6 @@ class ChatMessage(BaseModel):
                 )
         return v
 
-    def image_urls(self) -> list[str]:
-        if not isinstance(self.content, list):
-            return []
-        return [p["image_url"]["url"] for p in self.content if p["type"] == "image_url"]
-
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (`developer` is OpenAI's new `system`)."""
         message = self.model_dump(exclude_none=True)
