@@ -103,6 +103,27 @@ def test_a_body_over_the_size_limit_is_413_and_never_held(served, peak_memory):
     assert_still_serves(url, pipe)
 
 
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(served, peak_memory):
+    """Under the body limit, 28 MB of text took 48 s and 4 GB to tokenize before the context
+    check refused it. More characters than the context's tokens could hold (each as long as
+    the vocabulary's longest) is refused at once; so are token ids beyond the context."""
+    url, pipe = served
+    text = {"prompt": "the quick brown fox " * 1_000_000, "max_tokens": 1}
+    ids = {"prompt": [5] * 3_000_000, "max_tokens": 1}
+    chat = {"messages": [{"role": "user", "content": text["prompt"]}], "max_tokens": 1}
+    for path, body, words in [
+        ("/v1/completions", text, "20000000 characters long"),
+        ("/v1/chat/completions", chat, "20000000 characters long"),
+        ("/v1/completions", ids, "3000000 tokens"),
+    ]:
+        content = json.dumps(body).encode()
+        with peak_memory() as memory:
+            message = refusal(post(url, path, content=content), 400)
+        assert words in message and "shorten the prompt" in message
+        assert memory.growth < 400 * 2**20, memory.growth  # tokenizing it took 4 GB
+    assert_still_serves(url, pipe)
+
+
 def test_json_nested_too_deeply_is_400(served):
     url, pipe = served
     body = '{"prompt": "hi", "metadata": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"

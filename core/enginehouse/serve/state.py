@@ -68,6 +68,7 @@ class ServerState:
         self.created = int(time.time())
         self.session_len: int = pipe.engine.engine.session_len
         self._token_text: dict[int, str] = {}
+        self._longest_token = _longest_token(pipe.tokenizer)
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -134,19 +135,39 @@ class ServerState:
             )
 
     def prepare(self, prompt: Any, param: str, apply_chat_template: bool = False) -> PreparedPrompt:
+        self._check_length_before_tokenizing(prompt, param)
         try:
             prepared = self.pipe.prepare(prompt, apply_chat_template)
         except RequestError as e:
             raise bad_request(str(e), param) from e
-        ids = prepared.token_ids
-        if len(ids) >= self.session_len:
+        self._check_tokens(len(prepared.token_ids), param)
+        return prepared
+
+    def _check_tokens(self, num_tokens: int, param: str) -> None:
+        if num_tokens >= self.session_len:
             raise bad_request(
-                f"the prompt has {len(ids)} tokens but this model's context holds "
+                f"the prompt has {num_tokens} tokens but this model's context holds "
                 f"{self.session_len}, leaving no room to generate; shorten the prompt "
                 "(the server's context is set with --session-len)",
                 param,
             )
-        return prepared
+
+    def _check_length_before_tokenizing(self, prompt: Any, param: str) -> None:
+        """Refuse a prompt that surely cannot fit before paying for its tokens (28 MB of text
+        took 48 s and 4 GB to tokenize): token ids beyond the context, or more characters than
+        the context's tokens could hold were each as long as the vocabulary's longest."""
+        if isinstance(prompt, dict) and "token_ids" in prompt:
+            self._check_tokens(len(prompt["token_ids"]), param)
+            return
+        chars = _text_length(prompt)
+        if self._longest_token is not None and chars > self.session_len * self._longest_token:
+            raise bad_request(
+                f"the prompt is {chars} characters long, more than this model's context of "
+                f"{self.session_len} tokens can hold (its longest token has "
+                f"{self._longest_token} characters); shorten the prompt (the server's context "
+                "is set with --session-len)",
+                param,
+            )
 
     def configs(self, req: GenerationRequest, prompt_len: int) -> list[GenerationConfig]:
         """One engine config per choice, with max_tokens checked against the context."""
@@ -246,6 +267,31 @@ async def read_json(request: Request) -> Any:
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from e
     return data
+
+
+def _longest_token(tokenizer: Any) -> int | None:
+    """Characters of the vocabulary's longest entry, as the vocabulary writes it (never fewer
+    than the text it decodes to: a byte-level entry has a character per byte, a byte fallback
+    like <0xE2> six for one), or None when the tokenizer does not list its vocabulary."""
+    try:
+        return max(map(len, tokenizer.get_vocab()), default=0) or None
+    except Exception:
+        return None
+
+
+def _text_length(prompt: Any) -> int:
+    """Characters of a prompt's text: a string, or the text of messages (the template only
+    adds to it)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for message in prompt if isinstance(prompt, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p.get("text"), str))
+    return total
 
 
 def _image_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
