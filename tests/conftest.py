@@ -10,6 +10,7 @@ run (scripts/setup.sh) never sees a `toy` backend.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,3 +73,31 @@ def llama_pipe(llama_dir):
     pipe = pipeline(str(llama_dir), engine_config={"max_batch_size": 16}, progress=False)
     yield pipe
     pipe.close()
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs, above where it started.
+    The kernel's high-water mark is reset first (/proc/self/clear_refs), so the figure is exact
+    however loaded the machine is."""
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pytest.skip("cannot reset the peak resident memory on this system")
+        self.start = self._kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.growth = (self._kib("VmHWM") - self.start) * 1024  # bytes
+
+    @staticmethod
+    def _kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+@pytest.fixture
+def peak_memory() -> type[PeakMemory]:
+    return PeakMemory

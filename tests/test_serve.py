@@ -448,8 +448,10 @@ def test_a_model_without_a_chat_template_is_served_too(base_llama_dir):
     with pipeline(str(base_llama_dir), progress=False) as pipe:
         with ServerThread(create_app(pipe)) as running:
             c = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+            # Served under the folder's name: no client sees where the model lies on disk.
             name = c.models.list().data[0].id
-            assert name == pipe.spec.model_id
+            assert name == base_llama_dir.name == "llama-base"
+            assert str(base_llama_dir.parent) not in httpx.get(f"{running.url}/v1/models").text
             chat = c.chat.completions.create(
                 model=name, messages=HELLO, max_tokens=4, temperature=0
             )

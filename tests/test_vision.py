@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 
 import numpy as np
@@ -377,10 +378,11 @@ def test_http_images_only_from_allowed_domains(vlm_dirs, tmp_path):
     (tmp_path / "pic.png").write_bytes(png_bytes(picture(8)))
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):  # /away redirects to a host that is not allowed
-            if self.path == "/away":
+        def do_GET(self):  # /away and /ftp redirect to a host or a scheme that is not allowed
+            where = {"/away": url.replace("127.0.0.1", "127.0.0.2"), "/ftp": "ftp://127.0.0.1/x"}
+            if self.path in where:
                 self.send_response(302)
-                self.send_header("Location", url.replace("127.0.0.1", "127.0.0.2"))
+                self.send_header("Location", where[self.path])
                 self.end_headers()
                 return
             super().do_GET()
@@ -398,6 +400,11 @@ def test_http_images_only_from_allowed_domains(vlm_dirs, tmp_path):
                 pipe(("what is it", url.replace("127.0.0.1", "127.0.0.2")), fixed(6))
             with pytest.raises(RequestError, match="'127.0.0.2' is not allowed"):
                 pipe(("what is it", url.replace("pic.png", "away")), fixed(6))
+            # urllib follows a redirect to ftp:// on its own; only http(s) is followed here.
+            with pytest.raises(RequestError, match="redirects to a ftp: URL"):
+                pipe(("what is it", url.replace("pic.png", "ftp")), fixed(6))
+            assert pipe(("what is it", url), fixed(6)).token_ids == fetched.token_ids
+            assert pipe.stats()["kv_blocks_used"] == 0
     finally:
         server.shutdown()
 
@@ -513,6 +520,129 @@ async def concurrent(url: str, image_url: str, n: int) -> list[str]:
         )
     )
     return [a.choices[0].message.content for a in answers]
+
+
+def ask_server(url: str, image_urls: list[str]):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    images = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    return client.chat.completions.create(
+        model="tiny-llava",
+        messages=[{"role": "user", "content": [*images, {"type": "text", "text": "what?"}]}],
+        max_tokens=6,
+        temperature=0,
+    )
+
+
+def test_file_urls_are_read_once_and_only_as_regular_files_in_the_folder(
+    pipes, tmp_path, monkeypatch
+):
+    """`file:~/../secret.png` passed the folder check (resolved without expanding `~`, from
+    inside the folder) and was then opened with `~` expanded, outside it. Now one resolved path
+    is checked and opened; symlinks out of the folder, devices and pipes are refused, and a
+    refusal reads the same whether or not the file exists."""
+    import openai
+
+    from enginehouse.serve import ServerThread, create_app
+
+    pipe = pipes["llava"]
+    image = picture(41)
+    allowed, home = tmp_path / "media", tmp_path / "home"
+    allowed.mkdir()
+    home.mkdir()
+    (allowed / "pic.png").write_bytes(png_bytes(image))
+    (tmp_path / "secret.png").write_bytes(png_bytes(image))
+    (allowed / "out.png").symlink_to(tmp_path / "secret.png")
+    (allowed / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(allowed / "fifo.png")
+    monkeypatch.chdir(allowed)  # the server started inside its media folder
+    monkeypatch.setenv("HOME", str(home))
+    expected = pipe(("what?", image), GenerationConfig(max_new_tokens=6)).text
+    with ServerThread(create_app(pipe, "tiny-llava", None, str(allowed))) as running:
+        assert (
+            ask_server(running.url, [(allowed / "pic.png").as_uri()]).choices[0].message.content
+            == expected
+        )
+        messages = set()
+        for url in [
+            "file:~/../secret.png",
+            "file:pic.png",
+            (tmp_path / "secret.png").as_uri(),
+            (tmp_path / "missing.png").as_uri(),
+            (allowed / "missing.png").as_uri(),
+            (allowed / "out.png").as_uri(),
+            (allowed / "zero.png").as_uri(),
+            (allowed / "fifo.png").as_uri(),
+            "file:///dev/zero",
+            "file://otherhost" + str(allowed / "pic.png"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as e:
+                ask_server(running.url, [url])
+            messages.add(e.value.body["message"].replace(repr(url[:60]), "URL"))
+        assert len(messages) == 1 and "--allowed-local-media-path" in messages.pop()
+        answer = ask_server(running.url, [(allowed / "pic.png").as_uri()])
+        assert answer.choices[0].message.content == expected
+    assert pipe.stats()["kv_blocks_used"] == 0
+
+
+def test_many_large_images_are_refused_before_any_is_decoded(pipes, monkeypatch, peak_memory):
+    """150 images of 3000x3000 in one message (a 200 KB body) were all decoded before the
+    context check: +8 GB. The pixels of a prompt's images are now counted from their headers
+    (vLLM's 178,956,970, here for all of a prompt's images together) before any is decoded."""
+    import openai
+
+    from enginehouse.serve import ServerThread, create_app
+    from enginehouse_vision import encoder as vision_encoder
+
+    pipe = pipes["llava"]
+    decoded = []
+    decode = vision_encoder.decode_image
+    monkeypatch.setattr(vision_encoder, "decode_image", lambda *a: decoded.append(1) or decode(*a))
+    big = data_url(Image.new("RGB", (3000, 3000), (200, 30, 30)))
+    with ServerThread(create_app(pipe, "tiny-llava")) as running:
+        with peak_memory() as memory:
+            with pytest.raises(openai.BadRequestError, match="more than 178,956,970 pixels"):
+                ask_server(running.url, [big] * 150)
+        assert not decoded and memory.growth < 200 * 2**20
+        small = ask_server(running.url, [data_url(picture(42))])
+        expected = pipe(("what?", picture(42)), GenerationConfig(max_new_tokens=6)).text
+        assert small.choices[0].message.content == expected
+    assert pipe.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_image_tokens_are_counted_before_decoding(family, pipes, monkeypatch):
+    """The processor's own formula from the images' sizes gives the tokens it then makes; images
+    whose tokens alone fill the context are refused before they are decoded."""
+    from enginehouse_vision import encoder as vision_encoder
+
+    pipe = pipes[family]
+    for size in [(90, 60), (60, 90), (300, 20), (17, 500), (1000, 1000), (33, 33)]:
+        counted = pipe.vision._count_tokens([(size[1], size[0])])
+        assert counted == pipe.prepare(("hi", picture(1, size))).mm.num_image_tokens, size
+    session = pipe.engine.engine.session_len
+    per_image = pipe.vision._count_tokens([(400, 400)])
+    too_many = [picture(i, (400, 400)) for i in range(session // per_image + 1)]
+    decoded = []
+    monkeypatch.setattr(vision_encoder, "decode_image", lambda *a: decoded.append(1))
+    with pytest.raises(RequestError, match=f"take {len(too_many) * per_image} tokens"):
+        pipe(("what?", too_many), fixed(2))
+    assert not decoded
+    monkeypatch.undo()
+    assert pipe(("what?", picture(3)), fixed(2)).finish_reason == "length"
+    assert pipe.stats()["kv_blocks_used"] == 0
+
+
+def test_limits_on_images_per_prompt_and_their_pixels(vlm_dirs):
+    config = {"limit_mm_per_prompt": '{"image": 2}', "max_image_pixels_per_prompt": 100 * 100}
+    with pipeline(str(vlm_dirs["llava"]), engine_config=config, progress=False) as pipe:
+        with pytest.raises(RequestError, match="3 images, more than the 2 allowed"):
+            pipe(("what?", [picture(i, (20, 20)) for i in range(3)]), fixed(2))
+        with pytest.raises(RequestError, match="more than 10,000 pixels together"):
+            pipe(("what?", [picture(1, (90, 60)), picture(2, (90, 60))]), fixed(2))
+        assert pipe(("what?", [picture(1, (60, 60))] * 2), fixed(2)).finish_reason == "length"
+        assert pipe.stats()["kv_blocks_used"] == 0
 
 
 def test_the_vision_example_runs(tmp_path):

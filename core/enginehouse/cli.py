@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import socket
 import sys
 import typing
@@ -16,7 +17,7 @@ import click
 from pydantic import ValidationError
 
 from .backends import conflict_message, offered_backends
-from .config import EngineConfig, GenerationConfig, format_size
+from .config import EngineConfig, GenerationConfig, format_size, parse_size
 from .errors import EnginehouseError, describe_validation_error
 from .plugins import SELECT_VAR, get_plugins, unmatched_message
 
@@ -300,7 +301,11 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="require 'Authorization: Bearer KEY' on every endpoint but /health "
     "[env: ENGINEHOUSE_API_KEY]",
 )
-@click.option("--served-model-name", default=None, help="the name clients ask for [default: MODEL]")
+@click.option(
+    "--served-model-name",
+    default=None,
+    help="the name clients ask for [default: the model folder's name, or the hub id]",
+)
 @click.option("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
 @click.option("--backend", default=None, help="run on this backend (see explain)")
 @click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -310,6 +315,26 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     default=None,
     help="clients may name image files (file://) under this folder; otherwise images come "
     "inline (data:) or from --allowed-media-domains",
+)
+@click.option(
+    "--max-request-body-size",
+    default="32MiB",
+    show_default=True,
+    help="larger request bodies are refused with 413 (a size: 32MiB, 100MB, bytes)",
+)
+@click.option(
+    "--max-seqs-per-request",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="most sequences (prompts x n) one request may start",
+)
+@click.option(
+    "--engine-iteration-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="seconds one engine step may run before /health reports the engine stuck",
 )
 @click.option(
     "--log-level",
@@ -329,12 +354,16 @@ def serve(
     backend: str | None,
     revision: str | None,
     allowed_local_media_path: str | None,
+    max_request_body_size: str,
+    max_seqs_per_request: int,
+    engine_iteration_timeout: float,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (see docs/serving.md)."""
     try:
-        from .serve import run_server
+        from .serve import ServerLimits, run_server
+        from .serve.state import default_model_name
     except ImportError as e:
         raise click.ClickException(
             f"serving needs the 'serve' extra ({e}); install it with "
@@ -343,6 +372,21 @@ def serve(
     from .pipeline import pipeline
 
     _check_port(host, port)  # before minutes of loading, not after
+    # click takes an empty ENGINEHOUSE_API_KEY for an unset one: that would serve without
+    # authentication when the operator meant to require it.
+    if api_key is None and os.environ.get("ENGINEHOUSE_API_KEY") is not None:
+        api_key = os.environ["ENGINEHOUSE_API_KEY"]
+    if api_key is not None and not api_key.strip():
+        raise click.UsageError(
+            "the API key is empty (--api-key or ENGINEHOUSE_API_KEY): set a key, or unset "
+            "ENGINEHOUSE_API_KEY and leave out --api-key to serve without authentication"
+        )
+    try:
+        body_limit = parse_size(max_request_body_size)
+        limits = ServerLimits(body_limit, max_seqs_per_request, engine_iteration_timeout)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e
+
     with pipeline(
         model,
         backend=backend,
@@ -350,9 +394,9 @@ def serve(
         chat_template=chat_template,
         revision=revision,
     ) as pipe:
-        name = served_model_name or model
+        name = served_model_name or default_model_name(pipe.spec)
         click.echo(f"serving {model} as {name!r}; {_summary_line(pipe.summary())}", err=True)
-        run_server(pipe, host, port, name, api_key or None, log_level, allowed_local_media_path)
+        run_server(pipe, host, port, name, api_key, log_level, allowed_local_media_path, limits)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Fields of generation_config.json that become defaults when the user leaves them unset,
 # the way transformers' generate() and vLLM treat a model's own generation settings.
 MODEL_DEFAULT_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+DEFAULT_IMAGES_PER_PROMPT = 999  # vLLM's default for --limit-mm-per-prompt
+DEFAULT_IMAGE_PIXELS = 178_956_970  # vLLM's VLLM_MAX_IMAGE_PIXELS (Pillow's bomb threshold)
 
 
 class GenerationConfig(BaseModel):
@@ -31,7 +34,9 @@ class GenerationConfig(BaseModel):
     stop_words: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    random_seed: int | None = None
+    random_seed: int | None = Field(
+        None, ge=0, lt=2**63, description="0 <= seed < 2**63; None draws a fresh seed"
+    )
     logprobs: int | None = Field(None, ge=0, le=20, description="top-N logprobs per token")
     prompt_logprobs: int | None = Field(
         None, ge=0, le=20, description="top-N logprobs per prompt token (each prompt token too)"
@@ -122,6 +127,17 @@ class EngineConfig(BaseModel):
         default_factory=list,
         description="domains images may be fetched from over http(s) (default: none)",
     )
+    # Limits on a prompt's images, checked before any image is decoded (vLLM's names and
+    # defaults: --limit-mm-per-prompt, and VLLM_MAX_IMAGE_PIXELS, which is per image there).
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=lambda: {"image": DEFAULT_IMAGES_PER_PROMPT},
+        description="most images one prompt may hold, as JSON: '{\"image\": 16}' (default 999)",
+    )
+    max_image_pixels_per_prompt: int = Field(
+        DEFAULT_IMAGE_PIXELS,
+        ge=1,
+        description="most pixels (width x height) of a prompt's images together",
+    )
 
     @field_validator("kv_cache_memory")
     @classmethod
@@ -160,6 +176,35 @@ class EngineConfig(BaseModel):
         if isinstance(v, str):
             return [d.strip().lower() for d in v.split(",") if d.strip()]
         return v
+
+    @field_validator("limit_mm_per_prompt", mode="before")
+    @classmethod
+    def _mm_limits(cls, v: Any) -> Any:
+        # The command line gives JSON ('{"image": 4}') or vLLM's older 'image=4'.
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("{"):
+                v = json.loads(text)
+            else:
+                pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+                v = {k.strip(): n.strip() for k, _, n in pairs}
+        if isinstance(v, Mapping):
+            unknown = sorted(set(v) - {"image"})
+            if unknown:
+                raise ValueError(f"only 'image' can be limited; got {unknown[0]!r}")
+            return {"image": DEFAULT_IMAGES_PER_PROMPT, **v}
+        return v
+
+    @field_validator("limit_mm_per_prompt")
+    @classmethod
+    def _mm_limits_not_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 for n in v.values()):
+            raise ValueError("a limit must be 0 or more")
+        return v
+
+    @property
+    def max_images_per_prompt(self) -> int:
+        return self.limit_mm_per_prompt["image"]
 
     @classmethod
     def coerce(cls, value: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:

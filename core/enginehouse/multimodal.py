@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .config import EngineConfig
 from .errors import RequestError
 
 # The image part the chat templates of VLMs expect (transformers' format).
@@ -63,8 +64,18 @@ class VisionEncoder(Protocol):
     image_token_id: int
     image_placeholder: str
 
-    def prepare(self, text: str, images: Sequence[Any], add_special_tokens: bool) -> PreparedPrompt:
-        """Load the images, run the model's processor, expand the placeholders."""
+    def prepare(
+        self,
+        text: str,
+        images: Sequence[Any],
+        add_special_tokens: bool,
+        max_tokens: int | None = None,
+    ) -> PreparedPrompt:
+        """Load the images, run the model's processor, expand the placeholders.
+
+        Raise `RequestError` before decoding any image when the images break the config's
+        limits (`max_image_pixels_per_prompt`), or when their tokens alone would fill
+        `max_tokens` (the context) where the processor can count them from the image sizes."""
 
     def load(self, device: torch.device, dtype: torch.dtype, progress: bool = True) -> None:
         """Load the vision tower and projector on the language model's device and dtype."""
@@ -170,4 +181,15 @@ def check_placeholders(text: str, num_images: int, image_token: str) -> None:
         raise RequestError(
             f"the prompt has {num_images} image(s) but {found} image placeholder(s) "
             f"{image_token!r}; give one image per placeholder"
+        )
+
+
+def check_image_count(num_images: int, config: EngineConfig) -> None:
+    """Refuse a prompt with more images than `limit_mm_per_prompt` allows, before any loads."""
+    limit = config.max_images_per_prompt
+    if num_images > limit:
+        raise RequestError(
+            f"the prompt has {num_images} images, more than the {limit} allowed per prompt; "
+            "send fewer, or raise the limit: EngineConfig(limit_mm_per_prompt={'image': N}), "
+            "--limit-mm-per-prompt '{\"image\": N}'"
         )

@@ -23,6 +23,7 @@ from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
     VisionEncoder,
+    check_image_count,
     check_placeholders,
     flatten_parts,
     image_prompt,
@@ -112,7 +113,25 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, ImportError) as e:  # transformers' words for missing files
+        cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        if "trust_remote_code" in str(e):
+            raise InvalidModelError(
+                f"the tokenizer of {spec.path} needs code from its repository ({cause}); "
+                "allow it with trust_remote_code=True (--trust-remote-code) if you trust it"
+            ) from e
+        files = ", ".join(spec.tokenizer_files)
+        vocabulary = ("tokenizer.json", "tokenizer.model", "vocab.json")
+        if not any(f in spec.tokenizer_files for f in vocabulary):
+            what = f"it has {files} but no tokenizer.json, tokenizer.model or vocab.json"
+        else:
+            what = f"its tokenizer files ({files}) could not be read"
+        raise InvalidModelError(
+            f"could not load the tokenizer of {spec.path}: {what} ({cause}); copy the "
+            "tokenizer files from the original model repository"
+        ) from e
 
 
 def pipeline(
@@ -285,12 +304,14 @@ class Pipeline:
                 f"{self.spec.architecture} takes text only, but the prompt has images; use a "
                 "vision-language model (see `enginehouse explain MODEL`)"
             )
+        if images:
+            check_image_count(len(images), self.engine.engine.config)
         text, special = self._text(body, images, apply_chat_template)
         if not images:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
         assert vision is not None
         check_placeholders(text, len(images), vision.image_token)
-        return vision.prepare(text, images, special)
+        return vision.prepare(text, images, special, max_tokens=self.engine.engine.session_len)
 
     def _text(self, prompt: Any, images: list[Any], apply_chat_template: bool) -> tuple[str, bool]:
         """The prompt's text, and whether tokenizing it adds special tokens (not after a

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ class AsyncEngine:
         self._sinks: dict[str, Sink] = {}
         self._closed = False
         self._held = threading.local()  # per caller thread: adds held back by `together()`
+        self._step_started: float | None = None  # monotonic time; None between steps
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="enginehouse-step")
         self.loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
@@ -57,14 +59,23 @@ class AsyncEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = await self.loop.run_in_executor(self._executor, self.engine.step)
             except Exception as e:  # a bug in the engine itself: fail its requests, keep serving
                 log.exception("engine step failed")
                 error = f"engine step failed: {type(e).__name__}: {e}"
                 outputs = self.engine.finish_all("error", error)
+            finally:
+                self._step_started = None
             for out in outputs:
                 self._deliver(out)
+
+    def step_running_for(self) -> float:
+        """Seconds the current engine step has been running (0.0 between steps): how a health
+        check tells a stuck engine from a busy one. Safe to call from any thread."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)

@@ -90,7 +90,9 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self._inbox: deque[tuple[str, Any]] = deque()
+        self._queued: set[str] = set()  # ids of the adds in the inbox: a check in O(1)
         self._seqs: dict[str, Sequence] = {}
+        self._warned_non_finite = False
 
     def _release(self, seq: Sequence) -> None:
         """Tell the runner a sequence's blocks are going (it may keep state of its own)."""
@@ -158,9 +160,9 @@ class LLMEngine:
         mm: MultiModalData | None = None,
     ) -> None:
         self.validate(prompt_ids, params, score_only, mm)
-        queued = (p[0] for kind, p in list(self._inbox) if kind == "add")
-        if request_id in self._seqs or request_id in queued:
+        if request_id in self._seqs or request_id in self._queued:
             raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
+        self._queued.add(request_id)
         self._inbox.append(("add", (request_id, list(prompt_ids), params, score_only, mm)))
 
     def abort(self, request_id: str) -> None:
@@ -207,10 +209,25 @@ class LLMEngine:
                 to_sample.append(seq)
                 rows.append(seq_logits[-1])
         if to_sample:
-            tokens, logprobs = sample(torch.stack(rows), to_sample)
+            tokens, logprobs, finite = sample(torch.stack(rows), to_sample)
+            if not finite:
+                self._warn_non_finite(to_sample)
             for seq, token, lp in zip(to_sample, tokens, logprobs):
                 outputs.append(self._append(seq, token, lp))
         return outputs
+
+    def _warn_non_finite(self, seqs: list[Sequence]) -> None:
+        """Say once that the model computes NaN or inf: its answers are garbage (often empty)."""
+        if self._warned_non_finite:
+            return
+        self._warned_non_finite = True
+        log.warning(
+            "the model produced NaN or infinite logits (first in request %s): "
+            "its weights may hold NaN or inf (a corrupt or badly converted checkpoint: download "
+            "it again), or its dtype overflows (try dtype='bfloat16' or 'float32'); its output "
+            "is garbage",
+            seqs[0].request_id,
+        )
 
     def finish_all(self, reason: str, error: str | None = None) -> list[RequestOutput]:
         """Finish every request: with 'error' when a step crashed, 'abort' on shutdown."""
@@ -222,8 +239,10 @@ class LLMEngine:
         while self._inbox:
             kind, payload = self._inbox.popleft()
             if kind == "add":
-                seq = self._add(*payload)
-                if seq.mm is not None:
+                seq = self._try_add(payload)
+                if isinstance(seq, RequestOutput):
+                    outputs.append(seq)
+                elif seq.mm is not None:
                     with_images.append(seq)
             elif payload in self._seqs:
                 outputs.append(self._finish(self._seqs[payload], "abort"))
@@ -262,6 +281,20 @@ class LLMEngine:
         except Exception as e:
             log.exception("the vision encoder failed on request %s", seq.request_id)
             return seq, None, f"the vision encoder failed: {type(e).__name__}: {e}"
+
+    def _try_add(self, payload: tuple) -> Sequence | RequestOutput:
+        """Admit a queued request; if setting it up fails, only that request ends, with the
+        error (a bad request must not take the step, and every other request, down)."""
+        request_id = payload[0]
+        try:
+            return self._add(*payload)
+        except Exception as e:
+            log.exception("could not set up request %s", request_id)
+            self._seqs.pop(request_id, None)
+            error = f"could not set up the request: {type(e).__name__}: {e}"
+            return RequestOutput(request_id, finished=True, finish_reason="error", error=error)
+        finally:
+            self._queued.discard(request_id)
 
     def _add(
         self,

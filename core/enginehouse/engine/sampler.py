@@ -77,8 +77,9 @@ def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return (probs / noise.to(probs.device)).argmax(dim=1)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
-    """Next token per row, and for rows that ask, logprobs of the raw logits.
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None], bool]:
+    """Next token per row, for rows that ask logprobs of the raw logits, and whether every
+    row's logits were finite (NaN or inf there mean a broken model: it samples garbage).
 
     A row's logprobs map the chosen token and the top-N tokens to their log-probabilities.
     """
@@ -86,7 +87,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw_logprobs = logits[want].log_softmax(dim=1) if want else None
     logits = apply_penalties(logits, seqs)  # in place: the runner's output is ours to change
-    tokens = logits.argmax(dim=1)
+    # max, not argmax: the same token (the first maximum; NaN counts as one), and in the same
+    # pass the row maxima, which are finite unless the row holds NaN or is all -inf or +inf.
+    best, tokens = logits.max(dim=1)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
         rows = [seqs[i] for i in sampled]
@@ -101,4 +104,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             top = lp.topk(n)
             entry.update(zip(top.indices.tolist(), top.values.tolist()))
         logprobs[i] = entry
-    return token_list, logprobs
+    return token_list, logprobs, bool(torch.isfinite(best).all())

@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from .app import create_app
 from .server import ServerThread, run_server
+from .state import ServerLimits
 
-__all__ = ["ServerThread", "create_app", "run_server"]
+__all__ = ["ServerLimits", "ServerThread", "create_app", "run_server"]

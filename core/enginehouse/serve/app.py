@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -25,7 +26,7 @@ from .completions import create_completion
 from .errors import APIError
 from .generation import ClientDisconnected
 from .metrics import CONTENT_TYPE
-from .state import ServerState
+from .state import ServerLimits, ServerState, default_model_name
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,39 @@ def _endpoint(path: str) -> str:
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
+class BodyTooLarge(Exception):
+    """The request body outgrew the server's limit while it was being read."""
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes "
+        "(--max-request-body-size); send fewer or smaller prompts or images",
+        code="request_too_large",
+    )
+
+
 class _Gate:
     """Pure ASGI middleware: checks the API key first (so a bad key is a 401 whatever the
-    body), and counts every answer by endpoint and status code. Pure ASGI rather than
-    `@app.middleware`, which would get in the way of streaming and disconnect detection."""
+    body), holds the body to the size limit (a 413, announced or found while reading), and
+    counts every answer by endpoint and status code. Pure ASGI rather than `@app.middleware`,
+    which would get in the way of streaming and disconnect detection."""
 
     def __init__(self, app: ASGIApp, state: ServerState, api_key: str | None) -> None:
         self.app = app
         self.state = state
-        self.key = api_key.encode() if api_key else None
+        self.key = api_key.encode() if api_key is not None else None
+        self.max_body = state.limits.max_request_body_size
 
     def _refusal(self, scope: Scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return _too_large(self.max_body)
         if self.key is None or scope["path"] in OPEN_ENDPOINTS:
             return None
-        given = dict(scope["headers"]).get(b"authorization")
+        given = headers.get(b"authorization")
         if given is None:
             message = "no API key given: send the header 'Authorization: Bearer <key>'"
         else:
@@ -77,6 +97,7 @@ class _Gate:
             await self.app(scope, receive, send)
             return
         status = 500  # what an exception that escapes every handler turns into
+        received = 0
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -84,13 +105,21 @@ class _Gate:
                 status = message["status"]
             await send(message)
 
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # a chunked body, or one longer than it announced
+                raise BodyTooLarge()
+            return message
+
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
-                response = refusal.response({"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, counting_send)
+                headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+                await refusal.response(headers)(scope, receive, counting_send)
             else:
-                await self.app(scope, receive, counting_send)
+                await self.app(scope, limited_receive, counting_send)
         finally:
             self.state.metrics.answered(_endpoint(scope["path"]), status)
 
@@ -100,14 +129,19 @@ def create_app(
     model_name: str | None = None,
     api_key: str | None = None,
     local_media_path: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
-    """An app serving `pipe` under `model_name` (default: the model's id).
+    """An app serving `pipe` under `model_name` (default: the model folder's name, or the
+    hub id; never a path on the server's disk).
 
-    With `api_key`, every endpoint but `/health` requires `Authorization: Bearer <api_key>`.
-    Image URLs may name local files (file://) only under `local_media_path`.
+    With `api_key`, every endpoint but `/health` requires `Authorization: Bearer <api_key>`
+    (an empty key is an error). Image URLs may name local files (file://) only under
+    `local_media_path`. `limits` caps what one request may ask (`ServerLimits`).
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
-    state = ServerState(pipe, model_name or pipe.spec.model_id, local_media_path)
+    if api_key is not None and not api_key.strip():  # "" must not mean "no authentication"
+        raise ValueError("the API key is empty; give a key, or None to serve without one")
+    state = ServerState(pipe, model_name or default_model_name(pipe.spec), local_media_path, limits)
     app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(_Gate, state=state, api_key=api_key)
@@ -131,6 +165,16 @@ def create_app(
     async def gone(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
+    @app.exception_handler(ClientDisconnect)
+    async def gone_while_sending(request: Request, exc: ClientDisconnect) -> Response:
+        # Not an error of the server: one line, no traceback.
+        log.info("client disconnected while sending %s %s", request.method, request.url.path)
+        return Response(status_code=499)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return _too_large(state.limits.max_request_body_size).response()
+
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
@@ -140,6 +184,13 @@ def create_app(
     async def health() -> Any:
         if not pipe.engine.loop.is_running():
             return APIError(503, "the engine has stopped").response()
+        stuck, limit = pipe.engine.step_running_for(), state.limits.engine_iteration_timeout
+        if stuck > limit:
+            return APIError(
+                503,
+                f"the engine has been in one step for {stuck:.0f} s, more than "
+                f"--engine-iteration-timeout ({limit:g} s): it is stuck",
+            ).response()
         return {"status": "ok"}
 
     @app.get("/v1/models")

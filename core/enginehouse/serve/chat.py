@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
+from ..multimodal import PreparedPrompt
 from ..response import Response
 from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
@@ -19,17 +19,23 @@ from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, s
 async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(req.model)
-    urls = [url for message in req.messages for url in message.image_urls()]
-    for url in urls:
-        state.check_image_url(url)
+    state.check_sequences(1, req.num_choices)
     messages = [m.for_template() for m in req.messages]
-    prepare = functools.partial(state.prepare, messages, "messages", apply_chat_template=True)
-    # Fetching and decoding images can take a while: not on the loop that serves the others.
-    prompt = await asyncio.to_thread(prepare) if urls else prepare()
+    if state.check_images(messages):
+        # Reading, fetching and decoding images can take a while: not on the loop that serves
+        # the other requests.
+        prompt = await asyncio.to_thread(_prepare_with_images, state, messages)
+    else:
+        prompt = state.prepare(messages, "messages", apply_chat_template=True)
     configs = state.configs(req, len(prompt.token_ids))
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, prompt.token_ids)
     return await respond(request, generation, chat, req.num_choices)
+
+
+def _prepare_with_images(state: ServerState, messages: list[dict[str, Any]]) -> PreparedPrompt:
+    state.read_local_images(messages)
+    return state.prepare(messages, "messages", apply_chat_template=True)
 
 
 class _Chat:

@@ -23,6 +23,7 @@ from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, s
 async def create_completion(state: ServerState, request: Request) -> Any:
     req: CompletionRequest = parse(CompletionRequest, await read_json(request))
     state.check_model(req.model)
+    state.check_sequences(len(req.prompts), req.num_choices)
     prompts = [
         state.prepare(
             p if isinstance(p, str) else {"token_ids": p}, "prompt", False, req.scores_only

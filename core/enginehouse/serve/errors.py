@@ -2,7 +2,8 @@
 
 Every failure the server reports goes through `APIError`, so clients (the official `openai`
 package included) see the status code and body they expect: 400 for an invalid request, 401
-for a missing or wrong key, 404 for an unknown model or path, 500 when the backend fails.
+for a missing or wrong key, 404 for an unknown model or path, 413 for a body over the limit, 500
+when the backend fails.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ ERROR_TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     500: "server_error",
     503: "server_error",
 }

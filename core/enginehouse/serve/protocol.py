@@ -54,12 +54,6 @@ class ChatMessage(BaseModel):
                     raise ValueError(str(e)) from e
         return v
 
-    def image_urls(self) -> list[str]:
-        if not isinstance(self.content, list):
-            return []
-        parts = (read_part(p, OPENAI_PARTS) for p in self.content)
-        return [value for kind, value in parts if kind == "image"]
-
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (`developer` is OpenAI's new `system`)."""
         message = self.model_dump(exclude_none=True)
@@ -180,8 +174,8 @@ class _GenerationRequest(_Body):
                     "min_tokens",
                 )
             fields["min_new_tokens"] = self.min_tokens
-        if self.seed is not None:
-            fields["random_seed"] = self.seed + choice
+        if self.seed is not None:  # OpenAI's seed is any int64; the engine's is 0 <= s < 2**63
+            fields["random_seed"] = (self.seed + choice) % 2**63
         try:
             return GenerationConfig(**fields).with_model_defaults(model_defaults)
         except ValidationError as e:  # combinations, e.g. min_tokens above max_tokens

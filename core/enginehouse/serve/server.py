@@ -11,6 +11,7 @@ import uvicorn
 from ..chat_cli import warn_once_about_builtin_templates
 from ..pipeline import Pipeline
 from .app import create_app
+from .state import ServerLimits
 
 
 def run_server(
@@ -21,6 +22,7 @@ def run_server(
     api_key: str | None = None,
     log_level: str = "info",
     local_media_path: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve `pipe` until Ctrl-C or SIGTERM, then return; the caller then closes `pipe`.
 
@@ -28,7 +30,7 @@ def run_server(
     turned into the same KeyboardInterrupt as Ctrl-C so that it, too, ends here.
     """
     warn_once_about_builtin_templates()
-    app = create_app(pipe, model_name, api_key, local_media_path)
+    app = create_app(pipe, model_name, api_key, local_media_path, limits)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import urllib.parse
-import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +17,58 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..config import GenerationConfig
 from ..errors import RequestError
-from ..multimodal import PreparedPrompt
+from ..multimodal import PreparedPrompt, check_image_count
 from ..pipeline import Pipeline
 from ..response import Response
+from ..spec import ModelSpec
 from .errors import APIError, bad_request
 from .generation import Generation, unless_disconnected
+from .media import check_file_url, read_file_url
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server; the defaults are vLLM's (docs/serving.md)."""
+
+    max_request_body_size: int = 32 * 2**20  # bytes; vLLM's HTTP frontend refuses above 32 MiB
+    max_seqs_per_request: int = 1024  # prompts x n; vLLM's VLLM_MAX_COMPLETION_PROMPTS
+    engine_iteration_timeout: float = 60.0  # s; vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"ServerLimits.{name} must be positive; got {value!r}")
+
+
+def default_model_name(spec: ModelSpec) -> str:
+    """A local folder is served under its own name, a hub model under its id: clients never
+    see where the model lies on the server's disk."""
+    local = Path(spec.model_id).expanduser().resolve() == Path(spec.path).resolve()
+    return (Path(spec.path).name or spec.model_id) if local else spec.model_id
+
+
 class ServerState:
     def __init__(
-        self, pipe: Pipeline, model_name: str, local_media_path: str | Path | None = None
+        self,
+        pipe: Pipeline,
+        model_name: str,
+        local_media_path: str | Path | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.pipe = pipe
         self.model_name = model_name
+        self.limits = limits or ServerLimits()
         # Clients may name image files on this machine only under this folder.
-        self.local_media = Path(local_media_path).resolve() if local_media_path else None
+        self.local_media = Path(os.path.realpath(local_media_path)) if local_media_path else None
         self.metrics = ServerMetrics(model_name)
         self.created = int(time.time())
         self.session_len: int = pipe.session_len
         self._token_text: dict[int, str] = {}
+        self._longest_token = _longest_token(pipe.tokenizer)
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -46,7 +76,7 @@ class ServerState:
             "object": "model",
             "created": self.created,
             "owned_by": "enginehouse",
-            "root": self.pipe.spec.model_id,
+            "root": default_model_name(self.pipe.spec),
             "max_model_len": self.session_len,
             "backend": self.pipe.backend,
         }
@@ -62,32 +92,78 @@ class ServerState:
                 "model_not_found",
             )
 
-    def check_image_url(self, url: str) -> None:
-        """Clients send images inline or by http(s) URL; a local file only under the folder
-        the server was started with (--allowed-local-media-path)."""
-        scheme = urllib.parse.urlparse(url).scheme.lower()
-        if scheme in ("data", "http", "https"):
-            return
-        if scheme == "file" and self.local_media is not None:
-            path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)).resolve()
-            if path.is_relative_to(self.local_media):
-                return
-        raise bad_request(
-            f"image URL {url[:60]!r} is not allowed: send the image as a data: URL or an "
-            "http(s) URL; file:// URLs are read only under the server's "
-            "--allowed-local-media-path",
-            "messages",
-        )
+    def check_images(self, messages: list[dict[str, Any]]) -> int:
+        """The number of images in `messages`, each image URL checked. Clients send images
+        inline or by http(s) URL; a local file only under the folder the server was started
+        with (--allowed-local-media-path)."""
+        urls = [part["image_url"]["url"] for part in _image_parts(messages)]
+        try:
+            check_image_count(len(urls), self.pipe.engine.engine.config)
+        except RequestError as e:
+            raise bad_request(str(e), "messages") from e
+        for url in urls:
+            scheme = urllib.parse.urlparse(url).scheme.lower()
+            if scheme == "file":
+                check_file_url(url, self.local_media)
+            elif scheme not in ("data", "http", "https"):
+                raise bad_request(
+                    f"image URL {url[:60]!r} is not allowed: send the image as a data: URL or "
+                    "an http(s) URL; file:// URLs are read only under the server's "
+                    "--allowed-local-media-path",
+                    "messages",
+                )
+        return len(urls)
+
+    def read_local_images(self, messages: list[dict[str, Any]]) -> None:
+        """Replace each file:// image in `messages` by the file's bytes, read here, once, from
+        the path that was checked (blocking: call it off the event loop)."""
+        for part in _image_parts(messages):
+            url = part["image_url"]["url"]
+            if self.local_media is not None and url.lower().startswith("file:"):
+                part.clear()
+                part.update({"type": "image", "image": read_file_url(url, self.local_media)})
+
+    def check_sequences(self, num_prompts: int, n: int) -> None:
+        """Refuse a request that would start more sequences than one request may."""
+        cap = self.limits.max_seqs_per_request
+        if num_prompts * n > cap:
+            raise bad_request(
+                f"this request would start {num_prompts * n} sequences ({num_prompts} "
+                f"prompt(s) x n={n}); this server starts at most {cap} per request "
+                "(--max-seqs-per-request): send fewer prompts per request, or a smaller n",
+                "prompt" if num_prompts > 1 else "n",
+            )
 
     def prepare(
         self, prompt: Any, param: str, apply_chat_template: bool = False, score_only: bool = False
     ) -> PreparedPrompt:
+        self._check_length_before_tokenizing(prompt, param, score_only)
         try:
             prepared = self.pipe.prepare(prompt, apply_chat_template)
             self.pipe.engine.check_length(len(prepared.token_ids), score_only)
         except RequestError as e:
             raise bad_request(str(e), param) from e
         return prepared
+
+    def _check_length_before_tokenizing(self, prompt: Any, param: str, score_only: bool) -> None:
+        """Refuse a prompt that surely cannot fit before paying for its tokens (28 MB of text
+        took 48 s and 4 GB to tokenize): token ids beyond the context, or more characters than
+        the context's tokens could hold were each as long as the vocabulary's longest."""
+        if isinstance(prompt, dict) and "token_ids" in prompt:
+            try:
+                self.pipe.engine.check_length(len(prompt["token_ids"]), score_only)
+            except RequestError as e:
+                raise bad_request(str(e), param) from e
+            return
+        chars = _text_length(prompt)
+        if self._longest_token is not None and chars > self.session_len * self._longest_token:
+            raise bad_request(
+                f"the prompt is {chars} characters long, more than this model's context of "
+                f"{self.session_len} tokens can hold (its longest token has "
+                f"{self._longest_token} characters); shorten the prompt (the server's context "
+                "is set with --session-len)",
+                param,
+            )
 
     def configs(self, req: GenerationRequest, prompt_len: int) -> list[GenerationConfig]:
         """One engine config per choice, with max_tokens checked against the context."""
@@ -208,16 +284,54 @@ async def read_json(request: Request) -> Any:
         raise bad_request("the request body is empty; send a JSON object")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from e
-    try:  # JSON may escape half a surrogate pair ("\ud800"), which no tokenizer can encode
+        # JSON may escape half a surrogate pair ("\ud800"), which no tokenizer can encode.
         json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply to read") from None
     except UnicodeEncodeError as e:
         raise bad_request(
             "the request body holds an unpaired surrogate escape (such as \\ud800); "
             "send valid Unicode text"
         ) from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from e
     return data
+
+
+def _longest_token(tokenizer: Any) -> int | None:
+    """Characters of the vocabulary's longest entry, as the vocabulary writes it (never fewer
+    than the text it decodes to: a byte-level entry has a character per byte, a byte fallback
+    like <0xE2> six for one), or None when the tokenizer does not list its vocabulary."""
+    try:
+        return max(map(len, tokenizer.get_vocab()), default=0) or None
+    except Exception:
+        return None
+
+
+def _text_length(prompt: Any) -> int:
+    """Characters of a prompt's text: a string, or the text of messages (the template only
+    adds to it)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for message in prompt if isinstance(prompt, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p.get("text"), str))
+    return total
+
+
+def _image_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image_url content parts of template-ready messages, in order."""
+    return [
+        part
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part.get("type") == "image_url"
+    ]
 
 
 async def respond(request: Request, generation: Generation, formatter: Any, choices: int) -> Any:

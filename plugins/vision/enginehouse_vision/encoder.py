@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from enginehouse import EngineConfig, ModelSpec
-from enginehouse.errors import InvalidModelError
+from enginehouse.errors import InvalidModelError, RequestError
 from enginehouse.multimodal import MultiModalData, PreparedPrompt
 
 from .families import FAMILIES, image_token_id
-from .images import image_hash, load_image
+from .images import decode_image, image_hash, open_images
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class HFVisionEncoder:
         self.spec = spec
         self.family = family
         self.allowed_domains = list(config.allowed_media_domains)
+        self.max_pixels = config.max_image_pixels_per_prompt
         token_id = image_token_id(spec.config)
         if token_id is None:
             raise InvalidModelError(
@@ -103,8 +104,37 @@ class HFVisionEncoder:
 
     # --- the caller's thread ----------------------------------------------------------------
 
-    def prepare(self, text: str, images: Sequence[Any], add_special_tokens: bool) -> PreparedPrompt:
-        pictures = [load_image(source, self.allowed_domains) for source in images]
+    def _load(self, sources: Sequence[Any], max_tokens: int | None) -> list[Any]:
+        """The decoded images, once their headers show that they fit: the prompt's pixel
+        budget, and, where their token count follows from their sizes, the context."""
+        opened = open_images(list(sources), self.allowed_domains, self.max_pixels)
+        if max_tokens is not None:
+            try:
+                tokens = self._count_tokens([(image.height, image.width) for image in opened])
+            except Exception:  # a processor without the formula: the context check comes later
+                tokens = None
+            if tokens is not None and tokens >= max_tokens:
+                raise RequestError(
+                    f"the prompt's {len(opened)} image(s) take {tokens} tokens, but this "
+                    f"model's context holds {max_tokens}; send fewer or smaller images"
+                )
+        return [decode_image(image, source) for image, source in zip(opened, sources)]
+
+    def _count_tokens(self, sizes: list[tuple[int, int]]) -> int | None:
+        """Image tokens of images of these (height, width) sizes, from the processor's own
+        formula (the one vLLM uses); it may raise where the processor's config lacks what
+        the formula needs."""
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
+        return sum(counts.num_image_tokens)
+
+    def prepare(
+        self,
+        text: str,
+        images: Sequence[Any],
+        add_special_tokens: bool,
+        max_tokens: int | None = None,
+    ) -> PreparedPrompt:
+        pictures = self._load(images, max_tokens)
         out = self.processor(
             text=[text],
             images=pictures,
@@ -243,8 +273,18 @@ class QwenVLEncoder(HFVisionEncoder):
             f"{token(start)}{self.image_token}{token(end)}" if start and end else self.image_token
         )
 
-    def prepare(self, text: str, images: Sequence[Any], add_special_tokens: bool) -> PreparedPrompt:
-        pictures = [load_image(source, self.allowed_domains) for source in images]
+    def _count_tokens(self, sizes: list[tuple[int, int]]) -> int | None:
+        patches = self.image_processor.get_number_of_image_patches
+        return sum(patches(h, w, {}) // self.merge**2 for h, w in sizes)
+
+    def prepare(
+        self,
+        text: str,
+        images: Sequence[Any],
+        add_special_tokens: bool,
+        max_tokens: int | None = None,
+    ) -> PreparedPrompt:
+        pictures = self._load(images, max_tokens)
         with _quiet("transformers"):
             out = self.image_processor(images=pictures, return_tensors="pt")
         grids = out["image_grid_thw"]

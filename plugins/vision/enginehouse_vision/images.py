@@ -1,6 +1,11 @@
 """Images from wherever a prompt names them: PIL images, bytes, paths, file://, data: and
 http(s) URLs. Remote URLs are fetched only from the domains the user allowed; nothing else ever
-reaches the network."""
+reaches the network.
+
+Loading is two steps, so that a prompt's images are checked before any is decoded: `open_images`
+reads each image's header (its size) and holds the prompt to its pixel budget, and
+`decode_image` then decodes one.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import binascii
 import hashlib
 import io
 import os
+import stat
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -60,6 +66,13 @@ class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
         self.allowed = allowed
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        # urllib itself would follow a redirect to ftp://; only http(s) is an image source.
+        scheme = urllib.parse.urlparse(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise RequestError(
+                f"the image URL {_describe(req.full_url)} redirects to a {scheme or 'relative'}: "
+                "URL; only redirects to http(s) URLs are followed"
+            )
         _check_domain(newurl, self.allowed)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -78,11 +91,19 @@ def _fetch(url: str, allowed: list[str]) -> bytes:
 
 
 def _read_file(path: str) -> bytes:
+    """A regular file's bytes (up to the download limit): a device such as /dev/zero, or a
+    pipe, is refused rather than read forever."""
     try:
-        with open(os.path.expanduser(path), "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise RequestError(f"the image file {_describe(path)} is not a regular file")
+            data = f.read(MAX_DOWNLOAD_BYTES + 1)
     except OSError as e:
         raise RequestError(f"could not read the image file {_describe(path)}: {e}") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise RequestError(f"the image file {_describe(path)} is larger than 50 MiB")
+    return data
 
 
 def image_bytes(source: str, allowed_domains: list[str]) -> bytes:
@@ -92,40 +113,69 @@ def image_bytes(source: str, allowed_domains: list[str]) -> bytes:
         return _data_url(source)
     if scheme in ("http", "https"):
         return _fetch(source, allowed_domains)
-    if scheme == "file":
+    if scheme == "file":  # the path as written: `~` is expanded in plain paths only
         return _read_file(urllib.request.url2pathname(urllib.parse.urlparse(source).path))
     if len(scheme) > 1:  # not a Windows drive letter
         raise RequestError(
             f"images can be given as a path, file://, data: or http(s) URL; {scheme}:// is "
             "not supported"
         )
-    return _read_file(source)
+    return _read_file(os.path.expanduser(source))
 
 
-def load_image(source: Any, allowed_domains: list[str]) -> Any:
-    """A decoded RGB `PIL.Image` from `source`, or a `RequestError` that names what failed."""
+def _undecodable(source: Any, e: Exception) -> RequestError:
+    return RequestError(
+        f"the image {_describe(source)} could not be decoded ({type(e).__name__}: {e}); "
+        "send a PNG, JPEG, WebP or GIF file"
+    )
+
+
+def open_image(source: Any, allowed_domains: list[str]) -> Any:
+    """A `PIL.Image` from `source` with only its header read (its size is known, its pixels
+    not yet decoded), or a `RequestError` that names what failed."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
-        image = source
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        data = image_bytes(os.fspath(source), allowed_domains)
     else:
-        if isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-        elif isinstance(source, (str, os.PathLike)):
-            data = image_bytes(os.fspath(source), allowed_domains)
-        else:
+        raise RequestError(
+            f"an image must be a PIL image, bytes, a path or a URL; got {type(source).__name__}"
+        )
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:  # Pillow's own decompression-bomb check included
+        raise _undecodable(source, e) from None
+
+
+def open_images(sources: list[Any], allowed_domains: list[str], max_pixels: int) -> list[Any]:
+    """`open_image` of each source, stopping at the first that takes the prompt's images past
+    `max_pixels` (width x height, all images together)."""
+    images, pixels = [], 0
+    for i, source in enumerate(sources):
+        image = open_image(source, allowed_domains)
+        pixels += image.width * image.height
+        if pixels > max_pixels:
             raise RequestError(
-                f"an image must be a PIL image, bytes, a path or a URL; got {type(source).__name__}"
+                f"the prompt's images have more than {max_pixels:,} pixels together (image "
+                f"{i + 1} of {len(sources)} is {image.width}x{image.height}); send fewer or "
+                "smaller images, or raise EngineConfig(max_image_pixels_per_prompt=...), "
+                "--max-image-pixels-per-prompt"
             )
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()  # decode now: a truncated file fails here, not inside the processor
-        except Exception as e:
-            raise RequestError(
-                f"the image {_describe(source)} could not be decoded "
-                f"({type(e).__name__}: {e}); send a PNG, JPEG, WebP or GIF file"
-            ) from None
-    return image.convert("RGB")
+        images.append(image)
+    return images
+
+
+def decode_image(image: Any, source: Any) -> Any:
+    """The opened `image` decoded, in RGB; a truncated file fails here, not in the processor."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as e:
+        raise _undecodable(source, e) from None
 
 
 def image_hash(image: Any) -> str:

@@ -7,6 +7,7 @@ model's own size. Sharded checkpoints are just several files; the index file onl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -85,6 +86,20 @@ def _renamed(name: str, prefixes: Mapping[str, str | None] | None) -> str | None
     return None
 
 
+@contextlib.contextmanager
+def _readable(path: Path):
+    """A file safetensors cannot read (truncated, not safetensors) as our error naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise InvalidModelError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+            "corrupt: download it again"
+        ) from e
+
+
 def load_safetensors(
     model: nn.Module,
     files: Iterable[Path],
@@ -109,7 +124,7 @@ def load_safetensors(
     ) as bar:
         for path in files:
             start = bar.n
-            with safe_open(str(path), framework="pt") as f:
+            with _readable(path), safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     ours = _renamed(name, prefixes)
                     where = None if ours is None else target(ours)
