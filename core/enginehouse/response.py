@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .engine.sequence import RequestOutput
+    from .tool_calls import ToolCall, ToolUse
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
 @dataclass
@@ -17,6 +18,8 @@ class Response:
 
     `token_ids` are the generated tokens only; `cached_tokens` counts prompt tokens whose KV came
     from the prefix cache; `error` says what went wrong when `finish_reason == "error"`.
+    With tools, `text` is the answer's content and `tool_calls` the calls the model made
+    (then `finish_reason == "tool_calls"`).
     """
 
     text: str = ""
@@ -28,6 +31,7 @@ class Response:
     index: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @classmethod
     def from_output(cls, index: int, out: RequestOutput) -> Response:
@@ -55,3 +59,13 @@ class Response:
         self.finish_reason = delta.finish_reason
         self.cached_tokens = delta.cached_tokens
         self.error = delta.error
+
+    def take_tool_calls(self, tools: ToolUse) -> None:
+        """Split a finished answer into its content and the tool calls it makes."""
+        if self.finish_reason not in ("stop", "length"):
+            return
+        content, calls = tools.split(self.text)
+        if calls:
+            self.text, self.tool_calls = content.strip(), calls
+            if self.finish_reason == "stop":  # cut short ("length"), it stays "length"
+                self.finish_reason = "tool_calls"
