@@ -21,13 +21,13 @@ CHATML_TEMPLATE = (
 HERMES_TOOLS_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nYou may call these functions:\n<tools>\n"
     "{%- for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
-    "For each call, write <tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    'For each call, write <tool_call>\n{"name": <function-name>, "arguments": '
     "<args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
     "{%- for m in messages %}"
     "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
-    "{%- if m.content %}{{ m.content }}\n{% endif %}"
-    "{%- for call in m.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
-    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>\n{% endfor %}"
+    "{% if m.content %}{{ m.content }}\n{% endif %}"
+    '{%- for call in m.tool_calls %}<tool_call>\n{"name": "{{ call.function.name }}", '
+    '"arguments": {{ call.function.arguments | tojson }}}\n</tool_call>\n{% endfor %}'
     "<|im_end|>\n"
     "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
     "</tool_response><|im_end|>\n"

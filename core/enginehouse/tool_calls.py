@@ -377,8 +377,8 @@ def resolve_tools(
     if parser is None:
         raise RequestError(
             "this model's chat template renders tools, but in a call format enginehouse does "
-            f"not read (it reads {', '.join(PARSERS)}); pick one with "
-            "Pipeline.tool_parser or --tool-call-parser"
+            f"not read (it reads {', '.join(PARSERS)}); set Pipeline.tool_parser to "
+            "one of enginehouse.tool_calls.PARSERS"
         )
     forced: list[Tool] | None
     if choice == "auto":

@@ -6,11 +6,16 @@ text. Each constrained request walks its own matcher: before every step the matc
 which tokens keep the output valid into one row of a bitmask, and the sampler sets every other
 token's logit to -inf, on constrained rows only. A request whose grammar is still compiling
 waits outside the scheduler; the others run on.
+
+xgrammar's byte automaton lets a few byte sequences through that are not valid UTF-8
+(overlong forms such as E0 82 B2, encoded surrogates), which random weights do pick; a
+`Utf8Guard` masks those tokens too, so every output is valid UTF-8 as well as valid text.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -18,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ..errors import RequestError
@@ -69,15 +75,17 @@ class Constraint:
 
 
 _NOT_SCHEMAS = ("enum", "const", "default", "examples")
+_JSON_CHAR = r'[^"\\\x00-\x1f\uD800-\uDFFF]'  # a character a JSON string holds unescaped
 
 
 def json_safe_lengths(schema: Any) -> Any:
-    """`schema` with each length-bounded string given the same bounds as a pattern.
+    """`schema` with each length-bounded string turned into a pattern with the same bounds.
 
-    xgrammar (up to 0.2.9 at least, its issue #800) compiles a string with minLength or
-    maxLength to a character class that lets raw control characters through, which is not
-    valid JSON; a pattern goes through its JSON-aware regex path instead. `.{m,n}` keeps the
-    bounds (xgrammar ignores the lengths once a pattern is there).
+    xgrammar (0.2.9 at least; its issue #800) compiles a string with minLength or maxLength
+    to a character class that lets raw control characters through (not valid JSON), and it
+    lets UTF-8-encoded surrogates into strings (not valid UTF-8, and each decodes to three
+    replacement characters, breaking the length). A pattern goes through its JSON-aware regex
+    path, where a class can leave both out. Escapes are not allowed in either path.
     """
     if isinstance(schema, list):
         return [json_safe_lengths(s) for s in schema]
@@ -86,9 +94,8 @@ def json_safe_lengths(schema: Any) -> Any:
     out = {k: v if k in _NOT_SCHEMAS else json_safe_lengths(v) for k, v in schema.items()}
     bounded = "minLength" in out or "maxLength" in out
     if out.get("type") == "string" and bounded and "pattern" not in out and "format" not in out:
-        low, high = out.get("minLength", 0), out.get("maxLength", "")
-        if isinstance(low, int) and isinstance(high, (int, str)):
-            out["pattern"] = f"^.{{{low},{high}}}$"
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_JSON_CHAR}{{{low},{high}}}$"
     return out
 
 
@@ -112,6 +119,59 @@ def _reason(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+REJECT = 8  # the UTF-8 automaton's dead state
+
+
+def _utf8_automaton() -> np.ndarray:
+    """UTF-8 as a table [state, byte] -> next state. State 0 is a character boundary; the
+    others count the continuation bytes still due, with the narrower ranges that exclude
+    overlong forms (after E0, F0), surrogates (after ED) and code points past U+10FFFF (F4)."""
+    t = np.full((REJECT + 1, 256), REJECT, dtype=np.int64)
+    t[0, 0x00:0x80] = 0
+    t[0, 0xC2:0xE0] = 1  # one continuation left
+    t[0, 0xE0], t[2, 0xA0:0xC0] = 2, 1
+    t[0, 0xE1:0xED] = t[0, 0xEE:0xF0] = 3  # two continuations left
+    t[0, 0xED], t[4, 0x80:0xA0] = 4, 1
+    t[0, 0xF0], t[5, 0x90:0xC0] = 5, 3
+    t[0, 0xF1:0xF4] = 6  # three continuations left
+    t[0, 0xF4], t[7, 0x80:0x90] = 7, 3
+    t[1, 0x80:0xC0], t[3, 0x80:0xC0], t[6, 0x80:0xC0] = 0, 1, 3
+    return t
+
+
+class Utf8Guard:
+    """Per token and UTF-8 state: the state after the token's bytes, or REJECT."""
+
+    def __init__(self, token_bytes: list[bytes], vocab_size: int) -> None:
+        table = _utf8_automaton()
+        lengths = np.array([len(b) for b in token_bytes], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the active ones lead
+        flat = np.frombuffer(b"".join(token_bytes[i] for i in order), dtype=np.uint8)
+        starts = np.concatenate([[0], np.cumsum(lengths[order])[:-1]]).astype(np.int64)
+        sorted_lengths = lengths[order]
+        after = np.tile(np.arange(REJECT, dtype=np.int64)[:, None], (1, len(token_bytes)))
+        for j in range(int(sorted_lengths.max(initial=0))):
+            active = int(np.searchsorted(-sorted_lengths, -j, side="left"))  # lengths > j
+            byte = flat[starts[:active] + j]
+            after[:, :active] = table[after[:, :active], byte]
+        unsorted = np.empty_like(after)
+        unsorted[:, order] = after
+        # Ids past the tokenizer's (a padded vocabulary) keep the state; the grammar bars them.
+        full = np.tile(np.arange(REJECT, dtype=np.int64)[:, None], (1, vocab_size))
+        n = min(vocab_size, len(token_bytes))
+        full[:, :n] = unsorted[:, :n]
+        self.after = full
+        self._reject = torch.from_numpy(full == REJECT)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def rejected(self, states: list[int], device: torch.device) -> torch.Tensor:
+        """[len(states), vocab] bool: the tokens that would break UTF-8 from each state."""
+        table = self._on.get(device)
+        if table is None:
+            table = self._on[device] = self._reject.to(device)
+        return table[torch.tensor(states, device=device)]
+
+
 class GrammarCompiler:
     """Compiles constraints on a background thread; one `Future` per distinct constraint."""
 
@@ -119,6 +179,7 @@ class GrammarCompiler:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._compiler: Any = None  # made on the compile thread at first use (slow for 150k)
+        self.utf8: Utf8Guard | None = None
         self._cache: OrderedDict[Constraint, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -143,6 +204,7 @@ class GrammarCompiler:
         xgr = xgrammar()
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+            self.utf8 = Utf8Guard(info.decoded_vocab, self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         try:
             if c.kind == "json_schema":
@@ -165,17 +227,20 @@ class GrammarCompiler:
 class GrammarState:
     """One request's walk through its grammar: which tokens may come next, and the ones taken."""
 
-    def __init__(self, compiled: Any, stop_ids: frozenset[int]) -> None:
+    def __init__(self, compiled: Any, stop_ids: frozenset[int], utf8: Utf8Guard) -> None:
         xgr = xgrammar()
         # The grammar ends on the engine's stop tokens for this request (the model's EOS
         # tokens, and any stop_token_ids), not only on the tokenizer's own EOS.
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids))
+        self.utf8 = utf8
+        self.utf8_state = 0
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
-        return self.matcher.accept_token(token)
+        self.utf8_state = int(self.utf8.after[self.utf8_state, token])
+        return self.utf8_state != REJECT and self.matcher.accept_token(token)
 
     @property
     def terminated(self) -> bool:
@@ -198,3 +263,7 @@ def apply_grammars(logits: torch.Tensor, grammars: list[GrammarState | None]) ->
         grammars[i].fill(bitmask, i)  # type: ignore[union-attr]
     bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+    guard = grammars[rows[0]].utf8  # type: ignore[union-attr]
+    rejected = guard.rejected([grammars[i].utf8_state for i in rows], logits.device)  # type: ignore[union-attr]
+    index = torch.tensor(rows, device=logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(rejected, -math.inf))

@@ -352,7 +352,9 @@ class LLMEngine:
         for seq in [s for s in self._compiling if s.compiled_grammar.done()]:  # type: ignore
             self._compiling.remove(seq)
             try:
-                seq.grammar = GrammarState(seq.compiled_grammar.result(), self._grammar_stops(seq))
+                compiled = seq.compiled_grammar.result()
+                guard = self.grammars.utf8
+                seq.grammar = GrammarState(compiled, self._grammar_stops(seq), guard)
             except Exception as e:
                 error = str(e) if isinstance(e, RequestError) else f"{type(e).__name__}: {e}"
                 outputs.append(self._finish(seq, "error", error))

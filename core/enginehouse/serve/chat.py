@@ -10,7 +10,10 @@ from typing import Any
 
 from fastapi import Request
 
+from ..errors import RequestError
 from ..response import Response
+from ..tool_calls import ToolCall, ToolCallStream, ToolUse
+from .errors import bad_request
 from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
 from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, sse, usage
@@ -22,13 +25,20 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     urls = [url for message in req.messages for url in message.image_urls()]
     for url in urls:
         state.check_image_url(url)
+    tools = state.tool_use(req)
     messages = [m.for_template() for m in req.messages]
-    prepare = functools.partial(state.prepare, messages, "messages", apply_chat_template=True)
+    prepare = functools.partial(state.prepare, messages, "messages", True, tools)
     # Fetching and decoding images can take a while: not on the loop that serves the others.
     prompt = await asyncio.to_thread(prepare) if urls else prepare()
     configs = state.configs(req, len(prompt.token_ids))
+    if tools is not None:
+        try:
+            configs = [tools.generation_config(c) for c in configs]
+        except RequestError as e:
+            raise bad_request(str(e), "tool_choice") from e
+    await state.check_grammar(req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
-    chat = _Chat(state, req, response_id, len(prompt.token_ids))
+    chat = _Chat(state, req, response_id, len(prompt.token_ids), tools)
     return await respond(request, generation, chat, req.num_choices)
 
 
@@ -36,13 +46,19 @@ class _Chat:
     """Formats one chat completion, whole or as stream chunks."""
 
     def __init__(
-        self, state: ServerState, req: ChatCompletionRequest, response_id: str, prompt_len: int
+        self,
+        state: ServerState,
+        req: ChatCompletionRequest,
+        response_id: str,
+        prompt_len: int,
+        tools: ToolUse | None = None,
     ) -> None:
         self.state = state
         self.req = req
         self.id = response_id
         self.created = int(time.time())
         self.prompt_len = prompt_len
+        self.tools = tools
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> Any:
         if logprobs is None:
@@ -64,11 +80,21 @@ class _Chat:
             )
         return {"content": content}
 
+    def _message(self, r: Response) -> dict[str, Any]:
+        """The assistant's message; with tools, its calls split from its content."""
+        if self.tools is None:
+            return {"role": "assistant", "content": r.text}
+        r.take_tool_calls(self.tools)
+        if not r.tool_calls:
+            return {"role": "assistant", "content": r.text}
+        calls = [c.to_openai() for c in r.tool_calls]
+        return {"role": "assistant", "content": r.text or None, "tool_calls": calls}
+
     def response(self, results: list[Response]) -> dict[str, Any]:
         choices = [
             {
                 "index": r.index,
-                "message": {"role": "assistant", "content": r.text},
+                "message": self._message(r),
                 "logprobs": self._logprobs(r.token_ids, r.logprobs),
                 "finish_reason": r.finish_reason,
             }
@@ -95,6 +121,22 @@ class _Chat:
             chunk["usage"] = None  # as OpenAI: only the last chunk carries usage
         return sse({**chunk, **extra})
 
+    def _tool_chunks(
+        self, i: int, stream: ToolCallStream, text: str, final: bool, logprobs: Any
+    ) -> list[str]:
+        """With tools: the content that is surely not part of a call, then each call that
+        completed, as OpenAI streams one: its id and name, then its arguments."""
+        done = len(stream.calls)
+        content, calls = stream.feed(text, final)
+        chunks = []
+        if content or logprobs is not None:
+            chunks.append(self._chunk([self._choice(i, {"content": content}, logprobs)]))
+        for k, call in enumerate(calls, start=done):
+            chunks.append(self._chunk([self._choice(i, {"tool_calls": [_call_head(k, call)]})]))
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            chunks.append(self._chunk([self._choice(i, {"tool_calls": [args]})]))
+        return chunks
+
     def _choice(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
@@ -103,6 +145,7 @@ class _Chat:
         reason per choice; then a usage chunk when asked; then `[DONE]`."""
         n = self.req.num_choices
         results = [Response(index=i) for i in range(n)]
+        streams = [self.tools.stream() if self.tools else None for _ in range(n)]
         try:
             for i in range(n):
                 yield self._chunk([self._choice(i, {"role": "assistant", "content": ""})])
@@ -113,16 +156,28 @@ class _Chat:
                     yield error.sse()
                     break
                 logprobs = self._logprobs(delta.token_ids, delta.logprobs)
+                stream = streams[i]
+                if stream is not None:
+                    for chunk in self._tool_chunks(i, stream, delta.text, out.finished, logprobs):
+                        yield chunk
                 # A chunk per step that made tokens, as vLLM does, even when their text is
                 # held back (a possible stop string, half a UTF-8 character): clients see
                 # progress, and each token's logprobs arrive with it.
-                if delta.text or delta.token_ids:
+                elif delta.text or delta.token_ids:
                     yield self._chunk([self._choice(i, {"content": delta.text}, logprobs)])
                 if out.finished:
-                    yield self._chunk([self._choice(i, {}, finish=out.finish_reason)])
+                    finish = out.finish_reason
+                    if stream is not None and stream.calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield self._chunk([self._choice(i, {}, finish=finish)])
             else:
                 if self.req.include_usage:
                     yield self._chunk([], usage=usage([self.prompt_len], results, n))
             yield SSE_DONE
         finally:
             generation.abort()
+
+
+def _call_head(index: int, call: ToolCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": ""}
+    return {"index": index, "id": call.id, "type": "function", "function": function}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from ..errors import RequestError
 from ..multimodal import PreparedPrompt
 from ..pipeline import Pipeline
 from ..response import Response
+from ..tool_calls import ToolUse
 from .errors import APIError, bad_request
 from .generation import Generation, unless_disconnected
 from .metrics import ServerMetrics
@@ -79,9 +81,15 @@ class ServerState:
             "messages",
         )
 
-    def prepare(self, prompt: Any, param: str, apply_chat_template: bool = False) -> PreparedPrompt:
+    def prepare(
+        self,
+        prompt: Any,
+        param: str,
+        apply_chat_template: bool = False,
+        tools: ToolUse | None = None,
+    ) -> PreparedPrompt:
         try:
-            prepared = self.pipe.prepare(prompt, apply_chat_template)
+            prepared = self.pipe.prepare(prompt, apply_chat_template, tools and tools.tools)
         except RequestError as e:
             raise bad_request(str(e), param) from e
         ids = prepared.token_ids
@@ -115,6 +123,26 @@ class ServerState:
             req.generation_config(max_new, req.num_logprobs, defaults, i)
             for i in range(req.num_choices)
         ]
+
+    def tool_use(self, req: ChatCompletionRequest) -> ToolUse | None:
+        """The request's tools, checked against the model's chat template."""
+        try:
+            return self.pipe.tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except RequestError as e:
+            param = "tools" if "template" in str(e) or not req.tool_choice else "tool_choice"
+            raise bad_request(str(e), param) from e
+
+    async def check_grammar(self, req: GenerationRequest, config: GenerationConfig) -> None:
+        """Compile the output's grammar (off this loop, cached) so that a schema, regex or
+        grammar that does not compile is a 400 before anything starts."""
+        constraint = config.constraint
+        if constraint is None:
+            return
+        param = req.output_constraint()[1] or "tool_choice"
+        try:
+            await asyncio.wrap_future(self.pipe.engine.engine.grammars.compile(constraint))
+        except RequestError as e:
+            raise bad_request(str(e), param) from e
 
     def start(
         self, prefix: str, choices: list[tuple[PreparedPrompt, GenerationConfig]]
