@@ -15,7 +15,6 @@ xgrammar's byte automaton lets a few byte sequences through that are not valid U
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -161,15 +160,13 @@ class Utf8Guard:
         n = min(vocab_size, len(token_bytes))
         full[:, :n] = unsorted[:, :n]
         self.after = full
-        self._reject = torch.from_numpy(full == REJECT)
-        self._on: dict[torch.device, torch.Tensor] = {}
-
-    def rejected(self, states: list[int], device: torch.device) -> torch.Tensor:
-        """[len(states), vocab] bool: the tokens that would break UTF-8 from each state."""
-        table = self._on.get(device)
-        if table is None:
-            table = self._on[device] = self._reject.to(device)
-        return table[torch.tensor(states, device=device)]
+        # The allowed tokens of each state as bitmask rows in xgrammar's layout (bit i % 32 of
+        # word i // 32), so that guarding a row is one AND with the grammar's row.
+        words = -(-vocab_size // 32)
+        allowed = np.zeros((REJECT, words * 32), dtype=bool)
+        allowed[:, :vocab_size] = full != REJECT
+        packed = np.packbits(allowed, axis=1, bitorder="little")
+        self.bits = torch.from_numpy(packed.view("<i4").copy())  # [state, words] int32
 
 
 class GrammarCompiler:
@@ -260,10 +257,9 @@ def apply_grammars(logits: torch.Tensor, grammars: list[GrammarState | None]) ->
     xgr = xgrammar()
     bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[1])
     for i in rows:
-        grammars[i].fill(bitmask, i)  # type: ignore[union-attr]
+        grammar = grammars[i]
+        assert grammar is not None
+        grammar.fill(bitmask, i)
+        bitmask[i] &= grammar.utf8.bits[grammar.utf8_state]
     bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
-    guard = grammars[rows[0]].utf8  # type: ignore[union-attr]
-    rejected = guard.rejected([grammars[i].utf8_state for i in rows], logits.device)  # type: ignore[union-attr]
-    index = torch.tensor(rows, device=logits.device)
-    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(rejected, -math.inf))
