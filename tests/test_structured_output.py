@@ -393,6 +393,16 @@ def test_server_tool_calls_whole_and_streamed(client):
         ),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": 1}}}
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+            "tool 'f': the JSON schema cannot be compiled",
+        ),
+        (
             {"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}},
             "guided_choice",
             "at most one output constraint",

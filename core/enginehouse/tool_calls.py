@@ -27,6 +27,14 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # OpenAI: no parameters
 _DECODER = json.JSONDecoder()
 
 
+class ToolError(RequestError):
+    """A request's tools or tool_choice cannot be used; `param` names which."""
+
+    def __init__(self, message: str, param: str = "tools") -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def _new_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -87,12 +95,12 @@ def function_spec(tool: Tool) -> tuple[str, dict[str, Any]]:
     """(name, parameters schema) of one OpenAI tool; `RequestError` for a malformed one."""
     fn = tool.get("function") if isinstance(tool, Mapping) else None
     if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
-        raise RequestError('each tool must be {"type": "function", "function": {"name": ...}}')
+        raise ToolError('each tool must be {"type": "function", "function": {"name": ...}}')
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise RequestError('each tool needs {"function": {"name": "...", "parameters": {...}}}')
+        raise ToolError('each tool needs {"function": {"name": "...", "parameters": {...}}}')
     params = fn.get("parameters") or EMPTY_PARAMETERS
     if not isinstance(params, dict):
-        raise RequestError(f"the parameters of tool {fn['name']!r} must be a JSON schema object")
+        raise ToolError(f"the parameters of tool {fn['name']!r} must be a JSON schema object")
     return fn["name"], params
 
 
@@ -137,7 +145,7 @@ class ToolParser:
             try:
                 grammar = compact_json_grammar(params)
             except RequestError as e:
-                raise RequestError(f"tool {name!r}: {e}") from e
+                raise ToolError(f"tool {name!r}: {e}") from e
             tags.append(
                 {
                     "type": "tag",
@@ -248,13 +256,10 @@ class MistralParser(ToolParser):
         return calls
 
     def constraint(self, tools: Sequence[Tool], parallel: bool) -> dict[str, Any]:
+        # The calls as the content of one tag (a sequence may end with open-ended content
+        # only, in xgrammar before 0.2).
         calls = super().constraint(tools, parallel)
-        elements = [
-            {"type": "const_string", "value": "[TOOL_CALLS] ["},
-            calls,
-            {"type": "const_string", "value": "]"},
-        ]
-        return {"type": "sequence", "elements": elements}
+        return {"type": "tag", "begin": "[TOOL_CALLS] [", "content": calls, "end": "]"}
 
 
 PARSERS: dict[str, type[ToolParser]] = {
@@ -334,9 +339,10 @@ class ToolUse:
         update: dict[str, Any] = {}
         if self.forced is not None:
             if config.constraint is not None:
-                raise RequestError(
+                raise ToolError(
                     "tool_choice 'required' or a named function already constrains the "
-                    "output; drop response_format (or regex, choice, grammar) from the request"
+                    "output; drop response_format (or regex, choice, grammar) from the request",
+                    "tool_choice",
                 )
             update["structural_tag"] = self.parser.constraint(self.forced, self.parallel)
         if self.parser.needs_special_tokens:
@@ -359,23 +365,23 @@ def resolve_tools(
     parser: ToolParser | None,
 ) -> ToolUse | None:
     """Check a request's tools and tool_choice against the model's template; None when the
-    request lets no tool be called. Raises `RequestError` naming what is wrong."""
+    request lets no tool be called. Raises `ToolError` naming what is wrong."""
     choice = "auto" if tool_choice is None else tool_choice
     if not tools:
         if choice not in ("auto", "none"):
-            raise RequestError(f"tool_choice {choice!r} needs tools; add them to the request")
+            raise ToolError(f"tool_choice {choice!r} needs tools; add them", "tool_choice")
         return None
     names = [function_spec(t)[0] for t in tools]
     if choice == "none":
         return None
     if not template_supports_tools(template):
-        raise RequestError(
+        raise ToolError(
             "this model's chat template does not render tools, so the model cannot be told "
             "about them; use a model whose template supports tools, or pass a chat template "
             "that does (chat_template= / --chat-template)"
         )
     if parser is None:
-        raise RequestError(
+        raise ToolError(
             "this model's chat template renders tools, but in a call format enginehouse does "
             f"not read (it reads {', '.join(PARSERS)}); set Pipeline.tool_parser to "
             "one of enginehouse.tool_calls.PARSERS"
@@ -388,14 +394,16 @@ def resolve_tools(
     elif isinstance(choice, Mapping) and isinstance(choice.get("function"), Mapping):
         name = choice["function"].get("name")
         if name not in names:
-            raise RequestError(
+            raise ToolError(
                 f"tool_choice names the function {name!r}, but no tool has that name "
-                f"(tools: {', '.join(names)})"
+                f"(tools: {', '.join(names)})",
+                "tool_choice",
             )
         forced, parallel = [tools[names.index(name)]], False
     else:
-        raise RequestError(
+        raise ToolError(
             "tool_choice must be 'none', 'auto', 'required' or "
-            "{'type': 'function', 'function': {'name': ...}}"
+            "{'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
         )
     return ToolUse(parser, list(tools), forced, parallel is not False)

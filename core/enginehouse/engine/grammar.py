@@ -160,6 +160,7 @@ class Utf8Guard:
         n = min(vocab_size, len(token_bytes))
         full[:, :n] = unsorted[:, :n]
         self.after = full
+        self.vocab_size = vocab_size
         # The allowed tokens of each state as bitmask rows in xgrammar's layout (bit i % 32 of
         # word i // 32), so that guarding a row is one AND with the grammar's row.
         words = -(-vocab_size // 32)
@@ -255,11 +256,14 @@ def apply_grammars(logits: torch.Tensor, grammars: list[GrammarState | None]) ->
     if not rows:
         return
     xgr = xgrammar()
-    bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[1])
+    vocab = grammars[rows[0]].utf8.vocab_size  # type: ignore[union-attr]
+    if logits.shape[1] > vocab:  # logits past the vocabulary the grammar knows: never
+        logits[rows, vocab:] = float("-inf")
+    bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)
     for i in rows:
         grammar = grammars[i]
         assert grammar is not None
         grammar.fill(bitmask, i)
         bitmask[i] &= grammar.utf8.bits[grammar.utf8_state]
     bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)

@@ -10,9 +10,8 @@ from typing import Any
 
 from fastapi import Request
 
-from ..errors import RequestError
 from ..response import Response
-from ..tool_calls import ToolCall, ToolCallStream, ToolUse
+from ..tool_calls import ToolCall, ToolCallStream, ToolError, ToolUse
 from .errors import bad_request
 from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
@@ -34,8 +33,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     if tools is not None:
         try:
             configs = [tools.generation_config(c) for c in configs]
-        except RequestError as e:
-            raise bad_request(str(e), "tool_choice") from e
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from e
     await state.check_grammar(req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, len(prompt.token_ids), tools)

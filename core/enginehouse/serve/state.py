@@ -20,7 +20,7 @@ from ..errors import RequestError
 from ..multimodal import PreparedPrompt
 from ..pipeline import Pipeline
 from ..response import Response
-from ..tool_calls import ToolUse
+from ..tool_calls import ToolError, ToolUse
 from .errors import APIError, bad_request
 from .generation import Generation, unless_disconnected
 from .metrics import ServerMetrics
@@ -128,9 +128,8 @@ class ServerState:
         """The request's tools, checked against the model's chat template."""
         try:
             return self.pipe.tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
-        except RequestError as e:
-            param = "tools" if "template" in str(e) or not req.tool_choice else "tool_choice"
-            raise bad_request(str(e), param) from e
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from e
 
     async def check_grammar(self, req: GenerationRequest, config: GenerationConfig) -> None:
         """Compile the output's grammar (off this loop, cached) so that a schema, regex or
