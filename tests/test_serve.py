@@ -271,7 +271,7 @@ LONG = [{"role": "user", "content": "hello " * 400}]
         ({"messages": []}, "messages", "at least 1"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'user'"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "render tools"),
         ({"extra_body": {"foo": 1}}, "foo", "unrecognized request argument"),
         ({"extra_body": {"stop_token_ids": [10**6]}}, None, "outside the vocabulary"),
         ({"extra_body": {"min_tokens": 9}, "max_tokens": 3}, "min_tokens", "lower min_tokens"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import InvalidModelError
 from .spec import ModelSpec
+from .tool_calls import template_supports_tools
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,18 @@ class ChatTemplate:
         transformers' VLM templates) rather than as a string."""
         return _reads_parts(self.template, tokenizer)
 
-    def render(self, tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True):
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders the tools it is given (`tools=`) at all."""
+        return template_supports_tools(self.template)
+
+    def render(
+        self,
+        tokenizer: Any,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ):
         if self.is_builtin:
             log.warning(
                 "the tokenizer has no chat template; using enginehouse's %r template. "
@@ -53,11 +65,30 @@ class ChatTemplate:
                 self.source,
             )
         return tokenizer.apply_chat_template(
-            messages,
+            [_with_argument_objects(m) for m in messages],
             chat_template=self.template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            tools=tools or None,
         )
+
+
+def _with_argument_objects(message: dict) -> dict:
+    """An assistant message's tool calls with their arguments as objects: OpenAI sends them as
+    JSON text, and templates (Qwen2.5's, Llama 3's...) write them with `tojson`."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    fixed = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                call = {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+            except ValueError:
+                pass  # not JSON: the template gets the text as it is
+        fixed.append(call)
+    return {**message, "tool_calls": fixed}
 
 
 _READS_PARTS: dict[str, bool] = {}  # by template text (not by tokenizer: none is kept alive)

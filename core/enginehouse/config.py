@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .engine.grammar import Constraint
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
+CONSTRAINT_FIELDS = ("response_format", "regex", "choice", "grammar", "structural_tag")
 
 # Fields of generation_config.json that become defaults when the user leaves them unset,
 # the way transformers' generate() and vLLM treat a model's own generation settings.
@@ -42,6 +48,51 @@ class GenerationConfig(BaseModel):
         None, ge=0, le=20, description="top-N logprobs per prompt token (each prompt token too)"
     )
     skip_special_tokens: bool = True
+    # Structured output, at most one of these (docs/structured-output.md). response_format is
+    # OpenAI's: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}}
+    # (or a pydantic model class); grammar is EBNF as xgrammar reads it (GBNF-like).
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: dict[str, Any] | None = Field(None, description="xgrammar's `format` object")
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _model_class_as_schema(cls, v: Any) -> Any:
+        if isinstance(v, type) and issubclass(v, BaseModel):
+            schema = {"name": v.__name__, "schema": v.model_json_schema()}
+            return {"type": "json_schema", "json_schema": schema}
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in RESPONSE_FORMATS:
+            raise ValueError(
+                f"response_format type {kind!r} is unknown; "
+                f"use one of {', '.join(RESPONSE_FORMATS)}"
+            )
+        if kind == "json_schema":
+            inner = v.get("json_schema")
+            if not isinstance(inner, Mapping) or not isinstance(inner.get("schema"), (dict, bool)):
+                raise ValueError(
+                    "a json_schema response_format needs the schema as "
+                    "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}"
+                )
+        if kind == "structural_tag" and not isinstance(v.get("format"), Mapping):
+            raise ValueError("a structural_tag response_format needs its 'format' object")
+        return v
+
+    @field_validator("choice")
+    @classmethod
+    def _choices(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not c for c in v)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        return v
 
     @field_validator("stop_words", mode="before")
     @classmethod
@@ -63,6 +114,38 @@ class GenerationConfig(BaseModel):
                 f"({self.max_new_tokens}); lower it or raise max_new_tokens"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerationConfig:
+        given = [f for f in CONSTRAINT_FIELDS if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format["type"] == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint; got {' and '.join(given)}")
+        return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the output must match (engine/grammar.py), or None for free text."""
+        from .engine.grammar import Constraint
+
+        fmt = self.response_format
+        if fmt is not None and fmt["type"] == "json_object":
+            return Constraint.json_schema({"type": "object"})
+        if fmt is not None and fmt["type"] == "json_schema":
+            return Constraint.json_schema(fmt["json_schema"]["schema"])
+        if fmt is not None and fmt["type"] == "structural_tag":
+            return Constraint.structural_tag(fmt["format"])
+        if self.regex is not None:
+            return Constraint("regex", self.regex)
+        if self.choice is not None:
+            return Constraint.choice(self.choice)
+        if self.grammar is not None:
+            return Constraint("grammar", self.grammar)
+        if self.structural_tag is not None:
+            tag = self.structural_tag  # the format object, or the whole tag around it
+            return Constraint.structural_tag(tag.get("format", tag))
+        return None
 
     @property
     def greedy(self) -> bool:

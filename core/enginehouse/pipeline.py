@@ -34,6 +34,7 @@ from .resolve import resolve_model
 from .response import Response
 from .runner import ModelRunner, RunnerContext, missing_members, session_length
 from .spec import ModelSpec, read_model_spec
+from .tool_calls import Tool, ToolParser, ToolUse, parser_for_template, resolve_tools
 
 SCORE_CONFIG = GenerationConfig(max_new_tokens=1)  # score-only requests generate nothing
 Message = Mapping[str, Any]
@@ -245,6 +246,8 @@ class Pipeline:
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        # How this model writes tool calls, from its template; set another to override.
+        self.tool_parser: ToolParser | None = parser_for_template(chat_template.template)
 
     @property
     def backend(self) -> str | None:
@@ -281,15 +284,20 @@ class Pipeline:
 
     # --- inputs -----------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int]:
+    def encode(
+        self, prompt: Prompt, apply_chat_template: bool = True, tools: list[Tool] | None = None
+    ) -> list[int]:
         """Token ids for one prompt: a string, a message list, or {"token_ids": [...]}.
 
         A prompt with images has its placeholders expanded; `prepare` also gives its images.
         """
-        return self.prepare(prompt, apply_chat_template).token_ids
+        return self.prepare(prompt, apply_chat_template, tools).token_ids
 
-    def prepare(self, prompt: Prompt, apply_chat_template: bool = True) -> PreparedPrompt:
-        """One prompt as the engine takes it: token ids, and for a VLM its images."""
+    def prepare(
+        self, prompt: Prompt, apply_chat_template: bool = True, tools: list[Tool] | None = None
+    ) -> PreparedPrompt:
+        """One prompt as the engine takes it: token ids, and for a VLM its images. `tools`
+        (OpenAI's function tools) go to the chat template."""
         if isinstance(prompt, Mapping):
             if "token_ids" not in prompt:
                 raise RequestError("a dict prompt must be {'token_ids': [...]}")
@@ -306,20 +314,22 @@ class Pipeline:
             )
         if images:
             check_image_count(len(images), self.engine.engine.config)
-        text, special = self._text(body, images, apply_chat_template)
+        text, special = self._text(body, images, apply_chat_template, tools)
         if not images:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
         assert vision is not None
         check_placeholders(text, len(images), vision.image_token)
         return vision.prepare(text, images, special, max_tokens=self.engine.engine.session_len)
 
-    def _text(self, prompt: Any, images: list[Any], apply_chat_template: bool) -> tuple[str, bool]:
+    def _text(
+        self, prompt: Any, images: list[Any], apply_chat_template: bool, tools: Any = None
+    ) -> tuple[str, bool]:
         """The prompt's text, and whether tokenizing it adds special tokens (not after a
         template: the template already wrote any BOS token, and it would double)."""
         vision = self.vision
         placeholder = vision.image_placeholder if vision is not None else ""
         if isinstance(prompt, str):
-            if not apply_chat_template or self.chat_template.is_builtin:
+            if not tools and (not apply_chat_template or self.chat_template.is_builtin):
                 if vision is None:
                     return prompt, True
                 return image_prompt(prompt, len(images), vision.image_token, placeholder), True
@@ -336,7 +346,7 @@ class Pipeline:
         if not self.chat_template.reads_parts(self.tokenizer):
             messages = flatten_parts(messages, placeholder)
         try:
-            return self.chat_template.render(self.tokenizer, messages), False
+            return self.chat_template.render(self.tokenizer, messages, tools=tools), False
         except Exception as e:  # a template may reject a conversation (roles, order)
             raise RequestError(f"the chat template rejected the messages: {e}") from e
 
@@ -365,6 +375,9 @@ class Pipeline:
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenConfigs = None,
         *,
+        tools: list[Tool] | None = None,
+        tool_choice: str | Mapping[str, Any] = "auto",
+        parallel_tool_calls: bool = True,
         apply_chat_template: bool = True,
         progress: bool = False,
     ) -> Response | list[Response]:
@@ -372,16 +385,35 @@ class Pipeline:
 
         In a list, a prompt the engine cannot serve ends with `finish_reason="error"` and its
         `error`, and the others still run; a single bad prompt raises `RequestError`.
+        `tools` (OpenAI's function tools) go to the chat template, and the calls the model
+        makes come back parsed in `Response.tool_calls`; `tool_choice` "required" or
+        {"type": "function", "function": {"name": ...}} makes it call one (docs/tools).
         """
         items, single = self._batch(prompts)
+        use = self.tool_use(tools, tool_choice, parallel_tool_calls)
         results = [Response(index=i) for i in range(len(items))]
         bar = tqdm(total=len(items), disable=not progress, desc="generating")
-        for delta in self._stream(items, gen_config, apply_chat_template, raise_single=single):
+        deltas = self._stream(items, gen_config, apply_chat_template, single, tools=use)
+        for delta in deltas:
             results[delta.index].extend(delta)
             if delta.finish_reason is not None:
                 bar.update(1)
         bar.close()
+        if use is not None:
+            for r in results:
+                r.take_tool_calls(use)
         return results[0] if single else results
+
+    def tool_use(
+        self,
+        tools: list[Tool] | None,
+        tool_choice: str | Mapping[str, Any] | None = "auto",
+        parallel_tool_calls: bool | None = True,
+    ) -> ToolUse | None:
+        """A request's tools checked against this model (`RequestError` when they cannot be
+        used); None when no tool may be called."""
+        template = self.chat_template.template
+        return resolve_tools(tools, tool_choice, parallel_tool_calls, template, self.tool_parser)
 
     def stream(
         self,
@@ -400,10 +432,13 @@ class Pipeline:
         gen_config: GenConfigs,
         apply_chat_template: bool,
         raise_single: bool,
+        tools: ToolUse | None = None,
     ) -> Iterator[Response]:
         configs = self._configs(gen_config, len(items))
+        if tools is not None:
+            configs = [tools.generation_config(c) for c in configs]
         outputs = self._outputs(
-            [(p, c) for p, c in zip(items, configs)], apply_chat_template, raise_single
+            [(p, c) for p, c in zip(items, configs)], apply_chat_template, raise_single, tools=tools
         )
         for i, out in outputs:
             yield out if isinstance(out, Response) else Response.from_output(i, out)
@@ -414,6 +449,7 @@ class Pipeline:
         apply_chat_template: bool,
         raise_single: bool,
         score_only: bool = False,
+        tools: ToolUse | None = None,
     ) -> Iterator[tuple[int, RequestOutput | Response]]:
         """Submit every request, then yield (index, engine output) as they come. A request
         that cannot be served yields an error `Response`, or raises with `raise_single`: a
@@ -425,7 +461,10 @@ class Pipeline:
             with self.engine.together():
                 for i, (prompt, cfg) in enumerate(requests):
                     try:
-                        prepared = self.prepare(prompt, apply_chat_template)
+                        prepared = self.prepare(
+                            prompt, apply_chat_template, tools.tools if tools else None
+                        )
+                        self.wait_for_grammar(cfg)
                         rid = self.engine.submit(
                             prepared.token_ids,
                             cfg,
@@ -450,6 +489,13 @@ class Pipeline:
         finally:
             for rid in pending:  # the caller stopped early: free their KV blocks
                 self.engine.abort(rid)
+
+    def wait_for_grammar(self, config: GenerationConfig) -> None:
+        """Compile the request's grammar now (cached), so that a bad schema, regex or grammar
+        raises `RequestError` here rather than ending the request with an error."""
+        constraint = config.constraint
+        if constraint is not None:
+            self.engine.engine.grammars.compile(constraint).result()
 
     def get_ppl(self, prompts: Prompt | Sequence[Prompt]) -> float | list[float]:
         """Perplexity of each prompt (exp of the mean negative log-likelihood per token).
@@ -478,16 +524,38 @@ class Pipeline:
 
     def chat(
         self,
-        prompt: str,
+        prompt: str | Message | Sequence[Message],
         session: ChatSession | None = None,
         gen_config: GenConfigs = None,
+        *,
+        tools: list[Tool] | None = None,
+        tool_choice: str | Mapping[str, Any] = "auto",
+        parallel_tool_calls: bool = True,
     ) -> ChatSession:
-        """One turn of a conversation; pass the returned session back for the next turn."""
+        """One turn of a conversation; pass the returned session back for the next turn.
+
+        `prompt` is the user's text, or the messages to add (e.g. `tool` results) as they are.
+        The assistant's tool calls, if any, are kept in the history in OpenAI's shape.
+        """
         session = session or ChatSession()
-        session.history.append({"role": "user", "content": prompt})
-        response = self(list(session.history), gen_config)
+        if isinstance(prompt, str):
+            session.history.append({"role": "user", "content": prompt})
+        elif isinstance(prompt, Mapping):
+            session.history.append(dict(prompt))
+        else:
+            session.history.extend(dict(m) for m in prompt)
+        response = self(
+            list(session.history),
+            gen_config,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+        )
         assert isinstance(response, Response)
-        session.history.append({"role": "assistant", "content": response.text})
+        message: dict[str, Any] = {"role": "assistant", "content": response.text}
+        if response.tool_calls:
+            message["tool_calls"] = [c.to_openai() for c in response.tool_calls]
+        session.history.append(message)
         session.response = response
         return session
 
@@ -497,6 +565,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.engine.close()
+        self.engine.engine.grammars.close()
         self.runner.close()
         if self.vision is not None:
             self.vision.close()
@@ -512,7 +581,7 @@ class ChatSession:
     """The messages of one conversation, and the last response."""
 
     def __init__(self, system: str | None = None) -> None:
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict[str, Any]] = []
         if system:
             self.history.append({"role": "system", "content": system})
         self.response: Response | None = None

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .engine.sequence import RequestOutput
+    from .tool_calls import ToolCall, ToolUse
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
 @dataclass
@@ -20,6 +21,8 @@ class Response:
     `GenerationConfig(prompt_logprobs=N)`, `prompt_logprobs` has one entry per prompt token (the
     first is None: nothing predicts it) mapping the token and the top N to their logprobs, and
     `prompt_ranks` each prompt token's rank among all tokens (1: the most likely).
+    With tools, `text` is the answer's content and `tool_calls` the calls the model made
+    (then `finish_reason == "tool_calls"`).
     """
 
     text: str = ""
@@ -33,6 +36,7 @@ class Response:
     error: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_ranks: list[int | None] | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @classmethod
     def from_output(cls, index: int, out: RequestOutput) -> Response:
@@ -64,3 +68,13 @@ class Response:
         self.error = delta.error
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_ranks = delta.prompt_logprobs, delta.prompt_ranks
+
+    def take_tool_calls(self, tools: ToolUse) -> None:
+        """Split a finished answer into its content and the tool calls it makes."""
+        if self.finish_reason not in ("stop", "length"):
+            return
+        content, calls = tools.split(self.text)
+        if calls:
+            self.text, self.tool_calls = content.strip(), calls
+            if self.finish_reason == "stop":  # cut short ("length"), it stays "length"
+                self.finish_reason = "tool_calls"

@@ -14,6 +14,25 @@ from typing import Any
 from .chat_template import CHATML
 
 CHATML_TEMPLATE = CHATML  # the built-in one: tests see what a ChatML checkpoint renders
+# ChatML with tools in the Hermes / Qwen2.5 format: the tools listed in the system turn, each
+# call written as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, results as
+# <tool_response> in a user turn.
+HERMES_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call these functions:\n<tools>\n"
+    "{%- for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'For each call, write <tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{% if m.content %}{{ m.content }}\n{% endif %}"
+    '{%- for call in m.tool_calls %}<tool_call>\n{"name": "{{ call.function.name }}", '
+    '"arguments": {{ call.function.arguments | tojson }}}\n</tool_call>\n{% endfor %}'
+    "<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 WORDS = (
     "the a engine model token train cache block batch prompt answer question river city "

@@ -33,6 +33,7 @@ class AsyncEngine:
         """`executor`: the one-thread executor that runs the steps; pass the one the model was
         loaded on, so that all torch work stays on one thread (see `pipeline()`)."""
         self.engine = engine
+        engine.on_grammar_ready = self._grammar_ready
         self._sinks: dict[str, Sink] = {}
         self._closed = False
         self._held = threading.local()  # per caller thread: adds held back by `together()`
@@ -55,7 +56,7 @@ class AsyncEngine:
 
     async def _step_loop(self) -> None:
         while not self._closed:
-            if not self.engine.has_work():
+            if not self.engine.can_step():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -76,6 +77,13 @@ class AsyncEngine:
         check tells a stuck engine from a busy one. Safe to call from any thread."""
         started = self._step_started
         return 0.0 if started is None else time.monotonic() - started
+
+    def _grammar_ready(self) -> None:
+        # Called from the compile thread: a request waiting for its grammar can now run.
+        try:
+            self.loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the loop has closed
+            pass
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)

@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ..runner import ModelRunner, ScheduledBatch, session_length
 from ..spec import ModelSpec
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarCompiler, GrammarState, xgrammar
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
@@ -92,6 +94,10 @@ class LLMEngine:
         self._inbox: deque[tuple[str, Any]] = deque()
         self._queued: set[str] = set()  # ids of the adds in the inbox: a check in O(1)
         self._seqs: dict[str, Sequence] = {}
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
+        self._compiling: list[Sequence] = []  # constrained requests waiting for their grammar
+        # Called (from the compile thread) when a grammar is ready, to wake whoever steps.
+        self.on_grammar_ready: Callable[[], None] = lambda: None
         self._warned_non_finite = False
 
     def _release(self, seq: Sequence) -> None:
@@ -126,6 +132,8 @@ class LLMEngine:
                 raise RequestError(
                     f"{what} {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
                 )
+        if params.constraint is not None:
+            xgrammar()  # a clear error naming the extra when xgrammar is missing
         self.check_length(len(prompt_ids), score_only)
 
     def check_length(self, prompt_len: int, score_only: bool = False) -> None:
@@ -169,7 +177,16 @@ class LLMEngine:
         self._inbox.append(("abort", request_id))
 
     def has_work(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_work()
+        """Some request is unfinished (possibly only waiting for its grammar)."""
+        return self.can_step() or bool(self._compiling)
+
+    def can_step(self) -> bool:
+        """A step now would do something: requests queued, scheduled or with a grammar ready."""
+        return (
+            bool(self._inbox)
+            or self.scheduler.has_work()
+            or any(s.compiled_grammar.done() for s in self._compiling)  # type: ignore[union-attr]
+        )
 
     def stats(self) -> dict[str, int]:
         return {
@@ -185,6 +202,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One round: take queued requests, run one batch, return every request's news."""
         outputs = self._drain_inbox()
+        if self._compiling:
+            outputs.extend(self._admit_compiled())
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs
@@ -330,8 +349,35 @@ class LLMEngine:
             seq.mm = mm
             seq.mm_positions = [i for i, t in enumerate(prompt_ids) if t == image_id]
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        constraint = params.constraint
+        if constraint is None:
+            self.scheduler.add(seq)
+        else:
+            # Scheduled once its grammar is compiled (at once when cached); others run on.
+            seq.compiled_grammar = self.grammars.compile(constraint)
+            self._compiling.append(seq)
+            seq.compiled_grammar.add_done_callback(lambda _: self.on_grammar_ready())
         return seq
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedule the requests whose grammar is ready; fail those whose grammar failed."""
+        outputs = []
+        for seq in [s for s in self._compiling if s.compiled_grammar.done()]:  # type: ignore
+            self._compiling.remove(seq)
+            try:
+                compiled = seq.compiled_grammar.result()
+                guard = self.grammars.utf8
+                seq.grammar = GrammarState(compiled, self._grammar_stops(seq), guard)
+            except Exception as e:
+                error = str(e) if isinstance(e, RequestError) else f"{type(e).__name__}: {e}"
+                outputs.append(self._finish(seq, "error", error))
+                continue
+            self.scheduler.add(seq)
+        return outputs
+
+    def _grammar_stops(self, seq: Sequence) -> frozenset[int]:
+        # With ignore_eos a grammar still needs a token that ends it: the model's EOS.
+        return seq.stop_ids or self.eos_ids
 
     def _score(self, seq: Sequence, start: int, logits: torch.Tensor) -> list[RequestOutput]:
         # Position p predicts token p+1; the prompt's last position predicts nothing we know.
@@ -370,7 +416,12 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         p = seq.params
-        if token in seq.stop_ids:
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # Only possible when every token was masked (a vocabulary the grammar does not
+            # cover): better an error than an output that breaks its constraint.
+            text = self.tokenizer.decode([token])
+            return self._finish(seq, "error", f"token {token} ({text!r}) breaks the grammar")
+        if token in seq.stop_ids or (seq.grammar is not None and seq.grammar.terminated):
             return self._finish(seq, "stop")
         old_len = len(seq.text)
         seq.text += seq.detokenizer.add(token)
@@ -397,6 +448,9 @@ class LLMEngine:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
+        if seq in self._compiling:
+            self._compiling.remove(seq)
+        seq.grammar = seq.compiled_grammar = None
         out = self._output(seq)
         out.error = error
         return out

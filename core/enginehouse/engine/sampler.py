@@ -2,12 +2,15 @@
 
 Order follows transformers: penalties, then temperature, top-k, top-p and min-p. Each seeded
 request draws from its own generator, so its tokens do not depend on what it is batched with.
+Rows of constrained requests (grammar.py) get their grammar's token mask after the penalties;
+a batch without them does no grammar work at all.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .grammar import apply_grammars
 from .sequence import Sequence
 
 
@@ -31,7 +34,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             if out.numel():
                 counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
                 logits[row] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
-        if seq.num_generated < p.min_new_tokens and seq.stop_ids:
+        # A grammar decides itself when the output may end: banning its stop tokens could
+        # leave a complete output with no allowed token at all.
+        if seq.num_generated < p.min_new_tokens and seq.stop_ids and seq.grammar is None:
             banned_rows.extend([row] * len(seq.stop_ids))
             banned_ids.extend(seq.stop_ids)
     if banned_rows:  # one indexing op for the whole batch, not one per row
@@ -87,6 +92,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw_logprobs = logits[want].log_softmax(dim=1) if want else None
     logits = apply_penalties(logits, seqs)  # in place: the runner's output is ours to change
+    grammars = [s.grammar for s in seqs]
+    if any(g is not None for g in grammars):
+        apply_grammars(logits, grammars)
     # max, not argmax: the same token (the first maximum; NaN counts as one), and in the same
     # pass the row maxima, which are finite unless the row holds NaN or is all -inf or +inf.
     best, tokens = logits.max(dim=1)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import bisect
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import GenerationConfig
 from ..multimodal import MultiModalData
+from .grammar import GrammarState
 
 
 class Status(enum.Enum):
@@ -70,6 +72,10 @@ class Sequence:
     mm: MultiModalData | None = None
     mm_positions: list[int] = field(default_factory=list)
     mm_embeds: torch.Tensor | None = None
+    # Constrained output: the compiled grammar (while it compiles), then this request's walk
+    # through it. Preemption keeps the generated tokens, so the walk stays valid as it is.
+    compiled_grammar: Future | None = None
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -11,6 +11,8 @@ from fastapi import Request
 
 from ..multimodal import PreparedPrompt
 from ..response import Response
+from ..tool_calls import ToolCall, ToolCallStream, ToolError, ToolUse
+from .errors import bad_request
 from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
 from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, sse, usage
@@ -20,22 +22,31 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(req.model)
     state.check_sequences(1, req.num_choices)
+    tools = state.tool_use(req)
     messages = [m.for_template() for m in req.messages]
     if state.check_images(messages):
         # Reading, fetching and decoding images can take a while: not on the loop that serves
         # the other requests.
-        prompt = await asyncio.to_thread(_prepare_with_images, state, messages)
+        prompt = await asyncio.to_thread(_prepare_with_images, state, messages, tools)
     else:
-        prompt = state.prepare(messages, "messages", apply_chat_template=True)
+        prompt = state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
     configs = state.configs(req, len(prompt.token_ids))
+    if tools is not None:
+        try:
+            configs = [tools.generation_config(c) for c in configs]
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from e
+    await state.check_grammar(req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
-    chat = _Chat(state, req, response_id, prompt.token_ids)
+    chat = _Chat(state, req, response_id, prompt.token_ids, tools)
     return await respond(request, generation, chat, req.num_choices)
 
 
-def _prepare_with_images(state: ServerState, messages: list[dict[str, Any]]) -> PreparedPrompt:
+def _prepare_with_images(
+    state: ServerState, messages: list[dict[str, Any]], tools: ToolUse | None
+) -> PreparedPrompt:
     state.read_local_images(messages)
-    return state.prepare(messages, "messages", apply_chat_template=True)
+    return state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
 
 
 class _Chat:
@@ -47,6 +58,7 @@ class _Chat:
         req: ChatCompletionRequest,
         response_id: str,
         prompt_ids: list[int],
+        tools: ToolUse | None = None,
     ) -> None:
         self.state = state
         self.req = req
@@ -54,6 +66,7 @@ class _Chat:
         self.created = int(time.time())
         self.prompt_ids = prompt_ids
         self.prompt_len = len(prompt_ids)
+        self.tools = tools
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> Any:
         if logprobs is None:
@@ -75,11 +88,21 @@ class _Chat:
             )
         return {"content": content}
 
+    def _message(self, r: Response) -> dict[str, Any]:
+        """The assistant's message; with tools, its calls split from its content."""
+        if self.tools is None:
+            return {"role": "assistant", "content": r.text}
+        r.take_tool_calls(self.tools)
+        if not r.tool_calls:
+            return {"role": "assistant", "content": r.text}
+        calls = [c.to_openai() for c in r.tool_calls]
+        return {"role": "assistant", "content": r.text or None, "tool_calls": calls}
+
     def response(self, results: list[Response]) -> dict[str, Any]:
         choices = [
             {
                 "index": r.index,
-                "message": {"role": "assistant", "content": r.text},
+                "message": self._message(r),
                 "logprobs": self._logprobs(r.token_ids, r.logprobs),
                 "finish_reason": r.finish_reason,
             }
@@ -110,6 +133,22 @@ class _Chat:
             chunk["usage"] = None  # as OpenAI: only the last chunk carries usage
         return sse({**chunk, **extra})
 
+    def _tool_chunks(
+        self, i: int, stream: ToolCallStream, text: str, final: bool, logprobs: Any
+    ) -> list[str]:
+        """With tools: the content that is surely not part of a call, then each call that
+        completed, as OpenAI streams one: its id and name, then its arguments."""
+        done = len(stream.calls)
+        content, calls = stream.feed(text, final)
+        chunks = []
+        if content or logprobs is not None:
+            chunks.append(self._chunk([self._choice(i, {"content": content}, logprobs)]))
+        for k, call in enumerate(calls, start=done):
+            chunks.append(self._chunk([self._choice(i, {"tool_calls": [_call_head(k, call)]})]))
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            chunks.append(self._chunk([self._choice(i, {"tool_calls": [args]})]))
+        return chunks
+
     def _choice(self, index: int, delta: dict, logprobs: Any = None, finish: Any = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
@@ -118,6 +157,7 @@ class _Chat:
         reason per choice; then a usage chunk when asked; then `[DONE]`."""
         n = self.req.num_choices
         results = [Response(index=i) for i in range(n)]
+        streams = [self.tools.stream() if self.tools else None for _ in range(n)]
         try:
             for i in range(n):
                 yield self._chunk([self._choice(i, {"role": "assistant", "content": ""})])
@@ -128,16 +168,28 @@ class _Chat:
                     yield error.sse()
                     break
                 logprobs = self._logprobs(delta.token_ids, delta.logprobs)
+                stream = streams[i]
+                if stream is not None:
+                    for chunk in self._tool_chunks(i, stream, delta.text, out.finished, logprobs):
+                        yield chunk
                 # A chunk per step that made tokens, as vLLM does, even when their text is
                 # held back (a possible stop string, half a UTF-8 character): clients see
                 # progress, and each token's logprobs arrive with it.
-                if delta.text or delta.token_ids:
+                elif delta.text or delta.token_ids:
                     yield self._chunk([self._choice(i, {"content": delta.text}, logprobs)])
                 if out.finished:
-                    yield self._chunk([self._choice(i, {}, finish=out.finish_reason)])
+                    finish = out.finish_reason
+                    if stream is not None and stream.calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield self._chunk([self._choice(i, {}, finish=finish)])
             else:
                 if self.req.include_usage:
                     yield self._chunk([], usage=usage([self.prompt_len], results, n))
             yield SSE_DONE
         finally:
             generation.abort()
+
+
+def _call_head(index: int, call: ToolCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": ""}
+    return {"index": index, "id": call.id, "type": "function", "function": function}

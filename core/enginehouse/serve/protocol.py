@@ -1,16 +1,18 @@
 """Request bodies of the OpenAI API, as pydantic models, and their mapping to `GenerationConfig`.
 
 Unknown fields are rejected (as OpenAI does) rather than silently ignored, and so are known
-fields this server cannot honour (tools, response formats, logit bias...): a request is either
-served as asked or refused with a 400 that names the field. A few fields that change nothing
-about the output (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored.
-Extensions named as in vLLM (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-`ignore_eos`, `stop_token_ids`, `skip_special_tokens`) map to the matching `GenerationConfig`
-fields.
+fields this server cannot honour (logit bias...): a request is either served as asked or
+refused with a 400 that names the field. A few fields that change nothing about the output
+(`user`, `metadata`, `store`, `service_tier`) are accepted and ignored. Extensions named as in
+vLLM (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
+`skip_special_tokens`) map to the matching `GenerationConfig` fields. Structured output comes
+as OpenAI's `response_format`, vLLM's `structured_outputs`, or vLLM's older `guided_*` fields
+(see `output_constraint`); tools as OpenAI's `tools` / `tool_choice` (chat only).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -32,6 +34,60 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` (vLLM >= 0.11): one constraint, and flags that only tune it."""
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    # Accepted: xgrammar is always the backend, JSON is always compact and, where a schema
+    # leaves additionalProperties unset, strict.
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+
+def _json_value(value: Any, param: str) -> Any:
+    """A schema or tag sent either as JSON or as a string of JSON (vLLM takes both)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise bad_request(f"{param} is a string but not JSON: {e}", param) from e
+
+
+def _schema_format(schema: Any, param: str) -> dict[str, Any]:
+    schema = _json_value(schema, param)
+    if not isinstance(schema, (dict, bool)):
+        raise bad_request(f"{param} must be a JSON schema (an object)", param)
+    return {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}
+
+
+def _structural_tag(tag: Any, param: str) -> dict[str, Any]:
+    """xgrammar's structural tag, or vLLM's older {"structures": [...], "triggers": [...]}."""
+    tag = _json_value(tag, param)
+    if not isinstance(tag, dict):
+        raise bad_request(f"{param} must be a structural tag object", param)
+    if "structures" in tag:
+        tags = [
+            {
+                "type": "tag",
+                "begin": item.get("begin", ""),
+                "content": {"type": "json_schema", "json_schema": item.get("schema", {})},
+                "end": item.get("end", ""),
+            }
+            for item in tag["structures"]
+        ]
+        triggers = tag.get("triggers", [])
+        return {"type": "triggered_tags", "triggers": triggers, "tags": tags}
+    return tag.get("format", tag)
 
 
 class ChatMessage(BaseModel):
@@ -92,6 +148,16 @@ class _GenerationRequest(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs, and the guided_*
+    # fields vLLM had before 0.12 (still sent by many clients).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted: the backend is always xgrammar
+    guided_whitespace_pattern: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -129,6 +195,55 @@ class _GenerationRequest(_Body):
                 "prompt_logprobs are not available with stream=true; ask without streaming",
                 "prompt_logprobs",
             )
+        so = self.structured_outputs
+        for param, value in (
+            ("guided_whitespace_pattern", self.guided_whitespace_pattern),
+            ("structured_outputs.whitespace_pattern", so and so.whitespace_pattern),
+        ):
+            if value:
+                raise bad_request(f"{param} is not supported: JSON output is always compact", param)
+        fields, param = self.output_constraint()
+        try:
+            GenerationConfig(**fields)
+        except ValidationError as e:
+            raise bad_request(describe_validation_error(e), param) from e
+
+    def output_constraint(self) -> tuple[dict[str, Any], str | None]:
+        """The `GenerationConfig` fields that constrain the output, and the request field that
+        asked for them; at most one may."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            if fmt.get("type") == "structural_tag":
+                fmt = {"type": "structural_tag", "format": _structural_tag(fmt, "response_format")}
+            given.append(("response_format", {"response_format": fmt}))
+        so = self.structured_outputs or StructuredOutputs()
+        for param, value, field in (
+            ("guided_json", self.guided_json, "json"),
+            ("guided_regex", self.guided_regex, "regex"),
+            ("guided_choice", self.guided_choice, "choice"),
+            ("guided_grammar", self.guided_grammar, "grammar"),
+            ("structured_outputs.json", so.json_, "json"),
+            ("structured_outputs.regex", so.regex, "regex"),
+            ("structured_outputs.choice", so.choice, "choice"),
+            ("structured_outputs.grammar", so.grammar, "grammar"),
+            ("structured_outputs.json_object", so.json_object or None, "json_object"),
+            ("structured_outputs.structural_tag", so.structural_tag, "structural_tag"),
+        ):
+            if value is None:
+                continue
+            if field == "json":
+                given.append((param, {"response_format": _schema_format(value, param)}))
+            elif field == "json_object":
+                given.append((param, {"response_format": {"type": "json_object"}}))
+            elif field == "structural_tag":
+                given.append((param, {"structural_tag": _structural_tag(value, param)}))
+            else:
+                given.append((param, {field: value}))
+        if len(given) > 1:
+            names = " and ".join(param for param, _ in given)
+            raise bad_request(f"give at most one output constraint; got {names}", given[1][0])
+        return (given[0][1], given[0][0]) if given else ({}, None)
 
     def generation_config(
         self,
@@ -151,6 +266,7 @@ class _GenerationRequest(_Body):
             "prompt_logprobs": self.num_prompt_logprobs,
             "do_sample": self.temperature is None or self.temperature > 0,
             "stop_words": self.stop,
+            **self.output_constraint()[0],
         }
         same_names = (
             "temperature",
@@ -187,13 +303,12 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Known to OpenAI, not supported here: refused unless left at a value that means "off".
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Known to OpenAI, not supported here: refused unless left at a value that means "off".
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
 
     @property
@@ -206,16 +321,12 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools or self.functions:
-            field = "tools" if self.tools else "functions"
-            raise bad_request(f"{field} (tool calling) is not supported by this server", field)
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            field = "tool_choice" if self.tool_choice not in (None, "none") else "function_call"
-            raise bad_request(f"{field} is not supported by this server", field)
-        if self.response_format and self.response_format.get("type") != "text":
+        if self.functions or self.function_call not in (None, "none"):
+            field = "functions" if self.functions else "function_call"
             raise bad_request(
-                "only response_format {'type': 'text'} is supported by this server",
-                "response_format",
+                f"{field} (OpenAI's deprecated function calling) is not supported; "
+                "send tools and tool_choice instead",
+                field,
             )
         if self.modalities and self.modalities != ["text"]:
             raise bad_request("this server only produces text", "modalities")

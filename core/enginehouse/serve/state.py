@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from ..multimodal import PreparedPrompt, check_image_count
 from ..pipeline import Pipeline
 from ..response import Response
 from ..spec import ModelSpec
+from ..tool_calls import ToolError, ToolUse
 from .errors import APIError, bad_request
 from .generation import Generation, unless_disconnected
 from .media import check_file_url, read_file_url
@@ -135,11 +137,16 @@ class ServerState:
             )
 
     def prepare(
-        self, prompt: Any, param: str, apply_chat_template: bool = False, score_only: bool = False
+        self,
+        prompt: Any,
+        param: str,
+        apply_chat_template: bool = False,
+        score_only: bool = False,
+        tools: ToolUse | None = None,
     ) -> PreparedPrompt:
         self._check_length_before_tokenizing(prompt, param, score_only)
         try:
-            prepared = self.pipe.prepare(prompt, apply_chat_template)
+            prepared = self.pipe.prepare(prompt, apply_chat_template, tools and tools.tools)
             self.pipe.engine.check_length(len(prepared.token_ids), score_only)
         except RequestError as e:
             raise bad_request(str(e), param) from e
@@ -188,6 +195,25 @@ class ServerState:
             req.generation_config(max_new, req.num_logprobs, defaults, i)
             for i in range(req.num_choices)
         ]
+
+    def tool_use(self, req: ChatCompletionRequest) -> ToolUse | None:
+        """The request's tools, checked against the model's chat template."""
+        try:
+            return self.pipe.tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from e
+
+    async def check_grammar(self, req: GenerationRequest, config: GenerationConfig) -> None:
+        """Compile the output's grammar (off this loop, cached) so that a schema, regex or
+        grammar that does not compile is a 400 before anything starts."""
+        constraint = config.constraint
+        if constraint is None:
+            return
+        param = req.output_constraint()[1] or "tool_choice"
+        try:
+            await asyncio.wrap_future(self.pipe.engine.engine.grammars.compile(constraint))
+        except RequestError as e:
+            raise bad_request(str(e), param) from e
 
     def start(
         self,
