@@ -134,11 +134,13 @@ static void tile(const W* w, const float* x, const float* bias, float* y, int64_
   }
 }
 
-// Rows [0, MT) of x for groups [g0, g1); one row streams two groups at once.
+// Rows [0, MT) of x for groups [g0, g1).
 template <typename W, int MT>
 static void rows_tile(const W* w, const float* x, const float* bias, float* y, int64_t K,
                       int64_t N, int64_t g0, int64_t g1) {
-  constexpr int NG = MT == 1 ? 2 : 1;
+  // One row: four groups at once on AVX-512 (16 accumulators; measured ~1.3x over one group),
+  // two on AVX2.
+  constexpr int NG = MT == 1 ? (VW == 16 ? 4 : 2) : 1;
   int64_t g = g0;
   for (; g + NG <= g1; g += NG) tile<W, MT, NG>(w, x, bias, y, K, N, g);
   for (; g < g1; ++g) tile<W, MT, 1>(w, x, bias, y, K, N, g);
@@ -238,9 +240,9 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta,
   auto out = at::empty_like(x);
   at::Tensor d = delta.has_value() ? delta->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
-    add_rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr,
-                                weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, D,
-                                static_cast<float>(eps));
+    const scalar_t* dp = d.defined() ? d.data_ptr<scalar_t>() : nullptr;
+    add_rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), dp, weight.data_ptr<scalar_t>(),
+                                out.data_ptr<scalar_t>(), rows, D, static_cast<float>(eps));
   });
   return out;
 }
@@ -258,7 +260,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
         const float g = static_cast<float>(p[r * 2 * I + i]);
         // silu rounded to the dtype first, as F.silu(gate) * up does
         const scalar_t s = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
-        o[r * I + i] = static_cast<scalar_t>(static_cast<float>(s) * static_cast<float>(p[r * 2 * I + I + i]));
+        const float up = static_cast<float>(p[r * 2 * I + I + i]);
+        o[r * I + i] = static_cast<scalar_t>(static_cast<float>(s) * up);
       }
   });
   return out;
@@ -322,7 +325,6 @@ TORCH_LIBRARY(enginehouse_decode, m) {
   m.impl("rope_store", c10::DispatchKey::CPU, &rope_store);
 }
 """
-
 
 
 @functools.cache
