@@ -58,7 +58,7 @@ class NativeRunner:
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.device.type == "cpu":
-            if self.dtype == torch.float32 and cpu_kernels.load():
+            if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
             return TorchAttention
         if self.device.type != "cuda":
