@@ -2,7 +2,7 @@
 
     python benchmarks/llama_cpp.py [--rounds 3] [--threads 2] [--batches 1,32]
                                    [--side dtype=bfloat16] [--side quantization=int8 ...]
-                                   [--llama-types f32,f16,q8_0] [--no-llama]
+                                   [--llama-types f32,f16,q8_0] [--no-llama] [--agreement]
 
 What it does (all cached under ./bench-models):
 - builds the random-weight 56M Llama of `native_backend.py` (hidden 512, 8 layers, vocab 32000);
@@ -190,6 +190,30 @@ def enginehouse_side(model: Path, config: dict, batches: list[int], threads: int
     return {b: b * NEW / seconds[cases[b]] for b in batches}
 
 
+def agreement(model: Path, config: dict) -> str:
+    """How many of the equal case's greedy tokens (32 prompts, 128 new) a side shares with
+    float32: whole answers equal, and tokens before the first difference."""
+    from enginehouse import GenerationConfig, pipeline
+    from enginehouse.bench import make_cases
+
+    case = make_cases(32000)["equal"]
+    answers = []
+    for settings in ({}, config):
+        pipe = pipeline(str(model), backend="pytorch", engine_config=settings, progress=False)
+        out = pipe([{"token_ids": p} for p in case.prompts], GenerationConfig(max_new_tokens=NEW))
+        answers.append([r.token_ids for r in out])
+        pipe.close()
+    same = sum(a == b for a, b in zip(*answers))
+    prefix = 0
+    for a, b in zip(*answers):
+        prefix += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    total = sum(len(a) for a in answers[0])
+    return (
+        f"{same}/{len(case.prompts)} answers equal to float32's, "
+        f"{prefix}/{total} tokens before the first difference"
+    )
+
+
 def parse_side(text: str) -> dict:
     """'dtype=bfloat16,max_batch_size=32' -> {'dtype': 'bfloat16', 'max_batch_size': 32}."""
     config = {}
@@ -227,6 +251,9 @@ def main() -> None:
     parser.add_argument("--side", action="append", default=[], help="extra EngineConfig side")
     parser.add_argument("--llama-types", default=",".join(LLAMA_TYPES))
     parser.add_argument("--no-llama", action="store_true", help="enginehouse sides only")
+    parser.add_argument(
+        "--agreement", action="store_true", help="greedy tokens of each --side vs float32"
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     model = build_model("llama-56m")
@@ -241,9 +268,7 @@ def main() -> None:
         binary = build_llama_cpp()
         for kind in args.llama_types.split(","):
             path = write_gguf(model, kind)
-            sides[f"llama.cpp {kind}"] = lambda p=path: llama_side(
-                binary, p, batches, args.threads
-            )
+            sides[f"llama.cpp {kind}"] = lambda p=path: llama_side(binary, p, batches, args.threads)
 
     print(f"CPU: {cpu_line()}; {args.threads} threads; best of {args.rounds} rounds", flush=True)
     best: dict[str, dict[int, float]] = {name: {} for name in sides}
@@ -261,6 +286,9 @@ def main() -> None:
     print("| --- | " + " | ".join("---:" for _ in batches) + " |")
     for name, result in best.items():
         print(f"| {name} | " + " | ".join(f"{result.get(b, 0):,.0f}" for b in batches) + " |")
+    if args.agreement:
+        for text in args.side:
+            print(f"{text}: {agreement(model, parse_side(text))}")
     print("\n" + json.dumps(best))
 
 

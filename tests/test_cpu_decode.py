@@ -149,3 +149,12 @@ def test_torch_ops_path_equals_transformers(llama_dir, monkeypatch):
         assert [r.token_ids for r in got] == want
     finally:
         pipe.close()
+
+
+@pytest.mark.parametrize("flags,says", [([], "no bf16 units"), (["avx512_bf16"], "AVX512-BF16")])
+def test_explain_says_which_dtypes_the_cpu_runs(llama_dir, monkeypatch, flags, says):
+    from enginehouse import explain
+
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: ["avx2", *flags])
+    verdict = next(v for v in explain(str(llama_dir))["verdicts"] if v["backend"] == "pytorch")
+    assert "on the CPU: float32" in verdict["reason"] and says in verdict["reason"]

@@ -111,6 +111,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._seqs: dict[str, Sequence] = {}
+        # Steps run and the sequences in them: their ratio is the average batch per step.
+        self.num_steps = self.num_step_sequences = 0
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -196,6 +198,8 @@ class LLMEngine:
         if not scheduled:
             return outputs
         batch = ScheduledBatch(tuple(chunk for _, chunk in scheduled), self.block_size)
+        self.num_steps += 1
+        self.num_step_sequences += len(scheduled)
         try:
             logits = self.runner.execute(batch)
         except Exception as e:
