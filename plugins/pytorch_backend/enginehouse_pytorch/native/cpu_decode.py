@@ -1,14 +1,15 @@
-"""C++ kernels for small decode steps on the CPU: a matrix-vector product for 1-8 rows, and
-the fused small ops around it (RMSNorm with the residual add, SiLU-and-mul, rope with the K/V
-store).
+"""C++ kernels for small decode steps on the CPU: a matrix product for a few rows, and the
+fused small ops around it (the residual add with RMSNorm, SiLU-and-mul, rope with the K/V store).
 
 At batch 1 a decode step reads every weight once and does little arithmetic with it: its speed
-is the memory bandwidth, plus the overhead of each op in between. oneDNN's and MKL's products
-are built for larger matrices; `gemv` streams each weight row once for all (up to 8) input
-rows, with AVX-512 or AVX2 + FMA where the compiler targets them (`cpu_build` compiles per
-instruction set), in float32 or bfloat16 weights, accumulating in float32. The fused ops each
-replace two to four torch ops per layer, whose dispatch at this size costs as much as their
-arithmetic. Built like `cpu_kernels`; where it cannot be, the torch ops run instead.
+is the memory bandwidth, plus the overhead of each op in between. `linear` reads weights that
+`pack` laid out once as `[N / 64, K, 64]` (groups of four vectors of output columns, AVX-512;
+`[N / 32, K, 32]` on AVX2), front to back, broadcasting x and keeping four accumulators per row
+in registers: about 2x oneDNN's packed product at one row, behind it from ~5 rows on (so
+`Linear` uses it up to `SMALL_ROWS`). Weights may be float32 or bfloat16; the arithmetic is
+float32. Each fused op replaces two to four torch ops per layer, whose dispatch at this size
+costs as much as their arithmetic. Built per instruction set by `cpu_build`, like `cpu_kernels`;
+where it cannot be built the torch ops run instead. Measurements: benchmarks/RESULTS.md, issue 14.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from . import cpu_build
 
-# Up to this many rows `linear` beats oneDNN's packed product (benchmarks/RESULTS.md, issue 14).
+# Up to this many rows `linear` beats oneDNN's packed product (measured: 2x at 1 row, about
+# even at 4, behind at 8).
 SMALL_ROWS = 4
 # silu_mul computes its exponentials one at a time: past this many rows torch's vectorised ops win.
 FUSED_ROWS = 8
