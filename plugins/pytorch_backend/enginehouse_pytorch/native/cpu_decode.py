@@ -359,6 +359,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_store(qkv, cos, sin, cache, slots, heads: int, kv_heads: int) -> torch.Tensor:
     """q rotated [T, heads, D] from qkv [T, (heads + 2 kv_heads) D]; k (rotated) and v are
     written into their slots of the layer's cache."""
+    # M-RoPE's rows (Qwen2-VL) come as a transposed view: the kernel reads rows in place.
+    cos, sin = cos.contiguous(), sin.contiguous()
     return torch.ops.enginehouse_decode.rope_store(
         qkv, cos, sin, cache[0], cache[1], slots, heads, kv_heads
     )
