@@ -19,7 +19,7 @@ fi
 # plugin brings onnx and onnxruntime (its `onnxruntime` backend runs anywhere); TensorRT itself
 # is only in the `tensorrt` extra, not in `all`: its wheels download from NVIDIA's own host,
 # which CI and most machines cannot reach. On a GPU machine that can: pip install -e '.[tensorrt]'
-"${PIP[@]}" -e ".[all,test]" \
+"${PIP[@]}" -e ".[all,test,bench]" \
   -e plugins/pytorch_backend -e plugins/tensorrt_backend -e plugins/vision
 
 # The native backend's C++ CPU kernels, built now for this CPU rather than on the first model

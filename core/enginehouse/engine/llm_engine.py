@@ -99,6 +99,8 @@ class LLMEngine:
         # Called (from the compile thread) when a grammar is ready, to wake whoever steps.
         self.on_grammar_ready: Callable[[], None] = lambda: None
         self._warned_non_finite = False
+        # Steps run and the sequences in them: their ratio is the average batch per step.
+        self.num_steps = self.num_step_sequences = 0
 
     def _release(self, seq: Sequence) -> None:
         """Tell the runner a sequence's blocks are going (it may keep state of its own)."""
@@ -208,6 +210,8 @@ class LLMEngine:
         if not scheduled:
             return outputs
         batch = ScheduledBatch(tuple(chunk for _, chunk in scheduled), self.block_size)
+        self.num_steps += 1
+        self.num_step_sequences += len(scheduled)
         try:
             logits = self.runner.execute(batch)
         except Exception as e:

@@ -15,11 +15,11 @@ def pytorch() -> None:
 @pytorch.command("build-kernels")
 def build_kernels() -> None:
     """Build the C++ CPU kernels for this CPU now, instead of on the first model load."""
-    from .native import cpu_build, cpu_kernels
+    from .native import cpu_build, cpu_decode, cpu_kernels
 
     if cpu_build.disabled():
         raise click.ClickException("ENGINEHOUSE_CPU_KERNELS is off: nothing to build")
-    built = {"CPU attention kernel": cpu_kernels.load()}
+    built = {"CPU attention kernel": cpu_kernels.load(), "CPU decode kernels": cpu_decode.load()}
     for what, ok in built.items():
         click.echo(f"{what}: {'ready' if ok else 'FAILED (the torch-ops path is used)'}")
     click.echo(f"instruction sets: {cpu_build.isa_tag()}")

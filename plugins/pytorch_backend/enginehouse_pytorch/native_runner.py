@@ -16,7 +16,7 @@ from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
 from enginehouse.errors import InvalidModelError
 from enginehouse.runner import RunnerContext, kv_bytes_per_token
 
-from .native import cpu_kernels
+from .native import cpu_decode, cpu_kernels
 from .native.arch import Arch, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
@@ -58,7 +58,7 @@ class NativeRunner:
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.device.type == "cpu":
-            if self.dtype == torch.float32 and cpu_kernels.load():
+            if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
             return TorchAttention
         if self.device.type != "cuda":
@@ -68,6 +68,11 @@ class NativeRunner:
         except ImportError:
             return TorchAttention
         return TritonAttention
+
+    def _fused(self) -> bool:
+        """The CPU's small-step kernels (`native.cpu_decode`): float32 or bfloat16, built."""
+        cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        return cpu and cpu_decode.load()
 
     def load(self, progress: bool = True) -> None:
         if self.device.type == "cpu":
@@ -83,7 +88,7 @@ class NativeRunner:
         finally:
             torch.set_default_dtype(default)
         load_safetensors(model, files, progress, self.prefixes)
-        model.finish_loading(pack=can_pack(self.device, self.dtype))
+        model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
         self.model = model.eval()
         cos, sin = rope_table(self.arch, max(self.context, 1))
         self.cos = cos.to(self.device, self.dtype)

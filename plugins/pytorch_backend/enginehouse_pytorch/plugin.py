@@ -85,8 +85,24 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     images = f", images through the {encoder} encoder" if encoder else ""
     return verdict(
         True,
-        f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}",
+        f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
+        + cpu_dtypes(config),
     )
+
+
+def cpu_dtypes(config: EngineConfig) -> str:
+    """What a CPU run computes in, and whether this CPU makes dtype='bfloat16' worth asking."""
+    if config.device.startswith("cuda"):
+        return ""
+    from .native.cpu_build import cpu_flags, has_bf16
+
+    if has_bf16():
+        units = "AMX" if "amx_bf16" in cpu_flags() else "AVX512-BF16"
+        return (
+            f"; on the CPU: float32 by default, dtype='bfloat16' runs on its bf16 units "
+            f"({units}), faster but not token-exact"
+        )
+    return "; on the CPU: float32 (no bf16 units here: dtype='bfloat16' would be emulated)"
 
 
 @hookimpl

@@ -51,6 +51,13 @@ def isa_tag() -> str:
     return f"{widest.removesuffix('f')}_{digest}"
 
 
+def has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there oneDNN's
+    bfloat16 products run ~2x float32's; elsewhere they are emulated and far slower."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def disabled() -> bool:
     return os.environ.get("ENGINEHOUSE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off")
 
@@ -62,15 +69,18 @@ def _build_dir(name: str) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
-def build(name: str, source: str, what: str) -> bool:
+def build(name: str, source: str, what: str, flags: tuple[str, ...] = ()) -> bool:
     """Compile `source` (registering torch ops) as `name` for this CPU, or find it built.
 
-    `what` names the kernel in the message shown before a build. False where it cannot be built
-    (no compiler, no ninja): callers then keep their torch-ops path.
+    `what` names the kernel in the message shown before a build. `flags` are added to the
+    compiler's (tests build an AVX2 variant with `-mno-avx512f`; they are part of the name).
+    False where it cannot be built (no compiler, no ninja): callers then keep their torch path.
     """
     if disabled():
         return False
     full_name = f"{name}_{isa_tag()}"
+    if flags:
+        full_name += "_" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6]
     if not any(_build_dir(full_name).glob("*.so")):
         log.warning(
             "building the %s for this CPU (%s): once, about a minute on 2 cores; "
@@ -84,7 +94,7 @@ def build(name: str, source: str, what: str) -> bool:
         load_inline(
             name=full_name,
             cpp_sources=[source],
-            extra_cflags=FLAGS,
+            extra_cflags=FLAGS + list(flags),
             is_python_module=False,
             verbose=False,
         )

@@ -62,27 +62,24 @@ static inline void axpy(float* y, float a, const float* x, int64_t n) {  // y +=
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-// q [B, H, D]; caches [KVH, S, D] (float32, contiguous); tables [B, W] and lens [B].
-// Returns [B, H * D]. window <= 0: no sliding window; softcap <= 0: none.
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
-                        double scale, double softcap, int64_t window) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k_cache.size(0), S = k_cache.size(1), W = tables.size(1);
+// A K/V vector as float32: in place for a float32 cache, converted into `buf` for bfloat16.
+static inline const float* as_float(const float* p, int64_t, float*) { return p; }
+static inline const float* as_float(const at::BFloat16* p, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+  return buf;
+}
+
+// q [B, H, D]; caches [KVH, S, D] (float32 or bfloat16, contiguous); tables [B, W], lens [B].
+// Returns [B, H * D] in q's dtype; the arithmetic is float32. window <= 0: no sliding window;
+// softcap <= 0: none.
+template <typename T>
+static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* tp,
+                              const int64_t* lp, float* op, int64_t B, int64_t H, int64_t D,
+                              int64_t KVH, int64_t S, int64_t W, int64_t block_size, float fscale,
+                              float cap, int64_t window) {
   const int64_t G = H / KVH;
-  auto qc = q.contiguous();
-  auto tables64 = tables.to(at::kLong).contiguous();
-  auto lens64 = lens.to(at::kLong).contiguous();
-  auto out = at::empty({B, H * D}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* tp = tables64.data_ptr<int64_t>();
-  const int64_t* lp = lens64.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, buf(D);
     std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, kh = task % KVH, len = lp[b];
@@ -93,8 +90,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
       if (n <= 0) continue;
       scores.assign(G * n, 0.0f);
       const float* qh = qp + (b * H + kh * G) * D;
-      const float* kbase = kp + kh * S * D;
-      const float* vbase = vp + kh * S * D;
+      const T* kbase = kp + kh * S * D;
+      const T* vbase = vp + kh * S * D;
       // slots[t]: the cache slot of position first + t, walking the block table once.
       slots.resize(n);
       for (int64_t t = 0; t < n;) {
@@ -102,9 +99,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
         const int64_t base = tp[b * W + pos / block_size] * block_size;
         for (int64_t o = off; o < block_size && t < n; ++o, ++t) slots[t] = base + o;
       }
+      const int64_t lines = D * static_cast<int64_t>(sizeof(T)) / 4;  // floats' worth of bytes
       for (int64_t t = 0; t < n; ++t) {
-        const float* kv = kbase + slots[t] * D;
-        if (t + 8 < n) prefetch(kbase + slots[t + 8] * D, D);
+        const float* kv = as_float(kbase + slots[t] * D, D, buf.data());
+        if (t + 8 < n) prefetch(reinterpret_cast<const float*>(kbase + slots[t + 8] * D), lines);
         for (int64_t g = 0; g < G; ++g) {
           float x = dot(qh + g * D, kv, D) * fscale;
           if (cap > 0.0f) x = std::tanh(x / cap) * cap;
@@ -120,13 +118,36 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
         for (int64_t t = 0; t < n; ++t) s[t] *= inv;
       }
       for (int64_t t = 0; t < n; ++t) {
-        const float* vv = vbase + slots[t] * D;
-        if (t + 8 < n) prefetch(vbase + slots[t + 8] * D, D);
+        const float* vv = as_float(vbase + slots[t] * D, D, buf.data());
+        if (t + 8 < n) prefetch(reinterpret_cast<const float*>(vbase + slots[t + 8] * D), lines);
         for (int64_t g = 0; g < G; ++g) axpy(o + g * D, scores[g * n + t], vv, D);
       }
     }
   });
-  return out;
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+                        double scale, double softcap, int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k_cache.size(0), S = k_cache.size(1), W = tables.size(1);
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode: cache dtypes");
+  auto qc = q.to(at::kFloat).contiguous();
+  auto tables64 = tables.to(at::kLong).contiguous();
+  auto lens64 = lens.to(at::kLong).contiguous();
+  auto out = at::empty({B, H * D}, q.options().dtype(at::kFloat));
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const int64_t* tp = tables64.data_ptr<int64_t>();
+  const int64_t* lp = lens64.data_ptr<int64_t>();
+  if (k_cache.scalar_type() == at::kBFloat16)
+    paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
+                      v_cache.data_ptr<at::BFloat16>(), tp, lp, out.data_ptr<float>(), B, H, D,
+                      KVH, S, W, block_size, fscale, cap, window);
+  else
+    paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                      tp, lp, out.data_ptr<float>(), B, H, D, KVH, S, W, block_size, fscale, cap,
+                      window);
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 TORCH_LIBRARY(enginehouse_cpu, m) {
@@ -145,7 +166,7 @@ def load() -> bool:
 
 
 class CpuPagedAttention(TorchAttention):
-    """`TorchAttention` whose decode reads the paged cache in place (float32 only)."""
+    """`TorchAttention` whose decode reads the paged cache in place (float32 or bfloat16)."""
 
     def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
         return torch.ops.enginehouse_cpu.paged_decode(

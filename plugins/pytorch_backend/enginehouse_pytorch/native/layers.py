@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_build, cpu_decode
 from .arch import MoE
+from .cpu_decode import SMALL_ROWS
 
 
 def empty(*shape: int) -> nn.Parameter:
@@ -28,30 +30,39 @@ class Linear(nn.Module):
         self.shards = [sum(out_features[:i]) for i in range(len(out_features) + 1)]
 
         self.packed: torch.Tensor | None = None
+        self.small: torch.Tensor | None = None  # `cpu_decode`'s layout, for a few rows
 
-    def pack(self) -> None:
-        """CPU, float32: hand the weight to oneDNN in its own blocked layout, once.
+    def pack(self, small_rows: bool = False) -> None:
+        """CPU: hand the weight to oneDNN in its own blocked layout, once; with `small_rows`,
+        also keep a copy in `cpu_decode`'s layout for steps of up to `SMALL_ROWS` rows.
 
-        Measured on this project's 2-core AVX2 CPU: 1.4x faster than F.linear for the 56M
-        Llama's MLP at 32 rows, 2x for its 32000x512 head (also at 1 row), 3x at 7 rows.
-        The plain weight is dropped; the packed copy is the only one.
+        oneDNN measured 1.4x faster than F.linear for the 56M Llama's MLP at 32 rows, 2x for
+        its 32000x512 head; at 1 row `cpu_decode.linear` streams the weights 2x faster again
+        (benchmarks/RESULTS.md). The plain weight is dropped; the packed copies remain.
         """
+        if small_rows:
+            self.small = cpu_decode.pack(self.weight.data)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small is not None and x.shape[0] <= SMALL_ROWS:
+            return cpu_decode.linear(x, self.small, self.bias, self.shards[-1])
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `Linear.pack` applies: float32 on a CPU whose torch build has oneDNN."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    """Whether `Linear.pack` applies: float32 (or bfloat16 where the CPU has bf16 units) on a
+    CPU whose torch build has oneDNN."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_build.has_bf16()):
         return False
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2))
-        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "")
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=dtype))
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2, dtype=dtype), w, None, "none", [], "")
     except (RuntimeError, AttributeError):
         return False
     return True
@@ -94,9 +105,14 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, [hidden], bias)
         self.act = activation(act)
         self.intermediate = intermediate
+        self.fused = False  # cpu_decode's silu_mul for small steps (set after loading)
+        self.silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused and self.silu and x.shape[0] <= cpu_decode.FUSED_ROWS:
+            return self.down_proj(cpu_decode.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

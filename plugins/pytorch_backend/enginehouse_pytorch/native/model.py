@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_decode
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
@@ -33,6 +34,7 @@ class Attention(nn.Module):
         self.softcap = arch.attn_softcap
         self.qk_norm = arch.qk_norm
         self.attn = kernel(h, kvh, d, arch.scale)
+        self.fused_rope = False  # set by DecoderLM.finish_loading
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         h, kvh, d = self.heads
@@ -51,6 +53,13 @@ class Attention(nn.Module):
             q, k = qk[:, :h], qk[:, h:]
         out = self.attn(meta, q, k, v, cache, self.window, self.softcap)
         return self.o_proj(out)
+
+    def forward_fused(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        """`forward` for a decode-only step, with rope and the K/V store as one C++ op."""
+        h, kvh, _ = self.heads
+        qkv = self.qkv_proj(x)
+        q = cpu_decode.rope_store(qkv, meta.cos, meta.sin, cache, meta.slots, h, kvh)
+        return self.o_proj(self.attn.decode(meta, q, cache, self.window, self.softcap))
 
 
 class DecoderLayer(nn.Module):
@@ -79,6 +88,19 @@ class DecoderLayer(nn.Module):
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(
+        self, x: torch.Tensor, delta: torch.Tensor | None, meta: StepMeta, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` through `cpu_decode`'s fused ops: each residual add happens inside the
+        next norm (`x` is updated in place), so the layer returns its MLP output unadded."""
+        norm, post = self.input_layernorm, self.post_attention_layernorm
+        h = cpu_decode.add_rms_norm(x, delta, norm.weight, norm.eps)
+        if meta.prefills or not self.self_attn.fused_rope:
+            attn = self.self_attn(h, meta, cache)
+        else:
+            attn = self.self_attn.forward_fused(h, meta, cache)
+        return x, self.mlp(cpu_decode.add_rms_norm(x, attn, post.weight, post.eps))
+
 
 class Body(nn.Module):
     """`model.*` in the checkpoint: embeddings, layers, final norm."""
@@ -98,19 +120,28 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = Body(arch, kernel)
+        self.fused = False  # set by finish_loading
         self.lm_head = Linear(arch.hidden_size, [arch.vocab_size])
         if arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def finish_loading(self, pack: bool = False) -> None:
+    def finish_loading(self, pack: bool = False, fused: bool = False) -> None:
         """After the weights are in: fold Gemma's norm offsets into the weights, and with
-        `pack` (CPU, float32) hand every projection to oneDNN (see `Linear.pack`). A tied
-        head is packed from the embedding, which stays as it is for the lookup."""
+        `pack` (CPU) hand every projection to oneDNN (see `Linear.pack`). A tied head is
+        packed from the embedding, which stays as it is for the lookup. `fused` (CPU, the
+        `cpu_decode` kernels built): small steps use its products and fused ops."""
+        self.fused = fused and not self.arch.sandwich_norm
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.fold()
             elif pack and isinstance(m, Linear):
-                m.pack()
+                m.pack(small_rows=fused)
+            elif isinstance(m, Attention):
+                # rope over whole heads, no q/k norm in between: one op with the K/V store
+                rotary = self.arch.rope.rotary_dim or self.arch.head_dim
+                m.fused_rope = self.fused and not m.qk_norm and rotary == self.arch.head_dim
+            elif isinstance(m, GatedMLP):
+                m.fused = self.fused
 
     def forward(
         self,
@@ -125,6 +156,12 @@ class DecoderLM(nn.Module):
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         if embeds is not None:  # image positions of a VLM prompt take the vision embeddings
             x[embeds[0]] = embeds[1]
+        if self.fused:
+            delta = None
+            for layer, cache in zip(self.model.layers, kv):
+                x, delta = layer.forward_fused(x, delta, meta, cache)
+            norm = self.model.norm
+            return cpu_decode.add_rms_norm(x, delta, norm.weight, norm.eps)
         for layer, cache in zip(self.model.layers, kv):
             x = layer(x, meta, cache)
         return self.model.norm(x)

@@ -1,0 +1,366 @@
+"""C++ kernels for small decode steps on the CPU: a matrix product for a few rows, and the
+fused small ops around it (the residual add with RMSNorm, SiLU-and-mul, rope with the K/V store).
+
+At batch 1 a decode step reads every weight once and does little arithmetic with it: its speed
+is the memory bandwidth, plus the overhead of each op in between. `linear` reads weights that
+`pack` laid out once as `[N / 64, K, 64]` (groups of four vectors of output columns, AVX-512;
+`[N / 32, K, 32]` on AVX2), front to back, broadcasting x and keeping four accumulators per row
+in registers: about 2x oneDNN's packed product at one row, behind it from ~5 rows on (so
+`Linear` uses it up to `SMALL_ROWS`). Weights may be float32 or bfloat16; the arithmetic is
+float32. Each fused op replaces two to four torch ops per layer, whose dispatch at this size
+costs as much as their arithmetic. Built per instruction set by `cpu_build`, like `cpu_kernels`;
+where it cannot be built the torch ops run instead. Measurements: benchmarks/RESULTS.md, issue 14.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import cpu_build
+
+# Up to this many rows `linear` beats oneDNN's packed product (measured: 2x at 1 row, about
+# even at 4, behind at 8).
+SMALL_ROWS = 4
+# silu_mul computes its exponentials one at a time: past this many rows torch's vectorised ops win.
+FUSED_ROWS = 8
+
+SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+// One vector of floats: AVX-512 (16 lanes), AVX2 (8) or plain C (1), by the compiler's target.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+using vec = __m512;
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {  // bfloat16 -> float32 is a 16-bit shift
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+using vec = __m256;
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(h);
+}
+#else
+constexpr int VW = 1;
+using vec = float;
+static inline vec vzero() { return 0.0f; }
+static inline vec vload(const float* p) { return *p; }
+static inline vec vload(const at::BFloat16* p) { return static_cast<float>(*p); }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+static inline float vsum(vec a) { return a; }
+#endif
+
+#if defined(__AVX512F__)
+static inline vec vbroadcast(float v) { return _mm512_set1_ps(v); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__)
+static inline vec vbroadcast(float v) { return _mm256_set1_ps(v); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+#else
+static inline vec vbroadcast(float v) { return v; }
+static inline void vstore(float* p, vec v) { *p = v; }
+#endif
+
+// Weights are packed once as [ceil(N / GW), K, GW]: for each group of GW output columns (four
+// vectors), the GW weights of every input k side by side. A group is one contiguous run of
+// memory, read front to back; for each k, MT rows of x are broadcast and multiplied with the
+// group's four vectors (4 * MT accumulators in registers): no horizontal sums, and the same
+// layout serves 1 row or 32 (row tiles reuse a chunk of groups from cache).
+constexpr int L = 4;               // vectors per group
+constexpr int GW = L * VW;         // columns per group: 64 (AVX-512), 32 (AVX2)
+#if defined(__AVX512F__)           // 32 registers: 4 * MT accumulators + MT broadcasts + 1
+constexpr int MAX_MT = 6;
+#else                              // 16 registers
+constexpr int MAX_MT = 3;
+#endif
+
+// y[m0 .. m0+MT, columns of groups g .. g+NG) = x . w (+ bias), accumulated in float32.
+template <typename W, int MT, int NG>
+static void tile(const W* w, const float* x, const float* bias, float* y, int64_t K, int64_t N,
+                 int64_t g) {
+  vec acc[MT][NG * L];
+#pragma GCC unroll 32
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 32
+    for (int j = 0; j < NG * L; ++j) acc[m][j] = vzero();
+  const W* wg = w + g * K * GW;
+  for (int64_t k = 0; k < K; ++k) {
+    vec xv[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) xv[m] = vbroadcast(x[m * K + k]);
+#pragma GCC unroll 32
+    for (int j = 0; j < NG * L; ++j) {
+      const vec wv = vload(wg + ((j / L) * K + k) * GW + (j % L) * VW);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) acc[m][j] = vfma(wv, xv[m], acc[m][j]);
+    }
+  }
+  for (int b = 0; b < NG; ++b) {
+    const int64_t n = (g + b) * GW;
+    const int64_t cols = std::min<int64_t>(GW, N - n);
+    for (int m = 0; m < MT; ++m) {
+      alignas(64) float out[GW];
+      for (int l = 0; l < L; ++l) vstore(out + l * VW, acc[m][b * L + l]);
+      float* yr = y + m * N + n;
+      if (bias)
+        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + bias[n + c];
+      else
+        std::copy(out, out + cols, yr);
+    }
+  }
+}
+
+// Rows [0, MT) of x for groups [g0, g1).
+template <typename W, int MT>
+static void rows_tile(const W* w, const float* x, const float* bias, float* y, int64_t K,
+                      int64_t N, int64_t g0, int64_t g1) {
+  // One row: four groups at once on AVX-512 (16 accumulators; measured ~1.3x over one group),
+  // two on AVX2.
+  constexpr int NG = MT == 1 ? (VW == 16 ? 4 : 2) : 1;
+  int64_t g = g0;
+  for (; g + NG <= g1; g += NG) tile<W, MT, NG>(w, x, bias, y, K, N, g);
+  for (; g < g1; ++g) tile<W, MT, 1>(w, x, bias, y, K, N, g);
+}
+
+template <typename W>
+static void rows(const W* w, const float* x, const float* bias, float* y, int64_t MT, int64_t K,
+                 int64_t N, int64_t g0, int64_t g1) {
+  switch (MT) {
+    case 1: return rows_tile<W, 1>(w, x, bias, y, K, N, g0, g1);
+    case 2: return rows_tile<W, 2>(w, x, bias, y, K, N, g0, g1);
+    case 3: return rows_tile<W, 3>(w, x, bias, y, K, N, g0, g1);
+#if defined(__AVX512F__)
+    case 4: return rows_tile<W, 4>(w, x, bias, y, K, N, g0, g1);
+    case 5: return rows_tile<W, 5>(w, x, bias, y, K, N, g0, g1);
+    case 6: return rows_tile<W, 6>(w, x, bias, y, K, N, g0, g1);
+#endif
+  }
+}
+
+// w [N, K] -> [ceil(N / GW), K, GW], columns past N zero.
+at::Tensor blocked_pack(const at::Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1), groups = (N + GW - 1) / GW;
+  auto padded = at::zeros({groups * GW, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({groups, GW, K}).transpose(1, 2).contiguous();
+}
+
+// x [M, K] (any float dtype), w from blocked_pack (float32 or bfloat16), bias [N] or None.
+// Returns x @ W.T + bias [M, N] in x's dtype.
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w,
+                          const c10::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == GW && x.size(1) == w.size(1),
+              "blocked_linear: x [M, K] and w from blocked_pack");
+  TORCH_CHECK(w.is_contiguous() && w.size(0) * GW >= N, "blocked_linear: packed weight");
+  const int64_t M = x.size(0), K = x.size(1), groups = w.size(0);
+  auto xf = x.to(at::kFloat).contiguous();
+  at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // Threads split the columns. With more rows than one tile, every row tile runs over a chunk
+  // of groups (~128 KB of weights, in L2) before the next chunk: weights come from memory once.
+  const int64_t chunk = M <= MAX_MT ? groups : std::max<int64_t>(1, 32768 / (K * GW / 16));
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t c = g0; c < g1; c += chunk) {
+      const int64_t c1 = std::min(g1, c + chunk);
+      for (int64_t m = 0; m < M; m += MAX_MT) {
+        const int64_t mt = std::min<int64_t>(MAX_MT, M - m);
+        if (w.scalar_type() == at::kBFloat16)
+          rows(w.data_ptr<at::BFloat16>(), xp + m * K, bp, yp + m * N, mt, K, N, c, c1);
+        else
+          rows(w.data_ptr<float>(), xp + m * K, bp, yp + m * N, mt, K, N, c, c1);
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// The small ops. Their tensors are a few KB at decode: one pass each, on the calling thread
+// (the thread pool's wake-up would cost more than the arithmetic). Float32 or bfloat16 in,
+// float32 arithmetic.
+template <typename T>
+static void add_rms_norm_rows(T* x, const T* delta, const T* w, T* out, int64_t rows, int64_t D,
+                              float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* xr = x + r * D;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) {
+      float v = static_cast<float>(xr[i]);
+      if (delta) {
+        v += static_cast<float>(delta[r * D + i]);
+        xr[i] = static_cast<T>(v);
+        v = static_cast<float>(xr[i]);  // normalise the residual as stored (bfloat16 rounds)
+      }
+      ss += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        out[r * D + i] = static_cast<float>(xr[i]) * inv * static_cast<float>(w[i]);
+      } else {  // as the reference: normalise in float32, round, then scale in bfloat16
+        T normed = static_cast<T>(static_cast<float>(xr[i]) * inv);
+        out[r * D + i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
+      }
+    }
+  }
+}
+
+// x [T, D] (+= delta [T, D] in place, when given), then RMSNorm(x) * weight.
+at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta,
+                        const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.scalar_type() == x.scalar_type(), "add_rms_norm");
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  auto out = at::empty_like(x);
+  at::Tensor d = delta.has_value() ? delta->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* dp = d.defined() ? d.data_ptr<scalar_t>() : nullptr;
+    add_rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), dp, weight.data_ptr<scalar_t>(),
+                                out.data_ptr<scalar_t>(), rows, D, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// gate_up [T, 2I] -> silu(gate) * up [T, I]
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
+  auto gu = gate_up.contiguous();
+  auto out = at::empty({rows, I}, gu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gu.scalar_type(), "silu_mul", [&] {
+    const scalar_t* p = gu.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = static_cast<float>(p[r * 2 * I + i]);
+        // silu rounded to the dtype first, as F.silu(gate) * up does
+        const scalar_t s = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
+        const float up = static_cast<float>(p[r * 2 * I + I + i]);
+        o[r * I + i] = static_cast<scalar_t>(static_cast<float>(s) * up);
+      }
+  });
+  return out;
+}
+
+// qkv [T, (H + 2 KVH) * D] -> q [T, H, D] rotated, while k (rotated) and v go to their slots
+// of the caches [KVH, S, D]. cos, signed sin [T, D] as rope_table makes them (rotate-half form).
+template <typename T>
+static void rope_rows(const T* x, const T* c, const T* s, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const float rolled = static_cast<float>(x[(i + half) % D]);
+    // x * cos + roll(x) * sin, rounded after each op as the torch path rounds
+    const T a = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(c[i]));
+    out[i] = static_cast<T>(static_cast<float>(a) + rolled * static_cast<float>(s[i]));
+  }
+}
+
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                      int64_t heads, int64_t kv_heads) {
+  const int64_t T = qkv.size(0), D = k_cache.size(-1), S = k_cache.size(1);
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rope_store");
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * D && cos.size(-1) == D, "rope_store: shapes");
+  auto q = at::empty({T, heads, D}, qkv.options());
+  auto slots64 = slots.to(at::kLong).contiguous();
+  const int64_t* sp = slots64.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store", [&] {
+    const scalar_t* x = qkv.data_ptr<scalar_t>();
+    const scalar_t* cp = cos.data_ptr<scalar_t>();
+    const scalar_t* snp = sin.data_ptr<scalar_t>();
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    const int64_t width = (heads + 2 * kv_heads) * D;
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* row = x + t * width;
+      for (int64_t h = 0; h < heads; ++h)
+        rope_rows(row + h * D, cp + t * D, snp + t * D, qp + (t * heads + h) * D, D);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at = (h * S + sp[t]) * D;
+        rope_rows(row + (heads + h) * D, cp + t * D, snp + t * D, kc + at, D);
+        std::copy(row + (heads + kv_heads + h) * D, row + (heads + kv_heads + h + 1) * D, vc + at);
+      }
+    }
+  });
+  return q;
+}
+
+TORCH_LIBRARY(enginehouse_decode, m) {
+  m.def("blocked_pack(Tensor w) -> Tensor");
+  m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, int heads, int kv_heads) -> Tensor");
+  m.impl("blocked_pack", c10::DispatchKey::CPU, &blocked_pack);
+  m.impl("blocked_linear", c10::DispatchKey::CPU, &blocked_linear);
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, &add_rms_norm);
+  m.impl("silu_mul", c10::DispatchKey::CPU, &silu_mul);
+  m.impl("rope_store", c10::DispatchKey::CPU, &rope_store);
+}
+"""
+
+
+@functools.cache
+def load(flags: tuple[str, ...] = ()) -> bool:
+    """Build (or find already built) and register the kernels; False where that fails."""
+    built = cpu_build.build("enginehouse_cpu_decode", SOURCE, "CPU decode kernels", flags)
+    return built and hasattr(torch.ops.enginehouse_decode, "blocked_linear")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> the layout of `linear` (groups of 64 or 32 columns, by the ISA)."""
+    return torch.ops.enginehouse_decode.blocked_pack(weight.contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int):
+    """x @ W.T + bias for a weight `pack`ed from W [n, K]; x [rows, K] in any float dtype."""
+    return torch.ops.enginehouse_decode.blocked_linear(x, packed, bias, n)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight, eps: float):
+    """x += delta (in place, when given), then RMSNorm(x) * weight."""
+    return torch.ops.enginehouse_decode.add_rms_norm(x, delta, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [rows, 2 * I]."""
+    return torch.ops.enginehouse_decode.silu_mul(gate_up)
+
+
+def rope_store(qkv, cos, sin, cache, slots, heads: int, kv_heads: int) -> torch.Tensor:
+    """q rotated [T, heads, D] from qkv [T, (heads + 2 kv_heads) D]; k (rotated) and v are
+    written into their slots of the layer's cache."""
+    # M-RoPE's rows (Qwen2-VL) come as a transposed view: the kernel reads rows in place.
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return torch.ops.enginehouse_decode.rope_store(
+        qkv, cos, sin, cache[0], cache[1], slots, heads, kv_heads
+    )
