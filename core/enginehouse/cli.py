@@ -133,6 +133,8 @@ def explain(
     click.echo(f"model:        {report['model']}")
     click.echo(f"architecture: {report['architecture']} (family {facts.get('family')})")
     click.echo(f"vision model: {_vision_line(facts)}")
+    if facts.get("quantization"):
+        click.echo(f"quantized:    {facts['quantization']}")
     click.echo(f"chosen:       {report['chosen'] or 'none'}")
     click.echo("backends:")
     for v in report["verdicts"]:

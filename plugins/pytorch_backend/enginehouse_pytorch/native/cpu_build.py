@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,12 @@ def _build_root() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
-def build(name: str, source: str, what: str) -> bool:
+def build(name: str, source: str, what: str, extra_flags: Sequence[str] = ()) -> bool:
     """Compile `source` (registering torch ops) as `name` for this CPU, or find it built.
 
     `what` names the kernel in the message shown before a build. False where it cannot be built
-    (no compiler, no ninja): callers then keep their torch-ops path.
+    (no compiler, no ninja): callers then keep their torch-ops path. `extra_flags` follow
+    `FLAGS` (`-mno-avx512f` builds the AVX2 path on an AVX-512 machine, say).
     """
     if disabled():
         return False
@@ -83,7 +85,7 @@ def build(name: str, source: str, what: str) -> bool:
         load_inline(
             name=full_name,
             cpp_sources=[source],
-            extra_cflags=FLAGS,
+            extra_cflags=[*FLAGS, *extra_flags],
             is_python_module=False,
             verbose=False,
         )
