@@ -105,6 +105,8 @@ class NativeRunner:
                 model, self.quant, quant.quantized_modules(files, self.quant, self.prefixes)
             )
             model.to_empty(device=self.device)
+            if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
+                model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
         load_safetensors(model, files, progress, self.prefixes)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)

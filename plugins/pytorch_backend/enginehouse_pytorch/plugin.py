@@ -136,7 +136,8 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
     total = _mib(weight_bytes(scheme, arch, size))
     if scheme is None:
         return f"weights {total} in {name}"
-    return f"{scheme.describe()}: weights about {total} ({name}: {_mib(weight_bytes(None, arch, size))})"
+    plain = _mib(weight_bytes(None, arch, size))
+    return f"{scheme.describe()}: weights about {total} ({name}: {plain})"
 
 
 def _mib(n: int) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from ..arch import Arch, UnsupportedModel
 
 METHODS = ("gptq", "awq", "compressed-tensors", "fp8")
+NAMES = {"gptq": "GPTQ", "awq": "AWQ", "compressed-tensors": "compressed-tensors", "fp8": "FP8"}
 DEFAULT_INT4_GROUP = 32  # llama.cpp's Q4_0 grouping: RTN without calibration needs small groups
 
 
@@ -34,20 +35,21 @@ class QuantScheme:
     head: bool = False  # quantize lm_head at load (checkpoints say per tensor)
 
     def describe(self) -> str:
+        """e.g. "GPTQ 4-bit, group 128, asymmetric (zero points), act-order (g_idx)"."""
         if self.at_load:
             group = f"group {self.group}" if self.group else "per output channel"
             return f"{self.method} weight-only at load ({group}, symmetric)"
+        name = NAMES[self.method]
         if self.kind == "f8":
-            blocks = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "per tensor"
-            if self.group and not self.block:
-                blocks = f"group {self.group}"
-            elif self.block is None and self.group is None and self.fmt == "channel":
-                blocks = "per output channel"
-            text = f"{self.method} FP8 e4m3, {blocks}"
+            if self.block:
+                grain = f"{self.block[0]}x{self.block[1]} blocks"
+            else:
+                grain = "per output channel" if self.fmt == "channel" else "per tensor"
+            text = f"{name} e4m3, {grain}" if self.method == "fp8" else f"{name} FP8 e4m3, {grain}"
         else:
             group = f"group {self.group}" if self.group else "per output channel"
             sym = "symmetric" if self.symmetric else "asymmetric (zero points)"
-            text = f"{self.method} {self.bits}-bit, {group}, {sym}"
+            text = f"{name} {self.bits}-bit, {group}, {sym}"
             if self.act_order:
                 text += ", act-order (g_idx)"
             if self.method == "gptq":
