@@ -2,6 +2,7 @@
 
     python benchmarks/quantization.py [--rounds 3] [--modes float32,int8,int4]
         [--cases single,equal,ttft] [--model llama-56m]
+    python benchmarks/quantization.py --kernels [--rows 1,32] [--rounds 15]
 
 On the random-weight 56M Llama shape of benchmarks/native_backend.py (built once in
 ./bench-models): `enginehouse bench`'s cases (single: batch-1 decode of 128 tokens after a
@@ -10,6 +11,11 @@ mode in a fresh process of its own, the modes alternating round after round, eac
 best round. Then the memory the weights take in each mode, as loaded (parameters, oneDNN-packed
 float weights and quantized layers; the embedding stays float32 in every mode). Prints a
 Markdown table for benchmarks/RESULTS.md and the raw JSON.
+
+`--kernels` times the projections of that shape alone instead (one process, the sides
+alternating call after call, best of `--rounds`): float32 through oneDNN (the float path),
+the int8 and int4 kernel, and `torch.ops.aten._weight_int8pack_mm` (int8 per channel, which
+needs bfloat16 activations to be fast).
 """
 
 from __future__ import annotations
@@ -86,13 +92,83 @@ def markdown(best: dict, memory: dict, path: Path, cases: list[str]) -> str:
     return "\n".join(lines)
 
 
+SHAPES = {"qkv": (1024, 512), "o": (512, 512), "gate_up": (2752, 512), "down": (512, 1376)}
+
+
+def kernel_sides(n: int, k: int, rows: int) -> dict:
+    from enginehouse_pytorch.native.quant import cpu_kernel
+    from enginehouse_pytorch.native.quant.qweight import KINDS, pack, quantize_int4, quantize_int8
+
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+    dnn = torch.ops.mkldnn._reorder_linear_weight(w)
+    q8, q4 = pack(quantize_int8(w), "panels"), pack(quantize_int4(w, 32), "panels")
+    i8 = (q8.codes.transpose(1, 2).reshape(-1, k)[:n].to(torch.int16) - 128).to(torch.int8)
+    s8, xb = q8.scales[:, 0].reshape(-1)[:n].to(torch.bfloat16), x.to(torch.bfloat16)
+    op = cpu_kernel.ops().qlinear
+
+    def ours(p):
+        return lambda: op(x, p.codes, p.scales, p.mins, None, KINDS[p.kind], n, p.group, p.center)
+
+    return {
+        "float32 oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(x, dnn, None, "none", [], ""),
+        "int8": ours(q8),
+        "int4 g32": ours(q4),
+        "_weight_int8pack_mm bf16": lambda: torch.ops.aten._weight_int8pack_mm(xb, i8, s8),
+    }
+
+
+def time_kernels(rows_list: list[int], rounds: int) -> None:
+    import time
+
+    from enginehouse_pytorch.native.quant import cpu_kernel
+
+    assert cpu_kernel.load(), "the C++ kernel could not be built"
+    shapes = dict(SHAPES, head=(32000, 512))
+    for rows in rows_list:
+        sides = {name: kernel_sides(n, k, rows) for name, (n, k) in shapes.items()}
+        best: dict = {}
+        reps = max(1, 32 // rows)
+        for _ in range(rounds):
+            for name, fns in sides.items():
+                for side, fn in fns.items():
+                    start = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    us = (time.perf_counter() - start) / reps * 1e6
+                    best[name, side] = min(best.get((name, side), float("inf")), us)
+        names = list(next(iter(sides.values())))
+        print(f"\n{rows} row(s): microseconds per call (best of {rounds}), ratio to float32")
+        print("| projection | " + " | ".join(names) + " |")
+        print("| --- |" + " ---: |" * len(names))
+        totals = dict.fromkeys(names, 0.0)
+        for proj in list(shapes) + ["total"]:
+            if proj == "total":
+                got = totals
+            else:
+                got = {side: best[proj, side] for side in names}
+                for side in names:
+                    totals[side] += got[side]
+            base = got[names[0]]
+            cells = [f"{got[s]:.0f} ({base / got[s]:.2f}x)" for s in names]
+            print(f"| {proj} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="float32,int8,int4")
     parser.add_argument("--cases", default="single,equal,ttft")
     parser.add_argument("--model", default="llama-56m")
+    parser.add_argument("--kernels", action="store_true", help="the projections alone")
+    parser.add_argument("--rows", default="1,32", help="--kernels: rows per call")
     args = parser.parse_args()
+    if args.kernels:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"load average {open('/proc/loadavg').read().split()[:3]}")
+        time_kernels([int(r) for r in args.rows.split(",")], max(args.rounds, 5))
+        print(f"load average {open('/proc/loadavg').read().split()[:3]}")
+        return
     path = build(args.model)
     modes, cases = args.modes.split(","), args.cases.split(",")
     print(

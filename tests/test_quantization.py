@@ -191,6 +191,8 @@ KERNEL_CASES = [
     ("u4", 37, 128, 32, True, True),
     ("u4", 64, 64, 64, False, False),
     ("f8", 50, 128, 128, False, False),
+    ("u4", 24, 640, 128, True, False),  # chunks of 256 inputs span groups
+    ("u8", 20, 1376, 1376, False, True),  # per channel, the 56M shape's down_proj input
 ]
 
 

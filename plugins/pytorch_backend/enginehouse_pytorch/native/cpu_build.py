@@ -19,9 +19,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Vectorise the dot products and sums (reassociation), without assuming finite math.
+# -fopenmp: at::parallel_for is an OpenMP pragma in torch's headers (its CPU builds use the
+# OpenMP backend); without it a kernel's loop runs on one thread. The library it links,
+# libgomp.so.1, is the one torch already loaded, so both share one thread pool.
 FLAGS = [
     "-O3",
     "-march=native",
+    "-fopenmp",
     "-fno-math-errno",
     "-fassociative-math",
     "-fno-signed-zeros",
@@ -86,6 +90,7 @@ def build(name: str, source: str, what: str, extra_flags: Sequence[str] = ()) ->
             name=full_name,
             cpp_sources=[source],
             extra_cflags=[*FLAGS, *extra_flags],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )

@@ -238,50 +238,55 @@ static void rows_direct(const Args& a, const float* xsum, int64_t p0, int64_t m0
   for (; m < m1; ++m) tile<CODE, 1, NP>(a, xsum, p0, m);
 }
 
-// Many rows: decode KC inputs of NP panels once into `w` ([KC][NP * 16] floats, in L1), then
-// multiply them into every tile of rows, accumulating in y (padded to whole panels).
-constexpr int64_t KC = 32;
+// Many rows: decode up to KC inputs of NP panels once into `w` ([kc][NP * 16] floats, in L1
+// or L2), then multiply them into every tile of rows, accumulating in y (padded to whole
+// panels). A chunk may span groups: each run of inputs takes its own group's scales.
+constexpr int64_t KC = 256;
 
 template <int CODE, int NP>
-static void decode_chunk(const Args& a, int64_t p0, int64_t k0, float* w) {
-  const int64_t g = k0 / a.group, rows_per_panel = CODE == U4 ? a.k / 2 : a.k;
+static void decode_chunk(const Args& a, int64_t p0, int64_t k0, int64_t kc, float* w) {
+  const int64_t rows_per_panel = CODE == U4 ? a.k / 2 : a.k;
   for (int j = 0; j < NP; ++j) {
     const int64_t p = p0 + j;
     const uint8_t* c = a.codes + p * rows_per_panel * PW;
-    const PV sc = pv_load(a.scales + (p * a.groups + g) * PW);
-    const PV off = a.mins ? pv_load(a.mins + (p * a.groups + g) * PW) : pv_scale(sc, -a.center);
-    for (int64_t k = 0; k < KC; k += 2) {
-      PV w0, w1;
-      if (CODE == U4) {
-        dec_u4(c + ((k0 + k) / 2) * PW, w0, w1);
-      } else if (CODE == U8) {
-        w0 = dec_u8(c + (k0 + k) * PW);
-        w1 = dec_u8(c + (k0 + k + 1) * PW);
-      } else {
-        w0 = dec_f8(c + (k0 + k) * PW);
-        w1 = dec_f8(c + (k0 + k + 1) * PW);
+    for (int64_t k = k0; k < k0 + kc;) {
+      const int64_t g = k / a.group, end = std::min(k0 + kc, (g + 1) * a.group);
+      const PV sc = pv_load(a.scales + (p * a.groups + g) * PW);
+      const PV off = a.mins ? pv_load(a.mins + (p * a.groups + g) * PW) : pv_scale(sc, -a.center);
+      for (; k < end; k += 2) {
+        PV w0, w1;
+        if (CODE == U4) {
+          dec_u4(c + (k / 2) * PW, w0, w1);
+        } else if (CODE == U8) {
+          w0 = dec_u8(c + k * PW);
+          w1 = dec_u8(c + (k + 1) * PW);
+        } else {
+          w0 = dec_f8(c + k * PW);
+          w1 = dec_f8(c + (k + 1) * PW);
+        }
+        pv_store(w + (k - k0) * NP * PW + j * PW, pv_fma(w0, sc, off));
+        pv_store(w + (k - k0 + 1) * NP * PW + j * PW, pv_fma(w1, sc, off));
       }
-      pv_store(w + k * NP * PW + j * PW, pv_fma(w0, sc, off));
-      pv_store(w + (k + 1) * NP * PW + j * PW, pv_fma(w1, sc, off));
     }
   }
 }
 
 template <int MR, int NP>
-static void fma_tile(const Args& a, const float* w, int64_t p0, int64_t m0, int64_t k0) {
+static void fma_tile(const Args& a, const float* w, int64_t p0, int64_t m0, int64_t k0,
+                     int64_t kc) {
   PV acc[MR][NP];
   float* y = a.y + m0 * a.ldy + p0 * PW;
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NP; ++j)
       acc[r][j] = k0 == 0 ? pv_zero() : pv_load(y + r * a.ldy + j * PW);
   const float* x = a.x + m0 * a.ldx + k0;
-  for (int64_t k = 0; k < KC; ++k) {
+  for (int64_t k = 0; k < kc; ++k) {
     PV wv[NP];
     for (int j = 0; j < NP; ++j) wv[j] = pv_load(w + k * NP * PW + j * PW);
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NP; ++j) acc[r][j] = pv_fma1(x[r * a.ldx + k], wv[j], acc[r][j]);
   }
-  const bool last = k0 + KC == a.k;
+  const bool last = k0 + kc == a.k;
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NP; ++j) {
       PV out = acc[r][j];
@@ -292,11 +297,12 @@ static void fma_tile(const Args& a, const float* w, int64_t p0, int64_t m0, int6
 
 // A tile of `mr` rows (1..MR_BIG), the template instance chosen at run time.
 template <int NP, int MR = MR_BIG>
-static void fma_tile_n(int mr, const Args& a, const float* w, int64_t p0, int64_t m0, int64_t k0) {
+static void fma_tile_n(int mr, const Args& a, const float* w, int64_t p0, int64_t m0, int64_t k0,
+                       int64_t kc) {
   if constexpr (MR > 1) {
-    if (mr < MR) return fma_tile_n<NP, MR - 1>(mr, a, w, p0, m0, k0);
+    if (mr < MR) return fma_tile_n<NP, MR - 1>(mr, a, w, p0, m0, k0, kc);
   }
-  fma_tile<MR, NP>(a, w, p0, m0, k0);
+  fma_tile<MR, NP>(a, w, p0, m0, k0, kc);
 }
 
 template <int CODE, int NP>
@@ -306,10 +312,11 @@ static void rows_chunked(const Args& a, int64_t p0, int64_t m0, int64_t m1) {
   // makes few FMAs per weight load.
   const int64_t tiles = (m1 - m0 + MR_BIG - 1) / MR_BIG;
   for (int64_t k0 = 0; k0 < a.k; k0 += KC) {
-    decode_chunk<CODE, NP>(a, p0, k0, w);
+    const int64_t kc = std::min(KC, a.k - k0);
+    decode_chunk<CODE, NP>(a, p0, k0, kc, w);
     for (int64_t t = 0, m = m0; t < tiles; ++t) {
       const int mr = static_cast<int>((m1 - m + (tiles - t) - 1) / (tiles - t));
-      fma_tile_n<NP>(mr, a, w, p0, m, k0);
+      fma_tile_n<NP>(mr, a, w, p0, m, k0, kc);
       m += mr;
     }
   }
@@ -359,7 +366,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   TORCH_CHECK(panels * PW >= n && scales.size(1) == k / group, "scales do not match the shapes");
   // Few rows: codes decoded in registers, straight into y. More: decoded per chunk of KC
   // inputs and accumulated in y, whose rows then span whole panels (cut to n at the end).
-  const bool chunked = m >= CHUNKED_FROM && k % KC == 0 && group % KC == 0;
+  const bool chunked = m >= CHUNKED_FROM;
   const int64_t width = chunked ? panels * PW : n;
   auto y = at::empty({m, width}, xc.options());
   if (m == 0) return y;
