@@ -215,6 +215,20 @@ def test_cpu_kernel_avx2_path_matches_float_matmul():
             assert cpu_case(qw, rows, True, cpu_kernel.AVX2_NAMESPACE) <= 1e-5, (kind, rows)
 
 
+def test_failed_build_falls_back_to_the_torch_path(float_llama, tmp_path, monkeypatch):
+    from enginehouse_pytorch.native import cpu_build
+
+    monkeypatch.setenv("ENGINEHOUSE_CPU_KERNELS", "0")  # as if no compiler: nothing is built
+    assert not cpu_build.build(cpu_kernel.NAMESPACE, cpu_kernel.SOURCE, "test kernel")
+    monkeypatch.setattr(cpu_kernel, "load", lambda: False)  # load() caches its first answer
+    float_copy = float_copy_of_load_quantization(
+        float_llama, tmp_path / "int8", qweight.quantize_int8
+    )
+    with pipeline(str(float_llama), engine_config={"quantization": "int8"}, progress=False) as pipe:
+        assert pipe.engine.engine.runner.model.lm_head.kernel == "torch"
+        check_against(pipe, reference(float_copy))
+
+
 # --- 3. checkpoints end to end --------------------------------------------------------------
 
 
