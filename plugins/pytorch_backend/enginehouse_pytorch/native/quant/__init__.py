@@ -71,5 +71,5 @@ def finish(model: nn.Module, scheme: QuantScheme, device: torch.device) -> None:
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             m.finish(device)
-        elif scheme.at_load and isinstance(m, Linear) and not name.endswith(".gate"):
+        elif scheme.at_load and isinstance(m, Linear):
             _replace(model, name, QuantLinear.of(m, scheme, device))

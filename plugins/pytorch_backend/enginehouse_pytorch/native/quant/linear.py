@@ -128,8 +128,9 @@ class QuantLinear(nn.Module):
         if p.perm is not None:
             x = x.index_select(1, p.perm)
         if self.kernel == "cpu":
+            b = None if bias is None else bias.float()  # the kernel takes float32 only
             y = torch.ops.enginehouse_quant.qlinear(
-                x.float(), p.codes, p.scales, p.mins, bias, KINDS[p.kind], p.n, p.group, p.center
+                x.float(), p.codes, p.scales, p.mins, b, KINDS[p.kind], p.n, p.group, p.center
             ).to(x.dtype)
         elif self.kernel == "triton":
             from . import triton_kernel
