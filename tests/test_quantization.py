@@ -290,14 +290,15 @@ def test_explain_names_the_quantization_and_the_weights_memory(quantized):
     folder, _ = quantized["gptq4-act-order"]
     report = explain(str(folder))
     assert report["chosen"] == "pytorch"
-    assert report["facts"]["quantization"] == (
-        "GPTQ 4-bit, group 32, asymmetric (zero points), act-order (g_idx), zero points v1"
-    )
+    assert report["facts"]["quantization"] == "gptq 4-bit, group 32"
     native = verdicts(report)["pytorch"]["reason"]
-    assert "GPTQ 4-bit, group 32" in native and "weights about" in native and "MiB" in native
+    assert "GPTQ 4-bit, group 32, asymmetric (zero points), act-order (g_idx)" in native
+    assert "weights about" in native and "MiB" in native
     result = CliRunner().invoke(cli_module.cli, ["explain", str(folder)])
     assert result.exit_code == 0, result.output
-    assert "quantized:    GPTQ 4-bit, group 32" in result.output
+    assert "quantized:    gptq 4-bit, group 32" in result.output
+    fp8 = explain(str(quantized["fp8-blocks"][0]))["facts"]["quantization"]
+    assert fp8 == "fp8, blocks 128x128"
 
 
 def test_other_backends_say_whether_they_take_the_format(quantized, float_llama):

@@ -145,21 +145,6 @@ def _mib(n: int) -> str:
 
 
 @hookimpl
-def detect_architecture(spec: ModelSpec) -> dict:
-    """`quantization`: a quantized checkpoint's scheme, as `enginehouse explain` shows it."""
-    from .native.arch import UnsupportedModel
-    from .native.quant.scheme import read_scheme
-
-    if not spec.config.get("quantization_config"):
-        return {}
-    try:
-        scheme = read_scheme(spec.config)
-    except UnsupportedModel as e:
-        return {"quantization": f"not readable natively: {e}"}
-    return {"quantization": scheme.describe()}
-
-
-@hookimpl
 def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
     return [probe_native(spec, config), probe_transformers(spec, config)]
 
