@@ -12,6 +12,7 @@ what it made. The Triton kernel is checked under its interpreter in test_quant_t
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -58,16 +59,6 @@ def fixed(n: int) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=n, min_new_tokens=n)
 
 
-class Lazy(dict):
-    def __init__(self, make) -> None:
-        super().__init__()
-        self.make = make
-
-    def __missing__(self, key):
-        value = self[key] = self.make(key)
-        return value
-
-
 @pytest.fixture(scope="module")
 def float_llama(models_dir) -> Path:
     return build_model(
@@ -76,14 +67,15 @@ def float_llama(models_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quantized(float_llama, models_dir) -> dict[str, tuple[Path, Path]]:
+def quantized(float_llama, models_dir):
     """name -> (quantized checkpoint, its dequantized float copy), written on first use."""
 
+    @functools.cache
     def write(name: str) -> tuple[Path, Path]:
         fmt, options = CASES[name]
         return checkpoints.write(float_llama, models_dir / f"quant-{name}", fmt, **options)
 
-    return Lazy(write)
+    return write
 
 
 def reference(folder: Path):
@@ -234,7 +226,7 @@ def test_failed_build_falls_back_to_the_torch_path(float_llama, tmp_path, monkey
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_quantized_checkpoint_matches_transformers_on_its_float_copy(name, quantized):
-    folder, float_copy = quantized[name]
+    folder, float_copy = quantized(name)
     with open_pipe(folder) as pipe:
         assert pipe.backend == "pytorch"
         layer = pipe.engine.engine.runner.model.model.layers[0].self_attn.qkv_proj
@@ -287,7 +279,7 @@ def verdicts(report) -> dict:
 
 
 def test_explain_names_the_quantization_and_the_weights_memory(quantized):
-    folder, _ = quantized["gptq4-act-order"]
+    folder, _ = quantized("gptq4-act-order")
     report = explain(str(folder))
     assert report["chosen"] == "pytorch"
     assert report["facts"]["quantization"] == "gptq 4-bit, group 32"
@@ -297,12 +289,12 @@ def test_explain_names_the_quantization_and_the_weights_memory(quantized):
     result = CliRunner().invoke(cli_module.cli, ["explain", str(folder)])
     assert result.exit_code == 0, result.output
     assert "quantized:    gptq 4-bit, group 32" in result.output
-    fp8 = explain(str(quantized["fp8-blocks"][0]))["facts"]["quantization"]
+    fp8 = explain(str(quantized("fp8-blocks")[0]))["facts"]["quantization"]
     assert fp8 == "fp8, blocks 128x128"
 
 
 def test_other_backends_say_whether_they_take_the_format(quantized, float_llama):
-    folder, _ = quantized["awq"]
+    folder, _ = quantized("awq")
     report = verdicts(explain(str(folder)))
     assert not report["onnxruntime"]["supported"]
     assert "quantized checkpoint (awq)" in report["onnxruntime"]["reason"]
@@ -348,7 +340,7 @@ def rewrite_config(src: Path, dst: Path, change) -> Path:
 def test_unrunnable_quantization_config_is_refused_with_the_field(
     change, message, quantized, tmp_path
 ):
-    folder = rewrite_config(quantized["gptq4-sym"][0], tmp_path / "bad", change)
+    folder = rewrite_config(quantized("gptq4-sym")[0], tmp_path / "bad", change)
     report = verdicts(explain(str(folder)))
     assert not report["pytorch"]["supported"]
     assert message in report["pytorch"]["reason"]
@@ -358,7 +350,7 @@ def test_unrunnable_quantization_config_is_refused_with_the_field(
 
 def test_unknown_method_is_named_by_every_backend(quantized, tmp_path):
     folder = rewrite_config(
-        quantized["gptq4-sym"][0], tmp_path / "bad", lambda q: q.update(quant_method="foo")
+        quantized("gptq4-sym")[0], tmp_path / "bad", lambda q: q.update(quant_method="foo")
     )
     with pytest.raises(BackendError) as err:
         pipeline(str(folder), progress=False)
@@ -370,7 +362,7 @@ def test_unknown_method_is_named_by_every_backend(quantized, tmp_path):
 def test_missing_tensor_is_named_and_the_intact_checkpoint_still_serves(
     missing, quantized, tmp_path
 ):
-    source, _ = quantized["gptq4-sym"]
+    source, _ = quantized("gptq4-sym")
     folder = tmp_path / "broken"
     shutil.copytree(source, folder)
     tensors = load_file(folder / "model.safetensors")
@@ -385,7 +377,7 @@ def test_missing_tensor_is_named_and_the_intact_checkpoint_still_serves(
 
 def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(quantized, tmp_path):
     folder = tmp_path / "shape"
-    shutil.copytree(quantized["awq"][0], folder)
+    shutil.copytree(quantized("awq")[0], folder)
     tensors = load_file(folder / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.scales"
     tensors[name] = tensors[name][:, :100].contiguous()
@@ -397,8 +389,8 @@ def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(quantized, tmp_path
 
 def test_bad_engine_settings_are_refused(quantized, tmp_path):
     with pytest.raises(ValidationError, match="48 is not a group size int4 takes"):
-        pipeline(str(quantized["awq"][0]), engine_config={"quantization_group_size": 48})
-    report = verdicts(explain(str(quantized["awq"][0]), engine_config={"quantization": "int8"}))
+        pipeline(str(quantized("awq")[0]), engine_config={"quantization_group_size": 48})
+    report = verdicts(explain(str(quantized("awq")[0]), engine_config={"quantization": "int8"}))
     assert "already quantized (awq); drop quantization='int8'" in report["pytorch"]["reason"]
 
 

@@ -75,25 +75,24 @@ def _groups(scheme: QuantScheme, k: int, where: str) -> tuple[int, int]:
     return group, k // group
 
 
-def _act_order(g_idx: torch.Tensor, group: int, k: int, where: str) -> torch.Tensor | None:
-    """The input order that makes groups contiguous, or None when they already are."""
-    g_idx = g_idx.long()
-    plain = torch.arange(k) // group
+def _act_order(qw: QuantWeight, t: Mapping[str, torch.Tensor], name: str, where: str):
+    """`qw` with its inputs in group order when the checkpoint has a `name` (g_idx) tensor that
+    is not simply k // group: the layer then multiplies x[:, perm]."""
+    if name not in t:
+        return qw
+    k, group = qw.shape[1], qw.group
+    _shape(t[name], (k,), where, name)
+    g_idx, plain = t[name].long(), torch.arange(k) // group
     if torch.equal(g_idx, plain):
-        return None
+        return qw
     perm = torch.argsort(g_idx, stable=True)
     if not torch.equal(g_idx[perm], plain):
         raise InvalidModelError(
-            f"{where}.g_idx does not give every group exactly {group} inputs; not a GPTQ act "
+            f"{where}.{name} does not give every group exactly {group} inputs; not an act "
             "order this loader can run"
         )
-    return perm
-
-
-def _permuted(qw: QuantWeight, perm: torch.Tensor | None) -> QuantWeight:
-    if perm is not None:
-        qw.codes = qw.codes[:, perm].contiguous()
-        qw.perm = perm
+    qw.codes = qw.codes[:, perm].contiguous()
+    qw.perm = perm
     return qw
 
 
@@ -118,11 +117,7 @@ def gptq(t: Mapping[str, torch.Tensor], scheme: QuantScheme, n: int, k: int, whe
     zeros = unpack(qzeros, bits, 1)[:, :n].t() + scheme.zero_offset  # [N, G]
     zeros, center = _flat_zeros(zeros)
     qw = QuantWeight(scheme.kind, codes.to(torch.uint8), scales.t().float(), zeros, center, group)
-    perm = None
-    if "g_idx" in t:
-        _shape(t["g_idx"], (k,), where, "g_idx")
-        perm = _act_order(t["g_idx"], group, k, where)
-    return _permuted(qw, perm)
+    return _act_order(qw, t, "g_idx", where)
 
 
 def awq(t: Mapping[str, torch.Tensor], scheme: QuantScheme, n: int, k: int, where: str):
@@ -173,11 +168,7 @@ def compressed(t: Mapping[str, torch.Tensor], scheme: QuantScheme, n: int, k: in
             zp = zp.to(torch.int32).reshape(n, g) + offset
         zeros, center = _flat_zeros(zp)
     qw = QuantWeight(scheme.kind, codes.to(torch.uint8), scale.contiguous(), zeros, center, group)
-    perm = None
-    if "weight_g_idx" in t:
-        _shape(t["weight_g_idx"], (k,), where, "weight_g_idx")
-        perm = _act_order(t["weight_g_idx"], group, k, where)
-    return _permuted(qw, perm)
+    return _act_order(qw, t, "weight_g_idx", where)
 
 
 def fp8(t: Mapping[str, torch.Tensor], scheme: QuantScheme, n: int, k: int, where: str):
