@@ -1,17 +1,18 @@
 """The CPU kernel of quantized projections: y = x W^T (+ b), W decoded in registers.
 
-Weights stay in their codes (8-bit, 4-bit or FP8 e4m3) in the panel layout of `pack.py`: 16
-output channels per panel, each input position's 16 codes side by side, so one load gives one
-vector of codes. Per input group the kernel loads the panel's scales (and minimums), turns codes
-into float32 (w = code * scale + minimum, one FMA) and multiplies them into up to 12 rows of
-activations at once: activations stay float32, so the result is a float32 matmul on the exactly
-decoded weights (only the summation order differs from `F.linear` on them).
+Weights stay in their codes (8-bit, 4-bit or FP8 e4m3) in the "panels" layout of `qweight.py`:
+16 output channels per panel, each input's 16 codes side by side, so one load gives one vector
+of codes. Up to three rows (decode steps): codes are decoded in registers and multiplied into
+the activations, each group's sum then scaled once (plus minimum times the group's sum of x).
+From four rows: chunks of up to 256 inputs are decoded once into float32 (w = code * scale +
+minimum) and multiplied into tiles of rows. Activations stay float32, so the result is a float32
+matmul on the exactly decoded weights (only the summation order differs from `F.linear`).
 
 One source, three paths chosen by what the compiler targets (`-march=native`, see `cpu_build`):
-AVX-512 (a panel is one 16-lane vector; 12 rows x 2 panels in registers), AVX2 + FMA + F16C (two
+AVX-512 (a panel is one 16-lane vector; 7 rows x 4 panels in registers), AVX2 + FMA + F16C (two
 8-lane vectors; 6 rows x 1 panel) and plain C++. FP8 codes become half floats by bit
-arithmetic (the exponent bias differs by 8, which `pack.py` folds into the scales), then float32
-through F16C. Work is split across cores by panels and by blocks of rows (`at::parallel_for`).
+arithmetic (the exponent bias differs by 8, which `qweight.pack` folds into the scales), then
+float32 through F16C. Work is split across cores by panels and blocks of rows (`at::parallel_for`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ enum Code { U8 = 0, U4 = 1, F8 = 2 };
 // --- one panel's 16 floats as vectors, and code decoding, per instruction set -----------------
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define EH_PATH "avx512"
-constexpr int MR_BIG = 12, NP_MAX = 2;
+// Tiles: decode steps take one panel at a time (measured fastest), batches 7 rows x 4 panels
+// (28 accumulators of the 32 registers).
+constexpr int NP_DIRECT = 1, MR_BIG = 7, NP_CHUNK = 4;
 struct PV { __m512 v; };
 static inline PV pv_zero() { return {_mm512_setzero_ps()}; }
 static inline PV pv_load(const float* p) { return {_mm512_loadu_ps(p)}; }
@@ -75,7 +78,7 @@ static inline PV dec_f8(const uint8_t* p) {
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define EH_PATH "avx2"
-constexpr int MR_BIG = 6, NP_MAX = 1;
+constexpr int NP_DIRECT = 1, MR_BIG = 6, NP_CHUNK = 1;  // 12 accumulators of 16 registers
 struct PV { __m256 a, b; };
 static inline PV pv_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 static inline PV pv_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
@@ -120,7 +123,7 @@ static inline PV dec_f8(const uint8_t* p) {
 }
 #else
 #define EH_PATH "scalar"
-constexpr int MR_BIG = 4, NP_MAX = 1;
+constexpr int NP_DIRECT = 1, MR_BIG = 4, NP_CHUNK = 1;
 struct PV { float v[PW]; };
 static inline PV pv_zero() { PV r; for (int i = 0; i < PW; ++i) r.v[i] = 0.0f; return r; }
 static inline PV pv_load(const float* p) { PV r; std::memcpy(r.v, p, sizeof r.v); return r; }
@@ -322,39 +325,42 @@ static void rows_chunked(const Args& a, int64_t p0, int64_t m0, int64_t m1) {
   }
 }
 
-template <int CODE>
-static void run(const Args& a, int64_t m_total, int64_t panels, bool chunked) {
-  std::vector<float> xsum;  // per row and group: the sum of x, which minimums multiply
-  if (!chunked) {
-    xsum.assign(m_total * a.groups, 0.0f);
-    for (int64_t r = 0; r < m_total; ++r)
-      for (int64_t k = 0; k < a.k; ++k) xsum[r * a.groups + k / a.group] += a.x[r * a.ldx + k];
-  }
-  // Tasks: blocks of up to 96 rows (so a block's activations stay in cache across panels)
-  // times steps of NP_MAX panels. Small problems stay on one thread.
+// Tasks: blocks of up to 96 rows (so a block's activations stay in cache across panels)
+// times steps of NP panels. Small problems stay on one thread.
+template <int CODE, int NP, bool CHUNKED>
+static void run_tasks(const Args& a, const float* xsum, int64_t m_total, int64_t panels) {
   constexpr int64_t ROWS = 96;
   const int64_t row_blocks = (m_total + ROWS - 1) / ROWS;
-  const int64_t steps = (panels + NP_MAX - 1) / NP_MAX;
-  const int64_t work = std::max<int64_t>(1, a.k * PW * NP_MAX * std::min<int64_t>(m_total, ROWS));
+  const int64_t steps = (panels + NP - 1) / NP;
+  const int64_t work = std::max<int64_t>(1, a.k * PW * NP * std::min<int64_t>(m_total, ROWS));
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
   at::parallel_for(0, row_blocks * steps, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t rb = t / steps, p0 = (t % steps) * NP_MAX;
+      const int64_t rb = t / steps, p0 = (t % steps) * NP;
       const int64_t m0 = rb * ROWS, m1 = std::min(m_total, m0 + ROWS);
-      if (p0 + NP_MAX <= panels) {
-        if (chunked) rows_chunked<CODE, NP_MAX>(a, p0, m0, m1);
-        else rows_direct<CODE, NP_MAX>(a, xsum.data(), p0, m0, m1);
+      if (p0 + NP <= panels) {
+        if (CHUNKED) rows_chunked<CODE, NP>(a, p0, m0, m1);
+        else rows_direct<CODE, NP>(a, xsum, p0, m0, m1);
         continue;
       }
       for (int64_t p = p0; p < panels; ++p) {  // the last panels, one at a time
-        if (chunked) rows_chunked<CODE, 1>(a, p, m0, m1);
-        else rows_direct<CODE, 1>(a, xsum.data(), p, m0, m1);
+        if (CHUNKED) rows_chunked<CODE, 1>(a, p, m0, m1);
+        else rows_direct<CODE, 1>(a, xsum, p, m0, m1);
       }
     }
   });
 }
 
-// x [M, K] float32; codes: panels of uint8 (see pack.py); scales, mins [P, groups, 16] float32.
+template <int CODE>
+static void run(const Args& a, int64_t m_total, int64_t panels, bool chunked) {
+  if (chunked) return run_tasks<CODE, NP_CHUNK, true>(a, nullptr, m_total, panels);
+  std::vector<float> xsum(m_total * a.groups, 0.0f);  // per row and group: the sum of x
+  for (int64_t r = 0; r < m_total; ++r)
+    for (int64_t k = 0; k < a.k; ++k) xsum[r * a.groups + k / a.group] += a.x[r * a.ldx + k];
+  run_tasks<CODE, NP_DIRECT, false>(a, xsum.data(), m_total, panels);
+}
+
+// x [M, K] float32; codes: panels of uint8 (see qweight.py); scales, mins [P, groups, 16] float32.
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias,
                    int64_t code, int64_t n, int64_t group, double center) {
