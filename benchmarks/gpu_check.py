@@ -1,8 +1,8 @@
 """The native backend's CUDA path on a real GPU: correctness against the CPU, then speed.
 
     bash benchmarks/gpu_check.sh            # installs the repo (no deps, offline), runs this
-    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,vision,timing] [--skip-timing]
-        [--quick] [--budget SECONDS] [--models DIR] [--families llama,gemma2,...]
+    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,vision,quant,timing]
+        [--skip-timing] [--quick] [--budget SECONDS] [--models DIR] [--families llama,...]
     python benchmarks/gpu_check.py --dry-run-cpu --quick   # the script's plumbing, no GPU
 
 One prepared script for a short GPU session: every check runs in its own try/except (a failure
@@ -32,6 +32,11 @@ tokenizers and triton; builds its small random-weight models offline.
 6. vision: tiny LLaVA, LLaVA-NeXT and Qwen2-VL with generated images, mixed with text prompts:
    float32 CUDA tokens must equal the CPU's; bfloat16 agreement is reported. Needs Pillow and
    numpy (skipped with the reason otherwise).
+7. quant: the Triton w4a16 / w8a16 / FP8-weight kernel against a float32 reference (codes,
+   zero points, act order, bias; float32, float16, bfloat16; 1 to 300 rows); every quantized
+   checkpoint layout and int8 / int4 at load through the pipeline, float32 CUDA greedy tokens
+   against the CPU's (which the tests compare with transformers); the kernel's time against
+   bfloat16 `F.linear` for a 4096 x 4096 projection (info).
 """
 
 from __future__ import annotations
@@ -669,7 +674,105 @@ def write_report() -> None:
     log(f"wrote {folder / 'gpu_check.json'} and {folder / 'gpu_check.md'}")
 
 
-SECTIONS = ("kernels", "logits", "tokens", "bf16", "vision", "timing")
+SECTIONS = ("kernels", "logits", "tokens", "bf16", "vision", "quant", "timing")
+
+
+# --- 7. quantized projections ----------------------------------------------------------------
+
+QUANT_KERNEL_CASES = [
+    ("u8-f32", dict(kind="u8", n=200, k=256, m=3, group=256)),
+    ("u4-asym-perm-bias-f32", dict(kind="u4", n=96, k=256, m=17, group=32, asym=True, perm=True)),
+    ("f8-blocks-f32", dict(kind="f8", n=160, k=384, m=5, group=128)),
+    ("u4-g128-bf16-decode", dict(kind="u4", n=512, k=1024, m=1, group=128, dtype="bfloat16")),
+    (
+        "u8-asym-f16-batch",
+        dict(kind="u8", n=300, k=512, m=300, group=64, asym=True, dtype="float16"),
+    ),
+    ("f8-bf16-batch", dict(kind="f8", n=256, k=512, m=64, group=128, dtype="bfloat16")),
+]
+QUANT_CHECKPOINTS = {
+    "gptq4-act": ("gptq", dict(bits=4, group=32, sym=False, desc_act=True)),
+    "gptq8-v2": ("gptq", dict(bits=8, group=64, sym=False, v1=False)),
+    "awq": ("awq", dict(group=32)),
+    "ct4": ("compressed", dict(bits=4, group=32, sym=False, actorder=True)),
+    "fp8-blocks": ("fp8", dict(block=(128, 128))),
+}
+
+
+def quant_kernel_case(name: str, case: dict) -> None:
+    from enginehouse_pytorch.native.quant.checks import triton_case
+
+    bias = "bias" in name
+    r = triton_case(**case, bias=bias, device="cuda")
+    ok = r["err"] <= r["tolerance"] and r["dtype_ok"] and r["shape_ok"]
+    record(f"quant/kernel/{name}", ok, f"max rel err {r['err']:.2e} (tol {r['tolerance']})")
+
+
+def quant_tokens(name: str, folder: Path, fmt: str | None, options: dict) -> None:
+    import transformers
+
+    from enginehouse import pipeline
+    from enginehouse.testing import TINY, build_model
+    from enginehouse_pytorch.native.quant import checkpoints
+
+    src = folder / "quant-llama"
+    if not (src / "config.json").is_file():
+        shape = dict(TINY, hidden_size=128, intermediate_size=256)
+        build_model(src, transformers.LlamaConfig(**shape, vocab_size=512))
+    path, engine = src, dict(options)
+    if fmt is not None:
+        path = folder / f"quant-{name}"
+        if not path.is_dir():
+            checkpoints.write(src, path, fmt, **options)
+        engine = {}
+    rng = random.Random(0)
+    prompts = [{"token_ids": [rng.randrange(5, 512) for _ in range(n)]} for n in (3, 17, 40, 70)]
+    configs = [{"max_new_tokens": 16, "min_new_tokens": 16}] * len(prompts)
+    tokens = {}
+    for label, extra in (("cpu", {"device": "cpu"}), ("cuda", {"device": DEV})):
+        config = {**engine, **extra, "dtype": "float32"}
+        with pipeline(str(path), engine_config=config, progress=False) as pipe:
+            tokens[label] = [r.token_ids for r in pipe(prompts, configs)]
+    same = sum(a == b for a, b in zip(tokens["cuda"], tokens["cpu"]))
+    record(f"quant/tokens/{name}", same == len(prompts), f"{same}/{len(prompts)} identical")
+
+
+def time_quant() -> None:
+    import torch.nn.functional as F
+
+    from enginehouse_pytorch.native.quant.checks import random_weight
+    from enginehouse_pytorch.native.quant.qweight import pack
+    from enginehouse_pytorch.native.quant.triton_kernel import qlinear
+
+    dev = torch.device("cuda")
+    for kind, group in (("u4", 128), ("u8", 4096), ("f8", 128)):
+        qw = random_weight(kind, 4096, 4096, group)
+        p = pack(qw, "columns").to(dev)
+        w = qw.dequantize().to(dev, torch.bfloat16)
+        for m in (1, 32):
+            x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
+            t_q = cuda_time(lambda x=x, p=p: qlinear(x, p))
+            t_f = cuda_time(lambda x=x, w=w: F.linear(x, w))
+            TIMINGS.append(
+                {
+                    "case": f"qlinear {kind} 4096x4096, {m} rows, bf16",
+                    "triton_ms": round(t_q, 4),
+                    "bf16_linear_ms": round(t_f, 4),
+                    "linear/triton": round(t_f / t_q, 2),
+                }
+            )
+            log(f"qlinear {kind}, {m} rows: triton {t_q * 1e3:.1f} us, bf16 {t_f * 1e3:.1f} us")
+
+
+def check_quant(folder: Path) -> None:
+    section("7. Quantized projections: the Triton kernel, and checkpoints end to end")
+    for name, case in QUANT_KERNEL_CASES:
+        guarded(f"quant/kernel/{name}", quant_kernel_case, name, case)
+    for name, (fmt, options) in QUANT_CHECKPOINTS.items():
+        guarded(f"quant/tokens/{name}", quant_tokens, name, folder, fmt, options)
+    for q in ("int8", "int4"):
+        guarded(f"quant/tokens/{q}", quant_tokens, q, folder, None, {"quantization": q})
+    guarded("quant/timing", time_quant)
 
 
 def check_vision(family: str, folder: Path) -> None:
@@ -765,6 +868,9 @@ def main() -> int:
         section("6. Vision-language models: image prompts on the GPU vs the CPU")
         for family in ("llava", "llava_next", "qwen2_vl"):
             guarded(f"vision/{family}", check_vision, family, folder)
+
+    if "quant" in only and DEV != "cpu":
+        check_quant(folder)
 
     if "timing" in only:
         guarded("timing", check_timing, folder, args.repeat, args.quick)

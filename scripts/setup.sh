@@ -22,7 +22,8 @@ fi
 "${PIP[@]}" -e ".[all,test,bench]" \
   -e plugins/pytorch_backend -e plugins/tensorrt_backend -e plugins/vision
 
-# The native backend's C++ CPU kernels, built now for this CPU rather than on the first model
-# load (about a minute on 2 cores). A machine without a compiler keeps the torch-ops path.
+# The native backend's C++ CPU kernels (decode attention, quantized matmul; on an AVX-512 CPU
+# also the quantized kernel's AVX2 path, which the tests check), built now for this CPU rather
+# than on first use (about a minute each on 2 cores). Without a compiler: the torch-ops path.
 .venv/bin/enginehouse pytorch build-kernels \
   || echo "note: the CPU kernels could not be built; the native backend uses torch ops" >&2

@@ -206,6 +206,14 @@ class EngineConfig(BaseModel):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
     eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
+    quantization: Literal["int8", "int4"] | None = Field(
+        None,
+        description="quantize a float checkpoint's weights at load: int8 (per output channel) "
+        "or int4 (per group); quantized checkpoints are detected without it",
+    )
+    quantization_group_size: int | None = Field(
+        None, description="int4: inputs per scale, 32, 64 or 128 (default 32)"
+    )
     allowed_media_domains: list[str] = Field(
         default_factory=list,
         description="domains images may be fetched from over http(s) (default: none)",
@@ -234,6 +242,13 @@ class EngineConfig(BaseModel):
         if isinstance(v, int) and v < 2**20:
             hint = "a fraction like 1.0" if v == 1 else "a fraction like 0.8"
             raise ValueError(f"{v} is read as {v} bytes; give {hint} or a size like '2GiB'")
+        return v
+
+    @field_validator("quantization_group_size")
+    @classmethod
+    def _check_group(cls, v: int | None) -> int | None:
+        if v is not None and v not in (32, 64, 128):
+            raise ValueError(f"{v} is not a group size int4 takes; use 32, 64 or 128")
         return v
 
     @field_validator("device")

@@ -34,8 +34,9 @@ class ModelFacts(TypedDict, total=False):
     """The facts plugins exchange through `detect_architecture` (`ModelSpec.facts`).
 
     Every key is optional; plugins may add keys of their own. The core's default plugin answers
-    the first six from config.json; any plugin may refine them, and the core then uses the
-    refined value (`ModelSpec.with_facts`). The vision plugin answers the rest for VLMs.
+    the first six (and `quantization`) from config.json; any plugin may refine them, and the
+    core then uses the refined value (`ModelSpec.with_facts`). The vision plugin answers the
+    rest for VLMs.
     """
 
     architecture: str  # the class to run (config.json's first `architectures` entry)
@@ -53,6 +54,7 @@ class ModelFacts(TypedDict, total=False):
     text_architecture: str  # the language model inside a VLM: its class,
     text_config: dict[str, Any]  # its config (transformers' defaults filled in),
     text_weight_prefixes: dict[str, str | None]  # checkpoint prefix -> text-model prefix
+    quantization: str | None  # a quantized checkpoint's scheme in words ("gptq 4-bit, group 128")
 
 
 FACT_FIELDS = ("context_length", "dtype")  # facts that refine a ModelSpec field of that name

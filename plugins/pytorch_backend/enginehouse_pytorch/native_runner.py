@@ -16,8 +16,8 @@ from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
 from enginehouse.errors import InvalidModelError
 from enginehouse.runner import RunnerContext, kv_bytes_per_token
 
-from .native import cpu_decode, cpu_kernels
-from .native.arch import Arch, arch_from_config, language_model
+from .native import cpu_decode, cpu_kernels, quant
+from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
@@ -25,6 +25,20 @@ from .native.rope import mrope_rows, rope_table
 from .native.weights import load_safetensors
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.QuantScheme | None:
+    """The quantization to run with (checkpoint or `EngineConfig.quantization`), checked
+    against the model's shapes; `InvalidModelError` where the native backend cannot run it."""
+    from .native.quant.scheme import check_shapes, read_scheme
+
+    try:
+        scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
+        if scheme is not None:
+            check_shapes(scheme, arch)
+    except UnsupportedModel as e:
+        raise InvalidModelError(str(e)) from None
+    return scheme
 
 
 class NativeRunner:
@@ -38,6 +52,7 @@ class NativeRunner:
         self.prefixes = spec.facts.get("text_weight_prefixes") if spec.is_vlm else None
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, spec, self.device)
+        self.quant = quant_scheme(spec, config, self.arch)
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a = self.arch
@@ -80,14 +95,26 @@ class NativeRunner:
         files = [self.spec.path / f for f in self.spec.weight_files if f.endswith(".safetensors")]
         if not files:
             raise InvalidModelError(f"no *.safetensors weights in {self.spec.path}")
+        # A quantized checkpoint's model is laid out on the meta device first, so that its
+        # projections take no float memory before they become quantized layers.
+        prequantized = self.quant is not None and not self.quant.at_load
         default = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)  # parameters are created empty in the final dtype
         try:
-            with torch.device(self.device):
+            with torch.device("meta" if prequantized else self.device):
                 model = DecoderLM(self.arch, self.kernel)
         finally:
             torch.set_default_dtype(default)
+        if prequantized:
+            quant.prepare(
+                model, self.quant, quant.quantized_modules(files, self.quant, self.prefixes)
+            )
+            model.to_empty(device=self.device)
+            if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
+                model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
         load_safetensors(model, files, progress, self.prefixes)
+        if self.quant is not None:
+            quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
         self.model = model.eval()
         cos, sin = rope_table(self.arch, max(self.context, 1))

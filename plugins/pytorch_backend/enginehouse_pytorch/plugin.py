@@ -37,6 +37,9 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
 
     if not spec.weight_files:
         return verdict(False, f"no weight files (*.safetensors, *.bin) in {spec.path}")
+    problem = transformers_quantization(spec, config)
+    if problem:
+        return verdict(False, problem)
     if spec.is_vlm:
         return verdict(
             False,
@@ -61,9 +64,55 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     return verdict(False, f"transformers has no causal-LM class {arch!r}")
 
 
+# What transformers' quantizer of each method needs installed to load a checkpoint.
+QUANTIZER_PACKAGES = {
+    "gptq": ("optimum", "gptqmodel"),
+    "awq": ("gptqmodel", "accelerate"),
+    "compressed-tensors": ("compressed_tensors",),
+    "fp8": ("accelerate",),
+}
+
+
+def transformers_quantization(spec: ModelSpec, config: EngineConfig) -> str | None:
+    """Why the transformers backend cannot take this quantization, or None when it can."""
+    import importlib.util
+
+    if config.quantization:
+        return (
+            f"quantization={config.quantization!r} (at load) is done by the native pytorch "
+            "backend only"
+        )
+    qc = spec.config.get("quantization_config")
+    if not isinstance(qc, dict) or not qc:
+        return None
+    method = str(qc.get("quant_method") or "").lower()
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    if method not in AUTO_QUANTIZER_MAPPING:
+        return f"transformers has no quantizer for quant_method {method!r}"
+    missing = [p for p in QUANTIZER_PACKAGES.get(method, ()) if not importlib.util.find_spec(p)]
+    if missing:
+        return f"transformers loads {method} checkpoints with {', '.join(missing)}: not installed"
+    if method == "fp8" and not _fp8_gpu(config):
+        return (
+            "transformers runs FP8 checkpoints on GPUs of compute capability 8.9+ only; "
+            "elsewhere it dequantizes them to bfloat16, a different model"
+        )
+    return None
+
+
+def _fp8_gpu(config: EngineConfig) -> bool:
+    import torch
+
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (8, 9)
+
+
 def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
-    # arch.py is a small, torch-free module: cheap enough for a probe.
+    # arch.py and quant/scheme.py are small, torch-free modules: cheap enough for a probe.
     from .native.arch import UnsupportedModel, arch_from_config, language_model
+    from .native.quant.scheme import check_shapes, read_scheme
 
     def verdict(supported: bool, reason: str) -> BackendProbe:
         return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason)
@@ -76,6 +125,9 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         return verdict(False, f"a vision-language model: {why}")
     try:
         arch = arch_from_config(*language_model(spec.architecture, spec.config, spec.facts))
+        scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
+        if scheme is not None:
+            check_shapes(scheme, arch)
     except UnsupportedModel as e:
         return verdict(False, str(e))
     if not any(f.endswith(".safetensors") for f in spec.weight_files):
@@ -86,8 +138,33 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     return verdict(
         True,
         f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
-        + cpu_dtypes(config),
+        + cpu_dtypes(config)
+        + f"; {weights_line(scheme, arch, spec, config)}",
     )
+
+
+def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """The quantization and the memory the weights take, e.g. for `enginehouse explain`."""
+    from enginehouse.device import resolve_device, resolve_dtype
+
+    from .native.quant.scheme import weight_bytes
+
+    try:
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, spec, device)
+    except RuntimeError:  # an absent CUDA device: the runner says so when it is built
+        dtype, device = None, None
+    size = 2 if dtype is not None and dtype.itemsize == 2 else 4
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    total = _mib(weight_bytes(scheme, arch, size))
+    if scheme is None:
+        return f"weights {total} in {name}"
+    plain = _mib(weight_bytes(None, arch, size))
+    return f"{scheme.describe()}: weights about {total} ({name}: {plain})"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"
 
 
 def cpu_dtypes(config: EngineConfig) -> str:

@@ -56,6 +56,12 @@ def check_exportable(spec: ModelSpec) -> None:
             f"{spec.architecture} is a vision-language model: the exported graph takes token "
             "ids only, not image embeddings; run it on the pytorch backend"
         )
+    if spec.config.get("quantization_config"):
+        method = spec.config["quantization_config"].get("quant_method", "?")
+        raise UnsupportedExport(
+            f"a quantized checkpoint ({method}): the ONNX export reads float weights only; "
+            "run it on the pytorch backend"
+        )
     try:
         arch_from_config(spec.architecture, spec.config)
     except UnsupportedModel as e:

@@ -6,7 +6,7 @@ engine is cached), so every branch is tested on any machine; `probe_backends` ga
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec
 
@@ -115,7 +115,11 @@ def probe_backends(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
         from .trt_runner import has_cached_engine
 
         cached = has_cached_engine(spec, config, gpu, trt_version)
-    return [
+    verdicts = [
         tensorrt_verdict(spec, config, trt_version, gpu, cached),
         onnxruntime_verdict(spec, installed_version("onnxruntime")),
     ]
+    if config.quantization:  # weight-only quantization at load is the pytorch backend's
+        why = f"quantization={config.quantization!r} is done by the pytorch backend only"
+        verdicts = [replace(v, supported=False, reason=why) for v in verdicts]
+    return verdicts

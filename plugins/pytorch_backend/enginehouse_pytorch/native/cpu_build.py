@@ -13,14 +13,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 # Vectorise the dot products and sums (reassociation), without assuming finite math.
+# -fopenmp: at::parallel_for is an OpenMP pragma in torch's headers (its CPU builds use the
+# OpenMP backend); without it a kernel's loop runs on one thread. The library it links,
+# libgomp.so.1, is the one torch already loaded, so both share one thread pool.
 FLAGS = [
     "-O3",
     "-march=native",
+    "-fopenmp",
     "-fno-math-errno",
     "-fassociative-math",
     "-fno-signed-zeros",
@@ -69,18 +74,18 @@ def _build_dir(name: str) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
-def build(name: str, source: str, what: str, flags: tuple[str, ...] = ()) -> bool:
+def build(name: str, source: str, what: str, extra_flags: Sequence[str] = ()) -> bool:
     """Compile `source` (registering torch ops) as `name` for this CPU, or find it built.
 
-    `what` names the kernel in the message shown before a build. `flags` are added to the
-    compiler's (tests build an AVX2 variant with `-mno-avx512f`; they are part of the name).
-    False where it cannot be built (no compiler, no ninja): callers then keep their torch path.
+    `what` names the kernel in the message shown before a build. `extra_flags` follow `FLAGS`
+    (tests build an AVX2 variant with `-mno-avx512f`; they are part of the name). False where
+    it cannot be built (no compiler, no ninja): callers then keep their torch-ops path.
     """
     if disabled():
         return False
     full_name = f"{name}_{isa_tag()}"
-    if flags:
-        full_name += "_" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6]
+    if extra_flags:
+        full_name += "_" + hashlib.sha1(" ".join(extra_flags).encode()).hexdigest()[:6]
     if not any(_build_dir(full_name).glob("*.so")):
         log.warning(
             "building the %s for this CPU (%s): once, about a minute on 2 cores; "
@@ -94,7 +99,8 @@ def build(name: str, source: str, what: str, flags: tuple[str, ...] = ()) -> boo
         load_inline(
             name=full_name,
             cpp_sources=[source],
-            extra_cflags=FLAGS + list(flags),
+            extra_cflags=[*FLAGS, *extra_flags],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )

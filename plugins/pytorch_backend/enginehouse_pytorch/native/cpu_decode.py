@@ -332,7 +332,8 @@ TORCH_LIBRARY(enginehouse_decode, m) {
 @functools.cache
 def load(flags: tuple[str, ...] = ()) -> bool:
     """Build (or find already built) and register the kernels; False where that fails."""
-    built = cpu_build.build("enginehouse_cpu_decode", SOURCE, "CPU decode kernels", flags)
+    what = "CPU decode kernels"
+    built = cpu_build.build("enginehouse_cpu_decode", SOURCE, what, extra_flags=flags)
     return built and hasattr(torch.ops.enginehouse_decode, "blocked_linear")
 
 

@@ -18,8 +18,6 @@ from torch import nn
 
 from enginehouse.errors import InvalidModelError
 
-from .layers import Linear
-
 log = logging.getLogger(__name__)
 
 # Checkpoint name pattern -> (our parameter name, which shard of a fused parameter).
@@ -71,9 +69,22 @@ def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard
         half = dest.shape[0] // 2
         return dest[shard * half : (shard + 1) * half]
     owner = model.get_submodule(name.rsplit(".", 1)[0])
-    assert isinstance(owner, Linear)
+    assert hasattr(owner, "shards")  # a Linear, or a quantized one
     begin, end = owner.shards[shard], owner.shards[shard + 1]
     return dest[begin:end]
+
+
+def _offer(model: nn.Module, pname: str, shard: int | None, f, name: str) -> bool:
+    """Hand a tensor to the layer that reads its own checkpoint tensors (`take`), if any."""
+    owner_name, _, suffix = pname.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    if not hasattr(owner, "take"):
+        return False
+    owner.take(suffix, shard, f.get_tensor(name), name)
+    return True
 
 
 def _renamed(name: str, prefixes: Mapping[str, str | None] | None) -> str | None:
@@ -131,6 +142,8 @@ def load_safetensors(
                     if where is None:
                         continue
                     pname, expert, shard = where
+                    if pname not in params and _offer(model, pname, shard, f, name):
+                        continue  # a quantized layer took its own tensor (qweight, scales...)
                     if pname not in params:
                         if pname != "lm_head.weight":  # a tied head is the embedding itself
                             unknown.append(name)
