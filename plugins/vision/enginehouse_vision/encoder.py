@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from enginehouse import EngineConfig, ModelSpec
+from enginehouse.checkpoint import copy_checked, missing_weights, tensors
 from enginehouse.errors import InvalidModelError, RequestError
 from enginehouse.multimodal import MultiModalData, PreparedPrompt
 
@@ -197,34 +198,17 @@ class HFVisionEncoder:
         self.config = full
 
     def _load_weights(self, model: nn.Module, progress: bool) -> None:
-        from safetensors import safe_open
-        from tqdm.auto import tqdm
-
         params = dict(model.named_parameters())
         wanted = {alias: name for name in params for alias in _checkpoint_names(name)}
         filled: set[str] = set()
         files = [self.spec.path / f for f in self.spec.weight_files if f.endswith(".safetensors")]
-        for path in tqdm(files, desc="Loading vision weights", disable=not progress):
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key not in wanted:  # the language model's, or unused
-                        continue
-                    name = wanted[key]
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != params[name].shape:
-                        raise InvalidModelError(
-                            f"{key} in {path.name} has shape {tuple(tensor.shape)}, the model "
-                            f"expects {tuple(params[name].shape)} from config.json"
-                        )
-                    with torch.no_grad():
-                        params[name].copy_(tensor)
-                    filled.add(name)
+        for path, key, read in tensors(files, progress, "Loading vision weights"):
+            if key in wanted:  # else the language model's, or unused
+                copy_checked(params[wanted[key]], read(), key, path)
+                filled.add(wanted[key])
         missing = sorted(set(params) - filled)
         if missing:
-            raise InvalidModelError(
-                f"the checkpoint lacks vision weights: {missing[0]}"
-                f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; is it complete?"
-            )
+            raise missing_weights("vision weights", missing)
 
     def _feature_args(self) -> dict[str, Any]:
         return {

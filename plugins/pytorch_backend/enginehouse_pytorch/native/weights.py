@@ -7,7 +7,6 @@ model's own size. Sharded checkpoints are just several files; the index file onl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from enginehouse.errors import InvalidModelError
+from enginehouse.checkpoint import copy_checked, missing_weights, tensors
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard
     return dest[begin:end]
 
 
-def _offer(model: nn.Module, pname: str, shard: int | None, f, name: str) -> bool:
+def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str) -> bool:
     """Hand a tensor to the layer that reads its own checkpoint tensors (`take`), if any."""
     owner_name, _, suffix = pname.rpartition(".")
     try:
@@ -83,7 +82,7 @@ def _offer(model: nn.Module, pname: str, shard: int | None, f, name: str) -> boo
         return False
     if not hasattr(owner, "take"):
         return False
-    owner.take(suffix, shard, f.get_tensor(name), name)
+    owner.take(suffix, shard, read(), name)
     return True
 
 
@@ -97,20 +96,6 @@ def _renamed(name: str, prefixes: Mapping[str, str | None] | None) -> str | None
     return None
 
 
-@contextlib.contextmanager
-def _readable(path: Path):
-    """A file safetensors cannot read (truncated, not safetensors) as our error naming it."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as e:
-        raise InvalidModelError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-            "corrupt: download it again"
-        ) from e
-
-
 def load_safetensors(
     model: nn.Module,
     files: Iterable[Path],
@@ -122,54 +107,29 @@ def load_safetensors(
     With `prefixes` (checkpoint prefix -> ours), only tensors under one of them are read: the
     language model inside a vision-language checkpoint.
     """
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
     unknown = []
-    files = list(files)
-    total = sum(p.stat().st_size for p in files)
-    with tqdm(
-        total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress
-    ) as bar:
-        for path in files:
-            start = bar.n
-            with _readable(path), safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    ours = _renamed(name, prefixes)
-                    where = None if ours is None else target(ours)
-                    if where is None:
-                        continue
-                    pname, expert, shard = where
-                    if pname not in params and _offer(model, pname, shard, f, name):
-                        continue  # a quantized layer took its own tensor (qweight, scales...)
-                    if pname not in params:
-                        if pname != "lm_head.weight":  # a tied head is the embedding itself
-                            unknown.append(name)
-                        continue
-                    dest = _destination(model, params[pname], pname, expert, shard)
-                    tensor = f.get_tensor(name)
-                    if tensor.shape != dest.shape:
-                        raise InvalidModelError(
-                            f"{name} in {path.name} has shape {tuple(tensor.shape)}, the model "
-                            f"expects {tuple(dest.shape)} from config.json; the checkpoint and "
-                            "its config disagree"
-                        )
-                    dest.copy_(tensor)
-                    filled[pname] = filled.get(pname, 0) + tensor.numel()
-                    bar.update(tensor.nbytes)
-            bar.update(start + path.stat().st_size - bar.n)  # the file's header and skips
+    for path, name, read in tensors(files, progress):
+        ours = _renamed(name, prefixes)
+        where = None if ours is None else target(ours)
+        if where is None:
+            continue
+        pname, expert, shard = where
+        if pname not in params and _offer(model, pname, shard, read, name):
+            continue  # a quantized layer took its own tensor (qweight, scales...)
+        if pname not in params:
+            if pname != "lm_head.weight":  # a tied head is the embedding itself
+                unknown.append(name)
+            continue
+        tensor = read()
+        copy_checked(_destination(model, params[pname], pname, expert, shard), tensor, name, path)
+        filled[pname] = filled.get(pname, 0) + tensor.numel()
     if unknown:
         log.warning(
             "ignored %d checkpoint tensors unknown to the model, e.g. %s", len(unknown), unknown[0]
         )
     missing = [n for n, p in params.items() if filled.get(n, 0) < p.numel()]
     if missing:
-        name = missing[0]
-        parts = next((f" (from {v})" for k, v in _FUSED_FROM.items() if k in name), "")
-        raise InvalidModelError(
-            f"the checkpoint lacks weights the model needs: {name}{parts}"
-            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; is it complete "
-            "(every shard downloaded) and does config.json describe it?"
-        )
+        parts = next((f" (from {v})" for k, v in _FUSED_FROM.items() if k in missing[0]), "")
+        raise missing_weights("weights the model needs", missing, parts)
