@@ -26,24 +26,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 from enginehouse import GenerationConfig, pipeline  # noqa: E402
 from enginehouse.testing import (  # noqa: E402
+    TINY,
     build_model,
     build_tokenizer,
+    hf_greedy,
     transformers_model_configs,
 )
 
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    vocab_size=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+COMMON = dict(TINY, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16)
 MAMBA = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1)
 # Families beyond the test suite's, with what their tiny configs need beyond COMMON.
@@ -176,18 +166,14 @@ def configs() -> dict[str, Any]:
 def run(folder: Path) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    want = []
-    for prompt, n in zip(PROMPTS, LENGTHS):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        want.append(out[0, ids.shape[1] :].tolist())
+    want = [hf_greedy(model, tok, prompt, n) for prompt, n in zip(PROMPTS, LENGTHS)]
     fixed = [GenerationConfig(max_new_tokens=n, min_new_tokens=n) for n in LENGTHS]
     try:
         pipe = pipeline(str(folder), backend="transformers", progress=False)
     except Exception as e:  # a refusal: the probe's or load's reason
         return f"refused: {e}"
     with pipe:
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         how = "batched" if runner.slots is not None else f"unbatched ({runner.unbatched_reason})"
         alone = pipe(PROMPTS[0], fixed[0], apply_chat_template=False).token_ids == want[0]
         batched = pipe(PROMPTS, fixed, apply_chat_template=False)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, pipeline
 from enginehouse.errors import RequestError
+from enginehouse.testing import hf_greedy
 
 PROMPTS = [
     "hello world the quick brown fox",
@@ -36,13 +37,6 @@ def hf(tiny_models):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         loaded[name] = (model, AutoTokenizer.from_pretrained(path))
     return loaded
-
-
-def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    # min_new_tokens masks EOS, exactly like GenerationConfig(min_new_tokens=n) does here.
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, ids.shape[1] :].tolist()
 
 
 def fixed(n: int, **kw) -> GenerationConfig:

@@ -22,6 +22,7 @@ from enginehouse.testing import (
     CHATML_TEMPLATE,
     build_model,
     build_tokenizer,
+    hf_greedy,
     transformers_model_configs,
 )
 
@@ -93,11 +94,7 @@ def test_family_equals_transformers_alone_batched_and_scored(family, family_dir)
     path = family_dir(family)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    want = []
-    for prompt, n in zip(PROMPTS, LENGTHS):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        want.append(out[0, ids.shape[1] :].tolist())
+    want = [hf_greedy(model, tok, prompt, n) for prompt, n in zip(PROMPTS, LENGTHS)]
     ids = tok(PROMPTS[2], return_tensors="pt").input_ids
     with torch.no_grad():
         want_ppl = math.exp(model(ids, labels=ids).loss.item())

@@ -100,6 +100,14 @@ LLAMA_56M = dict(
 )
 
 
+def hf_greedy(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    """transformers' own greedy `generate`: exactly `n` new tokens after `prompt`."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    # min_new_tokens masks EOS, exactly like GenerationConfig(min_new_tokens=n) does here.
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
 def model_configs(vocab_size: int) -> dict[str, Any]:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 

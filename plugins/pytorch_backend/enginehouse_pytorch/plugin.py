@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
+from enginehouse.config import format_size
 from enginehouse.runner import RunnerContext, build_from_table
 
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
@@ -156,15 +157,11 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
         dtype, device = None, None
     size = 2 if dtype is not None and dtype.itemsize == 2 else 4
     name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
-    total = _mib(weight_bytes(scheme, arch, size))
+    total = format_size(weight_bytes(scheme, arch, size))
     if scheme is None:
         return f"weights {total} in {name}"
-    plain = _mib(weight_bytes(None, arch, size))
+    plain = format_size(weight_bytes(None, arch, size))
     return f"{scheme.describe()}: weights about {total} ({name}: {plain})"
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.3g} MiB"
 
 
 def cpu_dtypes(config: EngineConfig) -> str:
