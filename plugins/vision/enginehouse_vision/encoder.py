@@ -220,8 +220,12 @@ class HFVisionEncoder:
     def encode(self, batch: Sequence[MultiModalData]) -> list[torch.Tensor]:
         assert self.model is not None, "load() first"
         # Every prompt's tensors concatenated along images: one pass of the tower for all.
-        kwargs = {key: torch.cat([mm.inputs[key] for mm in batch]) for key in batch[0].inputs}
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.device, self.dtype)
+        # All of them on the tower's device: Qwen2-VL computes its positions from image_grid_thw.
+        kwargs = {
+            key: torch.cat([mm.inputs[key] for mm in batch]).to(self.device)
+            for key in batch[0].inputs
+        }
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.dtype)
         features = self.model.get_image_features(**kwargs, **self._feature_args(), return_dict=True)
         features = getattr(features, "pooler_output", features)  # older versions: the features
         if not isinstance(features, torch.Tensor):
