@@ -122,10 +122,21 @@ def probe_backends(
             verdicts.append(BackendProbe(f"<{plugin}>", False, reason=reason, plugin=plugin))
             continue
         for probe in [result] if isinstance(result, BackendProbe) else result or []:
-            verdicts.append(replace(probe, plugin=plugin))
+            verdicts.append(_at_tp(replace(probe, plugin=plugin), config.tp))
     # Supported first, then by priority; the sort is stable, so ties keep plugin order.
     verdicts.sort(key=lambda v: (not v.supported, -v.priority))
     return verdicts
+
+
+def _at_tp(probe: BackendProbe, tp: int) -> BackendProbe:
+    """At tp > 1 a backend runs the model only if it says it shards (`tensor_parallel`)."""
+    if tp == 1 or not probe.supported or probe.tensor_parallel:
+        return probe
+    reason = (
+        f"no tensor parallelism: {probe.name!r} runs a model on one device only, and tp={tp} "
+        f"was asked (without tp it would say: {probe.reason})"
+    )
+    return replace(probe, supported=False, reason=reason)
 
 
 def choose_backend(

@@ -17,7 +17,9 @@ import torch
 from .errors import InvalidModelError
 
 # (file, tensor name, a function that reads the tensor and counts its bytes on the bar)
-Entry = tuple[Path, str, Callable[[], torch.Tensor]]
+Entry = tuple[Path, str, Callable[..., torch.Tensor]]
+# (dim, begin, end): a slice of a tensor to read instead of all of it (a tensor-parallel rank's)
+Part = tuple[int, int, int]
 
 
 @contextlib.contextmanager
@@ -35,7 +37,8 @@ def _readable(path: Path) -> Iterator[None]:
 
 
 def tensors(files: Iterable[Path], progress: bool = True, desc: str = "Loading weights"):
-    """Every tensor of `files`, file after file; read one only by calling its entry's loader."""
+    """Every tensor of `files`, file after file; read one only by calling its entry's loader
+    (with a `Part`, only that slice of it)."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -47,13 +50,19 @@ def tensors(files: Iterable[Path], progress: bool = True, desc: str = "Loading w
             with _readable(path), safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
 
-                    def read(name: str = name) -> torch.Tensor:
-                        tensor = f.get_tensor(name)
+                    def read(part: Part | None = None, name: str = name) -> torch.Tensor:
+                        tensor = f.get_tensor(name) if part is None else _slice(f, name, part)
                         bar.update(tensor.nbytes)
                         return tensor
 
                     yield path, name, read
             bar.update(start + path.stat().st_size - bar.n)  # the file's header and skips
+
+
+def _slice(f, name: str, part: Part) -> torch.Tensor:
+    """Read only rows (or columns, ...) begin:end along dim of a stored tensor."""
+    dim, begin, end = part
+    return f.get_slice(name)[(slice(None),) * dim + (slice(begin, end),)]
 
 
 def copy_checked(dest: torch.Tensor, tensor: torch.Tensor, name: str, path: Path) -> None:

@@ -206,6 +206,15 @@ class EngineConfig(BaseModel):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
     eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
+    tp: int = Field(1, ge=1, description="tensor parallelism: shard the model over N ranks")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="how ranks run: 'mp' (worker processes on this machine, the default at "
+        "tp > 1) or 'ray' (one actor per rank on a running Ray cluster)",
+    )
+    distributed_timeout: float = Field(
+        120.0, gt=0, description="seconds a rank may take over one call before it counts as hung"
+    )
     quantization: Literal["int8", "int4"] | None = Field(
         None,
         description="quantize a float checkpoint's weights at load: int8 (per output channel) "
@@ -303,6 +312,14 @@ class EngineConfig(BaseModel):
     @property
     def max_images_per_prompt(self) -> int:
         return self.limit_mm_per_prompt["image"]
+
+    @property
+    def executor(self) -> str | None:
+        """Where the ranks run: None in this process (tp=1, the default), else 'mp' or 'ray'.
+        `distributed_executor_backend` set at tp=1 runs one rank through that executor."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if self.tp > 1 else None
 
     @classmethod
     def coerce(cls, value: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:

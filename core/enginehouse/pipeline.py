@@ -77,6 +77,8 @@ def build_runner(
     plugins = plugins or get_plugins()
     verdict = decision.chosen_verdict
     backend, owner = verdict.name, verdict.plugin
+    if config.executor is not None:  # tp > 1: the ranks build their runners themselves
+        return _start_executor(decision, spec, config, progress)
     context = RunnerContext.for_model(spec, config)
     try:
         runner = plugins.call_one(
@@ -104,6 +106,20 @@ def build_runner(
         runner.close()  # free whatever part of the weights did load
         raise
     return runner
+
+
+def _start_executor(
+    decision: BackendDecision, spec: ModelSpec, config: EngineConfig, progress: bool
+) -> ModelRunner:
+    from .executor import make_executor
+
+    executor = make_executor(decision, spec, config)
+    try:
+        executor.load(progress)
+    except BaseException:
+        executor.close()  # no rank is left running
+        raise
+    return executor
 
 
 def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:

@@ -36,11 +36,26 @@ class RunnerContext:
     them or imports the engine's internals."""
 
     session_len: int  # the longest sequence the engine will schedule (prompt + output)
+    # Tensor parallelism (`EngineConfig.tp`): this runner is rank `rank` of `world_size`. When
+    # world_size > 1 the torch.distributed default process group is already initialised (gloo
+    # on the CPU, NCCL on CUDA) before `create_runner` is called: the runner loads only its
+    # shard and uses the group's collectives; every rank executes every step, in the same
+    # order, and only rank 0's logits are used. `local_rank` numbers the ranks of this machine
+    # (rank r takes cuda:local_rank); `local_world_size` ranks share this machine's memory.
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
 
     @classmethod
-    def for_model(cls, spec: ModelSpec, config: EngineConfig) -> RunnerContext:
-        """The context `pipeline()` gives a runner for this model and these settings."""
-        return cls(session_len=session_length(spec, config))
+    def for_model(cls, spec: ModelSpec, config: EngineConfig, **ranks: int) -> RunnerContext:
+        """The context `pipeline()` gives a runner for this model and these settings (and,
+        under an executor, this rank)."""
+        return cls(session_len=session_length(spec, config), **ranks)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
 
 
 def session_length(spec: ModelSpec, config: EngineConfig) -> int:

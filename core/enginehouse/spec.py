@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,11 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 def _frozen(d: dict[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(d))
+
+
+# A spec travels to the ranks of a sharded model (enginehouse.executor) pickled; read-only
+# mappings pickle as what they wrap.
+copyreg.pickle(MappingProxyType, lambda m: (_frozen, (dict(m),)))
 
 
 class ModelFacts(TypedDict, total=False):
@@ -106,6 +112,9 @@ class BackendProbe:
     priority: int = 0
     reason: str = ""
     plugin: str = ""  # filled in by the core: which plugin answered
+    # The backend shards the model over `config.tp` ranks (see RunnerContext). At tp > 1 the
+    # core turns a supported verdict without it into "no tensor parallelism".
+    tensor_parallel: bool = False
 
 
 def _read_json(path: Path) -> dict[str, Any]:

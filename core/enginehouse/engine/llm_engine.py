@@ -21,7 +21,7 @@ from ..config import EngineConfig, GenerationConfig, format_size
 from ..device import available_memory
 from ..errors import EnginehouseError, RequestError
 from ..multimodal import MultiModalData, VisionEncoder
-from ..runner import ModelRunner, ScheduledBatch, session_length
+from ..runner import ModelRunner, RunnerContext, ScheduledBatch, session_length
 from ..spec import ModelSpec
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -41,15 +41,24 @@ def eos_token_ids(spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
-def plan_kv_blocks(runner: ModelRunner, config: EngineConfig, session_len: int) -> int:
-    """Turn the KV budget into a number of blocks, after a profiling pass where supported."""
+def plan_kv_blocks(
+    runner: ModelRunner,
+    config: EngineConfig,
+    session_len: int,
+    context: RunnerContext | None = None,
+) -> int:
+    """Turn the KV budget into a number of blocks, after a profiling pass where supported.
+
+    A rank of a sharded model (`context`) plans from its own device; CPU ranks on one machine
+    share its memory, so each takes its part of the fraction."""
     kv = runner.kv_spec
     profile = getattr(runner, "profile_run", None)
     if profile is not None:
         profile(config.max_num_batched_tokens)  # so that activations are already counted
     budget = config.kv_cache_memory
     if isinstance(budget, float):
-        budget = int(available_memory(kv.device) * budget)
+        share = context.local_world_size if context and kv.device.type == "cpu" else 1
+        budget = int(available_memory(kv.device) * budget / share)
     per_seq = math.ceil(session_len / kv.block_size)
     # Blocks beyond what max_batch_size full-length sequences can use would sit idle.
     blocks = min(budget // kv.bytes_per_block, per_seq * config.max_batch_size)
@@ -80,7 +89,12 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(spec, tokenizer)
         kv = runner.kv_spec
         self.block_size = kv.block_size
-        self.num_blocks = plan_kv_blocks(runner, config, self.session_len)
+        # An executor (tp > 1) asks every rank and takes the smallest plan.
+        planner = getattr(runner, "plan_kv_blocks", None)
+        if planner is not None:
+            self.num_blocks = planner(config, self.session_len)
+        else:
+            self.num_blocks = plan_kv_blocks(runner, config, self.session_len)
         runner.allocate_kv(self.num_blocks)
         caching = config.enable_prefix_caching and kv.prefix_caching
         self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)

@@ -21,6 +21,7 @@ from .native.arch import Arch, UnsupportedModel, arch_from_config, language_mode
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
+from .native.parallel import TensorParallel
 from .native.rope import mrope_rows, rope_table
 from .native.weights import load_safetensors
 
@@ -51,12 +52,16 @@ class NativeRunner:
         # A VLM's checkpoint also holds the vision tower: load only the language model's part.
         self.prefixes = spec.facts.get("text_weight_prefixes") if spec.is_vlm else None
         self.device = resolve_device(config)
+        if context.sharded and self.device.type == "cuda":
+            self.device = torch.device("cuda", context.local_rank)  # one GPU per rank
         self.dtype = resolve_dtype(config, spec, self.device)
         self.quant = quant_scheme(spec, config, self.arch)
+        # This rank's share of the heads, the MLP and the vocabulary (all of it at tp=1).
+        self.tp = TensorParallel(self.arch, context.rank, context.world_size)
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
-        a = self.arch
-        per_token = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, self.dtype)
+        a, kv_heads = self.arch, self.tp.kv_heads
+        per_token = kv_bytes_per_token(a.num_layers, kv_heads, a.head_dim, self.dtype)
         self.kv_spec = KVSpec(
             block_size=self.block_size,
             bytes_per_block=per_token * self.block_size,
@@ -102,7 +107,7 @@ class NativeRunner:
         torch.set_default_dtype(self.dtype)  # parameters are created empty in the final dtype
         try:
             with torch.device("meta" if prequantized else self.device):
-                model = DecoderLM(self.arch, self.kernel)
+                model = DecoderLM(self.arch, self.kernel, self.tp)
         finally:
             torch.set_default_dtype(default)
         if prequantized:
@@ -112,7 +117,7 @@ class NativeRunner:
             model.to_empty(device=self.device)
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
-        load_safetensors(model, files, progress, self.prefixes)
+        load_safetensors(model, files, progress, self.prefixes, self.tp)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
@@ -142,11 +147,11 @@ class NativeRunner:
         # The slot after it is scratch: the padding rows of a CUDA graph write their K/V there.
         self.null_slot = num_blocks * self.block_size
         self.scratch_slot = self.null_slot + 1
-        shape = (a.num_layers, 2, a.num_kv_heads, self.null_slot + 2, a.head_dim)
+        shape = (a.num_layers, 2, self.tp.kv_heads, self.null_slot + 2, a.head_dim)
         cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         cache[:, :, :, self.null_slot].zero_()
         self.kv = [(cache[i, 0], cache[i, 1]) for i in range(a.num_layers)]
-        self.layout = {"kv_heads": a.num_kv_heads, "num_slots": shape[3]}
+        self.layout = {"kv_heads": self.tp.kv_heads, "num_slots": shape[3]}
 
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)

@@ -116,7 +116,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     from .native.quant.scheme import check_shapes, read_scheme
 
     def verdict(supported: bool, reason: str) -> BackendProbe:
-        return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason)
+        return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason, tensor_parallel=True)
 
     encoder = spec.facts.get("vision_encoder")
     if spec.is_vlm and not encoder:
@@ -129,6 +129,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
         if scheme is not None:
             check_shapes(scheme, arch)
+        sharding = tensor_parallel(arch, scheme, config)
     except UnsupportedModel as e:
         return verdict(False, str(e))
     if not any(f.endswith(".safetensors") for f in spec.weight_files):
@@ -140,8 +141,43 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         True,
         f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
         + cpu_dtypes(config)
-        + f"; {weights_line(scheme, arch, spec, config)}",
+        + f"; {weights_line(scheme, arch, spec, config)}"
+        + sharding,
     )
+
+
+def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
+    """At tp > 1, how the model splits ('' at tp=1); `UnsupportedModel` where it cannot."""
+    from .native.arch import UnsupportedModel
+    from .native.parallel import check_divisible
+
+    tp = config.tp
+    if tp == 1:
+        return ""
+    check_divisible(arch, tp)
+    if scheme is not None:
+        raise UnsupportedModel(
+            f"quantized weights ({scheme.describe()}) are not sharded natively yet; "
+            "run them at tp=1"
+        )
+    on_gpu = config.device.startswith("cuda") or (config.device == "auto" and _gpus() > 0)
+    if on_gpu and config.executor == "mp" and _gpus() < tp:
+        raise UnsupportedModel(
+            f"tp={tp} needs {tp} GPUs, one per rank, and this machine has {_gpus()}; lower tp, "
+            "or use distributed_executor_backend='ray' across machines"
+        )
+    kv = arch.num_kv_heads
+    kv_split = f"{kv // tp} KV heads" if kv >= tp else f"1 KV head (replicated on {tp // kv})"
+    return (
+        f"; tensor parallel over {tp} ranks: {arch.num_heads // tp} heads and {kv_split} "
+        f"per rank, MLP and vocabulary split ({config.executor} executor)"
+    )
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:

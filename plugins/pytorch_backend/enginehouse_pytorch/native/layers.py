@@ -14,6 +14,7 @@ from torch import nn
 from . import cpu_build, cpu_decode
 from .arch import MoE
 from .cpu_decode import SMALL_ROWS
+from .parallel import TensorParallel
 
 
 def empty(*shape: int) -> nn.Parameter:
@@ -99,8 +100,18 @@ def activation(name: str):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False) -> None:
+    """`intermediate` is this rank's slice when sharded; `down_proj` ends in `tp`'s all-reduce."""
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        act: str,
+        bias: bool = False,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias)
         self.down_proj = Linear(intermediate, [hidden], bias)
         self.act = activation(act)
@@ -111,20 +122,24 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.fused and self.silu and x.shape[0] <= cpu_decode.FUSED_ROWS:
-            return self.down_proj(cpu_decode.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+            out = self.down_proj(cpu_decode.silu_mul(gate_up))
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            out = self.down_proj(self.act(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MixtureOfExperts(nn.Module):
     """Top-k routed gated experts. Tokens are grouped by expert, so each expert runs one
-    matrix product over just the tokens routed to it."""
+    matrix product over just the tokens routed to it. Sharded, every rank holds a slice of
+    every expert (and the whole router), and the sum of the experts' outputs is all-reduced."""
 
-    def __init__(self, hidden: int, moe: MoE, act: str) -> None:
+    def __init__(self, hidden: int, moe: MoE, act: str, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.moe = moe
+        self.tp = tp
         self.gate = Linear(hidden, [moe.num_experts])
-        inter = moe.intermediate_size
+        inter = moe.intermediate_size if tp is None else tp.intermediate(moe.intermediate_size)
         self.w13 = empty(moe.num_experts, 2 * inter, hidden)  # gate and up, stacked per expert
         self.w2 = empty(moe.num_experts, hidden, inter)
         self.act = activation(act)
@@ -150,4 +165,4 @@ class MixtureOfExperts(nn.Module):
             gate, up = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.w2[e])
             out.index_add_(0, tokens, y * weights.flatten()[rows, None])
-        return out
+        return out if self.tp is None else self.tp.all_reduce(out)

@@ -13,6 +13,7 @@ from . import cpu_decode
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
+from .parallel import TensorParallel
 from .rope import apply_rope
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -20,9 +21,12 @@ Embeds = tuple[torch.Tensor, torch.Tensor]  # packed rows, and the embeddings th
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: Arch, layer: int, kernel: type[TorchAttention]) -> None:
+    def __init__(
+        self, arch: Arch, layer: int, kernel: type[TorchAttention], tp: TensorParallel
+    ) -> None:
         super().__init__()
-        h, kvh, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        h, kvh, d = tp.heads, tp.kv_heads, arch.head_dim  # this rank's heads
+        self.tp = tp
         self.sizes = [h * d, kvh * d, kvh * d]
         self.qkv_proj = Linear(arch.hidden_size, self.sizes, arch.qkv_bias)
         self.o_proj = Linear(h * d, [arch.hidden_size], arch.o_bias)
@@ -52,25 +56,29 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), meta.cos, meta.sin)
             q, k = qk[:, :h], qk[:, h:]
         out = self.attn(meta, q, k, v, cache, self.window, self.softcap)
-        return self.o_proj(out)
+        return self.tp.all_reduce(self.o_proj(out))
 
     def forward_fused(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         """`forward` for a decode-only step, with rope and the K/V store as one C++ op."""
         h, kvh, _ = self.heads
         qkv = self.qkv_proj(x)
         q = cpu_decode.rope_store(qkv, meta.cos, meta.sin, cache, meta.slots, h, kvh)
-        return self.o_proj(self.attn.decode(meta, q, cache, self.window, self.softcap))
+        out = self.attn.decode(meta, q, cache, self.window, self.softcap)
+        return self.tp.all_reduce(self.o_proj(out))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: Arch, layer: int, kernel: type[TorchAttention]) -> None:
+    def __init__(
+        self, arch: Arch, layer: int, kernel: type[TorchAttention], tp: TensorParallel
+    ) -> None:
         super().__init__()
         eps, plus_one = arch.rms_norm_eps, arch.norm_plus_one
-        self.self_attn = Attention(arch, layer, kernel)
+        self.self_attn = Attention(arch, layer, kernel, tp)
         if arch.is_moe_layer(layer):
-            self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act)
+            self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act, tp)
         else:
-            self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.act, arch.mlp_bias)
+            inter = tp.intermediate(arch.intermediate_size)
+            self.mlp = GatedMLP(arch.hidden_size, inter, arch.act, arch.mlp_bias, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
         self.sandwich = arch.sandwich_norm
@@ -105,23 +113,32 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     """`model.*` in the checkpoint: embeddings, layers, final norm."""
 
-    def __init__(self, arch: Arch, kernel: type[TorchAttention]) -> None:
+    def __init__(self, arch: Arch, kernel: type[TorchAttention], tp: TensorParallel) -> None:
         super().__init__()
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = empty(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, kernel) for i in range(arch.num_layers))
+        self.embed_tokens.weight = empty(tp.vocab, arch.hidden_size)  # this rank's vocabulary
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, i, kernel, tp) for i in range(arch.num_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_plus_one)
 
 
 class DecoderLM(nn.Module):
-    """`kernel` is the attention implementation: torch ops, or the GPU's Triton kernels."""
+    """`kernel` is the attention implementation: torch ops, or the GPU's Triton kernels.
+    `tp` is this rank's place when the model is sharded (`parallel.py`)."""
 
-    def __init__(self, arch: Arch, kernel: type[TorchAttention] = TorchAttention) -> None:
+    def __init__(
+        self,
+        arch: Arch,
+        kernel: type[TorchAttention] = TorchAttention,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         self.arch = arch
-        self.model = Body(arch, kernel)
+        self.tp = tp = tp or TensorParallel(arch)
+        self.model = Body(arch, kernel, tp)
         self.fused = False  # set by finish_loading
-        self.lm_head = Linear(arch.hidden_size, [arch.vocab_size])
+        self.lm_head = Linear(arch.hidden_size, [tp.vocab])
         if arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -150,7 +167,7 @@ class DecoderLM(nn.Module):
         kv: list[KVCache],
         embeds: Embeds | None = None,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens.weight[input_ids]
+        x = self.tp.embed(self.model.embed_tokens.weight, input_ids)
         if self.arch.embed_scale is not None:
             # Gemma multiplies by the scale rounded to the weights' dtype, as its reference does.
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
@@ -167,7 +184,7 @@ class DecoderLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = self.tp.gather_logits(self.lm_head(hidden))
         cap = self.arch.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -17,6 +17,8 @@ from torch import nn
 
 from enginehouse.checkpoint import copy_checked, missing_weights, tensors
 
+from .parallel import TensorParallel, rank_tensor
+
 log = logging.getLogger(__name__)
 
 # Checkpoint name pattern -> (our parameter name, which shard of a fused parameter).
@@ -96,16 +98,28 @@ def _renamed(name: str, prefixes: Mapping[str, str | None] | None) -> str | None
     return None
 
 
+def _fill(dest: torch.Tensor, part: torch.Tensor | None, name: str, path: Path) -> None:
+    """A rank's part into its parameter: None leaves zeros, and rows past the part (the last
+    rank's vocabulary padding) are zero too."""
+    if part is None or part.shape[0] < dest.shape[0]:
+        with torch.no_grad():
+            dest.zero_()
+    if part is not None:
+        copy_checked(dest[: part.shape[0]], part, name, path)
+
+
 def load_safetensors(
     model: nn.Module,
     files: Iterable[Path],
     progress: bool = True,
     prefixes: Mapping[str, str | None] | None = None,
+    tp: TensorParallel | None = None,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
 
     With `prefixes` (checkpoint prefix -> ours), only tensors under one of them are read: the
-    language model inside a vision-language checkpoint.
+    language model inside a vision-language checkpoint. With an active `tp`, each tensor's
+    part for this rank is read (`parallel.rank_tensor`).
     """
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
@@ -122,8 +136,13 @@ def load_safetensors(
             if pname != "lm_head.weight":  # a tied head is the embedding itself
                 unknown.append(name)
             continue
+        dest = _destination(model, params[pname], pname, expert, shard)
+        if tp is not None and tp.active:
+            _fill(dest, rank_tensor(tp, pname, shard, expert, read), name, path)
+            filled[pname] = filled.get(pname, 0) + dest.numel()
+            continue
         tensor = read()
-        copy_checked(_destination(model, params[pname], pname, expert, shard), tensor, name, path)
+        copy_checked(dest, tensor, name, path)
         filled[pname] = filled.get(pname, 0) + tensor.numel()
     if unknown:
         log.warning(

@@ -1,0 +1,207 @@
+"""Tensor parallelism on the CPU (gloo, 2 ranks): the native backend sharded by the "mp" and
+"ray" executors gives tp=1's greedy tokens for every family, alone and in a batch, with prefix
+caching, under preemption and when sampling with a seed; a rank that dies fails the requests
+in flight in bounded time and leaves no process; `serve --tp 2` answers the openai client.
+
+Every model has random biases and norm weights (test_native's `build_native`), so a shard
+that dropped a row-parallel bias or swapped KV heads would change the tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from test_native import FAMILIES, build_native
+from test_serve_cli import Server
+
+from enginehouse import EngineConfig, explain, pipeline
+from enginehouse.errors import EnginehouseError, GenerationError
+from enginehouse.testing import TINY, build_model, tight_kv_config
+
+PROMPTS = ["hello world the", "a b c d e f g h i j", "one", "the quick brown fox jumps over"]
+GEN = dict(max_new_tokens=10, min_new_tokens=10)
+TP2 = dict(tp=2, device="cpu", max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tp_models(models_dir):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = build_native(models_dir / "tp" / name, name)
+        return made[name]
+
+    return get
+
+
+def tokens(path: Path, prompts=PROMPTS, gen=GEN, **config) -> list[list[int]]:
+    with pipeline(str(path), engine_config={"device": "cpu", **config}, progress=False) as pipe:
+        return [r.token_ids for r in pipe(prompts, gen_config=gen)]
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The rank workers whose parent is `parent`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"enginehouse.executor.worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_gives_tp1s_greedy_tokens_alone_and_in_a_batch(tp_models, family):
+    path = tp_models(family)
+    want = tokens(path)
+    with pipeline(str(path), engine_config=TP2, progress=False) as pipe:
+        assert pipe.runner.world_size == 2
+        batch = [r.token_ids for r in pipe(PROMPTS, gen_config=GEN)]
+        alone = pipe(PROMPTS[1], gen_config=GEN).token_ids
+    assert batch == want
+    assert alone == want[1]
+
+
+def test_fewer_kv_heads_than_ranks_are_replicated(models_dir):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        **{**TINY, "num_key_value_heads": 1}, vocab_size=515, bos_token_id=1, eos_token_id=2
+    )
+    path = build_model(models_dir / "tp" / "mqa", config)
+    assert tokens(path, **TP2) == tokens(path)
+
+
+def test_prefix_caching_preemption_and_seeded_sampling_at_tp2(tp_models):
+    path = tp_models("llama")
+    shared = "a system prompt shared here: "
+    prompts = [shared + p for p in PROMPTS]
+    sampled = dict(GEN, do_sample=True, temperature=0.8, top_k=20, random_seed=7)
+    with pipeline(str(path), engine_config=TP2, progress=False) as pipe:
+        tight = tight_kv_config(pipe, session_len=64, block_size=4, num_blocks=24)
+        first = [r.token_ids for r in pipe(prompts, gen_config=GEN)]
+        again = [r.token_ids for r in pipe(prompts, gen_config=GEN)]  # prefix-cache hits
+        assert pipe.stats()["kv_blocks_used"] == 0
+        seeded = [r.token_ids for r in pipe(prompts, gen_config=sampled)]
+    assert first == again == tokens(path, prompts)
+    assert seeded == tokens(path, prompts, sampled)
+    # A KV cache of 24 blocks of 4 tokens per rank cannot hold the batch: sequences are
+    # preempted and recomputed, and the tokens stay the same.
+    with pipeline(str(path), engine_config={**TP2, **tight}, progress=False) as pipe:
+        assert [r.token_ids for r in pipe(prompts, gen_config=GEN)] == first
+        assert pipe.stats()["preemptions"] > 0
+
+
+def test_ray_executor_gives_the_same_tokens(tp_models):
+    ray = pytest.importorskip("ray")
+    path = tp_models("qwen2")
+    want = tokens(path)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert tokens(path, distributed_executor_backend="ray", **TP2) == want
+    finally:
+        ray.shutdown()
+
+
+def test_an_unreachable_ray_cluster_is_a_one_line_error(tp_models, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    config = dict(TP2, distributed_executor_backend="ray")
+    with pytest.raises(EnginehouseError, match=r"could not reach a Ray cluster at '127\.0") as e:
+        pipeline(str(tp_models("llama")), engine_config=config, progress=False)
+    assert "\n" not in str(e.value) and "ray start --head" in str(e.value)
+
+
+def test_a_rank_that_dies_fails_the_requests_in_flight_and_leaves_no_process(tp_models):
+    path = tp_models("llama")
+    pipe = pipeline(str(path), engine_config=TP2, progress=False)
+    executor = pipe.runner
+    pids = [p.pid for p in executor.procs]
+    long = dict(max_new_tokens=200, min_new_tokens=200)
+    stream = pipe.stream(PROMPTS[0], gen_config=long)
+    next(stream)  # generation is under way
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(GenerationError, match=r"rank 1 \(pid \d+\) died during execute"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < 30
+    assert not any(alive(p) for p in pids)
+    # The engine is not half alive: the next request fails at once, saying why.
+    with pytest.raises(GenerationError, match="executor is down.*rank 1"):
+        pipe("hello", gen_config=GEN)
+    pipe.close()
+
+
+def test_close_leaves_no_process(tp_models):
+    pipe = pipeline(str(tp_models("llama")), engine_config=TP2, progress=False)
+    pids = worker_pids(os.getpid())
+    assert len(pids) == 2
+    pipe.close()
+    assert not any(alive(p) for p in pids)
+
+
+def test_explain_says_who_can_shard_and_why_not(tp_models):
+    path = str(tp_models("llama"))
+    report = explain(path, engine_config={"tp": 2, "device": "cpu"})
+    verdicts = {v["backend"]: v for v in report["verdicts"]}
+    assert report["chosen"] == "pytorch"
+    assert (
+        "tensor parallel over 2 ranks: 2 heads and 1 KV heads per rank"
+        in (verdicts["pytorch"]["reason"])
+    )
+    assert not verdicts["transformers"]["supported"]
+    assert "no tensor parallelism" in verdicts["transformers"]["reason"]
+    three = explain(path, engine_config={"tp": 3, "device": "cpu"})
+    reason = {v["backend"]: v for v in three["verdicts"]}["pytorch"]["reason"]
+    assert "cannot split over tp=3 ranks: 4 attention heads" in reason
+    assert three["chosen"] is None and "no installed backend can run" in three["error"]
+
+
+def test_tp_settings_are_checked():
+    with pytest.raises(ValueError, match="tp"):
+        EngineConfig(tp=0)
+    with pytest.raises(ValueError, match="distributed_executor_backend"):
+        EngineConfig(distributed_executor_backend="mpi")
+    assert EngineConfig().executor is None
+    assert EngineConfig(tp=2).executor == "mp"
+    assert EngineConfig(distributed_executor_backend="mp").executor == "mp"
+
+
+def test_serve_tp2_answers_the_openai_client_and_sigterm_leaves_no_process(tp_models):
+    path = str(tp_models("llama"))
+    server = Server(path, "--served-model-name", "tiny", "--tp", "2", "--device", "cpu", env={})
+    try:
+        pids = worker_pids(server.process.pid)
+        assert len(pids) == 2
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        answer = client.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=10, temperature=0
+        )
+        want = tokens(tp_models("llama"), [PROMPTS[0]], dict(max_new_tokens=10))
+        assert answer.usage.completion_tokens == len(want[0])
+    finally:
+        code = server.stop(signal.SIGTERM)
+    assert code == 0
+    assert not any(alive(p) for p in pids)
