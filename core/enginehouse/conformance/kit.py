@@ -8,9 +8,10 @@ blocks the kit overwrote), and `close` comes last.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import traceback
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +58,42 @@ def run_conformance(
     families: Sequence[str] | str = "all",
     checks: Collection[str] | None = None,
     on_result: Callable[[CheckResult], None] | None = None,
+    plugins: PluginHost | None = None,
 ) -> Report:
     """Check `backend` against the runner contract and against transformers.
 
     `model` is a folder to check it on; without one the kit builds the first built-in small
     model the backend's probe accepts. `families` ("all", or names such as "llama") are the
     built-in families whose models also get the model checks where the backend claims them.
-    `checks` keeps only those checks (names from `CHECKS`). Raises `KitError` when the run
-    cannot start; otherwise every check has a result in the report.
+    `checks` keeps only those checks (names from `CHECKS`); `on_result` is called with each
+    result as it comes; `plugins` replaces the installed plugins (tests). Raises `KitError`
+    when the run cannot start; otherwise every check has a result in the report.
     """
+    unknown = sorted(set(checks or ()) - set(CHECKS))
+    if unknown:
+        raise KitError(f"unknown check {unknown[0]!r}; the checks are: {', '.join(CHECKS)}")
     given = _given(engine_config)
-    with tempfile.TemporaryDirectory(prefix="enginehouse-conformance-") as tmp:
-        kit = _Kit(backend, given, get_plugins(), ModelStore(Path(tmp)), checks, on_result)
+    with quiet_transformers(), tempfile.TemporaryDirectory(prefix="eh-conformance-") as tmp:
+        store = ModelStore(Path(tmp))
+        kit = _Kit(backend, given, plugins or get_plugins(), store, checks, on_result)
         return kit.run(model, families)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or config warnings from transformers while the kit builds and loads
+    its models: the report is the output."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def parse_families(text: str) -> Sequence[str] | str:

@@ -28,7 +28,7 @@ def load_reference(t: Target) -> Any:
             t.spec.path, dtype=torch.float32, trust_remote_code=t.config.trust_remote_code
         )
     except Exception as e:  # noqa: BLE001 - any refusal means there is nothing to compare with
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
         reason = f"transformers cannot load this model ({type(e).__name__}: {first})"
         raise NotApplicable(reason) from None
     return model.eval()
