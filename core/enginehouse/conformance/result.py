@@ -31,6 +31,8 @@ class Report:
     backend: str
     model: str
     results: list[CheckResult] = field(default_factory=list)
+    # Built-in families the backend's probe refused, with its reason: no model checks there.
+    unclaimed: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -54,4 +56,5 @@ class Report:
             "model": self.model,
             "ok": self.ok,
             "results": [asdict(r) for r in self.results],
+            "unclaimed_families": self.unclaimed,
         }
