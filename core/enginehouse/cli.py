@@ -560,8 +560,7 @@ def conformance(
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         if report.unclaimed:
-            names = ", ".join(report.unclaimed)
-            click.echo(f"families its probe refuses (--json gives each reason): {names}")
+            click.echo(f"families its probe refuses (--json says why): {report.refused()}")
         click.echo(f"{report.backend} on {report.model}: {report.summary()}")
     sys.exit(report.exit_status)
 

@@ -88,14 +88,14 @@ def _positive_int(value: object) -> bool:
 def logits_rows(t: Target) -> str:
     """Rows of several positions per chunk, a chunk asking none, in two batch orders: each
     row must be the one its chunk's own run gives, in chunk order."""
-    d = t.driver()
+    d, alone = t.driver(), t.driver(shuffled=False)
     prompt = t.prompts(seed=1)[2]
     shapes = {"A": (prompt[:9], (0, 4, 8)), "B": (prompt[9:14], ()), "C": (prompt[14:20], (5,))}
     refs = {}
     for name, (tokens, at) in shapes.items():
-        s = d.new(tokens, f"chunk {name}")
-        refs[name] = d.step([(s, d.chunk(s, logits_at=at))])[0]
-        d.release(s)
+        s = alone.new(tokens, f"chunk {name}")
+        refs[name] = alone.step([(s, alone.chunk(s, logits_at=at))])[0]
+        alone.release(s)
     for order in ("ABC", "CBA"):
         seqs = {name: d.new(shapes[name][0], f"chunk {name}") for name in order}
         pairs = [(seqs[n], d.chunk(seqs[n], logits_at=shapes[n][1])) for n in order]
@@ -168,7 +168,9 @@ def prefix_cache(t: Target) -> str:
     d.step([(owner, d.chunk(owner))])
     d.step([(owner, d.chunk(owner))])  # it is decoding when the others find its blocks
     other = prefix + prompts[1][:7]
-    miss = d.alone(other, NEW_TOKENS, f"a prompt sharing {full} block(s)")
+    # The miss runs on blocks of its own: it fills them from block 0 while the owner holds
+    # its shuffled ones, which no longer matter.
+    miss = t.driver(shuffled=False).alone(other, NEW_TOKENS, f"a prompt sharing {full} block(s)")
     hit = _on_cached(d, other, owner.blocks[:full], full * bs, miss.label)
     compare_streams(hit, miss, t.tolerance, "with the prefix cached while its owner runs")
     kept = d.release(owner, keep=full)

@@ -3,14 +3,16 @@
 The engine decides which sequence runs with which, when a prompt is split and which blocks a
 sequence gets; the contract checks need to choose those themselves, so this module plays the
 scheduler and the block manager on a small scale: block tables, chunks, `release_sequence`
-before a sequence's blocks are reused, greedy tokens. Freed blocks are handed out again first
-(last in, first out), so a runner that reads a block it no longer owns reads someone else's KV.
+before a sequence's blocks are reused, greedy tokens. Blocks are handed out shuffled, and freed
+ones again first (last in, first out), so a runner that reads a block it no longer owns reads
+someone else's KV.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,11 +48,17 @@ class Driver:
         num_blocks: int,
         vocab_size: int,
         banned: Iterable[int] = (),
+        shuffled: bool = True,
     ) -> None:
         self.runner = runner
         self.block_size = runner.kv_spec.block_size
         self.vocab_size = vocab_size
+        # Shuffled, a runner that assumes a sequence's blocks are contiguous (block_table[0] *
+        # block_size + position) reads the wrong slots. References are computed unshuffled, on
+        # blocks 0, 1, 2, ... as a fresh engine hands them out, where such a runner is right.
         self.free = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
+        if shuffled:
+            random.Random(num_blocks).shuffle(self.free)
         self.banned = sorted(banned)  # never picked greedily (EOS, as min_new_tokens does)
         self._ids = itertools.count(10_000)  # apart from the engine's own ids, which start at 0
 

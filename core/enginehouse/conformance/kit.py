@@ -155,6 +155,7 @@ class _Kit:
         if families != "all":  # only the asked families' refusals are news
             refused = self.report.unclaimed.items()
             self.report.unclaimed = {f: r for f, r in refused if f in families}
+            self.report.families_probed = len(families)
         for family in wanted:
             if family != primary:
                 self._check_model(self.store.build(family), family, contract=False)
@@ -172,6 +173,7 @@ class _Kit:
         if unknown_backend and len(unknown_backend) == len(reasons):
             raise KitError(unknown_backend[0])
         self.report.unclaimed.update({f: r for f, r in reasons.items() if r is not None})
+        self.report.families_probed = len(reasons)
         return [f for f, reason in reasons.items() if reason is None]
 
     def _check_model(self, model: str | Path, family: str | None, contract: bool) -> None:

@@ -28,7 +28,7 @@ def close(t: Target) -> str:
         )
     freed = f"close() let go of {format_size(before - after)} of tensors"
     if before - t.kv_bytes < KEPT_AT_MOST:  # only the cache: the weights live elsewhere
-        freed += " (the KV cache; its weights are not in torch or numpy memory the kit sees)"
+        freed += " (the KV cache; weights outside torch and numpy memory, if any, go unseen)"
     if cuda:
         freed += f" ({format_size(on_device - torch.cuda.memory_allocated())} on the GPU)"
     return freed

@@ -33,6 +33,7 @@ class Report:
     results: list[CheckResult] = field(default_factory=list)
     # Built-in families the backend's probe refused, with its reason: no model checks there.
     unclaimed: dict[str, str] = field(default_factory=dict)
+    families_probed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -45,6 +46,12 @@ class Report:
 
     def result(self, name: str) -> CheckResult:
         return next(r for r in self.results if r.name == name)
+
+    def refused(self) -> str:
+        """The refused families, in short."""
+        if len(self.unclaimed) == self.families_probed:
+            return f"all {self.families_probed} built-in ones"
+        return ", ".join(self.unclaimed)
 
     def summary(self) -> str:
         counts = {s: sum(r.status == s for r in self.results) for s in ("pass", "fail", "n/a")}

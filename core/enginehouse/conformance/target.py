@@ -43,9 +43,10 @@ class Target:
     def tolerance(self) -> Tolerance:
         return Tolerance.for_dtype(self.runner.kv_spec.dtype)
 
-    def driver(self, banned: tuple[int, ...] = ()) -> Driver:
+    def driver(self, banned: tuple[int, ...] = (), shuffled: bool = True) -> Driver:
+        """A driver over the engine's KV blocks (handed out shuffled unless told not to)."""
         assert self.engine is not None
-        return Driver(self.runner, self.engine.num_blocks, self.vocab_size, banned)
+        return Driver(self.runner, self.engine.num_blocks, self.vocab_size, banned, shuffled)
 
     def prompts(self, seed: int = 0) -> list[list[int]]:
         """Random token ids (past the usual special ones) of the kit's prompt lengths."""
@@ -60,7 +61,8 @@ class Target:
         """Prompt `i` generated alone: the reference every other arrangement must match."""
         if i not in self._alone:
             prompt = self.prompts()[i]
-            self._alone[i] = self.driver().alone(prompt, NEW_TOKENS, self.label(i))
+            reference = self.driver(shuffled=False)
+            self._alone[i] = reference.alone(prompt, NEW_TOKENS, self.label(i))
         return self._alone[i]
 
 
