@@ -205,6 +205,12 @@ def test_the_command_names_what_it_cannot_run(toy_dir, args, message):
     assert result.exit_code == 1 and message in result.output
 
 
+def test_the_kit_does_not_need_pytest_unless_it_runs_inside_pytest():
+    code = "import sys, enginehouse.conformance; print('pytest' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
 def test_the_pytest_plugin_adds_one_test_per_check(toy_dir, tmp_path):
     # A fresh pytest in an empty folder: only the plugin, loaded by its module name.
     command = [sys.executable, "-m", "pytest", "-p", "enginehouse.conformance", "-p"]

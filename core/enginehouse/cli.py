@@ -543,8 +543,8 @@ def conformance(
     as_json: bool,
     engine_config: EngineConfig,
 ) -> None:
-    """Check BACKEND against the runner contract and transformers: one line per check, exit
-    status 1 when one fails (docs/plugins.md, "Prove your backend")."""
+    """Check BACKEND against the runner contract and transformers: one line per check; exit
+    status 1 when one fails or the kit cannot start (docs/plugins.md, "Prove your backend")."""
     from .conformance import run_conformance
     from .conformance.kit import parse_families
 
