@@ -13,6 +13,9 @@ TP = 2
 
 
 def tensor_parallel(backend: str) -> str:
+    """Whether `backend` at tp=2 computes what it computes at tp=1 (to be wired with issue 12:
+    build it with EngineConfig(tp=2) through the executor, run the contract's batches on both,
+    compare the logits and tokens with `compare.compare_streams`)."""
     if "tp" not in EngineConfig.model_fields:
         raise NotApplicable(
             f"this enginehouse has no tensor parallelism (EngineConfig.tp): nothing to compare "
