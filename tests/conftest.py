@@ -9,6 +9,7 @@ run (scripts/setup.sh) never sees a `toy` backend.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -64,6 +65,23 @@ def llama_dir(tiny_models) -> Path:
 def base_llama_dir(models_dir) -> Path:
     """A Llama whose tokenizer has no chat template (a base model)."""
     return build_model(models_dir / "llama-base", model_configs(512)["llama"], chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(models_dir) -> Path:
+    """A model folder the example third-party `toy` backend runs (no weights: its runner
+    computes from the context alone), with a real tokenizer."""
+    folder = models_dir / "toy"
+    build_tokenizer(folder, 512)
+    config = {
+        "architectures": ["ToyForCausalLM"],
+        "model_type": "toy",
+        "vocab_size": 512,
+        "max_position_embeddings": 128,
+        "eos_token_id": 2,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.fixture(scope="session")

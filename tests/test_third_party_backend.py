@@ -6,30 +6,10 @@ back through the paged KV cache, so paging, prefix caching and preemption are ch
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
 from enginehouse import GenerationConfig, pipeline
-from enginehouse.testing import build_tokenizer
 from enginehouse_toy.runner import reference_next  # installed for the session by conftest.py
 
-VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("toy")
-    build_tokenizer(folder, VOCAB)
-    config = {
-        "architectures": ["ToyForCausalLM"],
-        "model_type": "toy",
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 128,
-        "eos_token_id": 2,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+VOCAB = 512  # toy_dir's (conftest.py)
 
 
 def expected(prompt: list[int], n: int) -> list[int]:

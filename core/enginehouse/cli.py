@@ -517,6 +517,54 @@ def bench(
         click.echo(benchmark.format_table(rows))
 
 
+@cli.command()
+@click.argument("backend")
+@click.option(
+    "--model",
+    default=None,
+    metavar="DIR",
+    help="a small model the backend runs [default: the first built-in one its probe accepts]",
+)
+@click.option(
+    "--families",
+    default="all",
+    show_default=True,
+    help="built-in families for the model checks: all, none, or a list such as llama,qwen2",
+)
+@click.option("--check", "checks", multiple=True, help="run only this check (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_friendly_errors
+@engine_options
+def conformance(
+    backend: str,
+    model: str | None,
+    families: str,
+    checks: tuple[str, ...],
+    as_json: bool,
+    engine_config: EngineConfig,
+) -> None:
+    """Check BACKEND against the runner contract and transformers: one line per check; exit
+    status 1 when one fails or the kit cannot start (docs/plugins.md, "Prove your backend")."""
+    from .conformance import run_conformance
+    from .conformance.kit import parse_families
+
+    report = run_conformance(
+        backend,
+        model,
+        engine_config.model_dump(exclude_unset=True),
+        parse_families(families),
+        checks or None,
+        on_result=None if as_json else lambda result: click.echo(result.line()),
+    )
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        if report.unclaimed:
+            click.echo(f"families its probe refuses (--json says why): {report.refused()}")
+        click.echo(f"{report.backend} on {report.model}: {report.summary()}")
+    sys.exit(report.exit_status)
+
+
 def _load_plugin_commands() -> None:
     for plugin, result in get_plugins().call_each("register_commands", cli=cli):
         if isinstance(result, Exception):

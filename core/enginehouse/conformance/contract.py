@@ -1,0 +1,207 @@
+"""Contract checks for any runner, driven by hand through `enginehouse.runner`'s types.
+
+Each check takes a loaded `Target` and returns a one-line summary, or raises `Mismatch`
+(what differed: which sequence, which position, expected and got) or `NotApplicable`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..config import format_size
+from ..runner import KVSpec
+from .compare import compare_rows, compare_streams, row_difference
+from .driver import Seq
+from .result import Mismatch, NotApplicable
+from .target import NEW_TOKENS, Target
+
+# Each method, with arguments it must accept as the core passes them (RunnerExtras' too).
+CALLS = {
+    "load": ((), {"progress": False}),
+    "allocate_kv": ((1,), {}),
+    "execute": ((None,), {}),
+    "close": ((), {}),
+    "profile_run": ((16,), {}),
+    "release_sequence": ((0, (0,)), {}),
+}
+
+
+def runner_protocol(t: Target) -> str:
+    runner = t.runner
+    extras = [n for n in ("profile_run", "release_sequence") if hasattr(runner, n)]
+    for name in ["load", "allocate_kv", "execute", "close", *extras]:
+        method = getattr(runner, name)
+        if not callable(method):
+            raise Mismatch(f"{name} is a {type(method).__name__}, not a method")
+        args, kwargs = CALLS[name]
+        try:
+            inspect.signature(method).bind(*args, **kwargs)
+        except TypeError as e:
+            raise Mismatch(f"{name}() cannot be called as the core calls it: {e}") from None
+        except ValueError:  # no signature to read (a builtin): nothing to hold against it
+            pass
+    return f"{type(runner).__name__}; optional: {', '.join(extras) or 'none'}"
+
+
+def kv_spec(t: Target) -> str:
+    kv = t.runner.kv_spec
+    if not isinstance(kv, KVSpec):
+        raise Mismatch(f"kv_spec is a {type(kv).__name__}, not an enginehouse.runner.KVSpec")
+    wrong = [
+        f"{name}={value!r}"
+        for name, value, ok in (
+            ("block_size", kv.block_size, isinstance(kv.block_size, int) and kv.block_size > 0),
+            ("bytes_per_block", kv.bytes_per_block, _positive_int(kv.bytes_per_block)),
+            ("dtype", kv.dtype, isinstance(kv.dtype, torch.dtype)),
+            ("device", kv.device, isinstance(kv.device, torch.device)),
+            ("prefix_caching", kv.prefix_caching, isinstance(kv.prefix_caching, bool)),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise Mismatch(f"kv_spec has {', '.join(wrong)}")
+    assert t.engine is not None
+    promised = t.engine.num_blocks * kv.bytes_per_block
+    what = f"allocate_kv({t.engine.num_blocks}) added {format_size(t.kv_bytes)}"
+    if t.kv_bytes == 0:
+        raise NotApplicable(
+            f"{what} of torch or numpy memory reachable from the runner; the kit cannot compare "
+            "it with kv_spec.bytes_per_block"
+        )
+    # The engine turns a memory budget into blocks with bytes_per_block: a runner that takes
+    # more overruns the budget, one that takes far less wastes it.
+    # A few spare slots (a null slot for padding, say) are fine: up to two blocks and 10%.
+    if not promised * 0.5 <= t.kv_bytes <= promised * 1.1 + 2 * kv.bytes_per_block:
+        raise Mismatch(
+            f"{what}, but kv_spec.bytes_per_block ({kv.bytes_per_block}) promises "
+            f"{format_size(promised)} for that many blocks"
+        )
+    return f"block_size {kv.block_size}, {what} ({format_size(promised)} promised)"
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and value > 0
+
+
+def logits_rows(t: Target) -> str:
+    """Rows of several positions per chunk, a chunk asking none, in two batch orders: each
+    row must be the one its chunk's own run gives, in chunk order."""
+    d, alone = t.driver(), t.driver(shuffled=False)
+    prompt = t.prompts(seed=1)[2]
+    shapes = {"A": (prompt[:9], (0, 4, 8)), "B": (prompt[9:14], ()), "C": (prompt[14:20], (5,))}
+    refs = {}
+    for name, (tokens, at) in shapes.items():
+        s = alone.new(tokens, f"chunk {name}")
+        refs[name] = alone.step([(s, alone.chunk(s, logits_at=at))])[0]
+        alone.release(s)
+    for order in ("ABC", "CBA"):
+        seqs = {name: d.new(shapes[name][0], f"chunk {name}") for name in order}
+        pairs = [(seqs[n], d.chunk(seqs[n], logits_at=shapes[n][1])) for n in order]
+        for name, rows in zip(order, d.step(pairs)):
+            try:
+                compare_rows(rows, refs[name], t.tolerance, f"chunk {name} in batch {order}")
+            except Mismatch as e:
+                raise Mismatch(f"{e}{_whose_row(rows, refs, t)}") from None
+        for s in seqs.values():
+            d.release(s)
+    return "[rows, vocab] float logits, one row per logits_at entry, in chunk order"
+
+
+def _whose_row(rows: torch.Tensor, refs: dict[str, torch.Tensor], t: Target) -> str:
+    """A hint when a row is another chunk's: the rows came back out of order."""
+    for i, row in enumerate(rows):
+        for name, ref in refs.items():
+            for j, other in enumerate(ref):
+                if row_difference(row, other, t.tolerance) is None:
+                    return f" (row {i} is chunk {name}'s row {j}: rows out of order?)"
+    return ""
+
+
+def batch_invariance(t: Target) -> str:
+    d = t.driver()
+    prompts, labels = t.prompts(), [t.label(i) for i in range(len(t.prompts()))]
+    alone = {t.label(i): t.alone(i) for i in range(len(prompts))}
+    runs = {
+        "in one batch": d.together(prompts, NEW_TOKENS, labels),
+        "admitted one per step beside decodes": d.staggered(
+            prompts[::-1], NEW_TOKENS, labels[::-1]
+        ),
+    }
+    for how, seqs in runs.items():
+        for seq in seqs:
+            compare_streams(seq, alone[seq.label], t.tolerance, how)
+    return f"{len(prompts)} sequences alone = in one batch = admitted one per step"
+
+
+def chunked_prefill(t: Target) -> str:
+    d, ref = t.driver(), t.alone(2)
+    prompt = t.prompts()[2]
+    splits = {"in chunks of 5, 11, 9, 4": (5, 11, 9, 4), "one token per step": (1,) * len(prompt)}
+    for how, sizes in splits.items():
+        seq = d.new(prompt, ref.label)
+        for n in sizes:
+            d.step([(seq, d.chunk(seq, n))])
+        _finish(d, seq)
+        compare_streams(seq, ref, t.tolerance, f"prefilled {how}")
+    return f"a {len(prompt)}-token prompt whole = in 4 chunks = one token per step"
+
+
+def _finish(d, seq: Seq) -> None:
+    while len(seq.generated) < NEW_TOKENS:
+        d.step([(seq, d.chunk(seq))])
+    d.release(seq)
+
+
+def prefix_cache(t: Target) -> str:
+    kv, session = t.runner.kv_spec, t.engine.session_len  # type: ignore[union-attr]
+    if not kv.prefix_caching:
+        raise NotApplicable("kv_spec.prefix_caching is False: the engine never shares its blocks")
+    bs = kv.block_size
+    full = next((k for k in (2, 1) if k * bs + 8 + NEW_TOKENS <= session), 0)
+    if not full:
+        raise NotApplicable(f"block_size {bs} leaves no full block in a {session}-token session")
+    d, prompts = t.driver(), t.prompts(seed=2)
+    prefix = (prompts[2] * bs)[: full * bs]
+    owner = d.new(prefix + prompts[0], "the owner")
+    d.step([(owner, d.chunk(owner))])
+    d.step([(owner, d.chunk(owner))])  # it is decoding when the others find its blocks
+    other = prefix + prompts[1][:7]
+    # The miss runs on blocks of its own: it fills them from block 0 while the owner holds
+    # its shuffled ones, which no longer matter.
+    miss = t.driver(shuffled=False).alone(other, NEW_TOKENS, f"a prompt sharing {full} block(s)")
+    hit = _on_cached(d, other, owner.blocks[:full], full * bs, miss.label)
+    compare_streams(hit, miss, t.tolerance, "with the prefix cached while its owner runs")
+    kept = d.release(owner, keep=full)
+    hit = _on_cached(d, other, kept, full * bs, miss.label)
+    compare_streams(hit, miss, t.tolerance, "with the prefix cached after its owner finished")
+    d.give(kept)
+    return f"{full} shared block(s) of {bs} tokens: hit = miss, owner running or finished"
+
+
+def _on_cached(d, prompt: list[int], blocks: list[int], cached: int, label: str) -> Seq:
+    """A new sequence starting at `cached` on another sequence's blocks, as a cache hit."""
+    seq = d.new(prompt, label)
+    seq.blocks, seq.computed = list(blocks), cached
+    while len(seq.generated) < NEW_TOKENS:
+        d.step([(seq, d.chunk(seq))])
+    d.release(seq, keep=len(blocks))  # the shared blocks are not this sequence's to free
+    return seq
+
+
+def preemption_recompute(t: Target) -> str:
+    d, ref = t.driver(), t.alone(1)
+    prompts = t.prompts()
+    victim = d.new(prompts[1], ref.label)
+    while len(victim.generated) < 3:
+        d.step([(victim, d.chunk(victim))])
+    d.release(victim)  # preempted: its blocks go back and are reused at once...
+    other = d.new(prompts[2], "another sequence")
+    d.step([(other, d.chunk(other))])  # ...by a prompt that overwrites them
+    # It returns with the same seq_id, recomputing prompt + generated tokens from position 0.
+    d.step([(victim, d.chunk(victim)), (other, d.chunk(other))])
+    _finish(d, victim)
+    d.release(other)
+    compare_streams(victim, ref, t.tolerance, "recomputed after preemption")
+    return "preempted after 3 tokens, blocks overwritten, recomputed: same logits and tokens"
