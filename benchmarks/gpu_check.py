@@ -37,6 +37,8 @@ tokenizers and triton; builds its small random-weight models offline.
    checkpoint layout and int8 / int4 at load through the pipeline, float32 CUDA greedy tokens
    against the CPU's (which the tests compare with transformers); the kernel's time against
    bfloat16 `F.linear` for a 4096 x 4096 projection (info).
+8. executor: one GPU through the "mp" executor (tp=1 in a rank process, NCCL initialised):
+   float32 tokens against the CPU's; the 56M Llama's speed through it against in-process.
 """
 
 from __future__ import annotations
@@ -590,6 +592,83 @@ def check_timing(folder: Path, repeat: int, quick: bool = False) -> None:
         record(f"timing/{case}", True, json.dumps(TIMINGS[-1]))
 
 
+# --- 8. the executor layer ------------------------------------------------------------------
+
+
+def executor_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
+    """One GPU through the "mp" executor: tp=1 in a rank process of its own, NCCL set up."""
+    from enginehouse import pipeline
+
+    path, prompts, configs, want = cpu_reference(name, folder, cpu_tokens)
+    engine = {"device": DEV, "dtype": "float32", "distributed_executor_backend": "mp"}
+    pipe = pipeline(str(path), backend="pytorch", engine_config=engine, progress=False)
+    try:
+        got = [r.token_ids for r in pipe(prompts, configs)]
+        collectives = getattr(pipe.runner, "collectives", "")
+    finally:
+        pipe.close()
+    same = sum(g == w for g, w in zip(got, want))
+    record(
+        f"executor/{name}/mp-tp1-f32",
+        same == len(want) and collectives == ("nccl" if DEV == "cuda" else "gloo"),
+        f"{same}/{len(want)} sequences identical to the CPU's; collectives: {collectives}",
+    )
+
+
+def time_executor(folder: Path, repeat: int, quick: bool) -> None:
+    """The executor's own cost: the 56M Llama in bfloat16 with CUDA graphs, in this process
+    and through the "mp" executor at tp=1 (batch sent to the rank, logits sent back)."""
+    from enginehouse import pipeline
+
+    path = model_path("llama56m", folder)
+    rng = random.Random(2)
+    cases = {"single 1x64+128": (1, 64, 128), "equal 32x64+128": (32, 64, 128)}
+    if quick:
+        cases = {"single 1x16+8": (1, 16, 8)}
+    for case, (n, plen, new) in cases.items():
+        prompts = [{"token_ids": [rng.randrange(5, 32000) for _ in range(plen)]} for _ in range(n)]
+        gen = {"max_new_tokens": new, "ignore_eos": True}
+        speed = {}
+        for label, extra in (
+            ("in-process", {}),
+            ("mp executor", {"distributed_executor_backend": "mp"}),
+        ):
+            cfg = {"device": DEV, "dtype": "bfloat16", **extra}
+            pipe = pipeline(str(path), backend="pytorch", engine_config=cfg, progress=False)
+            try:
+                pipe(prompts[:1], {"max_new_tokens": 4, "ignore_eos": True})  # warm-up
+                best = math.inf
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    pipe(prompts, gen)
+                    best = min(best, time.perf_counter() - t0)
+                speed[label] = n * new / best
+            finally:
+                pipe.close()
+        ratio = speed["mp executor"] / speed["in-process"]
+        log(
+            f"{case}: in-process {speed['in-process']:.0f} tok/s, mp executor "
+            f"{speed['mp executor']:.0f} tok/s ({ratio:.2f}x)"
+        )
+        TIMINGS.append(
+            {
+                "case": f"executor {case}, bf16, tok/s",
+                **{k: round(v, 1) for k, v in speed.items()},
+                "executor/in-process": round(ratio, 2),
+            }
+        )
+        record(f"timing/executor {case}", True, json.dumps(TIMINGS[-1]))
+
+
+def check_executor(
+    folder: Path, cpu_tokens: dict, names: list[str], repeat: int, quick: bool
+) -> None:
+    section("8. The executor layer: tp=1 through the mp executor (one rank process, NCCL)")
+    for name in [n for n in ("llama", "qwen3_moe") if n in names]:
+        guarded(f"executor/{name}", executor_tokens, name, folder, cpu_tokens)
+    guarded("timing/executor", time_executor, folder, repeat, quick)
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -674,7 +753,7 @@ def write_report() -> None:
     log(f"wrote {folder / 'gpu_check.json'} and {folder / 'gpu_check.md'}")
 
 
-SECTIONS = ("kernels", "logits", "tokens", "bf16", "vision", "quant", "timing")
+SECTIONS = ("kernels", "logits", "tokens", "bf16", "vision", "quant", "timing", "executor")
 
 
 # --- 7. quantized projections ----------------------------------------------------------------
@@ -874,6 +953,8 @@ def main() -> int:
 
     if "timing" in only:
         guarded("timing", check_timing, folder, args.repeat, args.quick)
+    if "executor" in only:
+        check_executor(folder, cpu_tokens, names, args.repeat, args.quick)
     write_report()
     return 0 if all(r["ok"] for r in RESULTS) else 1
 

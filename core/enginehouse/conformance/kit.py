@@ -159,7 +159,10 @@ class _Kit:
         for family in wanted:
             if family != primary:
                 self._check_model(self.store.build(family), family, contract=False)
-        self._record(TP_CHECK, lambda: tensor_parallel(self.backend))
+        tp_config = self.config(None)
+        self._record(
+            TP_CHECK, lambda: tensor_parallel(self.backend, model, tp_config, self.plugins)
+        )
         return self.report
 
     def _claimed(self, families: Sequence[str] | str) -> list[str]:

@@ -1,27 +1,78 @@
-"""The same checks at tp=2, for a backend that says it shards: the one place to wire them.
+"""The same model at tp=2, for a backend that says it shards: its tokens must be tp=1's.
 
-Until the engine has tensor parallelism (`EngineConfig.tp`, issue 12) there is nothing to
-compare, and the check says so rather than pass.
+Both are built the way `pipeline()` builds them (at tp=2 through the executor, which starts
+two ranks), and given the same requests through the core's engine: greedy and seeded
+sampling, a batch and one request alone.
 """
 
 from __future__ import annotations
 
-from ..config import EngineConfig
-from .result import NotApplicable
+from pathlib import Path
+
+from ..backends import probe_backends
+from ..config import EngineConfig, GenerationConfig
+from ..pipeline import read_spec
+from ..plugins import PluginHost
+from .engine_checks import run_requests
+from .result import Mismatch, NotApplicable
+from .target import NEW_TOKENS, Target, open_target
 
 TP = 2
 
 
-def tensor_parallel(backend: str) -> str:
-    """Whether `backend` at tp=2 computes what it computes at tp=1 (to be wired with issue 12:
-    build it with EngineConfig(tp=2) through the executor, run the contract's batches on both,
-    compare the logits and tokens with `compare.compare_streams`)."""
-    if "tp" not in EngineConfig.model_fields:
-        raise NotApplicable(
-            f"this enginehouse has no tensor parallelism (EngineConfig.tp): nothing to compare "
-            f"at tp={TP} yet"
-        )
-    raise NotApplicable(
-        f"the tp={TP} comparison (logits and tokens at tp={TP} = tp=1, for a backend that says "
-        "it shards) is not written yet"
+def tensor_parallel(
+    backend: str, model: str | Path, config: EngineConfig, plugins: PluginHost
+) -> str:
+    sharded = config.model_copy(update={"tp": TP})
+    spec = read_spec(model, plugins=plugins)
+    verdict = next(
+        (v for v in probe_backends(spec, sharded, plugins) if backend in (v.name, _full(v))),
+        None,
+    )
+    if verdict is None or not verdict.supported:
+        why = verdict.reason if verdict is not None else "its probe gave no verdict"
+        raise NotApplicable(f"at tp={TP}: {why}")
+    one = open_target(backend, model, config, plugins)
+    try:
+        two = open_target(backend, model, sharded, plugins)
+        try:
+            return _compare(one, two)
+        finally:
+            two.runner.close()
+    finally:
+        one.runner.close()
+
+
+def _full(verdict) -> str:
+    return f"{verdict.plugin}:{verdict.name}"
+
+
+def _compare(one: Target, two: Target) -> str:
+    prompts = one.prompts(seed=21)
+    runs = {
+        "greedy": GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+        "seeded sampling": GenerationConfig(
+            max_new_tokens=NEW_TOKENS, ignore_eos=True, do_sample=True, random_seed=5
+        ),
+    }
+    for how, params in runs.items():
+        batch = {f"{how} #{i}": (p, params) for i, p in enumerate(prompts)}
+        want = run_requests(one.engine, batch, {})
+        got = run_requests(two.engine, batch, {})
+        first = next(iter(batch))
+        got_alone = run_requests(two.engine, {first: batch[first]}, {})
+        for rid, label in [(r, f"{r} in a batch") for r in batch] + [(first, f"{first} alone")]:
+            tokens = (got_alone if label.endswith("alone") else got)[rid].token_ids
+            expected = want[rid].token_ids
+            if tokens != expected:
+                i = next(
+                    i for i, (a, b) in enumerate(zip([*tokens, None], [*expected, None])) if a != b
+                )
+                raise Mismatch(
+                    f"{label} at tp={TP}: token {i} is {tokens[i : i + 1]}, at tp=1 "
+                    f"{expected[i : i + 1]} (tp={TP}: {tokens}; tp=1: {expected})"
+                )
+    return (
+        f"tp={TP} ({type(two.runner).__name__}) gave tp=1's tokens: {len(prompts)} prompts, "
+        "greedy and seeded sampling, in a batch and alone"
     )

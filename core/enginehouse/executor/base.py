@@ -42,6 +42,7 @@ class DistributedExecutor:
         self.kv_spec: KVSpec = KVSpec(block_size=1, bytes_per_block=1)  # rank 0's, after load
         self.down: str | None = None
         self._releases = False
+        self.collectives = ""
 
     # --- what subclasses provide ------------------------------------------------------------
 
@@ -90,10 +91,12 @@ class DistributedExecutor:
         infos = self._guarded(self._start, inits)
         self.kv_spec = infos[0]["kv_spec"]
         self._releases = infos[0]["release_sequence"]
+        self.collectives = infos[0]["collectives"]  # "gloo" or "nccl"
         log.info(
-            "%d ranks started (%s executor), %s threads each",
+            "%d ranks started (%s executor, %s), %s threads each",
             self.world_size,
             self.kind,
+            self.collectives,
             infos[0]["threads"],
         )
 

@@ -89,6 +89,7 @@ class RankWorker:
             "kv_spec": self.runner.kv_spec,
             "release_sequence": hasattr(self.runner, "release_sequence"),
             "threads": torch.get_num_threads(),
+            "collectives": torch.distributed.get_backend(),
         }
 
     def call(self, method: str, args: tuple) -> Any:
@@ -98,8 +99,11 @@ class RankWorker:
             config, session_len = args
             return plan_kv_blocks(self.runner, config, session_len, self.init.context)
         result = getattr(self.runner, method)(*args)
-        # Only rank 0's logits are used: the others send nothing back.
-        return result if method != "execute" or self.init.context.rank == 0 else None
+        if method != "execute":
+            return result
+        # Only rank 0's logits are used (the others send nothing back), and they travel as
+        # CPU memory: the driver needs no device of its own.
+        return result.cpu() if self.init.context.rank == 0 else None
 
     def close(self) -> None:
         if self.runner is not None:
