@@ -21,7 +21,14 @@ from test_serve_cli import Server
 
 from enginehouse import EngineConfig, explain, pipeline
 from enginehouse.errors import EnginehouseError, GenerationError
-from enginehouse.testing import TINY, build_model, tight_kv_config
+from enginehouse.testing import (
+    TINY,
+    build_model,
+    build_qwen_vl,
+    build_vlm,
+    hf_greedy,
+    tight_kv_config,
+)
 
 PROMPTS = ["hello world the", "a b c d e f g h i j", "one", "the quick brown fox jumps over"]
 GEN = dict(max_new_tokens=10, min_new_tokens=10)
@@ -74,13 +81,36 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tp2_gives_tp1s_greedy_tokens_alone_and_in_a_batch(tp_models, family):
     path = tp_models(family)
-    want = tokens(path)
+    want = tokens(path)  # tp=1's, which test_native holds to transformers'
     with pipeline(str(path), engine_config=TP2, progress=False) as pipe:
         assert pipe.runner.world_size == 2
         batch = [r.token_ids for r in pipe(PROMPTS, gen_config=GEN)]
         alone = pipe(PROMPTS[1], gen_config=GEN).token_ids
     assert batch == want
     assert alone == want[1]
+
+
+def test_tp2_gives_transformers_greedy_tokens(tp_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tp_models("qwen3")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    want = hf_greedy(model, tokenizer, PROMPTS[3], 10)
+    raw = {"token_ids": tokenizer(PROMPTS[3]).input_ids}  # no chat template, as hf_greedy
+    assert tokens(path, [raw], **TP2) == [want]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_language_models_at_tp2(models_dir, family):
+    """The vision tower runs in the driver; the language model is sharded."""
+    from PIL import Image
+
+    folder = models_dir / "tp" / family
+    path = build_vlm(folder, family) if family == "llava" else build_qwen_vl(folder, family)
+    image = Image.new("RGB", (90, 60), (200, 30, 30))
+    prompts = [("what is in the picture", image), "and a text prompt beside it"]
+    assert tokens(path, prompts, **TP2) == tokens(path, prompts)
 
 
 def test_fewer_kv_heads_than_ranks_are_replicated(models_dir):
@@ -154,6 +184,21 @@ def test_a_rank_that_dies_fails_the_requests_in_flight_and_leaves_no_process(tp_
     pipe.close()
 
 
+def test_a_rank_that_hangs_fails_the_requests_in_bounded_time(tp_models):
+    pipe = pipeline(str(tp_models("llama")), engine_config={**TP2, "distributed_timeout": 3})
+    pids = [p.pid for p in pipe.runner.procs]
+    stream = pipe.stream(PROMPTS[0], gen_config=dict(max_new_tokens=200, min_new_tokens=200))
+    next(stream)
+    os.kill(pids[1], signal.SIGSTOP)  # alive, but answers nothing: rank 0 waits on it too
+    start = time.monotonic()
+    with pytest.raises(GenerationError, match=r"did not answer execute within 3 s"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < 20
+    assert not any(alive(p) for p in pids)
+    pipe.close()
+
+
 def test_close_leaves_no_process(tp_models):
     pipe = pipeline(str(tp_models("llama")), engine_config=TP2, progress=False)
     pids = worker_pids(os.getpid())
@@ -171,6 +216,7 @@ def test_explain_says_who_can_shard_and_why_not(tp_models):
         "tensor parallel over 2 ranks: 2 heads and 1 KV heads per rank"
         in (verdicts["pytorch"]["reason"])
     )
+    assert report["runtime"]["ranks"] == "2 (mp executor: worker processes here, gloo)"
     assert not verdicts["transformers"]["supported"]
     assert "no tensor parallelism" in verdicts["transformers"]["reason"]
     three = explain(path, engine_config={"tp": 3, "device": "cpu"})
@@ -189,7 +235,8 @@ def test_tp_settings_are_checked():
     assert EngineConfig(distributed_executor_backend="mp").executor == "mp"
 
 
-def test_serve_tp2_answers_the_openai_client_and_sigterm_leaves_no_process(tp_models):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_serve_tp2_answers_the_openai_client_and_leaves_no_process(tp_models, stop):
     path = str(tp_models("llama"))
     server = Server(path, "--served-model-name", "tiny", "--tp", "2", "--device", "cpu", env={})
     try:
@@ -202,6 +249,6 @@ def test_serve_tp2_answers_the_openai_client_and_sigterm_leaves_no_process(tp_mo
         want = tokens(tp_models("llama"), [PROMPTS[0]], dict(max_new_tokens=10))
         assert answer.usage.completion_tokens == len(want[0])
     finally:
-        code = server.stop(signal.SIGTERM)
+        code = server.stop(stop)
     assert code == 0
     assert not any(alive(p) for p in pids)

@@ -165,6 +165,8 @@ def explain(
         click.echo(f"device:       {plan['device']}, {plan['dtype']}")
         click.echo(f"weights:      {plan['weights']}")
         click.echo(f"KV cache:     {plan['kv_cache']}")
+        if plan.get("ranks"):
+            click.echo(f"ranks:        {plan['ranks']}")
     if facts.get("quantization"):
         click.echo(f"quantized:    {facts['quantization']}")
     chosen = report["chosen"]

@@ -649,6 +649,10 @@ def runtime_plan(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
         return {**plan, "device": None, "error": str(e)}
     plan["device"] = str(device)
     plan["dtype"] = str(resolve_dtype(config, spec, device)).removeprefix("torch.")
+    if config.executor is not None:
+        collectives = "NCCL" if device.type == "cuda" else "gloo"
+        place = "on a Ray cluster" if config.executor == "ray" else "worker processes here"
+        plan["ranks"] = f"{config.tp} ({config.executor} executor: {place}, {collectives})"
     budget = config.kv_cache_memory
     if isinstance(budget, float):
         # The real budget is taken after loading; estimate it from what is free now.
@@ -658,6 +662,6 @@ def runtime_plan(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
             f"(about {format_size(free_after * budget)} now)"
         )
     else:
-        plan["kv_cache"] = format_size(budget)
+        plan["kv_cache"] = format_size(budget) + (" per rank" if config.executor else "")
     plan["weights"] = format_size(spec.weight_bytes)
     return plan

@@ -97,10 +97,12 @@ class MultiprocExecutor(DistributedExecutor):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = wait(list(pending.values()), left)
             if not ready:
-                ranks = ", ".join(str(r) for r in pending)
+                # A hung rank stalls the others in their collectives: all of them are named.
+                ranks = " and ".join(str(r) for r in pending)
                 raise RankError(
-                    f"rank {ranks} did not answer {method} within {timeout:g} s "
-                    "(EngineConfig.distributed_timeout): hung, or far too slow"
+                    f"rank{'s' if len(pending) > 1 else ''} {ranks} did not answer {method} "
+                    f"within {timeout:g} s (EngineConfig.distributed_timeout): hung, or far "
+                    "too slow"
                 )
             for rank, conn in [(r, c) for r, c in pending.items() if c in ready]:
                 del pending[rank]
