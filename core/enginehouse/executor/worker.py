@@ -161,8 +161,10 @@ def serve(conn: Any) -> None:
 
 
 def _describe(e: BaseException) -> str:
+    """One line for the driver's error (the whole traceback goes to this rank's stderr)."""
     log.error("%s", "".join(traceback.format_exception(e)))
-    return f"{type(e).__name__}: {e}"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"
 
 
 def main() -> None:
