@@ -96,6 +96,52 @@ def test_rope_store_equals_torch(dtype, tokens):
     assert not cache[0][:, untouched].any() and not cache[1][:, untouched].any()
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skipif(not cpu_build.has_bf16(), reason="no bf16 units: not packed"),
+        ),
+    ],
+)
+def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
+    """`cpu_step.DecodeStep` (every layer in one C++ call) gives exactly the logits of the
+    separate fused ops, at 1 and 3 rows; the KV it writes is the same too."""
+    from enginehouse import ScheduledBatch, SeqChunk, pipeline
+
+    pipe = pipeline(
+        str(llama_dir), backend="pytorch", engine_config={"dtype": dtype}, progress=False
+    )
+    try:
+        runner = pipe.runner
+        step, bs = runner.model.step, runner.kv_spec.block_size
+        assert step is not None
+        prompts = [[5, 9, 23, 41, 7, 11, 64, 3] * 3, [12, 99, 7], [8] * 17]
+        tables = [(3 * i, 3 * i + 1) for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            runner.execute(ScheduledBatch((SeqChunk(i, tuple(p), 0, tables[i], (0,)),), bs))
+        for rows in (1, 3):
+            batch = ScheduledBatch(
+                tuple(
+                    SeqChunk(i, (17 + i,), len(prompts[i]), tables[i], (0,)) for i in range(rows)
+                ),
+                bs,
+            )
+            got = runner.execute(batch)
+            written = runner.kv[-1][0].clone()
+            runner.model.step = None  # the per-op path, over the same slots
+            try:
+                want = runner.execute(batch)
+            finally:
+                runner.model.step = step
+            assert torch.equal(got, want)
+            assert torch.equal(runner.kv[-1][0], written)  # the same K written to the same slots
+    finally:
+        pipe.close()
+
+
 AVX2_CHECK = """
 import torch, torch.nn.functional as F
 from enginehouse_pytorch.native import cpu_decode

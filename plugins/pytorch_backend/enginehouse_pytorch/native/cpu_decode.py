@@ -26,7 +26,7 @@ SMALL_ROWS = 4
 # silu_mul computes its exponentials one at a time: past this many rows torch's vectorised ops win.
 FUSED_ROWS = 8
 
-SOURCE = cpu_kernels.KERNEL + r"""
+KERNELS = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -372,11 +372,12 @@ static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optiona
   T* xp = x.data_ptr<T>();
   for (int64_t l = 0; l < layers; ++l) {
     auto weight = [&](int i) { return w.get(l * PER_LAYER + i); };
+    auto norm = [&](int i) { return static_cast<const T*>(weight(i)->data_ptr()); };
     const at::Tensor& kc = caches[2 * l];
     const at::Tensor& vc = caches[2 * l + 1];
     T* kp = kc.data_ptr<T>();
     T* vp = vc.data_ptr<T>();
-    add_rms_norm_rows<T>(xp, l == 0 ? nullptr : delta, weight(0)->template data_ptr<T>(), h, M, D, s.eps);
+    add_rms_norm_rows<T>(xp, l == 0 ? nullptr : delta, norm(0), h, M, D, s.eps);
     linear_rows(h, *weight(1), weight(2), qkv, M, D, QKV, fx, fy);
     for (int64_t t = 0; t < M; ++t)
       rope_store_row(qkv + t * QKV, cos + t * Dh, sin + t * Dh, q + t * HD, kp, vp, sp[t], s.H,
@@ -394,14 +395,14 @@ static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optiona
     if constexpr (!std::is_same_v<T, float>)
       for (int64_t i = 0; i < M * HD; ++i) attn[i] = static_cast<T>(fy[i]);
     linear_rows(attn, *weight(3), weight(4), o, M, HD, D, fx, fy);
-    add_rms_norm_rows<T>(xp, o, weight(5)->template data_ptr<T>(), h, M, D, s.eps);
+    add_rms_norm_rows<T>(xp, o, norm(5), h, M, D, s.eps);
     linear_rows(h, *weight(6), weight(7), gu, M, D, 2 * I, fx, fy);
     silu_mul_rows(gu, mid, M, I);
     linear_rows(mid, *weight(8), weight(9), delta, M, I, D, fx, fy);
   }
   auto out = at::empty_like(x);
-  add_rms_norm_rows<T>(xp, delta, w.get(layers * PER_LAYER)->template data_ptr<T>(), out.data_ptr<T>(),
-                       M, D, s.eps);
+  const T* final_norm = static_cast<const T*>(w.get(layers * PER_LAYER)->data_ptr());
+  add_rms_norm_rows<T>(xp, delta, final_norm, out.data_ptr<T>(), M, D, s.eps);
   return out;
 }
 
@@ -456,6 +457,8 @@ TORCH_LIBRARY(enginehouse_decode, m) {
   m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
 }
 """
+# The attention kernel is compiled in too: the whole decode step calls it directly.
+SOURCE = cpu_kernels.KERNEL + KERNELS
 
 
 @functools.cache

@@ -128,7 +128,7 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
 }
 """
 
-SOURCE = KERNEL + r"""
+OP = r"""
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
                         double scale, double softcap, int64_t window) {
@@ -159,6 +159,7 @@ TORCH_LIBRARY(enginehouse_cpu, m) {
   m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
 }
 """
+SOURCE = KERNEL + OP
 
 
 @functools.cache
