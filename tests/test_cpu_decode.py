@@ -137,7 +137,8 @@ def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
             finally:
                 runner.model.step = step
             assert torch.equal(got, want)
-            assert torch.equal(runner.kv[-1][0], written)  # the same K written to the same slots
+            # the same K written to the same slots (bitwise: unwritten slots may hold NaN)
+            assert torch.equal(runner.kv[-1][0].view(torch.uint8), written.view(torch.uint8))
     finally:
         pipe.close()
 

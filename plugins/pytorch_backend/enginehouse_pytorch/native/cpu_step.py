@@ -33,6 +33,11 @@ def _fits(model: DecoderLM) -> bool:
     """Every layer is one `decode_layers` handles (the per-op fused path, all of it)."""
     if not model.fused or model.arch.embed_scale is not None:
         return False
+    # A sharded model (tensor parallel) reduces partial sums between its projections, which
+    # this call would skip.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return False
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not (attn.fused_rope and attn.softcap is None and isinstance(mlp, GatedMLP)):
