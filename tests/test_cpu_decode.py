@@ -107,8 +107,8 @@ def test_rope_store_equals_torch(dtype, tokens):
     ],
 )
 def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
-    """`cpu_step.DecodeStep` (every layer in one C++ call) gives exactly the logits of the
-    separate fused ops, at 1 and 3 rows; the KV it writes is the same too."""
+    """The one-call paths (`cpu_step.DecodeRunner`: ids to logits; `DecodeStep`: the layers)
+    give exactly the logits of the separate fused ops, at 1 and 3 rows, and write the same KV."""
     from enginehouse import ScheduledBatch, SeqChunk, pipeline
 
     pipe = pipeline(
@@ -116,29 +116,24 @@ def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
     )
     try:
         runner = pipe.runner
-        step, bs = runner.model.step, runner.kv_spec.block_size
-        assert step is not None
+        fast, step, bs = runner.decode, runner.model.step, runner.kv_spec.block_size
+        assert fast is not None and step is not None
         prompts = [[5, 9, 23, 41, 7, 11, 64, 3] * 3, [12, 99, 7], [8] * 17]
         tables = [(3 * i, 3 * i + 1) for i in range(len(prompts))]
         for i, p in enumerate(prompts):
             runner.execute(ScheduledBatch((SeqChunk(i, tuple(p), 0, tables[i], (0,)),), bs))
         for rows in (1, 3):
-            batch = ScheduledBatch(
-                tuple(
-                    SeqChunk(i, (17 + i,), len(prompts[i]), tables[i], (0,)) for i in range(rows)
-                ),
-                bs,
-            )
-            got = runner.execute(batch)
-            written = runner.kv[-1][0].clone()
-            runner.model.step = None  # the per-op path, over the same slots
-            try:
-                want = runner.execute(batch)
-            finally:
-                runner.model.step = step
-            assert torch.equal(got, want)
-            # the same K written to the same slots (bitwise: unwritten slots may hold NaN)
-            assert torch.equal(runner.kv[-1][0].view(torch.uint8), written.view(torch.uint8))
+            chunks = [SeqChunk(i, (17 + i,), len(prompts[i]), tables[i], (0,)) for i in range(rows)]
+            batch = ScheduledBatch(tuple(chunks), bs)
+            results = []
+            # ids to logits in one call; the layers in one call; every op on its own
+            for runner.decode, runner.model.step in ((fast, step), (None, step), (None, None)):
+                results.append((runner.execute(batch), runner.kv[-1][0].clone()))
+            runner.decode, runner.model.step = fast, step
+            for logits, kv in results[1:]:
+                assert torch.equal(logits, results[0][0])
+                # the same K in the same slots (bitwise: unwritten slots may hold NaN)
+                assert torch.equal(kv.view(torch.uint8), results[0][1].view(torch.uint8))
     finally:
         pipe.close()
 

@@ -439,6 +439,66 @@ at::Tensor decode_layers(at::Tensor x, const c10::List<c10::optional<at::Tensor>
                             tp, lp, windows, s);
 }
 
+// A whole decode step from token ids to float32 logits, for a runner that skips building the
+// step's tensors: ids, positions, slots, block tables (flattened, `width` per row) and context
+// lengths come as integer lists; cos / sin are the whole rope tables [positions, Dh]. The
+// embedding rows, the layers (decode_layers) and the head (weights from blocked_pack) run here;
+// the logits are rounded to x's dtype before float32, as the per-op path rounds them.
+template <typename T>
+static at::Tensor decode_logits_impl(const at::Tensor& embed, at::IntArrayRef ids,
+                                     at::IntArrayRef positions, at::IntArrayRef windows,
+                                     const c10::List<c10::optional<at::Tensor>>& weights,
+                                     at::TensorList caches, const at::Tensor& cos,
+                                     const at::Tensor& sin, const at::Tensor& head, int64_t vocab,
+                                     const int64_t* sp, const int64_t* tp, const int64_t* lp,
+                                     StepShape& s) {
+  const int64_t M = s.M, D = s.D, Dh = s.Dh;
+  auto x = at::empty({M, D}, embed.options());
+  auto rows = at::empty({2, M, Dh}, embed.options());
+  T* c = rows.data_ptr<T>();
+  T* sn = c + M * Dh;
+  for (int64_t m = 0; m < M; ++m) {
+    std::copy_n(embed.data_ptr<T>() + ids[m] * D, D, x.data_ptr<T>() + m * D);
+    std::copy_n(cos.data_ptr<T>() + positions[m] * Dh, Dh, c + m * Dh);
+    std::copy_n(sin.data_ptr<T>() + positions[m] * Dh, Dh, sn + m * Dh);
+  }
+  at::Tensor hidden = decode_layers_impl<T>(x, weights, caches, c, sn, sp, tp, lp, windows, s);
+  auto logits = at::empty({M, vocab}, embed.options().dtype(at::kFloat));
+  at::Tensor fh = hidden.to(at::kFloat);
+  linear_f32(fh.data_ptr<float>(), head, nullptr, logits.data_ptr<float>(), M, D, vocab);
+  if constexpr (!std::is_same_v<T, float>) return logits.to(embed.scalar_type()).to(at::kFloat);
+  return logits;
+}
+
+at::Tensor decode_logits(const at::Tensor& embed, at::IntArrayRef ids, at::IntArrayRef positions,
+                         at::IntArrayRef slots, at::IntArrayRef tables, int64_t width,
+                         at::IntArrayRef lens, const at::Tensor& cos, const at::Tensor& sin,
+                         const c10::List<c10::optional<at::Tensor>>& weights,
+                         at::TensorList caches, const at::Tensor& head, int64_t vocab,
+                         int64_t block_size, int64_t heads, int64_t kv_heads,
+                         at::IntArrayRef windows, double eps, double scale) {
+  const int64_t M = static_cast<int64_t>(ids.size()), layers = caches.size() / 2;
+  TORCH_CHECK(positions.size() == ids.size() && slots.size() == ids.size() &&
+                  lens.size() == ids.size() && static_cast<int64_t>(tables.size()) == M * width,
+              "decode_logits: one position, slot, length and table row per id");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1 &&
+                  static_cast<int64_t>(windows.size()) == layers,
+              "decode_logits: weights and windows per layer");
+  TORCH_CHECK(embed.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == embed.scalar_type(),
+              "decode_logits: embedding and rope tables");
+  const at::Tensor& k0 = caches[0];
+  StepShape s{M, embed.size(1), heads, kv_heads, k0.size(-1), k0.size(1), width, block_size,
+              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale), 0.0f};
+  if (embed.scalar_type() == at::kBFloat16)
+    return decode_logits_impl<at::BFloat16>(embed, ids, positions, windows, weights, caches, cos,
+                                            sin, head, vocab, slots.data(), tables.data(),
+                                            lens.data(), s);
+  TORCH_CHECK(embed.scalar_type() == at::kFloat, "decode_logits: float32 or bfloat16");
+  return decode_logits_impl<float>(embed, ids, positions, windows, weights, caches, cos, sin,
+                                   head, vocab, slots.data(), tables.data(), lens.data(), s);
+}
+
 TORCH_LIBRARY(enginehouse_decode, m) {
   m.def("blocked_pack(Tensor w) -> Tensor");
   m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor");
@@ -454,7 +514,12 @@ TORCH_LIBRARY(enginehouse_decode, m) {
         "Tensor sin, Tensor slots, Tensor tables, Tensor lens, int block_size, int heads, "
         "int kv_heads, int[] windows, float eps, float scale, float softcap) -> Tensor");
   m.impl("rope_store", c10::DispatchKey::CPU, &rope_store);
+  m.def("decode_logits(Tensor embed, int[] ids, int[] positions, int[] slots, int[] tables, "
+        "int width, int[] lens, Tensor cos, Tensor sin, Tensor?[] weights, Tensor(a!)[] caches, "
+        "Tensor head, int vocab, int block_size, int heads, int kv_heads, int[] windows, "
+        "float eps, float scale) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
+  m.impl("decode_logits", c10::DispatchKey::CPU, &decode_logits);
 }
 """
 # The attention kernel is compiled in too: the whole decode step calls it directly.

@@ -7,7 +7,9 @@ module machinery and the dispatcher. `DecodeStep` hands all layers to `cpu_decod
 separate fused ops, so the numbers are the same). It applies to a decoder whose every layer is
 plain (gated SiLU MLP, rope over whole heads with no q/k norm, no sandwich norms), with packed
 float32 or bfloat16 projections and the C++ paged attention; others keep the per-op path.
-Measurements: benchmarks/RESULTS.md, issue 14.
+`DecodeRunner` goes one further for the runner: a decode-only batch goes from its chunks' integers
+to float32 logits in one call (embedding rows, layers, head), skipping the step's metadata
+tensors. Measurements: benchmarks/RESULTS.md, issue 14.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from .cpu_kernels import CpuPagedAttention
 from .layers import GatedMLP, Linear
 
 if TYPE_CHECKING:
+    from enginehouse import ScheduledBatch
+
     from .model import DecoderLM, KVCache
 
 
@@ -103,3 +107,71 @@ class DecodeStep:
 def build(model: DecoderLM) -> DecodeStep | None:
     """The one-call step for `model`, or None where some layer needs the per-op path."""
     return DecodeStep(model) if _fits(model) else None
+
+
+class DecodeRunner:
+    """`NativeRunner.execute` for a batch of up to `SMALL_ROWS` plain decodes (one token each,
+    logits wanted, no image rows, no multimodal positions): one `decode_logits` call from the
+    chunks' integers, or None for the runner's ordinary path."""
+
+    def __init__(self, runner) -> None:
+        model: DecoderLM = runner.model
+        self.runner = runner
+        self.step = model.step
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.head = model.lm_head.small
+        self.vocab = model.lm_head.shards[-1]
+        self.cos, self.sin = runner.cos.contiguous(), runner.sin.contiguous()
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        chunks = batch.chunks
+        if len(chunks) > cpu_decode.SMALL_ROWS:
+            return None
+        bs = batch.block_size
+        ids, positions, slots, lens = [], [], [], []
+        for c in chunks:
+            plain = c.rope_positions is None and c.embeds is None and c.logits_at == (0,)
+            if len(c.token_ids) != 1 or not plain:
+                return None
+            pos = c.start_pos
+            ids.append(c.token_ids[0])
+            positions.append(pos)
+            slots.append(c.block_table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+        width = max(len(c.block_table) for c in chunks)
+        tables = [b for c in chunks for b in c.block_table + (0,) * (width - len(c.block_table))]
+        step, runner = self.step, self.runner
+        return torch.ops.enginehouse_decode.decode_logits(
+            self.embed,
+            ids,
+            positions,
+            slots,
+            tables,
+            width,
+            lens,
+            self.cos,
+            self.sin,
+            step.weights,
+            [t for pair in runner.kv for t in pair],
+            self.head,
+            self.vocab,
+            bs,
+            step.heads,
+            step.kv_heads,
+            step.windows,
+            step.eps,
+            step.scale,
+        )
+
+
+def decode_runner(runner) -> DecodeRunner | None:
+    """The one-call decode path for a CPU runner whose model has a `DecodeStep` and a plain
+    head (packed for small steps, no bias, no final soft-capping); None otherwise."""
+    model = getattr(runner, "model", None)
+    if model is None or model.step is None:
+        return None
+    head = model.lm_head
+    plain = type(head) is Linear and head.small is not None and head.bias is None
+    if not plain or model.arch.final_softcap is not None or runner.cos.dim() != 2:
+        return None
+    return DecodeRunner(runner)
