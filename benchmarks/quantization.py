@@ -53,8 +53,9 @@ for m in model.modules():
     tensors = list(m.parameters(recurse=False))
     if isinstance(m, QuantLinear):
         tensors += [t for p in m.parts for t in p.tensors()]
-    if getattr(m, "packed", None) is not None:  # a float Linear handed to oneDNN
-        tensors.append(m.packed)
+    for copy in ("packed", "small"):  # a float Linear's oneDNN and cpu_decode layouts
+        if getattr(m, copy, None) is not None:
+            tensors.append(getattr(m, copy))
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))

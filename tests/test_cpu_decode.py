@@ -96,6 +96,48 @@ def test_rope_store_equals_torch(dtype, tokens):
     assert not cache[0][:, untouched].any() and not cache[1][:, untouched].any()
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skipif(not cpu_build.has_bf16(), reason="no bf16 units: not packed"),
+        ),
+    ],
+)
+def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
+    """The one-call paths (`cpu_step.DecodeRunner`: ids to logits; `DecodeStep`: the layers)
+    give exactly the logits of the separate fused ops, at 1 and 3 rows, and write the same KV."""
+    from enginehouse import ScheduledBatch, SeqChunk, pipeline
+
+    pipe = pipeline(
+        str(llama_dir), backend="pytorch", engine_config={"dtype": dtype}, progress=False
+    )
+    try:
+        runner = pipe.runner
+        fast, step, bs = runner.decode, runner.model.step, runner.kv_spec.block_size
+        assert fast is not None and step is not None
+        prompts = [[5, 9, 23, 41, 7, 11, 64, 3] * 3, [12, 99, 7], [8] * 17]
+        tables = [(3 * i, 3 * i + 1) for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            runner.execute(ScheduledBatch((SeqChunk(i, tuple(p), 0, tables[i], (0,)),), bs))
+        for rows in (1, 3):
+            chunks = [SeqChunk(i, (17 + i,), len(prompts[i]), tables[i], (0,)) for i in range(rows)]
+            batch = ScheduledBatch(tuple(chunks), bs)
+            results = []
+            # ids to logits in one call; the layers in one call; every op on its own
+            for runner.decode, runner.model.step in ((fast, step), (None, step), (None, None)):
+                results.append((runner.execute(batch), runner.kv[-1][0].clone()))
+            runner.decode, runner.model.step = fast, step
+            for logits, kv in results[1:]:
+                assert torch.equal(logits, results[0][0])
+                # the same K in the same slots (bitwise: unwritten slots may hold NaN)
+                assert torch.equal(kv.view(torch.uint8), results[0][1].view(torch.uint8))
+    finally:
+        pipe.close()
+
+
 AVX2_CHECK = """
 import torch, torch.nn.functional as F
 from enginehouse_pytorch.native import cpu_decode
@@ -106,15 +148,35 @@ for rows in (1, 2, 3, 4, 9):
         w, x, b = torch.randn(70, 40).to(wdtype), torch.randn(rows, 40), torch.randn(70)
         got = cpu_decode.linear(x, cpu_decode.pack(w), b, 70)
         torch.testing.assert_close(got, F.linear(x, w.float(), b), rtol=1e-4, atol=1e-4)
+# The whole path on this build (registered above, so `load` must not build the other): greedy
+# tokens of transformers, alone (one call from ids to logits) and in a batch of 5 (every row).
+import sys
+from transformers import AutoModelForCausalLM
+from enginehouse import GenerationConfig, pipeline
+cpu_decode.load = lambda *a: True
+pipe = pipeline(sys.argv[1], backend="pytorch", progress=False)
+assert pipe.runner.decode is not None
+ref = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+prompts = [[5, 9, 23, 41, 7], [12, 99, 7], [8] * 17, [3, 4], [60, 61, 62]]
+want = []
+for p in prompts:
+    out = ref.generate(torch.tensor([p]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    want.append(out[0, len(p):].tolist())
+config = GenerationConfig(max_new_tokens=5, min_new_tokens=5)
+assert pipe([{"token_ids": prompts[0]}], config)[0].token_ids == want[0]
+assert [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], config)] == want
+pipe.close()
 print("ok")
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif("avx512f" not in cpu_build.cpu_flags(), reason="the native build is AVX2")
-def test_avx2_build_equals_torch():
-    """CI's CPUs may have AVX2 only: build that variant here as well and check it."""
-    done = subprocess.run([sys.executable, "-c", AVX2_CHECK], capture_output=True, text=True)
+def test_avx2_build_equals_torch(llama_dir):
+    """CI's CPUs may have AVX2 only: build that variant here as well and check it, its
+    products against torch and the whole decode path against transformers."""
+    command = [sys.executable, "-c", AVX2_CHECK, str(llama_dir)]
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 

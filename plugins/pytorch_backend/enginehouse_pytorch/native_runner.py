@@ -16,7 +16,7 @@ from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
 from enginehouse.errors import InvalidModelError
 from enginehouse.runner import RunnerContext, kv_bytes_per_token
 
-from .native import cpu_decode, cpu_kernels, quant
+from .native import cpu_decode, cpu_kernels, cpu_step, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
@@ -74,6 +74,7 @@ class NativeRunner:
         self.kernel = self._attention_kernel()
         self.paged = self.kernel is not TorchAttention  # a kernel that reads block tables
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
+        self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
@@ -155,6 +156,7 @@ class NativeRunner:
 
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
+        self.decode = cpu_step.decode_runner(self)
         if self.device.type == "cuda" and self.paged and not self.config.eager:
             from .native.cuda_graphs import DecodeGraphs
 
@@ -228,6 +230,8 @@ class NativeRunner:
             logits = self.graphs.run(batch)  # None unless a captured decode step fits
             if logits is not None:
                 return logits
+        if self.decode is not None and (logits := self.decode.run(batch)) is not None:
+            return logits
         # Single-token chunks (decodes) first: they attend together as one batch.
         order = sorted(chunks, key=lambda c: len(c.token_ids) != 1)
         meta = self._metadata(order)

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from . import cpu_build
+from . import cpu_build, cpu_kernels
 
 # Up to this many rows `linear` beats oneDNN's packed product (measured: 2x at 1 row, about
 # even at 4, behind at 8).
@@ -26,7 +26,7 @@ SMALL_ROWS = 4
 # silu_mul computes its exponentials one at a time: past this many rows torch's vectorised ops win.
 FUSED_ROWS = 8
 
-SOURCE = r"""
+KERNELS = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -171,20 +171,10 @@ at::Tensor blocked_pack(const at::Tensor& w) {
   return padded.view({groups, GW, K}).transpose(1, 2).contiguous();
 }
 
-// x [M, K] (any float dtype), w from blocked_pack (float32 or bfloat16), bias [N] or None.
-// Returns x @ W.T + bias [M, N] in x's dtype.
-at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w,
-                          const c10::optional<at::Tensor>& bias, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == GW && x.size(1) == w.size(1),
-              "blocked_linear: x [M, K] and w from blocked_pack");
-  TORCH_CHECK(w.is_contiguous() && w.size(0) * GW >= N, "blocked_linear: packed weight");
-  const int64_t M = x.size(0), K = x.size(1), groups = w.size(0);
-  auto xf = x.to(at::kFloat).contiguous();
-  at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+// y [M, N] = x [M, K] . w (+ bias [N]), float32 rows in and out; w from blocked_pack.
+static void linear_f32(const float* xp, const at::Tensor& w, const float* bp, float* yp,
+                       int64_t M, int64_t K, int64_t N) {
+  const int64_t groups = w.size(0);
   // Threads split the columns. With more rows than one tile, every row tile runs over a chunk
   // of groups (~128 KB of weights, in L2) before the next chunk: weights come from memory once.
   const int64_t chunk = M <= MAX_MT ? groups : std::max<int64_t>(1, 32768 / (K * GW / 16));
@@ -201,6 +191,21 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w,
       }
     }
   });
+}
+
+// x [M, K] (any float dtype), w from blocked_pack (float32 or bfloat16), bias [N] or None.
+// Returns x @ W.T + bias [M, N] in x's dtype.
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w,
+                          const c10::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == GW && x.size(1) == w.size(1),
+              "blocked_linear: x [M, K] and w from blocked_pack");
+  TORCH_CHECK(w.is_contiguous() && w.size(0) * GW >= N, "blocked_linear: packed weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xf = x.to(at::kFloat).contiguous();
+  at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  linear_f32(xf.data_ptr<float>(), w, bf.defined() ? bf.data_ptr<float>() : nullptr,
+             y.data_ptr<float>(), M, K, N);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -249,22 +254,25 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta,
   return out;
 }
 
-// gate_up [T, 2I] -> silu(gate) * up [T, I]
+// gate_up [rows, 2I] -> silu(gate) * up [rows, I]
+template <typename T>
+static void silu_mul_rows(const T* p, T* o, int64_t rows, int64_t I) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = static_cast<float>(p[r * 2 * I + i]);
+      // silu rounded to the dtype first, as F.silu(gate) * up does
+      const T s = static_cast<T>(g / (1.0f + std::exp(-g)));
+      const float up = static_cast<float>(p[r * 2 * I + I + i]);
+      o[r * I + i] = static_cast<T>(static_cast<float>(s) * up);
+    }
+}
+
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
   auto gu = gate_up.contiguous();
   auto out = at::empty({rows, I}, gu.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gu.scalar_type(), "silu_mul", [&] {
-    const scalar_t* p = gu.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = static_cast<float>(p[r * 2 * I + i]);
-        // silu rounded to the dtype first, as F.silu(gate) * up does
-        const scalar_t s = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
-        const float up = static_cast<float>(p[r * 2 * I + I + i]);
-        o[r * I + i] = static_cast<scalar_t>(static_cast<float>(s) * up);
-      }
+    silu_mul_rows(gu.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, I);
   });
   return out;
 }
@@ -282,6 +290,18 @@ static void rope_rows(const T* x, const T* c, const T* s, T* out, int64_t D) {
   }
 }
 
+// One token: q heads rotated into qp, k (rotated) and v into cache slot `slot`.
+template <typename T>
+static void rope_store_row(const T* row, const T* c, const T* s, T* qp, T* kc, T* vc,
+                           int64_t slot, int64_t heads, int64_t kv_heads, int64_t D, int64_t S) {
+  for (int64_t h = 0; h < heads; ++h) rope_rows(row + h * D, c, s, qp + h * D, D);
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    const int64_t at = (h * S + slot) * D;
+    rope_rows(row + (heads + h) * D, c, s, kc + at, D);
+    std::copy(row + (heads + kv_heads + h) * D, row + (heads + kv_heads + h + 1) * D, vc + at);
+  }
+}
+
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                       at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                       int64_t heads, int64_t kv_heads) {
@@ -292,25 +312,191 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   auto slots64 = slots.to(at::kLong).contiguous();
   const int64_t* sp = slots64.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store", [&] {
-    const scalar_t* x = qkv.data_ptr<scalar_t>();
-    const scalar_t* cp = cos.data_ptr<scalar_t>();
-    const scalar_t* snp = sin.data_ptr<scalar_t>();
-    scalar_t* qp = q.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
     const int64_t width = (heads + 2 * kv_heads) * D;
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* row = x + t * width;
-      for (int64_t h = 0; h < heads; ++h)
-        rope_rows(row + h * D, cp + t * D, snp + t * D, qp + (t * heads + h) * D, D);
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        const int64_t at = (h * S + sp[t]) * D;
-        rope_rows(row + (heads + h) * D, cp + t * D, snp + t * D, kc + at, D);
-        std::copy(row + (heads + kv_heads + h) * D, row + (heads + kv_heads + h + 1) * D, vc + at);
-      }
-    }
+    for (int64_t t = 0; t < T; ++t)
+      rope_store_row(qkv.data_ptr<scalar_t>() + t * width, cos.data_ptr<scalar_t>() + t * D,
+                     sin.data_ptr<scalar_t>() + t * D, q.data_ptr<scalar_t>() + t * heads * D,
+                     k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), sp[t], heads,
+                     kv_heads, D, S);
   });
   return q;
+}
+
+// The whole decode step of a Llama-like decoder for a few rows, in one call: per layer
+// add + RMSNorm, qkv, rope + K/V store, paged attention, o, add + RMSNorm, gate_up,
+// SiLU-and-mul, down; then the final add + RMSNorm. The same kernels as the separate ops, in
+// the same order with the same roundings (so the same numbers), without a trip through Python
+// and the dispatcher between any two of them.
+constexpr int PER_LAYER = 10;  // weights per layer, in the order DecodeStep lists them
+
+// The projections read float32 rows: bfloat16 activations go through fx / fy.
+template <typename T>
+static void linear_rows(const T* x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                        T* y, int64_t M, int64_t K, int64_t N, float* fx, float* fy) {
+  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    linear_f32(x, w, bp, y, M, K, N);
+  } else {
+    for (int64_t i = 0; i < M * K; ++i) fx[i] = static_cast<float>(x[i]);
+    linear_f32(fx, w, bp, fy, M, K, N);
+    for (int64_t i = 0; i < M * N; ++i) y[i] = static_cast<T>(fy[i]);
+  }
+}
+
+struct StepShape {
+  int64_t M, D, H, KVH, Dh, S, W, block_size, I;
+  float eps, scale, softcap;
+};
+
+template <typename T>
+static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& w,
+                                     at::TensorList caches, const T* cos, const T* sin,
+                                     const int64_t* sp, const int64_t* tp, const int64_t* lp,
+                                     at::IntArrayRef windows, const StepShape& s) {
+  const int64_t M = s.M, D = s.D, Dh = s.Dh, HD = s.H * Dh, QKV = (s.H + 2 * s.KVH) * Dh;
+  const int64_t I = s.I, layers = static_cast<int64_t>(caches.size()) / 2;
+  const int64_t widest = std::max({D, QKV, HD, 2 * I});
+  // One scratch tensor for every intermediate: [h | qkv | q | attn | o | gate_up | mid | delta]
+  auto scratch = at::empty({M * (3 * D + QKV + 2 * HD + 3 * I)}, x.options());
+  T* h = scratch.data_ptr<T>();
+  T* qkv = h + M * D;
+  T* q = qkv + M * QKV;
+  T* attn = q + M * HD;
+  T* o = attn + M * HD;
+  T* gu = o + M * D;
+  T* mid = gu + M * 2 * I;
+  T* delta = mid + M * I;
+  auto fbuf = at::empty({2 * M * widest}, x.options().dtype(at::kFloat));
+  float* fx = fbuf.data_ptr<float>();
+  float* fy = fx + M * widest;
+  T* xp = x.data_ptr<T>();
+  for (int64_t l = 0; l < layers; ++l) {
+    auto weight = [&](int i) { return w.get(l * PER_LAYER + i); };
+    auto norm = [&](int i) { return static_cast<const T*>(weight(i)->data_ptr()); };
+    const at::Tensor& kc = caches[2 * l];
+    const at::Tensor& vc = caches[2 * l + 1];
+    T* kp = kc.data_ptr<T>();
+    T* vp = vc.data_ptr<T>();
+    add_rms_norm_rows<T>(xp, l == 0 ? nullptr : delta, norm(0), h, M, D, s.eps);
+    linear_rows(h, *weight(1), weight(2), qkv, M, D, QKV, fx, fy);
+    for (int64_t t = 0; t < M; ++t)
+      rope_store_row(qkv + t * QKV, cos + t * Dh, sin + t * Dh, q + t * HD, kp, vp, sp[t], s.H,
+                     s.KVH, Dh, s.S);
+    // Attention reads float32 queries and writes float32 rows, as the paged_decode op does.
+    const float* fq = reinterpret_cast<const float*>(q);
+    float* fo = reinterpret_cast<float*>(attn);
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < M * HD; ++i) fx[i] = static_cast<float>(q[i]);
+      fq = fx;
+      fo = fy;
+    }
+    paged_decode_impl(fq, static_cast<const T*>(kp), static_cast<const T*>(vp), tp, lp, fo, M,
+                      s.H, Dh, s.KVH, s.S, s.W, s.block_size, s.scale, s.softcap, windows[l]);
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t i = 0; i < M * HD; ++i) attn[i] = static_cast<T>(fy[i]);
+    linear_rows(attn, *weight(3), weight(4), o, M, HD, D, fx, fy);
+    add_rms_norm_rows<T>(xp, o, norm(5), h, M, D, s.eps);
+    linear_rows(h, *weight(6), weight(7), gu, M, D, 2 * I, fx, fy);
+    silu_mul_rows(gu, mid, M, I);
+    linear_rows(mid, *weight(8), weight(9), delta, M, I, D, fx, fy);
+  }
+  auto out = at::empty_like(x);
+  const T* final_norm = static_cast<const T*>(w.get(layers * PER_LAYER)->data_ptr());
+  add_rms_norm_rows<T>(xp, delta, final_norm, out.data_ptr<T>(), M, D, s.eps);
+  return out;
+}
+
+// x [M, D], the step's embeddings: the residual stream, updated in place. Returns the final
+// norm's output [M, D]. weights: PER_LAYER per layer (norms in x's dtype, packed projections,
+// float32 biases or None), then the final norm. caches: k, v of every layer [KVH, S, Dh].
+at::Tensor decode_layers(at::Tensor x, const c10::List<c10::optional<at::Tensor>>& weights,
+                         at::TensorList caches, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& slots, const at::Tensor& tables,
+                         const at::Tensor& lens, int64_t block_size, int64_t heads,
+                         int64_t kv_heads, at::IntArrayRef windows, double eps, double scale,
+                         double softcap) {
+  const int64_t layers = static_cast<int64_t>(caches.size()) / 2;
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x [rows, hidden]");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1 &&
+                  static_cast<int64_t>(windows.size()) == layers,
+              "decode_layers: weights and windows per layer");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_layers: cos, sin");
+  const at::Tensor& k0 = caches[0];
+  StepShape s{x.size(0), x.size(1), heads, kv_heads, k0.size(-1), k0.size(1), tables.size(1),
+              block_size, weights.get(8)->size(1), static_cast<float>(eps),
+              static_cast<float>(scale), static_cast<float>(softcap)};
+  auto slots64 = slots.to(at::kLong).contiguous();
+  auto tables64 = tables.to(at::kLong).contiguous();
+  auto lens64 = lens.to(at::kLong).contiguous();
+  const int64_t* sp = slots64.data_ptr<int64_t>();
+  const int64_t* tp = tables64.data_ptr<int64_t>();
+  const int64_t* lp = lens64.data_ptr<int64_t>();
+  if (x.scalar_type() == at::kBFloat16)
+    return decode_layers_impl(x, weights, caches, cos.data_ptr<at::BFloat16>(),
+                              sin.data_ptr<at::BFloat16>(), sp, tp, lp, windows, s);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: float32 or bfloat16");
+  return decode_layers_impl(x, weights, caches, cos.data_ptr<float>(), sin.data_ptr<float>(), sp,
+                            tp, lp, windows, s);
+}
+
+// A whole decode step from token ids to float32 logits, for a runner that skips building the
+// step's tensors: ids, positions, slots, block tables (flattened, `width` per row) and context
+// lengths come as integer lists; cos / sin are the whole rope tables [positions, Dh]. The
+// embedding rows, the layers (decode_layers) and the head (weights from blocked_pack) run here;
+// the logits are rounded to x's dtype before float32, as the per-op path rounds them.
+template <typename T>
+static at::Tensor decode_logits_impl(const at::Tensor& embed, at::IntArrayRef ids,
+                                     at::IntArrayRef positions, at::IntArrayRef windows,
+                                     const c10::List<c10::optional<at::Tensor>>& weights,
+                                     at::TensorList caches, const at::Tensor& cos,
+                                     const at::Tensor& sin, const at::Tensor& head, int64_t vocab,
+                                     const int64_t* sp, const int64_t* tp, const int64_t* lp,
+                                     StepShape& s) {
+  const int64_t M = s.M, D = s.D, Dh = s.Dh;
+  auto x = at::empty({M, D}, embed.options());
+  auto rows = at::empty({2, M, Dh}, embed.options());
+  T* c = rows.data_ptr<T>();
+  T* sn = c + M * Dh;
+  for (int64_t m = 0; m < M; ++m) {
+    std::copy_n(embed.data_ptr<T>() + ids[m] * D, D, x.data_ptr<T>() + m * D);
+    std::copy_n(cos.data_ptr<T>() + positions[m] * Dh, Dh, c + m * Dh);
+    std::copy_n(sin.data_ptr<T>() + positions[m] * Dh, Dh, sn + m * Dh);
+  }
+  at::Tensor hidden = decode_layers_impl<T>(x, weights, caches, c, sn, sp, tp, lp, windows, s);
+  auto logits = at::empty({M, vocab}, embed.options().dtype(at::kFloat));
+  at::Tensor fh = hidden.to(at::kFloat);
+  linear_f32(fh.data_ptr<float>(), head, nullptr, logits.data_ptr<float>(), M, D, vocab);
+  if constexpr (!std::is_same_v<T, float>) return logits.to(embed.scalar_type()).to(at::kFloat);
+  return logits;
+}
+
+at::Tensor decode_logits(const at::Tensor& embed, at::IntArrayRef ids, at::IntArrayRef positions,
+                         at::IntArrayRef slots, at::IntArrayRef tables, int64_t width,
+                         at::IntArrayRef lens, const at::Tensor& cos, const at::Tensor& sin,
+                         const c10::List<c10::optional<at::Tensor>>& weights,
+                         at::TensorList caches, const at::Tensor& head, int64_t vocab,
+                         int64_t block_size, int64_t heads, int64_t kv_heads,
+                         at::IntArrayRef windows, double eps, double scale) {
+  const int64_t M = static_cast<int64_t>(ids.size()), layers = caches.size() / 2;
+  TORCH_CHECK(positions.size() == ids.size() && slots.size() == ids.size() &&
+                  lens.size() == ids.size() && static_cast<int64_t>(tables.size()) == M * width,
+              "decode_logits: one position, slot, length and table row per id");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1 &&
+                  static_cast<int64_t>(windows.size()) == layers,
+              "decode_logits: weights and windows per layer");
+  TORCH_CHECK(embed.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == embed.scalar_type(),
+              "decode_logits: embedding and rope tables");
+  const at::Tensor& k0 = caches[0];
+  StepShape s{M, embed.size(1), heads, kv_heads, k0.size(-1), k0.size(1), width, block_size,
+              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale), 0.0f};
+  if (embed.scalar_type() == at::kBFloat16)
+    return decode_logits_impl<at::BFloat16>(embed, ids, positions, windows, weights, caches, cos,
+                                            sin, head, vocab, slots.data(), tables.data(),
+                                            lens.data(), s);
+  TORCH_CHECK(embed.scalar_type() == at::kFloat, "decode_logits: float32 or bfloat16");
+  return decode_logits_impl<float>(embed, ids, positions, windows, weights, caches, cos, sin,
+                                   head, vocab, slots.data(), tables.data(), lens.data(), s);
 }
 
 TORCH_LIBRARY(enginehouse_decode, m) {
@@ -324,9 +510,20 @@ TORCH_LIBRARY(enginehouse_decode, m) {
   m.impl("blocked_linear", c10::DispatchKey::CPU, &blocked_linear);
   m.impl("add_rms_norm", c10::DispatchKey::CPU, &add_rms_norm);
   m.impl("silu_mul", c10::DispatchKey::CPU, &silu_mul);
+  m.def("decode_layers(Tensor(a!) x, Tensor?[] weights, Tensor(b!)[] caches, Tensor cos, "
+        "Tensor sin, Tensor slots, Tensor tables, Tensor lens, int block_size, int heads, "
+        "int kv_heads, int[] windows, float eps, float scale, float softcap) -> Tensor");
   m.impl("rope_store", c10::DispatchKey::CPU, &rope_store);
+  m.def("decode_logits(Tensor embed, int[] ids, int[] positions, int[] slots, int[] tables, "
+        "int width, int[] lens, Tensor cos, Tensor sin, Tensor?[] weights, Tensor(a!)[] caches, "
+        "Tensor head, int vocab, int block_size, int heads, int kv_heads, int[] windows, "
+        "float eps, float scale) -> Tensor");
+  m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
+  m.impl("decode_logits", c10::DispatchKey::CPU, &decode_logits);
 }
 """
+# The attention kernel is compiled in too: the whole decode step calls it directly.
+SOURCE = cpu_kernels.KERNEL + KERNELS
 
 
 @functools.cache

@@ -18,7 +18,8 @@ import torch
 from . import cpu_build
 from .attention import StepMeta, TorchAttention
 
-SOURCE = r"""
+# The kernel itself; `cpu_decode` compiles it too, into its whole decode step.
+KERNEL = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -125,7 +126,9 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
     }
   });
 }
+"""
 
+OP = r"""
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
                         double scale, double softcap, int64_t window) {
@@ -156,6 +159,7 @@ TORCH_LIBRARY(enginehouse_cpu, m) {
   m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
 }
 """
+SOURCE = KERNEL + OP
 
 
 @functools.cache

@@ -34,20 +34,21 @@ class Linear(nn.Module):
         self.small: torch.Tensor | None = None  # `cpu_decode`'s layout, for a few rows
 
     def pack(self, small_rows: bool = False) -> None:
-        """CPU: hand the weight to oneDNN in its own blocked layout, once; with `small_rows`,
-        also keep a copy in `cpu_decode`'s layout for steps of up to `SMALL_ROWS` rows.
-
-        oneDNN measured 1.4x faster than F.linear for the 56M Llama's MLP at 32 rows, 2x for
-        its 32000x512 head; at 1 row `cpu_decode.linear` streams the weights 2x faster again
-        (benchmarks/RESULTS.md). The plain weight is dropped; the packed copies remain.
+        """CPU: lay the weight out once for the products. With `small_rows` (the `cpu_decode`
+        kernels built) in `cpu_decode`'s layout: in float32 that product serves every row
+        count (measured within 5% of oneDNN's from 1 to 2048 rows, faster at 1-4), so it is the
+        only copy; in bfloat16 oneDNN's product (on the bf16 units) also gets its own copy for
+        steps of more than `SMALL_ROWS` rows. Otherwise oneDNN's blocked layout alone, 1.4-2x
+        faster than F.linear at 32 rows. The plain weight is dropped (benchmarks/RESULTS.md).
         """
         if small_rows:
             self.small = cpu_decode.pack(self.weight.data)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data)
+        if self.small is None or self.weight.dtype != torch.float32:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small is not None and x.shape[0] <= SMALL_ROWS:
+        if self.small is not None and (self.packed is None or x.shape[0] <= SMALL_ROWS):
             return cpu_decode.linear(x, self.small, self.bias, self.shards[-1])
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_decode
+from . import cpu_decode, cpu_step
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
@@ -138,6 +138,7 @@ class DecoderLM(nn.Module):
         self.tp = tp = tp or TensorParallel(arch)
         self.model = Body(arch, kernel, tp)
         self.fused = False  # set by finish_loading
+        self.step: cpu_step.DecodeStep | None = None  # all layers in one C++ call (CPU decode)
         self.lm_head = Linear(arch.hidden_size, [tp.vocab])
         if arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -159,6 +160,7 @@ class DecoderLM(nn.Module):
                 m.fused_rope = self.fused and not m.qk_norm and rotary == self.arch.head_dim
             elif isinstance(m, GatedMLP):
                 m.fused = self.fused
+        self.step = cpu_step.build(self)
 
     def forward(
         self,
@@ -173,6 +175,8 @@ class DecoderLM(nn.Module):
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         if embeds is not None:  # image positions of a VLM prompt take the vision embeddings
             x[embeds[0]] = embeds[1]
+        if self.step is not None and self.step.applies(x, meta):
+            return self.step(x, meta, kv)
         if self.fused:
             delta = None
             for layer, cache in zip(self.model.layers, kv):

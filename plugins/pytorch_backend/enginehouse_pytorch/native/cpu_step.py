@@ -1,0 +1,176 @@
+"""A whole decode step on the CPU as one C++ call, for steps of a few rows.
+
+At batch 1 a step reads every weight once and computes little with it, so what it costs beyond
+the weights' memory traffic is overhead: nine ops per layer, each a trip through Python, the
+module machinery and the dispatcher. `DecodeStep` hands all layers to `cpu_decode`'s
+`decode_layers` at once (the same kernels, in the same order, with the same roundings as the
+separate fused ops, so the numbers are the same). It applies to a decoder whose every layer is
+plain (gated SiLU MLP, rope over whole heads with no q/k norm, no sandwich norms), with packed
+float32 or bfloat16 projections and the C++ paged attention; others keep the per-op path.
+`DecodeRunner` goes one further for the runner: a decode-only batch goes from its chunks' integers
+to float32 logits in one call (embedding rows, layers, head), skipping the step's metadata
+tensors. Measurements: benchmarks/RESULTS.md, issue 14.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import cpu_decode
+from .attention import StepMeta
+from .cpu_kernels import CpuPagedAttention
+from .layers import GatedMLP, Linear
+
+if TYPE_CHECKING:
+    from enginehouse import ScheduledBatch
+
+    from .model import DecoderLM, KVCache
+
+
+def _bias(linear: Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+
+def _fits(model: DecoderLM) -> bool:
+    """Every layer is one `decode_layers` handles (the per-op fused path, all of it)."""
+    if not model.fused or model.arch.embed_scale is not None:
+        return False
+    # A sharded model (tensor parallel) reduces partial sums between its projections, which
+    # this call would skip.
+    if model.tp.active:
+        return False
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not (attn.fused_rope and attn.softcap is None and isinstance(mlp, GatedMLP)):
+            return False
+        if not (mlp.fused and mlp.silu):
+            return False
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(type(m) is Linear and m.small is not None for m in linears):
+            return False
+        if not isinstance(attn.attn, CpuPagedAttention):
+            return False
+    return True
+
+
+class DecodeStep:
+    """The decoder's layers and final norm for a decode-only step of up to `SMALL_ROWS` rows."""
+
+    def __init__(self, model: DecoderLM) -> None:
+        weights: list[torch.Tensor | None] = []
+        self.windows: list[int] = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, pair in (
+                (layer.input_layernorm, (attn.qkv_proj, attn.o_proj)),
+                (layer.post_attention_layernorm, (mlp.gate_up_proj, mlp.down_proj)),
+            ):
+                weights.append(norm.weight.detach())
+                for linear in pair:
+                    weights += [linear.small, _bias(linear)]
+            self.windows.append(attn.window or 0)
+        weights.append(model.model.norm.weight.detach())
+        self.weights = weights
+        first = model.model.layers[0].self_attn
+        self.heads, self.kv_heads, _ = first.heads
+        self.scale = first.attn.scale
+        self.eps = model.model.norm.eps
+
+    @staticmethod
+    def applies(x: torch.Tensor, meta: StepMeta) -> bool:
+        return not meta.prefills and x.shape[0] <= cpu_decode.SMALL_ROWS
+
+    def __call__(self, x: torch.Tensor, meta: StepMeta, kv: list[KVCache]) -> torch.Tensor:
+        caches = [t for pair in kv for t in pair]
+        return torch.ops.enginehouse_decode.decode_layers(
+            x,
+            self.weights,
+            caches,
+            meta.cos.contiguous(),
+            meta.sin.contiguous(),
+            meta.slots,
+            meta.block_tables,
+            meta.context_lens,
+            meta.block_size,
+            self.heads,
+            self.kv_heads,
+            self.windows,
+            self.eps,
+            self.scale,
+            0.0,
+        )
+
+
+def build(model: DecoderLM) -> DecodeStep | None:
+    """The one-call step for `model`, or None where some layer needs the per-op path."""
+    return DecodeStep(model) if _fits(model) else None
+
+
+class DecodeRunner:
+    """`NativeRunner.execute` for a batch of up to `SMALL_ROWS` plain decodes (one token each,
+    logits wanted, no image rows, no multimodal positions): one `decode_logits` call from the
+    chunks' integers, or None for the runner's ordinary path."""
+
+    def __init__(self, runner) -> None:
+        model: DecoderLM = runner.model
+        self.runner = runner
+        self.step = model.step
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.head = model.lm_head.small
+        self.vocab = model.lm_head.shards[-1]
+        self.cos, self.sin = runner.cos.contiguous(), runner.sin.contiguous()
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        chunks = batch.chunks
+        if len(chunks) > cpu_decode.SMALL_ROWS:
+            return None
+        bs = batch.block_size
+        ids, positions, slots, lens = [], [], [], []
+        for c in chunks:
+            plain = c.rope_positions is None and c.embeds is None and c.logits_at == (0,)
+            if len(c.token_ids) != 1 or not plain:
+                return None
+            pos = c.start_pos
+            ids.append(c.token_ids[0])
+            positions.append(pos)
+            slots.append(c.block_table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+        width = max(len(c.block_table) for c in chunks)
+        tables = [b for c in chunks for b in c.block_table + (0,) * (width - len(c.block_table))]
+        step, runner = self.step, self.runner
+        return torch.ops.enginehouse_decode.decode_logits(
+            self.embed,
+            ids,
+            positions,
+            slots,
+            tables,
+            width,
+            lens,
+            self.cos,
+            self.sin,
+            step.weights,
+            [t for pair in runner.kv for t in pair],
+            self.head,
+            self.vocab,
+            bs,
+            step.heads,
+            step.kv_heads,
+            step.windows,
+            step.eps,
+            step.scale,
+        )
+
+
+def decode_runner(runner) -> DecodeRunner | None:
+    """The one-call decode path for a CPU runner whose model has a `DecodeStep` and a plain
+    head (packed for small steps, no bias, no final soft-capping); None otherwise."""
+    model = getattr(runner, "model", None)
+    if model is None or model.step is None:
+        return None
+    head = model.lm_head
+    plain = type(head) is Linear and head.small is not None and head.bias is None
+    if not plain or model.arch.final_softcap is not None or runner.cos.dim() != 2:
+        return None
+    return DecodeRunner(runner)
