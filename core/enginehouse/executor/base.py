@@ -108,7 +108,9 @@ class DistributedExecutor:
         self._call("allocate_kv", num_blocks)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        return self._call("execute", batch)[0]
+        logits = self._call("execute", batch)[0]
+        # Ray hands back a read-only view of its object store; the sampler writes in place.
+        return torch.from_numpy(logits if logits.flags.writeable else logits.copy())
 
     def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
         if self._releases:
