@@ -257,6 +257,7 @@ class NativeRunner:
     def close(self) -> None:
         self.kv = []
         self.model = None
+        self.decode = None  # the one-call decode step holds the weights' tensors too
         self.graphs = None  # their memory pool goes too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
