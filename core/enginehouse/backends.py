@@ -33,7 +33,7 @@ class BackendDecision:
 
     def verdict(self, name: str) -> BackendProbe | None:
         """The verdict for `name` ('backend' or 'plugin:backend')."""
-        return next(iter(_matching(self.verdicts, name)), None)
+        return next(iter(matching(self.verdicts, name)), None)
 
     @property
     def chosen_verdict(self) -> BackendProbe:
@@ -69,7 +69,7 @@ class BackendDecision:
         }
 
 
-def _matching(verdicts: Sequence[BackendProbe], name: str) -> list[BackendProbe]:
+def matching(verdicts: Sequence[BackendProbe], name: str) -> list[BackendProbe]:
     plugin, _, backend = name.rpartition(":")
     return [v for v in verdicts if v.name == backend and (not plugin or v.plugin == plugin)]
 
@@ -172,7 +172,7 @@ def _requested(
     clashes: dict[str, list[str]],
     problems: Sequence[str],
 ) -> BackendProbe:
-    matches = _matching(verdicts, requested)
+    matches = matching(verdicts, requested)
     if len(matches) > 1:
         plugins = clashes[requested]
         raise BackendError(

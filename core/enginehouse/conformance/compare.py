@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,12 @@ def compare_rows(got: torch.Tensor, expected: torch.Tensor, tol: Tolerance, wher
         diff = row_difference(g, e, tol)
         if diff:
             raise Mismatch(f"{where}, row {i}: {diff}")
+
+
+def first_difference(got: Sequence[int], expected: Sequence[int]) -> int | None:
+    """The first index where two token lists differ (one ending counts), or None."""
+    pairs = enumerate(zip([*got, None], [*expected, None]))
+    return next((i for i, (a, b) in pairs if a != b), None)
 
 
 def compare_streams(got: Seq, expected: Seq, tol: Tolerance, how: str) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import GenerationConfig, format_size
 from ..engine import LLMEngine
+from .compare import first_difference
 from .memory import reachable_bytes
 from .result import Mismatch
 from .target import NEW_TOKENS, Target
@@ -99,7 +100,7 @@ def seeded_sampling(t: Target) -> str:
     for how, out in runs.items():
         got = out["seeded"].token_ids
         if got != want:
-            i = next(i for i, (a, b) in enumerate(zip([*got, None], [*want, None])) if a != b)
+            i = first_difference(got, want)
             raise Mismatch(
                 f"seed 7 {how}: generated token {i} is {got[i : i + 1]}, alone it was "
                 f"{want[i : i + 1]} (tokens {got}, alone {want})"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backends import probe_backends
+from ..backends import matching, probe_backends
 from ..config import EngineConfig, GenerationConfig
 from ..pipeline import read_spec
 from ..plugins import PluginHost
+from .compare import first_difference
 from .engine_checks import run_requests
 from .result import Mismatch, NotApplicable
 from .target import NEW_TOKENS, Target, open_target
@@ -25,10 +26,7 @@ def tensor_parallel(
 ) -> str:
     sharded = config.model_copy(update={"tp": TP})
     spec = read_spec(model, plugins=plugins)
-    verdict = next(
-        (v for v in probe_backends(spec, sharded, plugins) if backend in (v.name, _full(v))),
-        None,
-    )
+    verdict = next(iter(matching(probe_backends(spec, sharded, plugins), backend)), None)
     if verdict is None or not verdict.supported:
         why = verdict.reason if verdict is not None else "its probe gave no verdict"
         raise NotApplicable(f"at tp={TP}: {why}")
@@ -41,10 +39,6 @@ def tensor_parallel(
             two.runner.close()
     finally:
         one.runner.close()
-
-
-def _full(verdict) -> str:
-    return f"{verdict.plugin}:{verdict.name}"
 
 
 def _compare(one: Target, two: Target) -> str:
@@ -60,14 +54,12 @@ def _compare(one: Target, two: Target) -> str:
         want = run_requests(one.engine, batch, {})
         got = run_requests(two.engine, batch, {})
         first = next(iter(batch))
-        got_alone = run_requests(two.engine, {first: batch[first]}, {})
-        for rid, label in [(r, f"{r} in a batch") for r in batch] + [(first, f"{first} alone")]:
-            tokens = (got_alone if label.endswith("alone") else got)[rid].token_ids
-            expected = want[rid].token_ids
-            if tokens != expected:
-                i = next(
-                    i for i, (a, b) in enumerate(zip([*tokens, None], [*expected, None])) if a != b
-                )
+        alone = run_requests(two.engine, {first: batch[first]}, {})
+        checks = [(f"{r} in a batch", got, r) for r in batch] + [(f"{first} alone", alone, first)]
+        for label, results, rid in checks:
+            tokens, expected = results[rid].token_ids, want[rid].token_ids
+            i = first_difference(tokens, expected)
+            if i is not None:
                 raise Mismatch(
                     f"{label} at tp={TP}: token {i} is {tokens[i : i + 1]}, at tp=1 "
                     f"{expected[i : i + 1]} (tp={TP}: {tokens}; tp=1: {expected})"
