@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig
+from .device import missing_gpus
 from .errors import BackendError
 from .plugins import SELECT_VAR, PluginHost
 from .spec import BackendProbe, ModelSpec
@@ -122,21 +123,26 @@ def probe_backends(
             verdicts.append(BackendProbe(f"<{plugin}>", False, reason=reason, plugin=plugin))
             continue
         for probe in [result] if isinstance(result, BackendProbe) else result or []:
-            verdicts.append(_at_tp(replace(probe, plugin=plugin), config.tp))
+            verdicts.append(_at_tp(replace(probe, plugin=plugin), config))
     # Supported first, then by priority; the sort is stable, so ties keep plugin order.
     verdicts.sort(key=lambda v: (not v.supported, -v.priority))
     return verdicts
 
 
-def _at_tp(probe: BackendProbe, tp: int) -> BackendProbe:
-    """At tp > 1 a backend runs the model only if it says it shards (`tensor_parallel`)."""
-    if tp == 1 or not probe.supported or probe.tensor_parallel:
+def _at_tp(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
+    """At tp > 1 a backend runs the model only if it says it shards (`tensor_parallel`), and
+    only where the executor has a GPU for every rank."""
+    tp = config.tp
+    if tp == 1 or not probe.supported:
         return probe
-    reason = (
-        f"no tensor parallelism: {probe.name!r} runs a model on one device only, and tp={tp} "
-        f"was asked (without tp it would say: {probe.reason})"
-    )
-    return replace(probe, supported=False, reason=reason)
+    if not probe.tensor_parallel:
+        reason = (
+            f"no tensor parallelism: {probe.name!r} runs a model on one device only, and "
+            f"tp={tp} was asked (without tp it would say: {probe.reason})"
+        )
+        return replace(probe, supported=False, reason=reason)
+    gpus = missing_gpus(config)
+    return probe if gpus is None else replace(probe, supported=False, reason=gpus)
 
 
 def choose_backend(

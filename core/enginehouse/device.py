@@ -50,3 +50,18 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def missing_gpus(config: EngineConfig) -> str | None:
+    """Why the "mp" executor cannot give each of `config.tp` ranks a GPU of this machine, or
+    None when it can (or runs on the CPU, or on a Ray cluster that places the ranks)."""
+    if config.executor != "mp":
+        return None
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = config.device.startswith("cuda") or (config.device == "auto" and have > 0)
+    if not on_gpu or have >= config.tp:
+        return None
+    return (
+        f"tp={config.tp} needs {config.tp} GPUs, one per rank, and this machine has {have}; "
+        "lower tp, or use distributed_executor_backend='ray' across machines"
+    )

@@ -46,19 +46,12 @@ class MultiprocExecutor(DistributedExecutor):
         self.conns: list[Connection] = []
 
     def _rendezvous(self) -> tuple[str, list[tuple[int, int]]]:
-        from ..device import resolve_device
+        from ..device import missing_gpus
 
+        problem = missing_gpus(self.config)
+        if problem:
+            raise RankError(problem)
         n = self.world_size
-        device = resolve_device(self.config)
-        if device.type == "cuda":
-            import torch
-
-            have = torch.cuda.device_count()
-            if have < n:
-                raise RankError(
-                    f"tp={n} needs {n} GPUs, one per rank, and this machine has {have}; "
-                    "lower tp, or use distributed_executor_backend='ray' across machines"
-                )
         return f"tcp://127.0.0.1:{free_port()}", [(rank, n) for rank in range(n)]
 
     def _start(self, inits: list[RankInit]) -> list[dict[str, Any]]:

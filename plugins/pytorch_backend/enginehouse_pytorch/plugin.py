@@ -160,24 +160,12 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
             f"quantized weights ({scheme.describe()}) are not sharded natively yet; "
             "run them at tp=1"
         )
-    on_gpu = config.device.startswith("cuda") or (config.device == "auto" and _gpus() > 0)
-    if on_gpu and config.executor == "mp" and _gpus() < tp:
-        raise UnsupportedModel(
-            f"tp={tp} needs {tp} GPUs, one per rank, and this machine has {_gpus()}; lower tp, "
-            "or use distributed_executor_backend='ray' across machines"
-        )
     kv = arch.num_kv_heads
     kv_split = f"{kv // tp} KV heads" if kv >= tp else f"1 KV head (replicated on {tp // kv})"
     return (
         f"; tensor parallel over {tp} ranks: {arch.num_heads // tp} heads and {kv_split} "
         f"per rank, MLP and vocabulary split ({config.executor} executor)"
     )
-
-
-def _gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
