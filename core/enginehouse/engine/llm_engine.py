@@ -234,19 +234,20 @@ class LLMEngine:
             return outputs + [self._finish(seq, "error", error) for seq, _ in scheduled]
         row, to_sample, rows = 0, [], []
         for seq, chunk in scheduled:
-            seq_logits = logits[row : row + len(chunk.logits_at)]
-            row += len(chunk.logits_at)
+            first, row = row, row + len(chunk.logits_at)
             seq.num_computed = chunk.end_pos
             self.block_manager.commit(seq)
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt:
-                self._prompt_logprobs(seq, chunk.start_pos, seq_logits)
+                self._prompt_logprobs(seq, chunk.start_pos, logits[first:row])
             if seq.score_only:
-                outputs.extend(self._score(seq, chunk.start_pos, seq_logits))
-            elif len(chunk.logits_at) and chunk.end_pos == seq.num_tokens:
+                outputs.extend(self._score(seq, chunk.start_pos, logits[first:row]))
+            elif row > first and chunk.end_pos == seq.num_tokens:
                 to_sample.append(seq)
-                rows.append(seq_logits[-1])
+                rows.append(row - 1)
         if to_sample:
-            tokens, logprobs, finite = sample(torch.stack(rows), to_sample)
+            # A decode-only batch samples every row: the logits as they are, not a copy.
+            picked = logits if rows == list(range(len(logits))) else logits[rows]
+            tokens, logprobs, finite = sample(picked, to_sample)
             if not finite:
                 self._warn_non_finite(to_sample)
             for seq, token, lp in zip(to_sample, tokens, logprobs):

@@ -8,6 +8,7 @@ a batch without them does no grammar work at all.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .grammar import apply_grammars
@@ -82,6 +83,21 @@ def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return (probs / noise.to(probs.device)).argmax(dim=1)
 
 
+def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum and the index of its first occurrence (NaN counts as the maximum):
+    the greedy token, and a value that is finite unless the row holds NaN or is all -inf or
+    has +inf."""
+    if logits.device.type == "cpu":
+        # numpy's argmax is vectorised: 3 us for a 32000-wide row against torch's 30 (and
+        # 66 us against 440 for 32 rows), a tenth of a batch-1 step's time outside the model.
+        array = logits.numpy()
+        index = array.argmax(axis=1)
+        best = array[np.arange(len(index)), index]
+        return torch.from_numpy(best), torch.from_numpy(index)
+    return logits.max(dim=1)
+
+
+@torch.inference_mode()  # the runner's logits are inference tensors, changed in place here
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None], bool]:
     """Next token per row, for rows that ask logprobs of the raw logits, and whether every
     row's logits were finite (NaN or inf there mean a broken model: it samples garbage).
@@ -95,9 +111,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     grammars = [s.grammar for s in seqs]
     if any(g is not None for g in grammars):
         apply_grammars(logits, grammars)
-    # max, not argmax: the same token (the first maximum; NaN counts as one), and in the same
-    # pass the row maxima, which are finite unless the row holds NaN or is all -inf or +inf.
-    best, tokens = logits.max(dim=1)
+    best, tokens = _first_max(logits)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
         rows = [seqs[i] for i in sampled]

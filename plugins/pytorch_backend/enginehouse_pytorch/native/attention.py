@@ -182,6 +182,10 @@ class TorchAttention:
         softcap: float | None,
     ) -> torch.Tensor:
         self.store(cache, k, v, meta.slots)
+        return self.attend(meta, q, k, v, cache, window, softcap)
+
+    def attend(self, meta: StepMeta, q, k, v, cache, window, softcap) -> torch.Tensor:
+        """The step's attention once its K/V are in the cache (`__call__` without the store)."""
         b = meta.num_decode
         if not meta.prefills:  # the common step: decodes only, no copy into a shared output
             return self.decode(meta, q, cache, window, softcap)
@@ -219,7 +223,15 @@ class TorchAttention:
             qg = q.view(self.kvh, self.g, n, self.d)
             o = attend_math(qg, k[:, None], v[:, None], bias, self.scale, softcap)
             return o.view(self.h, n, self.d).transpose(0, 1).reshape(n, self.h * self.d)
+        # With a batch dimension torch picks its fused (flash) kernel, 2-4x faster on the CPU
+        # than the unbatched call's plain products (64 to 2048 tokens: benchmarks/RESULTS.md).
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
-        )
+            q[None],
+            k[None],
+            v[None],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=True,
+        )[0]
         return o.transpose(0, 1).reshape(n, self.h * self.d)

@@ -30,6 +30,7 @@ FLAGS = [
     "-fassociative-math",
     "-fno-signed-zeros",
     "-fno-trapping-math",
+    "-ffp-contract=off",
 ]
 # /proc/cpuinfo flags that change what -march=native emits (vector and bit-manipulation sets).
 ISA_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "bmi", "amx", "vnni", "vaes", "gfni")

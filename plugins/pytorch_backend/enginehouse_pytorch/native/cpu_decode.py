@@ -23,8 +23,6 @@ from . import cpu_build, cpu_kernels
 # Up to this many rows `linear` beats oneDNN's packed product (measured: 2x at 1 row, about
 # even at 4, behind at 8).
 SMALL_ROWS = 4
-# silu_mul computes its exponentials one at a time: past this many rows torch's vectorised ops win.
-FUSED_ROWS = 8
 
 KERNELS = r"""
 #include <ATen/ATen.h>
@@ -34,58 +32,6 @@ KERNELS = r"""
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
-// One vector of floats: AVX-512 (16 lanes), AVX2 (8) or plain C (1), by the compiler's target.
-#if defined(__AVX512F__)
-constexpr int VW = 16;
-using vec = __m512;
-static inline vec vzero() { return _mm512_setzero_ps(); }
-static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline vec vload(const at::BFloat16* p) {  // bfloat16 -> float32 is a 16-bit shift
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-#elif defined(__AVX2__)
-constexpr int VW = 8;
-using vec = __m256;
-static inline vec vzero() { return _mm256_setzero_ps(); }
-static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline vec vload(const at::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vec a) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_hadd_ps(h, h);
-  h = _mm_hadd_ps(h, h);
-  return _mm_cvtss_f32(h);
-}
-#else
-constexpr int VW = 1;
-using vec = float;
-static inline vec vzero() { return 0.0f; }
-static inline vec vload(const float* p) { return *p; }
-static inline vec vload(const at::BFloat16* p) { return static_cast<float>(*p); }
-static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-static inline float vsum(vec a) { return a; }
-#endif
-
-#if defined(__AVX512F__)
-static inline vec vbroadcast(float v) { return _mm512_set1_ps(v); }
-static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__)
-static inline vec vbroadcast(float v) { return _mm256_set1_ps(v); }
-static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-#else
-static inline vec vbroadcast(float v) { return v; }
-static inline void vstore(float* p, vec v) { *p = v; }
-#endif
 
 // Weights are packed once as [ceil(N / GW), K, GW]: for each group of GW output columns (four
 // vectors), the GW weights of every input k side by side. A group is one contiguous run of
@@ -254,25 +200,43 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta,
   return out;
 }
 
-// gate_up [rows, 2I] -> silu(gate) * up [rows, I]
+// gate_up [rows, 2I] -> silu(gate) * up [rows, I]; silu rounded to the dtype first, as
+// F.silu(gate) * up does. Float32 a vector at a time (vexp), bfloat16 one value at a time.
 template <typename T>
 static void silu_mul_rows(const T* p, T* o, int64_t rows, int64_t I) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = static_cast<float>(p[r * 2 * I + i]);
-      // silu rounded to the dtype first, as F.silu(gate) * up does
-      const T s = static_cast<T>(g / (1.0f + std::exp(-g)));
-      const float up = static_cast<float>(p[r * 2 * I + I + i]);
-      o[r * I + i] = static_cast<T>(static_cast<float>(s) * up);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = p + r * 2 * I;
+    const T* up = gate + I;
+    T* out = o + r * I;
+    int64_t i = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      const vec one = vbroadcast(1.0f), minus = vbroadcast(-1.0f);
+      for (; i + VW <= I; i += VW) {
+        const vec g = vload(gate + i);
+        const vec silu = vdiv(g, vadd(one, vexp(vmul(g, minus))));
+        vstore(out + i, vmul(silu, vload(up + i)));
+      }
     }
+    for (; i < I; ++i) {
+      const float g = static_cast<float>(gate[i]);
+      const T silu = static_cast<T>(g / (1.0f + std::exp(-g)));
+      out[i] = static_cast<T>(static_cast<float>(silu) * static_cast<float>(up[i]));
+    }
+  }
 }
 
+// Decode's few rows run on the calling thread; a prefill's thousands are split over the cores.
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
   auto gu = gate_up.contiguous();
   auto out = at::empty({rows, I}, gu.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gu.scalar_type(), "silu_mul", [&] {
-    silu_mul_rows(gu.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, I);
+    const scalar_t* src = gu.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       silu_mul_rows(src + r0 * 2 * I, dst + r0 * I, r1 - r0, I);
+                     });
   });
   return out;
 }
@@ -302,6 +266,13 @@ static void rope_store_row(const T* row, const T* c, const T* s, T* qp, T* kc, T
   }
 }
 
+// A prefill's tokens split over the cores; a decode's few stay on the calling thread.
+template <typename F>
+static void over_tokens(int64_t T, const F& f) {
+  if (T < 16) return f(0, T);
+  at::parallel_for(0, T, 8, f);
+}
+
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                       at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                       int64_t heads, int64_t kv_heads) {
@@ -313,13 +284,46 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   const int64_t* sp = slots64.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store", [&] {
     const int64_t width = (heads + 2 * kv_heads) * D;
-    for (int64_t t = 0; t < T; ++t)
-      rope_store_row(qkv.data_ptr<scalar_t>() + t * width, cos.data_ptr<scalar_t>() + t * D,
-                     sin.data_ptr<scalar_t>() + t * D, q.data_ptr<scalar_t>() + t * heads * D,
-                     k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), sp[t], heads,
-                     kv_heads, D, S);
+    over_tokens(T, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        rope_store_row(qkv.data_ptr<scalar_t>() + t * width, cos.data_ptr<scalar_t>() + t * D,
+                       sin.data_ptr<scalar_t>() + t * D, q.data_ptr<scalar_t>() + t * heads * D,
+                       k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), sp[t], heads,
+                       kv_heads, D, S);
+    });
   });
   return q;
+}
+
+// rope_store for a prefill: q and k are rotated in place in qkv (the attention then reads its
+// K/V from there, not from the cache), k and v also go to their slots.
+at::Tensor rope_store_inplace(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                              at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                              int64_t heads, int64_t kv_heads) {
+  const int64_t T = qkv.size(0), D = k_cache.size(-1), S = k_cache.size(1);
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rope_store");
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * D && cos.size(-1) == D, "rope_store: shapes");
+  auto slots64 = slots.to(at::kLong).contiguous();
+  const int64_t* sp = slots64.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store_inplace", [&] {
+    const int64_t width = (heads + 2 * kv_heads) * D;
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    over_tokens(T, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> q(heads * D);
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* row = qkv.data_ptr<scalar_t>() + t * width;
+        rope_store_row(row, cos.data_ptr<scalar_t>() + t * D, sin.data_ptr<scalar_t>() + t * D,
+                       q.data(), kc, vc, sp[t], heads, kv_heads, D, S);
+        std::copy(q.begin(), q.end(), row);
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          const scalar_t* k = kc + (h * S + sp[t]) * D;
+          std::copy(k, k + D, row + (heads + h) * D);
+        }
+      }
+    });
+  });
+  return qkv;
 }
 
 // The whole decode step of a Llama-like decoder for a few rows, in one call: per layer
@@ -514,6 +518,9 @@ TORCH_LIBRARY(enginehouse_decode, m) {
         "Tensor sin, Tensor slots, Tensor tables, Tensor lens, int block_size, int heads, "
         "int kv_heads, int[] windows, float eps, float scale, float softcap) -> Tensor");
   m.impl("rope_store", c10::DispatchKey::CPU, &rope_store);
+  m.def("rope_store_inplace(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor slots, int heads, int kv_heads) -> Tensor(a!)");
+  m.impl("rope_store_inplace", c10::DispatchKey::CPU, &rope_store_inplace);
   m.def("decode_logits(Tensor embed, int[] ids, int[] positions, int[] slots, int[] tables, "
         "int width, int[] lens, Tensor cos, Tensor sin, Tensor?[] weights, Tensor(a!)[] caches, "
         "Tensor head, int vocab, int block_size, int heads, int kv_heads, int[] windows, "
@@ -554,11 +561,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.enginehouse_decode.silu_mul(gate_up)
 
 
-def rope_store(qkv, cos, sin, cache, slots, heads: int, kv_heads: int) -> torch.Tensor:
+def rope_store(
+    qkv, cos, sin, cache, slots, heads: int, kv_heads: int, in_place: bool = False
+) -> torch.Tensor:
     """q rotated [T, heads, D] from qkv [T, (heads + 2 kv_heads) D]; k (rotated) and v are
-    written into their slots of the layer's cache."""
+    written into their slots of the layer's cache. `in_place` (a prefill, which attends over
+    its own K/V): q and k are rotated inside qkv instead, and qkv is returned."""
     # M-RoPE's rows (Qwen2-VL) come as a transposed view: the kernel reads rows in place.
     cos, sin = cos.contiguous(), sin.contiguous()
-    return torch.ops.enginehouse_decode.rope_store(
-        qkv, cos, sin, cache[0], cache[1], slots, heads, kv_heads
-    )
+    op = torch.ops.enginehouse_decode
+    op = op.rope_store_inplace if in_place else op.rope_store
+    return op(qkv, cos, sin, cache[0], cache[1], slots, heads, kv_heads)

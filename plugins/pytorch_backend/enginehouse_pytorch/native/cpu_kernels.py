@@ -25,62 +25,189 @@ KERNEL = r"""
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
-// The two inner loops, with AVX2 + FMA where the compiler targets them (-march=native).
-static inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.0f;
-#ifdef __AVX2__
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  half = _mm_hadd_ps(half, half);
-  half = _mm_hadd_ps(half, half);
-  s = _mm_cvtss_f32(half);
+// One vector of floats: AVX-512 (16 lanes), AVX2 (8) or plain C (1), by the compiler's target.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+using vec = __m512;
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {  // bfloat16 -> float32 is a 16-bit shift
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+using vec = __m256;
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(h);
+}
+#else
+constexpr int VW = 1;
+using vec = float;
+static inline vec vzero() { return 0.0f; }
+static inline vec vload(const float* p) { return *p; }
+static inline vec vload(const at::BFloat16* p) { return static_cast<float>(*p); }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+static inline float vsum(vec a) { return a; }
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+
+#if defined(__AVX512F__)
+static inline vec vbroadcast(float v) { return _mm512_set1_ps(v); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__)
+static inline vec vbroadcast(float v) { return _mm256_set1_ps(v); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+#else
+static inline vec vbroadcast(float v) { return v; }
+static inline void vstore(float* p, vec v) { *p = v; }
+#endif
+
+#if defined(__AVX512F__)
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline float vmaxall(vec a) { return _mm512_reduce_max_ps(a); }
+#elif defined(__AVX2__)
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline float vmaxall(vec a) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, a);
+  return *std::max_element(f, f + 8);
+}
+#else
+static inline vec vadd(vec a, vec b) { return a + b; }
+static inline vec vmul(vec a, vec b) { return a * b; }
+static inline vec vdiv(vec a, vec b) { return a / b; }
+static inline vec vmax(vec a, vec b) { return std::max(a, b); }
+static inline float vmaxall(vec a) { return a; }
+#endif
+
+// exp of a vector: Cephes' expf (a degree-6 polynomial on r = x - n ln2, times 2^n), within
+// 2 ulp of std::exp. std::exp one value at a time was most of the softmax's and SiLU's time.
+// Below -87.3 the result is 0 (as expf underflows); NaN stays NaN.
+#if defined(__AVX512F__) || defined(__AVX2__)
+static inline vec vexp_poly(vec x, vec* n) {
+  *n = vbroadcast(1.44269504088896341f);
+#if defined(__AVX512F__)
+  *n = _mm512_roundscale_ps(vmul(x, *n), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  *n = _mm256_round_ps(vmul(x, *n), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+  vec r = vfma(*n, vbroadcast(-0.693359375f), x);
+  r = vfma(*n, vbroadcast(2.12194440e-4f), r);
+  vec p = vbroadcast(1.9875691500e-4f);
+  p = vfma(p, r, vbroadcast(1.3981999507e-3f));
+  p = vfma(p, r, vbroadcast(8.3334519073e-3f));
+  p = vfma(p, r, vbroadcast(4.1665795894e-2f));
+  p = vfma(p, r, vbroadcast(1.6666665459e-1f));
+  p = vfma(p, r, vbroadcast(5.0000001201e-1f));
+  return vfma(p, vmul(r, r), vadd(r, vbroadcast(1.0f)));
+}
+#endif
+#if defined(__AVX512F__)
+static inline vec vexp(vec x) {
+  const vec lo = vbroadcast(-87.3365478515625f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  // max/min return their second operand when one is NaN: NaN passes through
+  x = _mm512_min_ps(vbroadcast(88.3762626647949f), _mm512_max_ps(lo, x));
+  vec n;
+  const vec p = vexp_poly(x, &n);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
+}
+#elif defined(__AVX2__)
+static inline vec vexp(vec x) {
+  const vec lo = vbroadcast(-87.3365478515625f);
+  const vec under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(vbroadcast(88.3762626647949f), _mm256_max_ps(lo, x));
+  vec n;
+  const vec p = vexp_poly(x, &n);
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_andnot_ps(under, vmul(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23))));
+}
+#else
+static inline vec vexp(vec x) { return std::exp(x); }
+#endif
+
+// The inner loops over one K or V vector (float32 or bfloat16), float32 arithmetic.
+template <typename T>
+static inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  vec acc = vzero();
+  for (; i + VW <= n; i += VW) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
+}
+
+template <typename T>
+static inline void axpy(float* y, float a, const T* x, int64_t n) {  // y += a * x
+  int64_t i = 0;
+  const vec va = vbroadcast(a);
+  for (; i + VW <= n; i += VW) vstore(y + i, vfma(va, vload(x + i), vload(y + i)));
+  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+}
+
+// s[0 .. n) -> softmax(s), in place.
+static inline void softmax(float* s, int64_t n) {
+  int64_t i = 0;
+  vec m = vbroadcast(-std::numeric_limits<float>::infinity());
+  for (; i + VW <= n; i += VW) m = vmax(m, vload(s + i));
+  float top = vmaxall(m);
+  for (; i < n; ++i) top = std::max(top, s[i]);
+  const vec vtop = vbroadcast(top);
+  vec vs = vzero();
+  for (i = 0; i + VW <= n; i += VW) {
+    const vec e = vexp(vadd(vload(s + i), vmul(vtop, vbroadcast(-1.0f))));
+    vstore(s + i, e);
+    vs = vadd(vs, e);
+  }
+  float sum = vsum(vs);
+  for (; i < n; ++i) { s[i] = std::exp(s[i] - top); sum += s[i]; }
+  const vec inv = vbroadcast(1.0f / sum);
+  for (i = 0; i + VW <= n; i += VW) vstore(s + i, vmul(vload(s + i), inv));
+  for (; i < n; ++i) s[i] *= 1.0f / sum;
 }
 
 // Ask for a K/V vector a few positions ahead: their slots jump between blocks, and waiting on
 // each cache line in turn (not the arithmetic) was what bounded this loop.
-static inline void prefetch(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
-}
-
-static inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
-  int64_t i = 0;
-#ifdef __AVX2__
-  const __m256 va = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
-// A K/V vector as float32: in place for a float32 cache, converted into `buf` for bfloat16.
-static inline const float* as_float(const float* p, int64_t, float*) { return p; }
-static inline const float* as_float(const at::BFloat16* p, int64_t n, float* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
-  return buf;
+static inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i);
 }
 
 // q [B, H, D]; caches [KVH, S, D] (float32 or bfloat16, contiguous); tables [B, W], lens [B].
 // Returns [B, H * D] in q's dtype; the arithmetic is float32. window <= 0: no sliding window;
-// softcap <= 0: none.
+// softcap <= 0: none. One task per (sequence, KV head): its G = H / KVH query heads share each
+// K and V vector, read once.
 template <typename T>
 static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* tp,
                               const int64_t* lp, float* op, int64_t B, int64_t H, int64_t D,
                               int64_t KVH, int64_t S, int64_t W, int64_t block_size, float fscale,
                               float cap, int64_t window) {
-  const int64_t G = H / KVH;
+  const int64_t G = H / KVH, bytes = D * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, buf(D);
+    std::vector<float> scores;
     std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, kh = task % KVH, len = lp[b];
@@ -89,7 +216,7 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
       float* o = op + (b * H + kh * G) * D;
       std::fill(o, o + G * D, 0.0f);
       if (n <= 0) continue;
-      scores.assign(G * n, 0.0f);
+      scores.resize(G * n);
       const float* qh = qp + (b * H + kh * G) * D;
       const T* kbase = kp + kh * S * D;
       const T* vbase = vp + kh * S * D;
@@ -100,27 +227,19 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
         const int64_t base = tp[b * W + pos / block_size] * block_size;
         for (int64_t o = off; o < block_size && t < n; ++o, ++t) slots[t] = base + o;
       }
-      const int64_t lines = D * static_cast<int64_t>(sizeof(T)) / 4;  // floats' worth of bytes
       for (int64_t t = 0; t < n; ++t) {
-        const float* kv = as_float(kbase + slots[t] * D, D, buf.data());
-        if (t + 8 < n) prefetch(reinterpret_cast<const float*>(kbase + slots[t + 8] * D), lines);
+        const T* kv = kbase + slots[t] * D;
+        if (t + 8 < n) prefetch(kbase + slots[t + 8] * D, bytes);
         for (int64_t g = 0; g < G; ++g) {
           float x = dot(qh + g * D, kv, D) * fscale;
           if (cap > 0.0f) x = std::tanh(x / cap) * cap;
           scores[g * n + t] = x;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * n;
-        const float top = *std::max_element(s, s + n);
-        float sum = 0.0f;
-        for (int64_t t = 0; t < n; ++t) { s[t] = std::exp(s[t] - top); sum += s[t]; }
-        const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < n; ++t) s[t] *= inv;
-      }
+      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * n, n);
       for (int64_t t = 0; t < n; ++t) {
-        const float* vv = as_float(vbase + slots[t] * D, D, buf.data());
-        if (t + 8 < n) prefetch(reinterpret_cast<const float*>(vbase + slots[t + 8] * D), lines);
+        const T* vv = vbase + slots[t] * D;
+        if (t + 8 < n) prefetch(vbase + slots[t + 8] * D, bytes);
         for (int64_t g = 0; g < G; ++g) axpy(o + g * D, scores[g * n + t], vv, D);
       }
     }

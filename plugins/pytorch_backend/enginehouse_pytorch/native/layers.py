@@ -117,12 +117,14 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, [hidden], bias)
         self.act = activation(act)
         self.intermediate = intermediate
-        self.fused = False  # cpu_decode's silu_mul for small steps (set after loading)
+        self.fused = False  # cpu_decode's silu_mul (set after loading)
         self.silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused and self.silu and x.shape[0] <= cpu_decode.FUSED_ROWS:
+        # silu_mul is vectorised for float32; in bfloat16 it runs one value at a time, where
+        # torch's own ops win past a decode's few rows.
+        if self.fused and self.silu and (x.dtype == torch.float32 or x.shape[0] <= SMALL_ROWS):
             out = self.down_proj(cpu_decode.silu_mul(gate_up))
         else:
             gate, up = gate_up.split(self.intermediate, dim=-1)

@@ -59,11 +59,18 @@ class Attention(nn.Module):
         return self.tp.all_reduce(self.o_proj(out))
 
     def forward_fused(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
-        """`forward` for a decode-only step, with rope and the K/V store as one C++ op."""
-        h, kvh, _ = self.heads
+        """`forward` with rope and the K/V store as one C++ op."""
+        h, kvh, d = self.heads
         qkv = self.qkv_proj(x)
-        q = cpu_decode.rope_store(qkv, meta.cos, meta.sin, cache, meta.slots, h, kvh)
-        out = self.attn.decode(meta, q, cache, self.window, self.softcap)
+        if meta.prefills:  # a prefill attends over its own K/V: rotated in place in qkv
+            t = qkv.shape[0]
+            cpu_decode.rope_store(qkv, meta.cos, meta.sin, cache, meta.slots, h, kvh, True)
+            q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=1)
+            q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+            out = self.attn.attend(meta, q, k, v, cache, self.window, self.softcap)
+        else:
+            q = cpu_decode.rope_store(qkv, meta.cos, meta.sin, cache, meta.slots, h, kvh)
+            out = self.attn.decode(meta, q, cache, self.window, self.softcap)
         return self.tp.all_reduce(self.o_proj(out))
 
 
@@ -103,7 +110,7 @@ class DecoderLayer(nn.Module):
         next norm (`x` is updated in place), so the layer returns its MLP output unadded."""
         norm, post = self.input_layernorm, self.post_attention_layernorm
         h = cpu_decode.add_rms_norm(x, delta, norm.weight, norm.eps)
-        if meta.prefills or not self.self_attn.fused_rope:
+        if not self.self_attn.fused_rope:
             attn = self.self_attn(h, meta, cache)
         else:
             attn = self.self_attn.forward_fused(h, meta, cache)
