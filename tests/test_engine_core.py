@@ -508,3 +508,23 @@ def test_a_stop_id_outside_the_vocabulary_is_a_request_error(spec: ModelSpec) ->
         engine.add_request("bad", [4, 5, 6], bad)
     r = run(engine, {"ok": ([1, 2, 3], greedy(4))})["ok"]
     assert r.token_ids == reference([1, 2, 3], 4)[0]
+
+
+def test_text_decoder_matches_the_tokenizers_decode(tmp_path: Path) -> None:
+    """The detokenizer's shortcut to the Rust tokenizer gives what `decode` gives, special
+    tokens and broken UTF-8 included; a tokenizer of another kind goes through `decode`."""
+    from transformers import AutoTokenizer
+
+    from enginehouse.engine.detokenizer import text_decoder
+    from enginehouse.testing import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    fast = text_decoder(tok)
+    assert fast.__code__ is not text_decoder(ToyTokenizer()).__code__  # the shortcut is taken
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 8))]
+        for skip in (False, True):
+            want = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            assert fast(ids, skip) == want

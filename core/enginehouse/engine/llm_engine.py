@@ -24,7 +24,7 @@ from ..multimodal import MultiModalData, VisionEncoder
 from ..runner import ModelRunner, RunnerContext, ScheduledBatch, session_length
 from ..spec import ModelSpec
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, text_decoder
 from .grammar import GrammarCompiler, GrammarState, xgrammar
 from .sampler import sample
 from .scheduler import Scheduler
@@ -87,6 +87,7 @@ class LLMEngine:
         self.session_len = session_length(spec, config)
         self.vocab_size = int(spec.config.get("vocab_size") or len(tokenizer))
         self.eos_ids = eos_token_ids(spec, tokenizer)
+        self.decode = text_decoder(tokenizer)
         kv = runner.kv_spec
         self.block_size = kv.block_size
         # An executor (tp > 1) asks every rank and takes the smallest plan.
@@ -359,9 +360,7 @@ class LLMEngine:
             max_len=self.session_len,
             score_only=score,
             generator=generator,
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, params.skip_special_tokens
-            ),
+            detokenizer=IncrementalDetokenizer(self.decode, prompt_ids, params.skip_special_tokens),
         )
         if mm is not None and self.vision is not None:
             image_id = self.vision.image_token_id
