@@ -11,7 +11,7 @@ What it does (all cached under ./bench-models):
 - writes the same weights as GGUF with the `gguf` package, in f32, f16 and q8_0 (q and k rows
   permuted to llama.cpp's rope layout, as its own converter does);
 - runs every side in a fresh process, the sides alternating, `--rounds` times, and keeps each
-  side's best: 64-token random prompts, 128 new tokens each, at every batch size.
+  side's best and median: 64-token random prompts, 128 new tokens each, at every batch size.
 
 Throughput is new tokens over the time from the prompts to the last token (prefill included),
 on both sides: llama.cpp's `T_PP + T_TG` for `-npp 64 -ntg 128 -npl B` (a cache per sequence),
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -270,22 +271,26 @@ def main() -> None:
             path = write_gguf(model, kind)
             sides[f"llama.cpp {kind}"] = lambda p=path: llama_side(binary, p, batches, args.threads)
 
-    print(f"CPU: {cpu_line()}; {args.threads} threads; best of {args.rounds} rounds", flush=True)
-    best: dict[str, dict[int, float]] = {name: {} for name in sides}
+    print(f"CPU: {cpu_line()}; {args.threads} threads; {args.rounds} rounds", flush=True)
+    runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in sides}
     for round_ in range(args.rounds):
         for name, side in sides.items():
             load = os.getloadavg()[0]
             result = side()
             for b, tps in result.items():
-                best[name][b] = max(best[name].get(b, 0.0), tps)
+                runs[name][b].append(tps)
             shown = ", ".join(f"batch {b}: {t:.0f}" for b, t in result.items())
             print(f"round {round_ + 1}  {name:<34} {shown} tok/s  (load {load:.2f})", flush=True)
 
+    # Best of the rounds is each side's speed on a quiet moment; the median says whether that
+    # holds up on a shared machine, where rounds of one side moved by 20-40%.
+    best = {name: {b: max(v) for b, v in r.items()} for name, r in runs.items()}
     print(f"\nloadavg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("\n| tokens/s | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    print("\n| tokens/s, best (median) | " + " | ".join(f"batch {b}" for b in batches) + " |")
     print("| --- | " + " | ".join("---:" for _ in batches) + " |")
-    for name, result in best.items():
-        print(f"| {name} | " + " | ".join(f"{result.get(b, 0):,.0f}" for b in batches) + " |")
+    for name, result in runs.items():
+        cells = [f"{max(v):,.0f} ({statistics.median(v):,.0f})" for v in result.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if args.agreement:
         for text in args.side:
             print(f"{text}: {agreement(model, parse_side(text))}")
