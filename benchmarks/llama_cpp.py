@@ -291,6 +291,15 @@ def main() -> None:
     for name, result in runs.items():
         cells = [f"{max(v):,.0f} ({statistics.median(v):,.0f})" for v in result.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    # Each round runs the sides back to back, so a round's ratio compares them under about the
+    # same load: the median of those ratios is the steadiest comparison on a shared machine.
+    for name in (n for n in runs if n.startswith("enginehouse")):
+        for other in (n for n in runs if n.startswith("llama.cpp")):
+            ratios = []
+            for b in batches:
+                paired = [x / y for x, y in zip(runs[name][b], runs[other][b])]
+                ratios.append(f"batch {b}: {statistics.median(paired):.2f}x")
+            print(f"{name} / {other}, median of the rounds' ratios: {', '.join(ratios)}")
     if args.agreement:
         for text in args.side:
             print(f"{text}: {agreement(model, parse_side(text))}")
