@@ -187,7 +187,7 @@ def enginehouse_side(model: Path, config: dict, batches: list[int], threads: int
     pin = ["taskset", "-c", f"0-{threads - 1}"] if threads < (os.cpu_count() or 1) else []
     cmd = [*pin, sys.executable, "-m", "enginehouse.bench", str(model), "pytorch"]
     out = run([*cmd, json.dumps(names), json.dumps(config), "1", "full"])
-    seconds = json.loads(out.strip().splitlines()[-1])
+    seconds = json.loads(out.strip().splitlines()[-1])["seconds"]
     return {b: b * NEW / seconds[cases[b]] for b in batches}
 
 

@@ -125,6 +125,9 @@ def test_bench_times_the_backend_against_generate(llama_dir):
     assert rows[("single", "hf-generate")]["ratio"] == 1.0
     assert rows[("single", "pytorch")]["tokens_per_s"] > 0
     assert rows[("ttft", "pytorch")]["ratio"] > 0
+    # One sequence per step in the single case: its average batch is 1.
+    assert rows[("single", "pytorch")]["avg_batch"] == 1.0
+    assert "avg_batch" not in rows[("single", "hf-generate")]
 
 
 def test_bench_refuses_an_unknown_case(llama_dir):

@@ -410,6 +410,10 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert after[METRIC % gauge] == 0
     assert after[METRIC % "num_preemptions_total"] == 0
+    # One prefill and a decode per further token, each a step of at least that one sequence.
+    steps = grew(METRIC % "engine_steps_total")
+    assert steps >= r.usage.completion_tokens
+    assert grew(METRIC % "engine_step_sequences_total") >= steps
     bucket = f'enginehouse:time_to_first_token_seconds_bucket{{le="+Inf",model_name="{MODEL}"}}'
     assert after[bucket] == after[METRIC % "time_to_first_token_seconds_count"]
 

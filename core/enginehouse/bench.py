@@ -13,6 +13,8 @@ Cases (`--cases`), each reported as the ratio to the baseline (higher is better)
 - ttft:    one 512-token prompt to its first token, model already loaded;
 - startup: `pipeline()` to the first token in a fresh process, against `from_pretrained` and
            one token (after `import torch, transformers` on both sides).
+An engine side also reports its average batch per step in each case: how full continuous
+batching kept the steps (the mixed case's batch shrinks as short requests finish).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _best_time(fn: Callable[[], Any], repeat: int) -> float:
     return min(times)
 
 
-def _hf_runner(path: str) -> Callable[[Case], None]:
+def _hf_runner(path: str) -> Callable[[Case], float | None]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -88,30 +90,44 @@ def _hf_runner(path: str) -> Callable[[Case], None]:
     return run
 
 
-def _engine_runner(path: str, backend: str, engine_config: dict) -> Callable[[Case], None]:
+def _engine_runner(path: str, backend: str, engine_config: dict) -> Callable[[Case], float]:
     from .config import GenerationConfig
     from .pipeline import pipeline
 
     pipe = pipeline(path, backend=backend, engine_config=engine_config, progress=False)
 
-    def run(case: Case) -> None:
+    def run(case: Case) -> float:
+        """Runs the case; returns the average batch per engine step while it ran."""
         configs = [GenerationConfig(max_new_tokens=n, min_new_tokens=n) for n in case.new_tokens]
+        before = pipe.stats()
         pipe([{"token_ids": p} for p in case.prompts], configs)
+        after = pipe.stats()
+        steps = after["steps"] - before["steps"]
+        return (after["step_sequences"] - before["step_sequences"]) / max(1, steps)
 
     return run
 
 
 def run_side(
     path: str, side: str, cases: list[str], quick: bool, repeat: int, engine_config: dict
-) -> dict[str, float]:
-    """Seconds per case for one side, in this process (best of `repeat`)."""
+) -> dict[str, dict[str, float]]:
+    """Seconds per case for one side, in this process (best of `repeat`); for an engine side
+    also the average batch per step (how full continuous batching kept the steps)."""
     from .spec import read_model_spec
 
     vocab = int(read_model_spec(path).config.get("vocab_size", 32000))
     all_cases = make_cases(vocab, quick)
     run = _hf_runner(path) if side == BASELINE else _engine_runner(path, side, engine_config)
     run(Case([all_cases["single"].prompts[0][:8]], [2]))  # warm up (first-call allocations)
-    return {name: _best_time(lambda c=all_cases[name]: run(c), repeat) for name in cases}
+    avg_batch: dict[str, float] = {}
+
+    def once(name: str) -> None:
+        batch = run(all_cases[name])
+        if batch is not None:  # transformers' side has no engine steps
+            avg_batch[name] = batch
+
+    seconds = {name: _best_time(lambda n=name: once(n), repeat) for name in cases}
+    return {"seconds": seconds, "avg_batch": avg_batch}
 
 
 STARTUP = {
@@ -163,13 +179,22 @@ def measure(
     sides = ([BASELINE] if baseline else []) + list(backends)
     timed = [c for c in cases if c != "startup"]
     seconds: dict[str, dict[str, float]] = {}
+    avg_batch: dict[str, dict[str, float]] = {}
     for side in sides:
         args = ["-m", "enginehouse.bench", path, side, json.dumps(timed), json.dumps(config)]
         args += [str(repeat), "quick" if quick else "full"]
-        seconds[side] = json.loads(_python(args, side).strip().splitlines()[-1]) if timed else {}
+        out = json.loads(_python(args, side).strip().splitlines()[-1]) if timed else {}
+        seconds[side] = out.get("seconds", {})
+        avg_batch[side] = out.get("avg_batch", {})
         if "startup" in cases:
             seconds[side]["startup"] = startup_time(path, side, repeat, config)
-    return {"model": path, "quick": quick, "repeat": repeat, "seconds": seconds}
+    return {
+        "model": path,
+        "quick": quick,
+        "repeat": repeat,
+        "seconds": seconds,
+        "avg_batch": avg_batch,
+    }
 
 
 def report(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -187,16 +212,22 @@ def report(result: dict[str, Any]) -> list[dict[str, Any]]:
                 row["tokens_per_s"] = round(cases[name].useful_tokens / sec, 1)
             if name in base:
                 row["ratio"] = round(base[name] / sec, 2)  # > 1: faster than the baseline
+            batch = result.get("avg_batch", {}).get(side, {}).get(name)
+            if batch is not None and name != "startup":
+                row["avg_batch"] = round(batch, 1)
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'case':<9}{'side':<14}{'tok/s':>10}{'seconds':>10}{'vs generate':>13}"]
+    head = f"{'case':<9}{'side':<14}{'tok/s':>10}{'seconds':>10}{'vs generate':>13}"
+    lines = [head + f"{'avg batch':>11}"]
     for r in rows:
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-        lines.append(f"{r['case']:<9}{r['side']:<14}{tps:>10}{r['seconds']:>10.3f}{ratio:>13}")
+        batch = f"{r['avg_batch']:.1f}" if "avg_batch" in r else "-"
+        line = f"{r['case']:<9}{r['side']:<14}{tps:>10}{r['seconds']:>10.3f}{ratio:>13}"
+        lines.append(line + f"{batch:>11}")
     return "\n".join(lines)
 
 

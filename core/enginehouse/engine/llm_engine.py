@@ -212,6 +212,9 @@ class LLMEngine:
             "kv_blocks_used": self.block_manager.num_used,
             "kv_blocks_total": self.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
+            # Their ratio is the average batch per step (`enginehouse bench`, `/metrics`).
+            "steps": self.num_steps,
+            "step_sequences": self.num_step_sequences,
         }
 
     # --- the engine thread ------------------------------------------------------------------

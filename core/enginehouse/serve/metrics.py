@@ -70,6 +70,18 @@ class EngineCollector(Collector):
         )
         preempted.add_metric(labels, s["preemptions"])
         yield preempted
+        # This server's own: their rates' ratio is the average batch per engine step.
+        for name, doc, value in (
+            ("engine_steps", "Engine steps run (each one runner.execute).", s["steps"]),
+            (
+                "engine_step_sequences",
+                "Sequences in the engine's steps, summed: over engine_steps, the average batch.",
+                s["step_sequences"],
+            ),
+        ):
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric(labels, value)
+            yield counter
 
 
 class ServerMetrics:
