@@ -63,16 +63,22 @@ def test_add_rms_norm_equals_torch(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_mul_equals_torch(dtype):
-    gate_up = (torch.randn(3, 2 * 50) * 4).to(dtype)
-    gate, up = gate_up.split(50, dim=-1)
+@pytest.mark.parametrize("rows, width", [(3, 50), (70, 1000)])  # a vector tail; several threads
+def test_silu_mul_equals_torch(dtype, rows, width):
+    gate_up = torch.randn(rows, 2 * width) * 4
+    gate_up[0, :6] = torch.tensor([100.0, -100.0, 1e4, -1e4, 88.5, -88.5])  # exp's far ends
+    gate_up = gate_up.to(dtype)
+    gate, up = gate_up.split(width, dim=-1)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(cpu_decode.silu_mul(gate_up), F.silu(gate) * up, **tol)
+    got = cpu_decode.silu_mul(gate_up)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, F.silu(gate) * up, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 6])
-def test_rope_store_equals_torch(dtype, tokens):
+@pytest.mark.parametrize("tokens", [1, 6, 40])  # 40: a prefill, split over the cores
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rope_store_equals_torch(dtype, tokens, in_place):
     heads, kv_heads, d, slots = 6, 2, 16, 40
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d).to(dtype)
     angles = torch.randn(tokens, d // 2).repeat(1, 2)
@@ -83,10 +89,16 @@ def test_rope_store_equals_torch(dtype, tokens):
         torch.zeros(kv_heads, slots, d, dtype=dtype),
         torch.zeros(kv_heads, slots, d, dtype=dtype),
     )
-    q = cpu_decode.rope_store(qkv, cos, sin, cache, where, heads, kv_heads)
-
     qk = apply_rope(qkv[:, : (heads + kv_heads) * d].view(tokens, -1, d), cos, sin)
-    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d).clone()
+    got = cpu_decode.rope_store(qkv, cos, sin, cache, where, heads, kv_heads, in_place)
+    if in_place:  # q and k rotated inside qkv, v as it was
+        assert got is qkv
+        torch.testing.assert_close(got[:, : (heads + kv_heads) * d].view(qk.shape), qk)
+        assert torch.equal(got[:, (heads + kv_heads) * d :].view(v.shape), v)
+        q = got[:, : heads * d].view(tokens, heads, d)
+    else:
+        q = got
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(q, qk[:, :heads], **tol)
     torch.testing.assert_close(cache[0][:, where], qk[:, heads:].transpose(0, 1), **tol)

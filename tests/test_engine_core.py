@@ -528,3 +528,38 @@ def test_text_decoder_matches_the_tokenizers_decode(tmp_path: Path) -> None:
         for skip in (False, True):
             want = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
             assert fast(ids, skip) == want
+
+
+def test_a_together_batch_joins_one_step_while_the_engine_is_busy(spec: ModelSpec) -> None:
+    """The step thread runs steps back to back; requests submitted inside `together()` still
+    reach it as one batch: their first tokens come out of the same step."""
+    import threading
+    import time
+
+    from enginehouse.engine import AsyncEngine
+
+    engine = make_engine(spec)
+    driver = AsyncEngine(engine)
+    try:
+        first_step: dict[str, int] = {}
+        finished = threading.Semaphore(0)
+
+        def busy_sink(out: RequestOutput) -> None:  # on the step thread: each step >= 1 ms
+            time.sleep(0.001)
+
+        def sink(out: RequestOutput) -> None:  # called on the step thread, after the step
+            first_step.setdefault(out.request_id, engine.num_steps)
+            if out.finished:
+                finished.release()
+
+        driver.submit([1, 2, 3], greedy(CONTEXT - 4), busy_sink, request_id="busy")
+        while engine.num_steps < 3:  # the step thread is running steps back to back
+            time.sleep(0.001)
+        with driver.together():
+            for i, prompt in enumerate(prompts(8, range(4, 12))):
+                driver.submit(prompt, greedy(2), sink, request_id=f"r{i}")
+                time.sleep(0.005)  # several steps run meanwhile
+        assert all(finished.acquire(timeout=60) for _ in range(8))
+        assert len(set(first_step.values())) == 1, first_step
+    finally:
+        driver.close()
