@@ -270,11 +270,12 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(llama_pipe):
         if llama_pipe.stats()["kv_blocks_used"] == 0:
             break
         asyncio.run(asyncio.sleep(0.02))
-    assert llama_pipe.stats() | {"kv_blocks_total": 0} == {
+    stats = llama_pipe.stats()
+    assert stats["steps"] >= 1 and stats["step_sequences"] >= stats["steps"]
+    assert {k: stats[k] for k in ("running", "waiting", "kv_blocks_used", "preemptions")} == {
         "running": 0,
         "waiting": 0,
         "kv_blocks_used": 0,
-        "kv_blocks_total": 0,
         "preemptions": 0,
     }
 
