@@ -143,19 +143,11 @@ class AsyncEngine:
         self.engine.validate(prompt_ids, params, score_only, mm)
 
         def add() -> None:
-            if request_id in self._sinks:  # lost a race with a request of the same id
-                sink(
-                    RequestOutput(
-                        request_id,
-                        finished=True,
-                        finish_reason="error",
-                        error=f"request id {request_id!r} is already in use",
-                    )
-                )
-                return
+            # On the step thread, the engine knows exactly the ids that have a sink: it refuses
+            # an id another request took since the check above.
             try:
                 self.engine.add_request(request_id, prompt_ids, params, score_only, mm)
-            except RequestError as e:  # its id was taken meanwhile
+            except RequestError as e:
                 sink(RequestOutput(request_id, finished=True, finish_reason="error", error=str(e)))
                 return
             self._sinks[request_id] = sink
