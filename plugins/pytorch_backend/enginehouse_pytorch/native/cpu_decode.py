@@ -273,57 +273,50 @@ static void over_tokens(int64_t T, const F& f) {
   at::parallel_for(0, T, 8, f);
 }
 
-at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                      at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
-                      int64_t heads, int64_t kv_heads) {
+// rope_store, and (`in_place`, a prefill, whose attention then reads its K/V from qkv, not
+// from the cache) the same with q and k rotated inside qkv instead of a new q.
+static at::Tensor rope_store_impl(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                                  int64_t heads, int64_t kv_heads, bool in_place) {
   const int64_t T = qkv.size(0), D = k_cache.size(-1), S = k_cache.size(1);
   TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rope_store");
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * D && cos.size(-1) == D, "rope_store: shapes");
-  auto q = at::empty({T, heads, D}, qkv.options());
+  auto q = in_place ? qkv : at::empty({T, heads, D}, qkv.options());
   auto slots64 = slots.to(at::kLong).contiguous();
   const int64_t* sp = slots64.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store", [&] {
     const int64_t width = (heads + 2 * kv_heads) * D;
-    over_tokens(T, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        rope_store_row(qkv.data_ptr<scalar_t>() + t * width, cos.data_ptr<scalar_t>() + t * D,
-                       sin.data_ptr<scalar_t>() + t * D, q.data_ptr<scalar_t>() + t * heads * D,
-                       k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), sp[t], heads,
-                       kv_heads, D, S);
-    });
-  });
-  return q;
-}
-
-// rope_store for a prefill: q and k are rotated in place in qkv (the attention then reads its
-// K/V from there, not from the cache), k and v also go to their slots.
-at::Tensor rope_store_inplace(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
-                              at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
-                              int64_t heads, int64_t kv_heads) {
-  const int64_t T = qkv.size(0), D = k_cache.size(-1), S = k_cache.size(1);
-  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rope_store");
-  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * D && cos.size(-1) == D, "rope_store: shapes");
-  auto slots64 = slots.to(at::kLong).contiguous();
-  const int64_t* sp = slots64.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store_inplace", [&] {
-    const int64_t width = (heads + 2 * kv_heads) * D;
     scalar_t* kc = k_cache.data_ptr<scalar_t>();
     scalar_t* vc = v_cache.data_ptr<scalar_t>();
     over_tokens(T, [&](int64_t t0, int64_t t1) {
-      std::vector<scalar_t> q(heads * D);
+      std::vector<scalar_t> rotated(in_place ? heads * D : 0);  // q, before it overwrites qkv
       for (int64_t t = t0; t < t1; ++t) {
         scalar_t* row = qkv.data_ptr<scalar_t>() + t * width;
+        scalar_t* qt = in_place ? rotated.data() : q.data_ptr<scalar_t>() + t * heads * D;
         rope_store_row(row, cos.data_ptr<scalar_t>() + t * D, sin.data_ptr<scalar_t>() + t * D,
-                       q.data(), kc, vc, sp[t], heads, kv_heads, D, S);
-        std::copy(q.begin(), q.end(), row);
-        for (int64_t h = 0; h < kv_heads; ++h) {
+                       qt, kc, vc, sp[t], heads, kv_heads, D, S);
+        if (!in_place) continue;
+        std::copy(rotated.begin(), rotated.end(), row);
+        for (int64_t h = 0; h < kv_heads; ++h) {  // k, rotated, from its slot
           const scalar_t* k = kc + (h * S + sp[t]) * D;
           std::copy(k, k + D, row + (heads + h) * D);
         }
       }
     });
   });
-  return qkv;
+  return q;
+}
+
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                      int64_t heads, int64_t kv_heads) {
+  return rope_store_impl(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, false);
+}
+
+at::Tensor rope_store_inplace(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
+                              at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                              int64_t heads, int64_t kv_heads) {
+  return rope_store_impl(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, true);
 }
 
 // The whole decode step of a Llama-like decoder for a few rows, in one call: per layer

@@ -176,18 +176,18 @@ static inline void softmax(float* s, int64_t n) {
   for (; i + VW <= n; i += VW) m = vmax(m, vload(s + i));
   float top = vmaxall(m);
   for (; i < n; ++i) top = std::max(top, s[i]);
-  const vec vtop = vbroadcast(top);
+  const vec minus_top = vbroadcast(-top);
   vec vs = vzero();
   for (i = 0; i + VW <= n; i += VW) {
-    const vec e = vexp(vadd(vload(s + i), vmul(vtop, vbroadcast(-1.0f))));
+    const vec e = vexp(vadd(vload(s + i), minus_top));
     vstore(s + i, e);
     vs = vadd(vs, e);
   }
   float sum = vsum(vs);
   for (; i < n; ++i) { s[i] = std::exp(s[i] - top); sum += s[i]; }
-  const vec inv = vbroadcast(1.0f / sum);
-  for (i = 0; i + VW <= n; i += VW) vstore(s + i, vmul(vload(s + i), inv));
-  for (; i < n; ++i) s[i] *= 1.0f / sum;
+  const float inv = 1.0f / sum;
+  for (i = 0; i + VW <= n; i += VW) vstore(s + i, vmul(vload(s + i), vbroadcast(inv)));
+  for (; i < n; ++i) s[i] *= inv;
 }
 
 // Ask for a K/V vector a few positions ahead: their slots jump between blocks, and waiting on
