@@ -23,11 +23,21 @@ class RankError(EnginehouseError):
     """A rank died, hung or failed; the executor is down and says which rank and why."""
 
 
+def hung(ranks: list[int], method: str, timeout: float) -> str:
+    """The error for ranks that did not answer within `distributed_timeout`."""
+    which = f"rank{'s' if len(ranks) > 1 else ''} {' and '.join(map(str, ranks))}"
+    return (
+        f"{which} did not answer {method} within {timeout:g} s "
+        "(EngineConfig.distributed_timeout): hung, or far too slow"
+    )
+
+
 class DistributedExecutor:
     """A `ModelRunner` whose work is done by `config.tp` ranks elsewhere.
 
-    Subclasses start the ranks (`_start`), send one message to each (`_send`) and collect one
-    reply from each (`_collect`), raising `RankError` for a rank that dies, hangs past
+    Subclasses start the ranks (`_start`), call a method on every rank and collect one reply
+    from each (`_call_all`), and stop them (`_stop`), raising `RankError` for a rank that dies,
+    hangs past
     `config.distributed_timeout` or cannot be reached. After the first failure the executor
     is down: it stops every rank and every later call raises at once with the first reason.
     """

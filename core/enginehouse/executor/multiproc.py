@@ -18,7 +18,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .base import DistributedExecutor, RankError
+from .base import DistributedExecutor, RankError, hung
 from .worker import RankInit
 
 STOP_GRACE_S = 5.0  # how long `close` waits for ranks to exit before killing them
@@ -91,12 +91,7 @@ class MultiprocExecutor(DistributedExecutor):
             ready = wait(list(pending.values()), left)
             if not ready:
                 # A hung rank stalls the others in their collectives: all of them are named.
-                ranks = " and ".join(str(r) for r in pending)
-                raise RankError(
-                    f"rank{'s' if len(pending) > 1 else ''} {ranks} did not answer {method} "
-                    f"within {timeout:g} s (EngineConfig.distributed_timeout): hung, or far "
-                    "too slow"
-                )
+                raise RankError(hung(list(pending), method, timeout))
             for rank, conn in [(r, c) for r, c in pending.items() if c in ready]:
                 del pending[rank]
                 try:

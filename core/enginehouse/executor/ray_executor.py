@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from .base import DistributedExecutor, RankError
+from .base import DistributedExecutor, RankError, hung
 from .worker import RankInit, RankWorker, dist_backend
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -110,10 +110,7 @@ class RayExecutor(DistributedExecutor):
             try:
                 results.append(ray.get(ref, timeout=left))
             except ray.exceptions.GetTimeoutError:
-                raise RankError(
-                    f"rank {rank} did not answer {method} within {timeout:g} s "
-                    "(EngineConfig.distributed_timeout): hung, or far too slow"
-                ) from None
+                raise RankError(hung([rank], method, timeout)) from None
             except ray.exceptions.RayActorError as e:
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise RankError(f"rank {rank} (a Ray actor) died during {method}: {why}") from None
