@@ -47,7 +47,7 @@ from enginehouse import pipeline
 from enginehouse_pytorch.native.quant import QuantLinear
 path, config = sys.argv[1], json.loads(sys.argv[2])
 pipe = pipeline(path, backend="pytorch", engine_config=config, progress=False)
-model = pipe.engine.engine.runner.model
+model = pipe.runner.model
 seen, total = set(), 0
 for m in model.modules():
     tensors = list(m.parameters(recurse=False))

@@ -10,8 +10,10 @@ import pytest
 
 from enginehouse.config import GenerationConfig
 from enginehouse.engine.block_manager import BlockManager
+from enginehouse.engine.plan import Logits, StepPlan
 from enginehouse.engine.scheduler import Scheduler
 from enginehouse.engine.sequence import Sequence, Status
+from enginehouse.executor.assembler import BatchAssembler
 from enginehouse.multimodal import MultiModalData
 from enginehouse.runner import kv_slot
 
@@ -123,7 +125,7 @@ def test_long_prompt_is_prefilled_in_chunks_within_the_budget() -> None:
         ((s, chunk),) = sched.schedule()
         assert s is seq and chunk.start_pos == seq.num_computed
         # Only the chunk that reaches the prompt's end asks for logits.
-        assert chunk.logits_at == ((len(chunk.token_ids) - 1,) if chunk.end_pos == 40 else ())
+        assert chunk.logits == (Logits.LAST if chunk.end_pos == 40 else Logits.NONE)
         sizes.append(len(chunk.token_ids))
         seq.num_computed = chunk.end_pos
     assert sizes == [16, 16, 8]
@@ -182,6 +184,7 @@ class Walk:
         self.bm = BlockManager(12, 4, enable_prefix_caching=caching)
         self.sched = Scheduler(self.bm, max_batch_size=4, max_tokens=16)
         self.kv: list[int | None] = [None] * (12 * 4)
+        self.assembler = BatchAssembler(object())
         self.prefixes = [[rng.randrange(3) for _ in range(12)] for _ in range(3)]
 
     def live(self) -> list[Sequence]:
@@ -195,7 +198,12 @@ class Walk:
 
     def step(self) -> None:
         bs = self.bm.block_size
-        for seq, chunk in self.sched.schedule():
+        scheduled = self.sched.schedule()
+        # The runner's side sees only the plan's diffs: it must rebuild every block table.
+        plan = StepPlan([c for _, c in scheduled], *self.sched.take_changes(), block_size=bs)
+        batch = self.assembler.apply(plan)
+        for (seq, _), chunk in zip(scheduled, batch.chunks if batch else ()):
+            assert chunk.block_table == tuple(seq.block_table)
             for slot, token in zip(chunk.slots(bs), chunk.token_ids):
                 self.kv[slot] = token
             seq.num_computed = chunk.end_pos

@@ -203,7 +203,7 @@ def test_torch_ops_path_equals_transformers(llama_dir, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "load", lambda *a: False)
     pipe = pipeline(str(llama_dir), backend="pytorch", progress=False)
     try:
-        runner = pipe.engine.engine.runner
+        runner = pipe.runner
         assert not runner.model.fused and runner.kernel.__name__ == "TorchAttention"
         prompts = [[5, 9, 23, 41, 7, 11, 64, 3], [12, 99, 7]]
         ref = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()

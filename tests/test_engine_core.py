@@ -548,12 +548,12 @@ def test_a_together_batch_joins_one_step_while_the_engine_is_busy(spec: ModelSpe
             time.sleep(0.001)
 
         def sink(out: RequestOutput) -> None:  # called on the step thread, after the step
-            first_step.setdefault(out.request_id, engine.num_steps)
+            first_step.setdefault(out.request_id, engine.core.num_steps)
             if out.finished:
                 finished.release()
 
         driver.submit([1, 2, 3], greedy(CONTEXT - 4), busy_sink, request_id="busy")
-        while engine.num_steps < 3:  # the step thread is running steps back to back
+        while engine.core.num_steps < 3:  # the step thread is running steps back to back
             time.sleep(0.001)
         with driver.together():
             for i, prompt in enumerate(prompts(8, range(4, 12))):

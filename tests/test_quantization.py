@@ -83,7 +83,7 @@ def reference(folder: Path):
 
 
 def prefill_logits(pipe, ids: list[int]) -> torch.Tensor:
-    runner = pipe.engine.engine.runner
+    runner = pipe.runner
     bs = runner.kv_spec.block_size
     table = tuple(range(-(-len(ids) // bs)))
     chunk = SeqChunk(0, tuple(ids), 0, table, tuple(range(len(ids))))
@@ -217,7 +217,7 @@ def test_failed_build_falls_back_to_the_torch_path(float_llama, tmp_path, monkey
         float_llama, tmp_path / "int8", qweight.quantize_int8
     )
     with pipeline(str(float_llama), engine_config={"quantization": "int8"}, progress=False) as pipe:
-        assert pipe.engine.engine.runner.model.lm_head.kernel == "torch"
+        assert pipe.runner.model.lm_head.kernel == "torch"
         check_against(pipe, reference(float_copy))
 
 
@@ -229,7 +229,7 @@ def test_quantized_checkpoint_matches_transformers_on_its_float_copy(name, quant
     folder, float_copy = quantized(name)
     with open_pipe(folder) as pipe:
         assert pipe.backend == "pytorch"
-        layer = pipe.engine.engine.runner.model.model.layers[0].self_attn.qkv_proj
+        layer = pipe.runner.model.model.layers[0].self_attn.qkv_proj
         assert type(layer).__name__ == "QuantLinear" and layer.kernel in ("cpu", "torch")
         check_against(pipe, reference(float_copy))
 
@@ -267,7 +267,7 @@ def test_quantization_at_load_matches_transformers_on_the_same_weights(mode, flo
     # A plain dict, as `pipeline(..., engine_config={"quantization": "int8"})` takes it.
     with pipeline(str(float_llama), engine_config={"quantization": mode}, progress=False) as pipe:
         assert pipe.backend == "pytorch"
-        assert type(pipe.engine.engine.runner.model.lm_head).__name__ == "QuantLinear"
+        assert type(pipe.runner.model.lm_head).__name__ == "QuantLinear"
         check_against(pipe, reference(float_copy))
 
 

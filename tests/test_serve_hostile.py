@@ -173,7 +173,7 @@ def test_a_request_whose_set_up_fails_ends_alone(served):
 
 def test_health_reports_an_engine_stuck_in_a_step(served, monkeypatch):
     url, pipe = served
-    runner = pipe.engine.engine.runner
+    runner = pipe.runner
     release, entered = threading.Event(), threading.Event()
     execute = runner.execute
 

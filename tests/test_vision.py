@@ -621,7 +621,7 @@ def test_image_tokens_are_counted_before_decoding(family, pipes, monkeypatch):
     for size in [(90, 60), (60, 90), (300, 20), (17, 500), (1000, 1000), (33, 33)]:
         counted = pipe.vision._count_tokens([(size[1], size[0])])
         assert counted == pipe.prepare(("hi", picture(1, size))).mm.num_image_tokens, size
-    session = pipe.engine.engine.session_len
+    session = pipe.session_len
     per_image = pipe.vision._count_tokens([(400, 400)])
     too_many = [picture(i, (400, 400)) for i in range(session // per_image + 1)]
     decoded = []

@@ -133,8 +133,11 @@ def _at_tp(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
     """At tp > 1 a backend runs the model only if it says it shards (`tensor_parallel`), and
     only where the executor has a GPU for every rank."""
     tp = config.tp
-    if tp == 1 or not probe.supported:
+    if not probe.supported:
         return probe
+    if tp == 1:  # data-parallel replicas each need their GPU too
+        gpus = missing_gpus(config)
+        return probe if gpus is None else replace(probe, supported=False, reason=gpus)
     if not probe.tensor_parallel:
         reason = (
             f"no tensor parallelism: {probe.name!r} runs a model on one device only, and "

@@ -55,6 +55,10 @@ def _number_or_size(text: str) -> int | float | str:
     return text
 
 
+# vLLM's long names beside the fields' own short ones.
+FLAG_ALIASES = {"dp": ("--data-parallel-size",), "tp": ("--tensor-parallel-size",)}
+
+
 def engine_options(fn: Callable) -> Callable:
     """One `--flag` per `EngineConfig` field; the command gets them as `engine_config`."""
     names = list(EngineConfig.model_fields)
@@ -63,7 +67,8 @@ def engine_options(fn: Callable) -> Callable:
         kind = _option_type(field.annotation)
         if kind is bool:
             flag = f"{flag}/--no-{name.replace('_', '-')}"
-        fn = click.option(flag, name, type=kind, default=None, help=field.description)(fn)
+        flags = (*FLAG_ALIASES.get(name, ()), flag)
+        fn = click.option(*flags, name, type=kind, default=None, help=field.description)(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -167,6 +172,8 @@ def explain(
         click.echo(f"KV cache:     {plan['kv_cache']}")
         if plan.get("ranks"):
             click.echo(f"ranks:        {plan['ranks']}")
+        if plan.get("replicas"):
+            click.echo(f"replicas:     {plan['replicas']}")
     if facts.get("quantization"):
         click.echo(f"quantized:    {facts['quantization']}")
     chosen = report["chosen"]

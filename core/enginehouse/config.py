@@ -207,6 +207,12 @@ class EngineConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
     eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
     tp: int = Field(1, ge=1, description="tensor parallelism: shard the model over N ranks")
+    dp: int = Field(
+        1,
+        ge=1,
+        description="data parallelism: N engine replicas, each in its own process with its "
+        "own tp ranks (dp x tp GPUs; CPU replicas split the cores), one front for them all",
+    )
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None,
         description="how ranks run: 'mp' (worker processes on this machine, the default at "

@@ -53,15 +53,17 @@ def available_memory(device: torch.device) -> int:
 
 
 def missing_gpus(config: EngineConfig) -> str | None:
-    """Why the "mp" executor cannot give each of `config.tp` ranks a GPU of this machine, or
-    None when it can (or runs on the CPU, or on a Ray cluster that places the ranks)."""
-    if config.executor != "mp":
+    """Why this machine cannot give each of the `dp` x `tp` ranks a GPU of its own, or None
+    when it can (or runs on the CPU, or on a Ray cluster that places the ranks)."""
+    need = config.tp * config.dp
+    if config.executor == "ray" or need == 1:
         return None
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     on_gpu = config.device.startswith("cuda") or (config.device == "auto" and have > 0)
-    if not on_gpu or have >= config.tp:
+    if not on_gpu or have >= need:
         return None
+    what = f"tp={config.tp}" if config.dp == 1 else f"dp={config.dp} x tp={config.tp}"
     return (
-        f"tp={config.tp} needs {config.tp} GPUs, one per rank, and this machine has {have}; "
-        "lower tp, or use distributed_executor_backend='ray' across machines"
+        f"{what} needs {need} GPUs, one per rank, and this machine has {have}; lower "
+        "tp or dp, or use distributed_executor_backend='ray' across machines"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -18,6 +19,7 @@ from .config import EngineConfig, GenerationConfig, coerce_generation_config, fo
 from .detect import detect_architecture
 from .device import available_memory, resolve_device, resolve_dtype
 from .engine import AsyncEngine, LLMEngine, RequestOutput
+from .engine.client import EngineClient
 from .errors import BackendError, GenerationError, InvalidModelError, RequestError
 from .multimodal import (
     IMAGE_PART,
@@ -32,10 +34,18 @@ from .multimodal import (
 from .plugins import PluginHost, get_plugins
 from .resolve import resolve_model
 from .response import Response
-from .runner import ModelRunner, RunnerContext, missing_members, session_length
+from .runner import (
+    ModelRunner,
+    RunnerContext,
+    capability_problems,
+    missing_members,
+    session_length,
+    undeclared_extras,
+)
 from .spec import ModelSpec, read_model_spec
 from .tool_calls import Tool, ToolParser, ToolUse, parser_for_template, resolve_tools
 
+log = logging.getLogger(__name__)
 SCORE_CONFIG = GenerationConfig(max_new_tokens=1)  # score-only requests generate nothing
 Message = Mapping[str, Any]
 # A string, a message list, {"token_ids": [...]}, or (text, image or images) for a VLM.
@@ -73,13 +83,33 @@ def build_runner(
     plugins: PluginHost | None = None,
     progress: bool = True,
 ) -> ModelRunner:
-    """Step 7: the chosen backend's runner, built by the plugin that offered it, loaded."""
+    """Step 7: the chosen backend's runner, built by the plugin that offered it, loaded.
+    Under an executor (`config.executor`), the executor's driver: its ranks build theirs."""
     plugins = plugins or get_plugins()
     verdict = decision.chosen_verdict
-    backend, owner = verdict.name, verdict.plugin
-    if config.executor is not None:  # tp > 1: the ranks build their runners themselves
+    if config.executor is not None:
         return _start_executor(decision, spec, config, progress)
     context = RunnerContext.for_model(spec, config)
+    runner = create_runner(verdict.plugin, verdict.name, spec, config, context, plugins)
+    try:
+        runner.load(progress)
+    except BaseException:
+        runner.close()  # free whatever part of the weights did load
+        raise
+    return runner
+
+
+def create_runner(
+    owner: str,
+    backend: str,
+    spec: ModelSpec,
+    config: EngineConfig,
+    context: RunnerContext,
+    plugins: PluginHost,
+) -> ModelRunner:
+    """The runner plugin `owner` builds for `backend` (not loaded), checked against the
+    contract: `BackendError` naming the plugin when it builds none, or something that is not
+    a runner, or declares a capability it lacks the method for."""
     try:
         runner = plugins.call_one(
             owner, "create_runner", backend=backend, spec=spec, config=config, context=context
@@ -93,18 +123,28 @@ def build_runner(
             f"plugin {owner!r} said it supports backend {backend!r} but built no runner "
             "for it; report this to the plugin's authors"
         )
+    what = f"plugin {owner!r} built a {type(runner).__name__} for backend {backend!r}"
     missing = missing_members(runner)
     if missing:
         raise BackendError(
-            f"plugin {owner!r} built a {type(runner).__name__} for backend {backend!r}, which is "
-            f"not a runner: it lacks {', '.join(missing)} (see enginehouse.runner.ModelRunner); "
-            "report this to the plugin's authors"
+            f"{what}, which is not a runner: it lacks {', '.join(missing)} (see "
+            "enginehouse.runner.ModelRunner); report this to the plugin's authors"
         )
-    try:
-        runner.load(progress)
-    except BaseException:
-        runner.close()  # free whatever part of the weights did load
-        raise
+    problems = capability_problems(runner)
+    if problems:
+        raise BackendError(
+            f"{what}, whose capabilities do not hold: {'; '.join(problems)} (see "
+            "enginehouse.runner.RunnerCapabilities); report this to the plugin's authors"
+        )
+    undeclared = undeclared_extras(runner)
+    if undeclared:
+        log.warning(
+            "plugin %r: %s has %s without declaring it in `capabilities`; the engine does not "
+            "call it (docs/plugins.md, 'Capabilities')",
+            owner,
+            type(runner).__name__,
+            ", ".join(undeclared),
+        )
     return runner
 
 
@@ -176,6 +216,9 @@ def pipeline(
     decision = decide_backend(spec, config, backend, plugins)
     tokenizer = load_tokenizer(spec, config.trust_remote_code)
     template = load_chat_template(tokenizer, spec, chat_template)
+    if config.dp > 1:
+        client = start_replicas(decision, spec, config, tokenizer, plugins, progress)
+        return Pipeline(spec, decision, client, tokenizer, template)
     # The model is loaded on the thread that will run every step: torch work on a second
     # thread makes a second OpenMP thread team, and the steps then ran about 20-25% slower
     # here (2 cores) than when one thread does it all.
@@ -186,6 +229,62 @@ def pipeline(
     except BaseException:
         worker.shutdown(wait=True)
         raise
+
+
+def start_replicas(
+    decision: BackendDecision,
+    spec: ModelSpec,
+    config: EngineConfig,
+    tokenizer: Any,
+    plugins: PluginHost,
+    progress: bool = True,
+) -> EngineClient:
+    """`config.dp` engine replicas, each in its own process, behind one client. They load in
+    parallel; when one fails to start, the others are closed and the error names it."""
+    from .engine.core_process import CoreInit
+    from .engine.data_parallel import DataParallelClient, replica_places
+    from .engine.process_client import ProcessClient, SubprocessTransport
+
+    vision = None  # this process prepares prompts with its processor; replicas encode
+    if spec.is_vlm:
+        vision = plugins.hook.create_vision_encoder(spec=spec, config=config)
+    on_ray = config.executor == "ray"
+    gpu = resolve_device(config).type == "cuda"
+    replica = config.model_copy(update={"dp": 1})
+    if on_ray and config.tp == 1:  # the replica's actor runs its one rank itself
+        replica = replica.model_copy(update={"distributed_executor_backend": None})
+    budget = config.kv_cache_memory
+    if isinstance(budget, float) and not gpu and not on_ray:
+        # CPU replicas share this machine's memory: each takes its part of the fraction.
+        replica = replica.model_copy(update={"kv_cache_memory": budget / config.dp})
+    places = replica_places(config, config.dp) if not on_ray else [(None, {})] * config.dp
+    if on_ray:  # once, from the caller's thread (Ray sets signal handlers there)
+        from .executor.ray_executor import connect_ray
+
+        connect_ray()
+
+    def start(i: int) -> ProcessClient:
+        cores, env = places[i]
+        init = CoreInit(decision, spec, replica, f"replica {i}", progress and i == 0, cores)
+        if on_ray:
+            from .engine.ray_replica import RayTransport
+
+            return ProcessClient(init, tokenizer, vision, RayTransport(int(gpu and config.tp == 1)))
+        return ProcessClient(init, tokenizer, vision, SubprocessTransport(env))
+
+    with ThreadPoolExecutor(config.dp, thread_name_prefix="enginehouse-start") as pool:
+        futures = [pool.submit(start, i) for i in range(config.dp)]
+    started, errors = [], []
+    for f in futures:
+        try:
+            started.append(f.result())
+        except BaseException as e:
+            errors.append(e)
+    if errors:
+        for client in started:
+            client.close()
+        raise errors[0]
+    return DataParallelClient(started)
 
 
 def _build_engine(
@@ -253,7 +352,7 @@ class Pipeline:
         self,
         spec: ModelSpec,
         backend_decision: BackendDecision,
-        engine: AsyncEngine,
+        engine: EngineClient,
         tokenizer: Any,
         chat_template: ChatTemplate,
     ) -> None:
@@ -270,26 +369,28 @@ class Pipeline:
         return self.backend_decision.chosen
 
     @property
-    def runner(self) -> ModelRunner:
-        """The backend's runner (its `kv_spec` says the KV layout, dtype and device)."""
-        return self.engine.engine.runner
+    def runner(self) -> ModelRunner | None:
+        """The backend's runner where it runs in this process (None where the engine core
+        runs in another process: `EngineConfig.dp`, or an executor's ranks)."""
+        return self.engine.runner
 
     @property
     def session_len(self) -> int:
         """The context length the engine enforces: prompt and output together."""
-        return self.engine.engine.session_len
+        return self.engine.session_len
 
     @property
     def vision(self) -> VisionEncoder | None:
         """The image encoder of a vision-language model; None for a text model."""
-        return self.engine.engine.vision
+        return self.engine.vision
 
     def summary(self) -> dict[str, Any]:
         """What the engine runs with: backend, context, dtype, device and the KV cache."""
-        kv, stats = self.runner.kv_spec, self.stats()
+        kv, stats = self.engine.kv_spec, self.stats()
         blocks = stats["kv_blocks_total"]
         return {
             "backend": self.backend,
+            **self.engine.describe(),
             "session_len": self.session_len,
             "dtype": str(kv.dtype).removeprefix("torch."),
             "device": str(kv.device),
@@ -329,13 +430,13 @@ class Pipeline:
                 "vision-language model (see `enginehouse explain MODEL`)"
             )
         if images:
-            check_image_count(len(images), self.engine.engine.config)
+            check_image_count(len(images), self.engine.config)
         text, special = self._text(body, images, apply_chat_template, tools)
         if not images:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
         assert vision is not None
         check_placeholders(text, len(images), vision.image_token)
-        return vision.prepare(text, images, special, max_tokens=self.engine.engine.session_len)
+        return vision.prepare(text, images, special, max_tokens=self.engine.session_len)
 
     def _text(
         self, prompt: Any, images: list[Any], apply_chat_template: bool, tools: Any = None
@@ -511,7 +612,7 @@ class Pipeline:
         raises `RequestError` here rather than ending the request with an error."""
         constraint = config.constraint
         if constraint is not None:
-            self.engine.engine.grammars.compile(constraint).result()
+            self.engine.compile_grammar(constraint).result()
 
     def get_ppl(self, prompts: Prompt | Sequence[Prompt]) -> float | list[float]:
         """Perplexity of each prompt (exp of the mean negative log-likelihood per token).
@@ -577,14 +678,10 @@ class Pipeline:
 
     def stats(self) -> dict[str, int]:
         """Engine counters: running and waiting requests, KV blocks used and in total."""
-        return self.engine.call(self.engine.engine.stats)  # type: ignore[return-value]
+        return self.engine.stats()
 
     def close(self) -> None:
-        self.engine.close()
-        self.engine.engine.grammars.close()
-        self.runner.close()
-        if self.vision is not None:
-            self.vision.close()
+        self.engine.close()  # the engine's runner, grammars and image encoder too
 
     def __enter__(self) -> Pipeline:
         return self
@@ -653,6 +750,14 @@ def runtime_plan(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
         collectives = "NCCL" if device.type == "cuda" else "gloo"
         place = "on a Ray cluster" if config.executor == "ray" else "worker processes here"
         plan["ranks"] = f"{config.tp} ({config.executor} executor: {place}, {collectives})"
+    if config.dp > 1:
+        where = "Ray actors" if config.executor == "ray" else "processes here"
+        split = "their GPUs" if device.type == "cuda" else "the cores and the KV budget"
+        plan["replicas"] = (
+            f"{config.dp} engine replicas ({where}, {config.tp} rank{'s' * (config.tp > 1)} "
+            f"each, splitting {split}); requests go to the least loaded, or where their "
+            "prefix is cached"
+        )
     budget = config.kv_cache_memory
     if isinstance(budget, float):
         # The real budget is taken after loading; estimate it from what is free now.

@@ -116,8 +116,14 @@ class SeqChunk:
         return self.start_pos + len(self.token_ids)
 
     @property
+    def is_decode(self) -> bool:
+        """One new token: it attends to the KV already in the blocks, as a batch of decodes
+        does. The one definition every runner uses (a one-token prompt is a decode too)."""
+        return len(self.token_ids) == 1
+
+    @property
     def is_prefill(self) -> bool:
-        return self.start_pos == 0 or len(self.token_ids) > 1
+        return not self.is_decode
 
     def slots(self, block_size: int) -> list[int]:
         """The KV slot of each new token, in order."""
@@ -192,16 +198,83 @@ class ModelRunner(Protocol):
         """Free the weights and the KV cache."""
 
 
+@dataclass(frozen=True)
+class RunnerCapabilities:
+    """What a runner offers beyond the four required members, declared as flags (the way
+    simonw/llm's models declare `can_stream`), never guessed from its attributes.
+
+    A runner sets `capabilities = RunnerCapabilities(...)`; without it, it declares none. The
+    core calls a method of `RunnerExtras` only where its flag is set, and `pipeline()` refuses a
+    runner whose flag promises a method it lacks (`capability_problems`). New capabilities
+    come as new fields that default to False, so a runner written before them keeps working.
+    """
+
+    plans_kv: bool = False  # plan_kv_blocks(config, session_len): its own number of KV blocks
+    profiles: bool = False  # profile_run(num_tokens): a forward pass before the budget is read
+    releases_sequences: bool = False  # release_sequence(...): the blocks were freed
+    finishes_sequences: bool = False  # finish_sequence(seq_id): the sequence is gone for good
+
+
+# Each capability and the method it promises.
+CAPABILITY_METHODS = {
+    "plans_kv": "plan_kv_blocks",
+    "profiles": "profile_run",
+    "releases_sequences": "release_sequence",
+    "finishes_sequences": "finish_sequence",
+}
+
+
 class RunnerExtras(Protocol):
-    """Optional runner methods: the core calls each one only where the runner has it."""
+    """Optional runner methods: the core calls each one only where the runner declares it in
+    `capabilities` (`RunnerCapabilities`)."""
+
+    def plan_kv_blocks(self, config: EngineConfig, session_len: int) -> int:
+        """(`plans_kv`) The number of KV blocks to allocate, in place of the core's plan from
+        `EngineConfig.kv_cache_memory` and `kv_spec.bytes_per_block`."""
 
     def profile_run(self, num_tokens: int) -> None:
-        """One forward pass at the largest step (`num_tokens` tokens), before the KV budget is
-        read, so that the memory its activations take is already counted."""
+        """(`profiles`) One forward pass at the largest step (`num_tokens` tokens), before the
+        KV budget is read, so that the memory its activations take is already counted."""
 
     def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
-        """A sequence's blocks were freed (it finished, was aborted or preempted): drop
-        whatever the runner keeps for it beyond the blocks themselves."""
+        """(`releases_sequences`) A sequence's blocks were freed: it finished, was aborted or
+        was preempted (then it comes back later, with the same id, from position 0 in new
+        blocks). Drop whatever the runner keeps for those blocks."""
+
+    def finish_sequence(self, seq_id: int) -> None:
+        """(`finishes_sequences`) The sequence is gone for good (finished or aborted; never
+        on preemption): drop whatever the runner keeps for it across preemptions."""
+
+
+def capabilities_of(runner: object) -> RunnerCapabilities:
+    """The runner's declared capabilities (none when it declares nothing)."""
+    declared = getattr(runner, "capabilities", None)
+    return declared if isinstance(declared, RunnerCapabilities) else RunnerCapabilities()
+
+
+def capability_problems(runner: object) -> list[str]:
+    """What is wrong with a runner's declaration: a `capabilities` that is not a
+    `RunnerCapabilities`, or a flag whose method is missing."""
+    declared = getattr(runner, "capabilities", None)
+    if declared is not None and not isinstance(declared, RunnerCapabilities):
+        return [f"capabilities is a {type(declared).__name__}, not a RunnerCapabilities"]
+    caps = capabilities_of(runner)
+    return [
+        f"it declares {flag} but has no {method}()"
+        for flag, method in CAPABILITY_METHODS.items()
+        if getattr(caps, flag) and not callable(getattr(runner, method, None))
+    ]
+
+
+def undeclared_extras(runner: object) -> list[str]:
+    """Methods of `RunnerExtras` the runner has without declaring them: the core never calls
+    them (before capabilities were declared, it called whatever a runner had)."""
+    caps = capabilities_of(runner)
+    return [
+        f"{method}() (declare RunnerCapabilities({flag}=True))"
+        for flag, method in CAPABILITY_METHODS.items()
+        if callable(getattr(runner, method, None)) and not getattr(caps, flag)
+    ]
 
 
 def missing_members(runner: object) -> list[str]:

@@ -255,7 +255,7 @@ def native_model_configs(vocab_size: int) -> dict[str, Any]:
 def tight_kv_config(pipe: Any, session_len: int, block_size: int, num_blocks: int) -> dict:
     """Engine settings for a KV cache of exactly `num_blocks` blocks of `block_size` tokens,
     sized by the bytes per token of `pipe`'s runner: small enough to force preemption."""
-    kv = pipe.runner.kv_spec
+    kv = pipe.engine.kv_spec
     per_token = kv.bytes_per_block // kv.block_size
     return dict(
         session_len=session_len,

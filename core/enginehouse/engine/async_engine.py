@@ -1,4 +1,4 @@
-"""Run an `LLMEngine` on a private asyncio loop in a daemon thread.
+"""The in-process engine client: an `LLMEngine` on a private asyncio loop in a daemon thread.
 
 Engine steps run on one worker thread (the step thread) so that the loop stays responsive while
 the model computes; the loop only starts the step thread when work arrives. Once started, the
@@ -15,30 +15,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from ..config import GenerationConfig
 from ..errors import RequestError
 from ..multimodal import MultiModalData
+from ..runner import ModelRunner
+from .client import EngineClient, Sink
+from .grammar import Constraint
 from .llm_engine import LLMEngine
 from .sequence import RequestOutput
 
 log = logging.getLogger(__name__)
-Sink = Callable[[RequestOutput], None]
 
 
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine, executor: ThreadPoolExecutor | None = None) -> None:
         """`executor`: the one-thread executor that runs the steps; pass the one the model was
         loaded on, so that all torch work stays on one thread (see `pipeline()`)."""
         self.engine = engine
-        engine.on_grammar_ready = self._grammar_ready
+        self.config = engine.config
+        self.session_len = engine.session_len
+        self.kv_spec = engine.executor.kv_spec
+        self.vision = engine.vision
+        engine.core.on_grammar_ready = self._grammar_ready
         self._sinks: dict[str, Sink] = {}  # touched by the step thread only
         # Adds and aborts from any thread, run by the step thread before its next step; a
         # `together()` batch is one entry, so no step sees half of it.
@@ -191,45 +197,26 @@ class AsyncEngine:
         if not self._closed:
             self._queue(lambda: self.engine.abort(request_id))
 
-    def stream(
-        self, prompt_ids: list[int], params: GenerationConfig, score_only: bool = False
-    ) -> Iterator[RequestOutput]:
-        """Outputs of one request, for synchronous code. Leaving the loop early aborts it."""
-        q: queue.Queue[RequestOutput] = queue.Queue()
-        rid = self.submit(prompt_ids, params, q.put, score_only=score_only)
-        finished = False
-        try:
-            while not finished:
-                out = q.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(rid)
-
-    async def astream(
-        self, prompt_ids: list[int], params: GenerationConfig, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request, for code on any asyncio loop. Cancelling it aborts it."""
-        caller = asyncio.get_running_loop()
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.submit(
-            prompt_ids, params, lambda o: caller.call_soon_threadsafe(q.put_nowait, o), request_id
-        )
-        finished = False
-        try:
-            while not finished:
-                out = await q.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(rid)
-
     def call(self, fn: Callable[[], object]) -> object:
         """Run `fn` on the loop thread and wait for its result (for stats and tests)."""
         future = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
         return future.result()
+
+    @property
+    def runner(self) -> ModelRunner | None:
+        return self.engine.runner
+
+    def compile_grammar(self, constraint: Constraint) -> Future:
+        return self.engine.grammars.compile(constraint)
+
+    def stats(self) -> dict[str, Any]:
+        return self.call(self.engine.stats)  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        return {"replicas": 1, **self.engine.executor.describe()}
+
+    def is_running(self) -> bool:
+        return not self._closed and self.loop.is_running()
 
     def close(self) -> None:
         if self._closed:
@@ -242,8 +229,16 @@ class AsyncEngine:
         self.call(self._abort_all)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
+        # The engine's own close (grammars, executor, runner) runs on the step thread, where
+        # the model was loaded.
+        self._executor.submit(self._close_engine).result()
         self._executor.shutdown(wait=True)
         self.loop.close()
+
+    def _close_engine(self) -> None:
+        self.engine.close()
+        if self.vision is not None:
+            self.vision.close()
 
     def _abort_all(self) -> None:
         self._take_requests()

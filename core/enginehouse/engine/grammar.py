@@ -246,24 +246,15 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
-def apply_grammars(logits: torch.Tensor, grammars: list[GrammarState | None]) -> None:
-    """Set the logits of tokens the grammar forbids to -inf, in place, on constrained rows.
-
-    The bitmask is filled on the CPU (one bit per token) and copied to the logits' device,
-    where xgrammar's kernel applies it; unconstrained rows are not touched.
-    """
-    rows = [i for i, g in enumerate(grammars) if g is not None]
-    if not rows:
-        return
+def fill_bitmask(grammars: list[GrammarState], rows: list[int], num_rows: int) -> np.ndarray:
+    """The step's grammar bitmask ([num_rows, ceil(vocab / 32)] int32, xgrammar's layout: bit
+    i % 32 of word i // 32 allows token i): each grammar fills its row, ANDed with the UTF-8
+    guard's row for its output's state; the other rows are left all-allowed. The sampler
+    applies it where the logits are (`sampler._mask`)."""
     xgr = xgrammar()
-    vocab = grammars[rows[0]].utf8.vocab_size  # type: ignore[union-attr]
-    if logits.shape[1] > vocab:  # logits past the vocabulary the grammar knows: never
-        logits[rows, vocab:] = float("-inf")
-    bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)
-    for i in rows:
-        grammar = grammars[i]
-        assert grammar is not None
+    vocab = grammars[0].utf8.vocab_size
+    bitmask = xgr.allocate_token_bitmask(num_rows, vocab)
+    for grammar, i in zip(grammars, rows):
         grammar.fill(bitmask, i)
         bitmask[i] &= grammar.utf8.bits[grammar.utf8_state]
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+    return bitmask.numpy()

@@ -1,86 +1,268 @@
-"""Pick the next token of every row: torch code in the core, so every backend samples alike.
+"""Pick the next token of every row where the logits are: sampling as data.
 
-Order follows transformers: penalties, then temperature, top-k, top-p and min-p. Each seeded
-request draws from its own generator, so its tokens do not depend on what it is batched with.
-Rows of constrained requests (grammar.py) get their grammar's token mask after the penalties;
-a batch without them does no grammar work at all.
+The engine describes a step's sampling as a `SamplingBatch`, plain picklable data (per-row
+arrays of temperature, top-k/p, min-p, penalties, seeds and logprob counts, the stop ids that
+`min_new_tokens` still bans, which prompt positions to score; a request's prompt ids once,
+where a penalty needs them). `Sampler.sample` runs it next to the logits: in the engine's own
+process at tp=1, on rank 0 under an executor, which then sends back token ids and a few
+logprobs instead of `[rows, vocab]` logits. The grammar bitmask comes apart, at `sample` time,
+because the engine fills it while the forward runs.
+
+What a sampled sequence needs across steps (its seeded generator, the tokens it drew, for the
+penalties) lives in the `Sampler` until the engine says the sequence finished; preemption does
+not drop it. Order follows transformers: penalties, then temperature, top-k, top-p and min-p.
+A seeded request draws from its own CPU generator, so its tokens do not depend on what it is
+batched with, nor on the device; unseeded rows draw their noise on the logits' device.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
-from .grammar import apply_grammars
-from .sequence import Sequence
+from ..config import GenerationConfig
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Penalties and min_new_tokens, in place on `logits`."""
-    banned_rows: list[int] = []
-    banned_ids: list[int] = []
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            # transformers' rule, over prompt and output: shrink the scores of seen tokens.
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+@dataclass(frozen=True)
+class PromptScoring:
+    """Score prompt positions of one chunk: logits rows `first_row ...` predict `targets`,
+    the prompt's tokens from position `first_pos` on. Their sum always; with `top_n` given
+    (not None), each target's logprob and rank too, and the row's top-N."""
+
+    seq_id: int
+    first_row: int
+    first_pos: int
+    targets: tuple[int, ...]
+    top_n: int | None = None
+
+
+@dataclass
+class SamplingBatch:
+    """One step's sampling, one entry per sampled row (in `rows` order)."""
+
+    seq_ids: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the logits row each samples from
+    greedy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    top_k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    min_p: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    repetition_penalty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    presence_penalty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    frequency_penalty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    seeds: list[int | None] = field(default_factory=list)
+    logprobs: list[int | None] = field(default_factory=list)  # top-N per row, None: none
+    # (row, token) pairs set to -inf: stop ids while min_new_tokens is not reached.
+    banned: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+    # Prompt ids of sequences seen for the first time that need them (repetition penalty).
+    prompts: dict[int, list[int]] = field(default_factory=dict)
+    scoring: list[PromptScoring] = field(default_factory=list)
+    # Rows constrained by a grammar (indices into this batch), and the grammar's vocabulary.
+    constrained: list[int] = field(default_factory=list)
+    grammar_vocab: int = 0
+    finished: list[int] = field(default_factory=list)  # sequences whose state goes
+
+    @property
+    def penalized(self) -> bool:
+        return bool(
+            (self.repetition_penalty != 1.0).any()
+            or self.presence_penalty.any()
+            or self.frequency_penalty.any()
+        )
+
+
+def batch_of(
+    rows: list[tuple[int, int, GenerationConfig, list[int] | None]],
+) -> SamplingBatch:
+    """A `SamplingBatch` for rows of (seq_id, logits row, params, prompt ids or None)."""
+    params = [p for _, _, p, _ in rows]
+
+    def array(name: str, dtype: type) -> np.ndarray:
+        return np.array([getattr(p, name) for p in params], dtype=dtype)
+
+    batch = SamplingBatch(
+        seq_ids=[s for s, _, _, _ in rows],
+        rows=[r for _, r, _, _ in rows],
+        greedy=np.array([p.greedy for p in params], dtype=bool),
+        temperature=array("temperature", np.float32),
+        top_k=array("top_k", np.int64),
+        top_p=array("top_p", np.float32),
+        min_p=array("min_p", np.float32),
+        repetition_penalty=array("repetition_penalty", np.float32),
+        presence_penalty=array("presence_penalty", np.float32),
+        frequency_penalty=array("frequency_penalty", np.float32),
+        seeds=[p.random_seed for p in params],
+        logprobs=[p.logprobs for p in params],
+    )
+    batch.prompts = {s: list(ids) for s, _, _, ids in rows if ids is not None}
+    return batch
+
+
+@dataclass
+class PromptScores:
+    """What one chunk's scored prompt positions gave (see `PromptScoring`)."""
+
+    first_pos: int = 0  # the prompt position of the first target
+    total: float = 0.0  # the sum of the targets' logprobs
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # target first, then top-N
+    ranks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result: never logits, only what the engine keeps of them."""
+
+    token_ids: list[int] = field(default_factory=list)  # one per sampled row
+    logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    scores: dict[int, PromptScores] = field(default_factory=dict)  # by seq_id
+    finite: bool = True  # every sampled row's maximum was finite
+
+
+@dataclass
+class _SeqState:
+    generator: torch.Generator | None = None
+    seen: set[int] = field(default_factory=set)  # prompt and output, for repetition_penalty
+    counts: Counter = field(default_factory=Counter)  # output tokens, presence/frequency
+
+
+class Sampler:
+    """Samples `SamplingBatch`es and keeps each sequence's state until it finishes."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, _SeqState] = {}
+
+    def finish(self, seq_ids: list[int]) -> None:
+        for s in seq_ids:
+            self.states.pop(s, None)
+
+    def _state(self, seq_id: int, seed: int | None, prompt: list[int] | None) -> _SeqState:
+        state = self.states.get(seq_id)
+        if state is None:
+            state = self.states[seq_id] = _SeqState()
+            if seed is not None:
+                state.generator = torch.Generator().manual_seed(seed)
+        if prompt is not None and not state.seen:
+            state.seen.update(prompt)
+        return state
+
+    @torch.inference_mode()  # the runner's logits are inference tensors, changed in place here
+    def sample(
+        self, logits: torch.Tensor | None, batch: SamplingBatch, bitmask: np.ndarray | None = None
+    ) -> SamplerOutput:
+        """The next token of every row in `batch`, logprobs where asked, prompt scores."""
+        self.finish(batch.finished)
+        out = SamplerOutput()
+        if logits is None:
+            return out
+        logits = logits.float()
+        out.scores = {s.seq_id: _score(logits, s) for s in batch.scoring}
+        if not batch.seq_ids:
+            return out
+        states = [
+            self._state(s, seed, batch.prompts.get(s)) if seed is not None or p else None
+            for s, seed, p in zip(batch.seq_ids, batch.seeds, _needs_history(batch))
+        ]
+        # A decode-only batch samples every row: the logits as they are, not a copy.
+        picked = logits if batch.rows == list(range(len(logits))) else logits[batch.rows]
+        want = [i for i, n in enumerate(batch.logprobs) if n is not None]
+        raw = picked[want].log_softmax(dim=1) if want else None
+        if batch.penalized:
+            _penalize(picked, batch, states)
+        if batch.banned[0]:  # one indexing op for the whole batch, not one per row
+            picked[batch.banned] = float("-inf")
+        if bitmask is not None and batch.constrained:
+            _mask(picked, bitmask, batch)
+        tokens, out.finite = _first_max(picked)
+        sampled = np.flatnonzero(~batch.greedy).tolist()
+        if sampled:
+            probs = _filter(picked[sampled], batch, sampled).softmax(dim=1)
+            tokens[sampled] = _draw(probs, [states[i] for i in sampled])
+        out.token_ids = tokens.tolist()
+        out.logprobs = [None] * len(batch.seq_ids)
+        for j, i in enumerate(want):
+            out.logprobs[i] = _logprobs(raw[j], out.token_ids[i], batch.logprobs[i])  # type: ignore[index]
+        for state, token in zip(states, out.token_ids):
+            if state is not None:
+                state.seen.add(token)
+                state.counts[token] += 1
+        return out
+
+
+def _needs_history(batch: SamplingBatch) -> list[bool]:
+    rep, presence = batch.repetition_penalty != 1.0, batch.presence_penalty != 0
+    return (rep | presence | (batch.frequency_penalty != 0)).tolist()
+
+
+def _penalize(logits: torch.Tensor, batch: SamplingBatch, states: list) -> None:
+    """Penalties in place: repetition over prompt and output (transformers' rule: shrink the
+    scores of seen tokens), presence and frequency over the output (OpenAI's rule)."""
+    for row, state in enumerate(states):
+        if state is None:
+            continue
+        rep = float(batch.repetition_penalty[row])
+        if rep != 1.0 and state.seen:
+            seen = torch.tensor(sorted(state.seen), device=logits.device)
             scores = logits[row, seen]
-            scores = torch.where(
-                scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty
-            )
-            logits[row, seen] = scores
-        if p.presence_penalty or p.frequency_penalty:
-            # OpenAI's rule, over the output only.
-            out = torch.tensor(seq.generated_ids, dtype=torch.long, device=logits.device)
-            if out.numel():
-                counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-                logits[row] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
-        # A grammar decides itself when the output may end: banning its stop tokens could
-        # leave a complete output with no allowed token at all.
-        if seq.num_generated < p.min_new_tokens and seq.stop_ids and seq.grammar is None:
-            banned_rows.extend([row] * len(seq.stop_ids))
-            banned_ids.extend(seq.stop_ids)
-    if banned_rows:  # one indexing op for the whole batch, not one per row
-        logits[banned_rows, banned_ids] = float("-inf")
-    return logits
+            logits[row, seen] = torch.where(scores < 0, scores * rep, scores / rep)
+        presence = float(batch.presence_penalty[row])
+        frequency = float(batch.frequency_penalty[row])
+        if (presence or frequency) and state.counts:
+            ids = torch.tensor(list(state.counts), device=logits.device)
+            counts = torch.tensor(list(state.counts.values()), dtype=logits.dtype)
+            logits[row, ids] -= counts.to(logits.device) * frequency + presence
 
 
-def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _mask(logits: torch.Tensor, bitmask: np.ndarray, batch: SamplingBatch) -> None:
+    """The grammar's forbidden tokens to -inf on the constrained rows (xgrammar's kernel, on
+    the logits' device); logits past the vocabulary the grammar knows are never allowed."""
+    from .grammar import xgrammar
+
+    xgr, rows, vocab = xgrammar(), batch.constrained, batch.grammar_vocab
+    if logits.shape[1] > vocab:
+        logits[rows, vocab:] = float("-inf")
+    mask = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab, indices=rows)
+
+
+def _filter(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, each a no-op where the request turns it off."""
-    device = logits.device
-    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=device)
+    device, vocab = logits.device, logits.shape[1]
+    temps = torch.from_numpy(batch.temperature[rows]).to(device, logits.dtype)
     logits = logits / temps.clamp_min(1e-6).unsqueeze(1)
-    top_k = [s.params.top_k for s in seqs]
-    top_p = [s.params.top_p for s in seqs]
-    min_p = [s.params.min_p for s in seqs]
-    vocab = logits.shape[1]
-    if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+    top_k, top_p, min_p = batch.top_k[rows], batch.top_p[rows], batch.min_p[rows]
+    if ((top_k > 0) & (top_k < vocab)).any() or (top_p < 1.0).any():
         sorted_logits, order = logits.sort(dim=1, descending=True)
         ranks = torch.arange(vocab, device=device).unsqueeze(0)
-        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
-        ks = ks.unsqueeze(1)
-        drop = ranks >= ks
+        ks = torch.from_numpy(np.where((top_k > 0) & (top_k < vocab), top_k, vocab)).to(device)
+        drop = ranks >= ks.unsqueeze(1)
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=1)
         # Drop a token when the tokens ranked above it already reach top_p.
         before = probs.cumsum(dim=1) - probs
-        drop |= before > torch.tensor(top_p, dtype=probs.dtype, device=device).unsqueeze(1)
+        drop |= before > torch.from_numpy(top_p).to(device, probs.dtype).unsqueeze(1)
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if any(m > 0 for m in min_p):
+    if (min_p > 0).any():
         probs = logits.softmax(dim=1)
-        min_ps = torch.tensor(min_p, dtype=probs.dtype, device=device).unsqueeze(1)
-        floor = probs.max(dim=1, keepdim=True).values * min_ps
+        floor = probs.max(dim=1, keepdim=True).values * torch.from_numpy(min_p).to(device)[:, None]
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
-def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    # argmax(p / q) with q ~ Exp(1) is a draw from p; each row uses its request's generator,
-    # which lives on the CPU so that a seed gives the same tokens on every device.
-    noise = torch.empty(probs.shape, dtype=probs.dtype)
-    for row, seq in enumerate(seqs):
-        noise[row].exponential_(generator=seq.generator)
-    return (probs / noise.to(probs.device)).argmax(dim=1)
+def _draw(probs: torch.Tensor, states: list[_SeqState | None]) -> torch.Tensor:
+    """argmax(p / q) with q ~ Exp(1) is a draw from p. A seeded row draws its noise from its
+    own generator, on the CPU, so that a seed gives the same tokens on every device; the other
+    rows draw theirs on the logits' device, in one call."""
+    noise = torch.empty_like(probs).exponential_()
+    seeded = [i for i, s in enumerate(states) if s is not None and s.generator is not None]
+    if seeded:
+        rows = torch.empty((len(seeded), probs.shape[1]), dtype=probs.dtype)
+        for j, i in enumerate(seeded):
+            rows[j].exponential_(generator=states[i].generator)  # type: ignore[union-attr]
+        noise[seeded] = rows.to(probs.device)
+    return (probs / noise).argmax(dim=1)
 
 
 def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -97,33 +279,27 @@ def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return index, bool(torch.isfinite(best).all())
 
 
-@torch.inference_mode()  # the runner's logits are inference tensors, changed in place here
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None], bool]:
-    """Next token per row, for rows that ask logprobs of the raw logits, and whether every
-    row's logits were finite (NaN or inf there mean a broken model: it samples garbage).
+def _logprobs(row: torch.Tensor, token: int, top_n: int) -> dict[int, float]:
+    """The chosen token's logprob, then the row's top-N (raw logits, before any penalty)."""
+    entry = {token: row[token].item()}
+    if top_n:
+        top = row.topk(top_n)
+        entry.update(zip(top.indices.tolist(), top.values.tolist()))
+    return entry
 
-    A row's logprobs map the chosen token and the top-N tokens to their log-probabilities.
-    """
-    logits = logits.float()
-    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    raw_logprobs = logits[want].log_softmax(dim=1) if want else None
-    logits = apply_penalties(logits, seqs)  # in place: the runner's output is ours to change
-    grammars = [s.grammar for s in seqs]
-    if any(g is not None for g in grammars):
-        apply_grammars(logits, grammars)
-    tokens, finite = _first_max(logits)
-    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if sampled:
-        rows = [seqs[i] for i in sampled]
-        probs = _filter(logits[sampled], rows).softmax(dim=1)
-        tokens[sampled] = _draw(probs, rows)
-    token_list = tokens.tolist()
-    logprobs: list[dict | None] = [None] * len(seqs)
-    for j, i in enumerate(want):
-        lp, tok, n = raw_logprobs[j], token_list[i], seqs[i].params.logprobs
-        entry = {tok: lp[tok].item()}
-        if n:
-            top = lp.topk(n)
-            entry.update(zip(top.indices.tolist(), top.values.tolist()))
-        logprobs[i] = entry
-    return token_list, logprobs, finite
+
+def _score(logits: torch.Tensor, s: PromptScoring) -> PromptScores:
+    lp = logits[s.first_row : s.first_row + len(s.targets)].log_softmax(dim=-1)
+    targets = torch.tensor(s.targets, device=lp.device)
+    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    scores = PromptScores(first_pos=s.first_pos, total=chosen.sum().item())
+    if s.top_n is None:
+        return scores
+    scores.ranks = ((lp > chosen.unsqueeze(1)).sum(dim=1) + 1).tolist()
+    top = lp.topk(s.top_n) if s.top_n else None
+    for i, (token, value) in enumerate(zip(s.targets, chosen.tolist())):
+        entry = {token: value}
+        if top is not None:
+            entry.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
+        scores.logprobs.append(entry)
+    return scores

@@ -4,34 +4,38 @@ Each step has a token budget. Running sequences go first (one token each when de
 chunk of their prompt otherwise), then waiting ones join while budget, batch slots and KV blocks
 last. When blocks run out, the newest running sequence is preempted: its blocks are freed and it
 waits to be recomputed from its tokens, so it still ends with the tokens it would have produced.
+
+Each chunk is a `ChunkPlan`: a sequence's block table goes to the runner's side as it grows,
+and the sequences whose blocks were freed (`released`) or that are gone for good (`finished`)
+since the last step go with the next one.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
-from ..runner import SeqChunk
 from .block_manager import BlockManager
+from .plan import ChunkPlan, Logits
 from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        max_batch_size: int,
-        max_tokens: int,
-        on_release: Callable[[Sequence], None] | None = None,
-    ) -> None:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_tokens: int) -> None:
         self.bm = block_manager
-        # Told before a sequence's computed blocks are freed (the runner's `release_sequence`).
-        self.on_release = on_release
         self.max_batch_size = max_batch_size
         self.max_tokens = max_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Since the last step: sequences whose blocks were freed, and those that are gone.
+        self.released: list[int] = []
+        self.finished: list[int] = []
+
+    def take_changes(self) -> tuple[list[int], list[int]]:
+        """The released and finished sequence ids since the last call, for the next step."""
+        released, finished = self.released, self.finished
+        self.released, self.finished = [], []
+        return released, finished
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -48,10 +52,13 @@ class Scheduler:
         self._free(seq)
         seq.status = Status.FINISHED
         seq.mm, seq.mm_embeds = None, None  # the images' memory goes with the request
+        if seq.admitted:  # the runner's side has seen it
+            self.finished.append(seq.seq_id)
 
     def _free(self, seq: Sequence) -> None:
-        if self.on_release is not None and seq.block_table:
-            self.on_release(seq)
+        if seq.sent_blocks:
+            self.released.append(seq.seq_id)
+        seq.sent_blocks = 0
         self.bm.free_seq(seq)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -63,28 +70,29 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
+    def _chunk(self, seq: Sequence, n: int) -> ChunkPlan:
         start = seq.num_computed
-        reaches_end = start + n == seq.num_tokens
         if seq.scores_prompt:
-            logits_at = tuple(range(n))  # every position scores the token after it
+            logits = Logits.ALL  # every position scores the token after it
         else:
-            logits_at = (n - 1,) if reaches_end else ()
+            logits = Logits.LAST if start + n == seq.num_tokens else Logits.NONE
         embed_rows, embeds = seq.embeds_between(start, start + n)
-        return SeqChunk(
+        new_blocks = tuple(seq.block_table[seq.sent_blocks :])
+        seq.sent_blocks = len(seq.block_table)
+        return ChunkPlan(
             seq_id=seq.seq_id,
             token_ids=tuple(seq.token_ids[start : start + n]),
             start_pos=start,
-            block_table=tuple(seq.block_table),
-            logits_at=logits_at,
+            new_blocks=new_blocks,
+            logits=logits,
             embed_rows=embed_rows,
             embeds=embeds,
             rope_positions=seq.rope_positions(start, start + n),
         )
 
-    def schedule(self) -> list[tuple[Sequence, SeqChunk]]:
+    def schedule(self) -> list[tuple[Sequence, ChunkPlan]]:
         budget = self.max_tokens
-        batch: list[tuple[Sequence, SeqChunk]] = []
+        batch: list[tuple[Sequence, ChunkPlan]] = []
         preempted = False
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:

@@ -1,4 +1,8 @@
-"""A request as the engine tracks it: its tokens, KV blocks, sampling state and output so far."""
+"""A request as the engine core tracks it (tokens, KV blocks), and what each step reports.
+
+`CoreOutput` is what the engine core sends per request and step (token ids, not text);
+`RequestOutput` is what callers get once the output processor has made text of it.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,30 @@ class RequestOutput:
     prompt_ranks: list[int | None] | None = None  # each prompt token's rank in its row
 
 
+@dataclass
+class CoreOutput:
+    """What the engine core produced for one request in one step: new token ids (and their
+    logprobs), and why it ended when it did. Picklable: it crosses processes as it is."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    # The last token's text is not part of the output: a stop token (EOS, a stop_token_id, the
+    # one that ends a grammar), or one that broke the grammar. It is in token_ids.
+    stop_token: bool = False
+    error: str | None = None
+    num_prompt: int = 0
+    cached_tokens: int = 0
+    prompt_logprob_sum: float | None = None  # score-only requests, when finished
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # complete, once
+    prompt_ranks: list[int | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -55,12 +83,8 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # one per full, hashed block
-    generator: torch.Generator | None = None
-    detokenizer: object | None = None
-    text: str = ""
-    emitted_text: int = 0  # characters of `text` already sent
-    emitted_tokens: int = 0
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    sent_blocks: int = 0  # entries of block_table the runner's side already has
+    sampler_knows: bool = False  # the sampler has this sequence's prompt (penalties)
     prompt_logprob_sum: float = 0.0
     # Prompt logprobs (params.prompt_logprobs): one entry per prompt position so far.
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])

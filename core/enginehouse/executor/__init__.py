@@ -1,13 +1,16 @@
-"""Where the ranks of a sharded model run (`EngineConfig.tp`, `distributed_executor_backend`).
+"""Where the runner runs: in the engine's process, or as the ranks of a sharded model.
 
-At tp=1 there is no executor: the engine drives the runner in its own process, as before.
-Otherwise an executor stands in for the runner (it meets `ModelRunner`): the scheduler, block
-manager and sampler stay in this process, the driver, and every step's `ScheduledBatch` goes to
-every rank; each rank runs the same step on its shard and rank 0 sends back the logits.
+The engine core drives an executor with the same calls whichever it is: `plan_kv_blocks`,
+`allocate_kv`, then per step `execute(plan)` (the step's `StepPlan`, a diff) and
+`sample(bitmask)` (the step's token ids), and `close`.
 
-- `worker.py`: one rank: torch.distributed set up, its runner built by the owning plugin;
-- `base.py`: the driver's side, shared: calls on every rank, failures named by rank;
-- `multiproc.py` ("mp"): worker processes on this machine, over socket pairs;
+- `local.py`: `LocalExecutor`, the runner in this process (tp=1, the default);
+- `assembler.py`: the runner's side of a step: block tables kept, batches rebuilt;
+- `worker.py`: one rank: torch.distributed set up, its runner built by the owning plugin, the
+  step's logits sampled on rank 0;
+- `base.py`: the driver's side of the ranks, shared: calls on every rank, failures named by rank;
+- `multiproc.py` ("mp"): worker processes on this machine, plans through shared memory;
+- `shm.py`: that shared-memory broadcast;
 - `ray_executor.py` ("ray"): one Ray actor per rank, placed by a placement group.
 """
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from ..engine.plan import StepPlan
+from ..engine.sampler import SamplerOutput
 from ..errors import EnginehouseError
-from ..runner import KVSpec, RunnerContext, ScheduledBatch
+from ..runner import KVSpec, RunnerCapabilities, RunnerContext
 
 if TYPE_CHECKING:
     from ..backends import BackendDecision
@@ -23,6 +25,11 @@ class RankError(EnginehouseError):
     """A rank died, hung or failed; the executor is down and says which rank and why."""
 
 
+class StepError(EnginehouseError):
+    """One step failed on a rank (a bad input reaching a kernel, say): that batch fails, the
+    ranks stay up and the next step runs."""
+
+
 def hung(ranks: list[int], method: str, timeout: float) -> str:
     """The error for ranks that did not answer within `distributed_timeout`."""
     which = f"rank{'s' if len(ranks) > 1 else ''} {' and '.join(map(str, ranks))}"
@@ -33,13 +40,16 @@ def hung(ranks: list[int], method: str, timeout: float) -> str:
 
 
 class DistributedExecutor:
-    """A `ModelRunner` whose work is done by `config.tp` ranks elsewhere.
+    """What the engine core drives when `config.tp` ranks elsewhere do the work.
 
-    Subclasses start the ranks (`_start`), call a method on every rank and collect one reply
-    from each (`_call_all`), and stop them (`_stop`), raising `RankError` for a rank that dies,
-    hangs past
-    `config.distributed_timeout` or cannot be reached. After the first failure the executor
-    is down: it stops every rank and every later call raises at once with the first reason.
+    It offers what `LocalExecutor` offers in process (`plan_kv_blocks`, `allocate_kv`,
+    `execute(plan)`, `sample(bitmask)`, `close`). Subclasses start the ranks (`_start`), call a
+    method on every rank and collect one reply from each (`_call_all`), send a step's plan to
+    every rank (`_broadcast`, no reply unless a rank fails), ask rank 0 alone for the step's
+    tokens (`_call_rank0`), and stop them (`_stop`), raising `RankError` for a rank that dies,
+    hangs past `config.distributed_timeout` or cannot be reached, and `StepError` for a step
+    that failed. After a `RankError` the executor is down: it stops every rank and every later
+    call raises at once with the first reason; after a `StepError` it goes on.
     """
 
     kind = ""  # "mp" or "ray"
@@ -50,8 +60,8 @@ class DistributedExecutor:
         self.spec, self.config = spec, config
         self.world_size = config.tp
         self.kv_spec: KVSpec = KVSpec(block_size=1, bytes_per_block=1)  # rank 0's, after load
+        self.capabilities = RunnerCapabilities()  # rank 0's runner's, after load
         self.down: str | None = None
-        self._releases = False
         self.collectives = ""
 
     # --- what subclasses provide ------------------------------------------------------------
@@ -62,6 +72,16 @@ class DistributedExecutor:
 
     def _call_all(self, method: str, args: tuple) -> list[Any]:
         """Call `method` on every rank; every rank's result, in rank order."""
+        raise NotImplementedError
+
+    def _broadcast(self, method: str, args: tuple) -> None:
+        """Send `method` to every rank without waiting: ranks answer only when they fail, and
+        that failure surfaces at the next `_call_rank0`."""
+        raise NotImplementedError
+
+    def _call_rank0(self, method: str, args: tuple) -> Any:
+        """Call `method` on rank 0 alone and wait for its result; a failure any rank reported
+        since the last call raises `StepError`."""
         raise NotImplementedError
 
     def _stop(self, graceful: bool) -> None:
@@ -100,7 +120,7 @@ class DistributedExecutor:
         ]
         infos = self._guarded(self._start, inits)
         self.kv_spec = infos[0]["kv_spec"]
-        self._releases = infos[0]["release_sequence"]
+        self.capabilities = infos[0]["capabilities"]
         self.collectives = infos[0]["collectives"]  # "gloo" or "nccl"
         log.info(
             "%d ranks started (%s executor, %s), %s threads each",
@@ -117,14 +137,20 @@ class DistributedExecutor:
     def allocate_kv(self, num_blocks: int) -> None:
         self._call("allocate_kv", num_blocks)
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        logits = self._call("execute", batch)[0]
-        # Ray hands back a read-only view of its object store; the sampler writes in place.
-        return torch.from_numpy(logits if logits.flags.writeable else logits.copy())
+    def execute(self, plan: StepPlan) -> None:
+        """Every rank runs the step's forward pass on its shard (returns at once)."""
+        self._guarded(self._broadcast, "execute", (plan,))
 
-    def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
-        if self._releases:
-            self._call("release_sequence", seq_id, block_table)
+    def sample(self, bitmask: np.ndarray | None = None) -> SamplerOutput:
+        """Rank 0 samples the step's logits where they are; only token ids come back."""
+        return self._guarded(self._call_rank0, "sample", (bitmask,))
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": self.kind, "ranks": self.world_size, "collectives": self.collectives}
+
+    def counters(self) -> dict[str, float]:
+        """What crossed between the driver and the ranks (for benchmarks); none by default."""
+        return {}
 
     def close(self) -> None:
         if self.down is None:

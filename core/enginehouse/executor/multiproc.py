@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .base import DistributedExecutor, RankError, hung
+from .base import DistributedExecutor, RankError, StepError, hung
+from .shm import ShmBroadcast
 from .worker import RankInit
 
 STOP_GRACE_S = 5.0  # how long `close` waits for ranks to exit before killing them
@@ -44,6 +46,11 @@ class MultiprocExecutor(DistributedExecutor):
         super().__init__(*args)
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
+        self.broadcast: ShmBroadcast | None = None
+        # What crossed to the ranks and back, for benchmarks (`counters`).
+        self.sent_bytes = self.received_bytes = self.messages = 0
+        self.transport_seconds = 0.0
+        self._failures: list[str] = []  # steps that failed on ranks other than 0
 
     def _rendezvous(self) -> tuple[str, list[tuple[int, int]]]:
         from ..device import missing_gpus
@@ -55,6 +62,8 @@ class MultiprocExecutor(DistributedExecutor):
         return f"tcp://127.0.0.1:{free_port()}", [(rank, n) for rank in range(n)]
 
     def _start(self, inits: list[RankInit]) -> list[dict[str, Any]]:
+        self.broadcast = ShmBroadcast(readers=len(inits))
+        inits = [replace(init, broadcast=self.broadcast.handle()) for init in inits]
         for _ in inits:
             mine, theirs = socket.socketpair()
             proc = subprocess.Popen(
@@ -81,27 +90,91 @@ class MultiprocExecutor(DistributedExecutor):
                 raise RankError(self._death(rank, method)) from None
         return self._collect(method, self.config.distributed_timeout)
 
-    def _collect(self, method: str, timeout: float | None) -> list[Any]:
-        """One reply from every rank, or the first failure named by rank."""
+    def _broadcast(self, method: str, args: tuple) -> None:
+        started = time.perf_counter()
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        assert self.broadcast is not None
+        shared = self.broadcast.fits(payload)
+        if shared:
+            try:
+                self.broadcast.write(payload, self.config.distributed_timeout)
+            except TimeoutError:
+                raise RankError(
+                    hung(self.broadcast.lagging(), method, self.config.distributed_timeout)
+                ) from None
+        frame = b"" if shared else payload
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(frame)
+            except OSError:
+                raise RankError(self._death(rank, method)) from None
+        self.sent_bytes += len(payload) if shared else len(payload) * len(self.conns)
+        self.messages += 1
+        self.transport_seconds += time.perf_counter() - started
+
+    def _call_rank0(self, method: str, args: tuple) -> Any:
+        started = time.perf_counter()  # the transport's own time: pickling, writing, reading
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.conns[0].send_bytes(payload)
+        except OSError:
+            raise RankError(self._death(0, method)) from None
+        self.sent_bytes += len(payload)
+        self.transport_seconds += time.perf_counter() - started
+        # Named "execute" in errors: the step as a whole, whichever part a rank was in.
+        reply = self._collect("execute", self.config.distributed_timeout, only=0)[0]
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise StepError("; ".join(failures))
+        return reply
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "transport_messages": self.messages,
+            "transport_sent_bytes": self.sent_bytes,
+            "transport_received_bytes": self.received_bytes,
+            "transport_seconds": self.transport_seconds,
+        }
+
+    def _collect(self, method: str, timeout: float | None, only: int | None = None) -> list[Any]:
+        """One reply from every rank (from rank `only` alone where given: the others then
+        speak only to report a failed step), or the first failure named by rank."""
+        want = set(range(len(self.conns))) if only is None else {only}
         replies: dict[int, Any] = {}
-        pending = dict(enumerate(self.conns))
         deadline = None if timeout is None else time.monotonic() + timeout
-        while pending:
+        while len(replies) < len(want):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait(list(pending.values()), left)
+            ready = wait(self.conns, left)
             if not ready:
-                # A hung rank stalls the others in their collectives: all of them are named.
-                raise RankError(hung(list(pending), method, timeout))
-            for rank, conn in [(r, c) for r, c in pending.items() if c in ready]:
-                del pending[rank]
-                try:
-                    status, value = pickle.loads(conn.recv_bytes())
-                except (EOFError, OSError):
-                    raise RankError(self._death(rank, method)) from None
-                if status != "ok":
-                    raise RankError(f"rank {rank} failed in {method}: {value}")
-                replies[rank] = value
-        return [replies[r] for r in range(len(self.conns))]
+                # A hung rank stalls the others in their collectives: all of them are named
+                # (in a step, every rank: those that do not answer it may be the stuck ones).
+                silent = range(len(self.conns)) if only is not None else want - replies.keys()
+                raise RankError(hung(sorted(silent), method, timeout))
+            for rank, conn in enumerate(self.conns):
+                if conn in ready:
+                    status, value = self._receive(rank, conn, method)
+                    if status == "ok" and rank in want:
+                        replies[rank] = value
+                    elif status == "failed" and only is not None:
+                        self._failures.append(f"rank {rank}: {value}")
+                        if rank in want:
+                            replies[rank] = None
+                    elif status == "failed":  # a step's failure, after rank 0 answered it
+                        raise RankError(f"rank {rank} failed a step rank 0 completed: {value}")
+                    else:
+                        raise RankError(f"rank {rank} failed in {method}: {value}")
+        return [replies[r] for r in sorted(want)]
+
+    def _receive(self, rank: int, conn: Connection, method: str) -> tuple[str, Any]:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            raise RankError(self._death(rank, method)) from None
+        started = time.perf_counter()
+        message = pickle.loads(data)
+        self.transport_seconds += time.perf_counter() - started
+        self.received_bytes += len(data)
+        return message
 
     def _death(self, rank: int, method: str) -> str:
         proc = self.procs[rank]
@@ -131,6 +204,9 @@ class MultiprocExecutor(DistributedExecutor):
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
+        if self.broadcast is not None:
+            self.broadcast.close(unlink=True)
+            self.broadcast = None
 
     def __del__(self) -> None:  # a pipeline dropped without close(): leave no process behind
         for proc in getattr(self, "procs", []):

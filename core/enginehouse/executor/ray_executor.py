@@ -2,22 +2,25 @@
 
 A placement group reserves one bundle per rank (a GPU, or a CPU) before any actor starts, so
 either every rank gets its place or the start fails with what is missing; "PACK" keeps ranks
-on as few machines as fit them. The driver connects to the cluster named by RAY_ADDRESS
-("auto": the one `ray start --head` started on this machine). The calls and their results
-travel through Ray's object store.
+on as few machines as fit them. The driver connects to the cluster named by RAY_ADDRESS, else
+to the one `ray start --head` started on this machine, else starts one here (`connect_ray`).
+The calls and their results travel through Ray's object store.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import replace
 from typing import Any
 
-from .base import DistributedExecutor, RankError, hung
-from .worker import RankInit, RankWorker, dist_backend
+from .base import DistributedExecutor, RankError, StepError, hung
+from .worker import RankInit, RankWorker, StepFailed, dist_backend
 
+log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 
@@ -61,9 +64,10 @@ class RayExecutor(DistributedExecutor):
         super().__init__(*args)
         self.actors: list[Any] = []
         self.group: Any = None
+        self._executing: list[Any] = []  # the current step's `execute` on every rank
 
     def _rendezvous(self) -> tuple[str, list[tuple[int, int]]]:
-        ray = _connect()
+        ray = connect_ray()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -99,6 +103,25 @@ class RayExecutor(DistributedExecutor):
         refs = [a.call.remote(method, args) for a in self.actors]
         return self._get(refs, method, self.config.distributed_timeout)
 
+    def _broadcast(self, method: str, args: tuple) -> None:
+        import ray
+
+        shared = ray.put(args)  # once, in the object store; Ray hands every rank the value
+        self._executing = [a.call.remote(method, shared) for a in self.actors]
+
+    def _call_rank0(self, method: str, args: tuple) -> Any:
+        timeout = self.config.distributed_timeout
+        result = self._get([self.actors[0].call.remote(method, args)], method, timeout)[0]
+        executing, self._executing = self._executing, []
+        failures = [
+            f"rank {rank}: {why}"
+            for rank, why in enumerate(self._get(executing, "execute", timeout))
+            if why is not None and rank > 0
+        ]
+        if failures:
+            raise StepError("; ".join(failures))
+        return result
+
     def _get(self, refs: list[Any], method: str, timeout: float | None) -> list[Any]:
         """Every rank's result, or the first failure named by rank."""
         import ray
@@ -116,6 +139,8 @@ class RayExecutor(DistributedExecutor):
                 raise RankError(f"rank {rank} (a Ray actor) died during {method}: {why}") from None
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
+                if isinstance(cause, StepFailed):
+                    raise StepError(f"rank {rank}: {cause}") from None
                 raise RankError(
                     f"rank {rank} failed in {method}: {type(cause).__name__}: {cause}"
                 ) from None
@@ -138,17 +163,34 @@ class RayExecutor(DistributedExecutor):
         self.actors, self.group = [], None
 
 
-def _connect() -> Any:
-    """Ray, connected to the cluster of RAY_ADDRESS (default "auto"); one-line errors."""
+def connect_ray() -> Any:
+    """Ray, connected: to the cluster of RAY_ADDRESS when it is set (one-line errors), else to
+    the one `ray start` started on this machine, else to a new one on this machine alone (as
+    vLLM and LMDeploy do)."""
     try:
         import ray
     except ImportError:
         raise RankError(
             "distributed_executor_backend='ray' needs Ray: pip install 'enginehouse[distributed]'"
         ) from None
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS", "auto")
+    with _CONNECTING:  # replicas start on several threads: one of them connects
+        if not ray.is_initialized():
+            _init(ray)
+    return ray
+
+
+_CONNECTING = threading.Lock()
+
+
+def _init(ray: Any) -> None:
+    address = os.environ.get("RAY_ADDRESS")
+    if address is None:
+        try:
+            ray.init(address="auto", log_to_driver=True)
+        except ConnectionError:  # no cluster here: start one, for this process
+            log.warning("no Ray cluster is running here; starting one on this machine")
+            ray.init(log_to_driver=True)
+        return
     try:
         _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
@@ -159,7 +201,6 @@ def _connect() -> Any:
             "`ray start --head` on this machine (and `ray start --address=HEAD:6379` on the "
             "others), or set RAY_ADDRESS"
         ) from None
-    return ray
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -2,8 +2,11 @@
 
 `RankWorker` sets up torch.distributed for its rank, builds the runner through the plugin that
 offered the backend (the same hook `pipeline()` calls at tp=1) and answers the driver's calls.
-The "mp" executor runs it in a process of its own (`python -m enginehouse.executor.worker FD`,
-talking over an inherited socket); the "ray" executor runs it inside an actor.
+Each step is two calls: `execute` (every rank: apply the step's plan, run the forward pass) and
+`sample` (rank 0 only: sample its logits with the grammar bitmask the driver filled meanwhile),
+so that only token ids travel back. The "mp" executor runs it in a process of its own
+(`python -m enginehouse.executor.worker FD`, the plans read from a shared-memory broadcast);
+the "ray" executor runs it inside an actor.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..runner import RunnerContext, missing_members
+from ..runner import RunnerContext
 from ..spec import ModelSpec
+from .local import LocalExecutor
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ class RankInit:
     context: RunnerContext
     dist_url: str  # tcp://host:port of rank 0's rendezvous
     progress: bool = False
+    broadcast: tuple | None = None  # the "mp" executor's `ShmBroadcast.handle()`
 
 
 def dist_backend(config: EngineConfig) -> str:
@@ -51,7 +56,8 @@ def dist_backend(config: EngineConfig) -> str:
 class RankWorker:
     def __init__(self, init: RankInit) -> None:
         self.init = init
-        self.runner: Any = None
+        self.local: LocalExecutor | None = None  # the runner, its batch assembler, a sampler
+        self.failed: str | None = None  # the current step's error, until `sample` reports it
 
     def setup(self) -> dict[str, Any]:
         """Join the process group, build and load this rank's runner; return what the driver
@@ -69,49 +75,61 @@ class RankWorker:
             world_size=ctx.world_size,
             timeout=timedelta(seconds=init.config.distributed_timeout),
         )
+        from ..pipeline import create_runner
         from ..plugins import get_plugins
 
-        self.runner = get_plugins().call_one(
-            init.plugin,
-            "create_runner",
-            backend=init.backend,
-            spec=init.spec,
-            config=init.config,
-            context=ctx,
+        runner = create_runner(
+            init.plugin, init.backend, init.spec, init.config, ctx, get_plugins()
         )
-        if self.runner is None or missing_members(self.runner):
-            lacks = ", ".join(missing_members(self.runner)) if self.runner else "everything"
-            raise RuntimeError(
-                f"plugin {init.plugin!r} built no runner for rank {ctx.rank} (it lacks {lacks})"
-            )
-        self.runner.load(init.progress and ctx.rank == 0)
+        self.local = LocalExecutor(runner)
+        runner.load(init.progress and ctx.rank == 0)
         return {
-            "kv_spec": self.runner.kv_spec,
-            "release_sequence": hasattr(self.runner, "release_sequence"),
+            "kv_spec": runner.kv_spec,
+            "capabilities": self.local.capabilities,
             "threads": torch.get_num_threads(),
             "collectives": torch.distributed.get_backend(),
         }
 
     def call(self, method: str, args: tuple) -> Any:
+        assert self.local is not None
         if method == "plan_kv_blocks":
-            from ..engine.llm_engine import plan_kv_blocks
+            from ..engine.kv_plan import plan_kv_blocks
 
             config, session_len = args
-            return plan_kv_blocks(self.runner, config, session_len, self.init.context)
-        result = getattr(self.runner, method)(*args)
-        if method != "execute":
-            return result
-        # Only rank 0's logits are used (the others send nothing back). They travel as a
-        # numpy array, in host memory: the driver needs no device of its own, and a numpy
-        # array pickles in half the time of a tensor (benchmarks/tensor_parallel.py).
-        return result.float().cpu().numpy() if self.init.context.rank == 0 else None
+            return plan_kv_blocks(self.local.runner, config, session_len, self.init.context)
+        if method == "execute":
+            return self.execute(*args)
+        if method == "sample":
+            return self.sample(*args)
+        return getattr(self.local, method)(*args)
+
+    def execute(self, plan: Any) -> str | None:
+        """Run the step's forward pass; its error, if any (rank 0 reports it at `sample`)."""
+        assert self.local is not None
+        self.failed = None
+        try:
+            self.local.execute(plan)
+        except Exception as e:
+            self.failed = _describe(e)
+        return self.failed
+
+    def sample(self, bitmask: Any) -> Any:
+        """Rank 0: the step's tokens (only rank 0 has the whole logits)."""
+        assert self.local is not None
+        if self.failed is not None:
+            raise StepFailed(self.failed)
+        return self.local.sample(bitmask)
 
     def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None
+        if self.local is not None:
+            self.local.close()
+            self.local = None
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class StepFailed(Exception):
+    """The step's forward pass failed on this rank (reported, not raised, by `execute`)."""
 
 
 def _share_cores(local_rank: int, local_world_size: int) -> None:
@@ -135,30 +153,55 @@ def _die_with_parent() -> None:
 
 
 def serve(conn: Any) -> None:
-    """The "mp" worker's loop: one (method, args) message in, one ("ok" | "error", value) out."""
+    """The "mp" worker's loop. Each message is a pickled (method, args): most come through
+    the shared-memory broadcast (an empty frame on the socket says one is waiting), the rest
+    (too large for a slot, or for rank 0 alone) on the socket itself. Every call is answered
+    with ("ok", value), ("failed", why) when a step failed (the driver fails that batch and
+    goes on) or ("error", why) when anything else did; `execute` is answered only where it
+    fails, and only on ranks other than 0 (rank 0 answers at `sample`)."""
 
     def reply(status: str, value: Any) -> None:
         conn.send_bytes(pickle.dumps((status, value)))
 
-    worker = RankWorker(pickle.loads(conn.recv_bytes()))
+    init = pickle.loads(conn.recv_bytes())
+    worker = RankWorker(init)
+    rank = init.context.rank
+    broadcast = None
     try:
+        if init.broadcast is not None:
+            from .shm import ShmBroadcast
+
+            broadcast = ShmBroadcast.attach(*init.broadcast)
         reply("ok", worker.setup())
     except BaseException as e:
         reply("error", _describe(e))
         return
     while True:
         try:
-            method, args = pickle.loads(conn.recv_bytes())
+            frame = conn.recv_bytes()
+            message = broadcast.read(rank) if not frame and broadcast is not None else frame
+            method, args = pickle.loads(message)
+            del message
         except (EOFError, OSError):  # the driver is gone
             break
         if method == "close":
             worker.close()
+            if broadcast is not None:
+                broadcast.close()
             reply("ok", None)
             break
         try:
-            reply("ok", worker.call(method, args))
+            result = worker.call(method, args)
+        except StepFailed as e:
+            reply("failed", str(e))
+            continue
         except Exception as e:
-            reply("error", _describe(e))
+            reply("failed" if method == "sample" else "error", _describe(e))
+            continue
+        if method != "execute":
+            reply("ok", result)
+        elif result is not None and rank != 0:
+            reply("failed", result)
 
 
 def _describe(e: BaseException) -> str:

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..engine.data_parallel import sum_stats
 from ..pipeline import Pipeline
 from .chat import create_chat_completion
 from .completions import create_completion
@@ -182,7 +183,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Any:
-        if not pipe.engine.loop.is_running():
+        if not pipe.engine.is_running():
             return APIError(503, "the engine has stopped").response()
         stuck, limit = pipe.engine.step_running_for(), state.limits.engine_iteration_timeout
         if stuck > limit:
@@ -213,8 +214,9 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Any:
         # stats() waits for the engine's loop thread; keep that wait off the server's loop.
-        stats = await asyncio.to_thread(pipe.stats)
-        return Response(state.metrics.render(stats), media_type=CONTENT_TYPE)
+        replicas = await asyncio.to_thread(pipe.engine.replica_stats)
+        stats = sum_stats(replicas) if len(replicas) > 1 else replicas[0]
+        return Response(state.metrics.render(stats, replicas), media_type=CONTENT_TYPE)
 
     @app.get("/version")
     async def version() -> Any:

@@ -14,6 +14,7 @@ Counters and histograms are updated on the server's event loop. The engine's own
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -40,48 +41,79 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class EngineCollector(Collector):
-    """The engine's state at scrape time: vLLM's gauges and its preemption counter."""
+    """The engine's state at scrape time: vLLM's gauges and its preemption counter, summed
+    over the replicas; with several replicas (`--data-parallel-size`), each one's too, in
+    families of their own (`replica_...`, labelled `replica`) so that no sum counts twice."""
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.stats: Mapping[str, int] = {}
+        self.replicas: list[Mapping[str, Any]] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        s, labels = self.stats, [self.model_name]
-        if not s:
+        if not self.stats:
             return
-        gauges = (
-            ("num_requests_running", "Requests being computed.", s["running"]),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", s["waiting"]),
-            (
-                "kv_cache_usage_perc",
-                "KV-cache usage: 1 means 100 percent of the blocks are in use.",
-                s["kv_blocks_used"] / max(1, s["kv_blocks_total"]),
-            ),
-        )
-        for name, doc, value in gauges:
-            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
-            gauge.add_metric(labels, value)
-            yield gauge
-        preempted = CounterMetricFamily(
-            PREFIX + "num_preemptions",
-            "Requests preempted (their KV freed, recomputed later) for lack of KV blocks.",
-            labels=["model_name"],
-        )
-        preempted.add_metric(labels, s["preemptions"])
-        yield preempted
-        # This server's own: their rates' ratio is the average batch per engine step.
-        for name, doc, value in (
-            ("engine_steps", "Engine steps run (each one runner.execute).", s["steps"]),
-            (
-                "engine_step_sequences",
-                "Sequences in the engine's steps, summed: over engine_steps, the average batch.",
-                s["step_sequences"],
-            ),
-        ):
-            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
-            counter.add_metric(labels, value)
-            yield counter
+        yield from _engine_families(PREFIX, [("", self.stats)], ["model_name"], self.model_name)
+        if len(self.replicas) > 1:
+            labelled = [(str(r.get("replica", i)), r) for i, r in enumerate(self.replicas)]
+            yield from _engine_families(
+                PREFIX + "replica_", labelled, ["model_name", "replica"], self.model_name
+            )
+            up = GaugeMetricFamily(
+                PREFIX + "replica_up", "1 while the replica serves, 0 once it is down.",
+                labels=["model_name", "replica"],
+            )  # fmt: skip
+            for replica, r in labelled:
+                up.add_metric([self.model_name, replica], r.get("alive", 1))
+            yield up
+
+
+def _engine_families(
+    prefix: str, rows: list[tuple[str, Mapping[str, Any]]], labels: list[str], model: str
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The engine's gauges and counters, one series per row (a replica, or the sum)."""
+
+    def values(s: Mapping[str, Any]) -> dict[str, float]:
+        used, total = s.get("kv_blocks_used", 0), max(1, s.get("kv_blocks_total", 0))
+        return {
+            "num_requests_running": s.get("running", 0),
+            "num_requests_waiting": s.get("waiting", 0),
+            "kv_cache_usage_perc": used / total,
+            "num_preemptions": s.get("preemptions", 0),
+            "engine_steps": s.get("steps", 0),
+            "engine_step_sequences": s.get("step_sequences", 0),
+        }
+
+    table = [(key, values(s)) for key, s in rows]
+    for name, kind, doc in ENGINE_SERIES:
+        family_type = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        family = family_type(prefix + name, doc, labels=labels)
+        for key, v in table:
+            family.add_metric([model, key] if key else [model], v[name])
+        yield family
+
+
+ENGINE_SERIES = (
+    ("num_requests_running", "gauge", "Requests being computed."),
+    ("num_requests_waiting", "gauge", "Requests waiting to be scheduled."),
+    (
+        "kv_cache_usage_perc",
+        "gauge",
+        "KV-cache usage: 1 means 100 percent of the blocks are in use.",
+    ),
+    (
+        "num_preemptions",
+        "counter",
+        "Requests preempted (their KV freed, recomputed later) for lack of KV blocks.",
+    ),
+    # This server's own: their rates' ratio is the average batch per engine step.
+    ("engine_steps", "counter", "Engine steps run (each one runner.execute)."),
+    (
+        "engine_step_sequences",
+        "counter",
+        "Sequences in the engine's steps, summed: over engine_steps, the average batch.",
+    ),
+)
 
 
 class ServerMetrics:
@@ -163,7 +195,9 @@ class ServerMetrics:
         self.request_generation_tokens.labels(model).observe(generated)
         self.e2e_latency.labels(model).observe(seconds)
 
-    def render(self, stats: Mapping[str, int]) -> bytes:
-        """The exposition text, with the engine's `stats()` as of now."""
-        self.engine.stats = stats
+    def render(
+        self, stats: Mapping[str, Any], replicas: list[Mapping[str, Any]] | None = None
+    ) -> bytes:
+        """The exposition text, with the engine's `stats()` as of now (and each replica's)."""
+        self.engine.stats, self.engine.replicas = stats, replicas or []
         return generate_latest(self.registry)

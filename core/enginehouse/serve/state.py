@@ -100,7 +100,7 @@ class ServerState:
         with (--allowed-local-media-path)."""
         urls = [part["image_url"]["url"] for part in _image_parts(messages)]
         try:
-            check_image_count(len(urls), self.pipe.engine.engine.config)
+            check_image_count(len(urls), self.pipe.engine.config)
         except RequestError as e:
             raise bad_request(str(e), "messages") from e
         for url in urls:
@@ -211,7 +211,7 @@ class ServerState:
             return
         param = req.output_constraint()[1] or "tool_choice"
         try:
-            await asyncio.wrap_future(self.pipe.engine.engine.grammars.compile(constraint))
+            await asyncio.wrap_future(self.pipe.engine.compile_grammar(constraint))
         except RequestError as e:
             raise bad_request(str(e), param) from e
 

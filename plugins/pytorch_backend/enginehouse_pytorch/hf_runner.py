@@ -20,13 +20,21 @@ from typing import Any
 import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch
-from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
-from enginehouse.runner import RunnerContext
+from enginehouse.plugin_api import (
+    RunnerCapabilities,
+    RunnerContext,
+    resolve_device,
+    resolve_dtype,
+    use_all_cores,
+)
 
 from . import kv_layout, slot_attention
 
 
 class TransformersRunner:
+    # The unbatched path keeps a transformers cache per sequence: dropped with its blocks.
+    capabilities = RunnerCapabilities(releases_sequences=True)
+
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
         self.config = config

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from enginehouse.errors import BackendError
+from enginehouse.plugin_api import BackendError
 
 from .slot_attention import PLAIN_LAYERS, LayerKV, no_mask
 

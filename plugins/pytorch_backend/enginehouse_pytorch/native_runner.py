@@ -12,9 +12,15 @@ import math
 import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
-from enginehouse.device import resolve_device, resolve_dtype, use_all_cores
-from enginehouse.errors import InvalidModelError
-from enginehouse.runner import RunnerContext, kv_bytes_per_token
+from enginehouse.plugin_api import (
+    InvalidModelError,
+    RunnerCapabilities,
+    RunnerContext,
+    kv_bytes_per_token,
+    resolve_device,
+    resolve_dtype,
+    use_all_cores,
+)
 
 from .native import cpu_decode, cpu_kernels, cpu_step, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
@@ -43,6 +49,8 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 
 class NativeRunner:
+    capabilities = RunnerCapabilities(profiles=True)  # a forward pass on a GPU, see profile_run
+
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
         self.config = config
@@ -186,7 +194,7 @@ class NativeRunner:
         slots = [s for c in order for s in c.slots(bs)]
         cos, sin = self._rope_rows(order, positions)
         meta = StepMeta(
-            num_decode=sum(1 for c in order if len(c.token_ids) == 1),
+            num_decode=sum(1 for c in order if c.is_decode),
             slots=torch.tensor(slots).to(self.device),
             cos=cos[:, None],
             sin=sin[:, None],
@@ -233,7 +241,7 @@ class NativeRunner:
         if self.decode is not None and (logits := self.decode.run(batch)) is not None:
             return logits
         # Single-token chunks (decodes) first: they attend together as one batch.
-        order = sorted(chunks, key=lambda c: len(c.token_ids) != 1)
+        order = sorted(chunks, key=lambda c: not c.is_decode)
         meta = self._metadata(order)
         offsets, at = {}, 0
         for c in order:

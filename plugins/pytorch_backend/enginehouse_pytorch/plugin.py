@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
-from enginehouse.config import format_size
-from enginehouse.runner import RunnerContext, build_from_table
+from enginehouse.plugin_api import RunnerContext, build_from_table, format_size
 
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
 NATIVE_PRIORITY = 100
@@ -170,7 +169,7 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
 
 def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
     """The quantization and the memory the weights take, e.g. for `enginehouse explain`."""
-    from enginehouse.device import resolve_device, resolve_dtype
+    from enginehouse.plugin_api import resolve_device, resolve_dtype
 
     from .native.quant.scheme import weight_bytes
 

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from enginehouse.spec import ModelSpec
+from enginehouse.plugin_api import ModelSpec
 
 from .export import GRAPH_VERSION, export_onnx
 

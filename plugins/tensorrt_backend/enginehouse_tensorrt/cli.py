@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from enginehouse.errors import EnginehouseError
+from enginehouse.plugin_api import EnginehouseError
 
 
 @click.group()
@@ -25,8 +25,7 @@ def tensorrt() -> None:
 @click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
 def export(model: str, output: str, dtype: str, revision: str | None) -> None:
     """Export MODEL's native implementation to ONNX, KV cache as inputs and outputs."""
-    from enginehouse.pipeline import read_spec
-    from enginehouse.plugins import get_plugins
+    from enginehouse.plugin_api import get_plugins, read_spec
 
     from .export import export_onnx
 

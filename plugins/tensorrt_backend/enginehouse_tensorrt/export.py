@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from enginehouse.errors import InvalidModelError
-from enginehouse.spec import ModelSpec, read_model_spec
+from enginehouse.plugin_api import InvalidModelError, ModelSpec, read_model_spec
 
 log = logging.getLogger(__name__)
 

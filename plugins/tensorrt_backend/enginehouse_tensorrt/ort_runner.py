@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from enginehouse import EngineConfig, ModelSpec
-from enginehouse.device import use_all_cores
-from enginehouse.runner import RunnerContext
+from enginehouse.plugin_api import RunnerContext, use_all_cores
 
 from .cache import ensure_onnx
 from .export import GraphInfo

@@ -5,7 +5,7 @@ imported only when a runner is built or the command runs."""
 from __future__ import annotations
 
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
-from enginehouse.runner import RunnerContext, build_from_table
+from enginehouse.plugin_api import RunnerContext, build_from_table
 
 
 @hookimpl

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
-from enginehouse.runner import RunnerContext, kv_bytes_per_token
+from enginehouse.plugin_api import RunnerContext, kv_bytes_per_token
 
 from .export import GraphInfo
 from .graph import kv_names
@@ -103,13 +103,13 @@ class GraphRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         rows: dict[int, torch.Tensor] = {}
-        decodes = [c for c in batch.chunks if len(c.token_ids) == 1]
+        decodes = [c for c in batch.chunks if c.is_decode]
         if decodes:
             logits = self._run(decodes)  # [B, 1, vocab]
             for b, c in enumerate(decodes):
                 rows[c.seq_id] = logits[b, list(c.logits_at)]
         for c in batch.chunks:
-            if len(c.token_ids) > 1:
+            if not c.is_decode:
                 rows[c.seq_id] = self._run([c])[0, list(c.logits_at)]
         return torch.cat([rows[c.seq_id] for c in batch.chunks]).float()
 

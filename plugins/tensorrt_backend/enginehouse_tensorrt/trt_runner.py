@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 
 from enginehouse import EngineConfig, ModelSpec
-from enginehouse.runner import RunnerContext
+from enginehouse.plugin_api import RunnerContext
 
 from .cache import engine_dir, ensure_onnx, file_sha256, gpu_tag
 from .export import GraphInfo

@@ -19,9 +19,15 @@ import torch
 from torch import nn
 
 from enginehouse import EngineConfig, ModelSpec
-from enginehouse.checkpoint import copy_checked, missing_weights, tensors
-from enginehouse.errors import InvalidModelError, RequestError
-from enginehouse.multimodal import MultiModalData, PreparedPrompt
+from enginehouse.plugin_api import (
+    InvalidModelError,
+    MultiModalData,
+    PreparedPrompt,
+    RequestError,
+    copy_checked,
+    missing_weights,
+    tensors,
+)
 
 from .families import FAMILIES, image_token_id
 from .images import decode_image, image_hash, open_images

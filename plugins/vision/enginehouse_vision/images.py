@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from enginehouse.errors import RequestError
+from enginehouse.plugin_api import RequestError
 
 MAX_DOWNLOAD_BYTES = 50 * 2**20
 FETCH_TIMEOUT_S = 10.0

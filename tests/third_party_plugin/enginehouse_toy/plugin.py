@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from enginehouse.hookspecs import hookimpl
-from enginehouse.spec import BackendProbe
+from enginehouse.plugin_api import BackendProbe, hookimpl
 
 if TYPE_CHECKING:
-    from enginehouse.config import EngineConfig
-    from enginehouse.runner import RunnerContext
-    from enginehouse.spec import ModelSpec
+    from enginehouse.plugin_api import EngineConfig, ModelSpec, RunnerContext
 
     from .runner import ToyRunner
 

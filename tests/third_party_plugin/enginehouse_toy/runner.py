@@ -12,9 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
-from enginehouse.config import EngineConfig
-from enginehouse.runner import KVSpec, ScheduledBatch, SeqChunk, kv_slot
-from enginehouse.spec import ModelSpec
+from enginehouse.plugin_api import (
+    EngineConfig,
+    KVSpec,
+    ModelSpec,
+    RunnerCapabilities,
+    ScheduledBatch,
+    SeqChunk,
+    kv_slot,
+)
 
 EMPTY = -1  # a slot nothing has written yet
 TOP_LOGIT = 10.0  # the reference token: a clear margin over everything else
@@ -37,6 +43,9 @@ def reference_logits(ctx: Sequence[int], vocab_size: int) -> torch.Tensor:
 
 
 class ToyRunner:
+    # It keeps, per sequence, the tokens it computed: dropped when the blocks are freed.
+    capabilities = RunnerCapabilities(releases_sequences=True)
+
     def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
         self.vocab_size = int(spec.config["vocab_size"])
         block_size = config.block_size

@@ -50,11 +50,17 @@ def cpu_flags() -> list[str]:
 
 
 def isa_tag() -> str:
-    """A short name for this CPU's instruction sets: the widest vector set and a hash of all."""
+    """A short name for this CPU's instruction sets and this torch: the widest vector set, a
+    hash of all of them and of the torch installation. Builds against two torch installations
+    (two virtual environments) differ in their include paths, so sharing a name made each
+    one's load rebuild what the other had built."""
+    import torch
+
     flags = cpu_flags()
     widest = next((w for w in ("avx512f", "avx2", "avx") if w in flags), "generic")
     digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
-    return f"{widest.removesuffix('f')}_{digest}"
+    install = hashlib.sha1(f"{torch.__file__} {torch.__version__}".encode()).hexdigest()[:6]
+    return f"{widest.removesuffix('f')}_{digest}_{install}"
 
 
 def has_bf16() -> bool:

@@ -130,7 +130,7 @@ class DecodeRunner:
         ids, positions, slots, lens = [], [], [], []
         for c in chunks:
             plain = c.rope_positions is None and c.embeds is None and c.logits_at == (0,)
-            if len(c.token_ids) != 1 or not plain:
+            if not c.is_decode or not plain:
                 return None
             pos = c.start_pos
             ids.append(c.token_ids[0])

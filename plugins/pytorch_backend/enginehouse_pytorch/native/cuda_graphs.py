@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from enginehouse import ScheduledBatch
-from enginehouse.runner import kv_slot
+from enginehouse.plugin_api import kv_slot
 
 from .attention import StepMeta
 
@@ -116,8 +116,7 @@ class DecodeGraphs:
         if not self.enabled or not 0 < k <= self.max_size:
             return None
         if any(
-            len(c.token_ids) != 1 or c.embeds is not None or c.rope_positions is not None
-            for c in chunks
+            not c.is_decode or c.embeds is not None or c.rope_positions is not None for c in chunks
         ):
             return None
         width = max(len(c.block_table) for c in chunks)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from enginehouse.runner import kv_slot
+from enginehouse.plugin_api import kv_slot
 
 from .attention import StepMeta, TorchAttention, decode_metadata
 

@@ -8,7 +8,7 @@ Rank r of n holds:
   of a mixture likewise, each expert sliced (the router is replicated);
 - embedding and LM head: a 1/n slice of the vocabulary (the last one padded with zero rows).
 o_proj and down_proj end in one all-reduce each; the embedding lookup too (each rank fills
-the rows of its slice); the LM head's slices are gathered into whole rows of logits.
+the rows of its slice); the LM head's slices are gathered into whole rows of logits on rank 0.
 
 Each rank reads only its slice of each checkpoint tensor (safetensors' get_slice), so no rank
 ever holds the whole model. A checkpoint that stores fused tensors (Phi-3's qkv_proj and
@@ -98,11 +98,16 @@ class TensorParallel:
         return self.all_reduce(x)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Whole rows of logits from every rank's vocabulary slice (padding cut off)."""
+        """Whole rows of logits on rank 0, from every rank's vocabulary slice (padding cut
+        off); the other ranks keep their own slice. Only rank 0 samples, so only rank 0
+        needs whole rows: a gather, not an all-gather, moves 1/tp of the bytes."""
         if not self.active:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, logits.contiguous())
+        logits = logits.contiguous()
+        parts = [torch.empty_like(logits) for _ in range(self.size)] if self.rank == 0 else None
+        torch.distributed.gather(logits, parts, dst=0)
+        if parts is None:
+            return logits
         return torch.cat(parts, dim=-1)[:, : self.arch.vocab_size]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from enginehouse.checkpoint import copy_checked, missing_weights, tensors
+from enginehouse.plugin_api import copy_checked, missing_weights, tensors
 
 from .parallel import TensorParallel, rank_tensor
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from enginehouse.errors import InvalidModelError
+from enginehouse.plugin_api import InvalidModelError
 
 from .qweight import QuantWeight
 from .scheme import QuantScheme

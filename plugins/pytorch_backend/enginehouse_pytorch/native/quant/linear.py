@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enginehouse.errors import InvalidModelError
+from enginehouse.plugin_api import InvalidModelError
 
 from . import formats
 from .qweight import (

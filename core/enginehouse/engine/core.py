@@ -1,0 +1,428 @@
+"""The engine core: admission, scheduling, execution and token acceptance, in token ids.
+
+`EngineCore.step()` is its only worker: it takes queued requests, schedules one batch, sends
+the step's plan to the executor (the runner in this process, or the ranks of an executor),
+fills the grammar bitmask while the forward runs, and accepts the sampled tokens (stop tokens,
+grammars, lengths). It reports `CoreOutput`s, token ids only: making text of them, stop
+strings and what callers receive are the output processor's (output.py), which may run in
+another thread or process. Other threads hand requests in through `add_request` / `abort`,
+which only queue them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import RequestError
+from ..multimodal import VisionEncoder
+from ..spec import ModelSpec
+from .block_manager import BlockManager
+from .grammar import GrammarCompiler, GrammarState, fill_bitmask
+from .plan import ChunkPlan, StepPlan
+from .requests import EngineRequest, RequestChecks, eos_token_ids
+from .sampler import PromptScoring, SamplerOutput, batch_of
+from .scheduler import Scheduler
+from .sequence import CoreOutput, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        executor: Any,
+        tokenizer: Any,
+        spec: ModelSpec,
+        config: EngineConfig,
+        vision: VisionEncoder | None = None,
+    ) -> None:
+        self.executor = executor  # LocalExecutor, or an executor's driver (executor/)
+        self.vision = vision  # turns a prompt's images into embeddings (VLMs only)
+        self.tokenizer = tokenizer
+        self.config = config
+        image_token = vision.image_token_id if vision is not None else None
+        self.checks = RequestChecks.for_model(spec, config, tokenizer, image_token)
+        self.session_len = self.checks.session_len
+        self.vocab_size = self.checks.vocab_size
+        self.eos_ids = eos_token_ids(spec, tokenizer)
+        kv = executor.kv_spec
+        self.block_size = kv.block_size
+        self.num_blocks = executor.plan_kv_blocks(config, self.session_len)
+        executor.allocate_kv(self.num_blocks)
+        caching = config.enable_prefix_caching and kv.prefix_caching
+        self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_batch_size, config.max_num_batched_tokens
+        )
+        self._ids = itertools.count()
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._queued: set[str] = set()  # ids of the adds in the inbox: a check in O(1)
+        self._seqs: dict[str, Sequence] = {}
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
+        self._compiling: list[Sequence] = []  # constrained requests waiting for their grammar
+        # Called (from the compile thread) when a grammar is ready, to wake whoever steps.
+        self.on_grammar_ready: Callable[[], None] = lambda: None
+        # Fills the grammar bitmask while the executor runs the forward pass.
+        self._masker: ThreadPoolExecutor | None = None
+        self._warned_non_finite = False
+        # Steps run and the sequences in them: their ratio is the average batch per step.
+        self.num_steps = self.num_step_sequences = 0
+
+    # --- called from any thread -------------------------------------------------------------
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise `RequestError` for a request the engine cannot serve; changes nothing."""
+        self.checks.validate(request.prompt_ids, request.params, request.score_only, request.mm)
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.validate(request)
+        rid = request.request_id
+        if rid in self._seqs or rid in self._queued:
+            raise RequestError(f"request id {rid!r} is already in use; give a unique one")
+        self._queued.add(rid)
+        self._inbox.append(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id))
+
+    def has_work(self) -> bool:
+        """Some request is unfinished (possibly only waiting for its grammar)."""
+        return self.can_step() or bool(self._compiling)
+
+    def can_step(self) -> bool:
+        """A step now would do something: requests queued, scheduled or with a grammar ready,
+        or freed sequences the runner's side has not been told of yet."""
+        s = self.scheduler
+        return (
+            bool(self._inbox)
+            or s.has_work()
+            or bool(s.released or s.finished)
+            or any(q.compiled_grammar.done() for q in self._compiling)  # type: ignore[union-attr]
+        )
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.block_manager.num_used,
+            "kv_blocks_total": self.num_blocks,
+            "preemptions": self.scheduler.num_preemptions,
+            # Their ratio is the average batch per step (`enginehouse bench`, `/metrics`).
+            "steps": self.num_steps,
+            "step_sequences": self.num_step_sequences,
+        }
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def step(self) -> list[CoreOutput]:
+        """One round: take queued requests, run one batch, return every request's news."""
+        outputs = self._drain_inbox()
+        if self._compiling:
+            outputs.extend(self._admit_compiled())
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            self._flush_releases()
+            return outputs
+        released, finished = self.scheduler.take_changes()
+        plan = StepPlan(released=released, finished=finished, block_size=self.block_size)
+        plan.chunks = [chunk for _, chunk in scheduled]
+        sampled = self._sampling(plan, scheduled)
+        self.num_steps += 1
+        self.num_step_sequences += len(scheduled)
+        try:
+            result = self._run(plan, sampled)
+        except Exception as e:
+            log.exception("the backend failed on a batch of %d sequences", len(scheduled))
+            error = f"the backend failed: {type(e).__name__}: {e}"
+            return outputs + [self._finish(seq, "error", error) for seq, _ in scheduled]
+        for seq, chunk in scheduled:
+            seq.num_computed = chunk.start_pos + len(chunk.token_ids)
+            self.block_manager.commit(seq)
+            scores = result.scores.get(seq.seq_id)
+            if scores is not None or seq.score_only:  # a prompt's last chunk may score nothing
+                outputs.extend(self._take_scores(seq, scores))
+        if not result.finite:
+            self._warn_non_finite(sampled)
+        for seq, token, lp in zip(sampled, result.token_ids, result.logprobs):
+            outputs.append(self._accept(seq, token, lp))
+        return outputs
+
+    def _flush_releases(self) -> None:
+        """Tell the runner's side of the sequences freed since the last step, in a step of its
+        own, so that nothing lingers there while no batch runs."""
+        released, finished = self.scheduler.take_changes()
+        if not (released or finished):
+            return
+        plan = StepPlan(released=released, finished=finished, block_size=self.block_size)
+        try:
+            self._run(plan, [])
+        except Exception:  # the blocks are free anyway; the leftovers are the runner's
+            log.exception("the runner failed to release %d sequences", len(released))
+
+    def _run(self, plan: StepPlan, sampled: list[Sequence]) -> SamplerOutput:
+        """Execute the plan; meanwhile fill the grammar bitmask of the constrained rows."""
+        constrained = plan.sampling.constrained
+        pending: Future | None = None
+        if constrained:
+            if self._masker is None:
+                self._masker = ThreadPoolExecutor(1, thread_name_prefix="enginehouse-mask")
+            grammars = [sampled[i].grammar for i in constrained]
+            pending = self._masker.submit(fill_bitmask, grammars, constrained, len(sampled))
+        try:
+            self.executor.execute(plan)
+        finally:  # the bitmask thread must be done before its grammars change again
+            bitmask = pending.result() if pending is not None else None
+        return self.executor.sample(bitmask)
+
+    def _sampling(self, plan: StepPlan, scheduled: list[tuple[Sequence, ChunkPlan]]) -> list:
+        """The step's `SamplingBatch`; returns the sequences it samples, in its row order."""
+        row, rows, sampled, scoring = 0, [], [], []
+        for seq, chunk in scheduled:
+            first, row = row, row + chunk.num_rows
+            if seq.scores_prompt:
+                scoring.extend(self._scoring(seq, chunk, first))
+            reaches_end = chunk.start_pos + len(chunk.token_ids) == seq.num_tokens
+            if not seq.score_only and row > first and reaches_end:
+                prompt = None
+                if not seq.sampler_knows and seq.params.repetition_penalty != 1.0:
+                    prompt = seq.prompt_ids
+                seq.sampler_knows = True
+                rows.append((seq.seq_id, row - 1, seq.params, prompt))
+                sampled.append(seq)
+        batch = batch_of(rows)
+        batch.scoring, batch.finished = scoring, plan.finished
+        for i, seq in enumerate(sampled):
+            p = seq.params
+            # A grammar decides itself when the output may end: banning its stop tokens could
+            # leave a complete output with no allowed token at all.
+            if seq.grammar is not None:
+                batch.constrained.append(i)
+            elif seq.num_generated < p.min_new_tokens and seq.stop_ids:
+                batch.banned[0].extend([i] * len(seq.stop_ids))
+                batch.banned[1].extend(seq.stop_ids)
+        if batch.constrained:
+            batch.grammar_vocab = self.grammars.vocab_size
+        plan.sampling = batch
+        return sampled
+
+    def _scoring(self, seq: Sequence, chunk: ChunkPlan, first_row: int) -> list[PromptScoring]:
+        """The prompt positions this chunk scores. Position p predicts token p + 1; the
+        prompt's last position predicts nothing known. A score-only request sums them all (and
+        keeps each one's logprobs when it asks for prompt logprobs too); otherwise a recompute
+        after preemption finds the first prompt logprobs already there and skips them."""
+        start, n = chunk.start_pos, len(chunk.token_ids)
+        lo = 0 if seq.score_only else max(len(seq.prompt_logprobs) - 1 - start, 0)
+        hi = min(seq.num_prompt - 1 - start, n)
+        if hi <= lo:
+            return []
+        targets = tuple(seq.prompt_ids[start + lo + 1 : start + hi + 1])
+        top_n = seq.params.prompt_logprobs
+        return [PromptScoring(seq.seq_id, first_row + lo, start + lo + 1, targets, top_n)]
+
+    def _take_scores(self, seq: Sequence, scores: Any) -> list[CoreOutput]:
+        if scores is not None:
+            if seq.score_only:
+                seq.prompt_logprob_sum += scores.total
+            # Skip the positions a recompute after preemption finds already there.
+            have = len(seq.prompt_logprobs) - scores.first_pos
+            if scores.logprobs and have >= 0:
+                seq.prompt_logprobs.extend(scores.logprobs[have:])
+                seq.prompt_ranks.extend(scores.ranks[have:])
+        if seq.score_only and seq.num_computed >= seq.num_tokens:
+            return [self._finish(seq, "stop")]
+        return []
+
+    def _warn_non_finite(self, seqs: list[Sequence]) -> None:
+        """Say once that the model computes NaN or inf: its answers are garbage (often empty)."""
+        if self._warned_non_finite or not seqs:
+            return
+        self._warned_non_finite = True
+        log.warning(
+            "the model produced NaN or infinite logits (first in request %s): "
+            "its weights may hold NaN or inf (a corrupt or badly converted checkpoint: download "
+            "it again), or its dtype overflows (try dtype='bfloat16' or 'float32'); its output "
+            "is garbage",
+            seqs[0].request_id,
+        )
+
+    def finish_all(self, reason: str, error: str | None = None) -> list[CoreOutput]:
+        """Finish every request: with 'error' when a step crashed, 'abort' on shutdown."""
+        outputs = self._drain_inbox()
+        outputs += [self._finish(seq, reason, error) for seq in list(self._seqs.values())]
+        self._flush_releases()
+        return outputs
+
+    def _drain_inbox(self) -> list[CoreOutput]:
+        outputs, with_images = [], []
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "add":
+                seq = self._try_add(payload)
+                if isinstance(seq, CoreOutput):
+                    outputs.append(seq)
+                elif seq.mm is not None:
+                    with_images.append(seq)
+            elif payload in self._seqs:
+                outputs.append(self._finish(self._seqs[payload], "abort"))
+        if with_images:
+            outputs.extend(self._encode_images(with_images))
+        return outputs
+
+    def _encode_images(self, seqs: list[Sequence]) -> list[CoreOutput]:
+        """Embed the new requests' images in one batch; when that fails, one request at a
+        time, so that only the request whose images fail ends with the error."""
+        assert self.vision is not None
+        try:
+            embeds = self.vision.encode([s.mm for s in seqs])  # type: ignore[misc]
+            results = [(s, e, None) for s, e in zip(seqs, embeds)]
+        except Exception:
+            results = [self._encode_one(s) for s in seqs]
+        outputs = []
+        for seq, rows, error in results:
+            if error is None and len(rows) != len(seq.mm_positions):
+                error = (
+                    f"the vision encoder made {len(rows)} embeddings for "
+                    f"{len(seq.mm_positions)} image positions"
+                )
+            if error is None:
+                seq.mm_embeds = rows
+                # The pixels are not needed again (the data may be shared by several choices).
+                seq.mm = dataclasses.replace(seq.mm, inputs={})  # type: ignore[type-var]
+            else:
+                outputs.append(self._finish(seq, "error", error))
+        return outputs
+
+    def _encode_one(self, seq: Sequence) -> tuple[Sequence, Any, str | None]:
+        assert self.vision is not None and seq.mm is not None
+        try:
+            return seq, self.vision.encode([seq.mm])[0], None
+        except Exception as e:
+            log.exception("the vision encoder failed on request %s", seq.request_id)
+            return seq, None, f"the vision encoder failed: {type(e).__name__}: {e}"
+
+    def _try_add(self, request: EngineRequest) -> Sequence | CoreOutput:
+        """Admit a queued request; if setting it up fails, only that request ends, with the
+        error (a bad request must not take the step, and every other request, down)."""
+        rid = request.request_id
+        try:
+            return self._add(request)
+        except Exception as e:
+            log.exception("could not set up request %s", rid)
+            self._seqs.pop(rid, None)
+            error = f"could not set up the request: {type(e).__name__}: {e}"
+            return CoreOutput(rid, finish_reason="error", error=error)
+        finally:
+            self._queued.discard(rid)
+
+    def _add(self, request: EngineRequest) -> Sequence:
+        params, prompt_ids = request.params, request.prompt_ids
+        if params.random_seed is not None:  # the sampler's generator takes it, or refuses here
+            torch.Generator().manual_seed(params.random_seed)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_ids
+        )
+        seq = Sequence(
+            seq_id=next(self._ids),
+            request_id=request.request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            stop_ids=stop_ids,
+            max_len=self.session_len,
+            score_only=request.score_only,
+        )
+        if request.mm is not None and self.vision is not None:
+            image_id = self.vision.image_token_id
+            seq.mm = request.mm
+            seq.mm_positions = [i for i, t in enumerate(prompt_ids) if t == image_id]
+        self._seqs[request.request_id] = seq
+        constraint = params.constraint
+        if constraint is None:
+            self.scheduler.add(seq)
+        else:
+            # Scheduled once its grammar is compiled (at once when cached); others run on.
+            seq.compiled_grammar = self.grammars.compile(constraint)
+            self._compiling.append(seq)
+            seq.compiled_grammar.add_done_callback(lambda _: self.on_grammar_ready())
+        return seq
+
+    def _admit_compiled(self) -> list[CoreOutput]:
+        """Schedule the requests whose grammar is ready; fail those whose grammar failed."""
+        outputs = []
+        for seq in [s for s in self._compiling if s.compiled_grammar.done()]:  # type: ignore
+            self._compiling.remove(seq)
+            try:
+                compiled = seq.compiled_grammar.result()  # type: ignore[union-attr]
+                guard = self.grammars.utf8
+                seq.grammar = GrammarState(compiled, seq.stop_ids or self.eos_ids, guard)
+            except Exception as e:
+                error = str(e) if isinstance(e, RequestError) else f"{type(e).__name__}: {e}"
+                outputs.append(self._finish(seq, "error", error))
+                continue
+            self.scheduler.add(seq)
+        return outputs
+
+    def _accept(self, seq: Sequence, token: int, logprobs: dict | None) -> CoreOutput:
+        """Take a sampled token: the grammar walks it, a stop token or a length ends it."""
+        seq.token_ids.append(token)
+        lps = [logprobs] if logprobs is not None else None
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # Only possible when every token was masked (a vocabulary the grammar does not
+            # cover): better an error than an output that breaks its constraint.
+            text = self.tokenizer.decode([token])
+            error = f"token {token} ({text!r}) breaks the grammar"
+            return self._finish(seq, "error", error, [token], lps, stop_token=True)
+        if token in seq.stop_ids or (seq.grammar is not None and seq.grammar.terminated):
+            return self._finish(seq, "stop", None, [token], lps, stop_token=True)
+        if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_len:
+            return self._finish(seq, "length", None, [token], lps)
+        return self._output(seq, [token], lps)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        error: str | None = None,
+        tokens: list[int] | None = None,
+        logprobs: list | None = None,
+        stop_token: bool = False,
+    ) -> CoreOutput:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        if seq in self._compiling:
+            self._compiling.remove(seq)
+        seq.grammar = seq.compiled_grammar = None
+        out = self._output(seq, tokens or [], logprobs)
+        out.finish_reason, out.error, out.stop_token = reason, error, stop_token
+        if seq.score_only:
+            out.prompt_logprob_sum = seq.prompt_logprob_sum
+        return out
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list | None) -> CoreOutput:
+        out = CoreOutput(
+            seq.request_id,
+            token_ids=tokens,
+            logprobs=logprobs if seq.params.logprobs is not None else None,
+            num_prompt=seq.num_prompt,
+            cached_tokens=seq.cached_tokens,
+        )
+        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            if len(seq.prompt_logprobs) == seq.num_prompt:  # complete: send them once
+                out.prompt_logprobs, out.prompt_ranks = seq.prompt_logprobs, seq.prompt_ranks
+                seq.prompt_logprobs_sent = True
+        return out
+
+    def close(self) -> None:
+        self.grammars.close()
+        if self._masker is not None:
+            self._masker.shutdown(wait=True)
+        self.executor.close()

@@ -1,0 +1,64 @@
+"""The core's public API for plugins: everything a plugin may import, in one module.
+
+A plugin (a backend, the vision encoder, commands, a third party's) imports from here or from
+`enginehouse` itself, and from no other `enginehouse.*` module: those are the core's own and
+change without notice (tests/test_plugin_api.py fails on such an import under plugins/).
+docs/plugins.md documents each name.
+"""
+
+from .checkpoint import copy_checked, missing_weights, tensors
+from .config import EngineConfig, GenerationConfig, format_size
+from .device import available_memory, resolve_device, resolve_dtype, use_all_cores
+from .errors import BackendError, EnginehouseError, InvalidModelError, RequestError
+from .hookspecs import hookimpl
+from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
+from .pipeline import read_spec
+from .plugins import get_plugins
+from .runner import (
+    KVSpec,
+    ModelRunner,
+    RunnerCapabilities,
+    RunnerContext,
+    ScheduledBatch,
+    SeqChunk,
+    build_from_table,
+    kv_bytes_per_token,
+    kv_slot,
+)
+from .spec import BackendProbe, ModelFacts, ModelSpec, read_model_spec
+
+__all__ = [
+    "BackendError",
+    "BackendProbe",
+    "EngineConfig",
+    "EnginehouseError",
+    "GenerationConfig",
+    "InvalidModelError",
+    "KVSpec",
+    "ModelFacts",
+    "ModelRunner",
+    "ModelSpec",
+    "MultiModalData",
+    "PreparedPrompt",
+    "RequestError",
+    "RunnerCapabilities",
+    "RunnerContext",
+    "ScheduledBatch",
+    "SeqChunk",
+    "VisionEncoder",
+    "available_memory",
+    "build_from_table",
+    "copy_checked",
+    "format_size",
+    "get_plugins",
+    "hookimpl",
+    "kv_bytes_per_token",
+    "kv_slot",
+    "missing_weights",
+    "read_model_spec",
+    "read_spec",
+    "resolve_device",
+    "resolve_dtype",
+    "tensors",
+    "use_all_cores",
+]
