@@ -341,6 +341,27 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="seconds one engine step may run before /health reports the engine stuck",
 )
 @click.option(
+    "--grammar-compile-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="seconds one JSON schema, regex or grammar may take to compile (400 beyond)",
+)
+@click.option(
+    "--grammar-compile-workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="grammars compiled at once, each in a process of its own (about 0.3 GB each)",
+)
+@click.option(
+    "--xgrammar-cache-mb",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="MiB of compiled grammars kept for reuse, least recently used dropped first",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -361,6 +382,9 @@ def serve(
     max_request_body_size: str,
     max_seqs_per_request: int,
     engine_iteration_timeout: float,
+    grammar_compile_timeout: float,
+    grammar_compile_workers: int,
+    xgrammar_cache_mb: int,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -387,7 +411,14 @@ def serve(
         )
     try:
         body_limit = parse_size(max_request_body_size)
-        limits = ServerLimits(body_limit, max_seqs_per_request, engine_iteration_timeout)
+        limits = ServerLimits(
+            body_limit,
+            max_seqs_per_request,
+            engine_iteration_timeout,
+            grammar_compile_timeout=grammar_compile_timeout,
+            grammar_compile_workers=grammar_compile_workers,
+            xgrammar_cache_mb=xgrammar_cache_mb,
+        )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e
 

@@ -36,7 +36,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
             configs = [tools.generation_config(c) for c in configs]
         except ToolError as e:
             raise bad_request(str(e), e.param) from e
-    await state.check_grammar(req, configs[0])
+    await state.check_grammar(request, req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, prompt.token_ids, tools)
     return await respond(request, generation, chat, req.num_choices)

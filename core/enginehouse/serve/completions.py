@@ -35,7 +35,7 @@ async def create_completion(state: ServerState, request: Request) -> Any:
         for prompt in prompts
         for config in state.configs(req, len(prompt.token_ids))
     ]
-    await state.check_grammar(req, choices[0][1])
+    await state.check_grammar(request, req, choices[0][1])
     response_id, generation = state.start("cmpl", choices, req.scores_only)
     completion = _Completion(state, req, response_id, [p.token_ids for p in prompts])
     return await respond(request, generation, completion, len(choices))

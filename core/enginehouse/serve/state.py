@@ -17,6 +17,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..config import GenerationConfig
+from ..engine.grammar import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_COMPILE_TIMEOUT,
+    DEFAULT_COMPILE_WORKERS,
+    GrammarCompiler,
+)
 from ..errors import RequestError
 from ..multimodal import PreparedPrompt, check_image_count
 from ..pipeline import Pipeline
@@ -39,6 +45,9 @@ class ServerLimits:
     max_request_body_size: int = 32 * 2**20  # bytes; vLLM's HTTP frontend refuses above 32 MiB
     max_seqs_per_request: int = 1024  # prompts x n; vLLM's VLLM_MAX_COMPLETION_PROMPTS
     engine_iteration_timeout: float = 60.0  # s; vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S
+    grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT  # s one grammar may compile
+    grammar_compile_workers: int = DEFAULT_COMPILE_WORKERS  # grammars compiled at once
+    xgrammar_cache_mb: int = DEFAULT_CACHE_BYTES // 2**20  # vLLM's VLLM_XGRAMMAR_CACHE_MB
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -71,6 +80,16 @@ class ServerState:
         self.session_len: int = pipe.session_len
         self._token_text: dict[int, str] = {}
         self._longest_token = _longest_token(pipe.tokenizer)
+        self.grammars.configure(
+            timeout=self.limits.grammar_compile_timeout,
+            max_workers=self.limits.grammar_compile_workers,
+            cache_bytes=self.limits.xgrammar_cache_mb * 2**20,
+        )
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        # The engine's compiler; the engine client should hand it out (or take these limits).
+        return self.pipe.engine.engine.grammars
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -203,15 +222,20 @@ class ServerState:
         except ToolError as e:
             raise bad_request(str(e), e.param) from e
 
-    async def check_grammar(self, req: GenerationRequest, config: GenerationConfig) -> None:
-        """Compile the output's grammar (off this loop, cached) so that a schema, regex or
-        grammar that does not compile is a 400 before anything starts."""
+    async def check_grammar(
+        self, request: Request, req: GenerationRequest, config: GenerationConfig
+    ) -> None:
+        """Compile the output's grammar (in a compile process, cached) so that a schema, regex
+        or grammar that does not compile, or not within --grammar-compile-timeout, is a 400
+        before anything starts. A client that leaves meanwhile stops waiting, and its compile
+        stops unless another request waits for the same grammar."""
         constraint = config.constraint
         if constraint is None:
             return
         param = req.output_constraint()[1] or "tool_choice"
+        compiled = asyncio.wrap_future(self.grammars.compile(constraint))
         try:
-            await asyncio.wrap_future(self.pipe.engine.engine.grammars.compile(constraint))
+            await unless_disconnected(request, compiled)
         except RequestError as e:
             raise bad_request(str(e), param) from e
 
