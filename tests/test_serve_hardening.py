@@ -156,3 +156,38 @@ def test_the_grammar_cache_is_capped_in_bytes_least_recently_used_first(served):
     assert grammars.is_cached(constraint_of(schemas[-1]))
     assert not grammars.is_cached(constraint_of(schemas[0]))  # the least recently used
     assert_still_serves(url, pipe)
+
+
+# --- stop strings -------------------------------------------------------------------------------
+
+
+def test_stop_strings_are_limited_in_number_and_length(served):
+    """400,000 stop strings with n=64 were scanned at every step for every choice."""
+    url, pipe, _ = served
+    many = {"prompt": "hi", "n": 64, "stop": [f"s{i}" for i in range(400_000)]}
+    message = refusal(post(url, "/v1/completions", json=many))
+    assert "400000 strings" in message and "--max-stop-strings" in message
+    long = {"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", "x" * 257]}
+    message = refusal(post(url, "/v1/chat/completions", json=long))
+    assert "stop[1] is 257 characters" in message and "--max-stop-string-length" in message
+    assert_still_serves(url, pipe)
+
+
+def test_the_most_stop_strings_allowed_still_cut_where_the_first_begins(served):
+    url, pipe, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    free = pipe("hello", {"max_new_tokens": 24, "ignore_eos": True}, apply_chat_template=False)
+    stop = free.text[8:11]  # three characters the model will write
+    decoys = [f"{i:03d}" + "q" * 250 for i in range(63)]  # 64 strings, up to 253 characters
+    want = free.text[: free.text.index(stop)]
+    ask = dict(model=MODEL, prompt="hello", max_tokens=24, temperature=0, n=4)
+    ask |= dict(stop=[*decoys, stop], extra_body={"ignore_eos": True})
+    r = client.completions.create(**ask)
+    assert [c.text for c in r.choices] == [want] * 4
+    assert {c.finish_reason for c in r.choices} == {"stop"}
+    streamed = [""] * 4
+    for chunk in client.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [want] * 4  # nothing of the stop string was sent before the cut
+    assert_still_serves(url, pipe)

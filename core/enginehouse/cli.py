@@ -362,6 +362,20 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="MiB of compiled grammars kept for reuse, least recently used dropped first",
 )
 @click.option(
+    "--max-stop-strings",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="most stop strings one request may give",
+)
+@click.option(
+    "--max-stop-string-length",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="most characters of one stop string",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -385,6 +399,8 @@ def serve(
     grammar_compile_timeout: float,
     grammar_compile_workers: int,
     xgrammar_cache_mb: int,
+    max_stop_strings: int,
+    max_stop_string_length: int,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -418,6 +434,8 @@ def serve(
             grammar_compile_timeout=grammar_compile_timeout,
             grammar_compile_workers=grammar_compile_workers,
             xgrammar_cache_mb=xgrammar_cache_mb,
+            max_stop_strings=max_stop_strings,
+            max_stop_string_length=max_stop_string_length,
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e

@@ -29,6 +29,7 @@ from .grammar import GrammarCompiler, GrammarState, xgrammar
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -453,12 +454,11 @@ class LLMEngine:
         return self._output(seq)
 
     def _cut_at_stop_word(self, seq: Sequence, old_len: int) -> bool:
-        longest = max(len(w) for w in seq.params.stop_words)
-        start = max(0, old_len - longest + 1)
-        hits = [i for w in seq.params.stop_words if (i := seq.text.find(w, start)) >= 0]
-        if not hits:
+        # From the first character not yet sent: what `_output` held back, then the new text.
+        cut, _ = StopStrings.of(seq.params.stop_words).scan(seq.text, seq.emitted_text)
+        if cut is None:
             return False
-        seq.text = seq.text[: min(hits)]  # the stop word itself is not part of the output
+        seq.text = seq.text[:cut]  # the stop word itself is not part of the output
         return True
 
     def _finish(
@@ -481,7 +481,8 @@ class LLMEngine:
         word), new tokens, their logprobs; the totals when the request is finished."""
         end = len(seq.text)
         if not seq.finished and seq.params.stop_words:
-            hold = max(len(w) for w in seq.params.stop_words) - 1
+            # Only what may still become a stop string (the end that begins one) is held.
+            _, hold = StopStrings.of(seq.params.stop_words).scan(seq.text, seq.emitted_text)
             end = max(seq.emitted_text, end - hold)
         new_ids = seq.generated_ids[seq.emitted_tokens :]
         out = RequestOutput(

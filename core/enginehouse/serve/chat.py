@@ -22,6 +22,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(req.model)
     state.check_sequences(1, req.num_choices)
+    state.check_stop(req)
     tools = state.tool_use(req)
     messages = [m.for_template() for m in req.messages]
     if state.check_images(messages):

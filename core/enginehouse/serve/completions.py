@@ -24,6 +24,7 @@ async def create_completion(state: ServerState, request: Request) -> Any:
     req: CompletionRequest = parse(CompletionRequest, await read_json(request))
     state.check_model(req.model)
     state.check_sequences(len(req.prompts), req.num_choices)
+    state.check_stop(req)
     prompts = [
         state.prepare(
             p if isinstance(p, str) else {"token_ids": p}, "prompt", False, req.scores_only

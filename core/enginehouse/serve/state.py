@@ -48,6 +48,8 @@ class ServerLimits:
     grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT  # s one grammar may compile
     grammar_compile_workers: int = DEFAULT_COMPILE_WORKERS  # grammars compiled at once
     xgrammar_cache_mb: int = DEFAULT_CACHE_BYTES // 2**20  # vLLM's VLLM_XGRAMMAR_CACHE_MB
+    max_stop_strings: int = 64  # stop strings per request (vLLM has no limit; OpenAI takes 4)
+    max_stop_string_length: int = 256  # characters of one stop string
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -154,6 +156,23 @@ class ServerState:
                 "(--max-seqs-per-request): send fewer prompts per request, or a smaller n",
                 "prompt" if num_prompts > 1 else "n",
             )
+
+    def check_stop(self, req: GenerationRequest) -> None:
+        """Refuse more stop strings, or longer ones, than this server takes."""
+        most, longest = self.limits.max_stop_strings, self.limits.max_stop_string_length
+        if len(req.stop) > most:
+            raise bad_request(
+                f"stop has {len(req.stop)} strings; this server takes at most {most} "
+                "(--max-stop-strings)",
+                "stop",
+            )
+        for i, word in enumerate(req.stop):
+            if len(word) > longest:
+                raise bad_request(
+                    f"stop[{i}] is {len(word)} characters long; this server takes stop strings "
+                    f"of at most {longest} characters (--max-stop-string-length)",
+                    "stop",
+                )
 
     def prepare(
         self,
