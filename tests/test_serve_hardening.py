@@ -5,15 +5,23 @@ KV blocks are back to 0."""
 
 from __future__ import annotations
 
+import base64
+import http.server
+import io
+import json
 import threading
 import time
+from dataclasses import replace
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
-from enginehouse import GenerationConfig, pipeline
+from enginehouse import GenerationConfig, image_fetch, pipeline
 from enginehouse.serve import ServerLimits, ServerThread, create_app
+from enginehouse.testing import HERMES_TOOLS_TEMPLATE, build_vlm
 
 MODEL = "tiny-llama"
 COMPILE_TIMEOUT = 1.0  # s; the fixture's --grammar-compile-timeout
@@ -22,7 +30,13 @@ CACHE_MB = 1  # the fixture's --xgrammar-cache-mb
 
 @pytest.fixture(scope="module")
 def served(llama_dir):
-    pipe = pipeline(str(llama_dir), engine_config={"max_batch_size": 16}, progress=False)
+    # A template that renders tools (Hermes' format), so that tools reach it.
+    pipe = pipeline(
+        str(llama_dir),
+        engine_config={"max_batch_size": 16},
+        chat_template=HERMES_TOOLS_TEMPLATE,
+        progress=False,
+    )
     limits = ServerLimits(
         grammar_compile_timeout=COMPILE_TIMEOUT, grammar_compile_workers=2, xgrammar_cache_mb=1
     )
@@ -190,4 +204,285 @@ def test_the_most_stop_strings_allowed_still_cut_where_the_first_begins(served):
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == [want] * 4  # nothing of the stop string was sent before the cut
+    assert_still_serves(url, pipe)
+
+
+# --- tools and templates ------------------------------------------------------------------------
+
+
+def tool(description: str = "adds", name: str = "add") -> dict:
+    params = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": params},
+    }
+
+
+def test_tools_and_tool_calls_count_in_the_length_check_before_rendering(served, peak_memory):
+    """A 20 MB tool description (or 20 MB of tool-call arguments) was rendered and tokenized
+    on the event loop: 40 s with every endpoint blocked, +2.9 GB. Refused before rendering."""
+    url, pipe, _ = served
+    huge = "x" * 20_000_000
+    ask = [{"role": "user", "content": "add 1"}]
+    called = [
+        *ask,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": huge}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ]
+    for body in (
+        {"messages": ask, "tools": [tool(huge)], "max_tokens": 1},
+        {"messages": called, "tools": [tool()], "max_tokens": 1},
+        {"messages": called, "max_tokens": 1},
+    ):
+        content = json.dumps(body).encode()
+        started = time.monotonic()
+        with peak_memory() as memory:
+            message = refusal(post(url, "/v1/chat/completions", content=content))
+        assert "characters long" in message and "shorten the prompt" in message
+        assert time.monotonic() - started < 5 and memory.growth < 400 * 2**20, memory.growth
+    assert_still_serves(url, pipe)
+
+
+def test_templates_are_rendered_off_the_event_loop(served, monkeypatch):
+    """While one request's prompt takes seconds to render and tokenize, /health, /metrics and
+    other requests are answered."""
+    url, pipe, state = served
+    prepare, entered, release = pipe.prepare, threading.Event(), threading.Event()
+
+    def slow_prepare(prompt, *args, **kwargs):
+        if prompt == [{"role": "user", "content": "slow"}]:
+            entered.set()
+            release.wait(30)
+        return prepare(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "prepare", slow_prepare)
+    body = {"messages": [{"role": "user", "content": "slow"}], "max_tokens": 2}
+    slow = threading.Thread(target=post, args=(url, "/v1/chat/completions"), kwargs={"json": body})
+    slow.start()
+    try:
+        assert entered.wait(30)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
+        quick = {"messages": [{"role": "user", "content": "quick"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=quick, timeout=10).status_code == 200
+    finally:
+        release.set()
+        slow.join()
+    monkeypatch.undo()
+    assert_still_serves(url, pipe)
+
+
+# --- images -------------------------------------------------------------------------------------
+
+FETCH_TIMEOUT = 1.0  # s per image (--image-fetch-timeout)
+FETCH_TOTAL_TIMEOUT = 2.5  # s for a prompt's images (--image-fetch-total-timeout)
+
+
+def png(seed: int = 0, size: tuple[int, int] = (60, 40)) -> bytes:
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageHost:
+    """A real HTTP server on 127.0.0.1 with a picture, one that drips its body or its headers
+    one byte at a time, a 404, a text file and a redirect; it counts what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                host.asked.append(self.path)
+                try:
+                    self.answer()
+                except OSError:  # the fetcher hung up: that is the point
+                    pass
+
+            def answer(self):
+                if self.path == "/pic.png":
+                    return self.send(200, png(), "image/png")
+                if self.path == "/text":
+                    return self.send(200, b"hello", "text/plain")
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header(
+                        "Location", host.url("/pic.png").replace("127.0.0.1", "127.0.0.2")
+                    )
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path == "/drip-body":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                elif self.path == "/drip-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                else:
+                    return self.send(404, b"no", "text/plain")
+                for _ in range(200):  # a byte every 0.1 s: every read gets something
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+
+            def send(self, status, body, kind):
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server.server_address[1]}{path}"
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ImageHost()
+    yield host
+    host.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vlm_served(tmp_path_factory):
+    folder = build_vlm(tmp_path_factory.mktemp("llava"), "llava")
+    config = {
+        "max_batch_size": 16,
+        "allowed_media_domains": ["127.0.0.1", "127.0.0.2", "localhost"],
+        "image_fetch_timeout": FETCH_TIMEOUT,
+        "image_fetch_total_timeout": FETCH_TOTAL_TIMEOUT,
+        "max_concurrent_image_decodes": 1,
+    }
+    pipe = pipeline(str(folder), engine_config=config, progress=False)
+    app = create_app(pipe, MODEL, limits=ServerLimits(media_loading_thread_count=4))
+    with ServerThread(app) as server:
+        yield server.url, pipe, app.state.server
+    pipe.close()
+
+
+def image_chat(*urls: str, **kw) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    content = [*parts, {"type": "text", "text": "what is it?"}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **kw}
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def private_allowed(vlm_served, monkeypatch):
+    """The test's image host is on 127.0.0.1: allowed here as --allow-private-media-addresses
+    would allow it."""
+    state = vlm_served[2]
+    monkeypatch.setattr(state, "fetch_policy", replace(state.fetch_policy, allow_private=True))
+
+
+def test_slow_downloads_end_at_their_deadline_and_block_nothing_else(
+    vlm_served, image_host, private_allowed
+):
+    """Six URLs that dripped a byte every 5 s blocked /metrics and every image request, data:
+    URLs too: the 10 s timeout was per read. Now each download has a deadline, a prompt's
+    downloads one together, and they run on threads of their own."""
+    url, pipe, _ = vlm_served
+    results: dict[int, tuple[float, httpx.Response]] = {}
+
+    def slow(i: int, *paths: str) -> None:
+        started = time.monotonic()
+        body = image_chat(*(image_host.url(p) for p in paths))
+        r = post(url, "/v1/chat/completions", json=body)
+        results[i] = (time.monotonic() - started, r)
+
+    paths = [("/drip-body",), ("/drip-headers",)] * 3 + [("/drip-body",) * 6]
+    threads = [threading.Thread(target=slow, args=(i, *p)) for i, p in enumerate(paths)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(image_host.asked) >= 4)
+    started = time.monotonic()
+    assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    inline = post(url, "/v1/chat/completions", json=image_chat(data_url(png(1))))
+    assert inline.status_code == 200, inline.text
+    assert time.monotonic() - started < FETCH_TIMEOUT * 2  # not behind the slow ones
+    for t in threads:
+        t.join()
+    messages = set()
+    for seconds, r in results.values():
+        messages.add(refusal(r).split("'")[2])  # the message, less the URL
+        assert seconds < FETCH_TOTAL_TIMEOUT + 2.0
+    assert len(messages) == 1 and "could not fetch the image" in refusal(r)
+    assert_still_serves(url, pipe)
+
+
+def test_hosts_resolving_to_private_addresses_are_refused_after_redirects_too(
+    vlm_served, image_host, monkeypatch
+):
+    """An allowed name that resolved to a loopback, private or link-local address was
+    fetched, and the errors told a closed port, a 404 and a non-image apart. Now every
+    address is checked (after each redirect too) and every failed fetch reads the same."""
+    url, pipe, state = vlm_served
+    asked = len(image_host.asked)
+    loopback = image_host.url("/pic.png", "localhost")  # localhost: allowed, but loopback
+    message = refusal(post(url, "/v1/chat/completions", json=image_chat(loopback)))
+    assert "could not fetch the image" in message
+    assert len(image_host.asked) == asked  # refused before anything was sent
+
+    # 127.0.0.1 taken for public here, 127.0.0.2 not: the redirect to it is refused.
+    monkeypatch.setattr(image_fetch, "is_public", lambda address: address == "127.0.0.1")
+    fetched = post(url, "/v1/chat/completions", json=image_chat(image_host.url("/pic.png")))
+    assert fetched.status_code == 200, fetched.text
+    failures = {
+        path: refusal(post(url, "/v1/chat/completions", json=image_chat(image_host.url(path))))
+        for path in ("/redirect", "/missing", "/text")
+    }
+    closed = image_host.url("/pic.png").rsplit(":", 1)[0] + ":9/pic.png"  # nothing listens
+    failures["closed"] = refusal(post(url, "/v1/chat/completions", json=image_chat(closed)))
+    assert image_host.asked[-3:] == ["/redirect", "/missing", "/text"]  # not /pic.png on .2
+    assert len({m.split("'")[2] for m in [message, *failures.values()]}) == 1
+    assert_still_serves(url, pipe)
+
+
+def test_a_huge_image_under_the_pixel_budget_decodes_in_bounded_memory(vlm_served, peak_memory):
+    """A 13000x13000 single-colour GIF of 121 KB cost 1.5-2.2 GB (RGB, the hash and the
+    processor's arrays at full size), and six at once took the server past 8 GB. Now an image
+    is reduced to 4096x4096 as soon as it is decoded, and one is decoded at a time here."""
+    url, pipe, _ = vlm_served
+    buf = io.BytesIO()
+    Image.new("P", (13000, 13000), 3).save(buf, format="GIF")
+    gif = data_url(buf.getvalue(), "image/gif")
+    del buf
+    with peak_memory() as one:
+        r = post(url, "/v1/chat/completions", json=image_chat(gif))
+    assert r.status_code == 200, r.text
+    assert one.growth < 500 * 2**20, one.growth  # the GIF's 169 MB of pixels, then 48 MB
+
+    answers: list[httpx.Response] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(post(url, "/v1/chat/completions", json=image_chat(gif)))
+        )
+        for _ in range(3)
+    ]
+    with peak_memory() as three:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [a.status_code for a in answers] == [200] * 3
+    assert three.growth < 900 * 2**20, three.growth  # decodes one at a time
     assert_still_serves(url, pipe)

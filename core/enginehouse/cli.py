@@ -376,6 +376,13 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="most characters of one stop string",
 )
 @click.option(
+    "--media-loading-thread-count",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="image downloads at once, on threads of their own",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -401,6 +408,7 @@ def serve(
     xgrammar_cache_mb: int,
     max_stop_strings: int,
     max_stop_string_length: int,
+    media_loading_thread_count: int,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -436,6 +444,7 @@ def serve(
             xgrammar_cache_mb=xgrammar_cache_mb,
             max_stop_strings=max_stop_strings,
             max_stop_string_length=max_stop_string_length,
+            media_loading_thread_count=media_loading_thread_count,
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ..multimodal import PreparedPrompt
 from ..response import Response
 from .generation import Generation
 from .protocol import CompletionRequest, parse
@@ -25,12 +26,7 @@ async def create_completion(state: ServerState, request: Request) -> Any:
     state.check_model(req.model)
     state.check_sequences(len(req.prompts), req.num_choices)
     state.check_stop(req)
-    prompts = [
-        state.prepare(
-            p if isinstance(p, str) else {"token_ids": p}, "prompt", False, req.scores_only
-        )
-        for p in req.prompts
-    ]
+    prompts = await state.run(_prepare, state, req)
     choices = [
         (prompt, config)
         for prompt in prompts
@@ -40,6 +36,15 @@ async def create_completion(state: ServerState, request: Request) -> Any:
     response_id, generation = state.start("cmpl", choices, req.scores_only)
     completion = _Completion(state, req, response_id, [p.token_ids for p in prompts])
     return await respond(request, generation, completion, len(choices))
+
+
+def _prepare(state: ServerState, req: CompletionRequest) -> list[PreparedPrompt]:
+    return [
+        state.prepare(
+            p if isinstance(p, str) else {"token_ids": p}, "prompt", False, req.scores_only
+        )
+        for p in req.prompts
+    ]
 
 
 class _Completion:

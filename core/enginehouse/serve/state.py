@@ -9,14 +9,16 @@ import os
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..config import GenerationConfig
+from ..config import EngineConfig, GenerationConfig
 from ..engine.grammar import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_COMPILE_TIMEOUT,
@@ -24,6 +26,7 @@ from ..engine.grammar import (
     GrammarCompiler,
 )
 from ..errors import RequestError
+from ..image_fetch import FetchPolicy, fetch_failed
 from ..multimodal import PreparedPrompt, check_image_count
 from ..pipeline import Pipeline
 from ..response import Response
@@ -31,11 +34,12 @@ from ..spec import ModelSpec
 from ..tool_calls import ToolError, ToolUse
 from .errors import APIError, bad_request
 from .generation import Generation, unless_disconnected
-from .media import check_file_url, read_file_url
+from .media import check_file_url, looks_like_an_image, read_file_url
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ServerLimits:
     xgrammar_cache_mb: int = DEFAULT_CACHE_BYTES // 2**20  # vLLM's VLLM_XGRAMMAR_CACHE_MB
     max_stop_strings: int = 64  # stop strings per request (vLLM has no limit; OpenAI takes 4)
     max_stop_string_length: int = 256  # characters of one stop string
+    media_loading_thread_count: int = 8  # image downloads at once; vLLM's name and default
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -82,11 +87,30 @@ class ServerState:
         self.session_len: int = pipe.session_len
         self._token_text: dict[int, str] = {}
         self._longest_token = _longest_token(pipe.tokenizer)
+        # Image downloads on threads of their own, so that slow ones cannot hold up the
+        # threads that render prompts and decode images (data: URLs included) or /metrics.
+        self.fetch_pool = ThreadPoolExecutor(
+            self.limits.media_loading_thread_count, "enginehouse-fetch"
+        )
+        self.prepare_pool = ThreadPoolExecutor(
+            min(32, (os.cpu_count() or 1) + 4), "enginehouse-prepare"
+        )
+        self.fetch_policy = FetchPolicy.of(self.engine_config)
         self.grammars.configure(
             timeout=self.limits.grammar_compile_timeout,
             max_workers=self.limits.grammar_compile_workers,
             cache_bytes=self.limits.xgrammar_cache_mb * 2**20,
         )
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        # The engine's; the engine client should hand it out.
+        return self.pipe.engine.engine.config
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a prepare thread: rendering, tokenizing and decoding images take a
+        while, and must not hold up the loop that serves every other request and /health."""
+        return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, fn, *args)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -121,7 +145,7 @@ class ServerState:
         with (--allowed-local-media-path)."""
         urls = [part["image_url"]["url"] for part in _image_parts(messages)]
         try:
-            check_image_count(len(urls), self.pipe.engine.engine.config)
+            check_image_count(len(urls), self.engine_config)
         except RequestError as e:
             raise bad_request(str(e), "messages") from e
         for url in urls:
@@ -136,6 +160,35 @@ class ServerState:
                     "messages",
                 )
         return len(urls)
+
+    async def fetch_images(self, messages: list[dict[str, Any]]) -> None:
+        """Replace each http(s) image in `messages` by its bytes, all fetched at once on the
+        fetch threads, each within --image-fetch-timeout and all within
+        --image-fetch-total-timeout; a 400 with one message for every failed fetch."""
+        policy = self.fetch_policy
+        parts = [
+            part
+            for part in _image_parts(messages)
+            if urllib.parse.urlparse(part["image_url"]["url"]).scheme.lower() in ("http", "https")
+        ]
+        if not parts:
+            return
+        urls = [part["image_url"]["url"] for part in parts]
+        deadline = time.monotonic() + policy.total_timeout
+        loop = asyncio.get_running_loop()
+        fetches = [loop.run_in_executor(self.fetch_pool, policy.fetch, u, deadline) for u in urls]
+        try:
+            # The threads stop at the deadline too; this wait ends in time whatever they do.
+            images = await asyncio.wait_for(asyncio.gather(*fetches), policy.total_timeout + 1)
+        except RequestError as e:
+            raise bad_request(str(e), "messages") from e
+        except asyncio.TimeoutError:
+            raise bad_request(str(fetch_failed(urls[0], policy.timeout)), "messages") from None
+        for url, part, data in zip(urls, parts, images):
+            if not looks_like_an_image(data):  # said as any failed fetch: no port scanning
+                raise bad_request(str(fetch_failed(url, policy.timeout)), "messages")
+            part.clear()
+            part.update({"type": "image", "image": data})
 
     def read_local_images(self, messages: list[dict[str, Any]]) -> None:
         """Replace each file:// image in `messages` by the file's bytes, read here, once, from
@@ -182,7 +235,7 @@ class ServerState:
         score_only: bool = False,
         tools: ToolUse | None = None,
     ) -> PreparedPrompt:
-        self._check_length_before_tokenizing(prompt, param, score_only)
+        self._check_length_before_tokenizing(prompt, param, score_only, tools)
         try:
             prepared = self.pipe.prepare(prompt, apply_chat_template, tools and tools.tools)
             self.pipe.engine.check_length(len(prepared.token_ids), score_only)
@@ -190,17 +243,20 @@ class ServerState:
             raise bad_request(str(e), param) from e
         return prepared
 
-    def _check_length_before_tokenizing(self, prompt: Any, param: str, score_only: bool) -> None:
+    def _check_length_before_tokenizing(
+        self, prompt: Any, param: str, score_only: bool, tools: ToolUse | None = None
+    ) -> None:
         """Refuse a prompt that surely cannot fit before paying for its tokens (28 MB of text
-        took 48 s and 4 GB to tokenize): token ids beyond the context, or more characters than
-        the context's tokens could hold were each as long as the vocabulary's longest."""
+        took 48 s and 4 GB to tokenize; a 20 MB tool description blocked the server for 40 s):
+        token ids beyond the context, or more characters than the context's tokens could hold
+        were each as long as the vocabulary's longest, counting the tools and tool calls."""
         if isinstance(prompt, dict) and "token_ids" in prompt:
             try:
                 self.pipe.engine.check_length(len(prompt["token_ids"]), score_only)
             except RequestError as e:
                 raise bad_request(str(e), param) from e
             return
-        chars = _text_length(prompt)
+        chars = _text_length(prompt) + (_strings_length(tools.tools) if tools else 0)
         if self._longest_token is not None and chars > self.session_len * self._longest_token:
             raise bad_request(
                 f"the prompt is {chars} characters long, more than this model's context of "
@@ -378,17 +434,35 @@ def _longest_token(tokenizer: Any) -> int | None:
 
 
 def _text_length(prompt: Any) -> int:
-    """Characters of a prompt's text: a string, or the text of messages (the template only
-    adds to it)."""
+    """Characters of a prompt's text: a string, or the text of messages: their text parts and
+    every other string they hold (tool calls' arguments, names...), which the template writes
+    (it only adds to them), but not images (a data: URL is not text)."""
     if isinstance(prompt, str):
         return len(prompt)
     total = 0
     for message in prompt if isinstance(prompt, list) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p["text"]) for p in content if isinstance(p.get("text"), str))
+        if not isinstance(message, dict):
+            continue
+        for key, value in message.items():
+            if key == "content" and isinstance(value, list):
+                total += sum(len(p["text"]) for p in value if isinstance(p.get("text"), str))
+            else:
+                total += _strings_length(value)
+    return total
+
+
+def _strings_length(value: Any) -> int:
+    """Characters of every string in a JSON value, keys left out (a template writes the
+    values of tools and tool calls, in some form; not always their keys)."""
+    total, stack = 0, [value]
+    while stack:  # not recursive: a body may nest deeply
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return total
 
 
