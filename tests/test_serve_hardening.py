@@ -486,3 +486,38 @@ def test_a_huge_image_under_the_pixel_budget_decodes_in_bounded_memory(vlm_serve
     assert [a.status_code for a in answers] == [200] * 3
     assert three.growth < 900 * 2**20, three.growth  # decodes one at a time
     assert_still_serves(url, pipe)
+
+
+# --- big responses ------------------------------------------------------------------------------
+
+
+def test_a_response_that_would_pass_the_limit_is_refused_before_generating(served, monkeypatch):
+    """Within every other limit, 1024 prompts x 2000 ids with prompt_logprobs: 20 would build
+    a ~4.4 GB body (6-10 KB of peak memory per prompt position). Now a 400 up front, from an
+    estimate of the response's size, with --max-response-body-size (128 MiB)."""
+    url, pipe, state = served
+    ids = [[5 + i % 300] * 200 for i in range(1024)]
+    steps = pipe.stats()["steps"]
+    short = [p[:20] for p in ids]
+    for prompts, extra in (
+        (ids, {"prompt_logprobs": 20}),
+        (ids, {"echo": True, "logprobs": 20, "max_tokens": 0}),
+        (short, {"logprobs": 20, "max_tokens": 120}),  # 1024 x 120 tokens x 21 entries
+    ):
+        started = time.monotonic()
+        message = refusal(post(url, "/v1/completions", json={"prompt": prompts, **extra}))
+        assert "--max-response-body-size" in message and "MiB" in message
+        assert time.monotonic() - started < 5
+    # Chat: 128 choices x 200 tokens x 21 entries make 35 MB (measured: 31 MB), over 16 MiB.
+    monkeypatch.setattr(state, "limits", replace(state.limits, max_response_body_size=2**24))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": 128, "logprobs": True}
+    chat |= {"top_logprobs": 20, "max_tokens": 200}
+    assert "about 33 MiB" in refusal(post(url, "/v1/chat/completions", json=chat))
+    monkeypatch.undo()
+    assert pipe.stats()["steps"] == steps  # nothing reached the engine
+    # An evaluation's usual request is far from it.
+    usual = {"prompt": ids[:8], "echo": True, "logprobs": 1, "max_tokens": 0}
+    r = post(url, "/v1/completions", json=usual)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 200
+    assert_still_serves(url, pipe)

@@ -383,6 +383,12 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="image downloads at once, on threads of their own",
 )
 @click.option(
+    "--max-response-body-size",
+    default="128MiB",
+    show_default=True,
+    help="requests whose response could be larger are refused with 400 before generating",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -409,6 +415,7 @@ def serve(
     max_stop_strings: int,
     max_stop_string_length: int,
     media_loading_thread_count: int,
+    max_response_body_size: str,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -434,6 +441,10 @@ def serve(
             "ENGINEHOUSE_API_KEY and leave out --api-key to serve without authentication"
         )
     try:
+        response_limit = parse_size(max_response_body_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-response-body-size") from e
+    try:
         body_limit = parse_size(max_request_body_size)
         limits = ServerLimits(
             body_limit,
@@ -445,6 +456,7 @@ def serve(
             max_stop_strings=max_stop_strings,
             max_stop_string_length=max_stop_string_length,
             media_loading_thread_count=media_loading_thread_count,
+            max_response_body_size=response_limit,
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e

@@ -29,6 +29,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     if has_images:
         await state.fetch_images(messages)
     prompt, configs = await state.run(_prepare, state, req, messages, tools, has_images)
+    state.check_response_size(req, [len(prompt.token_ids)], configs)
     await state.check_grammar(request, req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, prompt.token_ids, tools)

@@ -32,6 +32,7 @@ async def create_completion(state: ServerState, request: Request) -> Any:
         for prompt in prompts
         for config in state.configs(req, len(prompt.token_ids))
     ]
+    state.check_response_size(req, [len(p.token_ids) for p in prompts], [c for _, c in choices])
     await state.check_grammar(request, req, choices[0][1])
     response_id, generation = state.start("cmpl", choices, req.scores_only)
     completion = _Completion(state, req, response_id, [p.token_ids for p in prompts])

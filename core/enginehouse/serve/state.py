@@ -55,6 +55,7 @@ class ServerLimits:
     max_stop_strings: int = 64  # stop strings per request (vLLM has no limit; OpenAI takes 4)
     max_stop_string_length: int = 256  # characters of one stop string
     media_loading_thread_count: int = 8  # image downloads at once; vLLM's name and default
+    max_response_body_size: int = 128 * 2**20  # bytes a response may be, estimated up front
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -290,6 +291,23 @@ class ServerState:
             for i in range(req.num_choices)
         ]
 
+    def check_response_size(
+        self, req: GenerationRequest, prompt_lens: list[int], configs: list[GenerationConfig]
+    ) -> None:
+        """Refuse, before generating, a request whose response would be larger than
+        --max-response-body-size (1024 prompts x 2000 ids with prompt_logprobs: 20 would make
+        a 4.4 GB body, and 6-10 KB of peak memory per prompt position to build it)."""
+        size = response_size(req, prompt_lens, configs)
+        limit = self.limits.max_response_body_size
+        if size > limit:
+            raise bad_request(
+                f"the response to this request could take about {size / 2**20:.0f} MiB, more "
+                f"than this server's limit of {limit / 2**20:.0f} MiB "
+                "(--max-response-body-size): ask for fewer prompts, choices (n) or tokens "
+                "(max_tokens), or fewer logprobs, prompt_logprobs or no echo",
+                "prompt_logprobs" if req.prompt_logprobs else None,
+            )
+
     def tool_use(self, req: ChatCompletionRequest) -> ToolUse | None:
         """The request's tools, checked against the model's chat template."""
         try:
@@ -366,6 +384,42 @@ class ServerState:
             text = self.pipe.tokenizer.decode([token_id])
             self._token_text[token_id] = text
         return text
+
+
+# Bytes of JSON, a little more than usual: a token's text with its punctuation, and one
+# logprob entry ({"text": -1.2345} in completions, {"token", "logprob", "bytes"} in chat,
+# {"id": {"logprob", "rank", "decoded_token"}} in prompt_logprobs).
+TOKEN_BYTES = 16
+LOGPROB_BYTES = 64
+CHOICE_BYTES = 300
+
+
+def response_size(
+    req: GenerationRequest, prompt_lens: list[int], configs: list[GenerationConfig]
+) -> int:
+    """An estimate of the largest body this request's answer may take, built whole: its
+    every choice generating all the tokens it may, with their logprobs, and the prompts it
+    echoes or scores. A stream is sent a chunk at a time: its largest chunk counts."""
+    n = req.num_choices
+    top = req.num_logprobs
+    per_token = TOKEN_BYTES + (0 if top is None else (top + 1) * LOGPROB_BYTES)
+    echo = isinstance(req, CompletionRequest) and bool(req.echo)
+    scored = req.prompt_logprobs
+    per_prompt_token = (TOKEN_BYTES + (0 if top is None else (top + 1) * LOGPROB_BYTES)) * echo
+    if scored is not None:
+        per_prompt_token += (scored + 1) * LOGPROB_BYTES
+    chat_once = isinstance(req, ChatCompletionRequest)  # chat scores its prompt once
+    sizes = []
+    for i, config in enumerate(configs):
+        prompt_len = prompt_lens[i // n]
+        generated = 0 if getattr(req, "scores_only", False) else config.max_new_tokens
+        prompt_part = prompt_len * per_prompt_token
+        if chat_once and i > 0:
+            prompt_part = 0
+        sizes.append((CHOICE_BYTES + prompt_part, generated * per_token))
+    if req.stream:  # one chunk at a time: an echoed prompt is the largest
+        return max(head for head, _ in sizes)
+    return sum(head + tail for head, tail in sizes)
 
 
 def finite(logprob: float) -> float:
