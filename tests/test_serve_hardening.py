@@ -521,3 +521,79 @@ def test_a_response_that_would_pass_the_limit_is_refused_before_generating(serve
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 200
     assert_still_serves(url, pipe)
+
+
+# --- 500s that are 400s -------------------------------------------------------------------------
+
+
+def nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def test_malformed_constraints_and_image_parts_are_400s_not_500s(served):
+    url, pipe, _ = served
+    deep = nested_schema(300)
+    tools = [tool()]
+    tools[0]["function"]["parameters"] = deep
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": deep},
+                }
+            },
+            "nested more than 128 levels",
+        ),
+        ({"structured_outputs": {"json": json.dumps(deep)}}, "nested more than 128 levels"),
+        ({"guided_json": "[" * 5000 + "]" * 5000}, "nested too deeply"),
+        ({"tools": tools, "tool_choice": "required"}, "nested more than 128 levels"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": "http://a/b.png"}],
+                    }
+                ]
+            },
+            "got image_url as a str",
+        ),
+    ]
+    for structures in ([1], 5, [None], [{"begin": 1, "schema": {}, "end": "x"}]):
+        legacy = {"structures": structures, "triggers": ["<f"]}
+        cases.append(
+            (
+                {"structured_outputs": {"structural_tag": legacy}},
+                "structures must be a list of objects",
+            )
+        )
+        cases.append(
+            (
+                {"response_format": {"type": "structural_tag", **legacy}},
+                "structures must be a list of objects",
+            )
+        )
+    cases.append(
+        (
+            {"structured_outputs": {"structural_tag": {"structures": [], "triggers": 5}}},
+            "triggers must be a list of strings",
+        )
+    )
+    for extra, words in cases:
+        message = refusal(post(url, "/v1/chat/completions", json=chat | extra))
+        assert words in message, (extra, message)
+    assert_still_serves(url, pipe)
+
+
+def test_a_nul_in_an_image_hosts_name_is_a_400(vlm_served):
+    url, pipe, _ = vlm_served
+    for host in ("127.0.0.1%00.localhost", "127.0.0.1\u0000.localhost", "exa%00mple.com"):
+        body = image_chat(f"http://{host}/pic.png")
+        message = refusal(post(url, "/v1/chat/completions", json=body))
+        assert "could not fetch the image" in message or "is not allowed" in message
+    assert_still_serves(url, pipe)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import GenerationConfig
-from .engine.grammar import compact_json_grammar
+from .engine.grammar import check_depth, compact_json_grammar
 from .errors import RequestError
 
 Tool = Mapping[str, Any]  # OpenAI's {"type": "function", "function": {"name", "parameters"}}
@@ -101,6 +101,10 @@ def function_spec(tool: Tool) -> tuple[str, dict[str, Any]]:
     params = fn.get("parameters") or EMPTY_PARAMETERS
     if not isinstance(params, dict):
         raise ToolError(f"the parameters of tool {fn['name']!r} must be a JSON schema object")
+    try:  # before a template or a grammar walks it recursively
+        check_depth(params, f"parameters schema of tool {fn['name']!r}")
+    except RequestError as e:
+        raise ToolError(str(e)) from e
     return fn["name"], params
 
 

@@ -67,6 +67,7 @@ class Constraint:
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool) -> Constraint:
         # Keys keep their order: properties are written in the order the schema gives them.
+        check_depth(schema, "JSON schema")
         return cls("json_schema", json.dumps(json_safe_lengths(schema)))
 
     @classmethod
@@ -78,6 +79,7 @@ class Constraint:
     @classmethod
     def structural_tag(cls, fmt: dict[str, Any]) -> Constraint:
         """xgrammar's structural tag: its `format` object (tags, sequences, JSON content...)."""
+        check_depth(fmt, "structural tag")
         return cls("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
 
     @property
@@ -85,6 +87,30 @@ class Constraint:
         return {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(
             self.kind, "structural tag"
         )
+
+
+MAX_DEPTH = 128  # objects and lists nested in one schema or structural tag
+
+
+def check_depth(value: Any, what: str) -> None:
+    """Refuse a schema or tag nested more than `MAX_DEPTH` deep, before anything walks it
+    recursively (300 deep overflowed Python's stack: a 500)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            raise RequestError(
+                f"the {what} is nested more than {MAX_DEPTH} levels deep (objects and lists "
+                f"within each other); flatten it, or use $defs and $ref for recursive shapes"
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 _NOT_SCHEMAS = ("enum", "const", "default", "examples")
@@ -117,6 +143,7 @@ def compact_json_grammar(schema: dict[str, Any] | bool) -> str:
     ':', none elsewhere): a structural tag's JSON content would allow unbounded whitespace, which
     a model can fill forever."""
     xgr = xgrammar()
+    check_depth(schema, "JSON schema")
     text = json.dumps(json_safe_lengths(schema))
     try:
         return str(xgr.Grammar.from_json_schema(text, any_whitespace=False))

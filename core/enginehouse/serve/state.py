@@ -322,12 +322,12 @@ class ServerState:
         or grammar that does not compile, or not within --grammar-compile-timeout, is a 400
         before anything starts. A client that leaves meanwhile stops waiting, and its compile
         stops unless another request waits for the same grammar."""
-        constraint = config.constraint
-        if constraint is None:
-            return
         param = req.output_constraint()[1] or "tool_choice"
-        compiled = asyncio.wrap_future(self.grammars.compile(constraint))
         try:
+            constraint = config.constraint
+            if constraint is None:
+                return
+            compiled = asyncio.wrap_future(self.grammars.compile(constraint))
             await unless_disconnected(request, compiled)
         except RequestError as e:
             raise bad_request(str(e), param) from e
