@@ -17,9 +17,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from enginehouse import GenerationConfig, image_fetch, pipeline
+from enginehouse.cli import cli
 from enginehouse.serve import ServerLimits, ServerThread, create_app
 from enginehouse.testing import HERMES_TOOLS_TEMPLATE, build_vlm
 
@@ -597,3 +599,20 @@ def test_a_nul_in_an_image_hosts_name_is_a_400(vlm_served):
         message = refusal(post(url, "/v1/chat/completions", json=body))
         assert "could not fetch the image" in message or "is not allowed" in message
     assert_still_serves(url, pipe)
+
+
+# --- start-up -----------------------------------------------------------------------------------
+
+
+def test_an_api_key_with_a_trailing_newline_is_an_error_at_start(llama_dir):
+    """A key read from a Kubernetes secret ends with a newline: it was accepted, and no client
+    could ever authenticate (HTTP strips header whitespace). Refused at start, with the fix."""
+    for key in ("secret\n", " secret", "secret\t", "sec\x1bret"):
+        result = CliRunner().invoke(
+            cli, ["serve", "no-such-model"], env={"ENGINEHOUSE_API_KEY": key}
+        )
+        assert result.exit_code == 2, result.output
+        assert "newline" in result.output and "remove them" in result.output
+        assert "no-such-model" not in result.output  # refused before the model is looked up
+        with pytest.raises(ValueError, match="no client could ever send this key"):
+            create_app(None, api_key=key)  # type: ignore[arg-type]

@@ -422,6 +422,7 @@ def serve(
     """Serve MODEL over an OpenAI-compatible HTTP API (see docs/serving.md)."""
     try:
         from .serve import ServerLimits, run_server
+        from .serve.app import api_key_problem
         from .serve.state import default_model_name
     except ImportError as e:
         raise click.ClickException(
@@ -440,6 +441,8 @@ def serve(
             "the API key is empty (--api-key or ENGINEHOUSE_API_KEY): set a key, or unset "
             "ENGINEHOUSE_API_KEY and leave out --api-key to serve without authentication"
         )
+    if api_key is not None and (problem := api_key_problem(api_key)):
+        raise click.UsageError(f"--api-key or ENGINEHOUSE_API_KEY: {problem}")
     try:
         response_limit = parse_size(max_response_body_size)
     except ValueError as e:

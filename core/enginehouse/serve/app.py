@@ -124,6 +124,19 @@ class _Gate:
             self.state.metrics.answered(_endpoint(scope["path"]), status)
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why no client could ever authenticate with `key`, or None when one can."""
+    if not key.strip():  # "" must not mean "no authentication"
+        return "the API key is empty; give a key, or None to serve without one"
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return (
+            "the API key has whitespace at its start or end, or a control character such as a "
+            "newline (a secret file's trailing newline?); HTTP strips those from headers, so "
+            "no client could ever send this key: remove them from it"
+        )
+    return None
+
+
 def create_app(
     pipe: Pipeline,
     model_name: str | None = None,
@@ -139,8 +152,10 @@ def create_app(
     `local_media_path`. `limits` caps what one request may ask (`ServerLimits`).
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
-    if api_key is not None and not api_key.strip():  # "" must not mean "no authentication"
-        raise ValueError("the API key is empty; give a key, or None to serve without one")
+    if api_key is not None:
+        problem = api_key_problem(api_key)
+        if problem:
+            raise ValueError(problem)
     state = ServerState(pipe, model_name or default_model_name(pipe.spec), local_media_path, limits)
     app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
