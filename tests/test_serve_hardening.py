@@ -9,6 +9,7 @@ import base64
 import http.server
 import io
 import json
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -616,3 +617,77 @@ def test_an_api_key_with_a_trailing_newline_is_an_error_at_start(llama_dir):
         assert "no-such-model" not in result.output  # refused before the model is looked up
         with pytest.raises(ValueError, match="no client could ever send this key"):
             create_app(None, api_key=key)  # type: ignore[arg-type]
+
+
+# --- connections --------------------------------------------------------------------------------
+
+HEADER_TIMEOUT = 1.0  # s (--header-read-timeout)
+BODY_TIMEOUT = 1.5  # s (--body-read-timeout)
+MAX_CONNECTIONS = 24
+
+
+@pytest.fixture(scope="module")
+def tight(served):
+    """A second server in front of the same pipeline, with tight limits on connections."""
+    _, pipe, _ = served
+    limits = ServerLimits(
+        header_read_timeout=HEADER_TIMEOUT,
+        body_read_timeout=BODY_TIMEOUT,
+        max_connections=MAX_CONNECTIONS,
+    )
+    with ServerThread(create_app(pipe, MODEL, limits=limits)) as server:
+        yield server.url, pipe
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before it closed the connection, or None if it kept it open."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except TimeoutError:
+        return None
+    return data
+
+
+def test_half_sent_requests_are_closed_and_connections_capped(tight):
+    """1100 half-sent requests under a 1024-descriptor limit made the server unreachable: no
+    deadline on headers or bodies, no cap on connections."""
+    url, pipe = tight
+    half_headers = [connect(url) for _ in range(MAX_CONNECTIONS)]
+    for s in half_headers:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    time.sleep(0.3)
+    extra = connect(url)  # one too many: told so, and closed at once
+    answer = closed_within(extra, 5)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 503")
+    assert b"--max-connections" in answer
+    started = time.monotonic()
+    for s in half_headers:  # each closed at its header deadline, without an answer
+        assert closed_within(s, HEADER_TIMEOUT + 5) == b""
+        s.close()
+    assert time.monotonic() - started < HEADER_TIMEOUT + 5
+    assert httpx.get(f"{url}/health").status_code == 200  # room again
+
+    slow_body = connect(url)
+    slow_body.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"prompt": "'
+    )
+    answer = closed_within(slow_body, BODY_TIMEOUT + 5)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408")
+    assert b"--body-read-timeout" in answer
+    slow_body.close()
+
+    # A connection kept alive between requests is closed once idle past the header deadline.
+    with httpx.Client() as client:
+        assert client.get(f"{url}/health").status_code == 200
+        time.sleep(HEADER_TIMEOUT + 0.5)
+        assert client.get(f"{url}/health").status_code == 200  # a new connection
+    assert_still_serves(url, pipe)

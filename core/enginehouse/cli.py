@@ -389,6 +389,27 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="requests whose response could be larger are refused with 400 before generating",
 )
 @click.option(
+    "--header-read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="seconds a connection may take to send a request's headers (then it is closed)",
+)
+@click.option(
+    "--body-read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="seconds a request's whole body may take to arrive (408 beyond)",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="connections open at once; more get a 503 and are closed",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -416,6 +437,9 @@ def serve(
     max_stop_string_length: int,
     media_loading_thread_count: int,
     max_response_body_size: str,
+    header_read_timeout: float,
+    body_read_timeout: float,
+    max_connections: int,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -460,6 +484,9 @@ def serve(
             max_stop_string_length=max_stop_string_length,
             media_loading_thread_count=media_loading_thread_count,
             max_response_body_size=response_limit,
+            header_read_timeout=header_read_timeout,
+            body_read_timeout=body_read_timeout,
+            max_connections=max_connections,
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e

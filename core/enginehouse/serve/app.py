@@ -53,6 +53,10 @@ class BodyTooLarge(Exception):
     """The request body outgrew the server's limit while it was being read."""
 
 
+class BodyTooSlow(Exception):
+    """The request body did not arrive within the server's limit."""
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(
         413,
@@ -73,6 +77,7 @@ class _Gate:
         self.state = state
         self.key = api_key.encode() if api_key is not None else None
         self.max_body = state.limits.max_request_body_size
+        self.body_timeout = state.limits.body_read_timeout
 
     def _refusal(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -98,6 +103,9 @@ class _Gate:
             return
         status = 500  # what an exception that escapes every handler turns into
         received = 0
+        body_done = False
+        deadline: float | None = None  # for the whole body, from the first read of it
+        loop = asyncio.get_running_loop()
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -106,8 +114,16 @@ class _Gate:
             await send(message)
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:  # from then on, only a disconnect comes: wait for it as long as it takes
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow() from None
+            body_done = message["type"] != "http.request" or not message.get("more_body")
             received += len(message.get("body", b""))
             if received > self.max_body:  # a chunked body, or one longer than it announced
                 raise BodyTooLarge()
@@ -189,6 +205,15 @@ def create_app(
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:
         return _too_large(state.limits.max_request_body_size).response()
+
+    @app.exception_handler(BodyTooSlow)
+    async def too_slow(request: Request, exc: BodyTooSlow) -> Response:
+        limit = state.limits.body_read_timeout
+        return APIError(
+            408,
+            f"the request body did not arrive within {limit:g} s (--body-read-timeout)",
+            code="request_timeout",
+        ).response({"Connection": "close"})
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:

@@ -56,6 +56,9 @@ class ServerLimits:
     max_stop_string_length: int = 256  # characters of one stop string
     media_loading_thread_count: int = 8  # image downloads at once; vLLM's name and default
     max_response_body_size: int = 128 * 2**20  # bytes a response may be, estimated up front
+    header_read_timeout: float = 10.0  # s from a connection (or its last answer) to its headers
+    body_read_timeout: float = 60.0  # s to read a request's whole body once its headers are in
+    max_connections: int = 2048  # open at once; more get a 503 and are closed
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -500,7 +503,7 @@ def _text_length(prompt: Any) -> int:
         for key, value in message.items():
             if key == "content" and isinstance(value, list):
                 total += sum(len(p["text"]) for p in value if isinstance(p.get("text"), str))
-            else:
+            elif key != "role":  # a role may be written otherwise (a special token)
                 total += _strings_length(value)
     return total
 
