@@ -24,7 +24,7 @@ from PIL import Image
 from enginehouse import GenerationConfig, image_fetch, pipeline
 from enginehouse.cli import cli
 from enginehouse.serve import ServerLimits, ServerThread, create_app
-from enginehouse.testing import HERMES_TOOLS_TEMPLATE, build_vlm
+from enginehouse.testing import HERMES_TOOLS_TEMPLATE, build_model, build_vlm, model_configs
 
 MODEL = "tiny-llama"
 COMPILE_TIMEOUT = 1.0  # s; the fixture's --grammar-compile-timeout
@@ -32,14 +32,12 @@ CACHE_MB = 1  # the fixture's --xgrammar-cache-mb
 
 
 @pytest.fixture(scope="module")
-def served(llama_dir):
-    # A template that renders tools (Hermes' format), so that tools reach it.
-    pipe = pipeline(
-        str(llama_dir),
-        engine_config={"max_batch_size": 16},
-        chat_template=HERMES_TOOLS_TEMPLATE,
-        progress=False,
-    )
+def served(models_dir):
+    # A small Llama whose template renders tools (Hermes' format), with room for them.
+    config = model_configs(512)["llama"]
+    config.max_position_embeddings = 1024
+    folder = build_model(models_dir / "llama-tools", config, HERMES_TOOLS_TEMPLATE)
+    pipe = pipeline(str(folder), engine_config={"max_batch_size": 16}, progress=False)
     limits = ServerLimits(
         grammar_compile_timeout=COMPILE_TIMEOUT, grammar_compile_workers=2, xgrammar_cache_mb=1
     )
@@ -690,4 +688,43 @@ def test_half_sent_requests_are_closed_and_connections_capped(tight):
         assert client.get(f"{url}/health").status_code == 200
         time.sleep(HEADER_TIMEOUT + 0.5)
         assert client.get(f"{url}/health").status_code == 200  # a new connection
+    assert_still_serves(url, pipe)
+
+
+# --- forced tool calls cut short ----------------------------------------------------------------
+
+
+def test_a_forced_tool_call_cut_short_is_length_with_no_half_call_as_content(served):
+    """A forced call cut off by max_tokens or the context came back as raw `<tool_call>...`
+    text in `content` (with max_tokens: 1, the content was "<")."""
+    url, pipe, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    add = tool()
+    named = {"type": "function", "function": {"name": "add"}}
+    ask = [{"role": "user", "content": "add 1"}]
+    # A prompt that leaves the call 6 tokens of context.
+    words = 1
+    while len(pipe.encode([{"role": "user", "content": "add " * words}], tools=[add])) < 1018:
+        words += 1
+    near_the_end = [{"role": "user", "content": "add " * words}]
+    for messages, max_tokens in ((ask, 1), (ask, 12), (near_the_end, None)):
+        for choice in ("required", named):
+            kw = dict(model=MODEL, messages=messages, tools=[add], tool_choice=choice)
+            if max_tokens is not None:
+                kw["max_tokens"] = max_tokens
+            r = client.chat.completions.create(**kw)
+            c = r.choices[0]
+            assert c.finish_reason == "length" and r.usage.completion_tokens >= 1
+            assert c.message.content is None and not c.message.tool_calls, c.message
+            chunks = list(client.chat.completions.create(**kw, stream=True))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
+            assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+            assert chunks[-1].choices[0].finish_reason == "length"
+    # Given room, it calls the tool (arguments bounded: random weights write long numbers).
+    add["function"]["parameters"]["properties"]["a"] = {"enum": [1, 2]}
+    r = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=[add], tool_choice="required", max_tokens=200,
+        parallel_tool_calls=False, temperature=0,
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
     assert_still_serves(url, pipe)

@@ -292,12 +292,15 @@ class ToolCallStream:
 
     Content is sent as it comes, except text that may be the start of the call marker; once
     the marker is there, everything after it is held and each call is sent when it is whole.
-    If the held text turns out to hold no call, it is sent as content at the end.
+    If the held text turns out to hold no call, it is sent as content at the end. A `forced`
+    output (tool_choice "required" or a named function) is all calls, by its grammar: none of
+    it is ever content, not even a call cut short by max_tokens or the context.
     """
 
-    def __init__(self, parser: ToolParser, parallel: bool = True) -> None:
+    def __init__(self, parser: ToolParser, parallel: bool = True, forced: bool = False) -> None:
         self.parser = parser
         self.parallel = parallel
+        self.forced = forced
         self.text = ""
         self.sent_text = 0  # characters sent as content
         self.calls: list[ToolCall] = []  # calls sent
@@ -322,7 +325,7 @@ class ToolCallStream:
         return content, new
 
     def _content(self, end: int) -> str:
-        if end <= self.sent_text:
+        if end <= self.sent_text or self.forced:
             return ""
         piece = self.text[self.sent_text : end]
         self.sent_text = end
@@ -354,11 +357,11 @@ class ToolUse:
         return config.model_copy(update=update) if update else config
 
     def split(self, text: str) -> tuple[str, list[ToolCall]]:
-        """A finished output's content and calls."""
-        return self.parser.parse(text, self.parallel)
+        """A finished output's content and calls (a forced output has no content)."""
+        return self.stream().feed(text, final=True)
 
     def stream(self) -> ToolCallStream:
-        return ToolCallStream(self.parser, self.parallel)
+        return ToolCallStream(self.parser, self.parallel, forced=self.forced is not None)
 
 
 def resolve_tools(

@@ -100,8 +100,8 @@ class _Chat:
         if self.tools is None:
             return {"role": "assistant", "content": r.text}
         r.take_tool_calls(self.tools)
-        if not r.tool_calls:
-            return {"role": "assistant", "content": r.text}
+        if not r.tool_calls:  # a forced call cut short has no content at all
+            return {"role": "assistant", "content": r.text or None}
         calls = [c.to_openai() for c in r.tool_calls]
         return {"role": "assistant", "content": r.text or None, "tool_calls": calls}
 
