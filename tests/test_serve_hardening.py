@@ -9,6 +9,7 @@ import base64
 import http.server
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -728,3 +729,49 @@ def test_a_forced_tool_call_cut_short_is_length_with_no_half_call_as_content(ser
     )  # fmt: skip
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
     assert_still_serves(url, pipe)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def scrape(url: str) -> tuple[dict[str, float], dict[str, str]]:
+    text = httpx.get(f"{url}/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples, dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+
+
+def test_vllms_request_parameter_latency_and_cache_config_metrics(served):
+    url, pipe, _ = served
+    before, _ = scrape(url)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    r = client.completions.create(
+        model=MODEL, prompt=["hello", "world"], n=2, max_tokens=5, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    after, types = scrape(url)
+
+    def grew(name: str) -> float:
+        key = f'enginehouse:{name}{{model_name="{MODEL}"}}'
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("request_params_n_count") == 2 and grew("request_params_n_sum") == 4
+    assert grew("request_params_max_tokens_count") == 2
+    assert grew("request_params_max_tokens_sum") == 10
+    assert grew("inter_token_latency_seconds_count") == r.usage.completion_tokens - 4
+    assert {
+        "enginehouse:request_params_n": "histogram",
+        "enginehouse:request_params_max_tokens": "histogram",
+        "enginehouse:inter_token_latency_seconds": "histogram",
+        "enginehouse:cache_config_info": "gauge",
+    }.items() <= types.items()
+    info = [k for k in after if k.startswith("enginehouse:cache_config_info{")]
+    summary = pipe.summary()
+    assert len(info) == 1 and after[info[0]] == 1
+    assert f'num_gpu_blocks="{summary["kv_blocks"]}"' in info[0]
+    assert 'enable_prefix_caching="True"' in info[0] and "block_size=" in info[0]
+    bucket = 'enginehouse:request_params_max_tokens_bucket{le="1000.0",model_name="tiny-llama"}'
+    assert bucket in after  # vLLM's 1-2-5 buckets up to the context (1024)

@@ -86,7 +86,15 @@ class ServerState:
         self.limits = limits or ServerLimits()
         # Clients may name image files on this machine only under this folder.
         self.local_media = Path(os.path.realpath(local_media_path)) if local_media_path else None
-        self.metrics = ServerMetrics(model_name)
+        self.metrics = ServerMetrics(model_name, pipe.session_len)
+        kv = pipe.summary()
+        self.metrics.cache_config(
+            block_size=kv["kv_tokens"] // max(1, kv["kv_blocks"]),
+            cache_dtype=kv["dtype"],
+            enable_prefix_caching=self.engine_config.enable_prefix_caching,
+            gpu_memory_utilization=self.engine_config.kv_cache_memory,
+            num_gpu_blocks=kv["kv_blocks"],
+        )
         self.created = int(time.time())
         self.session_len: int = pipe.session_len
         self._token_text: dict[int, str] = {}
@@ -350,6 +358,9 @@ class ServerState:
             raise bad_request(str(e)) from e
         except RuntimeError as e:  # the engine was closed: the server is shutting down
             raise APIError(503, f"the server is shutting down: {e}") from e
+        n = len(choices) // len({id(prompt) for prompt, _ in choices})
+        for _, config in choices[::n]:  # once per prompt, as vLLM counts its requests
+            self.metrics.request_params(n, 0 if score_only else config.max_new_tokens)
         return response_id, generation
 
     def decode(self, token_ids: list[int]) -> str:
