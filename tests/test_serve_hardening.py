@@ -629,12 +629,13 @@ MAX_CONNECTIONS = 24
 def tight(served):
     """A second server in front of the same pipeline, with tight limits on connections."""
     _, pipe, _ = served
-    limits = ServerLimits(
+    tight_limits = replace(
+        served[2].limits,  # the same grammar limits: both apps configure the one compiler
         header_read_timeout=HEADER_TIMEOUT,
         body_read_timeout=BODY_TIMEOUT,
         max_connections=MAX_CONNECTIONS,
     )
-    with ServerThread(create_app(pipe, MODEL, limits=limits)) as server:
+    with ServerThread(create_app(pipe, MODEL, limits=tight_limits)) as server:
         yield server.url, pipe
 
 
