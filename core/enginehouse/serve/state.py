@@ -171,6 +171,12 @@ class ServerState:
                     "--allowed-local-media-path",
                     "messages",
                 )
+        if urls and self.pipe.vision is None:  # before anything is fetched for nothing
+            raise bad_request(
+                f"{self.pipe.spec.architecture} takes text only, but the messages have images; "
+                "this server's model reads no image_url parts",
+                "messages",
+            )
         return len(urls)
 
     async def fetch_images(self, messages: list[dict[str, Any]]) -> None:
