@@ -206,7 +206,8 @@ def test_preempted_constrained_requests_end_with_the_same_valid_answers(llama_di
 def test_grammars_are_cached_and_bad_ones_fail_alone(llama_pipe):
     grammars = llama_pipe.engine.engine.grammars
     c = GenerationConfig(regex="[0-9]+").constraint
-    assert grammars.compile(c) is grammars.compile(c)
+    assert grammars.compile(c).result() is grammars.compile(c).result()
+    assert grammars.is_cached(c)
     with pytest.raises(RequestError, match="JSON schema cannot be compiled.*fix the JSON schema"):
         llama_pipe("hi", GenerationConfig(response_format=schema_format({"type": "foo"})))
     with pytest.raises(RequestError, match="regex cannot be compiled.*parenthesis"):

@@ -348,6 +348,54 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="seconds one engine step may run before /health reports the engine stuck",
 )
 @click.option(
+    "--max-stop-strings",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="most stop strings one request may give",
+)
+@click.option(
+    "--max-stop-string-length",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="most characters of one stop string",
+)
+@click.option(
+    "--media-loading-thread-count",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="image downloads at once, on threads of their own",
+)
+@click.option(
+    "--max-response-body-size",
+    default="128MiB",
+    show_default=True,
+    help="requests whose response could be larger are refused with 400 before generating",
+)
+@click.option(
+    "--header-read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="seconds a connection may take to send a request's headers (then it is closed)",
+)
+@click.option(
+    "--body-read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="seconds a request's whole body may take to arrive (408 beyond)",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="connections open at once; more get a 503 and are closed",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -368,12 +416,20 @@ def serve(
     max_request_body_size: str,
     max_seqs_per_request: int,
     engine_iteration_timeout: float,
+    max_stop_strings: int,
+    max_stop_string_length: int,
+    media_loading_thread_count: int,
+    max_response_body_size: str,
+    header_read_timeout: float,
+    body_read_timeout: float,
+    max_connections: int,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (see docs/serving.md)."""
     try:
         from .serve import ServerLimits, run_server
+        from .serve.app import api_key_problem
         from .serve.state import default_model_name
     except ImportError as e:
         raise click.ClickException(
@@ -392,9 +448,26 @@ def serve(
             "the API key is empty (--api-key or ENGINEHOUSE_API_KEY): set a key, or unset "
             "ENGINEHOUSE_API_KEY and leave out --api-key to serve without authentication"
         )
+    if api_key is not None and (problem := api_key_problem(api_key)):
+        raise click.UsageError(f"--api-key or ENGINEHOUSE_API_KEY: {problem}")
+    try:
+        response_limit = parse_size(max_response_body_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-response-body-size") from e
     try:
         body_limit = parse_size(max_request_body_size)
-        limits = ServerLimits(body_limit, max_seqs_per_request, engine_iteration_timeout)
+        limits = ServerLimits(
+            body_limit,
+            max_seqs_per_request,
+            engine_iteration_timeout,
+            max_stop_strings=max_stop_strings,
+            max_stop_string_length=max_stop_string_length,
+            media_loading_thread_count=media_loading_thread_count,
+            max_response_body_size=response_limit,
+            header_read_timeout=header_read_timeout,
+            body_read_timeout=body_read_timeout,
+            max_connections=max_connections,
+        )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e
 

@@ -233,6 +233,30 @@ class EngineConfig(BaseModel):
         default_factory=list,
         description="domains images may be fetched from over http(s) (default: none)",
     )
+    # Structured output's grammar compiles (vLLM: VLLM_XGRAMMAR_CACHE_MB for the cache).
+    grammar_compile_timeout: float = Field(
+        30.0, gt=0, description="seconds one JSON schema, regex or grammar may take to compile"
+    )
+    grammar_compile_workers: int = Field(
+        2, ge=1, description="grammars compiled at once, each in a process (about 0.3 GB each)"
+    )
+    xgrammar_cache_mb: int = Field(
+        512, ge=1, description="MiB of compiled grammars kept, least recently used dropped first"
+    )
+    allow_private_media_addresses: bool = Field(
+        False,
+        description="fetch images from hosts that resolve to loopback, private or link-local "
+        "addresses too (default: public addresses only)",
+    )
+    image_fetch_timeout: float = Field(
+        5.0, gt=0, description="seconds one image's whole download may take"
+    )
+    image_fetch_total_timeout: float = Field(
+        20.0, gt=0, description="seconds all of one prompt's image downloads may take together"
+    )
+    max_concurrent_image_decodes: int = Field(
+        2, ge=1, description="images decoded at once (each up to 4 bytes per pixel)"
+    )
     # Limits on a prompt's images, checked before any image is decoded (vLLM's names and
     # defaults: --limit-mm-per-prompt, and VLLM_MAX_IMAGE_PIXELS, which is per image there).
     limit_mm_per_prompt: dict[str, int] = Field(

@@ -11,6 +11,7 @@ from .config import EngineConfig, GenerationConfig, format_size
 from .device import available_memory, resolve_device, resolve_dtype, use_all_cores
 from .errors import BackendError, EnginehouseError, InvalidModelError, RequestError
 from .hookspecs import hookimpl
+from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
 from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
 from .pipeline import read_spec
 from .plugins import get_plugins
@@ -32,9 +33,11 @@ __all__ = [
     "BackendProbe",
     "EngineConfig",
     "EnginehouseError",
+    "FetchPolicy",
     "GenerationConfig",
     "InvalidModelError",
     "KVSpec",
+    "MAX_DOWNLOAD_BYTES",
     "ModelFacts",
     "ModelRunner",
     "ModelSpec",
@@ -49,6 +52,7 @@ __all__ = [
     "available_memory",
     "build_from_table",
     "copy_checked",
+    "fetch_failed",
     "format_size",
     "get_plugins",
     "hookimpl",

@@ -78,3 +78,5 @@ class Response:
             self.text, self.tool_calls = content.strip(), calls
             if self.finish_reason == "stop":  # cut short ("length"), it stays "length"
                 self.finish_reason = "tool_calls"
+        elif tools.forced is not None:  # a forced call cut short: no half call as content
+            self.text = content

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import GenerationConfig
-from .engine.grammar import compact_json_grammar
+from .engine.grammar import check_depth, compact_json_grammar
 from .errors import RequestError
 
 Tool = Mapping[str, Any]  # OpenAI's {"type": "function", "function": {"name", "parameters"}}
@@ -101,6 +101,10 @@ def function_spec(tool: Tool) -> tuple[str, dict[str, Any]]:
     params = fn.get("parameters") or EMPTY_PARAMETERS
     if not isinstance(params, dict):
         raise ToolError(f"the parameters of tool {fn['name']!r} must be a JSON schema object")
+    try:  # before a template or a grammar walks it recursively
+        check_depth(params, f"parameters schema of tool {fn['name']!r}")
+    except RequestError as e:
+        raise ToolError(str(e)) from e
     return fn["name"], params
 
 
@@ -288,12 +292,15 @@ class ToolCallStream:
 
     Content is sent as it comes, except text that may be the start of the call marker; once
     the marker is there, everything after it is held and each call is sent when it is whole.
-    If the held text turns out to hold no call, it is sent as content at the end.
+    If the held text turns out to hold no call, it is sent as content at the end. A `forced`
+    output (tool_choice "required" or a named function) is all calls, by its grammar: none of
+    it is ever content, not even a call cut short by max_tokens or the context.
     """
 
-    def __init__(self, parser: ToolParser, parallel: bool = True) -> None:
+    def __init__(self, parser: ToolParser, parallel: bool = True, forced: bool = False) -> None:
         self.parser = parser
         self.parallel = parallel
+        self.forced = forced
         self.text = ""
         self.sent_text = 0  # characters sent as content
         self.calls: list[ToolCall] = []  # calls sent
@@ -318,7 +325,7 @@ class ToolCallStream:
         return content, new
 
     def _content(self, end: int) -> str:
-        if end <= self.sent_text:
+        if end <= self.sent_text or self.forced:
             return ""
         piece = self.text[self.sent_text : end]
         self.sent_text = end
@@ -350,11 +357,11 @@ class ToolUse:
         return config.model_copy(update=update) if update else config
 
     def split(self, text: str) -> tuple[str, list[ToolCall]]:
-        """A finished output's content and calls."""
-        return self.parser.parse(text, self.parallel)
+        """A finished output's content and calls (a forced output has no content)."""
+        return self.stream().feed(text, final=True)
 
     def stream(self) -> ToolCallStream:
-        return ToolCallStream(self.parser, self.parallel)
+        return ToolCallStream(self.parser, self.parallel, forced=self.forced is not None)
 
 
 def resolve_tools(

@@ -67,7 +67,13 @@ class EngineCore:
         self._inbox: deque[tuple[str, Any]] = deque()
         self._queued: set[str] = set()  # ids of the adds in the inbox: a check in O(1)
         self._seqs: dict[str, Sequence] = {}
-        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
+        self.grammars = GrammarCompiler(
+            tokenizer,
+            self.vocab_size,
+            timeout=config.grammar_compile_timeout,
+            max_workers=config.grammar_compile_workers,
+            cache_bytes=config.xgrammar_cache_mb * 2**20,
+        )
         self._compiling: list[Sequence] = []  # constrained requests waiting for their grammar
         # Called (from the compile thread) when a grammar is ready, to wake whoever steps.
         self.on_grammar_ready: Callable[[], None] = lambda: None
@@ -400,6 +406,7 @@ class EngineCore:
         self._seqs.pop(seq.request_id, None)
         if seq in self._compiling:
             self._compiling.remove(seq)
+            seq.compiled_grammar.cancel()  # type: ignore[union-attr]  # its compile may stop
         seq.grammar = seq.compiled_grammar = None
         out = self._output(seq, tokens or [], logprobs)
         out.finish_reason, out.error, out.stop_token = reason, error, stop_token

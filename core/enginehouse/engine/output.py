@@ -4,9 +4,10 @@ Apart from the engine core (core.py) on purpose: it runs where the caller is (th
 process, whatever process the core steps in), so that detokenizing, stop strings and building
 outputs never wait between two forward passes of the model. One `RequestState` per request
 turns each `CoreOutput` into a `RequestOutput` delta: new text (held back while it may be the
-start of a stop string), new tokens and their logprobs, the totals when finished. A stop string
-ends the request here; the caller then aborts it in the core, which may have gone a token or
-two further meanwhile (those are dropped).
+start of a stop string: `StopStrings` scans only the unsent text, once), new tokens and their
+logprobs, the totals when finished. A stop string ends the request here; the caller then
+aborts it in the core, which may have gone a token or two further meanwhile (those are
+dropped).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from ..config import GenerationConfig
 from .detokenizer import Decode, IncrementalDetokenizer, text_decoder
 from .sequence import CoreOutput, RequestOutput
+from .stop_strings import StopStrings
 
 
 class RequestState:
@@ -32,7 +34,6 @@ class RequestState:
         self.num_generated = 0
         self.finished = False
         self.stop_words = params.stop_words
-        self.hold = max((len(w) for w in self.stop_words), default=1) - 1
 
     def process(self, core: CoreOutput) -> tuple[RequestOutput | None, bool]:
         """The caller's delta for `core` (None once finished), and whether the request ended
@@ -45,9 +46,8 @@ class RequestState:
             self.num_generated += 1
             if core.stop_token and i == len(tokens) - 1:
                 break  # a stop token's text is not part of the output
-            old_len = len(self.text)
             self.text += self.detokenizer.add(token)
-            if self.stop_words and self._cut_at_stop_word(old_len):
+            if self.stop_words and self._cut_at_stop_word():
                 tokens = tokens[: i + 1]
                 logprobs = logprobs[: i + 1] if logprobs is not None else None
                 stopped_here = reason is None  # the core goes on unless it ended too
@@ -58,12 +58,12 @@ class RequestState:
             self.text += self.detokenizer.flush()
         return self._delta(core, tokens, logprobs, reason), stopped_here
 
-    def _cut_at_stop_word(self, old_len: int) -> bool:
-        start = max(0, old_len - self.hold)
-        hits = [i for w in self.stop_words if (i := self.text.find(w, start)) >= 0]
-        if not hits:
+    def _cut_at_stop_word(self) -> bool:
+        # From the first character not yet sent: what was held back, then the new text.
+        cut, _ = StopStrings.of(self.stop_words).scan(self.text, self.emitted_text)
+        if cut is None:
             return False
-        self.text = self.text[: min(hits)]  # the stop string itself is not part of the output
+        self.text = self.text[:cut]  # the stop string itself is not part of the output
         return True
 
     def _delta(
@@ -71,7 +71,9 @@ class RequestState:
     ) -> RequestOutput:
         end = len(self.text)
         if not self.finished and self.stop_words:
-            end = max(self.emitted_text, end - self.hold)
+            # Only the end that may still become a stop string is held back.
+            _, hold = StopStrings.of(self.stop_words).scan(self.text, self.emitted_text)
+            end = max(self.emitted_text, end - hold)
         out = RequestOutput(
             request_id=self.request_id,
             text=self.text[self.emitted_text : end],

@@ -54,6 +54,10 @@ class BodyTooLarge(Exception):
     """The request body outgrew the server's limit while it was being read."""
 
 
+class BodyTooSlow(Exception):
+    """The request body did not arrive within the server's limit."""
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(
         413,
@@ -74,6 +78,7 @@ class _Gate:
         self.state = state
         self.key = api_key.encode() if api_key is not None else None
         self.max_body = state.limits.max_request_body_size
+        self.body_timeout = state.limits.body_read_timeout
 
     def _refusal(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -99,6 +104,9 @@ class _Gate:
             return
         status = 500  # what an exception that escapes every handler turns into
         received = 0
+        body_done = False
+        deadline: float | None = None  # for the whole body, from the first read of it
+        loop = asyncio.get_running_loop()
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -107,8 +115,16 @@ class _Gate:
             await send(message)
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:  # from then on, only a disconnect comes: wait for it as long as it takes
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow() from None
+            body_done = message["type"] != "http.request" or not message.get("more_body")
             received += len(message.get("body", b""))
             if received > self.max_body:  # a chunked body, or one longer than it announced
                 raise BodyTooLarge()
@@ -123,6 +139,19 @@ class _Gate:
                 await self.app(scope, limited_receive, counting_send)
         finally:
             self.state.metrics.answered(_endpoint(scope["path"]), status)
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why no client could ever authenticate with `key`, or None when one can."""
+    if not key.strip():  # "" must not mean "no authentication"
+        return "the API key is empty; give a key, or None to serve without one"
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return (
+            "the API key has whitespace at its start or end, or a control character such as a "
+            "newline (a secret file's trailing newline?); HTTP strips those from headers, so "
+            "no client could ever send this key: remove them from it"
+        )
+    return None
 
 
 def create_app(
@@ -140,8 +169,10 @@ def create_app(
     `local_media_path`. `limits` caps what one request may ask (`ServerLimits`).
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
-    if api_key is not None and not api_key.strip():  # "" must not mean "no authentication"
-        raise ValueError("the API key is empty; give a key, or None to serve without one")
+    if api_key is not None:
+        problem = api_key_problem(api_key)
+        if problem:
+            raise ValueError(problem)
     state = ServerState(pipe, model_name or default_model_name(pipe.spec), local_media_path, limits)
     app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -175,6 +206,15 @@ def create_app(
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:
         return _too_large(state.limits.max_request_body_size).response()
+
+    @app.exception_handler(BodyTooSlow)
+    async def too_slow(request: Request, exc: BodyTooSlow) -> Response:
+        limit = state.limits.body_read_timeout
+        return APIError(
+            408,
+            f"the request body did not arrive within {limit:g} s (--body-read-timeout)",
+            code="request_timeout",
+        ).response({"Connection": "close"})
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:

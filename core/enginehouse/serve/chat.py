@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
+from ..config import GenerationConfig
 from ..multimodal import PreparedPrompt
 from ..response import Response
 from ..tool_calls import ToolCall, ToolCallStream, ToolError, ToolUse
@@ -22,31 +22,38 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
     state.check_model(req.model)
     state.check_sequences(1, req.num_choices)
+    state.check_stop(req)
     tools = state.tool_use(req)
     messages = [m.for_template() for m in req.messages]
-    if state.check_images(messages):
-        # Reading, fetching and decoding images can take a while: not on the loop that serves
-        # the other requests.
-        prompt = await asyncio.to_thread(_prepare_with_images, state, messages, tools)
-    else:
-        prompt = state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
-    configs = state.configs(req, len(prompt.token_ids))
-    if tools is not None:
-        try:
-            configs = [tools.generation_config(c) for c in configs]
-        except ToolError as e:
-            raise bad_request(str(e), e.param) from e
-    await state.check_grammar(req, configs[0])
+    has_images = state.check_images(messages) > 0
+    if has_images:
+        await state.fetch_images(messages)
+    prompt, configs = await state.run(_prepare, state, req, messages, tools, has_images)
+    state.check_response_size(req, [len(prompt.token_ids)], configs)
+    await state.check_grammar(request, req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
     chat = _Chat(state, req, response_id, prompt.token_ids, tools)
     return await respond(request, generation, chat, req.num_choices)
 
 
-def _prepare_with_images(
-    state: ServerState, messages: list[dict[str, Any]], tools: ToolUse | None
-) -> PreparedPrompt:
-    state.read_local_images(messages)
-    return state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
+def _prepare(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    messages: list[dict[str, Any]],
+    tools: ToolUse | None,
+    has_images: bool,
+) -> tuple[PreparedPrompt, list[GenerationConfig]]:
+    """The prompt and each choice's config (blocking: call it off the event loop)."""
+    if has_images:
+        state.read_local_images(messages)
+    prompt = state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
+    configs = state.configs(req, len(prompt.token_ids))
+    if tools is not None:
+        try:  # a forced call's grammar is built from the tools' schemas
+            configs = [tools.generation_config(c) for c in configs]
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from e
+    return prompt, configs
 
 
 class _Chat:
@@ -93,8 +100,8 @@ class _Chat:
         if self.tools is None:
             return {"role": "assistant", "content": r.text}
         r.take_tool_calls(self.tools)
-        if not r.tool_calls:
-            return {"role": "assistant", "content": r.text}
+        if not r.tool_calls:  # a forced call cut short has no content at all
+            return {"role": "assistant", "content": r.text or None}
         calls = [c.to_openai() for c in r.tool_calls]
         return {"role": "assistant", "content": r.text or None, "tool_calls": calls}
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ..multimodal import PreparedPrompt
 from ..response import Response
 from .generation import Generation
 from .protocol import CompletionRequest, parse
@@ -24,21 +25,27 @@ async def create_completion(state: ServerState, request: Request) -> Any:
     req: CompletionRequest = parse(CompletionRequest, await read_json(request))
     state.check_model(req.model)
     state.check_sequences(len(req.prompts), req.num_choices)
-    prompts = [
-        state.prepare(
-            p if isinstance(p, str) else {"token_ids": p}, "prompt", False, req.scores_only
-        )
-        for p in req.prompts
-    ]
+    state.check_stop(req)
+    prompts = await state.run(_prepare, state, req)
     choices = [
         (prompt, config)
         for prompt in prompts
         for config in state.configs(req, len(prompt.token_ids))
     ]
-    await state.check_grammar(req, choices[0][1])
+    state.check_response_size(req, [len(p.token_ids) for p in prompts], [c for _, c in choices])
+    await state.check_grammar(request, req, choices[0][1])
     response_id, generation = state.start("cmpl", choices, req.scores_only)
     completion = _Completion(state, req, response_id, [p.token_ids for p in prompts])
     return await respond(request, generation, completion, len(choices))
+
+
+def _prepare(state: ServerState, req: CompletionRequest) -> list[PreparedPrompt]:
+    return [
+        state.prepare(
+            p if isinstance(p, str) else {"token_ids": p}, "prompt", False, req.scores_only
+        )
+        for p in req.prompts
+    ]
 
 
 class _Completion:

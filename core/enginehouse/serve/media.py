@@ -1,4 +1,5 @@
-"""Image files that the server's clients name by `file://` URL, read only from one folder.
+"""Images the server reads itself: files that clients name by `file://` URL, read only from
+one folder, and what it fetched over http(s), checked to be an image at all.
 
 A path is resolved once (every symlink followed), checked to lie under the folder, and that
 same resolved path is opened, without following a symlink, and read only if it is a regular
@@ -64,3 +65,20 @@ def read_file_url(url: str, root: Path) -> bytes:
     if len(data) > MAX_FILE_BYTES:
         raise bad_request(f"the image file {url[:60]!r} is larger than 50 MiB", "messages")
     return data
+
+
+# The first bytes of the formats Pillow decodes for the supported models' processors.
+_IMAGE_MAGIC = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+
+
+def looks_like_an_image(data: bytes) -> bool:
+    """`data` starts as an image file does (PNG, JPEG, GIF, WebP, BMP, TIFF)."""
+    return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -38,6 +39,25 @@ TPOT_BUCKETS += (7.5, 10.0, 20.0, 40.0, 80.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0)
 LATENCY_BUCKETS += (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's, for request_params_n
+CACHE_CONFIG_LABELS = (
+    "block_size",
+    "cache_dtype",
+    "enable_prefix_caching",
+    "gpu_memory_utilization",  # EngineConfig.kv_cache_memory: a fraction, or a size
+    "num_gpu_blocks",  # the KV cache's blocks, on whatever device
+)
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's build_1_2_5_buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class EngineCollector(Collector):
@@ -119,7 +139,7 @@ ENGINE_SERIES = (
 class ServerMetrics:
     """Everything `/metrics` reports, in a registry of this server's own."""
 
-    def __init__(self, model_name: str = "") -> None:
+    def __init__(self, model_name: str = "", max_model_len: int = 50_000) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.engine = EngineCollector(model_name)
@@ -169,6 +189,34 @@ class ServerMetrics:
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per finished request.", TOKEN_BUCKETS
         )
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds",
+            "Between consecutive generated tokens of one request.",
+            TPOT_BUCKETS,
+        )
+        self.request_params_n = histogram(
+            "request_params_n", "The n (choices) of each prompt of a request.", N_BUCKETS
+        )
+        self.request_params_max_tokens = histogram(
+            "request_params_max_tokens",
+            "The max_tokens of each prompt of a request (what the context leaves, when unset).",
+            buckets_1_2_5(max_model_len),
+        )
+        self.cache_config_info = Gauge(
+            PREFIX + "cache_config_info",
+            "The KV cache's configuration, in labels (named as vLLM's CacheConfig).",
+            CACHE_CONFIG_LABELS,
+            registry=r,
+        )
+
+    def cache_config(self, **labels: object) -> None:
+        """Set `cache_config_info`: 1, with the KV cache's settings as labels."""
+        self.cache_config_info.labels(**{k: str(labels.get(k)) for k in CACHE_CONFIG_LABELS}).set(1)
+
+    def request_params(self, n: int, max_tokens: int) -> None:
+        """One prompt of a request started, with `n` choices of `max_tokens` at most."""
+        self.request_params_n.labels(self.model_name).observe(n)
+        self.request_params_max_tokens.labels(self.model_name).observe(max_tokens)
 
     def answered(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint, str(status)).inc()
@@ -182,6 +230,7 @@ class ServerMetrics:
         if seconds_each is not None:
             for _ in range(count):
                 self.tpot.labels(self.model_name).observe(seconds_each)
+                self.inter_token_latency.labels(self.model_name).observe(seconds_each)
 
     def finished(
         self, reason: str, prompt_tokens: int, generated: int, cached: int, seconds: float

@@ -59,6 +59,8 @@ def _json_value(value: Any, param: str) -> Any:
         return value
     try:
         return json.loads(value)
+    except RecursionError:
+        raise bad_request(f"{param} is nested too deeply to read", param) from None
     except ValueError as e:
         raise bad_request(f"{param} is a string but not JSON: {e}", param) from e
 
@@ -76,6 +78,21 @@ def _structural_tag(tag: Any, param: str) -> dict[str, Any]:
     if not isinstance(tag, dict):
         raise bad_request(f"{param} must be a structural tag object", param)
     if "structures" in tag:
+        structures, triggers = tag["structures"], tag.get("triggers", [])
+        if not isinstance(structures, list) or not all(
+            isinstance(item, dict)
+            and isinstance(item.get("begin", ""), str)
+            and isinstance(item.get("end", ""), str)
+            and isinstance(item.get("schema", {}), (dict, bool))
+            for item in structures
+        ):
+            raise bad_request(
+                f'{param}: structures must be a list of objects {{"begin": "<f>", "schema": '
+                '{...}, "end": "</f>"}',
+                param,
+            )
+        if not isinstance(triggers, list) or not all(isinstance(t, str) for t in triggers):
+            raise bad_request(f'{param}: triggers must be a list of strings, e.g. ["<f"]', param)
         tags = [
             {
                 "type": "tag",
@@ -83,9 +100,8 @@ def _structural_tag(tag: Any, param: str) -> dict[str, Any]:
                 "content": {"type": "json_schema", "json_schema": item.get("schema", {})},
                 "end": item.get("end", ""),
             }
-            for item in tag["structures"]
+            for item in structures
         ]
-        triggers = tag.get("triggers", [])
         return {"type": "triggered_tags", "triggers": triggers, "tags": tags}
     return tag.get("format", tag)
 
@@ -108,6 +124,12 @@ class ChatMessage(BaseModel):
                     read_part(part, OPENAI_PARTS)
                 except RequestError as e:
                     raise ValueError(str(e)) from e
+                image = part.get("image_url") if part.get("type") == "image_url" else {}
+                if not isinstance(image, dict):  # OpenAI's shape only: a URL in an object
+                    raise ValueError(
+                        "an image_url part is {'type': 'image_url', 'image_url': {'url': "
+                        f"'...'}}}}; got image_url as a {type(image).__name__}"
+                    )
         return v
 
     def for_template(self) -> dict[str, Any]:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
 from ..chat_cli import warn_once_about_builtin_templates
 from ..pipeline import Pipeline
 from .app import create_app
+from .connections import connection_cap, guarded_protocol
 from .state import ServerLimits
+
+
+def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's settings for `app`, with the app's limits on connections
+    (--header-read-timeout, --max-connections) where it is one of ours."""
+    state = getattr(getattr(app, "state", None), "server", None)
+    limits = getattr(state, "limits", None) or ServerLimits()
+    protocol = guarded_protocol(limits.header_read_timeout, connection_cap(limits.max_connections))
+    return uvicorn.Config(app, http=protocol, **kwargs)
 
 
 def run_server(
@@ -31,7 +42,7 @@ def run_server(
     """
     warn_once_about_builtin_templates()
     app = create_app(pipe, model_name, api_key, local_media_path, limits)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
@@ -50,7 +61,7 @@ class ServerThread:
     """
 
     def __init__(self, app: object, host: str = "127.0.0.1", port: int = 0) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
+        config = uvicorn_config(app, host=host, port=port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.host = host
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)

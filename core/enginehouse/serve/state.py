@@ -9,15 +9,18 @@ import os
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..config import GenerationConfig
+from ..config import EngineConfig, GenerationConfig
 from ..errors import RequestError
+from ..image_fetch import FetchPolicy, fetch_failed
 from ..multimodal import PreparedPrompt, check_image_count
 from ..pipeline import Pipeline
 from ..response import Response
@@ -25,11 +28,12 @@ from ..spec import ModelSpec
 from ..tool_calls import ToolError, ToolUse
 from .errors import APIError, bad_request
 from .generation import Generation, unless_disconnected
-from .media import check_file_url, read_file_url
+from .media import check_file_url, looks_like_an_image, read_file_url
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ class ServerLimits:
     max_request_body_size: int = 32 * 2**20  # bytes; vLLM's HTTP frontend refuses above 32 MiB
     max_seqs_per_request: int = 1024  # prompts x n; vLLM's VLLM_MAX_COMPLETION_PROMPTS
     engine_iteration_timeout: float = 60.0  # s; vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S
+    max_stop_strings: int = 64  # stop strings per request (vLLM has no limit; OpenAI takes 4)
+    max_stop_string_length: int = 256  # characters of one stop string
+    media_loading_thread_count: int = 8  # image downloads at once; vLLM's name and default
+    max_response_body_size: int = 128 * 2**20  # bytes a response may be, estimated up front
+    header_read_timeout: float = 10.0  # s from a connection (or its last answer) to its headers
+    body_read_timeout: float = 60.0  # s to read a request's whole body once its headers are in
+    max_connections: int = 2048  # open at once; more get a 503 and are closed
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -66,11 +77,37 @@ class ServerState:
         self.limits = limits or ServerLimits()
         # Clients may name image files on this machine only under this folder.
         self.local_media = Path(os.path.realpath(local_media_path)) if local_media_path else None
-        self.metrics = ServerMetrics(model_name)
+        self.metrics = ServerMetrics(model_name, pipe.session_len)
+        kv = pipe.summary()
+        self.metrics.cache_config(
+            block_size=kv["kv_tokens"] // max(1, kv["kv_blocks"]),
+            cache_dtype=kv["dtype"],
+            enable_prefix_caching=self.engine_config.enable_prefix_caching,
+            gpu_memory_utilization=self.engine_config.kv_cache_memory,
+            num_gpu_blocks=kv["kv_blocks"],
+        )
         self.created = int(time.time())
         self.session_len: int = pipe.session_len
         self._token_text: dict[int, str] = {}
         self._longest_token = _longest_token(pipe.tokenizer)
+        # Image downloads on threads of their own, so that slow ones cannot hold up the
+        # threads that render prompts and decode images (data: URLs included) or /metrics.
+        self.fetch_pool = ThreadPoolExecutor(
+            self.limits.media_loading_thread_count, "enginehouse-fetch"
+        )
+        self.prepare_pool = ThreadPoolExecutor(
+            min(32, (os.cpu_count() or 1) + 4), "enginehouse-prepare"
+        )
+        self.fetch_policy = FetchPolicy.of(self.engine_config)
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.pipe.engine.config
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a prepare thread: rendering, tokenizing and decoding images take a
+        while, and must not hold up the loop that serves every other request and /health."""
+        return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, fn, *args)
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -100,7 +137,7 @@ class ServerState:
         with (--allowed-local-media-path)."""
         urls = [part["image_url"]["url"] for part in _image_parts(messages)]
         try:
-            check_image_count(len(urls), self.pipe.engine.config)
+            check_image_count(len(urls), self.engine_config)
         except RequestError as e:
             raise bad_request(str(e), "messages") from e
         for url in urls:
@@ -114,7 +151,42 @@ class ServerState:
                     "--allowed-local-media-path",
                     "messages",
                 )
+        if urls and self.pipe.vision is None:  # before anything is fetched for nothing
+            raise bad_request(
+                f"{self.pipe.spec.architecture} takes text only, but the messages have images; "
+                "this server's model reads no image_url parts",
+                "messages",
+            )
         return len(urls)
+
+    async def fetch_images(self, messages: list[dict[str, Any]]) -> None:
+        """Replace each http(s) image in `messages` by its bytes, all fetched at once on the
+        fetch threads, each within --image-fetch-timeout and all within
+        --image-fetch-total-timeout; a 400 with one message for every failed fetch."""
+        policy = self.fetch_policy
+        parts = [
+            part
+            for part in _image_parts(messages)
+            if urllib.parse.urlparse(part["image_url"]["url"]).scheme.lower() in ("http", "https")
+        ]
+        if not parts:
+            return
+        urls = [part["image_url"]["url"] for part in parts]
+        deadline = time.monotonic() + policy.total_timeout
+        loop = asyncio.get_running_loop()
+        fetches = [loop.run_in_executor(self.fetch_pool, policy.fetch, u, deadline) for u in urls]
+        try:
+            # The threads stop at the deadline too; this wait ends in time whatever they do.
+            images = await asyncio.wait_for(asyncio.gather(*fetches), policy.total_timeout + 1)
+        except RequestError as e:
+            raise bad_request(str(e), "messages") from e
+        except asyncio.TimeoutError:
+            raise bad_request(str(fetch_failed(urls[0], policy.timeout)), "messages") from None
+        for url, part, data in zip(urls, parts, images):
+            if not looks_like_an_image(data):  # said as any failed fetch: no port scanning
+                raise bad_request(str(fetch_failed(url, policy.timeout)), "messages")
+            part.clear()
+            part.update({"type": "image", "image": data})
 
     def read_local_images(self, messages: list[dict[str, Any]]) -> None:
         """Replace each file:// image in `messages` by the file's bytes, read here, once, from
@@ -136,6 +208,23 @@ class ServerState:
                 "prompt" if num_prompts > 1 else "n",
             )
 
+    def check_stop(self, req: GenerationRequest) -> None:
+        """Refuse more stop strings, or longer ones, than this server takes."""
+        most, longest = self.limits.max_stop_strings, self.limits.max_stop_string_length
+        if len(req.stop) > most:
+            raise bad_request(
+                f"stop has {len(req.stop)} strings; this server takes at most {most} "
+                "(--max-stop-strings)",
+                "stop",
+            )
+        for i, word in enumerate(req.stop):
+            if len(word) > longest:
+                raise bad_request(
+                    f"stop[{i}] is {len(word)} characters long; this server takes stop strings "
+                    f"of at most {longest} characters (--max-stop-string-length)",
+                    "stop",
+                )
+
     def prepare(
         self,
         prompt: Any,
@@ -144,7 +233,7 @@ class ServerState:
         score_only: bool = False,
         tools: ToolUse | None = None,
     ) -> PreparedPrompt:
-        self._check_length_before_tokenizing(prompt, param, score_only)
+        self._check_length_before_tokenizing(prompt, param, score_only, tools)
         try:
             prepared = self.pipe.prepare(prompt, apply_chat_template, tools and tools.tools)
             self.pipe.engine.check_length(len(prepared.token_ids), score_only)
@@ -152,17 +241,20 @@ class ServerState:
             raise bad_request(str(e), param) from e
         return prepared
 
-    def _check_length_before_tokenizing(self, prompt: Any, param: str, score_only: bool) -> None:
+    def _check_length_before_tokenizing(
+        self, prompt: Any, param: str, score_only: bool, tools: ToolUse | None = None
+    ) -> None:
         """Refuse a prompt that surely cannot fit before paying for its tokens (28 MB of text
-        took 48 s and 4 GB to tokenize): token ids beyond the context, or more characters than
-        the context's tokens could hold were each as long as the vocabulary's longest."""
+        took 48 s and 4 GB to tokenize; a 20 MB tool description blocked the server for 40 s):
+        token ids beyond the context, or more characters than the context's tokens could hold
+        were each as long as the vocabulary's longest, counting the tools and tool calls."""
         if isinstance(prompt, dict) and "token_ids" in prompt:
             try:
                 self.pipe.engine.check_length(len(prompt["token_ids"]), score_only)
             except RequestError as e:
                 raise bad_request(str(e), param) from e
             return
-        chars = _text_length(prompt)
+        chars = _text_length(prompt) + (_strings_length(tools.tools) if tools else 0)
         if self._longest_token is not None and chars > self.session_len * self._longest_token:
             raise bad_request(
                 f"the prompt is {chars} characters long, more than this model's context of "
@@ -196,6 +288,23 @@ class ServerState:
             for i in range(req.num_choices)
         ]
 
+    def check_response_size(
+        self, req: GenerationRequest, prompt_lens: list[int], configs: list[GenerationConfig]
+    ) -> None:
+        """Refuse, before generating, a request whose response would be larger than
+        --max-response-body-size (1024 prompts x 2000 ids with prompt_logprobs: 20 would make
+        a 4.4 GB body, and 6-10 KB of peak memory per prompt position to build it)."""
+        size = response_size(req, prompt_lens, configs)
+        limit = self.limits.max_response_body_size
+        if size > limit:
+            raise bad_request(
+                f"the response to this request could take about {size / 2**20:.0f} MiB, more "
+                f"than this server's limit of {limit / 2**20:.0f} MiB "
+                "(--max-response-body-size): ask for fewer prompts, choices (n) or tokens "
+                "(max_tokens), or fewer logprobs, prompt_logprobs or no echo",
+                "prompt_logprobs" if req.prompt_logprobs else None,
+            )
+
     def tool_use(self, req: ChatCompletionRequest) -> ToolUse | None:
         """The request's tools, checked against the model's chat template."""
         try:
@@ -203,15 +312,20 @@ class ServerState:
         except ToolError as e:
             raise bad_request(str(e), e.param) from e
 
-    async def check_grammar(self, req: GenerationRequest, config: GenerationConfig) -> None:
-        """Compile the output's grammar (off this loop, cached) so that a schema, regex or
-        grammar that does not compile is a 400 before anything starts."""
-        constraint = config.constraint
-        if constraint is None:
-            return
+    async def check_grammar(
+        self, request: Request, req: GenerationRequest, config: GenerationConfig
+    ) -> None:
+        """Compile the output's grammar (in a compile process, cached) so that a schema, regex
+        or grammar that does not compile, or not within --grammar-compile-timeout, is a 400
+        before anything starts. A client that leaves meanwhile stops waiting, and its compile
+        stops unless another request waits for the same grammar."""
         param = req.output_constraint()[1] or "tool_choice"
         try:
-            await asyncio.wrap_future(self.pipe.engine.compile_grammar(constraint))
+            constraint = config.constraint
+            if constraint is None:
+                return
+            compiled = asyncio.wrap_future(self.pipe.engine.compile_grammar(constraint))
+            await unless_disconnected(request, compiled)
         except RequestError as e:
             raise bad_request(str(e), param) from e
 
@@ -230,6 +344,9 @@ class ServerState:
             raise bad_request(str(e)) from e
         except RuntimeError as e:  # the engine was closed: the server is shutting down
             raise APIError(503, f"the server is shutting down: {e}") from e
+        n = len(choices) // len({id(prompt) for prompt, _ in choices})
+        for _, config in choices[::n]:  # once per prompt, as vLLM counts its requests
+            self.metrics.request_params(n, 0 if score_only else config.max_new_tokens)
         return response_id, generation
 
     def decode(self, token_ids: list[int]) -> str:
@@ -267,6 +384,42 @@ class ServerState:
             text = self.pipe.tokenizer.decode([token_id])
             self._token_text[token_id] = text
         return text
+
+
+# Bytes of JSON, a little more than usual: a token's text with its punctuation, and one
+# logprob entry ({"text": -1.2345} in completions, {"token", "logprob", "bytes"} in chat,
+# {"id": {"logprob", "rank", "decoded_token"}} in prompt_logprobs).
+TOKEN_BYTES = 16
+LOGPROB_BYTES = 64
+CHOICE_BYTES = 300
+
+
+def response_size(
+    req: GenerationRequest, prompt_lens: list[int], configs: list[GenerationConfig]
+) -> int:
+    """An estimate of the largest body this request's answer may take, built whole: its
+    every choice generating all the tokens it may, with their logprobs, and the prompts it
+    echoes or scores. A stream is sent a chunk at a time: its largest chunk counts."""
+    n = req.num_choices
+    top = req.num_logprobs
+    per_token = TOKEN_BYTES + (0 if top is None else (top + 1) * LOGPROB_BYTES)
+    echo = isinstance(req, CompletionRequest) and bool(req.echo)
+    scored = req.prompt_logprobs
+    per_prompt_token = (TOKEN_BYTES + (0 if top is None else (top + 1) * LOGPROB_BYTES)) * echo
+    if scored is not None:
+        per_prompt_token += (scored + 1) * LOGPROB_BYTES
+    chat_once = isinstance(req, ChatCompletionRequest)  # chat scores its prompt once
+    sizes = []
+    for i, config in enumerate(configs):
+        prompt_len = prompt_lens[i // n]
+        generated = 0 if getattr(req, "scores_only", False) else config.max_new_tokens
+        prompt_part = prompt_len * per_prompt_token
+        if chat_once and i > 0:
+            prompt_part = 0
+        sizes.append((CHOICE_BYTES + prompt_part, generated * per_token))
+    if req.stream:  # one chunk at a time: an echoed prompt is the largest
+        return max(head for head, _ in sizes)
+    return sum(head + tail for head, tail in sizes)
 
 
 def finite(logprob: float) -> float:
@@ -335,17 +488,35 @@ def _longest_token(tokenizer: Any) -> int | None:
 
 
 def _text_length(prompt: Any) -> int:
-    """Characters of a prompt's text: a string, or the text of messages (the template only
-    adds to it)."""
+    """Characters of a prompt's text: a string, or the text of messages: their text parts and
+    every other string they hold (tool calls' arguments, names...), which the template writes
+    (it only adds to them), but not images (a data: URL is not text)."""
     if isinstance(prompt, str):
         return len(prompt)
     total = 0
     for message in prompt if isinstance(prompt, list) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p["text"]) for p in content if isinstance(p.get("text"), str))
+        if not isinstance(message, dict):
+            continue
+        for key, value in message.items():
+            if key == "content" and isinstance(value, list):
+                total += sum(len(p["text"]) for p in value if isinstance(p.get("text"), str))
+            elif key != "role":  # a role may be written otherwise (a special token)
+                total += _strings_length(value)
+    return total
+
+
+def _strings_length(value: Any) -> int:
+    """Characters of every string in a JSON value, keys left out (a template writes the
+    values of tools and tool calls, in some form; not always their keys)."""
+    total, stack = 0, [value]
+    while stack:  # not recursive: a body may nest deeply
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return total
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from enginehouse import EngineConfig, ModelSpec
 from enginehouse.plugin_api import (
+    FetchPolicy,
     InvalidModelError,
     MultiModalData,
     PreparedPrompt,
@@ -91,7 +93,9 @@ class HFVisionEncoder:
         assert family.model_class is not None
         self.spec = spec
         self.family = family
-        self.allowed_domains = list(config.allowed_media_domains)
+        self.fetch_policy = FetchPolicy.of(config)
+        # Decoding is where an image costs its memory (up to 4 bytes per pixel): a few at once.
+        self._decoding = threading.BoundedSemaphore(config.max_concurrent_image_decodes)
         self.max_pixels = config.max_image_pixels_per_prompt
         token_id = image_token_id(spec.config)
         if token_id is None:
@@ -114,7 +118,7 @@ class HFVisionEncoder:
     def _load(self, sources: Sequence[Any], max_tokens: int | None) -> list[Any]:
         """The decoded images, once their headers show that they fit: the prompt's pixel
         budget, and, where their token count follows from their sizes, the context."""
-        opened = open_images(list(sources), self.allowed_domains, self.max_pixels)
+        opened = open_images(list(sources), self.fetch_policy, self.max_pixels)
         if max_tokens is not None:
             try:
                 tokens = self._count_tokens([(image.height, image.width) for image in opened])
@@ -125,7 +129,11 @@ class HFVisionEncoder:
                     f"the prompt's {len(opened)} image(s) take {tokens} tokens, but this "
                     f"model's context holds {max_tokens}; send fewer or smaller images"
                 )
-        return [decode_image(image, source) for image, source in zip(opened, sources)]
+        decoded = []
+        for image, source in zip(opened, sources):
+            with self._decoding:
+                decoded.append(decode_image(image, source))
+        return decoded
 
     def _count_tokens(self, sizes: list[tuple[int, int]]) -> int | None:
         """Image tokens of images of these (height, width) sizes, from the processor's own

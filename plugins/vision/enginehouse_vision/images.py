@@ -1,6 +1,7 @@
 """Images from wherever a prompt names them: PIL images, bytes, paths, file://, data: and
-http(s) URLs. Remote URLs are fetched only from the domains the user allowed; nothing else ever
-reaches the network.
+http(s) URLs. Remote URLs are fetched (`enginehouse.image_fetch`) only from the domains the
+user allowed, only from public addresses unless allowed too, within a deadline per image and
+one per prompt; nothing else ever reaches the network.
 
 Loading is two steps, so that a prompt's images are checked before any is decoded: `open_images`
 reads each image's header (its size) and holds the prompt to its pixel budget, and
@@ -13,27 +14,24 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 import os
 import stat
+import time
 import urllib.parse
 import urllib.request
 from typing import Any
 
-from enginehouse.plugin_api import RequestError
+from enginehouse.plugin_api import MAX_DOWNLOAD_BYTES, FetchPolicy, RequestError, fetch_failed
 
-MAX_DOWNLOAD_BYTES = 50 * 2**20
-FETCH_TIMEOUT_S = 10.0
+# A decoded image is reduced to this many pixels (4096 x 4096, 48 MiB in RGB): more than any
+# supported processor uses (Qwen2-VL's max_pixels is 3584 x 3584; LLaVA's tiles far fewer).
+MAX_DECODED_PIXELS = 4096 * 4096
 
 
 def _describe(source: Any) -> str:
     text = str(source)
     return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-def domain_allowed(host: str, allowed: list[str]) -> bool:
-    """`host` is an allowed domain or a subdomain of one."""
-    host = host.lower().rstrip(".")
-    return any(host == d or host.endswith("." + d) for d in allowed)
 
 
 def _data_url(url: str) -> bytes:
@@ -47,47 +45,6 @@ def _data_url(url: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"the data URL {_describe(url)} has invalid base64: {e}") from None
-
-
-def _check_domain(url: str, allowed: list[str]) -> None:
-    host = urllib.parse.urlparse(url).hostname or ""
-    if not domain_allowed(host, allowed):
-        raise RequestError(
-            f"fetching images from {host!r} is not allowed; allow the domain with "
-            "EngineConfig(allowed_media_domains=[...]) or --allowed-media-domains, or send the "
-            "image inline as a data: URL"
-        )
-
-
-class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only to an allowed domain: an allowed host must not be a way out."""
-
-    def __init__(self, allowed: list[str]) -> None:
-        self.allowed = allowed
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
-        # urllib itself would follow a redirect to ftp://; only http(s) is an image source.
-        scheme = urllib.parse.urlparse(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise RequestError(
-                f"the image URL {_describe(req.full_url)} redirects to a {scheme or 'relative'}: "
-                "URL; only redirects to http(s) URLs are followed"
-            )
-        _check_domain(newurl, self.allowed)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _fetch(url: str, allowed: list[str]) -> bytes:
-    _check_domain(url, allowed)
-    opener = urllib.request.build_opener(_AllowedRedirects(allowed))
-    try:
-        with opener.open(url, timeout=FETCH_TIMEOUT_S) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
-    except OSError as e:
-        raise RequestError(f"could not fetch the image {_describe(url)}: {e}") from None
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise RequestError(f"the image at {_describe(url)} is larger than 50 MiB")
-    return data
 
 
 def _read_file(path: str) -> bytes:
@@ -106,13 +63,14 @@ def _read_file(path: str) -> bytes:
     return data
 
 
-def image_bytes(source: str, allowed_domains: list[str]) -> bytes:
-    """The encoded image a string names: a data URL, a URL, or a local path."""
+def image_bytes(source: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
+    """The encoded image a string names: a data URL, a URL (fetched as `policy` allows, before
+    `deadline`), or a local path."""
     scheme = urllib.parse.urlparse(source).scheme.lower()
     if scheme == "data":
         return _data_url(source)
     if scheme in ("http", "https"):
-        return _fetch(source, allowed_domains)
+        return policy.fetch(source, deadline)
     if scheme == "file":  # the path as written: `~` is expanded in plain paths only
         return _read_file(urllib.request.url2pathname(urllib.parse.urlparse(source).path))
     if len(scheme) > 1:  # not a Windows drive letter
@@ -130,7 +88,7 @@ def _undecodable(source: Any, e: Exception) -> RequestError:
     )
 
 
-def open_image(source: Any, allowed_domains: list[str]) -> Any:
+def open_image(source: Any, policy: FetchPolicy, deadline: float | None = None) -> Any:
     """A `PIL.Image` from `source` with only its header read (its size is known, its pixels
     not yet decoded), or a `RequestError` that names what failed."""
     from PIL import Image
@@ -140,7 +98,7 @@ def open_image(source: Any, allowed_domains: list[str]) -> Any:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
-        data = image_bytes(os.fspath(source), allowed_domains)
+        data = image_bytes(os.fspath(source), policy, deadline)
     else:
         raise RequestError(
             f"an image must be a PIL image, bytes, a path or a URL; got {type(source).__name__}"
@@ -148,15 +106,20 @@ def open_image(source: Any, allowed_domains: list[str]) -> Any:
     try:
         return Image.open(io.BytesIO(data))
     except Exception as e:  # Pillow's own decompression-bomb check included
+        if isinstance(source, str) and source.lower().startswith(("http:", "https:")):
+            # What was fetched is not an image: the one message of every failed fetch.
+            raise fetch_failed(source, policy.timeout) from None
         raise _undecodable(source, e) from None
 
 
-def open_images(sources: list[Any], allowed_domains: list[str], max_pixels: int) -> list[Any]:
+def open_images(sources: list[Any], policy: FetchPolicy, max_pixels: int) -> list[Any]:
     """`open_image` of each source, stopping at the first that takes the prompt's images past
-    `max_pixels` (width x height, all images together)."""
+    `max_pixels` (width x height, all images together). Their downloads share one deadline,
+    `policy.total_timeout`."""
+    deadline = time.monotonic() + policy.total_timeout
     images, pixels = [], 0
     for i, source in enumerate(sources):
-        image = open_image(source, allowed_domains)
+        image = open_image(source, policy, deadline)
         pixels += image.width * image.height
         if pixels > max_pixels:
             raise RequestError(
@@ -169,13 +132,32 @@ def open_images(sources: list[Any], allowed_domains: list[str], max_pixels: int)
     return images
 
 
-def decode_image(image: Any, source: Any) -> Any:
-    """The opened `image` decoded, in RGB; a truncated file fails here, not in the processor."""
+def decode_image(image: Any, source: Any, max_pixels: int = MAX_DECODED_PIXELS) -> Any:
+    """The opened `image` decoded, in RGB, and made no larger than `max_pixels` (keeping its
+    shape): a processor resizes it to far fewer anyway, and a 13000x13000 GIF of 121 KB would
+    otherwise cost 2 GB as it went through RGB, the hash and the processor's float arrays.
+    A JPEG is decoded at the reduced size directly (`draft`); other formats are decoded at
+    their own size, in their own mode (at most 4 bytes per pixel of the prompt's pixel budget),
+    and reduced before anything else is made of them. A truncated file fails here, not in the
+    processor."""
     try:
+        target = _reduced_size(image.size, max_pixels)
+        if target != image.size:
+            image.draft("RGB", target)  # JPEG: decode at 1/2, 1/4 or 1/8; others: no-op
         image.load()
+        if image.width * image.height > max_pixels:
+            image.thumbnail(_reduced_size(image.size, max_pixels))
         return image.convert("RGB")
     except Exception as e:
         raise _undecodable(source, e) from None
+
+
+def _reduced_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    width, height = size
+    if width * height <= max_pixels:
+        return size
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def image_hash(image: Any) -> str:
