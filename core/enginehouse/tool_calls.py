@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,11 @@ class ToolParser:
     separator = ""  # between two calls
     needs_special_tokens = False  # the start marker is a special token, kept in the text
 
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        """Whether a chat template (its text) teaches this format."""
+        return False
+
     def find_start(self, text: str) -> int | None:
         """Where the tool calls begin in `text`, or None if they have not (yet)."""
         i = text.find(self.start)
@@ -164,24 +169,31 @@ class ToolParser:
 
 
 class HermesParser(ToolParser):
-    """Hermes and Qwen2.5: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`."""
+    """Hermes and Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`.
+    A format that only changes the two tags subclasses this with other `start` and `close`."""
 
     name = "hermes"
     start = "<tool_call>"
+    close = "</tool_call>"
     call_begin = '<tool_call>\n{{"name": {name}, "arguments": '
     call_end = "}\n</tool_call>"
     separator = "\n"
 
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        return "<tool_call>" in template
+
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         calls = []
-        for body in re.findall(r"<tool_call>(.*?)</tool_call>", tail, re.DOTALL):
+        pattern = re.escape(self.start) + "(.*?)" + re.escape(self.close)
+        for body in re.findall(pattern, tail, re.DOTALL):
             call = _loads_call(body, ("arguments", "parameters"))
             if call is None:  # a closed call that is not one: the output is not calls
                 return None if final else calls
             calls.append(call)
-        last_open = tail.rfind("<tool_call>")
-        if final and last_open > tail.rfind("</tool_call>"):  # a last call left open
-            call = _loads_call(tail[last_open + len("<tool_call>") :], ("arguments",))
+        last_open = tail.rfind(self.start)
+        if final and last_open > tail.rfind(self.close):  # a last call left open
+            call = _loads_call(tail[last_open + len(self.start) :], ("arguments",))
             calls += [call] if call is not None else []  # cut short: dropped
         return calls or (None if final else [])
 
@@ -192,6 +204,11 @@ class Llama3JsonParser(ToolParser):
 
     name = "llama3_json"
     start = "{"
+
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        return "<|python_tag|>" in template or "ipython" in template
+
     call_begin = '{{"name": {name}, "parameters": '
     call_end = "}"
     separator = "; "
@@ -225,6 +242,10 @@ class MistralParser(ToolParser):
     call_end = "}"
     separator = ", "
     needs_special_tokens = True  # [TOOL_CALLS] is a control token in Mistral's tokenizers
+
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        return "[TOOL_CALLS]" in template
 
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         body = tail[len(self.start) :]
@@ -262,19 +283,24 @@ class MistralParser(ToolParser):
         return {"type": "tag", "begin": "[TOOL_CALLS] [", "content": calls, "end": "]"}
 
 
+# In the order templates are matched: a more specific format before one whose markers it
+# shares (Qwen3-Coder's and GLM-4.5's calls sit inside <tool_call> too).
 PARSERS: dict[str, type[ToolParser]] = {
-    p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)
+    p.name: p for p in (HermesParser, MistralParser, Llama3JsonParser)
 }
 
 
-def parser_for_template(template: str) -> ToolParser | None:
-    """The call format a chat template teaches, from the markers it writes."""
-    if "<tool_call>" in template:
-        return HermesParser()
-    if "[TOOL_CALLS]" in template:
-        return MistralParser()
-    if "<|python_tag|>" in template or "ipython" in template:
-        return Llama3JsonParser()
+def all_parsers(extra: Iterable[type[ToolParser]] = ()) -> dict[str, type[ToolParser]]:
+    """The built-in parsers and those plugins add (a plugin's wins a name it shares)."""
+    return {**PARSERS, **{p.name: p for p in extra}}
+
+
+def parser_for_template(template: str, extra: Iterable[type[ToolParser]] = ()) -> ToolParser | None:
+    """The call format a chat template teaches, from the markers it writes: the first parser
+    that recognises it, plugins' parsers first."""
+    for parser in [*extra, *PARSERS.values()]:
+        if parser.detect(template):
+            return parser()
     return None
 
 

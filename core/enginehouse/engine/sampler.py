@@ -42,7 +42,35 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             banned_ids.extend(seq.stop_ids)
     if banned_rows:  # one indexing op for the whole batch, not one per row
         logits[banned_rows, banned_ids] = float("-inf")
+    apply_token_rules(logits, seqs)
     return logits
+
+
+def apply_token_rules(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """logit_bias, allowed_token_ids and bad_words_ids, in place, on the rows that set them
+    (the pipeline has checked every id against the vocabulary)."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            logits[row, ids] += bias.to(logits.device)
+        if p.allowed_token_ids:
+            allowed = torch.tensor(p.allowed_token_ids, device=logits.device)
+            kept = logits[row, allowed]
+            logits[row] = float("-inf")
+            logits[row, allowed] = kept
+        if p.bad_words_ids:
+            # A word's last token is banned where the output already ends with the rest of it
+            # (a one-token word: always), as vLLM and transformers do.
+            out = seq.generated_ids
+            banned = [
+                word[-1]
+                for word in p.bad_words_ids
+                if len(out) >= len(word) - 1 and out[len(out) - len(word) + 1 :] == word[:-1]
+            ]
+            if banned:
+                logits[row, banned] = float("-inf")
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -130,6 +130,7 @@ def create_app(
     api_key: str | None = None,
     local_media_path: str | None = None,
     limits: ServerLimits | None = None,
+    default_chat_template_kwargs: dict[str, Any] | None = None,
 ) -> FastAPI:
     """An app serving `pipe` under `model_name` (default: the model folder's name, or the
     hub id; never a path on the server's disk).
@@ -137,11 +138,14 @@ def create_app(
     With `api_key`, every endpoint but `/health` requires `Authorization: Bearer <api_key>`
     (an empty key is an error). Image URLs may name local files (file://) only under
     `local_media_path`. `limits` caps what one request may ask (`ServerLimits`).
+    `default_chat_template_kwargs` are every chat request's template variables
+    (`{"enable_thinking": False}`), which a request's `chat_template_kwargs` override.
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
     if api_key is not None and not api_key.strip():  # "" must not mean "no authentication"
         raise ValueError("the API key is empty; give a key, or None to serve without one")
-    state = ServerState(pipe, model_name or default_model_name(pipe.spec), local_media_path, limits)
+    name = model_name or default_model_name(pipe.spec)
+    state = ServerState(pipe, name, local_media_path, limits, default_chat_template_kwargs)
     app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(_Gate, state=state, api_key=api_key)

@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import Request
 
 from ..multimodal import PreparedPrompt
+from ..reasoning import Reasoning
 from ..response import Response
-from ..tool_calls import ToolCall, ToolCallStream, ToolError, ToolUse
-from .errors import bad_request
+from ..tool_calls import ToolCall, ToolCallStream, ToolUse
 from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
 from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, sse, usage
@@ -23,30 +23,30 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
     state.check_model(req.model)
     state.check_sequences(1, req.num_choices)
     tools = state.tool_use(req)
+    kwargs = state.template_kwargs(req)
     messages = [m.for_template() for m in req.messages]
     if state.check_images(messages):
         # Reading, fetching and decoding images can take a while: not on the loop that serves
         # the other requests.
-        prompt = await asyncio.to_thread(_prepare_with_images, state, messages, tools)
+        prompt = await asyncio.to_thread(_prepare_with_images, state, messages, tools, kwargs)
     else:
-        prompt = state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
-    configs = state.configs(req, len(prompt.token_ids))
-    if tools is not None:
-        try:
-            configs = [tools.generation_config(c) for c in configs]
-        except ToolError as e:
-            raise bad_request(str(e), e.param) from e
+        prompt = state.prepare(messages, "messages", True, tools=tools, template_kwargs=kwargs)
+    reasoning = state.reasoning(prompt)
+    configs = state.constrain(req, state.configs(req, len(prompt.token_ids)), tools, reasoning)
     await state.check_grammar(req, configs[0])
     response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
-    chat = _Chat(state, req, response_id, prompt.token_ids, tools)
+    chat = _Chat(state, req, response_id, prompt.token_ids, tools, reasoning)
     return await respond(request, generation, chat, req.num_choices)
 
 
 def _prepare_with_images(
-    state: ServerState, messages: list[dict[str, Any]], tools: ToolUse | None
+    state: ServerState,
+    messages: list[dict[str, Any]],
+    tools: ToolUse | None,
+    kwargs: dict[str, Any],
 ) -> PreparedPrompt:
     state.read_local_images(messages)
-    return state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
+    return state.prepare(messages, "messages", True, tools=tools, template_kwargs=kwargs)
 
 
 class _Chat:
@@ -59,6 +59,7 @@ class _Chat:
         response_id: str,
         prompt_ids: list[int],
         tools: ToolUse | None = None,
+        reasoning: Reasoning | None = None,
     ) -> None:
         self.state = state
         self.req = req
@@ -67,6 +68,7 @@ class _Chat:
         self.prompt_ids = prompt_ids
         self.prompt_len = len(prompt_ids)
         self.tools = tools
+        self.reasoning = reasoning
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> Any:
         if logprobs is None:
@@ -89,14 +91,19 @@ class _Chat:
         return {"content": content}
 
     def _message(self, r: Response) -> dict[str, Any]:
-        """The assistant's message; with tools, its calls split from its content."""
-        if self.tools is None:
-            return {"role": "assistant", "content": r.text}
-        r.take_tool_calls(self.tools)
+        """The assistant's message: its reasoning apart (vLLM's two names for it), and with
+        tools its calls split from its content."""
+        message: dict[str, Any] = {"role": "assistant"}
+        if self.reasoning is not None:
+            r.reasoning, r.text = self.reasoning.split(r.text)
+            if self.req.include_reasoning:
+                message["reasoning"] = message["reasoning_content"] = r.reasoning
+        if self.tools is not None:
+            r.take_tool_calls(self.tools)
         if not r.tool_calls:
-            return {"role": "assistant", "content": r.text}
+            return {**message, "content": r.text}
         calls = [c.to_openai() for c in r.tool_calls]
-        return {"role": "assistant", "content": r.text or None, "tool_calls": calls}
+        return {**message, "content": r.text or None, "tool_calls": calls}
 
     def response(self, results: list[Response]) -> dict[str, Any]:
         choices = [
@@ -158,6 +165,7 @@ class _Chat:
         n = self.req.num_choices
         results = [Response(index=i) for i in range(n)]
         streams = [self.tools.stream() if self.tools else None for _ in range(n)]
+        thoughts = [self.reasoning.stream() if self.reasoning else None for _ in range(n)]
         try:
             for i in range(n):
                 yield self._chunk([self._choice(i, {"role": "assistant", "content": ""})])
@@ -168,15 +176,22 @@ class _Chat:
                     yield error.sse()
                     break
                 logprobs = self._logprobs(delta.token_ids, delta.logprobs)
+                text, thought, sent = delta.text, thoughts[i], False
+                if thought is not None:
+                    reasoning, text = thought.feed(text, out.finished)
+                    if reasoning and self.req.include_reasoning:
+                        both = {"reasoning": reasoning, "reasoning_content": reasoning}
+                        yield self._chunk([self._choice(i, both, logprobs)])
+                        logprobs, sent = None, True  # the step's logprobs went with it
                 stream = streams[i]
                 if stream is not None:
-                    for chunk in self._tool_chunks(i, stream, delta.text, out.finished, logprobs):
+                    for chunk in self._tool_chunks(i, stream, text, out.finished, logprobs):
                         yield chunk
                 # A chunk per step that made tokens, as vLLM does, even when their text is
                 # held back (a possible stop string, half a UTF-8 character): clients see
                 # progress, and each token's logprobs arrive with it.
-                elif delta.text or delta.token_ids:
-                    yield self._chunk([self._choice(i, {"content": delta.text}, logprobs)])
+                elif text or (delta.token_ids and not sent):
+                    yield self._chunk([self._choice(i, {"content": text}, logprobs)])
                 if out.finished:
                     finish = out.finish_reason
                     if stream is not None and stream.calls and finish == "stop":
