@@ -22,7 +22,10 @@ from enginehouse.serve import ServerThread, create_app
 HELLO = [{"role": "user", "content": "hello"}]
 SCHEMA = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1, "maximum": 30}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "days": {"type": "integer", "minimum": 1, "maximum": 30},
+    },
     "required": ["city", "days"],
     "additionalProperties": False,
 }
@@ -93,7 +96,8 @@ CASES = [
         "<|channel|>analysis<|message|>t<|end|><|start|>assistant<|channel|>commentary "
         'to=functions.f <|constrain|>json<|message|>{"a": 1}',
         "t",  # a tool call stays whole in the answer, for the tool parser
-        '<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}',
+        "<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json"
+        '<|message|>{"a": 1}',
     ),
 ]
 
