@@ -23,8 +23,9 @@ from .. import __version__
 from ..pipeline import Pipeline
 from .chat import create_chat_completion
 from .completions import create_completion
-from .errors import APIError
+from .errors import APIError, anthropic_path
 from .generation import ClientDisconnected
+from .messages import count_tokens, create_message
 from .metrics import CONTENT_TYPE
 from .state import ServerLimits, ServerState, default_model_name
 
@@ -37,6 +38,8 @@ ENDPOINTS = (
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
 )
 # Reachable without the API key: load balancers' probes, and the version (as vLLM has them).
 OPEN_ENDPOINTS = ("/health", "/version")
@@ -82,12 +85,18 @@ class _Gate:
         if self.key is None or scope["path"] in OPEN_ENDPOINTS:
             return None
         given = headers.get(b"authorization")
-        if given is None:
-            message = "no API key given: send the header 'Authorization: Bearer <key>'"
+        anthropic_key = headers.get(b"x-api-key")  # how Anthropic's clients send it
+        if given is None and anthropic_key is None:
+            message = (
+                "no API key given: send the header 'Authorization: Bearer <key>' "
+                "(or 'x-api-key: <key>')"
+            )
         else:
-            scheme, _, token = given.partition(b" ")
+            scheme, _, token = (given or b"").partition(b" ")
             # The scheme is case-insensitive (RFC 9110); compare the key in constant time.
             if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                return None
+            if anthropic_key is not None and hmac.compare_digest(anthropic_key.strip(), self.key):
                 return None
             message = "incorrect API key provided"
         return APIError(401, message, code="invalid_api_key")
@@ -117,7 +126,8 @@ class _Gate:
             refusal = self._refusal(scope)
             if refusal is not None:
                 headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
-                await refusal.response(headers)(scope, receive, counting_send)
+                style = anthropic_path(scope["path"])
+                await refusal.response(headers, style)(scope, receive, counting_send)
             else:
                 await self.app(scope, limited_receive, counting_send)
         finally:
@@ -150,20 +160,23 @@ def create_app(
     app.state.server = state
     app.add_middleware(_Gate, state=state, api_key=api_key)
 
+    def styled(request: Request) -> bool:  # Anthropic's error shape on its endpoints
+        return anthropic_path(request.url.path)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
-        return exc.response()
+        return exc.response(anthropic=styled(request))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.status_code == 404:
             message = f"there is no endpoint {request.url.path} (see docs/serving.md)"
-        return APIError(exc.status_code, message).response(exc.headers)
+        return APIError(exc.status_code, message).response(exc.headers, styled(request))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return APIError(400, "the request is invalid").response()
+        return APIError(400, "the request is invalid").response(anthropic=styled(request))
 
     @app.exception_handler(ClientDisconnected)
     async def gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -177,12 +190,14 @@ def create_app(
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:
-        return _too_large(state.limits.max_request_body_size).response()
+        error = _too_large(state.limits.max_request_body_size)
+        return error.response(anthropic=styled(request))
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+        error = APIError(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return error.response(anthropic=styled(request))
 
     @app.get("/health")
     async def health() -> Any:
@@ -213,6 +228,14 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         return await create_completion(state, request)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Any:
+        return await create_message(state, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request) -> Any:
+        return await count_tokens(state, request)
 
     @app.get("/metrics")
     async def metrics() -> Any:

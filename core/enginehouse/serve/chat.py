@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -20,8 +21,28 @@ from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, s
 
 async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+    run = await start_chat(state, req, "chatcmpl")
+    chat = _Chat(state, req, run.id, run.prompt_ids, run.tools, run.reasoning)
+    return await respond(request, run.generation, chat, req.num_choices)
+
+
+@dataclass
+class ChatRun:
+    """A chat request started on the engine: what formatting its answer needs."""
+
+    id: str
+    generation: Generation
+    prompt_ids: list[int]
+    tools: ToolUse | None
+    reasoning: Reasoning | None
+
+
+async def prepare_chat(
+    state: ServerState, req: ChatCompletionRequest
+) -> tuple[PreparedPrompt, ToolUse | None, dict[str, Any]]:
+    """A chat request's prompt through the template (its images read off the event loop), its
+    tools checked, and its template variables; a 400 for anything wrong."""
     state.check_model(req.model)
-    state.check_sequences(1, req.num_choices)
     tools = state.tool_use(req)
     kwargs = state.template_kwargs(req)
     messages = [m.for_template() for m in req.messages]
@@ -31,12 +52,21 @@ async def create_chat_completion(state: ServerState, request: Request) -> Any:
         prompt = await asyncio.to_thread(_prepare_with_images, state, messages, tools, kwargs)
     else:
         prompt = state.prepare(messages, "messages", True, tools=tools, template_kwargs=kwargs)
+    return prompt, tools, kwargs
+
+
+async def start_chat(state: ServerState, req: ChatCompletionRequest, prefix: str) -> ChatRun:
+    """Check a chat request, render its prompt and start its choices; every 400 comes before
+    anything reaches the engine. The Anthropic and Responses endpoints start theirs here too,
+    translated into a chat request."""
+    state.check_model(req.model)
+    state.check_sequences(1, req.num_choices)
+    prompt, tools, _ = await prepare_chat(state, req)
     reasoning = state.reasoning(prompt)
     configs = state.constrain(req, state.configs(req, len(prompt.token_ids)), tools, reasoning)
     await state.check_grammar(req, configs[0])
-    response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
-    chat = _Chat(state, req, response_id, prompt.token_ids, tools, reasoning)
-    return await respond(request, generation, chat, req.num_choices)
+    response_id, generation = state.start(prefix, [(prompt, c) for c in configs])
+    return ChatRun(response_id, generation, prompt.token_ids, tools, reasoning)
 
 
 def _prepare_with_images(
