@@ -27,6 +27,7 @@ from .errors import APIError, anthropic_path
 from .generation import ClientDisconnected
 from .messages import count_tokens, create_message
 from .metrics import CONTENT_TYPE
+from .responses import create_response, get_response
 from .state import ServerLimits, ServerState, default_model_name
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ ENDPOINTS = (
     "/v1/completions",
     "/v1/messages",
     "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/tokenize",
+    "/detokenize",
 )
 # Reachable without the API key: load balancers' probes, and the version (as vLLM has them).
 OPEN_ENDPOINTS = ("/health", "/version")
@@ -49,6 +53,8 @@ def _endpoint(path: str) -> str:
     """The metrics label for a path; unknown paths share one label to keep the series few."""
     if path in ENDPOINTS:
         return path
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
@@ -236,6 +242,14 @@ def create_app(
     @app.post("/v1/messages/count_tokens")
     async def messages_count_tokens(request: Request) -> Any:
         return await count_tokens(state, request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        return await create_response(state, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> Any:
+        return await get_response(state, response_id)
 
     @app.get("/metrics")
     async def metrics() -> Any:

@@ -31,6 +31,7 @@ from .generation import Generation, unless_disconnected
 from .media import check_file_url, read_file_url
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .store import ResponseStore
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
@@ -72,6 +73,7 @@ class ServerState:
         # request's own chat_template_kwargs override key by key.
         defaults = check_template_kwargs(default_template_kwargs, pipe.tokenizer)
         self.default_template_kwargs = defaults
+        self.responses = ResponseStore()  # /v1/responses kept for previous_response_id
         # Clients may name image files on this machine only under this folder.
         self.local_media = Path(os.path.realpath(local_media_path)) if local_media_path else None
         self.metrics = ServerMetrics(model_name)
