@@ -29,6 +29,7 @@ from .messages import count_tokens, create_message
 from .metrics import CONTENT_TYPE
 from .responses import create_response, get_response
 from .state import ServerLimits, ServerState, default_model_name
+from .tokenize import detokenize, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,14 @@ def create_app(
     @app.get("/v1/responses/{response_id}")
     async def stored_response(response_id: str) -> Any:
         return await get_response(state, response_id)
+
+    @app.post("/tokenize")
+    async def tokenize_text(request: Request) -> Any:
+        return await tokenize(state, request)
+
+    @app.post("/detokenize")
+    async def detokenize_ids(request: Request) -> Any:
+        return await detokenize(state, request)
 
     @app.get("/metrics")
     async def metrics() -> Any:

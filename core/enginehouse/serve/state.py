@@ -166,6 +166,10 @@ class ServerState:
             raise bad_request(str(e), param) from e
         return prepared
 
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuse a text that surely cannot fit the context, before tokenizing it."""
+        self._check_length_before_tokenizing(text, param, False)
+
     def _check_length_before_tokenizing(self, prompt: Any, param: str, score_only: bool) -> None:
         """Refuse a prompt that surely cannot fit before paying for its tokens (28 MB of text
         took 48 s and 4 GB to tokenize): token ids beyond the context, or more characters than
