@@ -224,6 +224,92 @@ Here is a list of functions in JSON format that you can invoke.\\n\
 {%- if add_generation_prompt %}<|header_start|>assistant<|header_end|>\\n\\n{%- endif %}\
 """
 
+# GLM-4.5 (zai-org/GLM-4.5): `[gMASK]<sop>`, role tokens, tools listed in the system turn, calls
+# as <tool_call>NAME <arg_key>/<arg_value> pairs, tool results as <|observation|>, and
+# `enable_thinking=False` closing an empty <think></think>. Instruction text shortened.
+GLM45 = """\
+[gMASK]<sop>\
+{%- if tools -%}<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+...
+</tool_call>{%- endif -%}
+{%- for m in messages %}
+{%- if m.role == 'system' %}<|system|>
+{{ m.content }}
+{%- elif m.role == 'user' %}<|user|>
+{{ m.content }}
+{%- elif m.role == 'assistant' %}<|assistant|>
+{%- if m.reasoning_content %}
+<think>{{ m.reasoning_content }}</think>{% else %}
+<think></think>{% endif %}
+{%- if m.content %}
+{{ m.content.strip() }}{% endif %}
+{%- if m.tool_calls %}{% for tc in m.tool_calls %}
+<tool_call>{{ tc.function.name }}
+{% for k, v in tc.function.arguments | items %}<arg_key>{{ k }}</arg_key>
+<arg_value>{{ v | tojson if v is not string else v }}</arg_value>
+{% endfor %}</tool_call>{% endfor %}{% endif %}
+{%- elif m.role == 'tool' %}<|observation|>
+<tool_response>
+{{ m.content }}
+</tool_response>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and not enable_thinking %}
+<think></think>{% endif %}{% endif %}"""
+
+# gpt-oss (openai/gpt-oss-20b), much shortened: the harmony format's system and developer
+# messages (the effort as "Reasoning: ..."; the tools as a TypeScript namespace), messages as
+# <|start|>ROLE<|channel|>...<|message|>...<|end|>, a tool call as a commentary message to
+# functions.NAME ended by <|call|>, and the generation prompt <|start|>assistant.
+HARMONY = """\
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Reasoning: {{ reasoning_effort | default('medium') }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.\
+{% if tools %}
+Calls to these tools must go to the commentary channel: 'functions'.{% endif %}<|end|>\
+{%- if tools %}<|start|>developer<|message|># Tools
+
+## functions
+
+namespace functions {
+{% for t in tools %}// {{ t.function.description }}
+type {{ t.function.name }} = (_: {{ (t.function.parameters or {}) | tojson }}) => any;
+{% endfor %}} // namespace functions<|end|>{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role == 'system' %}<|start|>developer<|message|># Instructions
+
+{{ m.content }}<|end|>
+{%- elif m.role == 'assistant' %}
+{%- if m.tool_calls %}{% for tc in m.tool_calls %}<|start|>assistant<|channel|>commentary to=functions.{{ tc.function.name }} <|constrain|>json<|message|>{{ tc.function.arguments | tojson }}<|call|>{% endfor %}
+{%- else %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}
+{%- elif m.role == 'tool' %}<|start|>functions.tool to=assistant<|channel|>commentary<|message|>{{ m.content }}<|end|>
+{%- endif %}{% endfor %}
+{%- if add_generation_prompt %}<|start|>assistant{% endif %}"""
+HARMONY_TOKENS = [
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|constrain|>",
+    "<|return|>",
+    "<|call|>",
+]
+
 FAMILIES = {
     # name: (template, added tokens as they are added in the real tokenizer)
     "qwen3": (QWEN3, ["<think>", "</think>", "<tool_call>", "</tool_call>"]),
@@ -248,6 +334,26 @@ FAMILIES = {
     ),
     "qwen3_coder": (QWEN3_CODER, ["<tool_call>", "</tool_call>"]),
     "pythonic": (PYTHONIC, ["<|header_start|>", "<|header_end|>", "<|eot|>"]),
+    "glm45": (
+        GLM45,
+        [
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+            "<arg_key>",
+            "</arg_key>",
+            "<arg_value>",
+            "</arg_value>",
+        ],
+    ),
+    "gpt_oss": (HARMONY, []),  # its markers are special tokens: HARMONY_TOKENS
 }
 
 
@@ -255,8 +361,13 @@ def build_family_model(folder: Path, family: str, context: int = 2048) -> Path:
     """A small random-weight Qwen2-shaped model with `family`'s chat template and its marker
     tokens added to a trained tokenizer (one token each, as in the real vocabularies)."""
     template, added = FAMILIES[family]
+    special = HARMONY_TOKENS if family == "gpt_oss" else []
     config = model_configs(512)["qwen2"]
     config.max_position_embeddings = context
-    tokenizer = build_tokenizer(folder, 512 - len(added) - 8, template)
+    tokenizer = build_tokenizer(folder, 512 - len(added) - len(special) - 8, template)
     tokenizer.add_tokens(added)
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": special})
+        # gpt-oss ends a turn with <|return|> or, after a tool call, <|call|>.
+        config.eos_token_id = [2, *tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])]
     return build_model(folder, config, template, tokenizer=tokenizer)

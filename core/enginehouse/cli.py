@@ -169,6 +169,14 @@ def explain(
             click.echo(f"ranks:        {plan['ranks']}")
     if facts.get("quantization"):
         click.echo(f"quantized:    {facts['quantization']}")
+    chat = report["chat"]
+    if "error" in chat:
+        click.echo(f"chat:         {chat['error']}")
+    else:
+        click.echo(
+            f"chat:         template from the {chat['template']}; tool calls "
+            f"{chat['tool_parser'] or 'none'}; reasoning {chat['reasoning_parser'] or 'none'}"
+        )
     chosen = report["chosen"]
     if chosen and report["chosen_plugin"] != chosen:
         chosen = f"{chosen} (plugin {report['chosen_plugin']})"

@@ -749,6 +749,22 @@ def explain(
         "error": error,
         "plugin_problems": plugins.problems(),
         "runtime": runtime_plan(spec, config),
+        "chat": chat_formats(spec, config),
+    }
+
+
+def chat_formats(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
+    """Where the chat template comes from and the tool-call and reasoning formats chosen from
+    it (what `serve` logs at start), read from the tokenizer files alone."""
+    try:
+        template = load_chat_template(load_tokenizer(spec, config.trust_remote_code), spec)
+    except InvalidModelError as e:
+        return {"error": str(e)}
+    tool, reasoning = tool_parser_for(template.template), reasoning_parser_for(template.template)
+    return {
+        "template": template.source,
+        "tool_parser": tool.name if tool else None,
+        "reasoning_parser": reasoning.name if reasoning else None,
     }
 
 

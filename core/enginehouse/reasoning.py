@@ -173,7 +173,12 @@ class MistralParser(ReasoningParser):
 
 
 # A harmony message header: `<|start|>assistant` (with a recipient, maybe) may lead it.
-_HEADER = re.compile(r"(?:<\|start\|>assistant[^<]*)?<\|channel\|>([^<]*)<\|message\|>")
+# The channel part may hold `<|constrain|>json` (a tool call's); it never holds another marker.
+_HEADER = re.compile(
+    r"(?:<\|start\|>assistant[^<]*)?<\|channel\|>"
+    r"((?:(?!<\|(?:message|end|start|call|return)\|>).)*)<\|message\|>",
+    re.DOTALL,
+)
 _MESSAGE_END = ("<|end|>", "<|call|>", "<|return|>")
 
 
@@ -229,16 +234,13 @@ class GptOssParser(ReasoningParser):
     def constrain(self, answer: dict[str, Any], start: Start) -> dict[str, Any]:
         # An optional analysis message, then the answer as the final message; a tool call
         # (the tool parser's format) is a message of its own on the commentary channel.
-        analysis = {
-            "type": "tag",
-            "begin": self.start,
-            "content": {"type": "any_text"},
-            "end": "<|end|><|start|>assistant",
-        }
+        analysis = {"type": "tag", "begin": self.start, "content": {"type": "any_text"}}
+        analysis["end"] = "<|end|>"  # the first <|end|> closes it: any_text never holds one
+        turn = {"type": "const_string", "value": "<|start|>assistant"}
         if not _begins_message(answer):
             header = {"type": "const_string", "value": "<|channel|>final<|message|>"}
             answer = {"type": "sequence", "elements": [header, answer]}
-        thought = {"type": "sequence", "elements": [analysis, answer]}
+        thought = {"type": "sequence", "elements": [analysis, turn, answer]}
         return {"type": "or", "elements": [thought, answer]}
 
 

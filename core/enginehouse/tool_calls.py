@@ -119,6 +119,11 @@ class ToolParser:
         """Whether a chat template (its text) teaches this format."""
         return False
 
+    def with_tools(self, tools: Sequence[Tool]) -> ToolParser:
+        """This parser for a request's tools (formats that type argument values by the
+        tools' schemas keep them); most formats need nothing and return themselves."""
+        return self
+
     def find_start(self, text: str) -> int | None:
         """Where the tool calls begin in `text`, or None if they have not (yet)."""
         i = text.find(self.start)
@@ -283,10 +288,31 @@ class MistralParser(ToolParser):
         return {"type": "tag", "begin": "[TOOL_CALLS] [", "content": calls, "end": "]"}
 
 
+from .tool_formats import (  # noqa: E402 - they build on the classes above
+    DeepSeekV3Parser,
+    DeepSeekV31Parser,
+    Glm45ToolParser,
+    HarmonyParser,
+    PythonicParser,
+    Qwen3CoderParser,
+)
+
 # In the order templates are matched: a more specific format before one whose markers it
-# shares (Qwen3-Coder's and GLM-4.5's calls sit inside <tool_call> too).
+# shares (Qwen3-Coder's and GLM-4.5's calls sit inside <tool_call> too, and pythonic templates
+# name the ipython role as Llama 3's do).
 PARSERS: dict[str, type[ToolParser]] = {
-    p.name: p for p in (HermesParser, MistralParser, Llama3JsonParser)
+    p.name: p
+    for p in (
+        Qwen3CoderParser,
+        Glm45ToolParser,
+        HermesParser,
+        MistralParser,
+        DeepSeekV3Parser,
+        DeepSeekV31Parser,
+        HarmonyParser,
+        PythonicParser,
+        Llama3JsonParser,
+    )
 }
 
 
@@ -432,4 +458,4 @@ def resolve_tools(
             "{'type': 'function', 'function': {'name': ...}}",
             "tool_choice",
         )
-    return ToolUse(parser, list(tools), forced, parallel is not False)
+    return ToolUse(parser.with_tools(tools), list(tools), forced, parallel is not False)
