@@ -228,3 +228,34 @@ def test_bad_requests_are_400s_naming_the_field(client, server, fields, param, w
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert client.responses.create(**greedy(input="hi", max_output_tokens=2)).status  # serving on
+
+
+def test_input_images_reach_a_vision_language_model(tmp_path_factory):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from enginehouse.testing import build_vlm
+
+    folder = build_vlm(tmp_path_factory.mktemp("llava-responses"), "llava")
+    pixels = np.random.RandomState(0).randint(0, 256, (60, 90, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    part = {"type": "input_image", "image_url": url}
+    with pipeline(str(folder), progress=False) as vlm:
+        with ServerThread(create_app(vlm, "llava")) as running:
+            client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="-", max_retries=0)
+            text = [{"type": "input_text", "text": "What is it?"}]
+            plain = client.responses.create(
+                model="llava", max_output_tokens=4, input=[{"role": "user", "content": text}]
+            )
+            seen = client.responses.create(
+                model="llava",
+                max_output_tokens=4,
+                input=[{"role": "user", "content": [part, *text]}],
+            )
+    assert seen.usage.input_tokens > plain.usage.input_tokens + 4  # the image's tokens
+    assert seen.output[0].type == "message"
