@@ -25,6 +25,7 @@ from typing import Any
 from .config import GenerationConfig
 from .engine.grammar import _reason, compact_json_grammar, xgrammar
 from .errors import RequestError
+from .tool_calls import held_prefix
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,6 @@ class Start(Enum):
     INSIDE = "inside"  # the prompt opened the reasoning: the output is reasoning until its end
     CLOSED = "closed"  # the prompt closed it (thinking switched off): the output is the answer
     MAY_OPEN = "may_open"  # the output may open a reasoning block, or answer at once
-
-
-def _held(text: str, marker: str) -> int:
-    """How many characters at the end of `text` may begin `marker` (a stream holds them)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningParser:
@@ -93,7 +86,7 @@ class ReasoningParser:
                 return "", "", len(text)
         reasoning, found, answer = body.partition(self.end)
         if not found:
-            held = 0 if final else _held(reasoning, self.end)
+            held = 0 if final else held_prefix(reasoning, self.end)
             return reasoning[: len(reasoning) - held], "", held
         answer = answer.lstrip()  # "</think>\n\n": the answer starts at its first character
         return reasoning, answer, 0
@@ -217,7 +210,7 @@ class GptOssParser(ReasoningParser):
             ends = [(i, m) for m in _MESSAGE_END if (i := text.find(m, header.end())) >= 0]
             close, marker = min(ends) if ends else (len(text), "")
             body = text[header.end() : close]
-            held = 0 if final or ends else max(_held(body, m) for m in _MESSAGE_END)
+            held = 0 if final or ends else max(held_prefix(body, m) for m in _MESSAGE_END)
             body = body[: len(body) - held]
             if channel == "analysis":
                 reasoning.append(body)
@@ -265,7 +258,7 @@ def _pending_header(text: str) -> int:
     found = [i for i in (text.find("<|start|>"), text.find("<|channel|>")) if i >= 0]
     if found:
         return len(text) - min(found)
-    return max(_held(text, "<|start|>"), _held(text, "<|channel|>"))
+    return max(held_prefix(text, "<|start|>"), held_prefix(text, "<|channel|>"))
 
 
 def _joined(parts: list[str]) -> str | None:
@@ -305,16 +298,6 @@ def parser_for_template(
             log.info("the chat template fits several reasoning parsers (%s); none chosen", names)
             return None
     return None
-
-
-def get_parser(name: str, extra: Iterable[type[ReasoningParser]] = ()) -> ReasoningParser:
-    """The parser named `name` (vLLM's names); `ValueError` listing them for an unknown one."""
-    parsers = all_parsers(extra)
-    if name not in parsers:
-        raise ValueError(
-            f"unknown reasoning parser {name!r}; use one of {', '.join(sorted(parsers))}"
-        )
-    return parsers[name]()
 
 
 class ReasoningStream:

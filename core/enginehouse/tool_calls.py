@@ -91,6 +91,14 @@ def _decode_all(text: str, pos: int, separators: str) -> tuple[list[Any], int]:
         values.append(value)
 
 
+def held_prefix(text: str, marker: str) -> int:
+    """How many characters at the end of `text` may begin `marker` (a stream holds them)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 def function_spec(tool: Tool) -> tuple[str, dict[str, Any]]:
     """(name, parameters schema) of one OpenAI tool; `RequestError` for a malformed one."""
     fn = tool.get("function") if isinstance(tool, Mapping) else None
@@ -132,10 +140,7 @@ class ToolParser:
     def holdback(self, text: str) -> int:
         """How many characters at the end of `text` may be the beginning of the start marker
         (a stream must not send them as content yet)."""
-        for n in range(min(len(self.start) - 1, len(text)), 0, -1):
-            if self.start.startswith(text[-n:]):
-                return n
-        return 0
+        return held_prefix(text, self.start)
 
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         """The complete calls in `tail` (the output from the start marker on); at the end of

@@ -18,7 +18,7 @@ from typing import Any
 
 from .engine.grammar import compact_json_grammar
 from .errors import RequestError
-from .tool_calls import Tool, ToolCall, ToolError, ToolParser, _call, function_spec
+from .tool_calls import Tool, ToolCall, ToolError, ToolParser, _call, function_spec, held_prefix
 
 
 def _json_value(schema: Any, name: str) -> dict[str, Any]:
@@ -382,7 +382,7 @@ class HarmonyParser(ToolParser):
             i = text.rfind(marker)
             if i >= 0 and "<|message|>" not in text[i:]:
                 return len(text) - i
-        return max(_partial(text, m) for m in markers)
+        return max(held_prefix(text, m) for m in markers)
 
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         calls = []
@@ -415,14 +415,6 @@ class HarmonyParser(ToolParser):
             for name, params in map(function_spec, tools)
         ]
         return tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
-
-
-def _partial(text: str, marker: str) -> int:
-    """How many characters at the end of `text` begin `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def _calls(tags: list[dict[str, Any]], separator: str, parallel: bool) -> dict[str, Any]:

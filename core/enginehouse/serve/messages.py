@@ -10,7 +10,6 @@ streamed, Anthropic's events: `message_start`, `ping`, per block `content_block_
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -68,7 +67,6 @@ class _Message:
         self.req = req  # `respond` reads req.stream
         self.run = run
         self.id = run.id.replace("msg-", "msg_", 1)
-        self.created = int(time.time())
 
     def _stop(self, r: Response, raw_text: str, calls: bool) -> tuple[str, str | None]:
         """(stop_reason, stop_sequence) of a finished answer."""

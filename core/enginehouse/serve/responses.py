@@ -71,10 +71,6 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _call_id(call: ToolCall) -> str:
-    return call.id  # call_<hex>, as OpenAI's
-
-
 class _Responses:
     """Formats one Responses answer, whole or as OpenAI's stream of events."""
 
@@ -166,7 +162,7 @@ class _Responses:
         return {
             "type": "function_call",
             "id": "fc_" + call.id.removeprefix("call_"),
-            "call_id": _call_id(call),
+            "call_id": call.id,  # call_<hex>, as OpenAI's
             "name": call.name,
             "arguments": call.arguments if status == "completed" else "",
             "status": status,
