@@ -107,18 +107,20 @@ def side(model: str, name: str, cases: dict, runs: int) -> dict:
     start = time.perf_counter()
     pipe = pipeline(model, engine_config=engine, progress=False)
     load_s = time.perf_counter() - start
-    engine_ = pipe.engine.engine
+    # The time inside the model: the runner's own where it runs here (tp1), else all of a
+    # step but the executor's transport (its counters), which is what the ranks spent.
     spent = [0.0]
-    execute = pipe.runner.execute
+    if pipe.runner is not None:
+        execute = pipe.runner.execute
 
-    def timed_execute(b):
-        t = time.perf_counter()
-        try:
-            return execute(b)
-        finally:
-            spent[0] += time.perf_counter() - t
+        def timed_execute(b):
+            t = time.perf_counter()
+            try:
+                return execute(b)
+            finally:
+                spent[0] += time.perf_counter() - t
 
-    pipe.runner.execute = timed_execute  # the engine calls it through this instance
+        pipe.runner.execute = timed_execute  # the engine calls it through this instance
     results = {}
     for label, case in cases.items():
         todo, new = prompts(case), case[2]
@@ -126,17 +128,19 @@ def side(model: str, name: str, cases: dict, runs: int) -> dict:
         gen = GenerationConfig(max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
         best = None
         for _ in range(runs):
-            steps, spent[0] = engine_.num_steps, 0.0
+            before, spent[0] = pipe.stats(), 0.0
             t = time.perf_counter()
             out = pipe(todo, gen)
             seconds = time.perf_counter() - t
+            after = pipe.stats()
             tokens = [r.token_ids for r in out]
             assert all(len(ids) == new for ids in tokens), "a request ended early"
+            transport = after.get("transport_seconds", 0.0) - before.get("transport_seconds", 0.0)
             run = {
                 "seconds": seconds,
                 "tokens_per_s": sum(map(len, tokens)) / seconds,
-                "steps": engine_.num_steps - steps,
-                "execute_s": spent[0],
+                "steps": after["steps"] - before["steps"],
+                "execute_s": spent[0] if pipe.runner is not None else seconds - transport,
                 "tokens": tokens,
             }
             if best is None or run["seconds"] < best["seconds"]:

@@ -432,7 +432,12 @@ def test_toy_plugin_is_found_through_its_entry_point(spec: ModelSpec, tmp_path: 
 
     host = load_plugins(strict=True, only="toy")
     assert host.infos["toy"].distribution == "enginehouse-toy" and not host.errors()
-    assert host.infos["toy"].hooks == ["create_runner", "probe_backend"]
+    assert host.infos["toy"].hooks == [
+        "create_runner",
+        "probe_backend",
+        "register_reasoning_parsers",
+        "register_tool_parsers",
+    ]
     config = EngineConfig()
     verdicts = probe_backends(spec, config, host)
     assert choose_backend(verdicts).chosen == "toy"

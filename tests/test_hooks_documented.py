@@ -52,6 +52,8 @@ def test_there_are_hooks():
         "detect_architecture",
         "probe_backend",
         "register_commands",
+        "register_reasoning_parsers",
+        "register_tool_parsers",
     ]
 
 

@@ -273,7 +273,7 @@ LONG = [{"role": "user", "content": "hello " * 400}]
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "render tools"),
         ({"extra_body": {"foo": 1}}, "foo", "unrecognized request argument"),
-        ({"extra_body": {"stop_token_ids": [10**6]}}, None, "outside the vocabulary"),
+        ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids", "outside the vocabulary"),
         ({"extra_body": {"min_tokens": 9}, "max_tokens": 3}, "min_tokens", "lower min_tokens"),
     ],
 )

@@ -73,3 +73,40 @@ def test_console_script_serves_with_a_key_from_the_environment(llama_dir, stop):
     log = "".join(server.log)
     assert code == 0, log
     assert "Traceback" not in log and "Shutting down" in log
+
+
+def test_console_script_names_its_parsers_and_default_template_kwargs(llama_dir):
+    args = (str(llama_dir), "--reasoning-parser", "qwen3", "--max-batch-size", "4")
+    kwargs = ("--default-chat-template-kwargs", '{"enable_thinking": false}')
+    server = Server(*args, *kwargs, env={})
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+        r = client.chat.completions.create(
+            model=llama_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert r.choices[0].message.model_extra["reasoning"] is None  # qwen3's, as asked
+    finally:
+        assert server.stop(signal.SIGINT) == 0
+    log = "".join(server.log)
+    assert "reasoning parser qwen3 (as asked)" in log
+    assert "tool-call parser none (from the chat template)" in log
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--reasoning-parser", "nope", "unknown reasoning parser 'nope'; use one of"),
+        ("--tool-call-parser", "nope", "unknown tool-call parser 'nope'; use one of"),
+        ("--default-chat-template-kwargs", "{oops", "not JSON"),
+        ("--default-chat-template-kwargs", "[1]", "give a JSON object"),
+    ],
+)
+def test_bad_parser_and_template_flags_fail_before_loading(tmp_path, flag, value, words):
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    # The folder holds no model: the flags are checked before anything is read.
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--port", "0", flag, value])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and flag in result.output

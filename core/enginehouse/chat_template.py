@@ -8,13 +8,15 @@ chosen by the config's `model_type` (never by the folder's name), with a warning
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidModelError
+from .errors import InvalidModelError, RequestError
 from .spec import ModelSpec
 from .tool_calls import template_supports_tools
 
@@ -57,7 +59,11 @@ class ChatTemplate:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ):
+        """The prompt's text. `template_kwargs` become variables of the template
+        (`enable_thinking`, `reasoning_effort`, ...); one it does not read is ignored."""
+        kwargs = check_template_kwargs(template_kwargs, tokenizer)
         if self.is_builtin:
             log.warning(
                 "the tokenizer has no chat template; using enginehouse's %r template. "
@@ -70,7 +76,46 @@ class ChatTemplate:
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             tools=tools or None,
+            **kwargs,
         )
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, Any]:
+    """`kwargs` as template variables; `TemplateKwargsError` for one that is not a template
+    variable but an argument of the rendering itself (`tokenize`, `tools`, `messages`, ...),
+    which would change what enginehouse asked for rather than reach the template."""
+    if not kwargs:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TemplateKwargsError("chat_template_kwargs must be an object of template variables")
+    reserved = _reserved_names(tokenizer)
+    for key in kwargs:
+        if key in reserved or not key.isidentifier():
+            raise TemplateKwargsError(
+                f"chat_template_kwargs cannot set {key!r}: "
+                + (
+                    "it is not a name a template can read"
+                    if not key.isidentifier()
+                    else "it is set by enginehouse itself (use the request's own field)"
+                )
+            )
+    return dict(kwargs)
+
+
+class TemplateKwargsError(RequestError):
+    """Bad `chat_template_kwargs`; the server names the field."""
+
+    param = "chat_template_kwargs"
+
+
+def _reserved_names(tokenizer: Any) -> frozenset[str]:
+    """The named arguments of the tokenizer's `apply_chat_template`, and `messages`."""
+    try:
+        params = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    except (TypeError, ValueError):
+        params = ()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return frozenset(named | {"messages", "conversation", "tools", "add_generation_prompt"})
 
 
 def _with_argument_objects(message: dict) -> dict:

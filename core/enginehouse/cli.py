@@ -176,6 +176,14 @@ def explain(
             click.echo(f"replicas:     {plan['replicas']}")
     if facts.get("quantization"):
         click.echo(f"quantized:    {facts['quantization']}")
+    chat = report["chat"]
+    if "error" in chat:
+        click.echo(f"chat:         {chat['error']}")
+    else:
+        click.echo(
+            f"chat:         template from the {chat['template']}; tool calls "
+            f"{chat['tool_parser'] or 'none'}; reasoning {chat['reasoning_parser'] or 'none'}"
+        )
     chosen = report["chosen"]
     if chosen and report["chosen_plugin"] != chosen:
         chosen = f"{chosen} (plugin {report['chosen_plugin']})"
@@ -396,6 +404,24 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     help="connections open at once; more get a 503 and are closed",
 )
 @click.option(
+    "--reasoning-parser",
+    default=None,
+    help="how the model's reasoning is told from its answer (vLLM's names: deepseek_r1, "
+    "qwen3, gpt_oss, ...) [default: chosen from the chat template]",
+)
+@click.option(
+    "--tool-call-parser",
+    default=None,
+    help="the model's tool-call format (hermes, mistral, llama3_json, pythonic, ...) "
+    "[default: chosen from the chat template]",
+)
+@click.option(
+    "--default-chat-template-kwargs",
+    default=None,
+    help="template variables for every chat request, as JSON: '{\"enable_thinking\": false}' "
+    "(a request's chat_template_kwargs override them)",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -423,6 +449,9 @@ def serve(
     header_read_timeout: float,
     body_read_timeout: float,
     max_connections: int,
+    reasoning_parser: str | None,
+    tool_call_parser: str | None,
+    default_chat_template_kwargs: str | None,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -470,6 +499,8 @@ def serve(
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-request-body-size") from e
+    template_kwargs = _json_object(default_chat_template_kwargs, "--default-chat-template-kwargs")
+    parsers = _parsers(reasoning_parser, tool_call_parser)  # checked before loading
 
     with pipeline(
         model,
@@ -480,7 +511,63 @@ def serve(
     ) as pipe:
         name = served_model_name or default_model_name(pipe.spec)
         click.echo(f"serving {model} as {name!r}; {_summary_line(pipe.summary())}", err=True)
-        run_server(pipe, host, port, name, api_key, log_level, allowed_local_media_path, limits)
+        click.echo(_parsers_line(pipe, *parsers), err=True)
+        run_server(
+            pipe,
+            host,
+            port,
+            name,
+            api_key,
+            log_level,
+            allowed_local_media_path,
+            limits,
+            template_kwargs,
+        )
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint=flag) from e
+    if not isinstance(value, dict):
+        raise click.BadParameter(
+            "give a JSON object, e.g. '{\"enable_thinking\": false}'", param_hint=flag
+        )
+    return value
+
+
+def _parsers(reasoning: str | None, tool: str | None) -> tuple[Any, Any]:
+    """The reasoning and tool-call parsers named on the command line (None: the template's)."""
+    from .parsers import reasoning_parser_named, tool_parser_named
+
+    try:
+        return (
+            reasoning_parser_named(reasoning) if reasoning else None,
+            tool_parser_named(tool) if tool else None,
+        )
+    except ValueError as e:
+        flag = "--reasoning-parser" if "reasoning" in str(e) else "--tool-call-parser"
+        raise click.BadParameter(str(e), param_hint=flag) from e
+
+
+def _parsers_line(pipe: Any, reasoning: Any, tool: Any) -> str:
+    """Set the parsers named on the command line, and say which ones the server uses."""
+    told = []
+    for attr, parser, what in (
+        ("reasoning_parser", reasoning, "reasoning parser"),
+        ("tool_parser", tool, "tool-call parser"),
+    ):
+        if parser is not None:
+            setattr(pipe, attr, parser)
+            source = "as asked"
+        else:
+            source = "from the chat template"
+        chosen = getattr(pipe, attr)
+        told.append(f"{what} {chosen.name if chosen else 'none'} ({source})")
+    return "; ".join(told)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -48,6 +48,14 @@ class GenerationConfig(BaseModel):
         None, ge=0, le=20, description="top-N logprobs per prompt token (each prompt token too)"
     )
     skip_special_tokens: bool = True
+    # Which tokens may come at all: OpenAI's logit_bias (token id -> a bias from -100 to 100
+    # added to its logit), vLLM's allowed_token_ids (only these) and bad_words (never these
+    # words, each with and without a leading space), and transformers' bad_words_ids (never
+    # these token sequences; the pipeline turns bad_words into them for the sampler).
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_ids: list[list[int]] | None = None
     # Structured output, at most one of these (docs/structured-output.md). response_format is
     # OpenAI's: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}}
     # (or a pydantic model class); grammar is EBNF as xgrammar reads it (GBNF-like).
@@ -86,6 +94,51 @@ class GenerationConfig(BaseModel):
         if kind == "structural_tag" and not isinstance(v.get("format"), Mapping):
             raise ValueError("a structural_tag response_format needs its 'format' object")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias: {token} is not a token id (ids are 0 or more)")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(
+                    f"logit_bias: the bias of token {token} is {bias}, not in -100..100"
+                )
+        return v
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("allowed_token_ids must not be empty (no token could be generated)")
+        bad = [t for t in v or [] if t < 0]
+        if bad:
+            raise ValueError(f"allowed_token_ids: {bad[0]} is not a token id (ids are 0 or more)")
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v: list[str] | None) -> list[str] | None:
+        if any(not w.strip() for w in v or []):
+            raise ValueError("bad_words must not contain an empty word")
+        return v
+
+    @field_validator("bad_words_ids")
+    @classmethod
+    def _bad_words_ids(cls, v: list[list[int]] | None) -> list[list[int]] | None:
+        for word in v or []:
+            if not word or any(t < 0 for t in word):
+                raise ValueError("bad_words_ids must be non-empty lists of token ids (0 or more)")
+        return v
+
+    def token_ids_used(self) -> list[tuple[str, int]]:
+        """(field, token id) of every id this config names, to check against a vocabulary."""
+        found = [("stop_token_ids", t) for t in self.stop_token_ids]
+        found += [("logit_bias", t) for t in self.logit_bias or {}]
+        found += [("allowed_token_ids", t) for t in self.allowed_token_ids or []]
+        found += [("bad_words_ids", t) for word in self.bad_words_ids or [] for t in word]
+        return found
 
     @field_validator("choice")
     @classmethod

@@ -29,6 +29,14 @@ class RequestError(EnginehouseError, ValueError):
     """One request is invalid (a prompt longer than the context, a bad parameter)."""
 
 
+class ParamError(RequestError):
+    """A request field is wrong; `param` names it (the server's 400 names it too)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class GenerationError(EnginehouseError, RuntimeError):
     """The backend failed while running a request that was sent alone."""
 

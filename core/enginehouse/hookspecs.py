@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 
     from .config import EngineConfig
     from .multimodal import VisionEncoder
+    from .reasoning import ReasoningParser
     from .runner import ModelRunner, RunnerContext
     from .spec import BackendProbe, ModelFacts, ModelSpec
+    from .tool_calls import ToolParser
 
 PROJECT = "enginehouse"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -91,4 +93,33 @@ def register_commands(cli: click.Group) -> None:
 
     ``cli`` is the root ``click.Group``; use ``@cli.command()`` or ``cli.add_command(...)``.
     Called on every plugin when the CLI starts.
+    """
+
+
+@hookspec
+def register_tool_parsers() -> list[type[ToolParser]] | None:
+    """Add tool-call formats: ``ToolParser`` subclasses, each with its own ``name``.
+
+    Called on every plugin whenever the core needs the list of formats: when a pipeline chooses
+    the format of its chat template (``ToolParser.detect``, plugins' parsers asked before the
+    built-in ones), and when ``--tool-call-parser NAME`` names one (a plugin's parser wins a
+    name it shares with a built-in one). A parser finds the calls in an output
+    (``read_calls``, with ``start`` / ``find_start`` marking where they begin) and builds the
+    grammar that forces them (``constraint``, an xgrammar structural-tag format). Return the
+    classes, not instances; ``None`` or an empty list adds nothing. Must be cheap.
+    """
+
+
+@hookspec
+def register_reasoning_parsers() -> list[type[ReasoningParser]] | None:
+    """Add reasoning formats: ``ReasoningParser`` subclasses, each with its own ``name``.
+
+    Called on every plugin when a pipeline chooses the reasoning format of its chat template
+    (``ReasoningParser.detect``; plugins' parsers asked first, and a template is matched only
+    when exactly one parser claims it) and when ``--reasoning-parser NAME`` names one (a
+    plugin's parser wins a name it shares with a built-in one). A parser whose reasoning is a
+    leading block between two markers only sets ``start`` and ``end``; other formats override
+    ``split`` (reasoning apart from the answer, whole or streaming) and ``constrain`` (the
+    grammar that lets the reasoning through and constrains the answer). Return the classes,
+    not instances. Must be cheap.
     """

@@ -14,13 +14,13 @@ from typing import Any
 from tqdm import tqdm
 
 from .backends import BackendDecision, choose_backend, probe_backends
-from .chat_template import ChatTemplate, load_chat_template
+from .chat_template import ChatTemplate, check_template_kwargs, load_chat_template
 from .config import EngineConfig, GenerationConfig, coerce_generation_config, format_size
 from .detect import detect_architecture
 from .device import available_memory, resolve_device, resolve_dtype
 from .engine import AsyncEngine, LLMEngine, RequestOutput
 from .engine.client import EngineClient
-from .errors import BackendError, GenerationError, InvalidModelError, RequestError
+from .errors import BackendError, GenerationError, InvalidModelError, ParamError, RequestError
 from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
@@ -31,7 +31,9 @@ from .multimodal import (
     image_prompt,
     split_images,
 )
+from .parsers import reasoning_parser_for, tool_parser_for
 from .plugins import PluginHost, get_plugins
+from .reasoning import Reasoning, ReasoningParser
 from .resolve import resolve_model
 from .response import Response
 from .runner import (
@@ -43,7 +45,7 @@ from .runner import (
     undeclared_extras,
 )
 from .spec import ModelSpec, read_model_spec
-from .tool_calls import Tool, ToolParser, ToolUse, parser_for_template, resolve_tools
+from .tool_calls import Tool, ToolParser, ToolUse, resolve_tools
 
 log = logging.getLogger(__name__)
 SCORE_CONFIG = GenerationConfig(max_new_tokens=1)  # score-only requests generate nothing
@@ -361,8 +363,10 @@ class Pipeline:
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat_template = chat_template
-        # How this model writes tool calls, from its template; set another to override.
-        self.tool_parser: ToolParser | None = parser_for_template(chat_template.template)
+        # How this model writes tool calls and its reasoning, from its template; set others
+        # to override (enginehouse.tool_calls.PARSERS, enginehouse.reasoning.PARSERS).
+        self.tool_parser: ToolParser | None = tool_parser_for(chat_template.template)
+        self.reasoning_parser: ReasoningParser | None = reasoning_parser_for(chat_template.template)
 
     @property
     def backend(self) -> str | None:
@@ -373,6 +377,11 @@ class Pipeline:
         """The backend's runner where it runs in this process (None where the engine core
         runs in another process: `EngineConfig.dp`, or an executor's ranks)."""
         return self.engine.runner
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (the engine's rule: the model's config)."""
+        return int(self.spec.config.get("vocab_size") or len(self.tokenizer))
 
     @property
     def session_len(self) -> int:
@@ -402,19 +411,32 @@ class Pipeline:
     # --- inputs -----------------------------------------------------------------------------
 
     def encode(
-        self, prompt: Prompt, apply_chat_template: bool = True, tools: list[Tool] | None = None
+        self,
+        prompt: Prompt,
+        apply_chat_template: bool = True,
+        tools: list[Tool] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids for one prompt: a string, a message list, or {"token_ids": [...]}.
 
         A prompt with images has its placeholders expanded; `prepare` also gives its images.
         """
-        return self.prepare(prompt, apply_chat_template, tools).token_ids
+        return self.prepare(prompt, apply_chat_template, tools, chat_template_kwargs).token_ids
 
     def prepare(
-        self, prompt: Prompt, apply_chat_template: bool = True, tools: list[Tool] | None = None
+        self,
+        prompt: Prompt | PreparedPrompt,
+        apply_chat_template: bool = True,
+        tools: list[Tool] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> PreparedPrompt:
         """One prompt as the engine takes it: token ids, and for a VLM its images. `tools`
-        (OpenAI's function tools) go to the chat template."""
+        (OpenAI's function tools) go to the chat template, and so do `chat_template_kwargs`
+        as its variables (`{"enable_thinking": False}`). A prepared prompt stays as it is."""
+        if isinstance(prompt, PreparedPrompt):
+            return prompt
+        if isinstance(prompt, _Refused):
+            raise RequestError(prompt.message)
         if isinstance(prompt, Mapping):
             if "token_ids" not in prompt:
                 raise RequestError("a dict prompt must be {'token_ids': [...]}")
@@ -431,7 +453,7 @@ class Pipeline:
             )
         if images:
             check_image_count(len(images), self.engine.config)
-        text, special = self._text(body, images, apply_chat_template, tools)
+        text, special = self._text(body, images, apply_chat_template, tools, chat_template_kwargs)
         if not images:
             return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=special))
         assert vision is not None
@@ -439,7 +461,12 @@ class Pipeline:
         return vision.prepare(text, images, special, max_tokens=self.engine.session_len)
 
     def _text(
-        self, prompt: Any, images: list[Any], apply_chat_template: bool, tools: Any = None
+        self,
+        prompt: Any,
+        images: list[Any],
+        apply_chat_template: bool,
+        tools: Any = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[str, bool]:
         """The prompt's text, and whether tokenizing it adds special tokens (not after a
         template: the template already wrote any BOS token, and it would double)."""
@@ -462,8 +489,12 @@ class Pipeline:
         messages = [dict(m) for m in prompt]
         if not self.chat_template.reads_parts(self.tokenizer):
             messages = flatten_parts(messages, placeholder)
+        kwargs = check_template_kwargs(template_kwargs, self.tokenizer)
         try:
-            return self.chat_template.render(self.tokenizer, messages, tools=tools), False
+            text = self.chat_template.render(
+                self.tokenizer, messages, tools=tools, template_kwargs=kwargs
+            )
+            return text, False
         except Exception as e:  # a template may reject a conversation (roles, order)
             raise RequestError(f"the chat template rejected the messages: {e}") from e
 
@@ -483,7 +514,31 @@ class Pipeline:
             configs = [coerce_generation_config(c) for c in gen_config]
         else:
             configs = [coerce_generation_config(gen_config)] * n
-        return [c.with_model_defaults(self.spec.generation_config) for c in configs]
+        return [
+            self.token_rules(c.with_model_defaults(self.spec.generation_config)) for c in configs
+        ]
+
+    def token_rules(self, config: GenerationConfig) -> GenerationConfig:
+        """`config` with its `bad_words` also as token sequences (`bad_words_ids`, what the
+        sampler reads), and every token id it names checked against the vocabulary
+        (`ParamError` naming the field and the id)."""
+        if config.bad_words:
+            words = [list(w) for w in config.bad_words_ids or []]
+            for word in config.bad_words:
+                # As vLLM: the word alone, and as it reads after a space (another token).
+                for text in (word.lstrip(), " " + word.lstrip()):
+                    ids = self.tokenizer.encode(text, add_special_tokens=False)
+                    if ids and ids not in words:
+                        words.append(ids)
+            config = config.model_copy(update={"bad_words_ids": words})
+        for field, token in config.token_ids_used():
+            if not 0 <= token < self.vocab_size:
+                raise ParamError(
+                    f"{field}: token id {token} is outside the vocabulary "
+                    f"(0..{self.vocab_size - 1}); give ids of this model's tokenizer",
+                    field,
+                )
+        return config
 
     # --- generation -------------------------------------------------------------------------
 
@@ -495,6 +550,7 @@ class Pipeline:
         tools: list[Tool] | None = None,
         tool_choice: str | Mapping[str, Any] = "auto",
         parallel_tool_calls: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         apply_chat_template: bool = True,
         progress: bool = False,
     ) -> Response | list[Response]:
@@ -505,12 +561,16 @@ class Pipeline:
         `tools` (OpenAI's function tools) go to the chat template, and the calls the model
         makes come back parsed in `Response.tool_calls`; `tool_choice` "required" or
         {"type": "function", "function": {"name": ...}} makes it call one (docs/tools).
+        `chat_template_kwargs` are the template's variables (`{"enable_thinking": False}`).
+        A reasoning model's thinking comes apart from its answer, in `Response.reasoning`.
         """
         items, single = self._batch(prompts)
         use = self.tool_use(tools, tool_choice, parallel_tool_calls)
         results = [Response(index=i) for i in range(len(items))]
         bar = tqdm(total=len(items), disable=not progress, desc="generating")
-        deltas = self._stream(items, gen_config, apply_chat_template, single, tools=use)
+        deltas = self._stream(
+            items, gen_config, apply_chat_template, single, use, chat_template_kwargs
+        )
         for delta in deltas:
             results[delta.index].extend(delta)
             if delta.finish_reason is not None:
@@ -537,11 +597,15 @@ class Pipeline:
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenConfigs = None,
         *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         apply_chat_template: bool = True,
     ) -> Iterator[Response]:
-        """Deltas as they are produced, each tagged with its prompt's `index`."""
+        """Deltas as they are produced, each tagged with its prompt's `index`; a reasoning
+        model's deltas carry its thinking in `reasoning` and its answer in `text`."""
         items, single = self._batch(prompts)
-        yield from self._stream(items, gen_config, apply_chat_template, raise_single=single)
+        yield from self._stream(
+            items, gen_config, apply_chat_template, single, None, chat_template_kwargs
+        )
 
     def _stream(
         self,
@@ -550,15 +614,51 @@ class Pipeline:
         apply_chat_template: bool,
         raise_single: bool,
         tools: ToolUse | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> Iterator[Response]:
         configs = self._configs(gen_config, len(items))
         if tools is not None:
             configs = [tools.generation_config(c) for c in configs]
-        outputs = self._outputs(
-            [(p, c) for p, c in zip(items, configs)], apply_chat_template, raise_single, tools=tools
-        )
+        requests: list[tuple[Any, GenerationConfig]] = []
+        readers = []
+        for item, config in zip(items, configs):
+            try:
+                tool_list = tools.tools if tools is not None else None
+                prompt = self.prepare(item, apply_chat_template, tool_list, template_kwargs)
+                templated = self._templated(item, apply_chat_template, tools is not None)
+                reasoning = self.reasoning_for(prompt.token_ids) if templated else None
+                if reasoning is not None:
+                    config = reasoning.generation_config(config)
+            except RequestError as e:
+                if raise_single:
+                    raise
+                prompt, reasoning = _Refused(str(e)), None  # refused in turn, with the others
+            requests.append((prompt, config))
+            readers.append(reasoning.stream() if reasoning is not None else None)
+        outputs = self._outputs(requests, apply_chat_template, raise_single, tools=tools)
         for i, out in outputs:
-            yield out if isinstance(out, Response) else Response.from_output(i, out)
+            r = out if isinstance(out, Response) else Response.from_output(i, out)
+            reader = readers[i]
+            if reader is not None and r.finish_reason != "error":
+                thought, r.text = reader.feed(r.text, final=r.finish_reason is not None)
+                r.reasoning = thought or None
+            yield r
+
+    def reasoning_for(self, prompt_ids: list[int]) -> Reasoning | None:
+        """How the output of a prompt (rendered by the chat template) divides into reasoning
+        and answer; None when the model has no reasoning parser."""
+        if self.reasoning_parser is None:
+            return None
+        tail = self.tokenizer.decode(prompt_ids[-32:], skip_special_tokens=False)
+        return Reasoning.for_prompt(self.reasoning_parser, tail)
+
+    def _templated(self, prompt: Any, apply_chat_template: bool, tools: bool) -> bool:
+        """Whether `prepare` put this prompt through the chat template (as `_text` decides)."""
+        if isinstance(prompt, (Mapping, PreparedPrompt)):
+            return False
+        if _is_conversation(prompt):
+            return True
+        return tools or (apply_chat_template and not self.chat_template.is_builtin)
 
     def _outputs(
         self,
@@ -648,11 +748,13 @@ class Pipeline:
         tools: list[Tool] | None = None,
         tool_choice: str | Mapping[str, Any] = "auto",
         parallel_tool_calls: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> ChatSession:
         """One turn of a conversation; pass the returned session back for the next turn.
 
         `prompt` is the user's text, or the messages to add (e.g. `tool` results) as they are.
-        The assistant's tool calls, if any, are kept in the history in OpenAI's shape.
+        The assistant's tool calls, if any, are kept in the history in OpenAI's shape, and
+        its reasoning as `reasoning_content` (which templates such as Qwen3's read).
         """
         session = session or ChatSession()
         if isinstance(prompt, str):
@@ -667,9 +769,12 @@ class Pipeline:
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
+            chat_template_kwargs=chat_template_kwargs,
         )
         assert isinstance(response, Response)
         message: dict[str, Any] = {"role": "assistant", "content": response.text}
+        if response.reasoning:
+            message["reasoning_content"] = response.reasoning
         if response.tool_calls:
             message["tool_calls"] = [c.to_openai() for c in response.tool_calls]
         session.history.append(message)
@@ -688,6 +793,14 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Refused:
+    """A prompt already refused while it was prepared: `prepare` raises its error again, so
+    that it ends like any refused prompt of a batch."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 class ChatSession:
@@ -733,6 +846,22 @@ def explain(
         "error": error,
         "plugin_problems": plugins.problems(),
         "runtime": runtime_plan(spec, config),
+        "chat": chat_formats(spec, config),
+    }
+
+
+def chat_formats(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
+    """Where the chat template comes from and the tool-call and reasoning formats chosen from
+    it (what `serve` logs at start), read from the tokenizer files alone."""
+    try:
+        template = load_chat_template(load_tokenizer(spec, config.trust_remote_code), spec)
+    except InvalidModelError as e:
+        return {"error": str(e)}
+    tool, reasoning = tool_parser_for(template.template), reasoning_parser_for(template.template)
+    return {
+        "template": template.source,
+        "tool_parser": tool.name if tool else None,
+        "reasoning_parser": reasoning.name if reasoning else None,
     }
 
 

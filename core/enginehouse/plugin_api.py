@@ -15,6 +15,7 @@ from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
 from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
 from .pipeline import read_spec
 from .plugins import get_plugins
+from .reasoning import ReasoningParser
 from .runner import (
     KVSpec,
     ModelRunner,
@@ -27,6 +28,7 @@ from .runner import (
     kv_slot,
 )
 from .spec import BackendProbe, ModelFacts, ModelSpec, read_model_spec
+from .tool_calls import HermesParser, ToolParser
 
 __all__ = [
     "BackendError",
@@ -35,6 +37,7 @@ __all__ = [
     "EnginehouseError",
     "FetchPolicy",
     "GenerationConfig",
+    "HermesParser",
     "InvalidModelError",
     "KVSpec",
     "MAX_DOWNLOAD_BYTES",
@@ -43,11 +46,13 @@ __all__ = [
     "ModelSpec",
     "MultiModalData",
     "PreparedPrompt",
+    "ReasoningParser",
     "RequestError",
     "RunnerCapabilities",
     "RunnerContext",
     "ScheduledBatch",
     "SeqChunk",
+    "ToolParser",
     "VisionEncoder",
     "available_memory",
     "build_from_table",

@@ -22,7 +22,8 @@ class Response:
     first is None: nothing predicts it) mapping the token and the top N to their logprobs, and
     `prompt_ranks` each prompt token's rank among all tokens (1: the most likely).
     With tools, `text` is the answer's content and `tool_calls` the calls the model made
-    (then `finish_reason == "tool_calls"`).
+    (then `finish_reason == "tool_calls"`). A reasoning model's thinking is in `reasoning`
+    (None when it wrote none, or has no reasoning parser), apart from the answer in `text`.
     """
 
     text: str = ""
@@ -37,6 +38,7 @@ class Response:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_ranks: list[int | None] | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None
 
     @classmethod
     def from_output(cls, index: int, out: RequestOutput) -> Response:
@@ -58,6 +60,8 @@ class Response:
     def extend(self, delta: Response) -> None:
         """Add a streamed delta to this accumulated response."""
         self.text += delta.text
+        if delta.reasoning:
+            self.reasoning = (self.reasoning or "") + delta.reasoning
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs

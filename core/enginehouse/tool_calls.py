@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,14 @@ def _decode_all(text: str, pos: int, separators: str) -> tuple[list[Any], int]:
         values.append(value)
 
 
+def held_prefix(text: str, marker: str) -> int:
+    """How many characters at the end of `text` may begin `marker` (a stream holds them)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 def function_spec(tool: Tool) -> tuple[str, dict[str, Any]]:
     """(name, parameters schema) of one OpenAI tool; `RequestError` for a malformed one."""
     fn = tool.get("function") if isinstance(tool, Mapping) else None
@@ -118,6 +126,16 @@ class ToolParser:
     separator = ""  # between two calls
     needs_special_tokens = False  # the start marker is a special token, kept in the text
 
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        """Whether a chat template (its text) teaches this format."""
+        return False
+
+    def with_tools(self, tools: Sequence[Tool]) -> ToolParser:
+        """This parser for a request's tools (formats that type argument values by the
+        tools' schemas keep them); most formats need nothing and return themselves."""
+        return self
+
     def find_start(self, text: str) -> int | None:
         """Where the tool calls begin in `text`, or None if they have not (yet)."""
         i = text.find(self.start)
@@ -126,10 +144,7 @@ class ToolParser:
     def holdback(self, text: str) -> int:
         """How many characters at the end of `text` may be the beginning of the start marker
         (a stream must not send them as content yet)."""
-        for n in range(min(len(self.start) - 1, len(text)), 0, -1):
-            if self.start.startswith(text[-n:]):
-                return n
-        return 0
+        return held_prefix(text, self.start)
 
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         """The complete calls in `tail` (the output from the start marker on); at the end of
@@ -168,24 +183,31 @@ class ToolParser:
 
 
 class HermesParser(ToolParser):
-    """Hermes and Qwen2.5: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`."""
+    """Hermes and Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`.
+    A format that only changes the two tags subclasses this with other `start` and `close`."""
 
     name = "hermes"
     start = "<tool_call>"
+    close = "</tool_call>"
     call_begin = '<tool_call>\n{{"name": {name}, "arguments": '
     call_end = "}\n</tool_call>"
     separator = "\n"
 
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        return "<tool_call>" in template
+
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         calls = []
-        for body in re.findall(r"<tool_call>(.*?)</tool_call>", tail, re.DOTALL):
+        pattern = re.escape(self.start) + "(.*?)" + re.escape(self.close)
+        for body in re.findall(pattern, tail, re.DOTALL):
             call = _loads_call(body, ("arguments", "parameters"))
             if call is None:  # a closed call that is not one: the output is not calls
                 return None if final else calls
             calls.append(call)
-        last_open = tail.rfind("<tool_call>")
-        if final and last_open > tail.rfind("</tool_call>"):  # a last call left open
-            call = _loads_call(tail[last_open + len("<tool_call>") :], ("arguments",))
+        last_open = tail.rfind(self.start)
+        if final and last_open > tail.rfind(self.close):  # a last call left open
+            call = _loads_call(tail[last_open + len(self.start) :], ("arguments",))
             calls += [call] if call is not None else []  # cut short: dropped
         return calls or (None if final else [])
 
@@ -196,6 +218,11 @@ class Llama3JsonParser(ToolParser):
 
     name = "llama3_json"
     start = "{"
+
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        return "<|python_tag|>" in template or "ipython" in template
+
     call_begin = '{{"name": {name}, "parameters": '
     call_end = "}"
     separator = "; "
@@ -229,6 +256,10 @@ class MistralParser(ToolParser):
     call_end = "}"
     separator = ", "
     needs_special_tokens = True  # [TOOL_CALLS] is a control token in Mistral's tokenizers
+
+    @classmethod
+    def detect(cls, template: str) -> bool:
+        return "[TOOL_CALLS]" in template
 
     def read_calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         body = tail[len(self.start) :]
@@ -266,19 +297,45 @@ class MistralParser(ToolParser):
         return {"type": "tag", "begin": "[TOOL_CALLS] [", "content": calls, "end": "]"}
 
 
+from .tool_formats import (  # noqa: E402 - they build on the classes above
+    DeepSeekV3Parser,
+    DeepSeekV31Parser,
+    Glm45ToolParser,
+    HarmonyParser,
+    PythonicParser,
+    Qwen3CoderParser,
+)
+
+# In the order templates are matched: a more specific format before one whose markers it
+# shares (Qwen3-Coder's and GLM-4.5's calls sit inside <tool_call> too, and pythonic templates
+# name the ipython role as Llama 3's do).
 PARSERS: dict[str, type[ToolParser]] = {
-    p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)
+    p.name: p
+    for p in (
+        Qwen3CoderParser,
+        Glm45ToolParser,
+        HermesParser,
+        MistralParser,
+        DeepSeekV3Parser,
+        DeepSeekV31Parser,
+        HarmonyParser,
+        PythonicParser,
+        Llama3JsonParser,
+    )
 }
 
 
-def parser_for_template(template: str) -> ToolParser | None:
-    """The call format a chat template teaches, from the markers it writes."""
-    if "<tool_call>" in template:
-        return HermesParser()
-    if "[TOOL_CALLS]" in template:
-        return MistralParser()
-    if "<|python_tag|>" in template or "ipython" in template:
-        return Llama3JsonParser()
+def all_parsers(extra: Iterable[type[ToolParser]] = ()) -> dict[str, type[ToolParser]]:
+    """The built-in parsers and those plugins add (a plugin's wins a name it shares)."""
+    return {**PARSERS, **{p.name: p for p in extra}}
+
+
+def parser_for_template(template: str, extra: Iterable[type[ToolParser]] = ()) -> ToolParser | None:
+    """The call format a chat template teaches, from the markers it writes: the first parser
+    that recognises it, plugins' parsers first."""
+    for parser in [*extra, *PARSERS.values()]:
+        if parser.detect(template):
+            return parser()
     return None
 
 
@@ -413,4 +470,4 @@ def resolve_tools(
             "{'type': 'function', 'function': {'name': ...}}",
             "tool_choice",
         )
-    return ToolUse(parser, list(tools), forced, parallel is not False)
+    return ToolUse(parser.with_tools(tools), list(tools), forced, parallel is not False)

@@ -11,7 +11,13 @@ import inspect
 import torch
 
 from ..config import format_size
-from ..runner import KVSpec
+from ..runner import (
+    CAPABILITY_METHODS,
+    KVSpec,
+    capabilities_of,
+    capability_problems,
+    undeclared_extras,
+)
 from .compare import compare_rows, compare_streams, row_difference
 from .driver import Seq
 from .result import Mismatch, NotApplicable
@@ -23,14 +29,26 @@ CALLS = {
     "allocate_kv": ((1,), {}),
     "execute": ((None,), {}),
     "close": ((), {}),
+    "plan_kv_blocks": ((None, 16), {}),
     "profile_run": ((16,), {}),
     "release_sequence": ((0, (0,)), {}),
+    "finish_sequence": ((0,), {}),
 }
 
 
 def runner_protocol(t: Target) -> str:
+    """The required members and the declared capabilities' methods, callable as the core
+    calls them; a capability declared without its method, or a method the runner has without
+    declaring it (the core would never call it), fails."""
     runner = t.runner
-    extras = [n for n in ("profile_run", "release_sequence") if hasattr(runner, n)]
+    problems = capability_problems(runner) + [
+        f"it has {m} without declaring it" for m in undeclared_extras(runner)
+    ]
+    if problems:
+        raise Mismatch("; ".join(problems))
+    caps = capabilities_of(runner)
+    declared = [flag for flag in CAPABILITY_METHODS if getattr(caps, flag)]
+    extras = [CAPABILITY_METHODS[flag] for flag in declared]
     for name in ["load", "allocate_kv", "execute", "close", *extras]:
         method = getattr(runner, name)
         if not callable(method):
@@ -42,7 +60,7 @@ def runner_protocol(t: Target) -> str:
             raise Mismatch(f"{name}() cannot be called as the core calls it: {e}") from None
         except ValueError:  # no signature to read (a builtin): nothing to hold against it
             pass
-    return f"{type(runner).__name__}; optional: {', '.join(extras) or 'none'}"
+    return f"{type(runner).__name__}; capabilities: {', '.join(declared) or 'none'}"
 
 
 def kv_spec(t: Target) -> str:
@@ -196,7 +214,7 @@ def preemption_recompute(t: Target) -> str:
     victim = d.new(prompts[1], ref.label)
     while len(victim.generated) < 3:
         d.step([(victim, d.chunk(victim))])
-    d.release(victim)  # preempted: its blocks go back and are reused at once...
+    d.release(victim, finished=False)  # preempted: its blocks go back, reused at once...
     other = d.new(prompts[2], "another sequence")
     d.step([(other, d.chunk(other))])  # ...by a prompt that overwrites them
     # It returns with the same seq_id, recomputing prompt + generated tokens from position 0.

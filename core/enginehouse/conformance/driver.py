@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runner import ModelRunner, ScheduledBatch, SeqChunk
+from ..runner import ModelRunner, ScheduledBatch, SeqChunk, capabilities_of
 from .result import Mismatch, NotApplicable
 
 
@@ -115,12 +115,16 @@ class Driver:
             row[self.banned] = -math.inf
         return int(row.argmax())
 
-    def release(self, seq: Seq, keep: int = 0) -> list[int]:
-        """The engine's order: `release_sequence`, then the blocks go back (the first `keep`
-        stay out of the free list, as prefix-cached blocks do). Returns the kept blocks."""
-        release = getattr(self.runner, "release_sequence", None)
-        if release is not None:
-            release(seq.seq_id, tuple(seq.blocks))
+    def release(self, seq: Seq, keep: int = 0, finished: bool = True) -> list[int]:
+        """The engine's order: `release_sequence` (and `finish_sequence` when the sequence is
+        gone for good), where the runner declares them, then the blocks go back (the first
+        `keep` stay out of the free list, as prefix-cached blocks do). Returns the kept
+        blocks."""
+        caps = capabilities_of(self.runner)
+        if caps.releases_sequences:
+            self.runner.release_sequence(seq.seq_id, tuple(seq.blocks))  # type: ignore[attr-defined]
+        if finished and caps.finishes_sequences:
+            self.runner.finish_sequence(seq.seq_id)  # type: ignore[attr-defined]
         kept, freed = seq.blocks[:keep], seq.blocks[keep:]
         self.give(freed)
         seq.blocks, seq.computed = [], 0

@@ -198,11 +198,9 @@ class EngineCore:
                 scoring.extend(self._scoring(seq, chunk, first))
             reaches_end = chunk.start_pos + len(chunk.token_ids) == seq.num_tokens
             if not seq.score_only and row > first and reaches_end:
-                prompt = None
-                if not seq.sampler_knows and seq.params.repetition_penalty != 1.0:
-                    prompt = seq.prompt_ids
+                new = not seq.sampler_knows  # the sampler's state starts now
                 seq.sampler_knows = True
-                rows.append((seq.seq_id, row - 1, seq.params, prompt))
+                rows.append((seq.seq_id, row - 1, seq.params, new, seq.prompt_ids))
                 sampled.append(seq)
         batch = batch_of(rows)
         batch.scoring, batch.finished = scoring, plan.finished

@@ -39,6 +39,25 @@ class PromptScoring:
     top_n: int | None = None
 
 
+@dataclass(frozen=True)
+class TokenRules:
+    """Which tokens one request may draw: OpenAI's logit_bias (added to the logits), vLLM's
+    allowed_token_ids (only these) and transformers' bad_words_ids (a word's last token is
+    banned where the output already ends with the rest of it; a one-token word, always)."""
+
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+
+    @classmethod
+    def of(cls, p: GenerationConfig) -> TokenRules | None:
+        if not (p.logit_bias or p.allowed_token_ids or p.bad_words_ids):
+            return None
+        allowed = tuple(p.allowed_token_ids) if p.allowed_token_ids else None
+        bad = tuple(tuple(w) for w in p.bad_words_ids) if p.bad_words_ids else None
+        return cls(dict(p.logit_bias) if p.logit_bias else None, allowed, bad)
+
+
 @dataclass
 class SamplingBatch:
     """One step's sampling, one entry per sampled row (in `rows` order)."""
@@ -57,8 +76,10 @@ class SamplingBatch:
     logprobs: list[int | None] = field(default_factory=list)  # top-N per row, None: none
     # (row, token) pairs set to -inf: stop ids while min_new_tokens is not reached.
     banned: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
-    # Prompt ids of sequences seen for the first time that need them (repetition penalty).
+    # Sent once, for sequences seen for the first time that need them: prompt ids (repetition
+    # penalty), and token rules (logit_bias, allowed_token_ids, bad_words_ids).
     prompts: dict[int, list[int]] = field(default_factory=dict)
+    rules: dict[int, TokenRules] = field(default_factory=dict)
     scoring: list[PromptScoring] = field(default_factory=list)
     # Rows constrained by a grammar (indices into this batch), and the grammar's vocabulary.
     constrained: list[int] = field(default_factory=list)
@@ -74,18 +95,17 @@ class SamplingBatch:
         )
 
 
-def batch_of(
-    rows: list[tuple[int, int, GenerationConfig, list[int] | None]],
-) -> SamplingBatch:
-    """A `SamplingBatch` for rows of (seq_id, logits row, params, prompt ids or None)."""
-    params = [p for _, _, p, _ in rows]
+def batch_of(rows: list[tuple[int, int, GenerationConfig, bool, list[int]]]) -> SamplingBatch:
+    """A `SamplingBatch` for rows of (seq_id, logits row, params, whether the sampler sees the
+    sequence for the first time, its prompt ids)."""
+    params = [p for _, _, p, _, _ in rows]
 
     def array(name: str, dtype: type) -> np.ndarray:
         return np.array([getattr(p, name) for p in params], dtype=dtype)
 
     batch = SamplingBatch(
-        seq_ids=[s for s, _, _, _ in rows],
-        rows=[r for _, r, _, _ in rows],
+        seq_ids=[s for s, _, _, _, _ in rows],
+        rows=[r for _, r, _, _, _ in rows],
         greedy=np.array([p.greedy for p in params], dtype=bool),
         temperature=array("temperature", np.float32),
         top_k=array("top_k", np.int64),
@@ -97,7 +117,11 @@ def batch_of(
         seeds=[p.random_seed for p in params],
         logprobs=[p.logprobs for p in params],
     )
-    batch.prompts = {s: list(ids) for s, _, _, ids in rows if ids is not None}
+    for seq_id, _, p, new, prompt in rows:
+        if new and p.repetition_penalty != 1.0:
+            batch.prompts[seq_id] = list(prompt)
+        if new and (rules := TokenRules.of(p)) is not None:
+            batch.rules[seq_id] = rules
     return batch
 
 
@@ -126,6 +150,8 @@ class _SeqState:
     generator: torch.Generator | None = None
     seen: set[int] = field(default_factory=set)  # prompt and output, for repetition_penalty
     counts: Counter = field(default_factory=Counter)  # output tokens, presence/frequency
+    rules: TokenRules | None = None
+    output: list[int] = field(default_factory=list)  # kept for bad_words_ids only
 
 
 class Sampler:
@@ -138,14 +164,14 @@ class Sampler:
         for s in seq_ids:
             self.states.pop(s, None)
 
-    def _state(self, seq_id: int, seed: int | None, prompt: list[int] | None) -> _SeqState:
+    def _state(self, seq_id: int, seed: int | None, batch: SamplingBatch) -> _SeqState:
         state = self.states.get(seq_id)
         if state is None:
             state = self.states[seq_id] = _SeqState()
             if seed is not None:
                 state.generator = torch.Generator().manual_seed(seed)
-        if prompt is not None and not state.seen:
-            state.seen.update(prompt)
+            state.seen.update(batch.prompts.get(seq_id, ()))
+            state.rules = batch.rules.get(seq_id)
         return state
 
     @torch.inference_mode()  # the runner's logits are inference tensors, changed in place here
@@ -161,9 +187,10 @@ class Sampler:
         out.scores = {s.seq_id: _score(logits, s) for s in batch.scoring}
         if not batch.seq_ids:
             return out
+        keep = _needs_state(batch)
         states = [
-            self._state(s, seed, batch.prompts.get(s)) if seed is not None or p else None
-            for s, seed, p in zip(batch.seq_ids, batch.seeds, _needs_history(batch))
+            self._state(s, seed, batch) if k or s in self.states else None
+            for s, seed, k in zip(batch.seq_ids, batch.seeds, keep)
         ]
         # A decode-only batch samples every row: the logits as they are, not a copy.
         picked = logits if batch.rows == list(range(len(logits))) else logits[batch.rows]
@@ -173,6 +200,8 @@ class Sampler:
             _penalize(picked, batch, states)
         if batch.banned[0]:  # one indexing op for the whole batch, not one per row
             picked[batch.banned] = float("-inf")
+        if any(s is not None and s.rules is not None for s in states):
+            _apply_rules(picked, states)
         if bitmask is not None and batch.constrained:
             _mask(picked, bitmask, batch)
         tokens, out.finite = _first_max(picked)
@@ -188,12 +217,47 @@ class Sampler:
             if state is not None:
                 state.seen.add(token)
                 state.counts[token] += 1
+                if state.rules is not None and state.rules.bad_words_ids:
+                    state.output.append(token)
         return out
 
 
-def _needs_history(batch: SamplingBatch) -> list[bool]:
+def _needs_state(batch: SamplingBatch) -> list[bool]:
+    """Rows whose sequence starts state here: a seed, a penalty, or token rules (sent with a
+    sequence's first step; later steps find the state the sampler kept)."""
     rep, presence = batch.repetition_penalty != 1.0, batch.presence_penalty != 0
-    return (rep | presence | (batch.frequency_penalty != 0)).tolist()
+    history = (rep | presence | (batch.frequency_penalty != 0)).tolist()
+    return [
+        h or seed is not None or s in batch.rules
+        for s, seed, h in zip(batch.seq_ids, batch.seeds, history)
+    ]
+
+
+def _apply_rules(logits: torch.Tensor, states: list[_SeqState | None]) -> None:
+    """logit_bias, allowed_token_ids and bad_words_ids, in place, on the rows that set them
+    (the pipeline has checked every id against the vocabulary)."""
+    for row, state in enumerate(states):
+        rules = state.rules if state is not None else None
+        if rules is None:
+            continue
+        if rules.logit_bias:
+            ids = torch.tensor(list(rules.logit_bias), device=logits.device)
+            bias = torch.tensor(list(rules.logit_bias.values()), dtype=logits.dtype)
+            logits[row, ids] += bias.to(logits.device)
+        if rules.allowed_token_ids:
+            allowed = torch.tensor(rules.allowed_token_ids, device=logits.device)
+            kept = logits[row, allowed]
+            logits[row] = float("-inf")
+            logits[row, allowed] = kept
+        if rules.bad_words_ids:
+            out = state.output  # type: ignore[union-attr]
+            banned = [
+                word[-1]
+                for word in rules.bad_words_ids
+                if len(out) >= len(word) - 1 and tuple(out[len(out) - len(word) + 1 :]) == word[:-1]
+            ]
+            if banned:
+                logits[row, banned] = float("-inf")
 
 
 def _penalize(logits: torch.Tensor, batch: SamplingBatch, states: list) -> None:

@@ -24,10 +24,13 @@ from ..engine.data_parallel import sum_stats
 from ..pipeline import Pipeline
 from .chat import create_chat_completion
 from .completions import create_completion
-from .errors import APIError
+from .errors import APIError, anthropic_path
 from .generation import ClientDisconnected
+from .messages import count_tokens, create_message
 from .metrics import CONTENT_TYPE
+from .responses import create_response, get_response
 from .state import ServerLimits, ServerState, default_model_name
+from .tokenize import detokenize, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ ENDPOINTS = (
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/tokenize",
+    "/detokenize",
 )
 # Reachable without the API key: load balancers' probes, and the version (as vLLM has them).
 OPEN_ENDPOINTS = ("/health", "/version")
@@ -47,6 +55,8 @@ def _endpoint(path: str) -> str:
     """The metrics label for a path; unknown paths share one label to keep the series few."""
     if path in ENDPOINTS:
         return path
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
@@ -88,12 +98,18 @@ class _Gate:
         if self.key is None or scope["path"] in OPEN_ENDPOINTS:
             return None
         given = headers.get(b"authorization")
-        if given is None:
-            message = "no API key given: send the header 'Authorization: Bearer <key>'"
+        anthropic_key = headers.get(b"x-api-key")  # how Anthropic's clients send it
+        if given is None and anthropic_key is None:
+            message = (
+                "no API key given: send the header 'Authorization: Bearer <key>' "
+                "(or 'x-api-key: <key>')"
+            )
         else:
-            scheme, _, token = given.partition(b" ")
+            scheme, _, token = (given or b"").partition(b" ")
             # The scheme is case-insensitive (RFC 9110); compare the key in constant time.
             if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                return None
+            if anthropic_key is not None and hmac.compare_digest(anthropic_key.strip(), self.key):
                 return None
             message = "incorrect API key provided"
         return APIError(401, message, code="invalid_api_key")
@@ -134,7 +150,8 @@ class _Gate:
             refusal = self._refusal(scope)
             if refusal is not None:
                 headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
-                await refusal.response(headers)(scope, receive, counting_send)
+                style = anthropic_path(scope["path"])
+                await refusal.response(headers, style)(scope, receive, counting_send)
             else:
                 await self.app(scope, limited_receive, counting_send)
         finally:
@@ -160,6 +177,7 @@ def create_app(
     api_key: str | None = None,
     local_media_path: str | None = None,
     limits: ServerLimits | None = None,
+    default_chat_template_kwargs: dict[str, Any] | None = None,
 ) -> FastAPI:
     """An app serving `pipe` under `model_name` (default: the model folder's name, or the
     hub id; never a path on the server's disk).
@@ -167,31 +185,37 @@ def create_app(
     With `api_key`, every endpoint but `/health` requires `Authorization: Bearer <api_key>`
     (an empty key is an error). Image URLs may name local files (file://) only under
     `local_media_path`. `limits` caps what one request may ask (`ServerLimits`).
+    `default_chat_template_kwargs` are every chat request's template variables
+    (`{"enable_thinking": False}`), which a request's `chat_template_kwargs` override.
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
     if api_key is not None:
         problem = api_key_problem(api_key)
         if problem:
             raise ValueError(problem)
-    state = ServerState(pipe, model_name or default_model_name(pipe.spec), local_media_path, limits)
+    name = model_name or default_model_name(pipe.spec)
+    state = ServerState(pipe, name, local_media_path, limits, default_chat_template_kwargs)
     app = FastAPI(title="enginehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(_Gate, state=state, api_key=api_key)
 
+    def styled(request: Request) -> bool:  # Anthropic's error shape on its endpoints
+        return anthropic_path(request.url.path)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
-        return exc.response()
+        return exc.response(anthropic=styled(request))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.status_code == 404:
             message = f"there is no endpoint {request.url.path} (see docs/serving.md)"
-        return APIError(exc.status_code, message).response(exc.headers)
+        return APIError(exc.status_code, message).response(exc.headers, styled(request))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return APIError(400, "the request is invalid").response()
+        return APIError(400, "the request is invalid").response(anthropic=styled(request))
 
     @app.exception_handler(ClientDisconnected)
     async def gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -205,7 +229,8 @@ def create_app(
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:
-        return _too_large(state.limits.max_request_body_size).response()
+        error = _too_large(state.limits.max_request_body_size)
+        return error.response(anthropic=styled(request))
 
     @app.exception_handler(BodyTooSlow)
     async def too_slow(request: Request, exc: BodyTooSlow) -> Response:
@@ -219,7 +244,8 @@ def create_app(
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+        error = APIError(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return error.response(anthropic=styled(request))
 
     @app.get("/health")
     async def health() -> Any:
@@ -250,6 +276,30 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         return await create_completion(state, request)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Any:
+        return await create_message(state, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request) -> Any:
+        return await count_tokens(state, request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        return await create_response(state, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> Any:
+        return await get_response(state, response_id)
+
+    @app.post("/tokenize")
+    async def tokenize_text(request: Request) -> Any:
+        return await tokenize(state, request)
+
+    @app.post("/detokenize")
+    async def detokenize_ids(request: Request) -> Any:
+        return await detokenize(state, request)
 
     @app.get("/metrics")
     async def metrics() -> Any:

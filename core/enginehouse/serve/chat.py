@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 
-from ..config import GenerationConfig
 from ..multimodal import PreparedPrompt
+from ..reasoning import Reasoning
 from ..response import Response
-from ..tool_calls import ToolCall, ToolCallStream, ToolError, ToolUse
-from .errors import bad_request
+from ..tool_calls import ToolCall, ToolCallStream, ToolUse
 from .generation import Generation
 from .protocol import ChatCompletionRequest, parse
 from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, sse, usage
@@ -20,40 +20,68 @@ from .state import SSE_DONE, ServerState, failure, finite, read_json, respond, s
 
 async def create_chat_completion(state: ServerState, request: Request) -> Any:
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+    run = await start_chat(state, request, req, "chatcmpl")
+    chat = _Chat(state, req, run.id, run.prompt_ids, run.tools, run.reasoning)
+    return await respond(request, run.generation, chat, req.num_choices)
+
+
+@dataclass
+class ChatRun:
+    """A chat request started on the engine: what formatting its answer needs."""
+
+    id: str
+    generation: Generation
+    prompt_ids: list[int]
+    tools: ToolUse | None
+    reasoning: Reasoning | None
+
+
+async def prepare_chat(
+    state: ServerState, req: ChatCompletionRequest
+) -> tuple[PreparedPrompt, ToolUse | None, dict[str, Any]]:
+    """A chat request's prompt through the template (rendered, and its images fetched and
+    read, off the event loop), its tools checked, and its template variables; a 400 for
+    anything wrong."""
     state.check_model(req.model)
-    state.check_sequences(1, req.num_choices)
     state.check_stop(req)
     tools = state.tool_use(req)
+    kwargs = state.template_kwargs(req)
     messages = [m.for_template() for m in req.messages]
     has_images = state.check_images(messages) > 0
     if has_images:
         await state.fetch_images(messages)
-    prompt, configs = await state.run(_prepare, state, req, messages, tools, has_images)
+    prompt = await state.run(_prepare, state, messages, tools, kwargs, has_images)
+    return prompt, tools, kwargs
+
+
+async def start_chat(
+    state: ServerState, request: Request, req: ChatCompletionRequest, prefix: str
+) -> ChatRun:
+    """Check a chat request, render its prompt and start its choices; every 400 comes before
+    anything reaches the engine. The Anthropic and Responses endpoints start theirs here too,
+    translated into a chat request."""
+    state.check_model(req.model)
+    state.check_sequences(1, req.num_choices)
+    prompt, tools, _ = await prepare_chat(state, req)
+    reasoning = state.reasoning(prompt)
+    configs = state.constrain(req, state.configs(req, len(prompt.token_ids)), tools, reasoning)
     state.check_response_size(req, [len(prompt.token_ids)], configs)
     await state.check_grammar(request, req, configs[0])
-    response_id, generation = state.start("chatcmpl", [(prompt, c) for c in configs])
-    chat = _Chat(state, req, response_id, prompt.token_ids, tools)
-    return await respond(request, generation, chat, req.num_choices)
+    response_id, generation = state.start(prefix, [(prompt, c) for c in configs])
+    return ChatRun(response_id, generation, prompt.token_ids, tools, reasoning)
 
 
 def _prepare(
     state: ServerState,
-    req: ChatCompletionRequest,
     messages: list[dict[str, Any]],
     tools: ToolUse | None,
+    kwargs: dict[str, Any],
     has_images: bool,
-) -> tuple[PreparedPrompt, list[GenerationConfig]]:
-    """The prompt and each choice's config (blocking: call it off the event loop)."""
+) -> PreparedPrompt:
+    """The prompt (blocking: call it off the event loop)."""
     if has_images:
         state.read_local_images(messages)
-    prompt = state.prepare(messages, "messages", apply_chat_template=True, tools=tools)
-    configs = state.configs(req, len(prompt.token_ids))
-    if tools is not None:
-        try:  # a forced call's grammar is built from the tools' schemas
-            configs = [tools.generation_config(c) for c in configs]
-        except ToolError as e:
-            raise bad_request(str(e), e.param) from e
-    return prompt, configs
+    return state.prepare(messages, "messages", True, tools=tools, template_kwargs=kwargs)
 
 
 class _Chat:
@@ -66,6 +94,7 @@ class _Chat:
         response_id: str,
         prompt_ids: list[int],
         tools: ToolUse | None = None,
+        reasoning: Reasoning | None = None,
     ) -> None:
         self.state = state
         self.req = req
@@ -74,6 +103,7 @@ class _Chat:
         self.prompt_ids = prompt_ids
         self.prompt_len = len(prompt_ids)
         self.tools = tools
+        self.reasoning = reasoning
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> Any:
         if logprobs is None:
@@ -96,14 +126,20 @@ class _Chat:
         return {"content": content}
 
     def _message(self, r: Response) -> dict[str, Any]:
-        """The assistant's message; with tools, its calls split from its content."""
+        """The assistant's message: its reasoning apart (vLLM's two names for it), and with
+        tools its calls split from its content."""
+        message: dict[str, Any] = {"role": "assistant"}
+        if self.reasoning is not None:
+            r.reasoning, r.text = self.reasoning.split(r.text)
+            if self.req.include_reasoning:
+                message["reasoning"] = message["reasoning_content"] = r.reasoning
         if self.tools is None:
-            return {"role": "assistant", "content": r.text}
+            return {**message, "content": r.text}
         r.take_tool_calls(self.tools)
         if not r.tool_calls:  # a forced call cut short has no content at all
-            return {"role": "assistant", "content": r.text or None}
+            return {**message, "content": r.text or None}
         calls = [c.to_openai() for c in r.tool_calls]
-        return {"role": "assistant", "content": r.text or None, "tool_calls": calls}
+        return {**message, "content": r.text or None, "tool_calls": calls}
 
     def response(self, results: list[Response]) -> dict[str, Any]:
         choices = [
@@ -165,6 +201,7 @@ class _Chat:
         n = self.req.num_choices
         results = [Response(index=i) for i in range(n)]
         streams = [self.tools.stream() if self.tools else None for _ in range(n)]
+        thoughts = [self.reasoning.stream() if self.reasoning else None for _ in range(n)]
         try:
             for i in range(n):
                 yield self._chunk([self._choice(i, {"role": "assistant", "content": ""})])
@@ -175,15 +212,22 @@ class _Chat:
                     yield error.sse()
                     break
                 logprobs = self._logprobs(delta.token_ids, delta.logprobs)
+                text, thought, sent = delta.text, thoughts[i], False
+                if thought is not None:
+                    reasoning, text = thought.feed(text, out.finished)
+                    if reasoning and self.req.include_reasoning:
+                        both = {"reasoning": reasoning, "reasoning_content": reasoning}
+                        yield self._chunk([self._choice(i, both, logprobs)])
+                        logprobs, sent = None, True  # the step's logprobs went with it
                 stream = streams[i]
                 if stream is not None:
-                    for chunk in self._tool_chunks(i, stream, delta.text, out.finished, logprobs):
+                    for chunk in self._tool_chunks(i, stream, text, out.finished, logprobs):
                         yield chunk
                 # A chunk per step that made tokens, as vLLM does, even when their text is
                 # held back (a possible stop string, half a UTF-8 character): clients see
                 # progress, and each token's logprobs arrive with it.
-                elif delta.text or delta.token_ids:
-                    yield self._chunk([self._choice(i, {"content": delta.text}, logprobs)])
+                elif text or (delta.token_ids and not sent):
+                    yield self._chunk([self._choice(i, {"content": text}, logprobs)])
                 if out.finished:
                     finish = out.finish_reason
                     if stream is not None and stream.calls and finish == "stop":

@@ -1,4 +1,6 @@
-"""Errors in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}`.
+"""Errors in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}`, or, on
+Anthropic's endpoints (`/v1/messages`), in Anthropic's: `{"type": "error", "error": {"type",
+"message"}}`.
 
 Every failure the server reports goes through `APIError`, so clients (the official `openai`
 package included) see the status code and body they expect: 400 for an invalid request, 401
@@ -27,6 +29,26 @@ ERROR_TYPES = {
 }
 
 
+# Anthropic's `error.type` for each status code.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+ANTHROPIC_PATHS = "/v1/messages"  # the endpoint and its count_tokens
+
+
+def anthropic_path(path: str) -> bool:
+    """Whether errors on this path are written in Anthropic's shape."""
+    return path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")
+
+
 class APIError(Exception):
     """A failure to report to the client as an OpenAI error body with `status`."""
 
@@ -49,11 +71,21 @@ class APIError(Exception):
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "")
+        error = {"type": kind or "invalid_request_error", "message": self.message}
+        return {"type": "error", "error": error}
 
-    def sse(self) -> str:
+    def response(
+        self, headers: dict[str, str] | None = None, anthropic: bool = False
+    ) -> JSONResponse:
+        body = self.anthropic_body() if anthropic else self.body()
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+    def sse(self, anthropic: bool = False) -> str:
         """The error as a server-sent event, for failures after a stream has started."""
+        if anthropic:
+            return f"event: error\ndata: {json.dumps(self.anthropic_body())}\n\n"
         return f"data: {json.dumps(self.body())}\n\n"
 
 

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, as pydantic models, and their mapping to `GenerationConfig`.
 
 Unknown fields are rejected (as OpenAI does) rather than silently ignored, and so are known
-fields this server cannot honour (logit bias...): a request is either served as asked or
+fields this server cannot honour (deprecated functions...): a request is either served as asked or
 refused with a 400 that names the field. A few fields that change nothing about the output
 (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored. Extensions named as in
 vLLM (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
@@ -155,7 +155,7 @@ class _GenerationRequest(_Body):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as text) -> -100..100
     # Accepted and ignored: they do not change the output.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -170,6 +170,8 @@ class _GenerationRequest(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and the guided_*
     # fields vLLM had before 0.12 (still sent by many clients).
     response_format: dict[str, Any] | None = None
@@ -208,8 +210,7 @@ class _GenerationRequest(_Body):
 
     def check_supported(self) -> None:
         """Refuse what this server cannot do, naming the field."""
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        self._token_bias()
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         if self.prompt_logprobs is not None and self.stream:
@@ -229,6 +230,26 @@ class _GenerationRequest(_Body):
             GenerationConfig(**fields)
         except ValidationError as e:
             raise bad_request(describe_validation_error(e), param) from e
+
+    def _token_bias(self) -> dict[int, float] | None:
+        """logit_bias with its keys as token ids; a 400 naming a key that is not one."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().isdigit():
+                raise bad_request(
+                    f"logit_bias: the key {key[:40]!r} is not a token id; the keys are token ids "
+                    'as strings, e.g. {"50256": -100}',
+                    "logit_bias",
+                )
+            if not -100.0 <= value <= 100.0:
+                raise bad_request(
+                    f"logit_bias: the bias of token {key} is {value}; biases run from -100 to 100",
+                    "logit_bias",
+                )
+            bias[int(key)] = value
+        return bias
 
     def output_constraint(self) -> tuple[dict[str, Any], str | None]:
         """The `GenerationConfig` fields that constrain the output, and the request field that
@@ -300,6 +321,8 @@ class _GenerationRequest(_Body):
             "ignore_eos",
             "stop_token_ids",
             "skip_special_tokens",
+            "allowed_token_ids",
+            "bad_words",
         )
         fields.update({k: getattr(self, k) for k in same_names if getattr(self, k) is not None})
         if self.top_k is not None:
@@ -314,10 +337,13 @@ class _GenerationRequest(_Body):
             fields["min_new_tokens"] = self.min_tokens
         if self.seed is not None:  # OpenAI's seed is any int64; the engine's is 0 <= s < 2**63
             fields["random_seed"] = (self.seed + choice) % 2**63
+        if self.logit_bias:
+            fields["logit_bias"] = self._token_bias()
         try:
             return GenerationConfig(**fields).with_model_defaults(model_defaults)
         except ValidationError as e:  # combinations, e.g. min_tokens above max_tokens
-            raise bad_request(describe_validation_error(e)) from e
+            field = str(e.errors()[0]["loc"][0]) if e.errors() and e.errors()[0]["loc"] else None
+            raise bad_request(describe_validation_error(e), field) from e
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -328,6 +354,11 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Reasoning models: the template's variables (vLLM's), OpenAI's effort (templates such as
+    # gpt-oss's read it), and whether the answer carries the reasoning (vLLM's).
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    include_reasoning: bool = True
     # Known to OpenAI, not supported here: refused unless left at a value that means "off".
     functions: list[Any] | None = None
     function_call: Any = None
@@ -340,6 +371,11 @@ class ChatCompletionRequest(_GenerationRequest):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_kwargs(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The template's variables: the server's defaults, the effort, then the request's."""
+        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
+        return {**defaults, **effort, **(self.chat_template_kwargs or {})}
 
     def check_supported(self) -> None:
         super().check_supported()

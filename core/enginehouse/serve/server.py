@@ -34,6 +34,7 @@ def run_server(
     log_level: str = "info",
     local_media_path: str | None = None,
     limits: ServerLimits | None = None,
+    default_chat_template_kwargs: dict | None = None,
 ) -> None:
     """Serve `pipe` until Ctrl-C or SIGTERM, then return; the caller then closes `pipe`.
 
@@ -41,7 +42,9 @@ def run_server(
     turned into the same KeyboardInterrupt as Ctrl-C so that it, too, ends here.
     """
     warn_once_about_builtin_templates()
-    app = create_app(pipe, model_name, api_key, local_media_path, limits)
+    app = create_app(
+        pipe, model_name, api_key, local_media_path, limits, default_chat_template_kwargs
+    )
     server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None

@@ -9,7 +9,7 @@ import os
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +18,13 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..chat_template import TemplateKwargsError, check_template_kwargs
 from ..config import EngineConfig, GenerationConfig
-from ..errors import RequestError
+from ..errors import ParamError, RequestError
 from ..image_fetch import FetchPolicy, fetch_failed
 from ..multimodal import PreparedPrompt, check_image_count
 from ..pipeline import Pipeline
+from ..reasoning import Reasoning
 from ..response import Response
 from ..spec import ModelSpec
 from ..tool_calls import ToolError, ToolUse
@@ -31,6 +33,7 @@ from .generation import Generation, unless_disconnected
 from .media import check_file_url, looks_like_an_image, read_file_url
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .store import ResponseStore
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 T = TypeVar("T")
@@ -71,10 +74,16 @@ class ServerState:
         model_name: str,
         local_media_path: str | Path | None = None,
         limits: ServerLimits | None = None,
+        default_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.pipe = pipe
         self.model_name = model_name
         self.limits = limits or ServerLimits()
+        # --default-chat-template-kwargs: every chat request's template variables, which the
+        # request's own chat_template_kwargs override key by key.
+        defaults = check_template_kwargs(default_template_kwargs, pipe.tokenizer)
+        self.default_template_kwargs = defaults
+        self.responses = ResponseStore()  # /v1/responses kept for previous_response_id
         # Clients may name image files on this machine only under this folder.
         self.local_media = Path(os.path.realpath(local_media_path)) if local_media_path else None
         self.metrics = ServerMetrics(model_name, pipe.session_len)
@@ -232,14 +241,22 @@ class ServerState:
         apply_chat_template: bool = False,
         score_only: bool = False,
         tools: ToolUse | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> PreparedPrompt:
         self._check_length_before_tokenizing(prompt, param, score_only, tools)
+        tool_list = tools.tools if tools is not None else None
         try:
-            prepared = self.pipe.prepare(prompt, apply_chat_template, tools and tools.tools)
+            prepared = self.pipe.prepare(prompt, apply_chat_template, tool_list, template_kwargs)
             self.pipe.engine.check_length(len(prepared.token_ids), score_only)
+        except TemplateKwargsError as e:
+            raise bad_request(str(e), e.param) from e
         except RequestError as e:
             raise bad_request(str(e), param) from e
         return prepared
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuse a text that surely cannot fit the context, before tokenizing it."""
+        self._check_length_before_tokenizing(text, param, False)
 
     def _check_length_before_tokenizing(
         self, prompt: Any, param: str, score_only: bool, tools: ToolUse | None = None
@@ -283,10 +300,49 @@ class ServerState:
                 param,
             )
         defaults = self.pipe.spec.generation_config
-        return [
+        configs = [
             req.generation_config(max_new, req.num_logprobs, defaults, i)
             for i in range(req.num_choices)
         ]
+        try:  # bad_words as token sequences; every token id checked against the vocabulary
+            return [self.pipe.token_rules(c) for c in configs]
+        except ParamError as e:
+            raise bad_request(str(e), e.param) from e
+
+    def template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """A chat request's template variables, checked (400 naming chat_template_kwargs)."""
+        try:
+            return check_template_kwargs(
+                req.template_kwargs(self.default_template_kwargs), self.pipe.tokenizer
+            )
+        except TemplateKwargsError as e:
+            raise bad_request(str(e), e.param) from e
+
+    def reasoning(self, prompt: PreparedPrompt, wanted: bool = True) -> Reasoning | None:
+        """How a chat prompt's output divides into reasoning and answer (None without a
+        reasoning parser)."""
+        return self.pipe.reasoning_for(prompt.token_ids) if wanted else None
+
+    def constrain(
+        self,
+        req: GenerationRequest,
+        configs: list[GenerationConfig],
+        tools: ToolUse | None,
+        reasoning: Reasoning | None,
+    ) -> list[GenerationConfig]:
+        """The choices' configs with a forced tool call's grammar, and the output constraint
+        moved after the reasoning; a 400 naming the field when either cannot be built."""
+        try:
+            if tools is not None:
+                configs = [tools.generation_config(c) for c in configs]
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from e
+        if reasoning is None:
+            return configs
+        try:
+            return [reasoning.generation_config(c) for c in configs]
+        except RequestError as e:
+            raise bad_request(str(e), req.output_constraint()[1] or "tool_choice") from e
 
     def check_response_size(
         self, req: GenerationRequest, prompt_lens: list[int], configs: list[GenerationConfig]

@@ -34,3 +34,17 @@ def create_runner(
     from .runner import ToyRunner  # imported here so that probing stays cheap
 
     return ToyRunner(spec, config)
+
+
+@hookimpl
+def register_tool_parsers() -> list[type]:
+    from .parsers import ToyToolParser
+
+    return [ToyToolParser]
+
+
+@hookimpl
+def register_reasoning_parsers() -> list[type]:
+    from .parsers import ToyReasoningParser
+
+    return [ToyReasoningParser]
