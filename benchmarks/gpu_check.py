@@ -37,8 +37,9 @@ tokenizers and triton; builds its small random-weight models offline.
    checkpoint layout and int8 / int4 at load through the pipeline, float32 CUDA greedy tokens
    against the CPU's (which the tests compare with transformers); the kernel's time against
    bfloat16 `F.linear` for a 4096 x 4096 projection (info).
-8. executor: one GPU through the "mp" executor (tp=1 in a rank process, NCCL initialised):
-   float32 tokens against the CPU's; the 56M Llama's speed through it against in-process.
+8. executor: one GPU through the "mp" executor (tp=1 in a rank process, NCCL initialised,
+   sampling on the rank): float32 tokens against the CPU's; the 56M Llama's speed through it
+   against in-process, with the bytes and milliseconds of each step's transport.
 """
 
 from __future__ import annotations
@@ -604,7 +605,7 @@ def executor_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
     pipe = pipeline(str(path), backend="pytorch", engine_config=engine, progress=False)
     try:
         got = [r.token_ids for r in pipe(prompts, configs)]
-        collectives = getattr(pipe.runner, "collectives", "")
+        collectives = pipe.summary().get("collectives", "")
     finally:
         pipe.close()
     same = sum(g == w for g, w in zip(got, want))
@@ -617,7 +618,8 @@ def executor_tokens(name: str, folder: Path, cpu_tokens: dict) -> None:
 
 def time_executor(folder: Path, repeat: int, quick: bool) -> None:
     """The executor's own cost: the 56M Llama in bfloat16 with CUDA graphs, in this process
-    and through the "mp" executor at tp=1 (batch sent to the rank, logits sent back)."""
+    and through the "mp" executor at tp=1 (the step's plan written to shared memory, rank 0
+    samples and sends back token ids), with the bytes and time of each step's transport."""
     from enginehouse import pipeline
 
     path = model_path("llama56m", folder)
@@ -639,10 +641,25 @@ def time_executor(folder: Path, repeat: int, quick: bool) -> None:
                 pipe(prompts[:1], {"max_new_tokens": 4, "ignore_eos": True})  # warm-up
                 best = math.inf
                 for _ in range(repeat):
+                    before = pipe.stats()
                     t0 = time.perf_counter()
                     pipe(prompts, gen)
-                    best = min(best, time.perf_counter() - t0)
+                    took = time.perf_counter() - t0
+                    after = pipe.stats()
+                    if took < best:
+                        best, steps = took, max(1, after["steps"] - before["steps"])
+                        moved = {
+                            k: (after.get(k, 0) - before.get(k, 0)) / steps
+                            for k in ("transport_sent_bytes", "transport_received_bytes")
+                        }
+                        moved["transport_ms"] = (
+                            (after.get("transport_seconds", 0) - before.get("transport_seconds", 0))
+                            / steps
+                            * 1e3
+                        )
                 speed[label] = n * new / best
+                if label == "mp executor":
+                    transport = {k: round(v, 3) for k, v in moved.items()}
             finally:
                 pipe.close()
         ratio = speed["mp executor"] / speed["in-process"]
@@ -655,6 +672,7 @@ def time_executor(folder: Path, repeat: int, quick: bool) -> None:
                 "case": f"executor {case}, bf16, tok/s",
                 **{k: round(v, 1) for k, v in speed.items()},
                 "executor/in-process": round(ratio, 2),
+                "per step": transport,
             }
         )
         record(f"timing/executor {case}", True, json.dumps(TIMINGS[-1]))

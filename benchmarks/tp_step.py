@@ -5,14 +5,16 @@
 Two rank processes, set up as the "mp" executor sets them up (gloo, each pinned to its own
 core, one torch thread each), each build the native runner for its rank and run the same
 decode steps back to back, with no engine and no driver: the step alone. Each rank times every
-step, and inside it the collectives (each all-reduce and the head's gather, by monkeypatching
-torch.distributed), so that a step splits into compute, collectives, and the rest. Then the
-same steps again with variations, to find what the extra time is:
+step, and inside it the collectives (each all-reduce and the head's gather, timed around the
+native backend's `TensorParallel` methods), so that a step splits into compute and
+collectives. Then the same steps again with variations, to find what the extra time is:
 
-- as-executor: pinned, 1 thread (what the executor does);
-- unpinned:    no affinity, 1 thread (the kernel places the two ranks);
-- no-comm:     pinned, collectives skipped (each rank's compute alone; wrong logits);
-- tp1:         one process, both cores, the whole model (the reference).
+- gloo:     pinned, 1 thread, collectives through gloo (the executor before this benchmark);
+- unpinned: gloo, no affinity, 1 thread (the kernel places the two ranks);
+- shm:      pinned, collectives through shared memory (native/shm_collectives.py, the
+            executor's default for CPU ranks of one machine);
+- no-comm:  pinned, collectives skipped (each rank's compute alone; wrong logits);
+- tp1:      one process, both cores, the whole model (the reference).
 
 Prints the CPU, the load average, and a table (ms per step: min, median, p90; collectives'
 share). The numbers go to benchmarks/RESULTS.md.
@@ -33,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from tensor_parallel import cpu_model, loadavg  # noqa: E402
 
-VARIANTS = ("as-executor", "unpinned", "no-comm")
+VARIANTS = ("gloo", "unpinned", "shm", "no-comm")
 
 
 def free_port() -> int:
@@ -52,7 +54,9 @@ def build_runner(model: str, rank: int, world: int, rows: int, pos: int):
     plugins = get_plugins()
     spec = read_spec(model, plugins=plugins)
     decision = decide_backend(spec, config, "pytorch", plugins)
-    context = RunnerContext.for_model(spec, config, rank=rank, world_size=world)
+    context = RunnerContext.for_model(
+        spec, config, rank=rank, world_size=world, local_rank=rank, local_world_size=world
+    )
     runner = create_runner(decision.chosen_plugin, "pytorch", spec, config, context, plugins)
     runner.load(False)
     blocks_per_seq = (pos + 64) // 16 + 1
@@ -88,26 +92,25 @@ def rank_main(model: str, rank: int, world: int, port: int, variant: str, args) 
     torch.set_num_threads(
         max(1, len(os.sched_getaffinity(0))) if variant != "unpinned" else 2 // world
     )
-    comm = [0.0]
-    calls = [0]
-    originals = {"all_reduce": dist.all_reduce, "gather": dist.gather}
+    from enginehouse_pytorch.native.parallel import TensorParallel
 
-    def timed(name):
-        real = originals[name]
+    comm, calls = [0.0], [0]
 
-        def wrapper(*a, **k):
+    def timed(real):
+        def wrapper(tp, x, *a, **k):
             calls[0] += 1
             if variant == "no-comm":
-                return None
+                return x
             t = time.perf_counter()
             try:
-                return real(*a, **k)
+                return real(tp, x, *a, **k)
             finally:
                 comm[0] += time.perf_counter() - t
 
         return wrapper
 
-    dist.all_reduce, dist.gather = timed("all_reduce"), timed("gather")
+    TensorParallel.all_reduce = timed(TensorParallel.all_reduce)
+    TensorParallel.gather_logits = timed(TensorParallel.gather_logits)
     prefill, decode = batches(args.rows, args.pos, blocks)
     with torch.inference_mode():
         runner.execute(prefill)
@@ -166,6 +169,7 @@ def launch(args, variant: str, world: int) -> list[dict]:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, "ENGINEHOUSE_SHM_COLLECTIVES": "1" if variant == "shm" else "0"},
         )
         for r in range(world)
     ]
@@ -194,7 +198,7 @@ def main() -> None:
         return print(json.dumps(result))
     start = loadavg()
     print(f"{cpu_model()}; load average at start {start}", flush=True)
-    results = {"tp1": launch(args, "as-executor", 1)}
+    results = {"tp1": launch(args, "shm", 1)}
     for variant in VARIANTS:
         results[variant] = launch(args, variant, 2)
     end = loadavg()

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_native import build_native
 from test_serve_cli import Server
-from test_tensor_parallel import alive
+from test_tensor_parallel import alive, worker_pids
 
 from enginehouse import GenerationConfig, pipeline
 from enginehouse.engine.data_parallel import Router
@@ -201,3 +201,66 @@ def test_serve_dp2_answers_the_openai_client_and_metrics_sum_the_replicas(model)
         assert samples[("enginehouse:replica_up", "1")] == 1.0
     finally:
         assert server.stop(signal.SIGTERM) == 0
+
+
+def test_a_step_that_fails_on_the_ranks_fails_that_batch_and_the_ranks_go_on(toy_dir):
+    """A bad input reaching a kernel fails on every rank alike: that batch fails (StepError)
+    and the executor stays up; only a dead or hung rank brings it down."""
+    from enginehouse import EngineConfig
+    from enginehouse.engine.plan import ChunkPlan, Logits, StepPlan
+    from enginehouse.engine.sampler import batch_of
+    from enginehouse.executor import make_executor
+    from enginehouse.executor.base import StepError
+    from enginehouse.pipeline import decide_backend, read_spec
+
+    spec = read_spec(toy_dir)
+    decision = decide_backend(spec, EngineConfig(), "toy")
+    config = EngineConfig(tp=2, device="cpu", distributed_timeout=20)
+    executor = make_executor(decision, spec, config)
+    executor.load(progress=False)
+    pids = worker_pids(os.getpid())
+    try:
+        executor.allocate_kv(executor.plan_kv_blocks(config, 64))
+
+        def step(seq_id: int, tokens: tuple[int, ...], blocks: tuple[int, ...]):
+            chunk = ChunkPlan(seq_id, tokens, 0, blocks, Logits.LAST)
+            sampling = batch_of([(seq_id, 0, GenerationConfig(), True, list(tokens))])
+            executor.execute(StepPlan([chunk], sampling=sampling, block_size=4))
+            return executor.sample(None)
+
+        assert len(step(0, (1, 2, 3), (0,)).token_ids) == 1
+        with pytest.raises(StepError, match="rank 0.*block table"):
+            step(1, (5,) * 8, ())  # no blocks for 8 tokens: the toy runner refuses, on both ranks
+        assert len(step(2, (4, 5, 6), (1,)).token_ids) == 1  # the ranks go on
+        assert executor.down is None
+    finally:
+        executor.close()
+    assert pids and not any(alive(p) for p in pids)
+
+
+def test_explain_and_the_command_line_take_the_data_parallel_size(model):
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    for flag in ("--data-parallel-size", "--dp"):
+        out = CliRunner().invoke(cli, ["explain", str(model), flag, "2", "--device", "cpu"])
+        assert out.exit_code == 0, out.output
+        assert "replicas:     2 engine replicas (processes here, 1 rank each" in out.output
+
+
+def test_ray_replicas_start_a_local_ray_instance_and_give_the_same_tokens(model, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    prompts = ["hello world the", "a b c d"]
+    gen = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
+    with pipeline(str(model), engine_config={"device": "cpu"}, progress=False) as pipe:
+        want = [r.token_ids for r in pipe(prompts, gen)]
+    config = {"device": "cpu", "dp": 2, "distributed_executor_backend": "ray"}
+    try:
+        with pipeline(str(model), engine_config=config, progress=False) as pipe:
+            assert ray.is_initialized()  # no cluster ran: one was started here
+            assert [r.token_ids for r in pipe(prompts, gen)] == want
+            assert pipe.stats()["replicas_alive"] == 2
+    finally:
+        ray.shutdown()

@@ -778,3 +778,61 @@ def test_vllms_request_parameter_latency_and_cache_config_metrics(served):
     assert 'enable_prefix_caching="True"' in info[0] and "block_size=" in info[0]
     bucket = 'enginehouse:request_params_max_tokens_bucket{le="1000.0",model_name="tiny-llama"}'
     assert bucket in after  # vLLM's 1-2-5 buckets up to the context (1024)
+
+
+def test_the_engines_own_request_timing_and_step_metrics(served):
+    """vLLM's metrics that need the engine's timestamps: each finished choice's queue,
+    prefill, decode and inference time and its preemptions, the tokens of each step, and the
+    waiting requests by reason."""
+    url, pipe, _ = served
+    before, _ = scrape(url)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client.completions.create(
+        model=MODEL, prompt=["hello", "world"], max_tokens=5, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    after, types = scrape(url)
+
+    def grew(name: str) -> float:
+        key = f'enginehouse:{name}{{model_name="{MODEL}"}}'
+        return after.get(key, 0) - before.get(key, 0)
+
+    for part in ("queue", "prefill", "decode", "inference"):
+        assert grew(f"request_{part}_time_seconds_count") == 2
+        assert types[f"enginehouse:request_{part}_time_seconds"] == "histogram"
+    assert grew("request_decode_time_seconds_sum") > 0
+    assert grew("request_num_preemptions_count") == 2 and grew("request_num_preemptions_sum") == 0
+    steps = grew("engine_steps_total")
+    assert steps > 0 and grew("iteration_tokens_total_count") == steps
+    assert grew("iteration_tokens_total_sum") >= 2 * 5  # the prompts, then a token each
+    for reason in ("capacity", "deferred"):
+        key = (
+            f'enginehouse:num_requests_waiting_by_reason{{model_name="{MODEL}",reason="{reason}"}}'
+        )
+        assert after[key] == 0
+
+
+def test_a_grammar_too_slow_for_one_token_ends_its_request_alone(models_dir):
+    """An ambiguous grammar gets slower with every token (240 ms at token 570), and every
+    client waited for it each step. A grammar that takes longer than --grammar-step-timeout
+    for one token ends its request with an error naming the flag; the others go on."""
+    folder = build_model(models_dir / "llama-slow-grammar", model_configs(512)["llama"])
+    config = {"max_batch_size": 8, "grammar_step_timeout": 0.002}
+    pipe = pipeline(str(folder), engine_config=config, progress=False)
+    app = create_app(pipe, MODEL, limits=ServerLimits())
+    try:
+        with ServerThread(app) as server:
+            ambiguous = 'root ::= a root\na ::= "x" | a a'
+            body = {
+                "model": MODEL, "prompt": "hi", "max_tokens": 250, "n": 2,
+                "structured_outputs": {"grammar": ambiguous},
+            }  # fmt: skip
+            started = time.monotonic()
+            answer = post(server.url, "/v1/completions", json=body)
+            assert time.monotonic() - started < 60
+            # A choice that failed is the request's error (the server's rule for any choice).
+            assert answer.status_code == 500 and "Traceback" not in answer.text
+            assert "grammar_step_timeout" in answer.json()["error"]["message"]
+            assert_still_serves(server.url, pipe)
+    finally:
+        pipe.close()

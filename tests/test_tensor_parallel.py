@@ -90,6 +90,14 @@ def test_tp2_gives_tp1s_greedy_tokens_alone_and_in_a_batch(tp_models, family):
     assert alone == want[1]
 
 
+def test_tp2_through_gloo_alone_gives_the_same_tokens(tp_models, monkeypatch):
+    """CPU ranks of one machine add their partial sums through shared memory
+    (native/shm_collectives.py); without it, through gloo, the tokens are the same."""
+    path = tp_models("qwen2")
+    monkeypatch.setenv("ENGINEHOUSE_SHM_COLLECTIVES", "0")  # the ranks inherit it
+    assert tokens(path, **TP2) == tokens(path)
+
+
 def test_tp2_gives_transformers_greedy_tokens(tp_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

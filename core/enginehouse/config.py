@@ -293,6 +293,12 @@ class EngineConfig(BaseModel):
     grammar_compile_workers: int = Field(
         2, ge=1, description="grammars compiled at once, each in a process (about 0.3 GB each)"
     )
+    grammar_step_timeout: float = Field(
+        0.1,
+        gt=0,
+        description="seconds one request's grammar may take to give its next allowed tokens "
+        "(or to take a token); a request whose grammar takes longer ends with an error",
+    )
     xgrammar_cache_mb: int = Field(
         512, ge=1, description="MiB of compiled grammars kept, least recently used dropped first"
     )

@@ -11,9 +11,11 @@ which only queue them.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +36,8 @@ from .scheduler import Scheduler
 from .sequence import CoreOutput, Sequence
 
 log = logging.getLogger(__name__)
+# vLLM's buckets for the tokens of one engine step (iteration_tokens_total).
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class EngineCore:
@@ -82,6 +86,9 @@ class EngineCore:
         self._warned_non_finite = False
         # Steps run and the sequences in them: their ratio is the average batch per step.
         self.num_steps = self.num_step_sequences = 0
+        # Tokens per step, counted into vLLM's buckets (iteration_tokens_total).
+        self.iteration_tokens = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
+        self.iteration_tokens_sum = 0
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -119,12 +126,17 @@ class EngineCore:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            # vLLM's reasons: "capacity" (no room yet), "deferred" (its grammar compiles).
+            "waiting_deferred": len(self._compiling),
             "kv_blocks_used": self.block_manager.num_used,
             "kv_blocks_total": self.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
             # Their ratio is the average batch per step (`enginehouse bench`, `/metrics`).
             "steps": self.num_steps,
             "step_sequences": self.num_step_sequences,
+            "iteration_tokens": list(self.iteration_tokens),  # per bucket, the last is +Inf
+            "iteration_tokens_sum": self.iteration_tokens_sum,
+            **self.executor.counters(),  # what crossed to the ranks, under an executor
         }
 
     # --- the engine thread ------------------------------------------------------------------
@@ -144,8 +156,11 @@ class EngineCore:
         sampled = self._sampling(plan, scheduled)
         self.num_steps += 1
         self.num_step_sequences += len(scheduled)
+        tokens = sum(len(c.token_ids) for c in plan.chunks)
+        self.iteration_tokens[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
+        self.iteration_tokens_sum += tokens
         try:
-            result = self._run(plan, sampled)
+            result, grammar_times = self._run(plan, sampled)
         except Exception as e:
             log.exception("the backend failed on a batch of %d sequences", len(scheduled))
             error = f"the backend failed: {type(e).__name__}: {e}"
@@ -158,9 +173,23 @@ class EngineCore:
                 outputs.extend(self._take_scores(seq, scores))
         if not result.finite:
             self._warn_non_finite(sampled)
+        slow = self._too_slow(plan.sampling.constrained, sampled, grammar_times)
         for seq, token, lp in zip(sampled, result.token_ids, result.logprobs):
-            outputs.append(self._accept(seq, token, lp))
+            if seq.seq_id in slow:
+                outputs.append(self._finish(seq, "error", slow[seq.seq_id]))
+            else:
+                outputs.append(self._accept(seq, token, lp))
         return outputs
+
+    def _too_slow(self, rows: list[int], sampled: list[Sequence], times: list[float]) -> dict:
+        """The requests whose grammar took longer than `grammar_step_timeout` to give their
+        next allowed tokens, and why: they end here, so that they hold up no other step."""
+        limit = self.config.grammar_step_timeout
+        return {
+            sampled[i].seq_id: _grammar_too_slow(took, limit)
+            for i, took in zip(rows, times)
+            if took > limit
+        }
 
     def _flush_releases(self) -> None:
         """Tell the runner's side of the sequences freed since the last step, in a step of its
@@ -174,8 +203,9 @@ class EngineCore:
         except Exception:  # the blocks are free anyway; the leftovers are the runner's
             log.exception("the runner failed to release %d sequences", len(released))
 
-    def _run(self, plan: StepPlan, sampled: list[Sequence]) -> SamplerOutput:
-        """Execute the plan; meanwhile fill the grammar bitmask of the constrained rows."""
+    def _run(self, plan: StepPlan, sampled: list[Sequence]) -> tuple[SamplerOutput, list]:
+        """Execute the plan; meanwhile, on a thread of its own, fill the grammar bitmask of the
+        constrained rows. The step's tokens, and the seconds each grammar took."""
         constrained = plan.sampling.constrained
         pending: Future | None = None
         if constrained:
@@ -186,8 +216,8 @@ class EngineCore:
         try:
             self.executor.execute(plan)
         finally:  # the bitmask thread must be done before its grammars change again
-            bitmask = pending.result() if pending is not None else None
-        return self.executor.sample(bitmask)
+            bitmask, times = pending.result() if pending is not None else (None, [])
+        return self.executor.sample(bitmask), times
 
     def _sampling(self, plan: StepPlan, scheduled: list[tuple[Sequence, ChunkPlan]]) -> list:
         """The step's `SamplingBatch`; returns the sequences it samples, in its row order."""
@@ -342,6 +372,7 @@ class EngineCore:
             stop_ids=stop_ids,
             max_len=self.session_len,
             score_only=request.score_only,
+            arrived=time.monotonic(),
         )
         if request.mm is not None and self.vision is not None:
             image_id = self.vision.image_token_id
@@ -377,13 +408,20 @@ class EngineCore:
     def _accept(self, seq: Sequence, token: int, logprobs: dict | None) -> CoreOutput:
         """Take a sampled token: the grammar walks it, a stop token or a length ends it."""
         seq.token_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
         lps = [logprobs] if logprobs is not None else None
+        started = time.perf_counter()
         if seq.grammar is not None and not seq.grammar.accept(token):
             # Only possible when every token was masked (a vocabulary the grammar does not
             # cover): better an error than an output that breaks its constraint.
             text = self.tokenizer.decode([token])
             error = f"token {token} ({text!r}) breaks the grammar"
             return self._finish(seq, "error", error, [token], lps, stop_token=True)
+        took = time.perf_counter() - started
+        if seq.grammar is not None and took > self.config.grammar_step_timeout:
+            error = _grammar_too_slow(took, self.config.grammar_step_timeout)
+            return self._finish(seq, "error", error, [token], lps)
         if token in seq.stop_ids or (seq.grammar is not None and seq.grammar.terminated):
             return self._finish(seq, "stop", None, [token], lps, stop_token=True)
         if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_len:
@@ -424,6 +462,10 @@ class EngineCore:
             if len(seq.prompt_logprobs) == seq.num_prompt:  # complete: send them once
                 out.prompt_logprobs, out.prompt_ranks = seq.prompt_logprobs, seq.prompt_ranks
                 seq.prompt_logprobs_sent = True
+        # The timing goes with the end, and with every step of a request that may end on a
+        # stop string (the output processor ends those, without the core's last word).
+        if seq.finish_reason is not None or seq.params.stop_words:
+            out.timing = _timing(seq)
         return out
 
     def close(self) -> None:
@@ -431,3 +473,26 @@ class EngineCore:
         if self._masker is not None:
             self._masker.shutdown(wait=True)
         self.executor.close()
+
+
+def _timing(seq: Sequence) -> dict[str, float]:
+    """Seconds queued (arrival to first scheduled), in prefill (to the first token), in decode
+    (since), in the engine (since first scheduled), as of now; and the preemptions."""
+    now = time.monotonic()
+    scheduled = seq.scheduled_at if seq.scheduled_at is not None else now
+    first = seq.first_token_at if seq.first_token_at is not None else now
+    return {
+        "queue": scheduled - seq.arrived,
+        "prefill": first - scheduled,
+        "decode": now - first,
+        "inference": now - scheduled,
+        "preemptions": seq.num_preemptions,
+    }
+
+
+def _grammar_too_slow(took: float, limit: float) -> str:
+    return (
+        f"the output's grammar took {took * 1e3:.0f} ms to follow one token, more than "
+        f"grammar_step_timeout ({limit * 1e3:.0f} ms; --grammar-step-timeout): an ambiguous "
+        "grammar gets slower with every token; make it unambiguous"
+    )

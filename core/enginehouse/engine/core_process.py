@@ -144,7 +144,7 @@ class CoreServer:
         elif kind == "compile":
             self.compile(message[1], message[2])
         elif kind == "stats":
-            self.send("stats", message[1], {**self.core.stats(), **self.core.executor.counters()})
+            self.send("stats", message[1], self.core.stats())
         elif kind == "close":
             return False
         return True

@@ -197,8 +197,13 @@ def sum_stats(replicas: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {}
     for s in replicas:
         for key, value in s.items():
-            if key not in ("replica", "alive") and isinstance(value, (int, float)):
+            if key in ("replica", "alive"):
+                continue
+            if isinstance(value, (int, float)):
                 total[key] = total.get(key, 0) + value
+            elif isinstance(value, list):  # a histogram's bucket counts
+                have = total.setdefault(key, [0] * len(value))
+                total[key] = [a + b for a, b in zip(have, value)]
     total["replicas"] = len(replicas)
     total["replicas_alive"] = sum(s.get("alive", 1) for s in replicas)
     return total

@@ -88,6 +88,7 @@ class RequestState:
             prompt_logprob_sum=core.prompt_logprob_sum,
             prompt_logprobs=core.prompt_logprobs,
             prompt_ranks=core.prompt_ranks,
+            timing=core.timing,
         )
         self.emitted_text = end
         return out

@@ -12,6 +12,7 @@ since the last step go with the next one.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from .block_manager import BlockManager
@@ -69,6 +70,7 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        seq.num_preemptions += 1
 
     def _chunk(self, seq: Sequence, n: int) -> ChunkPlan:
         start = seq.num_computed
@@ -129,6 +131,8 @@ class Scheduler:
             self.waiting.popleft()
             self.bm.allocate(seq, n)
             seq.status = Status.RUNNING
+            if not seq.admitted:
+                seq.scheduled_at = time.monotonic()
             seq.admitted = True
             self.running.append(seq)
             batch.append((seq, self._chunk(seq, n)))

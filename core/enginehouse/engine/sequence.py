@@ -42,6 +42,8 @@ class RequestOutput:
     # With `prompt_logprobs`: per prompt position (the first is None), once, in one output.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_ranks: list[int | None] | None = None  # each prompt token's rank in its row
+    # When finished: seconds queued, in prefill, in decode and in the engine, and preemptions.
+    timing: dict[str, float] | None = None
 
 
 @dataclass
@@ -62,6 +64,9 @@ class CoreOutput:
     prompt_logprob_sum: float | None = None  # score-only requests, when finished
     prompt_logprobs: list[dict[int, float] | None] | None = None  # complete, once
     prompt_ranks: list[int | None] | None = None
+    # When finished: seconds queued, in prefill, in decode and in the engine (vLLM's request
+    # timing metrics), and the preemptions it went through.
+    timing: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -84,6 +89,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # one per full, hashed block
     sent_blocks: int = 0  # entries of block_table the runner's side already has
+    # When it reached the core, was first scheduled and gave its first token (monotonic
+    # seconds), and how often it was preempted: the request's timing metrics at its end.
+    arrived: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    num_preemptions: int = 0
     sampler_knows: bool = False  # the sampler has this sequence's prompt (penalties)
     prompt_logprob_sum: float = 0.0
     # Prompt logprobs (params.prompt_logprobs): one entry per prompt position so far.

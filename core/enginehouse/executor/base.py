@@ -45,11 +45,12 @@ class DistributedExecutor:
     It offers what `LocalExecutor` offers in process (`plan_kv_blocks`, `allocate_kv`,
     `execute(plan)`, `sample(bitmask)`, `close`). Subclasses start the ranks (`_start`), call a
     method on every rank and collect one reply from each (`_call_all`), send a step's plan to
-    every rank (`_broadcast`, no reply unless a rank fails), ask rank 0 alone for the step's
-    tokens (`_call_rank0`), and stop them (`_stop`), raising `RankError` for a rank that dies,
-    hangs past `config.distributed_timeout` or cannot be reached, and `StepError` for a step
-    that failed. After a `RankError` the executor is down: it stops every rank and every later
-    call raises at once with the first reason; after a `StepError` it goes on.
+    every rank (`_broadcast`, no reply unless a rank fails), send rank 0 alone the grammar's
+    bitmask (`_ask_rank0`) and wait for its answer (`_wait_rank0`), and stop them (`_stop`),
+    raising `RankError` for a rank that dies, hangs past `config.distributed_timeout` or
+    cannot be reached, and `StepError` for a step that failed. After a `RankError` the
+    executor is down: it stops every rank and every later call raises at once with the first
+    reason; after a `StepError` it goes on.
     """
 
     kind = ""  # "mp" or "ray"
@@ -63,6 +64,7 @@ class DistributedExecutor:
         self.capabilities = RunnerCapabilities()  # rank 0's runner's, after load
         self.down: str | None = None
         self.collectives = ""
+        self._sampling = False  # the current step waits for a separate `sample` call
 
     # --- what subclasses provide ------------------------------------------------------------
 
@@ -79,8 +81,12 @@ class DistributedExecutor:
         that failure surfaces at the next `_call_rank0`."""
         raise NotImplementedError
 
-    def _call_rank0(self, method: str, args: tuple) -> Any:
-        """Call `method` on rank 0 alone and wait for its result; a failure any rank reported
+    def _ask_rank0(self, method: str, args: tuple) -> None:
+        """Send `method` to rank 0 alone (its answer comes at `_wait_rank0`)."""
+        raise NotImplementedError
+
+    def _wait_rank0(self) -> Any:
+        """Rank 0's answer to the step (a `step`, or a `sample`); a failure any rank reported
         since the last call raises `StepError`."""
         raise NotImplementedError
 
@@ -138,12 +144,16 @@ class DistributedExecutor:
         self._call("allocate_kv", num_blocks)
 
     def execute(self, plan: StepPlan) -> None:
-        """Every rank runs the step's forward pass on its shard (returns at once)."""
-        self._guarded(self._broadcast, "execute", (plan,))
+        """Every rank runs the step's forward pass on its shard (returns at once). A step with
+        no grammar to wait for is one message: rank 0 samples as soon as its forward ends."""
+        self._sampling = bool(plan.sampling.constrained)  # then rank 0 waits for the bitmask
+        self._guarded(self._broadcast, "execute" if self._sampling else "step", (plan,))
 
     def sample(self, bitmask: np.ndarray | None = None) -> SamplerOutput:
         """Rank 0 samples the step's logits where they are; only token ids come back."""
-        return self._guarded(self._call_rank0, "sample", (bitmask,))
+        if self._sampling:
+            self._guarded(self._ask_rank0, "sample", (bitmask,))
+        return self._guarded(self._wait_rank0)
 
     def describe(self) -> dict[str, Any]:
         return {"executor": self.kind, "ranks": self.world_size, "collectives": self.collectives}

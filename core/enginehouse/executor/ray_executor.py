@@ -65,6 +65,7 @@ class RayExecutor(DistributedExecutor):
         self.actors: list[Any] = []
         self.group: Any = None
         self._executing: list[Any] = []  # the current step's `execute` on every rank
+        self._answer: Any = None  # rank 0's `sample`, when the step waited for a bitmask
 
     def _rendezvous(self) -> tuple[str, list[tuple[int, int]]]:
         ray = connect_ray()
@@ -109,15 +110,17 @@ class RayExecutor(DistributedExecutor):
         shared = ray.put(args)  # once, in the object store; Ray hands every rank the value
         self._executing = [a.call.remote(method, shared) for a in self.actors]
 
-    def _call_rank0(self, method: str, args: tuple) -> Any:
+    def _ask_rank0(self, method: str, args: tuple) -> None:
+        self._answer = self.actors[0].call.remote(method, args)
+
+    def _wait_rank0(self) -> Any:
         timeout = self.config.distributed_timeout
-        result = self._get([self.actors[0].call.remote(method, args)], method, timeout)[0]
         executing, self._executing = self._executing, []
-        failures = [
-            f"rank {rank}: {why}"
-            for rank, why in enumerate(self._get(executing, "execute", timeout))
-            if why is not None and rank > 0
-        ]
+        answer, self._answer = self._answer, None
+        results = self._get(executing, "execute", timeout)
+        # Rank 0's answer: to `sample` when one was sent, else to the step itself.
+        result = results[0] if answer is None else self._get([answer], "sample", timeout)[0]
+        failures = [f"rank {r}: {why}" for r, why in enumerate(results) if r > 0 and why]
         if failures:
             raise StepError("; ".join(failures))
         return result

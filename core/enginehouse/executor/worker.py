@@ -2,11 +2,11 @@
 
 `RankWorker` sets up torch.distributed for its rank, builds the runner through the plugin that
 offered the backend (the same hook `pipeline()` calls at tp=1) and answers the driver's calls.
-Each step is two calls: `execute` (every rank: apply the step's plan, run the forward pass) and
-`sample` (rank 0 only: sample its logits with the grammar bitmask the driver filled meanwhile),
-so that only token ids travel back. The "mp" executor runs it in a process of its own
-(`python -m enginehouse.executor.worker FD`, the plans read from a shared-memory broadcast);
-the "ray" executor runs it inside an actor.
+A step is `execute` (every rank: apply the step's plan, run the forward pass) then `sample`
+(rank 0 only: sample its logits with the grammar bitmask the driver filled meanwhile), so that
+only token ids travel back; a step with no grammar is one `step` call doing both. The "mp"
+executor runs it in a process of its own (`python -m enginehouse.executor.worker FD`, the
+plans read from a shared-memory broadcast); the "ray" executor runs it inside an actor.
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ class RankWorker:
             return self.execute(*args)
         if method == "sample":
             return self.sample(*args)
+        if method == "step":  # execute, then (rank 0) sample at once: no bitmask to wait for
+            failed = self.execute(*args)
+            return self.sample(None) if self.init.context.rank == 0 else failed
         return getattr(self.local, method)(*args)
 
     def execute(self, plan: Any) -> str | None:
@@ -158,7 +161,8 @@ def serve(conn: Any) -> None:
     (too large for a slot, or for rank 0 alone) on the socket itself. Every call is answered
     with ("ok", value), ("failed", why) when a step failed (the driver fails that batch and
     goes on) or ("error", why) when anything else did; `execute` is answered only where it
-    fails, and only on ranks other than 0 (rank 0 answers at `sample`)."""
+    fails, and only on ranks other than 0 (rank 0 answers at `sample`); `step` (`execute`
+    then `sample`, for a step with no grammar to wait for) is answered by rank 0 alone."""
 
     def reply(status: str, value: Any) -> None:
         conn.send_bytes(pickle.dumps((status, value)))
@@ -196,9 +200,9 @@ def serve(conn: Any) -> None:
             reply("failed", str(e))
             continue
         except Exception as e:
-            reply("failed" if method == "sample" else "error", _describe(e))
+            reply("failed" if method in ("sample", "step") else "error", _describe(e))
             continue
-        if method != "execute":
+        if method not in ("execute", "step") or (method == "step" and rank == 0):
             reply("ok", result)
         elif result is not None and rank != 0:
             reply("failed", result)

@@ -9,6 +9,7 @@ aborts the choices still running, which frees their KV blocks at the engine's ne
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -21,6 +22,8 @@ from ..multimodal import PreparedPrompt
 from ..pipeline import Pipeline
 from ..response import Response
 from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class ClientDisconnected(Exception):
@@ -73,7 +76,17 @@ class Generation:
             raise
 
     def _receive(self, index: int, out: RequestOutput) -> None:
-        """Record metrics (even for outputs nobody reads any more) and queue the output."""
+        """Queue the output, and record metrics (even for outputs nobody reads any more): a
+        metric that fails is logged and loses no output."""
+        if out.finished:
+            self._running.pop(out.request_id, None)
+        self._queue.put_nowait((index, out))
+        try:
+            self._record(index, out)
+        except Exception:
+            log.exception("could not record the metrics of request %s", out.request_id)
+
+    def _record(self, index: int, out: RequestOutput) -> None:
         now = time.perf_counter()
         new_tokens = len(out.token_ids)
         if new_tokens:
@@ -83,15 +96,14 @@ class Generation:
             self.metrics.tokens(new_tokens, None if last is None else (now - last) / new_tokens)
             self._last_token[index] = now
         if out.finished:
-            self._running.pop(out.request_id, None)
             self.metrics.finished(
                 out.finish_reason or "abort",
                 out.input_token_len,
                 out.generate_token_len,
                 out.cached_tokens,
                 now - self.arrival,
+                out.timing,
             )
-        self._queue.put_nowait((index, out))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, delta) pairs until every choice has finished."""

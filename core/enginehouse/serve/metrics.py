@@ -13,6 +13,7 @@ Counters and histograms are updated on the server's event loop. The engine's own
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,8 +25,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from ..engine.core import ITERATION_TOKEN_BUCKETS
 
 disable_created_metrics()  # no `_created` series beside every counter, as vLLM turns them off
 
@@ -38,6 +41,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 TPOT_BUCKETS += (7.5, 10.0, 20.0, 40.0, 80.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0)
 LATENCY_BUCKETS += (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+PREEMPTION_BUCKETS = (0, 1, 2, 5, 10, 20, 50)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's, for request_params_n
 CACHE_CONFIG_LABELS = (
@@ -73,7 +77,30 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if not self.stats:
             return
-        yield from _engine_families(PREFIX, [("", self.stats)], ["model_name"], self.model_name)
+        s, labels = self.stats, [self.model_name]
+        yield from _engine_families(PREFIX, [("", s)], ["model_name"], self.model_name)
+        by_reason = GaugeMetricFamily(
+            PREFIX + "num_requests_waiting_by_reason",
+            "Requests waiting, by reason: capacity (no room to schedule them yet) or deferred "
+            "(their grammar is compiling).",
+            labels=["model_name", "reason"],
+        )
+        by_reason.add_metric([*labels, "capacity"], s.get("waiting", 0))
+        by_reason.add_metric([*labels, "deferred"], s.get("waiting_deferred", 0))
+        yield by_reason
+        counts = s.get("iteration_tokens")
+        if counts:
+            steps = HistogramMetricFamily(
+                PREFIX + "iteration_tokens_total",
+                "Tokens in each engine step (prefill chunks and decodes together).",
+                labels=["model_name"],
+            )
+            bounds = [*map(str, ITERATION_TOKEN_BUCKETS), "+Inf"]
+            cumulative = list(itertools.accumulate(counts))
+            steps.add_metric(
+                labels, list(zip(bounds, cumulative)), sum_value=s.get("iteration_tokens_sum", 0)
+            )
+            yield steps
         if len(self.replicas) > 1:
             labelled = [(str(r.get("replica", i)), r) for i, r in enumerate(self.replicas)]
             yield from _engine_families(
@@ -189,6 +216,21 @@ class ServerMetrics:
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per finished request.", TOKEN_BUCKETS
         )
+        # The engine's own timing of each finished request (vLLM's request_*_time_seconds).
+        self.request_times = {
+            part: histogram(f"request_{part}_time_seconds", doc, LATENCY_BUCKETS)
+            for part, doc in (
+                ("queue", "From a request's arrival in the engine to its first scheduling."),
+                ("prefill", "From a request's first scheduling to its first token."),
+                ("decode", "From a request's first token to its end."),
+                ("inference", "From a request's first scheduling to its end."),
+            )
+        }
+        self.request_num_preemptions = histogram(
+            "request_num_preemptions",
+            "Times each finished request was preempted (its KV freed, recomputed later).",
+            PREEMPTION_BUCKETS,
+        )
         self.inter_token_latency = histogram(
             "inter_token_latency_seconds",
             "Between consecutive generated tokens of one request.",
@@ -233,9 +275,19 @@ class ServerMetrics:
                 self.inter_token_latency.labels(self.model_name).observe(seconds_each)
 
     def finished(
-        self, reason: str, prompt_tokens: int, generated: int, cached: int, seconds: float
+        self,
+        reason: str,
+        prompt_tokens: int,
+        generated: int,
+        cached: int,
+        seconds: float,
+        timing: Mapping[str, float] | None = None,
     ) -> None:
         model = self.model_name
+        if timing is not None:  # the engine's own (None for a request refused before it)
+            for part, hist in self.request_times.items():
+                hist.labels(model).observe(timing[part])
+            self.request_num_preemptions.labels(model).observe(timing["preemptions"])
         self.request_success.labels(model, reason).inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.prefix_cache_queries.labels(model).inc(prompt_tokens)

@@ -29,6 +29,7 @@ from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
 from .native.parallel import TensorParallel
 from .native.rope import mrope_rows, rope_table
+from .native.shm_collectives import ShmCollectives, usable
 from .native.weights import load_safetensors
 
 DEFAULT_BLOCK_SIZE = 16
@@ -65,7 +66,10 @@ class NativeRunner:
         self.dtype = resolve_dtype(config, spec, self.device)
         self.quant = quant_scheme(spec, config, self.arch)
         # This rank's share of the heads, the MLP and the vocabulary (all of it at tp=1).
-        self.tp = TensorParallel(self.arch, context.rank, context.world_size)
+        shm = None
+        if self.device.type == "cpu" and usable(context.world_size, context.local_world_size):
+            shm = ShmCollectives.join(context.rank, context.world_size, config.distributed_timeout)
+        self.tp = TensorParallel(self.arch, context.rank, context.world_size, shm)
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
@@ -263,6 +267,8 @@ class NativeRunner:
         return torch.tensor(rows, device=self.device), values.to(self.device, self.dtype)
 
     def close(self) -> None:
+        if self.tp.shm is not None:
+            self.tp.shm.close()
         self.kv = []
         self.model = None
         self.decode = None  # the one-call decode step holds the weights' tensors too

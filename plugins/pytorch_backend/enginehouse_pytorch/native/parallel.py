@@ -18,7 +18,8 @@ gate_up_proj, transformers 5's stacked experts) is read one whole tensor at a ti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,9 @@ class TensorParallel:
     arch: Arch
     rank: int = 0
     size: int = 1
+    # CPU ranks of one machine: collectives through shared memory (shm_collectives.py), for
+    # the tensors that fit; torch.distributed for the rest.
+    shm: Any = field(default=None, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -83,8 +87,11 @@ class TensorParallel:
     # --- collectives ------------------------------------------------------------------------
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            torch.distributed.all_reduce(x)
+        if not self.active:
+            return x
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x)
+        torch.distributed.all_reduce(x)
         return x
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -104,6 +111,9 @@ class TensorParallel:
         if not self.active:
             return logits
         logits = logits.contiguous()
+        if self.shm is not None and self.shm.fits(logits):
+            whole = self.shm.gather_last_dim(logits)
+            return logits if whole is None else whole[:, : self.arch.vocab_size]
         parts = [torch.empty_like(logits) for _ in range(self.size)] if self.rank == 0 else None
         torch.distributed.gather(logits, parts, dst=0)
         if parts is None:
