@@ -82,6 +82,36 @@ class _TypedArguments(ToolParser):
         bound.schemas = {name: params for name, params in map(function_spec, tools)}
         return bound
 
+    def _tagged(
+        self,
+        tools: Sequence[Tool],
+        parallel: bool,
+        call: tuple[str, str],
+        argument: tuple[str, str],
+    ) -> dict[str, Any]:
+        """The grammar of calls written as tags: `call` (its begin holds `{name}`) around the
+        required arguments, each `argument` (its begin holds `{key}`) around a plain-text
+        value of its schema's type."""
+        tags = []
+        for name, params in map(function_spec, tools):
+            elements = [
+                {
+                    "type": "tag",
+                    "begin": argument[0].format(key=key),
+                    "content": _raw_text_value(schema, name),
+                    "end": argument[1],
+                }
+                for key, schema in _required(params)
+            ]
+            content = (
+                {"type": "sequence", "elements": elements}
+                if elements
+                else {"type": "const_string", "value": ""}
+            )
+            begin = call[0].format(name=name)
+            tags.append({"type": "tag", "begin": begin, "content": content, "end": call[1]})
+        return _calls(tags, "\n", parallel)
+
     def _build(self, name: str, pairs: list[tuple[str, str]]) -> ToolCall:
         properties = (self.schemas.get(name) or {}).get("properties") or {}
         arguments = {key: _typed(value, properties.get(key)) for key, value in pairs}
@@ -112,32 +142,12 @@ class Qwen3CoderParser(_TypedArguments):
         return calls or (None if final else [])
 
     def constraint(self, tools: Sequence[Tool], parallel: bool) -> dict[str, Any]:
-        tags = []
-        for name, params in map(function_spec, tools):
-            elements = [
-                {
-                    "type": "tag",
-                    "begin": f"<parameter={key}>\n",
-                    "content": _raw_text_value(schema, name),
-                    "end": "\n</parameter>\n",
-                }
-                for key, schema in _required(params)
-            ]
-            content = (
-                {"type": "sequence", "elements": elements}
-                if elements
-                else {"type": "const_string", "value": ""}
-            )
-            begin = f"<tool_call>\n<function={name}>\n"
-            tags.append(
-                {
-                    "type": "tag",
-                    "begin": begin,
-                    "content": content,
-                    "end": "</function>\n</tool_call>",
-                }
-            )
-        return _calls(tags, "\n", parallel)
+        return self._tagged(
+            tools,
+            parallel,
+            call=("<tool_call>\n<function={name}>\n", "</function>\n</tool_call>"),
+            argument=("<parameter={key}>\n", "\n</parameter>\n"),
+        )
 
 
 class Glm45ToolParser(_TypedArguments):
@@ -164,31 +174,12 @@ class Glm45ToolParser(_TypedArguments):
         return calls or (None if final else [])
 
     def constraint(self, tools: Sequence[Tool], parallel: bool) -> dict[str, Any]:
-        tags = []
-        for name, params in map(function_spec, tools):
-            elements = [
-                {
-                    "type": "tag",
-                    "begin": f"<arg_key>{key}</arg_key>\n<arg_value>",
-                    "content": _raw_text_value(schema, name),
-                    "end": "</arg_value>\n",
-                }
-                for key, schema in _required(params)
-            ]
-            content = (
-                {"type": "sequence", "elements": elements}
-                if elements
-                else {"type": "const_string", "value": ""}
-            )
-            tags.append(
-                {
-                    "type": "tag",
-                    "begin": f"<tool_call>{name}\n",
-                    "content": content,
-                    "end": "</tool_call>",
-                }
-            )
-        return _calls(tags, "\n", parallel)
+        return self._tagged(
+            tools,
+            parallel,
+            call=("<tool_call>{name}\n", "</tool_call>"),
+            argument=("<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"),
+        )
 
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"

@@ -44,6 +44,7 @@ class AsyncEngine(EngineClient):
         self.session_len = engine.session_len
         self.kv_spec = engine.executor.kv_spec
         self.vision = engine.vision
+        self.checks = engine.core.checks
         engine.core.on_grammar_ready = self._grammar_ready
         self._sinks: dict[str, Sink] = {}  # touched by the step thread only
         # Adds and aborts from any thread, run by the step thread before its next step; a
@@ -146,7 +147,7 @@ class AsyncEngine(EngineClient):
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._sinks:
             raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
-        self.engine.validate(prompt_ids, params, score_only, mm)
+        self.checks.validate(prompt_ids, params, score_only, mm)
 
         def add() -> None:
             # On the step thread, the engine knows exactly the ids that have a sink: it refuses
@@ -176,20 +177,6 @@ class AsyncEngine(EngineClient):
             self._held.adds = None
             if adds and not self._closed:
                 self._queue(lambda: [add() for add in adds])
-
-    def validate(
-        self,
-        prompt_ids: list[int],
-        params: GenerationConfig,
-        score_only: bool = False,
-        mm: MultiModalData | None = None,
-    ) -> None:
-        """Raise `RequestError` for a request `submit` would refuse; queues nothing."""
-        self.engine.validate(prompt_ids, params, score_only, mm)
-
-    def check_length(self, prompt_len: int, score_only: bool = False) -> None:
-        """Raise `RequestError` when a prompt of this length does not fit the context."""
-        self.engine.check_length(prompt_len, score_only)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed at the next step and it ends with 'abort'."""

@@ -25,6 +25,7 @@ from ..config import EngineConfig, GenerationConfig
 from ..multimodal import MultiModalData, VisionEncoder
 from ..runner import KVSpec, ModelRunner
 from .grammar import Constraint
+from .requests import RequestChecks
 from .sequence import RequestOutput
 
 Sink = Callable[[RequestOutput], None]
@@ -36,6 +37,7 @@ class EngineClient:
     config: EngineConfig
     session_len: int  # the context length the engine enforces: prompt and output together
     kv_spec: KVSpec  # the KV layout, dtype and device (rank 0's under an executor)
+    checks: RequestChecks  # what a request must satisfy: checked here, before it travels
     # The image side of a vision-language model (None for a text model). In this process it
     # prepares prompts (its processor); it encodes images only where the core runs.
     vision: VisionEncoder | None = None
@@ -74,11 +76,11 @@ class EngineClient:
         mm: MultiModalData | None = None,
     ) -> None:
         """Raise `RequestError` for a request `submit` would refuse; queues nothing."""
-        raise NotImplementedError
+        self.checks.validate(prompt_ids, params, score_only, mm)
 
     def check_length(self, prompt_len: int, score_only: bool = False) -> None:
         """Raise `RequestError` when a prompt of this length does not fit the context."""
-        raise NotImplementedError
+        self.checks.check_length(prompt_len, score_only)
 
     def compile_grammar(self, constraint: Constraint) -> Future:
         """The constraint compiled where the engine core runs (cached there); its error, a

@@ -92,6 +92,7 @@ class DataParallelClient(EngineClient):
         first = replicas[0]
         self.config, self.session_len, self.kv_spec = first.config, first.session_len, first.kv_spec
         self.vision = first.vision
+        self.checks = first.checks
         self.router = Router(len(replicas), first.kv_spec.block_size, first.config.max_batch_size)
         self._where: dict[str, int] = {}  # request id -> replica, while it runs
         self._lock = threading.Lock()  # the router's loads: callers vs the reader threads
@@ -146,18 +147,6 @@ class DataParallelClient(EngineClient):
         i = self._where.get(request_id)
         if i is not None:
             self.replicas[i].abort(request_id)
-
-    def validate(
-        self,
-        prompt_ids: list[int],
-        params: GenerationConfig,
-        score_only: bool = False,
-        mm: MultiModalData | None = None,
-    ) -> None:
-        self.replicas[0].validate(prompt_ids, params, score_only, mm)
-
-    def check_length(self, prompt_len: int, score_only: bool = False) -> None:
-        self.replicas[0].check_length(prompt_len, score_only)
 
     def compile_grammar(self, constraint: Constraint) -> Future:
         """Compiled on one live replica (the others compile it when a request needs it)."""

@@ -176,18 +176,6 @@ class ProcessClient(EngineClient):
             with contextlib.suppress(OSError, EngineDown):
                 self._send_message("abort", request_id)
 
-    def validate(
-        self,
-        prompt_ids: list[int],
-        params: GenerationConfig,
-        score_only: bool = False,
-        mm: MultiModalData | None = None,
-    ) -> None:
-        self.checks.validate(prompt_ids, params, score_only, mm)
-
-    def check_length(self, prompt_len: int, score_only: bool = False) -> None:
-        self.checks.check_length(prompt_len, score_only)
-
     def compile_grammar(self, constraint: Constraint) -> Future:
         token, future = self._expect()
         self._send_message("compile", token, constraint)
