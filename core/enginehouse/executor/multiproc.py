@@ -9,6 +9,7 @@ pickled call; tensors in it (image embeddings) and the logits travel by value.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -23,6 +24,7 @@ from .base import DistributedExecutor, RankError, StepError, hung
 from .shm import ShmBroadcast
 from .worker import RankInit
 
+log = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0  # how long `close` waits for ranks to exit before killing them
 
 
@@ -62,8 +64,11 @@ class MultiprocExecutor(DistributedExecutor):
         return f"tcp://127.0.0.1:{free_port()}", [(rank, n) for rank in range(n)]
 
     def _start(self, inits: list[RankInit]) -> list[dict[str, Any]]:
-        self.broadcast = ShmBroadcast(readers=len(inits))
-        inits = [replace(init, broadcast=self.broadcast.handle()) for init in inits]
+        try:
+            self.broadcast = ShmBroadcast(readers=len(inits))
+            inits = [replace(init, broadcast=self.broadcast.handle()) for init in inits]
+        except OSError as e:  # no /dev/shm, say: every plan goes over the sockets
+            log.warning("no shared memory for the step broadcast (%s): using the sockets", e)
         for _ in inits:
             mine, theirs = socket.socketpair()
             proc = subprocess.Popen(
@@ -93,9 +98,9 @@ class MultiprocExecutor(DistributedExecutor):
     def _broadcast(self, method: str, args: tuple) -> None:
         started = time.perf_counter()
         payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
-        assert self.broadcast is not None
-        shared = self.broadcast.fits(payload)
+        shared = self.broadcast is not None and self.broadcast.fits(payload)
         if shared:
+            assert self.broadcast is not None
             try:
                 self.broadcast.write(payload, self.config.distributed_timeout)
             except TimeoutError:

@@ -21,6 +21,7 @@ counter-after-data protocol relies on: other machines keep gloo.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import struct
@@ -29,6 +30,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 COUNTER = struct.Struct("<Q")
 HEADER = 64  # a counter per cache line
@@ -68,18 +71,25 @@ class ShmCollectives:
         self.count = 0
 
     @classmethod
-    def join(cls, rank: int, world: int, timeout: float = 120.0) -> ShmCollectives:
+    def join(cls, rank: int, world: int, timeout: float = 120.0) -> ShmCollectives | None:
         """Rank 0 creates the segment and tells the others its name (through torch.distributed,
-        once); every rank attaches. `timeout`: how long a rank waits for the others in one
-        collective (EngineConfig.distributed_timeout) before it gives up."""
+        once); every rank attaches. None on every rank when any rank could not (no /dev/shm,
+        say): then they all keep torch.distributed's collectives. `timeout`: how long a rank
+        waits for the others in one collective (EngineConfig.distributed_timeout)."""
         import torch.distributed as dist
 
-        mine = cls(rank, world, timeout=timeout) if rank == 0 else None
+        mine = _try(lambda: cls(rank, world, timeout=timeout)) if rank == 0 else None
         names = [mine.shm.name if mine is not None else None]
         dist.broadcast_object_list(names, src=0)
-        ours = mine if mine is not None else cls(rank, world, names[0], timeout)
-        dist.barrier()  # every rank attached before rank 0 may be closed
-        return ours
+        if rank != 0 and names[0] is not None:
+            mine = _try(lambda: cls(rank, world, names[0], timeout))
+        ok = torch.tensor([int(mine is not None)])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank attached, or none uses it
+        if ok.item() == 1:
+            return mine
+        if mine is not None:
+            mine.close()
+        return None
 
     def fits(self, x: torch.Tensor) -> bool:
         """A CPU tensor numpy can add (bfloat16 goes through gloo), small enough."""
@@ -149,6 +159,14 @@ class ShmCollectives:
                 self.shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _try(make):
+    try:
+        return make()
+    except OSError as e:
+        log.warning("no shared memory for the collectives (%s): gloo carries them", e)
+        return None
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
