@@ -17,8 +17,9 @@ and batch 32 (32 such prompts).
 For the executor sides the transport per step is reported from the executor's own counters:
 bytes sent to the ranks (the step's plan, written once to shared memory, and rank 0's sample
 call), bytes back (rank 0's token ids and logprobs), and the time the driver spent pickling,
-writing and reading them. Prints the CPU, the load average at the start and the end, a
-Markdown table for benchmarks/RESULTS.md, and the raw JSON.
+writing and reading them. For dp2, the bytes between the front and its replicas per replica
+step: the requests in, each step's outputs (token ids) back. Prints the CPU, the load average
+at the start and the end, a Markdown table for benchmarks/RESULTS.md, and the raw JSON.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ SIDES = {
     "dp2": {"dp": 2},
 }
 TRANSPORT = ("transport_sent_bytes", "transport_received_bytes", "transport_seconds")
+# dp: what crossed between the front and its replicas (requests in, each step's outputs out).
+CLIENT = ("client_sent_bytes", "client_received_bytes")
 
 
 def side(model: str, name: str, cases: dict, runs: int) -> dict:
@@ -78,7 +81,7 @@ def side(model: str, name: str, cases: dict, runs: int) -> dict:
             assert all(len(ids) == new for ids in tokens), "a request ended early"
             run = {"seconds": seconds, "steps": after["steps"] - before["steps"]}
             run["tokens_per_s"] = sum(map(len, tokens)) / seconds
-            for key in TRANSPORT:
+            for key in TRANSPORT + CLIENT:
                 run[key] = after.get(key, 0) - before.get(key, 0)
             runs_of_case.append((run, tokens))
         results[label] = {
@@ -138,6 +141,10 @@ def report(kept: dict, cases: dict) -> str:
             back = best["transport_received_bytes"] / steps
             ms = best["transport_seconds"] / steps * 1e3
             transport = f"{sent:,.0f} | {back:,.0f} | {ms:.3f}" if sent else "- | - | -"
+            if best.get("client_received_bytes"):  # dp: the front and its replicas
+                sent = best["client_sent_bytes"] / steps
+                back = best["client_received_bytes"] / steps
+                transport = f"{sent:,.0f} | {back:,.0f} | -"
             lines.append(
                 f"| {label}: {n} x {p}, {t} new | {name} | {best['tokens_per_s']:.1f} | "
                 f"{median:.1f} | {best['tokens_per_s'] / ref_best:.2f}x | "

@@ -66,6 +66,8 @@ class ProcessClient(EngineClient):
         self.down: str | None = None
         self._closing = False
         self._ready = threading.Event()
+        # Bytes to the core (requests, aborts) and back (each step's outputs), for benchmarks.
+        self.sent_bytes = self.received_bytes = 0
         self.transport = transport or SubprocessTransport()
         self._last_heard = time.monotonic()
         # The core is started by the reader thread, which lives as long as this client: a
@@ -186,7 +188,11 @@ class ProcessClient(EngineClient):
             return {"kv_blocks_total": self.num_blocks, "down": 1}
         token, future = self._expect()
         self._send_message("stats", token)
-        return future.result(timeout=STATS_TIMEOUT_S)
+        counts = {
+            "client_sent_bytes": self.sent_bytes,
+            "client_received_bytes": self.received_bytes,
+        }
+        return {**future.result(timeout=STATS_TIMEOUT_S), **counts}
 
     def describe(self) -> dict[str, Any]:
         return {"replicas": 1, **self._describe}
@@ -229,6 +235,7 @@ class ProcessClient(EngineClient):
     def _send(self, data: bytes) -> None:
         with self._send_lock:
             self.transport.send(data)
+            self.sent_bytes += len(data)
 
     def _read(self) -> None:
         """The reader thread: outputs to their sinks, replies to their futures; a death or a
@@ -241,7 +248,9 @@ class ProcessClient(EngineClient):
                         self._hung(timeout)
                         return
                     continue
-                message = pickle.loads(self.transport.recv())
+                data = self.transport.recv()
+                self.received_bytes += len(data)
+                message = pickle.loads(data)
             except (EOFError, OSError):
                 if not self._closing:
                     self._died()
