@@ -52,7 +52,11 @@ class MultiprocExecutor(DistributedExecutor):
         # What crossed to the ranks and back, for benchmarks (`counters`).
         self.sent_bytes = self.received_bytes = self.messages = 0
         self.transport_seconds = 0.0
-        self._failures: list[str] = []  # steps that failed on ranks other than 0
+        self._failures: list[str] = []  # the current step's failures, by rank
+        # Steps sent, as every rank counts them, and the ones that failed as a batch: another
+        # rank's late report of a failed step is expected, of a completed one is not.
+        self._steps = 0
+        self._failed_steps: set[int] = set()
 
     def _rendezvous(self) -> tuple[str, list[tuple[int, int]]]:
         from ..device import missing_gpus
@@ -97,6 +101,7 @@ class MultiprocExecutor(DistributedExecutor):
 
     def _broadcast(self, method: str, args: tuple) -> None:
         started = time.perf_counter()
+        self._steps += method in ("execute", "step")
         payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         shared = self.broadcast is not None and self.broadcast.fits(payload)
         if shared:
@@ -132,6 +137,7 @@ class MultiprocExecutor(DistributedExecutor):
         reply = self._collect("execute", self.config.distributed_timeout, only=0)[0]
         if self._failures:
             failures, self._failures = self._failures, []
+            self._failed_steps.add(self._steps)
             raise StepError("; ".join(failures))
         return reply
 
@@ -162,15 +168,23 @@ class MultiprocExecutor(DistributedExecutor):
                     status, value = self._receive(rank, conn, method)
                     if status == "ok" and rank in want:
                         replies[rank] = value
-                    elif status == "failed" and only is not None:
-                        self._failures.append(f"rank {rank}: {value}")
-                        if rank in want:
-                            replies[rank] = None
-                    elif status == "failed":  # a step's failure, after rank 0 answered it
-                        raise RankError(f"rank {rank} failed a step rank 0 completed: {value}")
+                    elif status == "failed":
+                        step, why = value
+                        self._step_failed(rank, step, why, replies if only is not None else None)
                     else:
                         raise RankError(f"rank {rank} failed in {method}: {value}")
         return [replies[r] for r in sorted(want)]
+
+    def _step_failed(self, rank: int, step: int, why: str, replies: dict | None) -> None:
+        """A rank's report that a step failed. While the driver waits for that step (`replies`
+        given), it fails the step's batch; a late report of a step that failed as a batch is
+        dropped; one of a step rank 0 completed means the ranks no longer agree."""
+        if replies is not None and step == self._steps:
+            self._failures.append(f"rank {rank}: {why}")
+            if rank == 0:
+                replies[rank] = None
+        elif step not in self._failed_steps:
+            raise RankError(f"rank {rank} failed a step rank 0 completed: {why}")
 
     def _ready(self, timeout: float | None) -> list[Connection]:
         """The connections with something to read; one rank's is polled directly (a selector

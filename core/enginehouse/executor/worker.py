@@ -58,6 +58,7 @@ class RankWorker:
         self.init = init
         self.local: LocalExecutor | None = None  # the runner, its batch assembler, a sampler
         self.failed: str | None = None  # the current step's error, until `sample` reports it
+        self.steps = 0  # steps executed: a failure names its step, as the driver counts them
 
     def setup(self) -> dict[str, Any]:
         """Join the process group, build and load this rank's runner; return what the driver
@@ -110,6 +111,7 @@ class RankWorker:
         """Run the step's forward pass; its error, if any (rank 0 reports it at `sample`)."""
         assert self.local is not None
         self.failed = None
+        self.steps += 1
         try:
             self.local.execute(plan)
         except Exception as e:
@@ -159,7 +161,7 @@ def serve(conn: Any) -> None:
     """The "mp" worker's loop. Each message is a pickled (method, args): most come through
     the shared-memory broadcast (an empty frame on the socket says one is waiting), the rest
     (too large for a slot, or for rank 0 alone) on the socket itself. Every call is answered
-    with ("ok", value), ("failed", why) when a step failed (the driver fails that batch and
+    with ("ok", value), ("failed", (step, why)) when a step failed (the driver fails that batch and
     goes on) or ("error", why) when anything else did; `execute` is answered only where it
     fails, and only on ranks other than 0 (rank 0 answers at `sample`); `step` (`execute`
     then `sample`, for a step with no grammar to wait for) is answered by rank 0 alone."""
@@ -197,15 +199,18 @@ def serve(conn: Any) -> None:
         try:
             result = worker.call(method, args)
         except StepFailed as e:
-            reply("failed", str(e))
+            reply("failed", (worker.steps, str(e)))
             continue
         except Exception as e:
-            reply("failed" if method in ("sample", "step") else "error", _describe(e))
+            if method in ("sample", "step"):
+                reply("failed", (worker.steps, _describe(e)))
+            else:
+                reply("error", _describe(e))
             continue
         if method not in ("execute", "step") or (method == "step" and rank == 0):
             reply("ok", result)
         elif result is not None and rank != 0:
-            reply("failed", result)
+            reply("failed", (worker.steps, result))
 
 
 def _describe(e: BaseException) -> str:
