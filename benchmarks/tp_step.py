@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,13 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from tensor_parallel import cpu_model, loadavg  # noqa: E402
 
+from enginehouse.executor.multiproc import free_port  # noqa: E402
+
 VARIANTS = ("gloo", "unpinned", "shm", "no-comm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_runner(model: str, rank: int, world: int, rows: int, pos: int):

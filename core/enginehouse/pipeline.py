@@ -381,7 +381,7 @@ class Pipeline:
     @property
     def vocab_size(self) -> int:
         """Token ids run from 0 to vocab_size - 1 (the engine's rule: the model's config)."""
-        return int(self.spec.config.get("vocab_size") or len(self.tokenizer))
+        return self.engine.checks.vocab_size
 
     @property
     def session_len(self) -> int:

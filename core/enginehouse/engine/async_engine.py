@@ -147,7 +147,7 @@ class AsyncEngine(EngineClient):
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._sinks:
             raise RequestError(f"request id {request_id!r} is already in use; give a unique one")
-        self.checks.validate(prompt_ids, params, score_only, mm)
+        self.validate(prompt_ids, params, score_only, mm)
 
         def add() -> None:
             # On the step thread, the engine knows exactly the ids that have a sink: it refuses

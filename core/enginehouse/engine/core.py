@@ -166,7 +166,7 @@ class EngineCore:
             error = f"the backend failed: {type(e).__name__}: {e}"
             return outputs + [self._finish(seq, "error", error) for seq, _ in scheduled]
         for seq, chunk in scheduled:
-            seq.num_computed = chunk.start_pos + len(chunk.token_ids)
+            seq.num_computed = chunk.end_pos
             self.block_manager.commit(seq)
             scores = result.scores.get(seq.seq_id)
             if scores is not None or seq.score_only:  # a prompt's last chunk may score nothing
@@ -226,7 +226,7 @@ class EngineCore:
             first, row = row, row + chunk.num_rows
             if seq.scores_prompt:
                 scoring.extend(self._scoring(seq, chunk, first))
-            reaches_end = chunk.start_pos + len(chunk.token_ids) == seq.num_tokens
+            reaches_end = chunk.end_pos == seq.num_tokens
             if not seq.score_only and row > first and reaches_end:
                 new = not seq.sampler_knows  # the sampler's state starts now
                 seq.sampler_knows = True

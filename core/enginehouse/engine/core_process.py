@@ -23,7 +23,6 @@ import queue
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +60,8 @@ class CoreServer:
         try:
             info = self.build()
         except BaseException as e:
+            from ..executor.worker import _describe
+
             self.send("failed", _describe(e))
             return
         self.send("ready", info)
@@ -89,7 +90,6 @@ class CoreServer:
         return {
             "kv_spec": executor.kv_spec,
             "num_blocks": self.core.num_blocks,
-            "session_len": self.core.session_len,
             "describe": executor.describe(),
             "pid": os.getpid(),
         }
@@ -175,12 +175,6 @@ def _refusal(request_id: str, error: Exception) -> Any:
     from .sequence import CoreOutput
 
     return CoreOutput(request_id, finish_reason="error", error=str(error))
-
-
-def _describe(e: BaseException) -> str:
-    log.error("%s", "".join(traceback.format_exception(e)))
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}"
 
 
 def _read(conn: Any, inbox: queue.Queue) -> None:

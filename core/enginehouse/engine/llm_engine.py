@@ -86,18 +86,6 @@ class LLMEngine:
     def eos_ids(self) -> frozenset[int]:
         return self.core.eos_ids
 
-    def validate(
-        self,
-        prompt_ids: list[int],
-        params: GenerationConfig,
-        score_only: bool = False,
-        mm: MultiModalData | None = None,
-    ) -> None:
-        self.core.checks.validate(prompt_ids, params, score_only, mm)
-
-    def check_length(self, prompt_len: int, score_only: bool = False) -> None:
-        self.core.checks.check_length(prompt_len, score_only)
-
     def add_request(
         self,
         request_id: str,

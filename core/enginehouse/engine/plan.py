@@ -61,7 +61,3 @@ class StepPlan:
     finished: list[int] = field(default_factory=list)
     sampling: SamplingBatch = field(default_factory=SamplingBatch)
     block_size: int = 16
-
-    @property
-    def num_rows(self) -> int:
-        return sum(c.num_rows for c in self.chunks)

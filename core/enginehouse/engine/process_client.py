@@ -80,12 +80,11 @@ class ProcessClient(EngineClient):
         self._reader.start()
         info = started.result()
         self.kv_spec = info["kv_spec"]
-        self.session_len = info["session_len"]
         self.num_blocks = info["num_blocks"]
         self._describe = info["describe"]
         image_token = vision.image_token_id if vision is not None else None
-        vocab = int(init.spec.config.get("vocab_size") or len(tokenizer))
-        self.checks = RequestChecks(vocab, self.session_len, image_token)
+        self.checks = RequestChecks.for_model(init.spec, init.config, tokenizer, image_token)
+        self.session_len = self.checks.session_len
         self._ready.set()
 
     def _run(self, init: CoreInit, started: Future) -> None:
@@ -147,7 +146,7 @@ class ProcessClient(EngineClient):
     ) -> str:
         self._check_up()
         request_id = request_id or uuid.uuid4().hex
-        self.checks.validate(prompt_ids, params, score_only, mm)
+        self.validate(prompt_ids, params, score_only, mm)
         with self._lock:
             if request_id in self._sinks:
                 raise RequestError(

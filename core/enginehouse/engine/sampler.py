@@ -89,13 +89,14 @@ class SamplingBatch:
     grammar_vocab: int = 0
     finished: list[int] = field(default_factory=list)  # sequences whose state goes
 
-    @property
-    def penalized(self) -> bool:
-        return (
-            any(r != 1.0 for r in self.repetition_penalty)
-            or any(self.presence_penalty)
-            or any(self.frequency_penalty)
-        )
+    def penalized(self) -> list[bool]:
+        """Per row: whether any of its three penalties applies."""
+        return [
+            r != 1.0 or p != 0 or f != 0
+            for r, p, f in zip(
+                self.repetition_penalty, self.presence_penalty, self.frequency_penalty
+            )
+        ]
 
 
 def batch_of(rows: list[tuple[int, int, GenerationConfig, bool, list[int]]]) -> SamplingBatch:
@@ -186,16 +187,20 @@ class Sampler:
         out.scores = {s.seq_id: _score(logits, s) for s in batch.scoring}
         if not batch.seq_ids:
             return out
-        keep = _needs_state(batch)
+        penalized = batch.penalized()
+        # A seed, a penalty or token rules start a sequence's state (the rules come with its
+        # first step); later steps find the state the sampler kept.
         states = [
-            self._state(s, seed, batch) if k or s in self.states else None
-            for s, seed, k in zip(batch.seq_ids, batch.seeds, keep)
+            self._state(s, seed, batch)
+            if p or seed is not None or s in batch.rules or s in self.states
+            else None
+            for s, seed, p in zip(batch.seq_ids, batch.seeds, penalized)
         ]
         # A decode-only batch samples every row: the logits as they are, not a copy.
         picked = logits if batch.rows == list(range(len(logits))) else logits[batch.rows]
         want = [i for i, n in enumerate(batch.logprobs) if n is not None]
         raw = picked[want].log_softmax(dim=1) if want else None
-        if batch.penalized:
+        if any(penalized):
             _penalize(picked, batch, states)
         if batch.banned[0]:  # one indexing op for the whole batch, not one per row
             picked[batch.banned] = float("-inf")
@@ -219,21 +224,6 @@ class Sampler:
                 if state.rules is not None and state.rules.bad_words_ids:
                     state.output.append(token)
         return out
-
-
-def _needs_state(batch: SamplingBatch) -> list[bool]:
-    """Rows whose sequence starts state here: a seed, a penalty, or token rules (sent with a
-    sequence's first step; later steps find the state the sampler kept)."""
-    history = [
-        r != 1.0 or p != 0 or f != 0
-        for r, p, f in zip(
-            batch.repetition_penalty, batch.presence_penalty, batch.frequency_penalty
-        )
-    ]
-    return [
-        h or seed is not None or s in batch.rules
-        for s, seed, h in zip(batch.seq_ids, batch.seeds, history)
-    ]
 
 
 def _apply_rules(logits: torch.Tensor, states: list[_SeqState | None]) -> None:

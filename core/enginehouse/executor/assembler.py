@@ -52,6 +52,3 @@ class BatchAssembler:
                 )
             )
         return ScheduledBatch(tuple(chunks), plan.block_size)
-
-    def forget_all(self) -> None:
-        self.tables.clear()
