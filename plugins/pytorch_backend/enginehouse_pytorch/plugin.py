@@ -128,6 +128,8 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
         if scheme is not None:
             check_shapes(scheme, arch)
+            if arch.linear is not None:
+                raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
     except UnsupportedModel as e:
         return verdict(False, str(e))
@@ -136,10 +138,12 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     window = " with sliding window" if any(arch.windows) else ""
     moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
     images = f", images through the {encoder} encoder" if encoder else ""
+    hybrid = f"; {hybrid_line(arch, spec, config)}" if arch.linear is not None else ""
     return verdict(
         True,
         f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
         + cpu_dtypes(config)
+        + hybrid
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding,
     )
@@ -165,6 +169,19 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
         f"; tensor parallel over {tp} ranks: {arch.num_heads // tp} heads and {kv_split} "
         f"per rank, MLP and vocabulary split ({config.executor} executor)"
     )
+
+
+def hybrid_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """A hybrid model's layer groups, their memory and why prefix caching is off."""
+    from enginehouse.plugin_api import resolve_device, resolve_dtype
+
+    from .native.hybrid import describe
+
+    try:
+        itemsize = resolve_dtype(config, spec, resolve_device(config)).itemsize
+    except RuntimeError:  # an absent CUDA device: the runner says so when it is built
+        itemsize = 4
+    return describe(arch, itemsize, config.max_batch_size)
 
 
 def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
@@ -208,7 +225,7 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
 
 
 RUNNERS = {
-    "pytorch": "enginehouse_pytorch.native_runner:NativeRunner",
+    "pytorch": "enginehouse_pytorch.hybrid_runner:native_runner",
     "transformers": "enginehouse_pytorch.hf_runner:TransformersRunner",
 }
 

@@ -8,7 +8,7 @@ config into an `Arch`, and, where its checkpoint names differ, a rename rule in 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Rope types implemented in rope.py; anything else is reported by the probe, not guessed.
@@ -36,6 +36,25 @@ class MoE:
     intermediate_size: int
     renormalize: bool  # divide the chosen experts' weights by their sum
     layers: tuple[bool, ...] = ()  # per layer: True where the MLP is the mixture
+    shared_expert_size: int = 0  # Qwen3-Next: a shared expert of this size, sigmoid-gated
+
+
+@dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet layers (Qwen3-Next): a short causal convolution and a recurrent state
+    per sequence instead of a KV cache (see linear_attention.py)."""
+
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+    layers: tuple[bool, ...]  # per layer: True where the layer is linear attention
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: q, k and v side by side."""
+        return 2 * self.num_k_heads * self.head_k_dim + self.num_v_heads * self.head_v_dim
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,8 @@ class Arch:
     windows: tuple[int | None, ...] = ()  # per layer sliding window, None for full attention
     tie_embeddings: bool = False
     moe: MoE | None = None
+    linear: LinearAttention | None = None  # hybrid models: which layers are linear attention
+    attn_output_gate: bool = False  # Qwen3-Next: q_proj also makes a sigmoid gate per head
 
     @property
     def scale(self) -> float:
@@ -75,6 +96,9 @@ class Arch:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and (not self.moe.layers or self.moe.layers[layer])
+
+    def is_linear_layer(self, layer: int) -> bool:
+        return self.linear is not None and self.linear.layers[layer]
 
 
 def _rope(config: Mapping[str, Any], head_dim: int) -> Rope:
@@ -203,6 +227,39 @@ def qwen3_moe(config: Mapping[str, Any]) -> Arch:
     return Arch(**_common(config, "qwen3_moe"), qkv_bias=bias, o_bias=bias, qk_norm=True, moe=moe)
 
 
+def qwen3_next(config: Mapping[str, Any]) -> Arch:
+    """Qwen3-Next: Gated DeltaNet layers and gated full attention (`layer_types`), zero-centred
+    (1 + w) norms, partial rotary, experts with a shared expert."""
+    types = config["layer_types"]
+    unknown = set(types) - {"linear_attention", "full_attention"}
+    if unknown:
+        raise UnsupportedModel(f"layer types {sorted(unknown)} are not implemented natively")
+    linear = LinearAttention(
+        num_k_heads=config["linear_num_key_heads"],
+        num_v_heads=config["linear_num_value_heads"],
+        head_k_dim=config["linear_key_head_dim"],
+        head_v_dim=config["linear_value_head_dim"],
+        conv_kernel=config["linear_conv_kernel_dim"],
+        layers=tuple(t == "linear_attention" for t in types),
+    )
+    base = qwen3_moe(config)
+    moe = base.moe
+    if moe is not None:
+        shared = config.get("shared_expert_intermediate_size") or 0
+        moe = replace(moe, shared_expert_size=shared)
+    bias = bool(config.get("attention_bias", False))
+    return replace(
+        base,
+        family="qwen3_next",
+        qkv_bias=bias,
+        o_bias=bias,
+        norm_plus_one=True,
+        moe=moe,
+        linear=linear,
+        attn_output_gate=True,
+    )
+
+
 # Architecture name (config.json "architectures") -> how to read its config.
 FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "LlamaForCausalLM": llama,
@@ -213,6 +270,7 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "Gemma2ForCausalLM": gemma2,
     "MixtralForCausalLM": mixtral,
     "Qwen3MoeForCausalLM": qwen3_moe,
+    "Qwen3NextForCausalLM": qwen3_next,
 }
 
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")

@@ -10,6 +10,7 @@ Everything that depends only on the batch (gather indices, masks) is built once 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class StepMeta:
     context_lens: torch.Tensor | None = None  # [decodes] int32
     block_size: int = 0  # tokens per block, for the kernel to turn positions into slots
     prefills: list[Prefill] = field(default_factory=list)
+    linear: Any = None  # hybrid models: the state slots of the step (linear_attention.StateMeta)
 
 
 def window_mask(

@@ -146,6 +146,11 @@ class MixtureOfExperts(nn.Module):
         self.w13 = empty(moe.num_experts, 2 * inter, hidden)  # gate and up, stacked per expert
         self.w2 = empty(moe.num_experts, hidden, inter)
         self.act = activation(act)
+        self.shared_expert: GatedMLP | None = None
+        if moe.shared_expert_size:  # Qwen3-Next: every token also takes a gated shared expert
+            shared = moe.shared_expert_size if tp is None else tp.intermediate(moe.shared_expert_size)
+            self.shared_expert = GatedMLP(hidden, shared, act)  # reduced with the experts' sum
+            self.shared_expert_gate = Linear(hidden, [1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.moe
@@ -168,4 +173,6 @@ class MixtureOfExperts(nn.Module):
             gate, up = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.w2[e])
             out.index_add_(0, tokens, y * weights.flatten()[rows, None])
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out if self.tp is None else self.tp.all_reduce(out)

@@ -135,6 +135,8 @@ def check_divisible(arch: Arch, tp: int) -> None:
         problems.append(f"intermediate size {arch.intermediate_size}")
     if moe is not None and moe.intermediate_size % tp:
         problems.append(f"expert intermediate size {moe.intermediate_size}")
+    if arch.linear is not None:
+        problems.append("linear-attention layers (hybrid models run at tp=1 natively)")
     if problems:
         raise UnsupportedModel(f"cannot split over tp={tp} ranks: {', '.join(problems)}")
 

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 _FUSED = [
     (re.compile(r"\.self_attn\.([qkv])_proj\."), ".self_attn.qkv_proj.", {"q": 0, "k": 1, "v": 2}),
     (re.compile(r"\.mlp\.(gate|up)_proj\."), ".mlp.gate_up_proj.", {"gate": 0, "up": 1}),
+    (
+        re.compile(r"\.shared_expert\.(gate|up)_proj\."),
+        ".shared_expert.gate_up_proj.",
+        {"gate": 0, "up": 1},
+    ),
 ]
 _EXPERT = re.compile(
     r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
