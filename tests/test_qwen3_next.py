@@ -244,14 +244,15 @@ def test_kv_budget_counts_the_state_slots(model_dir):
         assert not kv.prefix_caching
         # KV for the one full-attention layer only: 2 x 2 KV heads x 16 x float32 per token.
         assert kv.bytes_per_block == 2 * 2 * 16 * 4 * kv.block_size
-        # Per linear layer: conv state (8+8+32 channels x 3) and recurrent state (4 x 8 x 8).
-        per_seq = 3 * (48 * 3 * 4 + 4 * 8 * 8 * 4)
+        # Per linear layer: conv state (q 16 + k 16 + v 32 channels x 3 inputs) and recurrent
+        # state (4 value heads x 8 x 8, float32).
+        per_seq = 3 * (64 * 3 * 4 + 4 * 8 * 8 * 4)
         assert runner.state_bytes == 8 * per_seq == runner.states.nbytes
-        budget = runner.state_bytes + 40 * kv.bytes_per_block
-        engine = EngineConfig(kv_cache_memory=budget, session_len=64, max_batch_size=8)
-        assert runner.plan_kv_blocks(engine, 64) == 40
+        budget = runner.state_bytes + 20 * kv.bytes_per_block  # under 8 full contexts (32)
+        engine = EngineConfig(kv_cache_memory=f"{budget}B", session_len=64, max_batch_size=8)
+        assert runner.plan_kv_blocks(engine, 64) == 20
         with pytest.raises(Exception, match="linear-attention states of 8 sequences"):
-            runner.plan_kv_blocks(EngineConfig(kv_cache_memory=runner.state_bytes), 64)
+            runner.plan_kv_blocks(EngineConfig(kv_cache_memory=f"{runner.state_bytes}B"), 64)
 
 
 def test_explain_chooses_native_with_layer_groups(model_dir):
