@@ -1,12 +1,12 @@
-"""Qwen3-Next on the native `pytorch` backend (a hybrid model) against transformers.
+"""Qwen3-Next and Qwen3.5 (hybrid models) on the native `pytorch` backend against transformers.
 
-A tiny random Qwen3-Next: three Gated DeltaNet (linear-attention) layers and one gated full
-attention layer, experts with a shared expert on all but one layer. Float32 logits at 1e-5 and
-greedy tokens equal to transformers': prompts prefilled in several chunks (their state carried
-from step to step) next to decodes, in a batch of different lengths with a small chunk budget,
-and under preemption (recomputed from position 0 with a fresh state). Then the state slots'
-bookkeeping, the KV budget that counts them, and what `explain` says.
-"""
+Tiny random models of each family: three Gated DeltaNet (linear-attention) layers and one gated
+full-attention layer; Qwen3-Next and Qwen3.5-MoE with experts and a shared expert. Float32
+logits (at 1e-4, see TOL) and greedy tokens equal to transformers': prompts prefilled in several
+chunks (their state carried from step to step) next to decodes, in a batch of different lengths
+with a small chunk budget, and under preemption (recomputed from position 0 with a fresh
+state). Then the state slots' bookkeeping, the KV budget that counts them, and what `explain`
+says."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Qwen3NextConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Qwen3_5MoeTextConfig,
+    Qwen3_5TextConfig,
+    Qwen3NextConfig,
+)
 
 from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, explain, pipeline
 from enginehouse.testing import build_model
@@ -30,32 +35,45 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 GREEDY = [(7, 12), (70, 8), (19, 16), (33, 10)]
 
 
+SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    initializer_range=0.1,  # peaked logits, yet the state's rounding stays small (TOL)
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+EXPERTS = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+)
+# Qwen3-Next (grouped in_proj_qkvz/ba, a dense MLP on layer 1), Qwen3.5's text model (plain
+# in_proj_qkv/z/b/a, dense MLPs) and Qwen3.5-MoE's (experts and a shared expert everywhere).
+CONFIGS = {
+    "qwen3_next": lambda: Qwen3NextConfig(
+        **SHAPE, **EXPERTS, mlp_only_layers=[1], norm_topk_prob=True
+    ),
+    "qwen3_5": lambda: Qwen3_5TextConfig(**SHAPE),
+    "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**SHAPE, **EXPERTS),
+}
+FAMILIES = list(CONFIGS)
+
+
 def config() -> Qwen3NextConfig:
-    return Qwen3NextConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        mlp_only_layers=[1],
-        norm_topk_prob=True,
-        initializer_range=0.1,  # peaked logits, yet the state's rounding stays small (TOL)
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    return CONFIGS["qwen3_next"]()
 
 
 def randomize_constants(folder) -> None:
@@ -70,16 +88,38 @@ def randomize_constants(folder) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = build_model(tmp_path_factory.mktemp("qwen3_next") / "model", config())
-    randomize_constants(folder)
-    return folder
+class Lazy(dict):
+    """Builds each family's value on first use, so `-k family` builds one family only."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        value = self[key] = self.make(key)
+        return value
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def model_dirs(tmp_path_factory):
+    def build(family: str):
+        folder = build_model(tmp_path_factory.mktemp(family) / "model", CONFIGS[family]())
+        randomize_constants(folder)
+        return folder
+
+    return Lazy(build)
+
+
+@pytest.fixture(scope="module")
+def refs(model_dirs):
+    return Lazy(
+        lambda f: AutoModelForCausalLM.from_pretrained(model_dirs[f], dtype=torch.float32).eval()
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs):
+    return model_dirs["qwen3_next"]
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -141,7 +181,9 @@ def test_chunked_delta_rule_equals_the_recurrence():
 # --- logits ---------------------------------------------------------------------------------
 
 
-def test_logits_equal_transformers_chunked_prefill_and_decode(model_dir, ref):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers_chunked_prefill_and_decode(family, model_dirs, refs):
+    model_dir, ref = model_dirs[family], refs[family]
     """Four prompts prefilled together in two chunks each (the second continues the state the
     first left), then decode steps: every position's logits equal transformers' at 1e-5."""
     with open_pipe(model_dir) as pipe:
@@ -192,7 +234,9 @@ def test_logits_equal_transformers_chunked_prefill_and_decode(model_dir, ref):
 # --- tokens ---------------------------------------------------------------------------------
 
 
-def test_greedy_equals_transformers_alone_and_in_a_chunked_batch(model_dir, ref):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_transformers_alone_and_in_a_chunked_batch(family, model_dirs, refs):
+    model_dir, ref = model_dirs[family], refs[family]
     prompts, answers = prompts_and_answers(ref)
     engine = dict(max_num_batched_tokens=16, max_batch_size=4)
     with open_pipe(model_dir, **engine) as pipe:
@@ -214,7 +258,9 @@ def test_greedy_equals_transformers_alone_and_in_a_chunked_batch(model_dir, ref)
     )
 
 
-def test_preemption_recomputes_the_same_tokens(model_dir, ref):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preemption_recomputes_the_same_tokens(family, model_dirs, refs):
+    model_dir, ref = model_dirs[family], refs[family]
     prompts, answers = prompts_and_answers(ref)
     # Blocks of 4 tokens and room for one 96-token context and one block more (past the
     # state pool's bytes): the first prompts take every block, so a decode step preempts.
@@ -255,12 +301,13 @@ def test_kv_budget_counts_the_state_slots(model_dir):
             runner.plan_kv_blocks(EngineConfig(kv_cache_memory=f"{runner.state_bytes}B"), 64)
 
 
-def test_explain_chooses_native_with_layer_groups(model_dir):
-    report = explain(str(model_dir))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_chooses_native_with_layer_groups(family, model_dirs):
+    report = explain(str(model_dirs[family]))
     assert report["chosen"] == "pytorch"
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     reason = verdict["reason"]
-    assert "native qwen3_next " in reason
+    assert f"native {family} " in reason
     assert "3 linear-attention layers" in reason and "1 full-attention layers" in reason
     assert "prefix caching is off: a linear-attention state" in reason
 

@@ -31,6 +31,7 @@ from .native.attention import StepMeta, TorchAttention
 from .native.state_pool import StatePool
 from .native_runner import NativeRunner
 
+
 class HybridRunner(NativeRunner):
     capabilities = RunnerCapabilities(profiles=True, plans_kv=True, releases_sequences=True)
 

@@ -50,6 +50,9 @@ class LinearAttention:
     head_v_dim: int
     conv_kernel: int
     layers: tuple[bool, ...]  # per layer: True where the layer is linear attention
+    # Qwen3.5: in_proj_qkv/z/b/a, q|k|v laid out whole; Qwen3-Next: in_proj_qkvz/ba grouped
+    # by key head.
+    split_projections: bool = False
 
     @property
     def conv_dim(self) -> int:
@@ -227,21 +230,25 @@ def qwen3_moe(config: Mapping[str, Any]) -> Arch:
     return Arch(**_common(config, "qwen3_moe"), qkv_bias=bias, o_bias=bias, qk_norm=True, moe=moe)
 
 
-def qwen3_next(config: Mapping[str, Any]) -> Arch:
-    """Qwen3-Next: Gated DeltaNet layers and gated full attention (`layer_types`), zero-centred
-    (1 + w) norms, partial rotary, experts with a shared expert."""
+def _linear_attention(config: Mapping[str, Any], split: bool) -> LinearAttention:
     types = config["layer_types"]
     unknown = set(types) - {"linear_attention", "full_attention"}
     if unknown:
         raise UnsupportedModel(f"layer types {sorted(unknown)} are not implemented natively")
-    linear = LinearAttention(
+    return LinearAttention(
         num_k_heads=config["linear_num_key_heads"],
         num_v_heads=config["linear_num_value_heads"],
         head_k_dim=config["linear_key_head_dim"],
         head_v_dim=config["linear_value_head_dim"],
         conv_kernel=config["linear_conv_kernel_dim"],
         layers=tuple(t == "linear_attention" for t in types),
+        split_projections=split,
     )
+
+
+def qwen3_next(config: Mapping[str, Any]) -> Arch:
+    """Qwen3-Next: Gated DeltaNet layers and gated full attention (`layer_types`), zero-centred
+    (1 + w) norms, partial rotary, experts with a shared expert."""
     base = qwen3_moe(config)
     moe = base.moe
     if moe is not None:
@@ -255,9 +262,36 @@ def qwen3_next(config: Mapping[str, Any]) -> Arch:
         o_bias=bias,
         norm_plus_one=True,
         moe=moe,
-        linear=linear,
+        linear=_linear_attention(config, split=False),
         attn_output_gate=True,
     )
+
+
+def qwen3_5(config: Mapping[str, Any]) -> Arch:
+    """Qwen3.5's text model: Qwen3-Next's layers with plain projections and a dense MLP. Its
+    multimodal rope (M-RoPE) is plain rope for text, whose three positions are equal."""
+    bias = bool(config.get("attention_bias", False))
+    return Arch(
+        **_common(config, "qwen3_5"),
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        norm_plus_one=True,
+        linear=_linear_attention(config, split=True),
+        attn_output_gate=True,
+    )
+
+
+def qwen3_5_moe(config: Mapping[str, Any]) -> Arch:
+    """Qwen3.5-MoE's text model: every layer's MLP is experts (renormalised) + a shared one."""
+    moe = MoE(
+        num_experts=config["num_experts"],
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["moe_intermediate_size"],
+        renormalize=True,
+        shared_expert_size=config.get("shared_expert_intermediate_size") or 0,
+    )
+    return replace(qwen3_5(config), family="qwen3_5_moe", moe=moe)
 
 
 # Architecture name (config.json "architectures") -> how to read its config.
@@ -271,6 +305,8 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "MixtralForCausalLM": mixtral,
     "Qwen3MoeForCausalLM": qwen3_moe,
     "Qwen3NextForCausalLM": qwen3_next,
+    "Qwen3_5ForCausalLM": qwen3_5,
+    "Qwen3_5MoeForCausalLM": qwen3_5_moe,
 }
 
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")

@@ -148,7 +148,8 @@ class MixtureOfExperts(nn.Module):
         self.act = activation(act)
         self.shared_expert: GatedMLP | None = None
         if moe.shared_expert_size:  # Qwen3-Next: every token also takes a gated shared expert
-            shared = moe.shared_expert_size if tp is None else tp.intermediate(moe.shared_expert_size)
+            shared = moe.shared_expert_size
+            shared = shared if tp is None else tp.intermediate(shared)
             self.shared_expert = GatedMLP(hidden, shared, act)  # reduced with the experts' sum
             self.shared_expert_gate = Linear(hidden, [1])
 

@@ -86,7 +86,7 @@ def delta_rule_prefill(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Ten
     outs = []
     for begin in range(0, q.shape[1], CHUNK):
         part = slice(begin, begin + CHUNK)
-        o, state = delta_rule_chunk(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state)
+        o, state = delta_rule_chunk(*(t[:, part] for t in (q, k, v, g, beta)), state)
         outs.append(o)
     return torch.cat(outs, dim=1), state
 
@@ -117,9 +117,11 @@ class GatedDeltaNet(nn.Module):
         self.la = la
         nk, nv, dk, dv = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
         self.group = nv // nk  # value heads per key head
-        # Both projections are grouped by key head: [q, k, v, z] and [b, a] for each.
-        self.in_proj_qkvz = Linear(arch.hidden_size, [2 * nk * dk + 2 * nv * dv])
-        self.in_proj_ba = Linear(arch.hidden_size, [2 * nv])
+        if la.split_projections:  # Qwen3.5: in_proj_qkv, _z, _b and _a fused (weights.py)
+            self.in_proj = Linear(arch.hidden_size, [la.conv_dim, nv * dv, nv, nv])
+        else:  # Qwen3-Next: both grouped by key head, [q, k, v, z] and [b, a] for each
+            self.in_proj_qkvz = Linear(arch.hidden_size, [2 * nk * dk + 2 * nv * dv])
+            self.in_proj_ba = Linear(arch.hidden_size, [2 * nv])
         self.conv1d = nn.Module()
         self.conv1d.weight = empty(la.conv_dim, 1, la.conv_kernel)
         self.A_log = empty(nv)
@@ -131,6 +133,10 @@ class GatedDeltaNet(nn.Module):
         """mixed q|k|v [T, conv_dim] (the convolution's input), z [T, nv, dv], b and a [T, nv]."""
         la, t, r = self.la, x.shape[0], self.group
         dk, dv = la.head_k_dim, la.head_v_dim
+        if la.split_projections:
+            nv = la.num_v_heads
+            mixed, z, b, a = self.in_proj(x).split([la.conv_dim, nv * dv, nv, nv], dim=-1)
+            return mixed, z.reshape(t, nv, dv), b, a
         qkvz = self.in_proj_qkvz(x).view(t, la.num_k_heads, -1)
         q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
         b, a = self.in_proj_ba(x).view(t, la.num_k_heads, 2 * r).split([r, r], dim=-1)

@@ -27,6 +27,11 @@ _FUSED = [
     (re.compile(r"\.self_attn\.([qkv])_proj\."), ".self_attn.qkv_proj.", {"q": 0, "k": 1, "v": 2}),
     (re.compile(r"\.mlp\.(gate|up)_proj\."), ".mlp.gate_up_proj.", {"gate": 0, "up": 1}),
     (
+        re.compile(r"\.linear_attn\.in_proj_(qkv|z|b|a)\."),
+        ".linear_attn.in_proj.",
+        {"qkv": 0, "z": 1, "b": 2, "a": 3},
+    ),
+    (
         re.compile(r"\.shared_expert\.(gate|up)_proj\."),
         ".shared_expert.gate_up_proj.",
         {"gate": 0, "up": 1},
