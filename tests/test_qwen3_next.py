@@ -312,8 +312,17 @@ def test_explain_chooses_native_with_layer_groups(family, model_dirs):
     assert "prefix caching is off: a linear-attention state" in reason
 
 
-def test_tensor_parallel_is_refused_with_the_reason(model_dir):
-    report = explain(str(model_dir), engine_config={"tp": 2})
-    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
-    assert not verdict["supported"]
-    assert "linear-attention layers" in verdict["reason"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_gives_tp1s_greedy_tokens(family, model_dirs):
+    """Two CPU ranks (gloo): each holds half of the linear-attention key heads (and the value
+    heads they serve, with their state slots), half the query heads, experts and shared expert."""
+    prompts, gen = [tokens(n, seed=500 + n) for n in (9, 30, 3)], fixed(8)
+
+    def run(**engine) -> list[list[int]]:
+        with open_pipe(model_dirs[family], device="cpu", max_batch_size=4, **engine) as pipe:
+            return [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
+
+    want = run()
+    assert run(tp=2, max_num_batched_tokens=16) == want
+    report = explain(str(model_dirs[family]), engine_config={"tp": 2})
+    assert report["chosen"] == "pytorch"

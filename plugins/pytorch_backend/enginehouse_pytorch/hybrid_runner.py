@@ -49,7 +49,10 @@ class HybridRunner(NativeRunner):
             prefix_caching=False,  # see native.hybrid.NO_PREFIX_CACHING
         )
         self.max_seqs = config.max_batch_size
-        self.state_bytes = StatePool.bytes_for(a.linear, self.max_seqs, self.dtype)
+        # CPU ranks of one machine share its memory: each plans with its part of a fraction.
+        self.memory_share = context.local_world_size if self.device.type == "cpu" else 1
+        self.linear = self.tp.linear  # this rank's linear-attention heads
+        self.state_bytes = StatePool.bytes_for(self.linear, self.max_seqs, self.dtype)
         self.states: StatePool | None = None
         self.kernel, self.paged = TorchAttention, False
 
@@ -62,7 +65,7 @@ class HybridRunner(NativeRunner):
         self.profile_run(config.max_num_batched_tokens)
         budget = config.kv_cache_memory
         if isinstance(budget, float):
-            budget = int(available_memory(self.device) * budget)
+            budget = int(available_memory(self.device) * budget / self.memory_share)
         left = budget - self.state_bytes
         per_seq = math.ceil(session_len / self.block_size)
         blocks = min(max(left, 0) // self.kv_spec.bytes_per_block, per_seq * self.max_seqs)
@@ -79,7 +82,7 @@ class HybridRunner(NativeRunner):
     def _allocate(self, num_blocks: int) -> None:
         """`NativeRunner._allocate` for the full-attention layers only; each linear layer's
         entry in `self.kv` is its part of the state pool instead."""
-        a, linear = self.arch, self.arch.linear
+        a, linear = self.arch, self.linear
         self.null_slot = num_blocks * self.block_size  # zeros, read by padding (see there)
         self.scratch_slot = self.null_slot + 1
         shape = (self.full_layers, 2, self.tp.kv_heads, self.null_slot + 2, a.head_dim)

@@ -24,6 +24,7 @@ from torch import nn
 from .arch import Arch
 from .attention import StepMeta
 from .layers import Linear, empty
+from .parallel import TensorParallel
 
 CHUNK = 64  # tokens per block of the chunked form: exp of cumulative decays stays in range
 
@@ -110,9 +111,10 @@ class GatedDeltaNet(nn.Module):
     """`model.layers.N.linear_attn`: checkpoint names kept (in_proj_qkvz, in_proj_ba, conv1d,
     A_log, dt_bias, norm, out_proj)."""
 
-    def __init__(self, arch: Arch) -> None:
+    def __init__(self, arch: Arch, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        la = arch.linear
+        self.tp = tp = tp or TensorParallel(arch)
+        la = tp.linear  # this rank's heads (all of them at tp=1)
         assert la is not None
         self.la = la
         nk, nv, dk, dv = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
@@ -187,4 +189,4 @@ class GatedDeltaNet(nn.Module):
             )
             out[rows] = o.transpose(0, 1)
         out = self.norm(out.to(x.dtype), z)
-        return self.out_proj(out.reshape(t, -1))
+        return self.tp.all_reduce(self.out_proj(out.reshape(t, -1)))

@@ -100,7 +100,7 @@ class DecoderLayer(nn.Module):
         # Hybrid models: a linear-attention layer keeps a state slot instead of KV.
         self.linear = arch.is_linear_layer(layer)
         if self.linear:
-            self.linear_attn = GatedDeltaNet(arch)
+            self.linear_attn = GatedDeltaNet(arch, tp)
         else:
             self.self_attn = Attention(arch, layer, kernel, tp)
         if arch.is_moe_layer(layer):

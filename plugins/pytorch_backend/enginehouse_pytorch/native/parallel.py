@@ -18,12 +18,12 @@ gate_up_proj, transformers 5's stacked experts) is read one whole tensor at a ti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .arch import Arch, UnsupportedModel
+from .arch import Arch, LinearAttention, UnsupportedModel
 
 Part = tuple[int, int, int]  # (dim, begin, end) of a checkpoint tensor
 
@@ -55,6 +55,17 @@ class TensorParallel:
 
     def intermediate(self, full: int) -> int:
         return full // self.size
+
+    @property
+    def linear(self) -> LinearAttention | None:
+        """This rank's share of the linear-attention heads: whole key heads, each with the
+        value heads it serves (the state slots hold only these)."""
+        la = self.arch.linear
+        if la is None:
+            return None
+        return replace(
+            la, num_k_heads=la.num_k_heads // self.size, num_v_heads=la.num_v_heads // self.size
+        )
 
     @property
     def vocab(self) -> int:
@@ -135,8 +146,10 @@ def check_divisible(arch: Arch, tp: int) -> None:
         problems.append(f"intermediate size {arch.intermediate_size}")
     if moe is not None and moe.intermediate_size % tp:
         problems.append(f"expert intermediate size {moe.intermediate_size}")
-    if arch.linear is not None:
-        problems.append("linear-attention layers (hybrid models run at tp=1 natively)")
+    if arch.linear is not None and arch.linear.num_k_heads % tp:
+        problems.append(f"{arch.linear.num_k_heads} linear-attention key heads")
+    if moe is not None and moe.shared_expert_size % tp:
+        problems.append(f"shared expert intermediate size {moe.shared_expert_size}")
     if problems:
         raise UnsupportedModel(f"cannot split over tp={tp} ranks: {', '.join(problems)}")
 
@@ -147,10 +160,16 @@ def rank_tensor(
     """This rank's part of one checkpoint tensor (`read(part)` reads it, or a slice of it);
     None where the rank holds zeros (the bias of a row-parallel projection, added once)."""
     a = tp.arch
+    if ".linear_attn." in pname or ".shared_expert." in pname:
+        from .hybrid_parallel import hybrid_part  # Qwen3-Next's and Qwen3.5's own layers
+
+        return hybrid_part(tp, pname, shard, read)
     if pname.endswith((".o_proj.bias", ".down_proj.bias")):
         return read() if tp.rank == 0 else None
     if ".qkv_proj." in pname:
         parts = [tp.head_rows(), tp.kv_rows(), tp.kv_rows()]
+        if a.attn_output_gate:  # each head's query and gate rows side by side: twice the rows
+            parts[0] = (2 * parts[0][0], 2 * parts[0][1])
         if shard is not None:
             return read((0, *parts[shard]))
         d = a.head_dim
