@@ -1,4 +1,4 @@
-"""Gated DeltaNet linear attention (Qwen3-Next's `linear_attn` layers), over packed tokens.
+"""Gated DeltaNet linear attention (Qwen3-Next's and Qwen3.5's `linear_attn` layers).
 
 A layer keeps no KV per token: each sequence has a fixed-size state, the last `conv_kernel - 1`
 inputs of its short causal convolution and a recurrent matrix [v_heads, k_dim, v_dim] per
@@ -108,8 +108,9 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """`model.layers.N.linear_attn`: checkpoint names kept (in_proj_qkvz, in_proj_ba, conv1d,
-    A_log, dt_bias, norm, out_proj)."""
+    """`model.layers.N.linear_attn`: checkpoint names kept (Qwen3-Next's in_proj_qkvz and
+    in_proj_ba; conv1d, A_log, dt_bias, norm, out_proj), except Qwen3.5's in_proj_qkv/z/b/a,
+    fused into `in_proj`. Sharded, this rank's key heads and their value heads only."""
 
     def __init__(self, arch: Arch, tp: TensorParallel | None = None) -> None:
         super().__init__()
