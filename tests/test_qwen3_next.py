@@ -326,3 +326,15 @@ def test_tp2_gives_tp1s_greedy_tokens(family, model_dirs):
     assert run(tp=2, max_num_batched_tokens=16) == want
     report = explain(str(model_dirs[family]), engine_config={"tp": 2})
     assert report["chosen"] == "pytorch"
+
+
+def test_conformance_kit_passes(model_dir):
+    """The kit's contract and model checks (batch invariance, chunked prefill, preemption,
+    transformers' logits and tokens, blocks returned); prefix caching is not applicable."""
+    from enginehouse.conformance import CHECKS, run_conformance
+
+    checks = [c for c in CHECKS if c != "tensor-parallel"]  # tp=2: test_tp2_gives_tp1s_...
+    report = run_conformance("pytorch", model_dir, families=[], checks=checks)
+    lines = "\n".join(r.line() for r in report.results)
+    assert report.ok, lines
+    assert {r.name for r in report.results if r.status == "n/a"} == {"prefix-cache"}, lines
