@@ -308,7 +308,7 @@ def test_explain_chooses_native_with_layer_groups(family, model_dirs):
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     reason = verdict["reason"]
     assert f"native {family} " in reason
-    assert "3 linear-attention layers" in reason and "1 full-attention layers" in reason
+    assert "3 linear-attention layers" in reason and "1 full-attention layer " in reason
     assert "prefix caching is off: a linear-attention state" in reason
 
 

@@ -138,12 +138,14 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     window = " with sliding window" if any(arch.windows) else ""
     moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
     images = f", images through the {encoder} encoder" if encoder else ""
-    hybrid = f"; {hybrid_line(arch, spec, config)}" if arch.linear is not None else ""
+    # A hybrid model's layer groups and their memory replace the kernels' line (torch ops).
+    cache = "paged KV cache, fused kernels"
+    if arch.linear is not None:
+        cache = hybrid_line(arch, spec, config)
     return verdict(
         True,
-        f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
+        f"native {arch.family} implementation{window}{moe}: {cache}{images}"
         + cpu_dtypes(config)
-        + hybrid
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding,
     )

@@ -36,9 +36,13 @@ def describe(arch: Arch, itemsize: int, max_seqs: int) -> str:
     per_token = 2 * num_full * arch.num_kv_heads * arch.head_dim * itemsize
     state = state_bytes_per_sequence(linear, itemsize)
     return (
-        f"layer groups: {num_linear} linear-attention layers (Gated DeltaNet, a state slot of "
-        f"{format_size(state)} per sequence: {format_size(state * max_seqs)} for "
-        f"max_batch_size={max_seqs}, taken from the KV budget) and {num_full} full-attention "
-        f"layers (paged KV, {format_size(per_token)} per token); {NO_PREFIX_CACHING}; "
-        f"{TORCH_PATH}"
+        f"layer groups: {_layers(num_linear, 'linear-attention')} (Gated DeltaNet, a state "
+        f"slot of {format_size(state)} per sequence: {format_size(state * max_seqs)} for "
+        f"max_batch_size={max_seqs}, taken from the KV budget) and "
+        f"{_layers(num_full, 'full-attention')} (paged KV, {format_size(per_token)} per token); "
+        f"{NO_PREFIX_CACHING}; {TORCH_PATH}"
     )
+
+
+def _layers(n: int, kind: str) -> str:
+    return f"{n} {kind} layer" + ("" if n == 1 else "s")
