@@ -11,6 +11,7 @@ says."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -338,3 +339,22 @@ def test_conformance_kit_passes(model_dir):
     lines = "\n".join(r.line() for r in report.results)
     assert report.ok, lines
     assert {r.name for r in report.results if r.status == "n/a"} == {"prefix-cache"}, lines
+
+
+def test_aborted_and_finished_sequences_give_their_slots_back(model_dir):
+    """Two slots (max_batch_size=2): streams left early (aborted while running) and more
+    requests than slots, one after another; a slot that was not given back would make a later
+    request fail for want of one."""
+    with open_pipe(model_dir, max_batch_size=2, max_num_batched_tokens=16) as pipe:
+        for seed in range(3):
+            stream = pipe.stream({"token_ids": tokens(20, seed=seed)}, fixed(50))
+            next(stream)
+            stream.close()
+        out = pipe([{"token_ids": tokens(9, seed=10 + i)} for i in range(5)], fixed(4))
+        assert [len(r.token_ids) for r in out] == [4] * 5
+        for _ in range(100):  # the engine tells the runner at its next step
+            if not pipe.runner.states.owner:
+                break
+            time.sleep(0.02)
+        assert pipe.runner.states.owner == {}
+        assert sorted(pipe.runner.states.free) == [0, 1]
