@@ -25,6 +25,7 @@ from enginehouse.plugin_api import (
 from .native import cpu_decode, cpu_kernels, cpu_step, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
+from .native.families import renamer
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
 from .native.parallel import TensorParallel
@@ -130,7 +131,8 @@ class NativeRunner:
             model.to_empty(device=self.device)
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
-        load_safetensors(model, files, progress, self.prefixes, self.tp)
+        architecture = language_model(self.spec.architecture, self.spec.config, self.spec.facts)[0]
+        load_safetensors(model, files, progress, self.prefixes, self.tp, renamer(architecture))
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())

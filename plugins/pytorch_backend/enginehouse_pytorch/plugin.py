@@ -5,6 +5,8 @@ from __future__ import annotations
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
 from enginehouse.plugin_api import RunnerContext, build_from_table, format_size
 
+ENGINEHOUSE_CONTRACT = "1.0"  # the plugin contract this plugin is written for
+
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
 NATIVE_PRIORITY = 100
 
@@ -216,6 +218,14 @@ RUNNERS = {
 @hookimpl
 def create_runner(backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext):
     return build_from_table(RUNNERS, backend, spec, config, context)
+
+
+@hookimpl
+def register_model_families() -> list:
+    """The native families register through the same hook as other plugins' (arch.FAMILIES)."""
+    from .native.families import own_families
+
+    return own_families()
 
 
 @hookimpl

@@ -3,6 +3,8 @@
 Every supported family is the same decoder with different switches (biases, norms, windows,
 soft-capping, experts), so adding a family means writing one function here that turns its
 config into an `Arch`, and, where its checkpoint names differ, a rename rule in `weights.py`.
+Another plugin adds one without touching this file through the `register_model_families`
+hook (native/families.py looks up both).
 """
 
 from __future__ import annotations
@@ -236,13 +238,17 @@ def language_model(
 
 def arch_from_config(architecture: str, config: Mapping[str, Any]) -> Arch:
     """The `Arch` of a checkpoint, or `UnsupportedModel` saying what is missing."""
-    read = FAMILIES.get(architecture)
-    if read is None:
+    from .families import family_of, native_families, reader_of
+
+    family = family_of(architecture)
+    if family is None:
         raise UnsupportedModel(
-            f"no native implementation of {architecture} (native: {', '.join(sorted(FAMILIES))})"
+            f"no native implementation of {architecture} (native: "
+            f"{', '.join(sorted(native_families()))}; a plugin adds one with the "
+            "register_model_families hook)"
         )
     try:
-        arch = read(config)
+        arch = reader_of(family)(config)
     except KeyError as e:
         raise UnsupportedModel(f"config.json has no {e.args[0]!r}") from None
     if arch.act not in SUPPORTED_ACTS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -114,18 +114,20 @@ def load_safetensors(
     progress: bool = True,
     prefixes: Mapping[str, str | None] | None = None,
     tp: TensorParallel | None = None,
+    rename: Callable[[str], str] | None = None,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
 
     With `prefixes` (checkpoint prefix -> ours), only tensors under one of them are read: the
     language model inside a vision-language checkpoint. With an active `tp`, each tensor's
-    part for this rank is read (`parallel.rank_tensor`).
+    part for this rank is read (`parallel.rank_tensor`). `rename` turns a plugin family's
+    checkpoint names into the native ones (`ModelFamily.weight_names`).
     """
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
     unknown = []
     for path, name, read in tensors(files, progress):
-        ours = _renamed(name, prefixes)
+        ours = _renamed(rename(name) if rename else name, prefixes)
         where = None if ours is None else target(ours)
         if where is None:
             continue
