@@ -293,10 +293,10 @@ def test_the_kit_fails_on_broken_variants(toyplatform):
             logits[:, :4] = float("-inf")  # every row, not only those that asked
             return logits
 
-    # q and k swapped: the model loads, and computes something else.
+    # The MLP's gate and up swapped: the model loads, and computes something else.
     swapped = (
-        (r"\.attn\.wq\.", ".self_attn.k_proj."),
-        (r"\.attn\.wk\.", ".self_attn.q_proj."),
+        (r"\.ffn\.w_gate\.", ".mlp.up_proj."),
+        (r"\.ffn\.w_up\.", ".mlp.gate_proj."),
         *TOY_LLAMA.weight_names,
     )
     variant = _variant(
