@@ -242,18 +242,24 @@ def test_the_server_request_takes_processors_and_vllm_xargs():
 
 
 def test_the_kit_passes_on_the_plugin(toyplatform):
-    from enginehouse.conformance.plugin_checks import check_plugin
+    import json
 
-    report = check_plugin(toyplatform, "toyplatform", device="toydev")
-    names = {r.name: r for r in report.results}
-    assert set(names) == {
-        "contract-version",
-        "platform[toydev]",
-        "platform-tp2[toydev]",
-        "family[ToyLlamaForCausalLM]",
-        "logits-processor[toy_ban]",
-    }
-    assert report.ok, [r.line() for r in report.results]
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    args = ["conformance-plugin", "toyplatform", "--device", "toydev", "--json"]
+    out = CliRunner().invoke(cli, args)
+    report = json.loads(out.stdout)
+    status = {r["name"]: r["status"] for r in report["results"]}
+    assert status == {
+        "contract-version": "pass",
+        "platform[toydev]": "pass",
+        "platform-tp2[toydev]": "pass",
+        "family[ToyLlamaForCausalLM]": "pass",
+        "logits-processor[toy_ban]": "pass",
+    }, report
+    assert out.exit_code == 0 and report["ok"]
 
 
 def _variant(plugin, **hooks) -> types.SimpleNamespace:

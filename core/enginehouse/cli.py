@@ -766,6 +766,30 @@ def conformance(
     sys.exit(report.exit_status)
 
 
+@cli.command("conformance-plugin")
+@click.argument("plugin")
+@click.option("--device", default="cpu", show_default=True, help="where its families run")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def conformance_plugin(plugin: str, device: str, as_json: bool) -> None:
+    """Check PLUGIN's contract version, platforms, model families and logits processors: one
+    line per check; exit status 1 when one fails (docs/plugins.md, "Prove your plugin")."""
+    from .conformance.plugin_checks import check_plugin
+
+    host = get_plugins()
+    module = host.pm.get_plugin(plugin)
+    if module is None:
+        loaded = ", ".join(n for n in host.infos if host.pm.get_plugin(n) is not None)
+        raise click.ClickException(f"no loaded plugin {plugin!r} (loaded: {loaded})")
+    report = check_plugin(
+        module, plugin, device, on_result=None if as_json else lambda r: click.echo(r.line())
+    )
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(f"plugin {plugin}: {report.summary()}")
+    sys.exit(report.exit_status)
+
+
 def _load_plugin_commands() -> None:
     for plugin, result in get_plugins().call_each("register_commands", cli=cli):
         if isinstance(result, Exception):

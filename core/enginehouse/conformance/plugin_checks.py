@@ -1,5 +1,5 @@
 """The conformance kit for a plugin's platforms, model families and logits processors, and
-the contract version it declares (`enginehouse conformance --plugin NAME`,
+the contract version it declares (`enginehouse conformance-plugin NAME`,
 `check_plugin()`).
 
 - `contract-version`: the module declares `ENGINEHOUSE_CONTRACT`, of the core's major version;
