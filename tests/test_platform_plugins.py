@@ -238,6 +238,31 @@ def test_the_server_request_takes_processors_and_vllm_xargs():
     assert params.extra_args == {"toy_ban": [3]}
 
 
+def test_the_server_applies_processors_and_refuses_unknown_ones(toyllama_dir, hf_tokens):
+    import httpx
+
+    from enginehouse.serve import ServerThread, create_app
+
+    first = hf_tokens[0][0]
+    body = {"prompt": PROMPTS[0], "max_tokens": NEW, "min_tokens": NEW, "temperature": 0}
+    with pipeline(str(toyllama_dir), engine_config={"device": "toydev"}, progress=False) as pipe:
+        want = pipe(
+            {"token_ids": PROMPTS[0]},
+            fixed(logits_processors=["toy_ban"], extra_args={"toy_ban": [first]}),
+        ).text
+        plain = pipe({"token_ids": PROMPTS[0]}, fixed()).text
+        with ServerThread(create_app(pipe)) as running:
+            url = f"{running.url}/v1/completions"
+            model = httpx.get(f"{running.url}/v1/models").json()["data"][0]["id"]
+            body["model"] = model
+            asked = {**body, "logits_processors": ["toy_ban"], "vllm_xargs": {"toy_ban": [first]}}
+            got = httpx.post(url, json=asked, timeout=60).json()["choices"][0]["text"]
+            unknown = httpx.post(url, json={**body, "logits_processors": ["nope"]}, timeout=60)
+    assert got == want != plain
+    assert unknown.status_code == 400
+    assert "unknown logits processor 'nope'" in unknown.text and "toy_ban" in unknown.text
+
+
 # --- the conformance kit -------------------------------------------------------------------
 
 
