@@ -139,6 +139,24 @@ def test_the_deprecated_native_impl_fact_still_works_with_a_warning(llama_dir, m
     assert spec.facts["native_impl"] == "llama"
 
 
+def test_a_deprecated_hook_still_runs_with_a_warning_naming_its_replacement(monkeypatch):
+    from enginehouse import contract, hookimpl
+
+    class Parsers:
+        @hookimpl
+        def register_tool_parsers(self):
+            return []
+
+    monkeypatch.setattr(contract, "_warned", set())
+    monkeypatch.setitem(
+        contract.DEPRECATED_HOOKS, "register_tool_parsers", ("the new_parsers hook", "1.0", "1.1")
+    )
+    host = load_plugins(only="")
+    with pytest.warns(ContractDeprecationWarning, match=r"register_tool_parsers.*new_parsers"):
+        host.register(Parsers(), "parsers")
+    assert [p for p, _ in host.call_each("register_tool_parsers")] == ["parsers"]
+
+
 # --- what explain and `enginehouse plugins` show ----------------------------------------
 
 
@@ -194,9 +212,14 @@ def test_the_renamed_family_runs_on_toydev_as_transformers_llama(toyllama_dir, h
 @pytest.mark.slow
 def test_the_renamed_family_at_tp2_on_toydev(toyllama_dir, hf_tokens):
     config = {"device": "toydev", "tp": 2, "distributed_timeout": 120}
+    first = hf_tokens[0][0]
+    banned = fixed(logits_processors=["toy_ban"], extra_args={"toy_ban": [first]})
     with pipeline(str(toyllama_dir), engine_config=config, progress=False) as pipe:
-        got = [r.token_ids for r in pipe([{"token_ids": p} for p in PROMPTS], fixed())]
+        prompts = [{"token_ids": p} for p in (*PROMPTS, PROMPTS[0])]
+        out = [r.token_ids for r in pipe(prompts, [fixed(), fixed(), banned])]
         summary = pipe.summary()
+    got, asked = out[:2], out[2]
+    assert first not in asked  # the processor ran on rank 0, on its row only
     assert summary["ranks"] == 2 and summary["collectives"] == "gloo"  # the platform's
     assert got == hf_tokens
 

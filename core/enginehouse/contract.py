@@ -91,7 +91,19 @@ def check_declared(module: Any, label: str, core: str = CONTRACT_VERSION) -> str
     return str(declared)
 
 
+# Deprecated hooks: name -> (replacement, since, removed_in). A plugin implementing one is
+# warned when it registers (PluginHost.register); the core keeps calling the hook until then.
+DEPRECATED_HOOKS: dict[str, tuple[str, str, str]] = {}
+
 _warned: set[str] = set()
+
+
+def warn_deprecated_hooks(label: str, hooks: list[str]) -> None:
+    """Warn for each hook of `hooks` (a plugin's, named `label`) that is deprecated."""
+    for hook in hooks:
+        if hook in DEPRECATED_HOOKS:
+            replacement, since, removed_in = DEPRECATED_HOOKS[hook]
+            deprecated(f"the {hook} hook (plugin {label})", replacement, since, removed_in)
 
 
 def deprecated(what: str, replacement: str, since: str, removed_in: str) -> None:

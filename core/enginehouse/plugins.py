@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import default_plugin, hookspecs
-from .contract import check_declared
+from .contract import check_declared, warn_deprecated_hooks
 from .errors import PluginLoadError
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class PluginHost:
             info.error = f"{type(e).__name__}: {e}"
             raise
         info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or ())
+        warn_deprecated_hooks(info.label, info.hooks)
 
     def load_entry_point(self, ep: EntryPoint, strict: bool) -> None:
         dist = getattr(ep, "dist", None)
