@@ -197,6 +197,24 @@ def test_an_unknown_device_names_the_platforms(toyplatform):
         enginehouse.EngineConfig(device="npu")
 
 
+def test_cpu_and_cuda_are_platforms_the_core_asks():
+    from enginehouse.device import missing_gpus, resolve_device
+    from enginehouse.executor.worker import dist_backend
+    from enginehouse.platforms import CPU, CUDA, platform_of, registered
+
+    assert registered(load_plugins(only=""))["cpu"] == ("enginehouse.default", CPU)
+    assert platform_of("cuda:1") == (CUDA, 1) and platform_of("cpu") == (CPU, None)
+    cpu = enginehouse.EngineConfig(device="cpu", tp=2)
+    assert dist_backend(cpu) == "gloo" and missing_gpus(cpu) is None
+    assert CPU.free_memory(torch.device("cpu")) > 0
+    if not torch.cuda.is_available():
+        cuda = enginehouse.EngineConfig(device="cuda", tp=2)
+        assert dist_backend(cuda) == "nccl"
+        assert missing_gpus(cuda).startswith("tp=2 needs 2 GPUs, one per rank")
+        with pytest.raises(RuntimeError, match="no cuda device"):
+            resolve_device(cuda)
+
+
 # --- running on the plugin's platform, the plugin's family ---------------------------------
 
 

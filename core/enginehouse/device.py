@@ -66,8 +66,8 @@ def missing_gpus(config: EngineConfig) -> str | None:
     if have >= need:
         return None
     what = f"tp={config.tp}" if config.dp == 1 else f"dp={config.dp} x tp={config.tp}"
+    kind = "GPUs" if platform.name == "cuda" else f"{platform.name} devices"
     return (
-        f"{what} needs {need} {platform.name} devices, one per rank, and this machine has "
-        f"{have}; lower "
+        f"{what} needs {need} {kind}, one per rank, and this machine has {have}; lower "
         "tp or dp, or use distributed_executor_backend='ray' across machines"
     )
