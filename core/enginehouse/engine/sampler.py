@@ -273,7 +273,7 @@ class ProcessorSet:
             self.pending.setdefault(name, ([], []))[1].append(seq_id)
 
     def apply(self, logits: torch.Tensor, batch: SamplingBatch, states: list) -> torch.Tensor:
-        """Each processor in use on its rows, in the order the requests named them."""
+        """Each processor in use on its rows (in the order the batch first names them)."""
         used: dict[str, dict[int, int]] = {}
         for row, (seq_id, state) in enumerate(zip(batch.seq_ids, states)):
             for name in state.processors if state is not None else ():

@@ -99,6 +99,7 @@ class GraphInfo:
 def load_native(spec: ModelSpec, dtype: torch.dtype, progress: bool = False):
     """The native `DecoderLM` on the CPU with its weights, unpacked (plain F.linear weights)."""
     from enginehouse_pytorch.native.arch import arch_from_config
+    from enginehouse_pytorch.native.families import renamer
     from enginehouse_pytorch.native.model import DecoderLM
     from enginehouse_pytorch.native.weights import load_safetensors
 
@@ -110,7 +111,8 @@ def load_native(spec: ModelSpec, dtype: torch.dtype, progress: bool = False):
     finally:
         torch.set_default_dtype(default)
     files = [spec.path / f for f in spec.weight_files if f.endswith(".safetensors")]
-    load_safetensors(model, files, progress)
+    # A family from a plugin names its tensors its own way (ModelFamily.weight_names).
+    load_safetensors(model, files, progress, rename=renamer(spec.architecture))
     model.finish_loading(pack=False)
     return model.eval()
 
