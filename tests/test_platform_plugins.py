@@ -227,6 +227,18 @@ def test_the_renamed_family_runs_on_toydev_as_transformers_llama(toyllama_dir, h
     assert batched == hf_tokens
 
 
+def test_the_kv_budget_is_the_platforms_free_memory(toyllama_dir, monkeypatch):
+    from enginehouse_toyplatform.platform import ToyDevPlatform
+
+    monkeypatch.setattr(ToyDevPlatform, "free_memory", lambda self, device: 2**20)
+    config = {"device": "toydev", "kv_cache_memory": 0.5}
+    with pipeline(str(toyllama_dir), engine_config=config, progress=False) as pipe:
+        summary = pipe.summary()
+    assert summary["session_len"] == 256  # the plugin's detect_architecture read max_seq_len
+    per_block = summary["kv_bytes"] // summary["kv_blocks"]
+    assert summary["kv_blocks"] == 2**19 // per_block  # half of what toydev says is free
+
+
 @pytest.mark.slow
 def test_the_renamed_family_at_tp2_on_toydev(toyllama_dir, hf_tokens):
     config = {"device": "toydev", "tp": 2, "distributed_timeout": 120}

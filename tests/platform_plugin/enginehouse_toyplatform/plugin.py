@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from enginehouse.plugin_api import LogitsProcessor, ModelFamily, Platform, hookimpl
+from typing import Any
+
+from enginehouse.plugin_api import LogitsProcessor, ModelFamily, ModelSpec, Platform, hookimpl
 
 # The enginehouse plugin contract this plugin was written for: a core of another major
 # version refuses to load it, naming both versions.
@@ -21,6 +23,14 @@ def register_model_families() -> list[ModelFamily]:
     from .family import TOY_LLAMA
 
     return [TOY_LLAMA]
+
+
+@hookimpl
+def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
+    """Our config names the context `max_seq_len`, which the core does not read: say it."""
+    if spec.architecture != "ToyLlamaForCausalLM":
+        return None
+    return {"context_length": spec.config.get("max_seq_len")}
 
 
 @hookimpl
