@@ -13,6 +13,8 @@ penalties) lives in the `Sampler` until the engine says the sequence finished; p
 not drop it. Order follows transformers: penalties, then temperature, top-k, top-p and min-p.
 A seeded request draws from its own CPU generator, so its tokens do not depend on what it is
 batched with, nor on the device; unseeded rows draw their noise on the logits' device.
+Plugins' logits processors (logits_processors.py) come by name in the batch and run after the
+token rules, before the grammar's mask (`ProcessorSet`).
 """
 
 from __future__ import annotations
