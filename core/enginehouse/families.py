@@ -59,8 +59,9 @@ class ModelFamily:
 def registered(backend: str, host: PluginHost | None = None) -> dict[str, tuple[str, ModelFamily]]:
     """architecture -> (plugin, family) for `backend`, from every plugin's hook.
 
-    The first plugin that registers an architecture keeps it (a backend's own families come
-    first, so a plugin cannot replace one); a clash is logged."""
+    The first plugin called that registers an architecture keeps it; another registering a
+    different family under the same name is logged and ignored. (The native backend puts its
+    own families ahead of all of these: a plugin cannot replace one.)"""
     if host is None:
         from .plugins import get_plugins
 
@@ -73,7 +74,8 @@ def registered(backend: str, host: PluginHost | None = None) -> dict[str, tuple[
         for family in result or ():
             if family.backend != backend:
                 continue
-            if family.architecture in found and found[family.architecture][0] != plugin:
+            known = found.get(family.architecture)
+            if known is not None and known[0] != plugin and known[1] != family:
                 log.warning(
                     "plugin %s registers %s, which %s already registers: ignored",
                     plugin,
