@@ -22,7 +22,7 @@ from enginehouse.errors import PluginLoadError
 from enginehouse.plugins import PluginHost, load_plugins, reset_plugins
 
 PLUGIN_SOURCE = Path(__file__).parent / "platform_plugin"
-PROMPTS = ([5, 6, 7, 8, 9], [11, 12, 13])
+PROMPTS = ([5, 6, 7, 8, 9], list(range(11, 51)))  # the second spans 2 full KV blocks and more
 NEW = 8
 
 
@@ -222,9 +222,10 @@ def test_the_renamed_family_runs_on_toydev_as_transformers_llama(toyllama_dir, h
     with pipeline(str(toyllama_dir), engine_config={"device": "toydev"}, progress=False) as pipe:
         assert pipe.backend_decision.chosen == "pytorch"
         alone = [pipe({"token_ids": p}, fixed()).token_ids for p in PROMPTS]
-        batched = [r.token_ids for r in pipe([{"token_ids": p} for p in PROMPTS], fixed())]
+        batch = pipe([{"token_ids": p} for p in PROMPTS], fixed())
     assert alone == hf_tokens
-    assert batched == hf_tokens
+    assert [r.token_ids for r in batch] == hf_tokens
+    assert batch[1].cached_tokens >= 32  # its first blocks came from the prefix cache
 
 
 def test_the_kv_budget_is_the_platforms_free_memory(toyllama_dir, monkeypatch):
