@@ -228,6 +228,25 @@ def test_the_renamed_family_runs_on_toydev_as_transformers_llama(toyllama_dir, h
     assert batch[1].cached_tokens >= 32  # its first blocks came from the prefix cache
 
 
+def test_a_family_sets_switches_and_unknown_ones_are_refused(llama_dir):
+    import json
+
+    from enginehouse.plugin_api import ModelFamily
+    from enginehouse_pytorch.native.arch import UnsupportedModel
+    from enginehouse_pytorch.native.families import reader_of
+
+    config = json.loads((llama_dir / "config.json").read_text())
+    normed = ModelFamily("NormedLlama", base="LlamaForCausalLM", switches={"qk_norm": True})
+    arch = reader_of(normed)(config)
+    assert arch.qk_norm and arch.family == "llama" and arch.hidden_size == config["hidden_size"]
+    with pytest.raises(UnsupportedModel, match="sets qk_nrom, which the native Arch"):
+        reader_of(ModelFamily("Typo", base="LlamaForCausalLM", switches={"qk_nrom": True}))
+    with pytest.raises(UnsupportedModel, match="builds on 'NoSuchForCausalLM'"):
+        reader_of(ModelFamily("Orphan", base="NoSuchForCausalLM"))
+    with pytest.raises(ValueError, match="either base= .* or reader="):
+        ModelFamily("Neither")
+
+
 def test_the_kv_budget_is_the_platforms_free_memory(toyllama_dir, monkeypatch):
     from enginehouse_toyplatform.platform import ToyDevPlatform
 
