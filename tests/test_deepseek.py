@@ -295,3 +295,14 @@ def test_moe_layer_freq_other_than_one_falls_back(models, tmp_path):
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     assert not verdict["supported"] and "moe_layer_freq=2" in verdict["reason"]
     assert report["chosen"] == "transformers"
+
+
+def test_the_onnx_export_refuses_latent_attention(models):
+    from enginehouse.spec import read_model_spec
+    from enginehouse_tensorrt.export import UnsupportedExport, check_exportable
+
+    with pytest.raises(UnsupportedExport, match="latent attention"):
+        check_exportable(read_model_spec(models("deepseek_v3")))
+    report = explain(str(models("deepseek_v3")))
+    onnx = next(v for v in report["verdicts"] if v["backend"] == "onnxruntime")
+    assert not onnx["supported"]
