@@ -55,12 +55,13 @@ CONFIGS = {
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
     ),
-    # V2-Lite's shape: plain q_proj, two shared experts; grouped softmax routing.
+    # V2-Lite's shape: plain q_proj, two shared experts; grouped softmax routing (both experts
+    # from the best group: with topk_group >= top_k the limit could not change a choice).
     "deepseek_v2": DeepseekV2Config(
         **COMMON,
         q_lora_rank=None,
         n_group=4,
-        topk_group=2,
+        topk_group=1,
         topk_method="group_limited_greedy",
         n_shared_experts=2,
         routed_scaling_factor=1.5,
@@ -306,3 +307,45 @@ def test_the_onnx_export_refuses_latent_attention(models):
     report = explain(str(models("deepseek_v3")))
     onnx = next(v for v in report["verdicts"] if v["backend"] == "onnxruntime")
     assert not onnx["supported"]
+
+
+# --- the router alone ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
+def test_router_chooses_transformers_experts_and_weights(name):
+    """Over many random tokens, the native router's experts and weights equal transformers'
+    router's, and the group limit changed the choice of some tokens (so it is exercised)."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from enginehouse_pytorch.native.arch import deepseek_v2, deepseek_v3
+    from enginehouse_pytorch.native.deepseek_moe import GroupedRouter
+
+    config = CONFIGS[name]
+    reader, reference_class = {
+        "deepseek_v3": (deepseek_v3, DeepseekV3TopkRouter),
+        "deepseek_v2": (deepseek_v2, DeepseekV2TopkRouter),
+    }[name]
+    torch.manual_seed(0)
+    reference = reference_class(config)
+    torch.nn.init.normal_(reference.weight, std=0.2)
+    ours = GroupedRouter(config.hidden_size, reader(config.to_dict()).moe)
+    ours.weight.data.copy_(reference.weight)
+    if name == "deepseek_v3":
+        reference.e_score_correction_bias.normal_(std=0.1)
+        ours.e_score_correction_bias.data.copy_(reference.e_score_correction_bias)
+    x = torch.randn(2000, config.hidden_size)
+    _, want_weights, want_experts = reference(x)
+    weights, experts = ours(x)
+    order, want_order = experts.sort(dim=-1), want_experts.sort(dim=-1)
+    assert torch.equal(order.values, want_order.values)
+    torch.testing.assert_close(
+        weights.gather(1, order.indices), want_weights.gather(1, want_order.indices), **TOL
+    )
+    ungrouped = GroupedRouter(
+        config.hidden_size, reader({**config.to_dict(), "n_group": 1, "topk_group": 1}).moe
+    )
+    ungrouped.load_state_dict(ours.state_dict())
+    changed = (ungrouped(x)[1].sort(dim=-1).values != order.values).any(dim=-1)
+    assert 0 < changed.sum() < len(x)
