@@ -349,3 +349,25 @@ def test_router_chooses_transformers_experts_and_weights(name):
     ungrouped.load_state_dict(ours.state_dict())
     changed = (ungrouped(x)[1].sort(dim=-1).values != order.values).any(dim=-1)
     assert 0 < changed.sum() < len(x)
+
+
+def test_softmax_scale_takes_yarns_mscale_as_transformers_does():
+    """DeepSeek's yarn configs rescale the whole q.k by mscale(mscale_all_dim) squared; the
+    factor is read now so that the yarn rope (rope.py) plugs in without touching MLA."""
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+
+    from enginehouse_pytorch.native.arch import MLA, Rope, mla_softmax_scale
+
+    mla = MLA(
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+    )
+    yarn = {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    for params in (yarn, {**yarn, "mscale_all_dim": 0.707}, {"rope_type": "default"}):
+        rope = Rope(kind=params["rope_type"], params=params)
+        want = yarn_apply_mscale(params, 192**-0.5)
+        assert mla_softmax_scale(mla, rope) == pytest.approx(want, rel=1e-12)
+    assert mla_softmax_scale(mla, Rope(kind="yarn", params=yarn)) > 192**-0.5
