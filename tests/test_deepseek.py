@@ -259,6 +259,9 @@ def test_tp2_gives_tp1s_tokens(family, models):
     with open_pipe(models(family), tp=2, device="cpu", max_batch_size=8) as pipe:
         assert pipe.summary()["ranks"] == 2
         assert [r.token_ids for r in pipe(prompts, gen)] == want
+    report = explain(str(models(family)), engine_config={"tp": 2, "device": "cpu"})
+    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert "2 heads and the whole latent cache per rank" in verdict["reason"]
 
 
 # --- the cache and explain ----------------------------------------------------------------------
