@@ -67,12 +67,15 @@ CONFIGS = {
         routed_scaling_factor=1.5,
     ),
 }
-# Variants checked on logits only: V3 with rope over halves, V2 with plain greedy routing.
+# Variants checked on logits only: V3 with rope over halves; V2 with plain greedy routing, a
+# LoRA query and every bias (attention's and the MLPs', shared experts included).
 VARIANTS = {
     "deepseek_v3_halves": DeepseekV3Config(
         **COMMON, q_lora_rank=32, n_group=2, topk_group=1, rope_interleave=False
     ),
-    "deepseek_v2_greedy": DeepseekV2Config(**COMMON, q_lora_rank=24, topk_method="greedy"),
+    "deepseek_v2_greedy": DeepseekV2Config(
+        **COMMON, q_lora_rank=24, topk_method="greedy", attention_bias=True, mlp_bias=True
+    ),
 }
 FAMILIES = list(CONFIGS)
 TOL = dict(rtol=1e-5, atol=1e-5)
