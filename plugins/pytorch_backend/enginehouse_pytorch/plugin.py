@@ -140,10 +140,21 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     images = f", images through the {encoder} encoder" if encoder else ""
     return verdict(
         True,
-        f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
+        f"native {arch.family} implementation{window}{moe}: {cache_kind(arch)}{images}"
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding,
+    )
+
+
+def cache_kind(arch) -> str:
+    """The KV cache's kind, as `explain` says it."""
+    if arch.mla is None:
+        return "paged KV cache, fused kernels"
+    heads = arch.num_heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim)
+    return (
+        f"paged latent cache (kind mla: {arch.mla.cache_width} values per token and layer, "
+        f"against {heads} for its heads' keys and values), attention in torch ops"
     )
 
 
@@ -163,6 +174,8 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
         )
     kv = arch.num_kv_heads
     kv_split = f"{kv // tp} KV heads" if kv >= tp else f"1 KV head (replicated on {tp // kv})"
+    if arch.mla is not None:
+        kv_split = "the whole latent cache"
     return (
         f"; tensor parallel over {tp} ranks: {arch.num_heads // tp} heads and {kv_split} "
         f"per rank, MLP and vocabulary split ({config.executor} executor)"

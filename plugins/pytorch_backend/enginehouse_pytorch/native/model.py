@@ -12,7 +12,9 @@ from torch import nn
 from . import cpu_decode, cpu_step
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
+from .deepseek_moe import SharedExpertsMoE
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
+from .mla import LatentAttention
 from .parallel import TensorParallel
 from .rope import apply_rope
 
@@ -80,8 +82,13 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         eps, plus_one = arch.rms_norm_eps, arch.norm_plus_one
-        self.self_attn = Attention(arch, layer, kernel, tp)
-        if arch.is_moe_layer(layer):
+        if arch.mla is not None:  # DeepSeek: attention over a latent cache, in torch ops
+            self.self_attn = LatentAttention(arch, tp)
+        else:
+            self.self_attn = Attention(arch, layer, kernel, tp)
+        if arch.is_moe_layer(layer) and arch.moe.routing is not None:  # DeepSeek's mixture
+            self.mlp = SharedExpertsMoE(arch.hidden_size, arch.moe, arch.act, arch.mlp_bias, tp)
+        elif arch.is_moe_layer(layer):
             self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act, tp)
         else:
             inter = tp.intermediate(arch.intermediate_size)
@@ -155,8 +162,12 @@ class DecoderLM(nn.Module):
         `pack` (CPU) hand every projection to oneDNN (see `Linear.pack`). A tied head is
         packed from the embedding, which stays as it is for the lookup. `fused` (CPU, the
         `cpu_decode` kernels built): small steps use its products and fused ops."""
-        self.fused = fused and not self.arch.sandwich_norm
+        # MLA's layers keep the per-op torch path: cpu_decode's fused ops and cpu_step's
+        # one-call decode know only q/k/v heads (mla.py).
+        self.fused = fused and not self.arch.sandwich_norm and self.arch.mla is None
         for m in self.modules():
+            if isinstance(m, LatentAttention):
+                m.absorb()  # before its kv_b_proj is packed (pre-order: parents come first)
             if isinstance(m, RMSNorm):
                 m.fold()
             elif pack and isinstance(m, Linear):

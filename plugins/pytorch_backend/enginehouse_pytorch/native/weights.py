@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 _FUSED = [
     (re.compile(r"\.self_attn\.([qkv])_proj\."), ".self_attn.qkv_proj.", {"q": 0, "k": 1, "v": 2}),
     (re.compile(r"\.mlp\.(gate|up)_proj\."), ".mlp.gate_up_proj.", {"gate": 0, "up": 1}),
+    (
+        re.compile(r"\.shared_experts\.(gate|up)_proj\."),  # DeepSeek's shared experts
+        ".shared_experts.gate_up_proj.",
+        {"gate": 0, "up": 1},
+    ),
 ]
 _EXPERT = re.compile(
     r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
@@ -128,7 +133,10 @@ def load_safetensors(
     unknown = []
     for path, name, read in tensors(files, progress):
         ours = _renamed(rename(name) if rename else name, prefixes)
-        where = None if ours is None else target(ours)
+        if ours in params:  # a parameter of that very name (DeepSeek-V2-Lite's own q_proj)
+            where: tuple[str, int | None, int | None] | None = (ours, None, None)
+        else:
+            where = None if ours is None else target(ours)
         if where is None:
             continue
         pname, expert, shard = where
