@@ -31,7 +31,15 @@ def test_console_script_lists_plugins_from_installed_metadata():
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
     assert plugins["pytorch"]["distribution"] == "enginehouse-pytorch"
-    assert plugins["pytorch"]["hooks"] == ["create_runner", "probe_backend", "register_commands"]
+    assert plugins["pytorch"]["hooks"] == [
+        "create_runner",
+        "probe_backend",
+        "register_commands",
+        "register_model_families",
+    ]
+    assert plugins["pytorch"]["contract"] == "1.0"
+    assert "LlamaForCausalLM" in plugins["pytorch"]["model_families"]
+    assert plugins["enginehouse.default"]["platforms"] == ["cpu", "cuda"]
     assert {"enginehouse.default", "tensorrt", "vision"} <= set(plugins)
     assert all(p["error"] is None for p in plugins.values())
 

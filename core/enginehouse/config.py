@@ -64,6 +64,11 @@ class GenerationConfig(BaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
     structural_tag: dict[str, Any] | None = Field(None, description="xgrammar's `format` object")
+    # Plugins' logits processors by name (register_logits_processors), applied where sampling
+    # runs to this request's rows; extra_args (vLLM's SamplingParams.extra_args, the server's
+    # vllm_xargs) are what the processors read of the request.
+    logits_processors: list[str] | None = None
+    extra_args: dict[str, Any] | None = None
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -256,7 +261,9 @@ class EngineConfig(BaseModel):
     )
     enable_prefix_caching: bool = True
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    device: str = Field(
+        "auto", description="'auto', 'cpu', 'cuda' or 'cuda:N', or a plugin platform's name"
+    )
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
     eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
     tp: int = Field(1, ge=1, description="tensor parallelism: shard the model over N ranks")
@@ -352,8 +359,11 @@ class EngineConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"unknown device {v!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            return v  # the built-in platforms: no plugins need loading
+        from .platforms import platform_of  # another name: a plugin's platform, or an error
+
+        platform_of(v)
         return v
 
     @model_validator(mode="after")

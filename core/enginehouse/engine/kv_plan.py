@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..config import EngineConfig, format_size
-from ..device import available_memory
+from ..device import platform_memory
 from ..errors import EnginehouseError
 from ..runner import ModelRunner, RunnerContext, capabilities_of
 
@@ -30,7 +30,7 @@ def plan_kv_blocks(
     budget = config.kv_cache_memory
     if isinstance(budget, float):
         share = context.local_world_size if context and kv.device.type == "cpu" else 1
-        budget = int(available_memory(kv.device) * budget / share)
+        budget = int(platform_memory(config, kv.device) * budget / share)
     per_seq = math.ceil(session_len / kv.block_size)
     # Blocks beyond what max_batch_size full-length sequences can use would sit idle.
     blocks = min(budget // kv.bytes_per_block, per_seq * config.max_batch_size)

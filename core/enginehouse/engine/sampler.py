@@ -13,6 +13,8 @@ penalties) lives in the `Sampler` until the engine says the sequence finished; p
 not drop it. Order follows transformers: penalties, then temperature, top-k, top-p and min-p.
 A seeded request draws from its own CPU generator, so its tokens do not depend on what it is
 batched with, nor on the device; unseeded rows draw their noise on the logits' device.
+Plugins' logits processors (logits_processors.py) come by name in the batch and run after the
+token rules, before the grammar's mask (`ProcessorSet`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import GenerationConfig
+from ..logits_processors import BatchUpdate, LogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class SamplingBatch:
     # penalty), and token rules (logit_bias, allowed_token_ids, bad_words_ids).
     prompts: dict[int, list[int]] = field(default_factory=dict)
     rules: dict[int, TokenRules] = field(default_factory=dict)
+    # Sent once too: the logits processors a sequence asks for, by name, and its extra_args.
+    processors: dict[int, tuple[tuple[str, ...], dict]] = field(default_factory=dict)
     scoring: list[PromptScoring] = field(default_factory=list)
     # Rows constrained by a grammar (indices into this batch), and the grammar's vocabulary.
     constrained: list[int] = field(default_factory=list)
@@ -122,6 +127,8 @@ def batch_of(rows: list[tuple[int, int, GenerationConfig, bool, list[int]]]) -> 
             batch.prompts[seq_id] = list(prompt)
         if new and (rules := TokenRules.of(p)) is not None:
             batch.rules[seq_id] = rules
+        if new and p.logits_processors:
+            batch.processors[seq_id] = (tuple(p.logits_processors), dict(p.extra_args or {}))
     return batch
 
 
@@ -151,7 +158,8 @@ class _SeqState:
     seen: set[int] = field(default_factory=set)  # prompt and output, for repetition_penalty
     counts: Counter = field(default_factory=Counter)  # output tokens, presence/frequency
     rules: TokenRules | None = None
-    output: list[int] = field(default_factory=list)  # kept for bad_words_ids only
+    output: list[int] = field(default_factory=list)  # for bad_words_ids and processors only
+    processors: tuple[str, ...] = ()  # the logits processors it asked for
 
 
 class Sampler:
@@ -159,10 +167,13 @@ class Sampler:
 
     def __init__(self) -> None:
         self.states: dict[int, _SeqState] = {}
+        self.processors = ProcessorSet()
 
     def finish(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
-            self.states.pop(s, None)
+            state = self.states.pop(s, None)
+            if state is not None and state.processors:
+                self.processors.finished(s, state.processors)
 
     def _state(self, seq_id: int, seed: int | None, batch: SamplingBatch) -> _SeqState:
         state = self.states.get(seq_id)
@@ -172,6 +183,10 @@ class Sampler:
                 state.generator = torch.Generator().manual_seed(seed)
             state.seen.update(batch.prompts.get(seq_id, ()))
             state.rules = batch.rules.get(seq_id)
+            names, args = batch.processors.get(seq_id, ((), {}))
+            state.processors = names
+            for name in names:
+                self.processors.added(name, seq_id, args)
         return state
 
     @torch.inference_mode()  # the runner's logits are inference tensors, changed in place here
@@ -192,7 +207,11 @@ class Sampler:
         # first step); later steps find the state the sampler kept.
         states = [
             self._state(s, seed, batch)
-            if p or seed is not None or s in batch.rules or s in self.states
+            if p
+            or seed is not None
+            or s in batch.rules
+            or s in batch.processors
+            or s in self.states
             else None
             for s, seed, p in zip(batch.seq_ids, batch.seeds, penalized)
         ]
@@ -206,6 +225,8 @@ class Sampler:
             picked[batch.banned] = float("-inf")
         if any(s is not None and s.rules is not None for s in states):
             _apply_rules(picked, states)
+        if any(s is not None and s.processors for s in states):
+            picked = self.processors.apply(picked, batch, states)
         if bitmask is not None and batch.constrained:
             _mask(picked, bitmask, batch)
         tokens, out.finite = _first_max(picked)
@@ -221,9 +242,56 @@ class Sampler:
             if state is not None:
                 state.seen.add(token)
                 state.counts[token] += 1
-                if state.rules is not None and state.rules.bad_words_ids:
+                if state.processors or (state.rules is not None and state.rules.bad_words_ids):
                     state.output.append(token)
         return out
+
+
+class ProcessorSet:
+    """The logits processors of one sampler: built by name on first use, each told per step
+    which of its requests were added, finished, and where their rows are."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, LogitsProcessor] = {}
+        self.pending: dict[str, tuple[list, list]] = {}  # name -> (added, removed) since a step
+
+    def get(self, name: str) -> LogitsProcessor:
+        if name not in self.instances:
+            from ..logits_processors import registered
+
+            known = registered()
+            if name not in known:  # checked at submit: a rank without the plugin
+                raise RuntimeError(
+                    f"logits processor {name!r} is not installed where sampling runs"
+                )
+            self.instances[name] = known[name][1]()
+        return self.instances[name]
+
+    def added(self, name: str, seq_id: int, args: dict) -> None:
+        self.pending.setdefault(name, ([], []))[0].append((seq_id, args))
+
+    def finished(self, seq_id: int, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.pending.setdefault(name, ([], []))[1].append(seq_id)
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch, states: list) -> torch.Tensor:
+        """Each processor in use on its rows (in the order the batch first names them)."""
+        used: dict[str, dict[int, int]] = {}
+        for row, (seq_id, state) in enumerate(zip(batch.seq_ids, states)):
+            for name in state.processors if state is not None else ():
+                used.setdefault(name, {})[seq_id] = row
+        for name, rows in used.items():
+            added, removed = self.pending.pop(name, ([], []))
+            proc = self.get(name)
+            outputs = {s: states[r].output for s, r in rows.items()}
+            proc.update_state(BatchUpdate(added, removed, rows, outputs))
+            if proc.is_argmax_invariant() and all(batch.greedy[r] for r in rows.values()):
+                continue  # it cannot change a greedy row's token
+            logits = proc.apply(logits)
+        for name in [n for n in self.pending if n in self.instances]:  # only removals left
+            added, removed = self.pending.pop(name)
+            self.instances[name].update_state(BatchUpdate(added, removed))
+        return logits
 
 
 def _apply_rules(logits: torch.Tensor, states: list[_SeqState | None]) -> None:

@@ -22,9 +22,10 @@ from enginehouse.plugin_api import (
     use_all_cores,
 )
 
-from .native import cpu_decode, cpu_kernels, cpu_step, quant
+from .native import cpu_decode, cpu_kernels, cpu_step, mla, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
+from .native.families import renamer
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
 from .native.parallel import TensorParallel
@@ -74,6 +75,8 @@ class NativeRunner:
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
         per_token = kv_bytes_per_token(a.num_layers, kv_heads, a.head_dim, self.dtype)
+        if a.mla is not None:  # a cache group of kind "mla": the latent and rope key per token
+            per_token = mla.cache_bytes_per_token(a, self.dtype)
         self.kv_spec = KVSpec(
             block_size=self.block_size,
             bytes_per_block=per_token * self.block_size,
@@ -90,6 +93,8 @@ class NativeRunner:
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
+        if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
+            return TorchAttention
         if self.device.type == "cpu":
             if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
@@ -130,7 +135,8 @@ class NativeRunner:
             model.to_empty(device=self.device)
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
-        load_safetensors(model, files, progress, self.prefixes, self.tp)
+        architecture = language_model(self.spec.architecture, self.spec.config, self.spec.facts)[0]
+        load_safetensors(model, files, progress, self.prefixes, self.tp, renamer(architecture))
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
@@ -160,6 +166,12 @@ class NativeRunner:
         # The slot after it is scratch: the padding rows of a CUDA graph write their K/V there.
         self.null_slot = num_blocks * self.block_size
         self.scratch_slot = self.null_slot + 1
+        if a.mla is not None:
+            self.kv = mla.allocate_cache(
+                a, self.null_slot + 2, self.null_slot, self.dtype, self.device
+            )
+            self.layout = {"kv_heads": 1, "num_slots": self.null_slot + 2}
+            return
         shape = (a.num_layers, 2, self.tp.kv_heads, self.null_slot + 2, a.head_dim)
         cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         cache[:, :, :, self.null_slot].zero_()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
 from enginehouse.plugin_api import RunnerContext, build_from_table, format_size
 
+ENGINEHOUSE_CONTRACT = "1.0"  # the plugin contract this plugin is written for
+
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
 NATIVE_PRIORITY = 100
 
@@ -139,7 +141,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
     images = f", images through the {encoder} encoder" if encoder else ""
     # A hybrid model's layer groups and their memory replace the kernels' line (torch ops).
-    cache = "paged KV cache, fused kernels"
+    cache = cache_kind(arch)
     if arch.linear is not None:
         cache = hybrid_line(arch, spec, config)
     return verdict(
@@ -148,6 +150,17 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding,
+    )
+
+
+def cache_kind(arch) -> str:
+    """The KV cache's kind, as `explain` says it."""
+    if arch.mla is None:
+        return "paged KV cache, fused kernels"
+    heads = arch.num_heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim)
+    return (
+        f"paged latent cache (kind mla: {arch.mla.cache_width} values per token and layer, "
+        f"against {heads} for its heads' keys and values), attention in torch ops"
     )
 
 
@@ -167,6 +180,8 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
         )
     kv = arch.num_kv_heads
     kv_split = f"{kv // tp} KV heads" if kv >= tp else f"1 KV head (replicated on {tp // kv})"
+    if arch.mla is not None:
+        kv_split = "the whole latent cache"
     return (
         f"; tensor parallel over {tp} ranks: {arch.num_heads // tp} heads and {kv_split} "
         f"per rank, MLP and vocabulary split ({config.executor} executor)"
@@ -235,6 +250,14 @@ RUNNERS = {
 @hookimpl
 def create_runner(backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext):
     return build_from_table(RUNNERS, backend, spec, config, context)
+
+
+@hookimpl
+def register_model_families() -> list:
+    """The native families register through the same hook as other plugins' (arch.FAMILIES)."""
+    from .native.families import own_families
+
+    return own_families()
 
 
 @hookimpl

@@ -3,10 +3,13 @@
 Every supported family is the same decoder with different switches (biases, norms, windows,
 soft-capping, experts), so adding a family means writing one function here that turns its
 config into an `Arch`, and, where its checkpoint names differ, a rename rule in `weights.py`.
+Another plugin adds one without touching this file through the `register_model_families`
+hook (native/families.py looks up both).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,7 +39,44 @@ class MoE:
     intermediate_size: int
     renormalize: bool  # divide the chosen experts' weights by their sum
     layers: tuple[bool, ...] = ()  # per layer: True where the MLP is the mixture
+    routing: Routing | None = None  # DeepSeek's router (deepseek_moe.py); None: softmax top-k
+    shared_intermediate_size: int = 0  # DeepSeek's shared experts, one gated MLP of this size
     shared_expert_size: int = 0  # Qwen3-Next: a shared expert of this size, sigmoid-gated
+
+
+@dataclass(frozen=True)
+class Routing:
+    """DeepSeek's router: V2 scores experts by softmax (greedy, or greedy within the best
+    groups), V3 by sigmoid plus a learned bias used for the choice only, within groups ranked
+    by their two best experts; the chosen weights are scaled by `scaling`."""
+
+    scoring: str  # "softmax" (V2) or "sigmoid" (V3)
+    method: str  # "greedy", "group_limited_greedy" (V2) or "noaux_tc" (V3)
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
+    score_bias: bool = False  # V3's e_score_correction_bias
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek V2/V3, Kimi K2): the cache holds, per token, the
+    normalised latent (`kv_lora_rank`) and one rope key shared by every head (`mla.py`)."""
+
+    q_lora_rank: int | None  # None: a plain q_proj (DeepSeek-V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Values a token keeps per layer: the latent and the rope key, no separate V."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -89,6 +129,8 @@ class Arch:
     moe: MoE | None = None
     linear: LinearAttention | None = None  # hybrid models: which layers are linear attention
     attn_output_gate: bool = False  # Qwen3-Next: q_proj also makes a sigmoid gate per head
+    mla: MLA | None = None  # DeepSeek's latent attention instead of q/k/v heads
+    rope_interleave: bool = False  # rope over (even, odd) pairs, as DeepSeek's checkpoints
 
     @property
     def scale(self) -> float:
@@ -294,6 +336,110 @@ def qwen3_5_moe(config: Mapping[str, Any]) -> Arch:
     return replace(qwen3_5(config), family="qwen3_5_moe", moe=moe)
 
 
+def _mla(config: Mapping[str, Any]) -> MLA:
+    return MLA(
+        q_lora_rank=config.get("q_lora_rank"),
+        kv_lora_rank=config["kv_lora_rank"],
+        qk_nope_head_dim=config["qk_nope_head_dim"],
+        qk_rope_head_dim=config["qk_rope_head_dim"],
+        v_head_dim=config["v_head_dim"],
+    )
+
+
+def mla_softmax_scale(mla: MLA, rope: Rope) -> float:
+    """DeepSeek's softmax scale: qk_head_dim ** -0.5, times YaRN's mscale squared where the rope
+    is scaled and `mscale_all_dim` is set (transformers' `yarn_apply_mscale`): the whole q.k is
+    rescaled, not only the rotary part. The yarn frequencies themselves are rope.py's."""
+    scale = mla.qk_head_dim**-0.5
+    all_dim = rope.params.get("mscale_all_dim") or 0
+    factor = float(rope.params.get("factor") or 1.0)
+    if rope.kind != "default" and all_dim and factor > 1:
+        mscale = 0.1 * all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+def _deepseek(config: Mapping[str, Any], family: str, routing: Routing, renormalize: bool) -> Arch:
+    """DeepSeek V2 and V3: latent attention; a mixture with shared experts from layer
+    `first_k_dense_replace` on (transformers 5.25's rule for both)."""
+    if config.get("moe_layer_freq", 1) != 1:
+        raise UnsupportedModel(
+            f"moe_layer_freq={config['moe_layer_freq']}: transformers puts a mixture in every "
+            "layer from first_k_dense_replace on, the native backend too; only 1 is supported"
+        )
+    mla = _mla(config)
+    common = _common(config, family)
+    rope = _rope(config, mla.qk_rope_head_dim)  # rope covers the rope part of each head only
+    common.update(
+        head_dim=mla.qk_head_dim,
+        num_kv_heads=common["num_heads"],  # no KV heads: the cache is one latent per token
+        rope=replace(rope, rotary_dim=mla.qk_rope_head_dim),
+    )
+    layers = config["num_hidden_layers"]
+    experts = config.get("n_routed_experts")
+    moe = None
+    if experts:
+        moe = MoE(
+            num_experts=experts,
+            top_k=config["num_experts_per_tok"],
+            intermediate_size=config["moe_intermediate_size"],
+            renormalize=renormalize,
+            layers=tuple(i >= config.get("first_k_dense_replace", 0) for i in range(layers)),
+            routing=routing,
+            shared_intermediate_size=config["moe_intermediate_size"]
+            * (config.get("n_shared_experts") or 0),
+        )
+        if experts % routing.num_groups or routing.topk_groups > routing.num_groups:
+            raise UnsupportedModel(
+                f"{experts} experts do not split into n_group={routing.num_groups} groups "
+                f"of which topk_group={routing.topk_groups} are chosen"
+            )
+    bias = bool(config.get("attention_bias", False))
+    return Arch(
+        **common,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        attn_scale=mla_softmax_scale(mla, common["rope"]),
+        moe=moe,
+        mla=mla,
+        rope_interleave=bool(config.get("rope_interleave", True)),
+    )
+
+
+def deepseek_v2(config: Mapping[str, Any]) -> Arch:
+    method = config.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedModel(f"DeepSeek-V2 topk_method {method!r} is not implemented natively")
+    grouped = method == "group_limited_greedy"
+    routing = Routing(
+        scoring="softmax",
+        method=method,
+        num_groups=config.get("n_group") or 1 if grouped else 1,
+        topk_groups=config.get("topk_group") or 1 if grouped else 1,
+        scaling=float(config.get("routed_scaling_factor", 1.0)),
+    )
+    # transformers 5.25's V2 router never renormalises the chosen weights, whatever
+    # norm_topk_prob says (the released V2 checkpoints set it false).
+    arch = _deepseek(config, "deepseek_v2", routing, renormalize=False)
+    return replace(arch, rope_interleave=True)  # V2 rotates (even, odd) pairs, as complex numbers
+
+
+def deepseek_v3(config: Mapping[str, Any]) -> Arch:
+    groups = config.get("n_group") or 1
+    if config.get("n_routed_experts") and config["n_routed_experts"] // groups < 2:
+        raise UnsupportedModel("DeepSeek-V3 ranks expert groups by their two best: need 2+ each")
+    routing = Routing(
+        scoring="sigmoid",
+        method="noaux_tc",
+        num_groups=groups,
+        topk_groups=config.get("topk_group") or 1,
+        scaling=float(config.get("routed_scaling_factor", 1.0)),
+        score_bias=True,
+    )
+    return _deepseek(config, "deepseek_v3", routing, bool(config.get("norm_topk_prob", True)))
+
+
 # Architecture name (config.json "architectures") -> how to read its config.
 FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "LlamaForCausalLM": llama,
@@ -307,6 +453,8 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "Qwen3NextForCausalLM": qwen3_next,
     "Qwen3_5ForCausalLM": qwen3_5,
     "Qwen3_5MoeForCausalLM": qwen3_5_moe,
+    "DeepseekV2ForCausalLM": deepseek_v2,
+    "DeepseekV3ForCausalLM": deepseek_v3,  # also Kimi-K2's architecture
 }
 
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -330,13 +478,17 @@ def language_model(
 
 def arch_from_config(architecture: str, config: Mapping[str, Any]) -> Arch:
     """The `Arch` of a checkpoint, or `UnsupportedModel` saying what is missing."""
-    read = FAMILIES.get(architecture)
-    if read is None:
+    from .families import family_of, native_families, reader_of
+
+    family = family_of(architecture)
+    if family is None:
         raise UnsupportedModel(
-            f"no native implementation of {architecture} (native: {', '.join(sorted(FAMILIES))})"
+            f"no native implementation of {architecture} (native: "
+            f"{', '.join(sorted(native_families()))}; a plugin adds one with the "
+            "register_model_families hook)"
         )
     try:
-        arch = read(config)
+        arch = reader_of(family)(config)
     except KeyError as e:
         raise UnsupportedModel(f"config.json has no {e.args[0]!r}") from None
     if arch.act not in SUPPORTED_ACTS:

@@ -154,11 +154,25 @@ class MixtureOfExperts(nn.Module):
             self.shared_expert_gate = Linear(hidden, [1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.run_experts(x, *self.route(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's expert weights and experts, [tokens, top_k] each."""
         moe = self.moe
         probs = self.gate(x).softmax(dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(moe.top_k, dim=-1)
         if moe.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
+
+    def run_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted sum of each token's experts (this rank's partial sum when sharded)."""
+        moe = self.moe
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         flat = experts.flatten()
@@ -174,6 +188,4 @@ class MixtureOfExperts(nn.Module):
             gate, up = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.w2[e])
             out.index_add_(0, tokens, y * weights.flatten()[rows, None])
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return out

@@ -12,8 +12,10 @@ from torch import nn
 from . import cpu_decode, cpu_step
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
+from .deepseek_moe import SharedExpertsMoE
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
 from .linear_attention import GatedDeltaNet
+from .mla import LatentAttention
 from .parallel import TensorParallel
 from .rope import apply_rope
 
@@ -101,9 +103,13 @@ class DecoderLayer(nn.Module):
         self.linear = arch.is_linear_layer(layer)
         if self.linear:
             self.linear_attn = GatedDeltaNet(arch, tp)
+        elif arch.mla is not None:  # DeepSeek: attention over a latent cache, in torch ops
+            self.self_attn = LatentAttention(arch, tp)
         else:
             self.self_attn = Attention(arch, layer, kernel, tp)
-        if arch.is_moe_layer(layer):
+        if arch.is_moe_layer(layer) and arch.moe.routing is not None:  # DeepSeek's mixture
+            self.mlp = SharedExpertsMoE(arch.hidden_size, arch.moe, arch.act, arch.mlp_bias, tp)
+        elif arch.is_moe_layer(layer):
             self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act, tp)
         else:
             inter = tp.intermediate(arch.intermediate_size)
@@ -178,9 +184,13 @@ class DecoderLM(nn.Module):
         `pack` (CPU) hand every projection to oneDNN (see `Linear.pack`). A tied head is
         packed from the embedding, which stays as it is for the lookup. `fused` (CPU, the
         `cpu_decode` kernels built): small steps use its products and fused ops."""
-        # Linear-attention layers (hybrid models) run the per-op path only.
-        self.fused = fused and not self.arch.sandwich_norm and self.arch.linear is None
+        # MLA's and linear attention's layers keep the per-op torch path: cpu_decode's fused
+        # ops and cpu_step's one-call decode know only q/k/v heads (mla.py, linear_attention.py).
+        arch = self.arch
+        self.fused = fused and not arch.sandwich_norm and arch.mla is None and arch.linear is None
         for m in self.modules():
+            if isinstance(m, LatentAttention):
+                m.absorb()  # before its kv_b_proj is packed (pre-order: parents come first)
             if isinstance(m, RMSNorm):
                 m.fold()
             elif pack and isinstance(m, Linear):

@@ -166,6 +166,8 @@ def rank_tensor(
         return hybrid_part(tp, pname, shard, read)
     if pname.endswith((".o_proj.bias", ".down_proj.bias")):
         return read() if tp.rank == 0 else None
+    if a.mla is not None and (part := deepseek_part(tp, pname, shard, read)) is not None:
+        return part
     if ".qkv_proj." in pname:
         parts = [tp.head_rows(), tp.kv_rows(), tp.kv_rows()]
         if a.attn_output_gate:  # each head's query and gate rows side by side: twice the rows
@@ -202,3 +204,30 @@ def _cut(
     """From a fused checkpoint tensor (pieces of `sizes` along `dim`), each piece's part."""
     pieces = tensor.split(sizes, dim=dim)
     return torch.cat([p.narrow(dim, b, e - b) for p, (b, e) in zip(pieces, parts)], dim=dim)
+
+
+def deepseek_part(tp: TensorParallel, pname: str, shard: int | None, read) -> torch.Tensor | None:
+    """This rank's part of DeepSeek's own tensors (MLA's per-head projections, the shared
+    experts), or None for a tensor the general rules cut (or that every rank reads whole: the
+    latent projection and norms, the router)."""
+    a, mla = tp.arch, tp.arch.mla
+    assert mla is not None
+    h = tp.heads
+    if pname.endswith((".self_attn.q_proj.weight", ".self_attn.q_b_proj.weight")):
+        per = mla.qk_head_dim
+    elif pname.endswith(".self_attn.kv_b_proj.weight"):
+        per = mla.qk_nope_head_dim + mla.v_head_dim
+    elif pname.endswith(".self_attn.o_proj.weight"):
+        v = mla.v_head_dim
+        return read((1, tp.rank * h * v, (tp.rank + 1) * h * v))
+    elif ".shared_experts.gate_up_proj." in pname and a.moe is not None:
+        full = a.moe.shared_intermediate_size
+        rows = tp.span(full)
+        if shard is not None:
+            return read((0, *rows))
+        return _cut(read(), 0, [full] * 2, [rows, rows])
+    elif pname.endswith(".shared_experts.down_proj.weight") and a.moe is not None:
+        return read((1, *tp.span(a.moe.shared_intermediate_size)))
+    else:
+        return None
+    return read((0, tp.rank * h * per, (tp.rank + 1) * h * per))
