@@ -1,0 +1,384 @@
+"""Speculative decoding: n-gram (prompt lookup) and draft-model proposals verified by the target.
+
+Greedy tokens must be exactly those of decoding without speculation, alone and batched, with
+prefix-cache hits, preemption, stop strings, n > 1 and logprobs; sampled tokens must follow the
+target's distribution (a chi-squared test of the sampler's rejection step over many seeds) and
+stay reproducible by seed; grammars hold; a backend that cannot verify several tokens and a
+draft of another vocabulary are refused. Models are the tiny random ones of
+`enginehouse.testing`; the prompts repeat themselves, so that prompt lookup proposes often.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, pipeline
+from enginehouse.engine.ngram import lookup
+from enginehouse.engine.sampler import Sampler, SamplingBatch, batch_of
+from enginehouse.errors import EnginehouseError, InvalidModelError
+from enginehouse.testing import build_model, model_configs, tight_kv_config
+
+FAMILIES = ["llama", "qwen2"]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+
+
+def repeating(n: int, seed: int) -> list[int]:
+    """A prompt that repeats a random phrase, so that its tail has occurred before."""
+    rng = random.Random(seed)
+    phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
+    return (phrase * (n // len(phrase) + 1))[:n]
+
+
+PROMPTS = [repeating(n, seed) for seed, n in enumerate((9, 30, 17, 45))]
+
+
+def fixed(n: int, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, min_new_tokens=n, **kw)
+
+
+def open_pipe(path, **config):
+    return pipeline(str(path), backend="pytorch", engine_config=config, progress=False)
+
+
+def run(pipe, prompts, params):
+    return pipe([{"token_ids": p} for p in prompts], params)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_models):
+    """One pipeline per family without speculation: the reference answers."""
+    opened = {f: open_pipe(tiny_models[f], max_batch_size=8) for f in FAMILIES}
+    yield opened
+    for pipe in opened.values():
+        pipe.close()
+
+
+# --- the configuration ------------------------------------------------------------------------
+
+
+def test_config_takes_vllm_keys_and_json():
+    c = EngineConfig(speculative_config=json.dumps(NGRAM)).speculative_config
+    assert (c.method, c.k, c.prompt_lookup_min, c.prompt_lookup_max) == ("ngram", 3, 3, 3)
+    c = EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    assert (c.speculative_config.prompt_lookup_min, c.speculative_config.prompt_lookup_max) == (
+        5,
+        5,
+    )
+    d = EngineConfig(speculative_config={"model": "x", "num_speculative_tokens": 4})
+    assert d.speculative_config.method == "draft_model"
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"method": "ngram"}, "num_speculative_tokens"),
+        ({"num_speculative_tokens": 3}, "say which proposer"),
+        ({"method": "draft_model", "num_speculative_tokens": 3}, "needs 'model'"),
+        ({"method": "eagle3", "model": "x", "num_speculative_tokens": 3}, "not supported"),
+        ({"method": "mtp", "num_speculative_tokens": 1}, "not supported"),
+        ({**NGRAM, "prompt_lookup_min": 4}, "larger than prompt_lookup_max"),
+        ({**NGRAM, "lookahead": 2}, "lookahead"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "greater than or equal to 1"),
+        ("{not json", "must be JSON"),
+    ],
+)
+def test_bad_config_is_refused_with_the_reason(bad, words):
+    with pytest.raises(ValidationError, match=words):
+        EngineConfig(speculative_config=bad)
+
+
+def test_cli_flag_parses_json():
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["explain", "nowhere-model", "--speculative-config", '{"method": "mtp"}']
+    )
+    assert result.exit_code != 0
+    assert "num_speculative_tokens" in result.output or "not supported" in result.output
+
+
+def test_ngram_lookup_takes_the_longest_latest_match():
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2, 1, 3) == [7, 1]
+    assert lookup([5, 6, 5, 6], 3, 1, 3) == [5, 6]  # the match may run into the tail
+    assert lookup([1, 2, 3, 4], 3, 1, 3) == []  # nothing repeats
+    assert lookup([4, 8, 4], 3, 2, 3) == []  # only a 1-token match, below the minimum
+
+
+# --- exact greedy output ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ngram_greedy_equals_plain_alone_and_batched(family, tiny_models, plain):
+    lengths = [14, 9, 20, 6]
+    params = [fixed(n) for n in lengths]
+    expected = run(plain[family], PROMPTS, params)
+    with open_pipe(tiny_models[family], max_batch_size=8, speculative_config=NGRAM) as pipe:
+        alone = [run(pipe, [p], [g])[0] for p, g in zip(PROMPTS, params)]
+        batched = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    for got in (alone, batched):
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+        assert [r.text for r in got] == [r.text for r in expected]
+    assert stats["spec_decode_num_drafts"] > 0
+    assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+
+
+def test_logprobs_stop_strings_and_n_as_without_speculation(tiny_models, plain):
+    family = "llama"
+    greedy_lp = fixed(12, logprobs=2)
+    expected = run(plain[family], PROMPTS[:2], [greedy_lp] * 2)
+    probe = run(plain[family], PROMPTS[2:3], [fixed(12)])[0]
+    stop = probe.text[len(probe.text) // 2 :][:3]
+    stop_params = GenerationConfig(max_new_tokens=12, stop_words=[stop])
+    expected_stop = run(plain[family], PROMPTS[2:3], [stop_params])[0]
+    n_params = GenerationConfig(max_new_tokens=10, n=2)
+    expected_n = plain[family].pipe if False else None  # noqa: F841 - n goes through __call__
+    expected_n = plain[family]({"token_ids": PROMPTS[3]}, n_params)
+    with open_pipe(tiny_models[family], speculative_config=NGRAM) as pipe:
+        got = run(pipe, PROMPTS[:2], [greedy_lp] * 2)
+        got_stop = run(pipe, PROMPTS[2:3], [stop_params])[0]
+        got_n = pipe({"token_ids": PROMPTS[3]}, n_params)
+        assert pipe.stats()["spec_decode_num_accepted_tokens"] > 0
+    for a, b in zip(got, expected):
+        assert a.token_ids == b.token_ids
+        assert len(a.logprobs) == len(b.logprobs) == 12
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys()
+            assert all(math.isclose(la[t], lb[t], abs_tol=1e-4) for t in la)
+    assert (got_stop.text, got_stop.finish_reason) == (expected_stop.text, "stop")
+    assert [c.token_ids for c in _choices(got_n)] == [c.token_ids for c in _choices(expected_n)]
+
+
+def _choices(out):
+    return out if isinstance(out, list) else [out]
+
+
+def test_prefix_hits_and_preemption_keep_the_tokens(tiny_models, plain):
+    family = "llama"
+    params = [fixed(n) for n in (20, 16, 24, 12)]
+    expected = run(plain[family], PROMPTS, params)
+    # Blocks of 4 tokens, room for one 80-token context and two blocks: preemption follows.
+    config = tight_kv_config(plain[family], 80, 4, 22)
+    with open_pipe(tiny_models[family], **config, speculative_config=NGRAM) as pipe:
+        first = run(pipe, PROMPTS, params)
+        again = run(pipe, PROMPTS, params)  # the prompts' blocks are cached now
+        stats = pipe.stats()
+    assert stats["preemptions"] > 0
+    assert [r.token_ids for r in first] == [r.token_ids for r in expected]
+    assert [r.token_ids for r in again] == [r.token_ids for r in expected]
+    assert any(r.cached_tokens for r in again)
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_seeded_sampling_is_reproducible(tiny_models):
+    params = [GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.8, random_seed=7)]
+    with open_pipe(tiny_models["llama"], speculative_config=NGRAM) as pipe:
+        a = run(pipe, PROMPTS[:1] * 2, params * 2)
+        b = run(pipe, PROMPTS[:1], params)
+    assert a[0].token_ids == a[1].token_ids == b[0].token_ids
+
+
+# --- sampled tokens follow the target's distribution ------------------------------------------
+
+
+def chi_squared(counts: list[int], probs: list[float]) -> tuple[float, int]:
+    """Pearson's statistic over the categories expected at least 5 times, others pooled."""
+    total = sum(counts)
+    big = [i for i, p in enumerate(probs) if p * total >= 5]
+    rest = [i for i in range(len(probs)) if i not in big]
+    obs = [counts[i] for i in big] + [sum(counts[i] for i in rest)]
+    exp = [probs[i] * total for i in big] + [sum(probs[i] for i in rest) * total]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    return stat, len(obs) - 1
+
+
+def chi2_limit(dof: int) -> float:
+    """The 0.999 quantile of chi-squared (scipy's where installed, else Wilson-Hilferty)."""
+    try:
+        from scipy.stats import chi2
+
+        return float(chi2.ppf(0.999, dof))
+    except ImportError:
+        z = 3.090
+        return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("draft", [0, 3])  # the target's likeliest token, and a poor guess
+def test_verified_tokens_follow_the_target_distribution(draft):
+    """The sampler's rejection step over many seeds: the first token of a verifying sequence
+    (its proposal kept, or a replacement drawn) and the next one (after a kept proposal)
+    each follow the target's own probabilities after temperature and top-k."""
+    vocab, runs = 8, 4000
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, vocab, generator=gen) * 1.5
+    logits[0, 0] = logits[0].max() + 0.5  # the likeliest
+    logits[0, 3] = logits[0].median()  # a middling one, inside the top 6
+    params = GenerationConfig(do_sample=True, temperature=0.9, top_k=6, random_seed=0)
+    first, second = [0] * vocab, [0] * vocab
+    for seed in range(runs):
+        p = params.model_copy(update={"random_seed": seed})
+        batch = batch_of([(0, 0, p, True, [1]), (0, 1, p, False, [1])])
+        batch.drafts = [draft, -1]
+        out = Sampler().sample(logits.clone(), batch)
+        tokens = [draft] * out.num_accepted[0] + [out.token_ids[0]]
+        first[tokens[0]] += 1
+        if out.num_accepted[0]:
+            second[tokens[1]] += 1
+    assert sum(second) > 200  # the proposal was kept often enough to test what follows
+    for row, counts in ((0, first), (1, second)):
+        scaled = logits[row] / 0.9
+        kth = scaled.topk(6).values[-1]
+        probs = scaled.masked_fill(scaled < kth, float("-inf")).softmax(0).tolist()
+        stat, dof = chi_squared(counts, probs)
+        assert stat < chi2_limit(dof), (row, counts, probs)
+
+
+def test_greedy_rows_keep_proposals_while_they_are_the_argmax():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
+    p = GenerationConfig()
+    batch = batch_of([(0, 0, p, True, []), (0, 1, p, False, []), (0, 2, p, False, [])])
+    batch.drafts = [1, 2, -1]
+    out = Sampler().sample(logits, batch)
+    assert (out.num_accepted, out.token_ids) == ([1], [0])  # kept 1, then 0 replaces 2
+    batch.drafts = [1, 0, -1]
+    out = Sampler().sample(logits, batch)
+    assert (out.num_accepted, out.token_ids) == ([2], [2])  # both kept, then the bonus
+
+
+def test_select_keeps_each_rows_settings():
+    p1, p2 = GenerationConfig(min_new_tokens=3), GenerationConfig(temperature=0.5, do_sample=True)
+    batch = batch_of([(0, 0, p1, True, []), (1, 1, p2, True, [])])
+    batch.banned = ([0, 0], [2, 3])
+    batch.constrained = [1]
+    sub = batch.select([1, 0])
+    assert sub.seq_ids == [1, 0] and sub.rows == [1, 0] and sub.greedy == [False, True]
+    assert sub.banned == ([1, 1], [2, 3]) and sub.constrained == [0]
+    assert isinstance(sub, SamplingBatch)
+
+
+# --- structured output ------------------------------------------------------------------------
+
+
+def test_structured_output_stays_valid(tiny_models):
+    pytest.importorskip("xgrammar")
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    params = [
+        GenerationConfig(max_new_tokens=40, response_format=fmt, do_sample=s, random_seed=i)
+        for i, s in enumerate([False, True, True])
+    ]
+    with open_pipe(tiny_models["llama"], speculative_config=NGRAM) as pipe:
+        out = run(pipe, PROMPTS[:3], params)
+        plain_params = [GenerationConfig(max_new_tokens=12)]
+        run(pipe, PROMPTS[3:], plain_params)
+    for r in out:
+        assert r.finish_reason == "stop", r
+        assert isinstance(json.loads(r.text)["a"], int)
+
+
+# --- the runner contract ----------------------------------------------------------------------
+
+
+def test_backend_without_verification_is_refused(tiny_models):
+    with pytest.raises(EnginehouseError, match="verifies_tokens"):
+        pipeline(
+            str(tiny_models["llama"]),
+            backend="transformers",
+            engine_config={"speculative_config": NGRAM},
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_chunk_gives_the_logits_of_one_by_one(family, tiny_models):
+    """The conformance kit's check: K + 1 tokens of a decoding sequence at once, as a `verify`
+    chunk, give the logits of feeding them one at a time."""
+    from enginehouse.conformance import run_conformance
+
+    report = run_conformance(
+        "pytorch", tiny_models[family], families=[], checks=["verify-tokens"]
+    )
+    result = report.result("verify-tokens")
+    assert result.status == "pass", result.line()
+
+
+def test_kit_says_not_applicable_without_the_capability(toy_dir):
+    from enginehouse.conformance import run_conformance
+
+    report = run_conformance("toy", toy_dir, families=[], checks=["verify-tokens"])
+    assert report.result("verify-tokens").status == "n/a"
+
+
+# --- draft models -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_draft(tiny_models, models_dir):
+    """A one-layer random model with the target's tokenizer: a poor guesser."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        vocab_size=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
+    return build_model(models_dir / "draft-small", config, tokenizer=tok)
+
+
+@pytest.mark.parametrize("which", ["itself", "small"])
+def test_draft_model_greedy_equals_plain(which, tiny_models, plain, small_draft):
+    """With the target as its own draft every proposal is kept; with a small random draft
+    most are refused: either way, the tokens are the plain ones."""
+    family = "llama"
+    draft = tiny_models[family] if which == "itself" else small_draft
+    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    lengths = [14, 9, 20, 6]
+    params = [fixed(n) for n in lengths]
+    prompts = [random.Random(s).choices(range(5, 512), k=11 + s) for s in range(4)]
+    expected = run(plain[family], prompts, params)
+    with open_pipe(tiny_models[family], max_batch_size=8, speculative_config=spec) as pipe:
+        batched = run(pipe, prompts, params)
+        alone = run(pipe, prompts[:1], params[:1])
+        stats = pipe.stats()
+    assert [r.token_ids for r in batched] == [r.token_ids for r in expected]
+    assert alone[0].token_ids == expected[0].token_ids
+    assert stats["spec_decode_num_drafts"] > 0
+    if which == "itself":
+        assert stats["spec_decode_acceptance_rate"] == 1.0
+        assert stats["spec_decode_mean_accepted_length"] > 3
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_models, models_dir):
+    config = model_configs(600)["llama"]
+    other = build_model(models_dir / "draft-other-vocab", config)
+    spec = {"method": "draft_model", "model": str(other), "num_speculative_tokens": 2}
+    with pytest.raises(InvalidModelError, match="different tokenizer vocabulary"):
+        open_pipe(tiny_models["llama"], speculative_config=spec)
+
+
+def test_runner_batch_types_are_public():
+    chunk = SeqChunk(0, (1, 2), 3, (0,), (0, 1), verify=True)
+    assert ScheduledBatch((chunk,), 16).num_tokens == 2 and chunk.verify
