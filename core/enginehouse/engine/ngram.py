@@ -3,7 +3,9 @@
 Code edits, summaries and quotes repeat their input: when the last `n` tokens occurred before
 (in the prompt or the output), the tokens that came after them then are a cheap guess for what
 comes next. The longest tail from `prompt_lookup_max` down to `prompt_lookup_min` that has an
-earlier occurrence wins; of its occurrences, the latest.
+earlier occurrence wins; of its occurrences, the latest. The proposal copies on with the match's
+period: after a run "x x x x" the latest match of "x x x" is one token back, and the tokens
+after it (the tail itself, then the proposals so far) still say "x x x".
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def lookup(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
         windows = sliding_window_view(seq[: length - 1], n)
         hits = np.flatnonzero((windows == seq[length - n :]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
-            return seq[start : start + k].tolist()
+            period = length - n - int(hits[-1])
+            out = seq.tolist()
+            for _ in range(k):
+                out.append(out[-period])
+            return out[length:]
     return []
