@@ -397,11 +397,17 @@ def test_draft_model_greedy_equals_plain(which, tiny_models, small_draft):
         assert stats["spec_decode_mean_accepted_length"] > 3
 
 
-def test_draft_with_another_vocabulary_is_refused(tiny_models, models_dir):
-    config = model_configs(600)["llama"]
-    other = build_model(models_dir / "draft-other-vocab", config)
+@pytest.mark.parametrize("how", ["larger vocabulary", "other tokenizer"])
+def test_draft_with_another_vocabulary_is_refused(how, tiny_models, models_dir):
+    from enginehouse.testing import build_tokenizer
+
+    config = model_configs(600 if how == "larger vocabulary" else 512)["llama"]
+    folder = models_dir / f"draft-{how.replace(' ', '-')}"
+    tokenizer = build_tokenizer(folder, 300) if how == "other tokenizer" else None
+    other = build_model(folder, config, tokenizer=tokenizer)
     spec = {"method": "draft_model", "model": str(other), "num_speculative_tokens": 2}
-    with pytest.raises(InvalidModelError, match="different tokenizer vocabulary"):
+    words = "vocabulary of 600 tokens" if how == "larger vocabulary" else "different tokenizer"
+    with pytest.raises(InvalidModelError, match=f"{words}.*must share the target's tokenizer"):
         open_pipe(tiny_models["llama"], speculative_config=spec)
 
 
