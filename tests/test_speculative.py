@@ -89,7 +89,9 @@ def plain(loopy):
 
 def test_config_takes_vllm_keys_and_json():
     c = EngineConfig(speculative_config=json.dumps(NGRAM)).speculative_config
-    assert (c.method, c.k, c.prompt_lookup_min, c.prompt_lookup_max) == ("ngram", 3, 3, 3)
+    assert (c.method, c.k, c.prompt_lookup_min, c.prompt_lookup_max) == ("ngram", 3, 1, 3)
+    c = EngineConfig(speculative_config={**NGRAM, "prompt_lookup_min": None}).speculative_config
+    assert (c.prompt_lookup_min, c.prompt_lookup_max) == (3, 3)  # one end given: both
     c = EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     assert (c.speculative_config.prompt_lookup_min, c.speculative_config.prompt_lookup_max) == (
         5,
