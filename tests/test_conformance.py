@@ -20,7 +20,8 @@ from enginehouse.runner import KVSpec, ScheduledBatch
 from enginehouse.spec import BackendProbe
 from enginehouse_toy.runner import ToyRunner  # installed for the session by conftest.py
 
-NOT_SHARING = {"prefix-cache", "tensor-parallel"}  # contiguous caches share no blocks
+# Contiguous caches share no blocks; nor do these runners verify several tokens at once.
+NOT_SHARING = {"prefix-cache", "tensor-parallel", "verify-tokens"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,7 +58,12 @@ def test_the_project_backends_pass(backend, expected_na):
 def test_the_toy_backend_passes_on_its_own_model(toy_dir):
     report = run_conformance("toy", toy_dir, families=[])
     assert report.ok, "\n".join(r.line() for r in report.results)
-    assert not_applicable(report) == {"hf-logits[toy]", "hf-greedy[toy]", "tensor-parallel"}
+    assert not_applicable(report) == {
+        "hf-logits[toy]",
+        "hf-greedy[toy]",
+        "tensor-parallel",
+        "verify-tokens",
+    }
     assert "transformers cannot load this model" in report.result("hf-logits[toy]").detail
     assert "no tensor parallelism" in report.result("tensor-parallel").detail
 

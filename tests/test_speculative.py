@@ -337,9 +337,7 @@ def test_verify_chunk_gives_the_logits_of_one_by_one(family, tiny_models):
     chunk, give the logits of feeding them one at a time."""
     from enginehouse.conformance import run_conformance
 
-    report = run_conformance(
-        "pytorch", tiny_models[family], families=[], checks=["verify-tokens"]
-    )
+    report = run_conformance("pytorch", tiny_models[family], families=[], checks=["verify-tokens"])
     result = report.result("verify-tokens")
     assert result.status == "pass", result.line()
 
@@ -416,3 +414,57 @@ def test_draft_with_another_vocabulary_is_refused(how, tiny_models, models_dir):
 def test_runner_batch_types_are_public():
     chunk = SeqChunk(0, (1, 2), 3, (0,), (0, 1), verify=True)
     assert ScheduledBatch((chunk,), 16).num_tokens == 2 and chunk.verify
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_use_vllm_names(loopy):
+    from enginehouse.serve.metrics import ServerMetrics
+
+    with open_pipe(loopy["qwen2"], speculative_config=NGRAM) as pipe:
+        run(pipe, PROMPTS, [fixed(16)] * 4)
+        stats = pipe.stats()
+    text = ServerMetrics("m").render(stats).decode()
+    accepted = stats["spec_decode_num_accepted_tokens"]
+    assert accepted > 0 and len(stats["spec_decode_num_accepted_tokens_per_pos"]) == 3
+    assert (
+        f'enginehouse:spec_decode_num_accepted_tokens_total{{model_name="m"}} {accepted}.0' in text
+    )
+    for name in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens"):
+        assert f'enginehouse:{name}_total{{model_name="m"}} {stats[name]}.0' in text
+    per_pos = stats["spec_decode_num_accepted_tokens_per_pos"]
+    for position, count in enumerate(per_pos):
+        line = (
+            f'spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{position}"}}'
+        )
+        assert f"enginehouse:{line} {count}.0" in text
+    assert sum(per_pos) == accepted
+    rate = accepted / stats["spec_decode_num_draft_tokens"]
+    assert stats["spec_decode_acceptance_rate"] == pytest.approx(rate)
+    mean = 1 + accepted / stats["spec_decode_num_drafts"]
+    assert stats["spec_decode_mean_accepted_length"] == pytest.approx(mean)
+
+
+def test_plain_engine_reports_no_speculation(plain):
+    from enginehouse.serve.metrics import ServerMetrics
+
+    stats = plain["llama"].stats()
+    assert "spec_decode_num_drafts" not in stats
+    assert "spec_decode" not in ServerMetrics("m").render(stats).decode()
+
+
+def test_bench_reports_the_acceptance(loopy):
+    import subprocess
+    import sys
+
+    spec = json.dumps(NGRAM)
+    args = [sys.executable, "-m", "enginehouse", "bench", str(loopy["qwen2"]), "--quick"]
+    args += ["--cases", "single", "--no-baseline", "--json", "--speculative-config", spec]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)["rows"][0]
+    assert row["side"] == "pytorch" and 0 <= row["acceptance"] <= 1
+    args.remove("--json")
+    table = subprocess.run(args, capture_output=True, text=True).stdout
+    assert "accepted" in table.splitlines()[0]

@@ -332,9 +332,9 @@ class EngineConfig(BaseModel):
 
     speculative_config: SpeculativeConfig | None = Field(
         None,
-        description="speculative decoding, as JSON: '{\"method\": \"ngram\", "
-        "\"num_speculative_tokens\": 3}' or '{\"method\": \"draft_model\", \"model\": "
-        "\"PATH\", \"num_speculative_tokens\": 3}'",
+        description='speculative decoding, as JSON: \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\' or \'{"method": "draft_model", "model": '
+        '"PATH", "num_speculative_tokens": 3}\'',
     )
 
     @field_validator("speculative_config", mode="before")
