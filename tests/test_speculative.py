@@ -322,13 +322,22 @@ def test_structured_output_stays_valid(loopy):
 
 
 def test_backend_without_verification_is_refused(tiny_models):
-    with pytest.raises(EnginehouseError, match="verifies_tokens"):
-        pipeline(
-            str(tiny_models["llama"]),
-            backend="transformers",
-            engine_config={"speculative_config": NGRAM},
-            progress=False,
-        )
+    """A backend whose probe does not say `verifies_tokens` is no choice with speculation
+    (explain says why), and one whose runner does not declare it is refused by the core."""
+    from enginehouse import explain
+    from enginehouse.engine.speculative import make_proposer
+    from enginehouse.runner import RunnerCapabilities
+
+    config = {"speculative_config": NGRAM}
+    report = explain(str(tiny_models["llama"]), engine_config=config)
+    verdicts = {v["backend"]: v for v in report["verdicts"]}
+    assert report["chosen"] == "pytorch" and verdicts["pytorch"]["verifies_tokens"]
+    assert not verdicts["transformers"]["supported"]
+    assert "no speculative decoding" in verdicts["transformers"]["reason"]
+    with pytest.raises(EnginehouseError, match="no speculative decoding"):
+        pipeline(str(tiny_models["llama"]), backend="transformers", engine_config=config)
+    with pytest.raises(EnginehouseError, match="verifies_tokens=True"):
+        make_proposer(EngineConfig(**config), RunnerCapabilities(), None)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "mistral"])  # Mistral: a sliding window
