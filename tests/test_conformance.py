@@ -192,7 +192,7 @@ def test_the_command_prints_one_line_per_check(toy_dir):
     lines = result.output.splitlines()
     assert lines[0].split()[:2] == ["pass", "runner-protocol"]
     assert any(line.startswith("n/a   hf-logits[toy]") for line in lines)
-    assert lines[-1] == f"toy on {toy_dir}: 10 passed, 0 failed, 3 not applicable"
+    assert lines[-1] == f"toy on {toy_dir}: 10 passed, 0 failed, 4 not applicable"
     as_json = CliRunner().invoke(
         cli, ["conformance", "toy", "--model", str(toy_dir), "--json", "--check", "close"]
     )
