@@ -398,6 +398,8 @@ def test_draft_model_greedy_equals_plain(which, tiny_models, small_draft):
         batched = run(pipe, prompts, params)
         alone = run(pipe, prompts[:1], params[:1])
         stats = pipe.stats()
+        proposer = pipe.engine.engine.core.proposer
+        assert proposer.blocks.num_used == 0 and not proposer.seqs  # the draft's KV is back
     assert [r.token_ids for r in batched] == [r.token_ids for r in expected]
     assert alone[0].token_ids == expected[0].token_ids
     assert stats["spec_decode_num_drafts"] > 0

@@ -164,9 +164,7 @@ class EngineCore:
         if not scheduled:
             self._flush_releases()
             return outputs
-        released, finished = self.scheduler.take_changes()
-        if self.proposer is not None and finished:
-            self.proposer.finish(finished)
+        released, finished = self._take_changes()
         plan = StepPlan(released=released, finished=finished, block_size=self.block_size)
         plan.chunks = [chunk for _, chunk in scheduled]
         sampled, owners = self._sampling(plan, scheduled)
@@ -249,10 +247,17 @@ class EngineCore:
             if took > limit
         }
 
+    def _take_changes(self) -> tuple[list[int], list[int]]:
+        """The scheduler's released and finished sequences; the proposer forgets the latter."""
+        released, finished = self.scheduler.take_changes()
+        if self.proposer is not None and finished:
+            self.proposer.finish(finished)
+        return released, finished
+
     def _flush_releases(self) -> None:
         """Tell the runner's side of the sequences freed since the last step, in a step of its
         own, so that nothing lingers there while no batch runs."""
-        released, finished = self.scheduler.take_changes()
+        released, finished = self._take_changes()
         if not (released or finished):
             return
         plan = StepPlan(released=released, finished=finished, block_size=self.block_size)
