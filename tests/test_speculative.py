@@ -479,3 +479,15 @@ def test_bench_reports_the_acceptance(loopy):
     args.remove("--json")
     table = subprocess.run(args, capture_output=True, text=True).stdout
     assert "accepted" in table.splitlines()[0]
+
+
+def test_tp2_verifies_as_tp1(loopy, plain):
+    """At tp=2 the ranks verify the proposals (rank 0 samples them): tp=1's tokens."""
+    params = [fixed(n) for n in (14, 9, 20, 6)]
+    expected = run(plain["llama"], PROMPTS, params)
+    config = dict(tp=2, device="cpu", max_batch_size=8, speculative_config=NGRAM)
+    with open_pipe(loopy["llama"], **config) as pipe:
+        got = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_accepted_tokens"] > 0
