@@ -296,7 +296,7 @@ def test_select_keeps_each_rows_settings():
 # --- structured output ------------------------------------------------------------------------
 
 
-def test_structured_output_stays_valid(loopy):
+def test_structured_output_stays_valid(loopy, plain):
     pytest.importorskip("xgrammar")
     schema = {
         "type": "object",
@@ -309,10 +309,18 @@ def test_structured_output_stays_valid(loopy):
         GenerationConfig(max_new_tokens=40, response_format=fmt, do_sample=s, random_seed=i)
         for i, s in enumerate([False, True, True])
     ]
+    # Prompts holding JSON: its tokens come up again in the output, so lookup proposes them
+    # and the grammar must check (and roll back) every proposal.
+    tok = plain["llama"].tokenizer
+    prompts = [tok.encode(f'{{"a": {n}}}\n' * 3) for n in (7, 42, 3)]
     with open_pipe(loopy["llama"], speculative_config=NGRAM) as pipe:
-        out = run(pipe, PROMPTS[:3], params)
+        out = run(pipe, prompts, params)
+        stats = pipe.stats()
         plain_params = [GenerationConfig(max_new_tokens=12)]
         run(pipe, PROMPTS[3:], plain_params)
+    assert stats["spec_decode_num_drafts"] > 0
+    greedy = run(plain["llama"], prompts[:1], params[:1])[0]
+    assert out[0].token_ids == greedy.token_ids  # as without speculation
     for r in out:
         assert r.finish_reason == "stop", r
         assert isinstance(json.loads(r.text)["a"], int)
