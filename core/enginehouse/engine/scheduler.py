@@ -93,7 +93,7 @@ class Scheduler:
             logits=logits,
             embed_rows=embed_rows,
             embeds=embeds,
-            rope_positions=seq.rope_positions(start, start + n),
+            rope_positions=seq.rope_positions(start, start + n + len(drafts)),
         )
 
     def _drafts(self, seq: Sequence, n: int, budget: int) -> list[int]:
