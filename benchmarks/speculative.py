@@ -4,17 +4,23 @@
 
 The target is the 56M Llama of `native_backend.py` (random weights, vocabulary 32000, built
 under ./bench-models): at batch 1 its decode step is bound by reading its 224 MB of float32
-weights. Random weights make acceptance a property of the weights, not of the method, so the
-drafts are chosen to show both ends honestly:
+weights. Random weights make acceptance a property of the weights, not of the method, and the
+drafts show what that gives, honestly:
 
-- `ngram` on a prompt that repeats a 24-token passage four times (prompt lookup);
+- `ngram` on a prompt that repeats a 24-token passage four times (prompt lookup, K = 3). This
+  random target falls into repeating one token after a few steps, which prompt lookup then
+  predicts every time: its acceptance is the best case (all kept), not a measure of lookup on
+  real text;
 - `draft-copy`: a truncated copy of the target (its embedding, its first layer, its final norm
-  and head): the layers of a 0.02-initialised random model change its residual stream little,
-  so this draft agrees with the target often. The embedding and head dominate a model this
-  small, so it is 0.65x the target's size, not a tenth;
+  and head; 0.65x the target's size, since the embedding and head dominate a model this small).
+  Its greedy tokens turned out to share nothing with the target's (the other 7 random layers
+  decide), so it is the worst case: all the draft's cost, nothing kept;
 - `draft-tenth`: an unrelated random model of a tenth of the target's size (hidden 64, 2
-  layers, the same tokenizer): the size the issue asks for, whose proposals a random target
-  rarely accepts; it shows what a poor draft costs.
+  layers, the same tokenizer), the size the issue asks for; a random target keeps none of its
+  proposals either, so it shows what a cheap but useless draft costs.
+
+A draft with meaningful acceptance needs trained (or distilled) weights, which this offline
+machine does not have.
 
 Every side runs in its own process (a fresh engine, the same weights, greedy, EOS masked),
 the sides alternate within each round, and each side's best round counts. Batch 1 is one
