@@ -499,3 +499,32 @@ def test_tp2_verifies_as_tp1(loopy, plain):
         stats = pipe.stats()
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_stops_inside_accepted_proposals(tiny_models):
+    """With the target as its own draft nearly every token arrives as an accepted proposal:
+    a stop token, a stop string and max_new_tokens then end the output among them, as they
+    would without speculation (the proposals after the end are dropped)."""
+    path = tiny_models["llama"]
+    spec = {"method": "draft_model", "model": str(path), "num_speculative_tokens": 4}
+    prompt = random.Random(5).choices(range(5, 512), k=12)
+    with open_pipe(path) as pipe:
+        free = run(pipe, [prompt], [fixed(24)])[0]
+        stop_id = free.token_ids[9]
+        stop_text = pipe.tokenizer.decode(free.token_ids[13:15])
+        params = [
+            GenerationConfig(max_new_tokens=24, stop_token_ids=[stop_id], logprobs=1),
+            GenerationConfig(max_new_tokens=24, stop_words=[stop_text]),
+            GenerationConfig(max_new_tokens=7, logprobs=0),
+        ]
+        expected = [run(pipe, [prompt], [p])[0] for p in params]
+    with open_pipe(path, speculative_config=spec) as pipe:
+        got = [run(pipe, [prompt], [p])[0] for p in params]
+        assert pipe.stats()["spec_decode_acceptance_rate"] == 1.0
+    for a, b in zip(got, expected):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        if a.logprobs is not None:
+            assert len(a.logprobs) == len(a.token_ids)
+    assert expected[0].finish_reason == "stop" and len(expected[0].token_ids) <= 10
+    assert expected[2].finish_reason == "length" and len(expected[2].token_ids) == 7
