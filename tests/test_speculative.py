@@ -528,3 +528,16 @@ def test_stops_inside_accepted_proposals(tiny_models):
             assert len(a.logprobs) == len(a.token_ids)
     assert expected[0].finish_reason == "stop" and len(expected[0].token_ids) <= 10
     assert expected[2].finish_reason == "length" and len(expected[2].token_ids) == 7
+
+
+def test_explain_text_says_which_backend_verifies(tiny_models):
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    args = ["explain", str(tiny_models["llama"]), "--speculative-config", json.dumps(NGRAM)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    native = next(line for line in result.output.splitlines() if " pytorch " in line)
+    assert native.startswith("  yes") and "verifies several tokens per step" in native
+    assert "no speculative decoding: 'transformers'" in result.output
