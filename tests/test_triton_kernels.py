@@ -12,6 +12,7 @@ reference (`TorchAttention`) on the same inputs:
   parts; slots nobody wrote hold NaN, so a kernel reading past a context would show it;
 - the native runner with `TritonAttention` (the GPU's paged metadata) against the torch path,
   prefill, chunked prefill, mixed and decode steps, on a Gemma 2 model (windows, soft-capping),
+  a step verifying speculative proposals (each position a decode row),
   decode-only steps through `DecodeGraphs` (eagerly: off a GPU it records nothing) so the input
   packing, padding rows and row order are checked, and the null slot stays zero.
 
@@ -246,6 +247,14 @@ def _runner_checks(folder: Path) -> list[dict]:
         ids = tuple(tokens[seq][start : start + n])
         return SeqChunk(seq, ids, start, tuple(tables[seq]), (n - 1,) if logits else ())
 
+    def verify(seq: int, k: int) -> SeqChunk:
+        """The last token and k proposals (speculative decoding): logits at every position."""
+        tokens[seq] += [rng.randrange(5, 500) for _ in range(k)]
+        c = chunk(seq, k + 1)
+        return SeqChunk(
+            c.seq_id, c.token_ids, c.start_pos, c.block_table, tuple(range(k + 1)), verify=True
+        )
+
     steps = [
         lambda: [chunk(0, 13), chunk(1, 5)],  # prefill
         lambda: [chunk(0, 1), chunk(2, 12, logits=False), chunk(1, 1)],  # mixed, chunked
@@ -253,6 +262,7 @@ def _runner_checks(folder: Path) -> list[dict]:
         *[lambda: [chunk(1, 1), chunk(0, 1), chunk(2, 1)]] * 2,  # decode: 3 of 4 rows padding
         lambda: [chunk(2, 1), chunk(0, 1, logits=False)],  # a row without logits
         lambda: [chunk(0, 1)],
+        lambda: [verify(0, 3), chunk(1, 1), verify(2, 2)],  # proposals verified as decode rows
     ]
     worst, shapes_ok = 0.0, True
     for step in steps:

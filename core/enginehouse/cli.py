@@ -210,7 +210,9 @@ def explain(
     click.echo("backends:")
     for v in report["verdicts"]:
         mark = "yes" if v["supported"] else "no "
-        click.echo(f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]")
+        verify = "  verifies several tokens per step" if v.get("verifies_tokens") else ""
+        line = f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]"
+        click.echo(line + verify)
         click.echo(f"        {v['reason']}")
     for name, owners in report["conflicts"].items():
         first = owners[0]

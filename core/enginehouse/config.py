@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .speculative_config import SpeculativeConfig
+
 if TYPE_CHECKING:
     from .engine.grammar import Constraint
 
@@ -334,6 +336,18 @@ class EngineConfig(BaseModel):
         ge=1,
         description="most pixels (width x height) of a prompt's images together",
     )
+
+    speculative_config: SpeculativeConfig | None = Field(
+        None,
+        description='speculative decoding, as JSON: \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\' or \'{"method": "draft_model", "model": '
+        '"PATH", "num_speculative_tokens": 3}\'',
+    )
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _speculative_json(cls, v: Any) -> Any:
+        return SpeculativeConfig.parse(v)
 
     @field_validator("kv_cache_memory")
     @classmethod

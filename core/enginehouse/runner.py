@@ -110,6 +110,10 @@ class SeqChunk:
     # [3, len(token_ids)] multimodal rotary positions (Qwen2-VL's M-RoPE) when the sequence has
     # them; otherwise every token's position is start_pos + i.
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Speculative decoding: the chunk is a sequence's last token followed by proposed ones,
+    # logits wanted at every position. Only runners declaring `verifies_tokens` get these;
+    # they attend each position as a decode row (position start_pos + i sees 0 .. itself).
+    verify: bool = False
 
     @property
     def end_pos(self) -> int:
@@ -213,6 +217,9 @@ class RunnerCapabilities:
     profiles: bool = False  # profile_run(num_tokens): a forward pass before the budget is read
     releases_sequences: bool = False  # release_sequence(...): the blocks were freed
     finishes_sequences: bool = False  # finish_sequence(seq_id): the sequence is gone for good
+    # execute() takes `verify` chunks (several new tokens of a decoding sequence, logits at
+    # each) and gives the logits of computing them one by one: speculative decoding needs it.
+    verifies_tokens: bool = False
 
 
 # Each capability and the method it promises.

@@ -115,6 +115,10 @@ class BackendProbe:
     # The backend shards the model over `config.tp` ranks (see RunnerContext). At tp > 1 the
     # core turns a supported verdict without it into "no tensor parallelism".
     tensor_parallel: bool = False
+    # Its runner verifies several tokens of a sequence in one step (declares
+    # RunnerCapabilities(verifies_tokens=True)): with `config.speculative_config` the core
+    # turns a supported verdict without it into "no speculative decoding".
+    verifies_tokens: bool = False
 
 
 def _read_json(path: Path) -> dict[str, Any]:

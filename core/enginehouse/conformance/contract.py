@@ -6,6 +6,7 @@ Each check takes a loaded `Target` and returns a one-line summary, or raises `Mi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -223,3 +224,30 @@ def preemption_recompute(t: Target) -> str:
     d.release(other)
     compare_streams(victim, ref, t.tolerance, "recomputed after preemption")
     return "preempted after 3 tokens, blocks overwritten, recomputed: same logits and tokens"
+
+
+VERIFY_TOKENS = 4  # a verify chunk's tokens: the last one and 3 proposals
+
+
+def verify_tokens(t: Target) -> str:
+    """(`verifies_tokens`) A decoding sequence's next K + 1 tokens in one `verify` chunk,
+    beside another sequence's decode, must give the logits of feeding them one by one."""
+    if not capabilities_of(t.runner).verifies_tokens:
+        raise NotApplicable(
+            "the runner does not declare verifies_tokens: the engine refuses speculative "
+            "decoding on it"
+        )
+    prompt, other = t.prompts(seed=4)[2], t.prompts(seed=4)[1]
+    ref = t.driver(shuffled=False).alone(prompt, VERIFY_TOKENS + 1, "one by one")
+    d = t.driver()
+    seq, mate = d.new(prompt, ref.label), d.new(other, "a decoding neighbour")
+    d.step([(seq, d.chunk(seq)), (mate, d.chunk(mate))])
+    seq.tokens = list(ref.tokens[: len(prompt) + VERIFY_TOKENS])
+    chunk = dataclasses.replace(
+        d.chunk(seq, logits_at=range(VERIFY_TOKENS)), verify=True
+    )  # fmt: skip
+    rows = d.step([(seq, chunk), (mate, d.chunk(mate))])[0]
+    compare_rows(rows, torch.stack(ref.rows[1 : 1 + VERIFY_TOKENS]), t.tolerance, "verified")
+    d.release(seq)
+    d.release(mate)
+    return f"{VERIFY_TOKENS} tokens verified at once = decoded one by one, beside a decode"

@@ -22,9 +22,12 @@ class Logits(enum.IntEnum):
     NONE = 0
     LAST = 1
     ALL = 2  # every position (prompt scoring)
+    # Every position of a chunk that ends with proposed tokens (speculative decoding): the
+    # runner attends each position as a decode row (`SeqChunk.verify`).
+    VERIFY = 3
 
     def rows(self, n: int) -> int:
-        return (0, 1, n)[self]
+        return (0, 1, n, n)[self]
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,23 @@ class SamplingBatch:
     constrained: list[int] = field(default_factory=list)
     grammar_vocab: int = 0
     finished: list[int] = field(default_factory=list)  # sequences whose state goes
+    # Speculative decoding (engine/speculative.py): per row, the proposed token it verifies,
+    # -1 on a sequence's last row. A verifying sequence has consecutive rows, one per
+    # position; empty when no row of the step verifies anything.
+    drafts: list[int] = field(default_factory=list)
+
+    def select(self, rows: list[int]) -> SamplingBatch:
+        """The batch of these rows only, in this order (the verifying walk's steps)."""
+        where = {r: i for i, r in enumerate(rows)}
+        out = SamplingBatch(prompts=self.prompts, rules=self.rules)
+        for name in _ROW_COLUMNS:
+            values = getattr(self, name)
+            setattr(out, name, [values[r] for r in rows])
+        pairs = [(where[r], t) for r, t in zip(*self.banned) if r in where]
+        out.banned = ([r for r, _ in pairs], [t for _, t in pairs])
+        out.constrained = [where[r] for r in self.constrained if r in where]
+        out.grammar_vocab = self.grammar_vocab
+        return out
 
     def penalized(self) -> list[bool]:
         """Per row: whether any of its three penalties applies."""
@@ -102,6 +119,22 @@ class SamplingBatch:
                 self.repetition_penalty, self.presence_penalty, self.frequency_penalty
             )
         ]
+
+
+_ROW_COLUMNS = (
+    "seq_ids",
+    "rows",
+    "greedy",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seeds",
+    "logprobs",
+)
 
 
 def batch_of(rows: list[tuple[int, int, GenerationConfig, bool, list[int]]]) -> SamplingBatch:
@@ -150,6 +183,10 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
     scores: dict[int, PromptScores] = field(default_factory=dict)  # by seq_id
     finite: bool = True  # every sampled row's maximum was finite
+    # A step that verified proposals: per sequence, how many of its proposals were kept and
+    # their logprobs; `token_ids` then holds each sequence's token after them.
+    num_accepted: list[int] = field(default_factory=list)
+    accepted_logprobs: list[list[dict[int, float] | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -202,6 +239,22 @@ class Sampler:
         out.scores = {s.seq_id: _score(logits, s) for s in batch.scoring}
         if not batch.seq_ids:
             return out
+        if batch.drafts:
+            return self._verify(logits, batch, bitmask, out)
+        tokens, out.logprobs, out.finite = self._pick(logits, batch, bitmask)
+        out.token_ids = tokens
+        return out
+
+    def _pick(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        bitmask: np.ndarray | None,
+        drafts: list[int] | None = None,
+    ) -> tuple[list[int], list[dict[int, float] | None], bool]:
+        """One token per row of `batch`, its logprobs where asked, and whether every row's
+        maximum was finite. With `drafts`, a sampled row keeps its proposed token or draws a
+        replacement from the rest (`_draw`); the sequences' states take the tokens."""
         penalized = batch.penalized()
         # A seed, a penalty or token rules start a sequence's state (the rules come with its
         # first step); later steps find the state the sampler kept.
@@ -229,21 +282,56 @@ class Sampler:
             picked = self.processors.apply(picked, batch, states)
         if bitmask is not None and batch.constrained:
             _mask(picked, bitmask, batch)
-        tokens, out.finite = _first_max(picked)
+        tokens, finite = _first_max(picked)
         sampled = [i for i, greedy in enumerate(batch.greedy) if not greedy]
         if sampled:
             probs = _filter(picked[sampled], batch, sampled).softmax(dim=1)
-            tokens[sampled] = _draw(probs, [states[i] for i in sampled])
-        out.token_ids = tokens.tolist()
-        out.logprobs = [None] * len(batch.seq_ids)
+            proposed = [drafts[i] for i in sampled] if drafts is not None else None
+            tokens[sampled] = _draw(probs, [states[i] for i in sampled], proposed)
+        token_ids = tokens.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(batch.seq_ids)
         for j, i in enumerate(want):
-            out.logprobs[i] = _logprobs(raw[j], out.token_ids[i], batch.logprobs[i])  # type: ignore[index]
-        for state, token in zip(states, out.token_ids):
+            logprobs[i] = _logprobs(raw[j], token_ids[i], batch.logprobs[i])  # type: ignore[index]
+        for state, token in zip(states, token_ids):
             if state is not None:
                 state.seen.add(token)
                 state.counts[token] += 1
                 if state.processors or (state.rules is not None and state.rules.bad_words_ids):
                     state.output.append(token)
+        return token_ids, logprobs, finite
+
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        bitmask: np.ndarray | None,
+        out: SamplerOutput,
+    ) -> SamplerOutput:
+        """Walk the verifying sequences' positions in order, all sequences at once: at each
+        position, every sequence that kept all its proposals so far takes a token from that
+        position's row (its penalties, rules and grammar row as the step before left them);
+        it goes on while that token is its proposal (see engine/speculative.py)."""
+        ends = [i for i, d in enumerate(batch.drafts) if d < 0]
+        firsts = [0] + [e + 1 for e in ends[:-1]]
+        n = len(ends)
+        out.token_ids, out.logprobs, out.num_accepted = [0] * n, [None] * n, [0] * n
+        out.accepted_logprobs = [[] for _ in range(n)]
+        alive, step = list(range(n)), 0
+        while alive:
+            rows = [firsts[g] + step for g in alive]
+            drafts = [batch.drafts[r] for r in rows]
+            mask = bitmask[rows] if bitmask is not None else None
+            tokens, lps, finite = self._pick(logits, batch.select(rows), mask, drafts)
+            out.finite &= finite
+            kept = []
+            for g, d, token, lp in zip(alive, drafts, tokens, lps):
+                if d >= 0 and token == d:
+                    out.num_accepted[g] += 1
+                    out.accepted_logprobs[g].append(lp)
+                    kept.append(g)
+                else:
+                    out.token_ids[g], out.logprobs[g] = token, lp
+            alive, step = kept, step + 1
         return out
 
 
@@ -382,10 +470,19 @@ def _filter(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torc
     return logits
 
 
-def _draw(probs: torch.Tensor, states: list[_SeqState | None]) -> torch.Tensor:
+def _draw(
+    probs: torch.Tensor, states: list[_SeqState | None], drafts: list[int] | None = None
+) -> torch.Tensor:
     """argmax(p / q) with q ~ Exp(1) is a draw from p. A seeded row draws its noise from its
     own generator, on the CPU, so that a seed gives the same tokens on every device; the other
-    rows draw theirs on the logits' device, in one call."""
+    rows draw theirs on the logits' device, in one call.
+
+    With `drafts` (speculative decoding), a row with a proposed token d keeps it with
+    probability p(d); otherwise it draws from p with d taken out (the residual distribution
+    of a deterministic proposal: argmax(p / q) needs no renormalising). Whatever d was, the
+    token follows p exactly. Rows whose proposal is -1 just draw."""
+    if drafts is not None and any(d >= 0 for d in drafts):
+        return _accept_or_draw(probs, states, drafts)
     noise = torch.empty_like(probs).exponential_()
     seeded = [i for i, s in enumerate(states) if s is not None and s.generator is not None]
     if seeded:
@@ -394,6 +491,28 @@ def _draw(probs: torch.Tensor, states: list[_SeqState | None]) -> torch.Tensor:
             rows[j].exponential_(generator=states[i].generator)  # type: ignore[union-attr]
         noise[seeded] = rows.to(probs.device)
     return (probs / noise).argmax(dim=1)
+
+
+def _accept_or_draw(
+    probs: torch.Tensor, states: list[_SeqState | None], drafts: list[int]
+) -> torch.Tensor:
+    rows = [i for i, d in enumerate(drafts) if d >= 0]
+    index = torch.tensor([drafts[i] for i in rows], device=probs.device)
+    p_draft = probs[rows, index].cpu()
+    u = torch.empty(len(rows), dtype=probs.dtype)
+    for j, i in enumerate(rows):  # a seeded row's uniform comes from its own generator
+        state = states[i]
+        gen = state.generator if state is not None else None
+        u[j] = torch.rand((), dtype=probs.dtype, generator=gen)
+    keep = (u < p_draft).tolist()
+    residual = probs.clone()
+    residual[rows, index] = 0.0
+    # A row whose p is all on d always keeps it; its residual is all zero and never used.
+    tokens = _draw(residual, states)
+    for j, i in enumerate(rows):
+        if keep[j]:
+            tokens[i] = drafts[i]
+    return tokens
 
 
 def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -111,6 +111,9 @@ class Sequence:
     # through it. Preemption keeps the generated tokens, so the walk stays valid as it is.
     compiled_grammar: Future | None = None
     grammar: GrammarState | None = None
+    # Speculative decoding: the tokens proposed after the last one, scheduled with it this
+    # step for the target to verify (engine/speculative.py); never part of token_ids.
+    draft_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -37,7 +37,7 @@ class BatchAssembler:
                 table = self.tables[c.seq_id] = table + c.new_blocks
             n = len(c.token_ids)
             logits_at = (n - 1,) if c.logits is Logits.LAST else ()
-            if c.logits is Logits.ALL:
+            if c.logits in (Logits.ALL, Logits.VERIFY):
                 logits_at = tuple(range(n))
             chunks.append(
                 SeqChunk(
@@ -49,6 +49,7 @@ class BatchAssembler:
                     c.embed_rows,
                     c.embeds,
                     c.rope_positions,
+                    verify=c.logits is Logits.VERIFY,
                 )
             )
         return ScheduledBatch(tuple(chunks), plan.block_size)

@@ -51,7 +51,9 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 
 class NativeRunner:
-    capabilities = RunnerCapabilities(profiles=True)  # a forward pass on a GPU, see profile_run
+    # profile_run: a forward pass on a GPU. verifies_tokens: a `verify` chunk's positions
+    # attend as decode rows, each over its own prefix (`_decode_rows`).
+    capabilities = RunnerCapabilities(profiles=True, verifies_tokens=True)
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
@@ -209,16 +211,15 @@ class NativeRunner:
         bs = self.block_size
         slots = [s for c in order for s in c.slots(bs)]
         cos, sin = self._rope_rows(order, positions)
+        decodes = [c for c in order if _attends_as_decode(c)]
+        tables, lens = _decode_rows(decodes)
         meta = StepMeta(
-            num_decode=sum(1 for c in order if c.is_decode),
+            num_decode=len(lens),
             slots=torch.tensor(slots).to(self.device),
             cos=cos[:, None],
             sin=sin[:, None],
         )
-        decodes = order[: meta.num_decode]
         if decodes:
-            lens = [c.end_pos for c in decodes]
-            tables = [c.block_table for c in decodes]
             decode_metadata(
                 meta,
                 tables,
@@ -231,7 +232,7 @@ class NativeRunner:
                 **self.layout,
             )
         offset = meta.num_decode
-        for c in order[meta.num_decode :]:
+        for c in order[len(decodes) :]:
             n = len(c.token_ids)
             meta.prefills.append(
                 prefill_metadata(
@@ -256,8 +257,9 @@ class NativeRunner:
                 return logits
         if self.decode is not None and (logits := self.decode.run(batch)) is not None:
             return logits
-        # Single-token chunks (decodes) first: they attend together as one batch.
-        order = sorted(chunks, key=lambda c: not c.is_decode)
+        # Single-token chunks (decodes) and verified proposals first: they attend together
+        # as one batch of decode rows.
+        order = sorted(chunks, key=lambda c: not _attends_as_decode(c))
         meta = self._metadata(order)
         offsets, at = {}, 0
         for c in order:
@@ -287,3 +289,21 @@ class NativeRunner:
         self.graphs = None  # their memory pool goes too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _attends_as_decode(chunk: SeqChunk) -> bool:
+    """A decode, or a sequence's last token with proposals to verify (speculative decoding)."""
+    return chunk.is_decode or chunk.verify
+
+
+def _decode_rows(chunks: list[SeqChunk]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The decode rows of these chunks: a block table and a context length per token. A
+    verify chunk's position start_pos + i is a row of its own over positions 0 .. itself
+    (all of the step's K/V are stored before any row attends), so K + 1 proposals go through
+    the decode kernels at once and give the logits of decoding them one by one."""
+    tables, lens = [], []
+    for c in chunks:
+        for pos in range(c.start_pos, c.end_pos):
+            tables.append(c.block_table)
+            lens.append(pos + 1)
+    return tables, lens
