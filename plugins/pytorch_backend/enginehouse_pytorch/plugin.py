@@ -116,14 +116,16 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     from .native.arch import UnsupportedModel, arch_from_config, language_model
     from .native.quant.scheme import check_shapes, read_scheme
 
-    def verdict(supported: bool, reason: str) -> BackendProbe:
+    def verdict(supported: bool, reason: str, verifies: bool = True) -> BackendProbe:
         return BackendProbe(
             "pytorch",
             supported,
             NATIVE_PRIORITY,
             reason,
             tensor_parallel=True,
-            verifies_tokens=True,  # NativeRunner declares it: speculative decoding
+            # NativeRunner declares it (speculative decoding); HybridRunner does not: a
+            # recurrent state cannot take back the rejected tokens it has already absorbed.
+            verifies_tokens=verifies,
         )
 
     encoder = spec.facts.get("vision_encoder")
@@ -157,6 +159,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding,
+        verifies=arch.linear is None,
     )
 
 
