@@ -12,6 +12,7 @@ from .device import available_memory, resolve_device, resolve_dtype, use_all_cor
 from .errors import BackendError, EnginehouseError, InvalidModelError, RequestError
 from .hookspecs import hookimpl
 from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
+from .kv_groups import KVGroup, split_blocks, total_blocks
 from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
 from .pipeline import read_spec
 from .plugins import get_plugins
@@ -39,6 +40,7 @@ __all__ = [
     "GenerationConfig",
     "HermesParser",
     "InvalidModelError",
+    "KVGroup",
     "KVSpec",
     "MAX_DOWNLOAD_BYTES",
     "ModelFacts",
@@ -68,6 +70,8 @@ __all__ = [
     "read_spec",
     "resolve_device",
     "resolve_dtype",
+    "split_blocks",
     "tensors",
+    "total_blocks",
     "use_all_cores",
 ]

@@ -63,7 +63,11 @@ class EngineCore:
         self.num_blocks = executor.plan_kv_blocks(config, self.session_len)
         executor.allocate_kv(self.num_blocks)
         caching = config.enable_prefix_caching and kv.prefix_caching
-        self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)
+        counts: int | list[int] = self.num_blocks
+        if kv.groups:  # one pool per KV group, shared out as the runner shares them
+            plans = kv.group_blocks(self.num_blocks, self.session_len, config.max_num_batched_tokens)
+            counts = [p.blocks for p in plans]
+        self.block_manager = BlockManager(counts, kv.block_size, caching, kv.groups)
         self.scheduler = Scheduler(
             self.block_manager, config.max_batch_size, config.max_num_batched_tokens
         )
@@ -130,6 +134,9 @@ class EngineCore:
             "waiting_deferred": len(self._compiling),
             "kv_blocks_used": self.block_manager.num_used,
             "kv_blocks_total": self.num_blocks,
+            # Per KV group (`KVSpec.groups`; one entry without groups).
+            "kv_group_blocks_used": self.block_manager.used_per_group(),
+            "kv_group_blocks_total": [p.num_blocks for p in self.block_manager.pools],
             "preemptions": self.scheduler.num_preemptions,
             # Their ratio is the average batch per step (`enginehouse bench`, `/metrics`).
             "steps": self.num_steps,

@@ -141,8 +141,42 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
-        + sharding,
+        + sharding
+        + kv_groups_line(arch, spec, config),
     )
+
+
+def kv_groups_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """For a model with KV groups (sliding-window layers), the plan per group ('' without)."""
+    from enginehouse.plugin_api import RunnerContext, available_memory, resolve_device
+    from enginehouse.plugin_api import resolve_dtype
+
+    from .native import kv_cache
+
+    try:
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, spec, device)
+    except RuntimeError:
+        return ""
+    kv_heads = max(1, arch.num_kv_heads // config.tp)
+    groups = kv_cache.kv_groups(arch, kv_heads, dtype.itemsize)
+    if not groups:
+        return ""
+    budget = config.kv_cache_memory
+    if isinstance(budget, float):  # estimated as explain's runtime plan does
+        budget = int(max(0, available_memory(device) - spec.weight_bytes) * budget)
+    session_len = RunnerContext.for_model(spec, config).session_len
+    block_size = config.block_size or 16
+    line = kv_cache.plan_line(
+        groups,
+        budget,
+        block_size,
+        session_len,
+        config.max_batch_size,
+        config.max_num_batched_tokens,
+        str(dtype).removeprefix("torch."),
+    )
+    return f"; {line}"
 
 
 def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
