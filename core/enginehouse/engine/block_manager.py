@@ -201,9 +201,7 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         self._prepare(seq)
         total = seq.num_computed + num_new_tokens
-        return all(
-            self._need(seq, g, total) <= len(pool.free) for g, pool in enumerate(self.pools)
-        )
+        return all(self._need(seq, g, total) <= len(pool.free) for g, pool in enumerate(self.pools))
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow `seq`'s block tables to hold `num_new_tokens` more tokens."""

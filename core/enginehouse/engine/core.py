@@ -65,7 +65,9 @@ class EngineCore:
         caching = config.enable_prefix_caching and kv.prefix_caching
         counts: int | list[int] = self.num_blocks
         if kv.groups:  # one pool per KV group, shared out as the runner shares them
-            plans = kv.group_blocks(self.num_blocks, self.session_len, config.max_num_batched_tokens)
+            plans = kv.group_blocks(
+                self.num_blocks, self.session_len, config.max_num_batched_tokens
+            )
             counts = [p.blocks for p in plans]
         self.block_manager = BlockManager(counts, kv.block_size, caching, kv.groups)
         self.scheduler = Scheduler(

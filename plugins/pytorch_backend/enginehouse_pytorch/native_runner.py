@@ -93,7 +93,8 @@ class NativeRunner:
         self.model: DecoderLM | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kernel = self._attention_kernel()
-        self.paged = self.kernel is not TorchAttention  # a kernel that reads block tables
+        # A kernel that reads block tables (not the torch path's gathers, nor a quantized one).
+        self.paged = self.kernel is not TorchAttention and self.kv_kind == "auto"
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 

@@ -148,8 +148,12 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
 
 def kv_groups_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     """For a model with KV groups (sliding-window layers), the plan per group ('' without)."""
-    from enginehouse.plugin_api import RunnerContext, available_memory, resolve_device
-    from enginehouse.plugin_api import resolve_dtype
+    from enginehouse.plugin_api import (
+        RunnerContext,
+        available_memory,
+        resolve_device,
+        resolve_dtype,
+    )
 
     from .native import kv_cache
 

@@ -90,8 +90,8 @@ def allocate(
         if kind == "int8":
             scales = torch.empty(shape[:-1], dtype=torch.float32, device=device)
             scales[:, :, :, null].zero_()
-        elif kind == "fp8":  # per-tensor scales: 1.0 without calibrated ones, as vLLM
-            scales = torch.ones(len(layers), 2, dtype=torch.float32, device=device)
+        elif kind == "fp8":  # per-tensor scales, set by the first store (kv_quant.py)
+            scales = torch.zeros(len(layers), 2, dtype=torch.float32, device=device)
         out.append(GroupCache(layers, window, cache, null, null + 1, scales))
     return out
 
