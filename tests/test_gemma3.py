@@ -204,5 +204,20 @@ def test_explain_names_the_groups(models):
     assert report["chosen"] == "pytorch"
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     assert "native gemma3 " in verdict["reason"]
-    assert "full attention (1 layers" in verdict["reason"]
+    assert "full attention (1 layer," in verdict["reason"]
     assert f"sliding window {WINDOW} (5 layers" in verdict["reason"]
+    assert "KV cache 1536 B/token (float32)" in verdict["reason"]
+    # int8: 16 bytes and a 4-byte scale per head instead of 64 bytes.
+    report = explain(str(models["tied"]), engine_config={"kv_cache_dtype": "int8"})
+    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert "KV cache 480 B/token (int8, a scale per token and head)" in verdict["reason"]
+    assert report["chosen"] == "pytorch"
+
+
+def test_the_conformance_kit_passes_with_kv_groups(models):
+    from enginehouse.conformance import run_conformance
+
+    report = run_conformance("pytorch", models["untied"], families=[])
+    lines = "\n".join(r.line() for r in report.results)
+    assert report.ok, lines
+    assert "promised" in report.result("kv-spec").detail, lines

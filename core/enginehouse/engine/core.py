@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..errors import RequestError
+from ..errors import EnginehouseError, RequestError
 from ..multimodal import VisionEncoder
 from ..spec import ModelSpec
 from .block_manager import BlockManager
@@ -59,6 +59,12 @@ class EngineCore:
         self.vocab_size = self.checks.vocab_size
         self.eos_ids = eos_token_ids(spec, tokenizer)
         kv = executor.kv_spec
+        if config.kv_cache_dtype != kv.cache_dtype and config.kv_cache_dtype != "auto":
+            raise EnginehouseError(
+                f"kv_cache_dtype={config.kv_cache_dtype!r} asks for a quantized KV cache, but "
+                "this backend's runner keeps a float one (its KVSpec.cache_dtype is "
+                f"{kv.cache_dtype!r}); run it on backend='pytorch' or with kv_cache_dtype='auto'"
+            )
         self.block_size = kv.block_size
         self.num_blocks = executor.plan_kv_blocks(config, self.session_len)
         executor.allocate_kv(self.num_blocks)

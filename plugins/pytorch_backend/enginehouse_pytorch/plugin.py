@@ -40,6 +40,12 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     problem = transformers_quantization(spec, config)
     if problem:
         return verdict(False, problem)
+    if config.kv_cache_dtype != "auto":
+        return verdict(
+            False,
+            f"kv_cache_dtype={config.kv_cache_dtype!r}: a quantized KV cache is the native "
+            "pytorch backend's; the transformers runner keeps transformers' float cache",
+        )
     if spec.is_vlm:
         return verdict(
             False,
@@ -142,12 +148,13 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding
-        + kv_groups_line(arch, spec, config),
+        + kv_cache_line(arch, spec, config),
     )
 
 
-def kv_groups_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
-    """For a model with KV groups (sliding-window layers), the plan per group ('' without)."""
+def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """The KV cache's bytes per token (this rank's, in its storage: `kv_cache_dtype`) and,
+    for a model with KV groups (sliding-window layers), the plan per group."""
     from enginehouse.plugin_api import (
         RunnerContext,
         available_memory,
@@ -155,7 +162,7 @@ def kv_groups_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
         resolve_dtype,
     )
 
-    from .native import kv_cache
+    from .native import kv_cache, kv_quant
 
     try:
         device = resolve_device(config)
@@ -163,24 +170,30 @@ def kv_groups_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     except RuntimeError:
         return ""
     kv_heads = max(1, arch.num_kv_heads // config.tp)
-    groups = kv_cache.kv_groups(arch, kv_heads, dtype.itemsize)
+    kind = config.kv_cache_dtype
+    head = kv_quant.head_bytes(kind, arch.head_dim, dtype)
+    element = str(dtype).removeprefix("torch.") if kind == "auto" else kind
+    scales = {"int8": ", a scale per token and head", "fp8": " e4m3, per-tensor scales"}
+    per_token = 2 * arch.num_layers * kv_heads * head
+    line = f"; KV cache {per_token} B/token ({element}{scales.get(kind, '')})"
+    groups = kv_cache.kv_groups(arch, kv_heads, head)
     if not groups:
-        return ""
+        return line
     budget = config.kv_cache_memory
     if isinstance(budget, float):  # estimated as explain's runtime plan does
         budget = int(max(0, available_memory(device) - spec.weight_bytes) * budget)
     session_len = RunnerContext.for_model(spec, config).session_len
-    block_size = config.block_size or 16
-    line = kv_cache.plan_line(
+    block_size = config.block_size or 16  # native_runner's DEFAULT_BLOCK_SIZE
+    plan = kv_cache.plan_line(
         groups,
         budget,
         block_size,
         session_len,
         config.max_batch_size,
         config.max_num_batched_tokens,
-        str(dtype).removeprefix("torch."),
+        element,
     )
-    return f"; {line}"
+    return f"{line}; {plan}"
 
 
 def tensor_parallel(arch, scheme, config: EngineConfig) -> str:

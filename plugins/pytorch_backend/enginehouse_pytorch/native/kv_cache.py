@@ -112,7 +112,7 @@ def plan_line(
     total = total_blocks(groups, budget, *args)
     plans = split_blocks(groups, total, block_size, session_len, max_chunk)
     parts = [
-        f"{p.group.describe()} ({len(p.group.layers)} layers, "
+        f"{p.group.describe()} ({len(p.group.layers)} layer{'s' * (len(p.group.layers) > 1)}, "
         f"{p.group.bytes_per_token} B/token in {element}): {p.tokens} tokens"
         for p in plans
     ]
