@@ -93,14 +93,24 @@ class NativeRunner:
         self.model: DecoderLM | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kernel = self._attention_kernel()
-        # A kernel that reads block tables (not the torch path's gathers, nor a quantized one).
-        self.paged = self.kernel is not TorchAttention and self.kv_kind == "auto"
+        # A kernel that reads block tables, not the torch path's gathers (a quantized cache:
+        # only Triton's int8 decode).
+        quantized = self.kv_kind != "auto"
+        self.paged = self.kernel is not TorchAttention and not quantized
+        self.paged |= getattr(self.kernel, "reads_tables", False)
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise. A
         quantized KV cache is read by the torch path alone (native/kv_quant.py)."""
+        if self.kv_kind == "int8" and self.device.type == "cuda":
+            try:  # Triton's paged decode reads int8 with its scales
+                from .native.triton_ops import TritonInt8Attention
+
+                return TritonInt8Attention
+            except ImportError:
+                pass
         if self.kv_kind != "auto":
             return kv_quant.attention_for(self.kv_kind)
         if self.device.type == "cpu":
@@ -218,8 +228,9 @@ class NativeRunner:
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
         self.decode = cpu_step.decode_runner(self)
-        # CUDA graphs capture one block table per row: models with one KV group only.
-        single = len(self.layer_groups) == 1
+        # CUDA graphs capture one block table per row: models with one KV group only, and a
+        # float cache (the quantized store was never run under a graph here).
+        single = len(self.layer_groups) == 1 and self.kv_kind == "auto"
         if self.device.type == "cuda" and self.paged and not self.config.eager and single:
             from .native.cuda_graphs import DecodeGraphs
 
