@@ -169,6 +169,7 @@ def _int8_checks() -> list[dict]:
     """The decode kernel over an int8 cache with its scales (kv_quant.py) against the same
     kernel over the dequantized float cache (itself checked against torch above)."""
     import torch
+
     from enginehouse_pytorch.native.kv_quant import quantize_int8
     from enginehouse_pytorch.native.triton_ops import paged_decode
 
