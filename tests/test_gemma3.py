@@ -221,3 +221,4 @@ def test_the_conformance_kit_passes_with_kv_groups(models):
     lines = "\n".join(r.line() for r in report.results)
     assert report.ok, lines
     assert "promised" in report.result("kv-spec").detail, lines
+    assert "gave tp=1's tokens" in report.result("tensor-parallel").detail, lines  # tp=2

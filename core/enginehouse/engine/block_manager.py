@@ -151,12 +151,9 @@ class BlockManager:
         if not self.prefix_caching or seq.block_table:
             return 0
         self._prepare(seq)
-        bs, parent, keys = self.block_size, 0, []
-        for i in range((seq.num_tokens - 1) // bs):
-            key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
-            keys.append(key)
-            parent = hash(key)
+        keys = self._cached_keys(seq)
         blocks = self._longest_hit(keys)
+        bs = self.block_size
         for g, pool in enumerate(self.pools):
             table = self.table(seq, g)
             first = self._first_block(g, blocks * bs) if blocks else 0
@@ -169,19 +166,38 @@ class BlockManager:
         seq.block_hashes.extend(hash(k) for k in keys[:blocks])
         return blocks * bs
 
+    def _cached_keys(self, seq: Sequence) -> list[BlockKey]:
+        """The keys of `seq`'s leading whole blocks (all but its last token), up to the first
+        one a full-attention group has not cached: no hit can reach past it."""
+        full = [p for g, p in enumerate(self.pools) if self._window(g) is None]
+        bs, parent, keys = self.block_size, 0, []
+        for i in range((seq.num_tokens - 1) // bs):
+            key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
+            if any(key not in pool.cached for pool in full):
+                break
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
     def _first_block(self, group: int, pos: int) -> int:
         """The first block a token at `pos` reads in `group`."""
         window = self._window(group)
         return 0 if window is None else max(0, pos - window + 1) // self.block_size
 
     def _longest_hit(self, keys: list[BlockKey]) -> int:
-        """The most leading blocks every group can resume from (see the module's rule)."""
-        hits = [[k in pool.cached for k in keys] for pool in self.pools]
+        """The most leading blocks every group can resume from (see the module's rule): the
+        full groups have all of `keys`; a sliding group needs the run of cached blocks that
+        ends at the hit to reach back to its window's first block."""
+        sliding = [g for g in range(len(self.pools)) if self._window(g) is not None]
+        runs = {}  # per sliding group: run[k] = cached blocks in a row ending at block k - 1
+        for g in sliding:
+            run = [0]
+            for key in keys:
+                run.append(run[-1] + 1 if key in self.pools[g].cached else 0)
+            runs[g] = run
         for blocks in range(len(keys), 0, -1):
-            if all(
-                all(hit[self._first_block(g, blocks * self.block_size) : blocks])
-                for g, hit in enumerate(hits)
-            ):
+            pos = blocks * self.block_size
+            if all(runs[g][blocks] >= blocks - self._first_block(g, pos) for g in sliding):
                 return blocks
         return 0
 
