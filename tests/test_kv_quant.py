@@ -91,3 +91,28 @@ def test_logits_and_greedy_agreement_against_the_float_cache(llama, kind):
     assert agreement >= ARGMAX_AGREEMENT[kind], agreement
     same = sum(a == b for x, y in zip(answers, want) for a, b in zip(x, y))
     assert same >= len(want[0]) // 4  # at least the first tokens of the answers agree
+
+
+def test_the_command_line_takes_and_checks_kv_cache_dtype(llama):
+    from click.testing import CliRunner
+
+    from enginehouse import cli
+
+    ok = CliRunner().invoke(cli.cli, ["explain", str(llama), "--kv-cache-dtype", "int8"])
+    assert ok.exit_code == 0, ok.output
+    assert "B/token (int8, a scale per token and head)" in ok.output
+    bad = CliRunner().invoke(cli.cli, ["explain", str(llama), "--kv-cache-dtype", "int4"])
+    assert bad.exit_code != 0
+    assert "'int4' is not one of 'auto', 'int8', 'fp8'" in bad.output
+
+
+def test_a_backend_keeping_a_float_cache_is_refused(llama):
+    from enginehouse.errors import BackendError
+
+    with pytest.raises(BackendError, match="quantized KV cache is the native pytorch backend's"):
+        pipeline(
+            str(llama),
+            backend="transformers",
+            engine_config={"kv_cache_dtype": "int8"},
+            progress=False,
+        )
