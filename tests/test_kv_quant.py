@@ -116,3 +116,33 @@ def test_a_backend_keeping_a_float_cache_is_refused(llama):
             engine_config={"kv_cache_dtype": "int8"},
             progress=False,
         )
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_the_cpu_kernel_reads_int8_as_the_torch_path_does(window):
+    from enginehouse_pytorch.native import cpu_kernels
+    from enginehouse_pytorch.native.attention import StepMeta, decode_metadata
+    from enginehouse_pytorch.native.kv_quant import QuantizedAttention, quantize_int8
+
+    if not cpu_kernels.load():
+        pytest.skip("the C++ CPU kernels are not built here")
+    gen = torch.Generator().manual_seed(0)
+    kvh, g, d, bs, blocks = 2, 3, 32, 4, 12
+    slots = blocks * bs + 2
+    (kq, ks), (vq, vs) = (quantize_int8(torch.randn(slots, kvh, d, generator=gen)) for _ in "kv")
+    cache = tuple(x.transpose(0, 1).contiguous() for x in (kq, vq, ks, vs))
+    for t in cache:
+        t[:, blocks * bs].zero_()  # the null slot padding reads
+    tables = [(3, 7, 1), (0,), (11, 2, 5, 9)]
+    lens = [10, 2, 15]
+    q = torch.randn(3, kvh * g, d, generator=gen)
+    mine = cpu_kernels.CpuInt8Attention(kvh * g, kvh, d, d**-0.5)
+    torch_path = QuantizedAttention(kvh * g, kvh, d, d**-0.5)
+    results = []
+    for attn, paged in ((mine, True), (torch_path, False)):
+        meta = StepMeta(3, torch.zeros(3, dtype=torch.long), torch.zeros(1), torch.zeros(1))
+        decode_metadata(
+            meta, tables, lens, bs, {window}, torch.device("cpu"), blocks * bs, paged, kvh, slots
+        )
+        results.append(attn.decode(meta, q, cache, window, None))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)

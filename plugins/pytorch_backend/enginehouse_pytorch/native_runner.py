@@ -94,7 +94,7 @@ class NativeRunner:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kernel = self._attention_kernel()
         # A kernel that reads block tables, not the torch path's gathers (a quantized cache:
-        # only Triton's int8 decode).
+        # the int8 decode kernels only).
         quantized = self.kv_kind != "auto"
         self.paged = self.kernel is not TorchAttention and not quantized
         self.paged |= getattr(self.kernel, "reads_tables", False)
@@ -102,8 +102,8 @@ class NativeRunner:
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
-        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise. A
-        quantized KV cache is read by the torch path alone (native/kv_quant.py)."""
+        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise. An int8
+        KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path."""
         if self.kv_kind == "int8" and self.device.type == "cuda":
             try:  # Triton's paged decode reads int8 with its scales
                 from .native.triton_ops import TritonInt8Attention
@@ -111,6 +111,8 @@ class NativeRunner:
                 return TritonInt8Attention
             except ImportError:
                 pass
+        if self.kv_kind == "int8" and self.device.type == "cpu" and cpu_kernels.load():
+            return cpu_kernels.CpuInt8Attention  # the C++ paged decode reads int8 in place
         if self.kv_kind != "auto":
             return kv_quant.attention_for(self.kv_kind)
         if self.device.type == "cpu":
