@@ -179,13 +179,13 @@ def long_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "qwen2"])
 def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_dir):
     """Two sequences generate 60 tokens each with a window of 8 (blocks of 4): the sliding
     group's blocks in use (from `stats()`, read while the tokens stream) never exceed what the
     windows hold, the freed blocks are reused by the other sequence, and the tokens are
     transformers' (Mistral's one sliding group runs the C++ one-call decode step; Gemma 3's
-    two groups the per-op path)."""
+    and Qwen2's two groups the per-op path)."""
     import random
 
     import torch
@@ -200,6 +200,9 @@ def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_
     if family == "mistral":
         config = tf.MistralConfig(**common)
         groups, sliding = ["sliding"], 0
+    elif family == "qwen2":  # sliding layers from max_window_layers on
+        config = tf.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+        groups, sliding = ["full", "sliding"], 1
     else:
         common.update(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16)
         config = tf.Gemma3TextConfig(
