@@ -229,3 +229,16 @@ def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_
     assert 0 < most <= 2 * 5
     assert [got[0], got[1]] == expected
     assert stats["kv_blocks_used"] == 0
+
+
+def test_a_group_out_of_blocks_refuses_the_allocation_and_takes_nothing() -> None:
+    bm = grouped(full=64, sliding=4)
+    seq = make_seq(list(range(40)))
+    assert not bm.can_allocate(seq, 20)  # 5 sliding blocks needed, 4 in the pool
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.allocate(seq, 20)
+    assert bm.used_per_group() == [0, 0]
+    computed(bm, seq, 12)  # 3 blocks each, then the window lets the first ones go
+    for _ in range(20):
+        computed(bm, seq, 1)
+    assert bm.used_per_group() == [8, 2]  # position 31 reads 24..31: blocks 6 and 7
