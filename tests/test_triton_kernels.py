@@ -177,12 +177,12 @@ def _int8_checks() -> list[dict]:
     for name, window, parts in (("int8-gqa", None, 1), ("int8-window-parts", 12, 2)):
         gen = torch.Generator().manual_seed(len(name))
         kvh, g, d, bs, lens = 2, 2, 16, 4, [5, 0, 37]
-        slots = 16 * bs
+        slots = 40 * bs  # 10 blocks a row: room for the longest context, 37
         k, v = (torch.randn(slots, kvh, d, generator=gen) for _ in range(2))
         (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
         caches = [x.transpose(0, 1).contiguous() for x in (kq, vq, ks, vs)]
         floats = [(c.float() * s[..., None]) for c, s in zip(caches[:2], caches[2:])]
-        tables = torch.randperm(16, generator=gen)[:12].view(3, 4).to(torch.int32)
+        tables = torch.randperm(40, generator=gen)[:30].view(3, 10).to(torch.int32)
         ctx = torch.tensor(lens, dtype=torch.int32)
         q = torch.randn(3, kvh * g, d, generator=gen)
         args = (tables, ctx, bs, d**-0.5, window, None, parts)
