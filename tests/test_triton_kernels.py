@@ -76,6 +76,10 @@ def test_paged_decode_matches_torch(results):
     _check(results, "decode", 12)
 
 
+def test_paged_decode_reads_an_int8_cache(results):
+    _check(results, "int8", 2)
+
+
 def test_native_runner_with_triton_kernels_matches_torch_path(results):
     _check(results, "runner", 1)
 
@@ -162,6 +166,34 @@ def _decode_checks() -> list[dict]:
     return [_decode_check(name, **kw) for name, kw in cases]
 
 
+def _int8_checks() -> list[dict]:
+    """The decode kernel over an int8 cache with its scales (kv_quant.py) against the same
+    kernel over the dequantized float cache (itself checked against torch above)."""
+    import torch
+
+    from enginehouse_pytorch.native.kv_quant import quantize_int8
+    from enginehouse_pytorch.native.triton_ops import paged_decode
+
+    out = []
+    for name, window, parts in (("int8-gqa", None, 1), ("int8-window-parts", 12, 2)):
+        gen = torch.Generator().manual_seed(len(name))
+        kvh, g, d, bs, lens = 2, 2, 16, 4, [5, 0, 37]
+        slots = 40 * bs  # 10 blocks a row: room for the longest context, 37
+        k, v = (torch.randn(slots, kvh, d, generator=gen) for _ in range(2))
+        (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+        caches = [x.transpose(0, 1).contiguous() for x in (kq, vq, ks, vs)]
+        floats = [(c.float() * s[..., None]) for c, s in zip(caches[:2], caches[2:])]
+        tables = torch.randperm(40, generator=gen)[:30].view(3, 10).to(torch.int32)
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        q = torch.randn(3, kvh * g, d, generator=gen)
+        args = (tables, ctx, bs, d**-0.5, window, None, parts)
+        got = paged_decode(q, caches[0], caches[1], *args, scales=(caches[2], caches[3]))
+        want = paged_decode(q, floats[0], floats[1], *args)
+        err = (got - want).abs().max().item()
+        out.append({"name": name, "ok": err <= 1e-5, "detail": f"max error {err:.2e}"})
+    return out
+
+
 def _store_checks() -> list[dict]:
     import torch
 
@@ -223,11 +255,14 @@ def _runner_checks(folder: Path) -> list[dict]:
     num_blocks = 40
     ref = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     ref.load(progress=False)
-    ref.allocate_kv(num_blocks)
+    # Gemma 2 has two KV groups (sliding and full layers) of equal shares: allocate_kv takes
+    # their total, and the one table of each chunk serves both (SeqChunk.table).
+    groups = len(ref.kv_spec.groups)
+    ref.allocate_kv(num_blocks * groups)
     tri = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     tri.kernel, tri.paged = TritonAttention, True
     tri.load(progress=False)
-    tri.allocate_kv(num_blocks)
+    tri.allocate_kv(num_blocks * groups)
     tri.graphs = DecodeGraphs(tri, sizes=[1, 2, 4])
     tri.graphs.capture()
 
@@ -304,6 +339,7 @@ def _main(folder: Path) -> None:
     groups = {
         "store": _store_checks,
         "decode": _decode_checks,
+        "int8": _int8_checks,
         "runner": lambda: _runner_checks(folder),
     }
     for name, group in groups.items():

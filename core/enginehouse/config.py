@@ -262,6 +262,11 @@ class EngineConfig(BaseModel):
         0.8, description="fraction (0, 1] of the memory free after loading, or a size like '2GiB'"
     )
     enable_prefix_caching: bool = True
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] = Field(
+        "auto",
+        description="what the KV cache stores: 'auto' (the model's dtype), 'int8' (a scale per "
+        "token and head; LMDeploy's quant_policy=8) or 'fp8' (e4m3, a per-tensor scale)",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(
         "auto", description="'auto', 'cpu', 'cuda' or 'cuda:N', or a plugin platform's name"

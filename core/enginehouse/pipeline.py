@@ -399,6 +399,11 @@ class Pipeline:
         """What the engine runs with: backend, context, dtype, device and the KV cache."""
         kv, stats = self.engine.kv_spec, self.stats()
         blocks = stats["kv_blocks_total"]
+        kv_bytes = blocks * kv.bytes_per_block
+        counts = stats.get("kv_group_blocks_total")
+        if kv.groups and counts:  # each group's blocks in its own size (KV layer groups)
+            sizes = [g.block_bytes(kv.block_size) for g in kv.groups]
+            kv_bytes = sum(n * b for n, b in zip(counts, sizes))
         return {
             "backend": self.backend,
             **self.engine.describe(),
@@ -407,7 +412,8 @@ class Pipeline:
             "device": str(kv.device),
             "kv_blocks": blocks,
             "kv_tokens": blocks * kv.block_size,
-            "kv_bytes": blocks * kv.bytes_per_block,
+            "kv_bytes": kv_bytes,
+            "kv_cache_dtype": kv.cache_dtype,  # "auto" (dtype), "int8" or "fp8"
         }
 
     # --- inputs -----------------------------------------------------------------------------

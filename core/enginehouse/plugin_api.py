@@ -15,6 +15,7 @@ from .families import ModelFamily
 from .families import registered as registered_families
 from .hookspecs import hookimpl
 from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
+from .kv_groups import KVGroup, split_blocks, total_blocks
 from .logits_processors import BatchUpdate, LogitsProcessor
 from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
 from .pipeline import read_spec
@@ -46,6 +47,7 @@ __all__ = [
     "GenerationConfig",
     "HermesParser",
     "InvalidModelError",
+    "KVGroup",
     "KVSpec",
     "LogitsProcessor",
     "MAX_DOWNLOAD_BYTES",
@@ -80,6 +82,8 @@ __all__ = [
     "registered_families",
     "resolve_device",
     "resolve_dtype",
+    "split_blocks",
     "tensors",
+    "total_blocks",
     "use_all_cores",
 ]

@@ -12,6 +12,7 @@ import inspect
 import torch
 
 from ..config import format_size
+from ..kv_groups import KVGroup
 from ..runner import (
     CAPABILITY_METHODS,
     KVSpec,
@@ -81,8 +82,14 @@ def kv_spec(t: Target) -> str:
     ]
     if wrong:
         raise Mismatch(f"kv_spec has {', '.join(wrong)}")
+    if not all(isinstance(g, KVGroup) for g in kv.groups):
+        raise Mismatch("kv_spec.groups holds something other than enginehouse KVGroup")
     assert t.engine is not None
     promised = t.engine.num_blocks * kv.bytes_per_block
+    if kv.groups:  # each group's share of the blocks, in its own block size
+        chunk = t.engine.config.max_num_batched_tokens
+        plans = kv.group_blocks(t.engine.num_blocks, t.engine.session_len, chunk)
+        promised = sum(p.bytes for p in plans)
     what = f"allocate_kv({t.engine.num_blocks}) added {format_size(t.kv_bytes)}"
     if t.kv_bytes == 0:
         raise NotApplicable(
@@ -92,7 +99,8 @@ def kv_spec(t: Target) -> str:
     # The engine turns a memory budget into blocks with bytes_per_block: a runner that takes
     # more overruns the budget, one that takes far less wastes it.
     # A few spare slots (a null slot for padding, say) are fine: up to two blocks and 10%.
-    if not promised * 0.5 <= t.kv_bytes <= promised * 1.1 + 2 * kv.bytes_per_block:
+    spare = 2 * kv.bytes_per_block * max(1, len(kv.groups))  # a null slot or so per group
+    if not promised * 0.5 <= t.kv_bytes <= promised * 1.1 + spare:
         raise Mismatch(
             f"{what}, but kv_spec.bytes_per_block ({kv.bytes_per_block}) promises "
             f"{format_size(promised)} for that many blocks"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..errors import RequestError
+from ..errors import EnginehouseError, RequestError
 from ..multimodal import VisionEncoder
 from ..spec import ModelSpec
 from .block_manager import BlockManager
@@ -66,11 +66,23 @@ class EngineCore:
         self.vocab_size = self.checks.vocab_size
         self.eos_ids = eos_token_ids(spec, tokenizer)
         kv = executor.kv_spec
+        if config.kv_cache_dtype != kv.cache_dtype and config.kv_cache_dtype != "auto":
+            raise EnginehouseError(
+                f"kv_cache_dtype={config.kv_cache_dtype!r} asks for a quantized KV cache, but "
+                "this backend's runner keeps a float one (its KVSpec.cache_dtype is "
+                f"{kv.cache_dtype!r}); run it on backend='pytorch' or with kv_cache_dtype='auto'"
+            )
         self.block_size = kv.block_size
         self.num_blocks = executor.plan_kv_blocks(config, self.session_len)
         executor.allocate_kv(self.num_blocks)
         caching = config.enable_prefix_caching and kv.prefix_caching
-        self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)
+        counts: int | list[int] = self.num_blocks
+        if kv.groups:  # one pool per KV group, shared out as the runner shares them
+            plans = kv.group_blocks(
+                self.num_blocks, self.session_len, config.max_num_batched_tokens
+            )
+            counts = [p.blocks for p in plans]
+        self.block_manager = BlockManager(counts, kv.block_size, caching, kv.groups)
         self.scheduler = Scheduler(
             self.block_manager, config.max_batch_size, config.max_num_batched_tokens
         )
@@ -141,6 +153,9 @@ class EngineCore:
             "waiting_deferred": len(self._compiling),
             "kv_blocks_used": self.block_manager.num_used,
             "kv_blocks_total": self.num_blocks,
+            # Per KV group (`KVSpec.groups`; one entry without groups).
+            "kv_group_blocks_used": self.block_manager.used_per_group(),
+            "kv_group_blocks_total": [p.num_blocks for p in self.block_manager.pools],
             "preemptions": self.scheduler.num_preemptions,
             # Their ratio is the average batch per step (`enginehouse bench`, `/metrics`).
             "steps": self.num_steps,

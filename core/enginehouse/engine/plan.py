@@ -42,6 +42,8 @@ class ChunkPlan:
     embed_rows: tuple[int, ...] = ()
     embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # With KV groups: the new blocks of groups 1, 2, ... (`new_blocks` are group 0's).
+    group_new_blocks: tuple[tuple[int, ...], ...] = ()
 
     @property
     def end_pos(self) -> int:

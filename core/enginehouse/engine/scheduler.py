@@ -2,8 +2,10 @@
 
 Each step has a token budget. Running sequences go first (one token each when decoding, the next
 chunk of their prompt otherwise), then waiting ones join while budget, batch slots and KV blocks
-last. When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-waits to be recomputed from its tokens, so it still ends with the tokens it would have produced.
+last. A sequence's blocks that fell out of a sliding window are freed before it asks for more
+(`BlockManager.drop_out_of_window`). When blocks run out, the newest running sequence is
+preempted: its blocks are freed and it waits to be recomputed from its tokens, so it still ends
+with the tokens it would have produced.
 
 Each chunk is a `ChunkPlan`: a sequence's block table goes to the runner's side as it grows,
 and the sequences whose blocks were freed (`released`) or that are gone for good (`finished`)
@@ -60,6 +62,7 @@ class Scheduler:
         if seq.sent_blocks:
             self.released.append(seq.seq_id)
         seq.sent_blocks = 0
+        seq.sent_group_blocks = [0] * len(seq.sent_group_blocks)
         self.bm.free_seq(seq)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -85,6 +88,10 @@ class Scheduler:
         embed_rows, embeds = seq.embeds_between(start, start + n)
         new_blocks = tuple(seq.block_table[seq.sent_blocks :])
         seq.sent_blocks = len(seq.block_table)
+        group_new_blocks = []  # with KV groups: those of groups 1, 2, ...
+        for g, table in enumerate(seq.group_tables):
+            group_new_blocks.append(tuple(table[seq.sent_group_blocks[g] :]))
+            seq.sent_group_blocks[g] = len(table)
         return ChunkPlan(
             seq_id=seq.seq_id,
             token_ids=tuple(seq.token_ids[start : start + n]) + drafts,
@@ -94,6 +101,7 @@ class Scheduler:
             embed_rows=embed_rows,
             embeds=embeds,
             rope_positions=seq.rope_positions(start, start + n + len(drafts)),
+            group_new_blocks=tuple(group_new_blocks),
         )
 
     def _drafts(self, seq: Sequence, n: int, budget: int) -> list[int]:
@@ -120,6 +128,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             if n <= 0:
                 continue
+            self.bm.drop_out_of_window(seq)  # a sliding window's old blocks first
             seq.draft_ids = self._drafts(seq, n, budget)
             while not self.bm.can_allocate(seq, n):
                 victim = self.running[-1]

@@ -28,6 +28,7 @@ from enginehouse.plugin_api import (
 
 from .native.arch import arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention
+from .native.kv_cache import GroupCache
 from .native.state_pool import StatePool
 from .native_runner import NativeRunner
 
@@ -79,7 +80,7 @@ class HybridRunner(NativeRunner):
             )
         return blocks
 
-    def _allocate(self, num_blocks: int) -> None:
+    def _allocate(self, num_blocks: int, counts: list[int] | None = None) -> None:
         """`NativeRunner._allocate` for the full-attention layers only; each linear layer's
         entry in `self.kv` is its part of the state pool instead."""
         a, linear = self.arch, self.linear
@@ -89,6 +90,8 @@ class HybridRunner(NativeRunner):
         cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         cache[:, :, :, self.null_slot].zero_()
         self.layout = {"kv_heads": self.tp.kv_heads, "num_slots": shape[3]}
+        full_layers = tuple(i for i, lin in enumerate(linear.layers) if not lin)
+        self.caches = [GroupCache(full_layers, None, cache, self.null_slot, self.scratch_slot)]
         if self.states is None:
             self.states = StatePool(linear, self.max_seqs, self.dtype, self.device)
         full = iter(range(self.full_layers))

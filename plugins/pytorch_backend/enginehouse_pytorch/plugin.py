@@ -42,6 +42,12 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     problem = transformers_quantization(spec, config)
     if problem:
         return verdict(False, problem)
+    if config.kv_cache_dtype != "auto":
+        return verdict(
+            False,
+            f"kv_cache_dtype={config.kv_cache_dtype!r}: a quantized KV cache is the native "
+            "pytorch backend's; the transformers runner keeps transformers' float cache",
+        )
     if spec.is_vlm:
         return verdict(
             False,
@@ -142,6 +148,11 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             if arch.linear is not None:
                 raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
+        if config.kv_cache_dtype != "auto" and (arch.mla is not None or arch.linear is not None):
+            raise UnsupportedModel(
+                f"kv_cache_dtype={config.kv_cache_dtype!r}: the {arch.family} cache (latent or "
+                "hybrid) is kept in the model's dtype natively; use kv_cache_dtype='auto'"
+            )
     except UnsupportedModel as e:
         return verdict(False, str(e))
     if not any(f.endswith(".safetensors") for f in spec.weight_files):
@@ -158,7 +169,8 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         f"native {arch.family} implementation{window}{moe}: {cache}{images}"
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
-        + sharding,
+        + sharding
+        + kv_cache_line(arch, spec, config),
         verifies=arch.linear is None,
     )
 
@@ -172,6 +184,52 @@ def cache_kind(arch) -> str:
         f"paged latent cache (kind mla: {arch.mla.cache_width} values per token and layer, "
         f"against {heads} for its heads' keys and values), attention in torch ops"
     )
+
+
+def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """The KV cache's bytes per token (this rank's, in its storage: `kv_cache_dtype`) and,
+    for a model with KV groups (sliding-window layers), the plan per group."""
+    from enginehouse.plugin_api import (
+        RunnerContext,
+        available_memory,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    from .native import kv_cache, kv_quant
+
+    if arch.mla is not None or arch.linear is not None:
+        return ""  # their caches are described by cache_kind / hybrid_line
+    try:
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, spec, device)
+    except RuntimeError:
+        return ""
+    kv_heads = max(1, arch.num_kv_heads // config.tp)
+    kind = config.kv_cache_dtype
+    head = kv_quant.head_bytes(kind, arch.head_dim, dtype)
+    element = str(dtype).removeprefix("torch.") if kind == "auto" else kind
+    scales = {"int8": ", a scale per token and head", "fp8": " e4m3, per-tensor scales"}
+    per_token = 2 * arch.num_layers * kv_heads * head
+    line = f"; KV cache {per_token} B/token ({element}{scales.get(kind, '')})"
+    groups = kv_cache.kv_groups(arch, kv_heads, head)
+    if not groups:
+        return line
+    budget = config.kv_cache_memory
+    if isinstance(budget, float):  # estimated as explain's runtime plan does
+        budget = int(max(0, available_memory(device) - spec.weight_bytes) * budget)
+    session_len = RunnerContext.for_model(spec, config).session_len
+    block_size = config.block_size or 16  # native_runner's DEFAULT_BLOCK_SIZE
+    plan = kv_cache.plan_line(
+        groups,
+        budget,
+        block_size,
+        session_len,
+        config.max_batch_size,
+        config.max_num_batched_tokens,
+        element,
+    )
+    return f"{line}; {plan}"
 
 
 def tensor_parallel(arch, scheme, config: EngineConfig) -> str:

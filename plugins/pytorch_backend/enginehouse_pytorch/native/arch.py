@@ -131,6 +131,9 @@ class Arch:
     attn_output_gate: bool = False  # Qwen3-Next: q_proj also makes a sigmoid gate per head
     mla: MLA | None = None  # DeepSeek's latent attention instead of q/k/v heads
     rope_interleave: bool = False  # rope over (even, odd) pairs, as DeepSeek's checkpoints
+    # Gemma 3: the rope of the sliding-window layers, where it differs from `rope` (the
+    # full-attention layers' one).
+    rope_local: Rope | None = None
 
     @property
     def scale(self) -> float:
@@ -139,6 +142,12 @@ class Arch:
     def window(self, layer: int) -> int | None:
         return self.windows[layer] if self.windows else None
 
+    def layer_rope(self, layer: int) -> Rope:
+        """The rope of `layer`: `rope_local` for a sliding-window layer where it is set."""
+        if self.rope_local is not None and self.window(layer) is not None:
+            return self.rope_local
+        return self.rope
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and (not self.moe.layers or self.moe.layers[layer])
 
@@ -146,11 +155,14 @@ class Arch:
         return self.linear is not None and self.linear.layers[layer]
 
 
-def _rope(config: Mapping[str, Any], head_dim: int) -> Rope:
-    """transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`."""
+def _rope(config: Mapping[str, Any], head_dim: int, layer_type: str | None = None) -> Rope:
+    """transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+    Per-layer-type parameters (Gemma 3) are read for `layer_type` where the reader asks."""
     params = dict(config.get("rope_parameters") or {})
     if params and all(isinstance(v, Mapping) for v in params.values()):
-        raise UnsupportedModel("per-layer-type rope parameters are not supported natively")
+        if layer_type is None or layer_type not in params:
+            raise UnsupportedModel("per-layer-type rope parameters are not supported natively")
+        params = dict(params[layer_type])
     if not params:
         params = dict(config.get("rope_scaling") or {})
         params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
@@ -240,6 +252,42 @@ def gemma2(config: Mapping[str, Any]) -> Arch:
         attn_softcap=config.get("attn_logit_softcapping"),
         final_softcap=config.get("final_logit_softcapping"),
     )
+
+
+def gemma3(config: Mapping[str, Any]) -> Arch:
+    """Gemma 3's text model: Gemma 2's decoder with q/k norms, no soft-capping, five local
+    (sliding-window) layers to one global, each kind with its own rope."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if isinstance(config.get("rope_parameters"), Mapping) and "full_attention" in (
+        config.get("rope_parameters") or {}
+    ):
+        global_rope = _rope(config, head_dim, "full_attention")
+        local_rope = _rope(config, head_dim, "sliding_attention")
+    else:  # transformers 4 configs: rope_theta (+ rope_scaling) global, rope_local_base_freq
+        global_rope = _rope(config, head_dim)
+        local_rope = Rope(theta=float(config.get("rope_local_base_freq", 10000.0)))
+    common = _common({**config, "rope_parameters": None}, "gemma3")
+    common["windows"] = _gemma3_windows(config, common["num_layers"])
+    return Arch(
+        **{**common, "rope": global_rope},
+        rope_local=local_rope,
+        qk_norm=True,
+        norm_plus_one=True,
+        sandwich_norm=True,
+        embed_scale=config["hidden_size"] ** 0.5,
+        attn_scale=config.get("query_pre_attn_scalar", 256) ** -0.5,
+        attn_softcap=config.get("attn_logit_softcapping"),
+        final_softcap=config.get("final_logit_softcapping"),
+    )
+
+
+def _gemma3_windows(config: Mapping[str, Any], layers: int) -> tuple[int | None, ...]:
+    """`layer_types` where written; older configs give `sliding_window_pattern` (every Nth
+    layer global)."""
+    if config.get("layer_types"):
+        return _layer_windows(config, layers)
+    window, every = config.get("sliding_window"), config.get("sliding_window_pattern", 6)
+    return tuple(None if (i + 1) % every == 0 else window for i in range(layers))
 
 
 def mixtral(config: Mapping[str, Any]) -> Arch:
@@ -448,6 +496,7 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "Qwen3ForCausalLM": qwen3,
     "Phi3ForCausalLM": phi3,
     "Gemma2ForCausalLM": gemma2,
+    "Gemma3ForCausalLM": gemma3,
     "MixtralForCausalLM": mixtral,
     "Qwen3MoeForCausalLM": qwen3_moe,
     "Qwen3NextForCausalLM": qwen3_next,

@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(arch.hidden_size, self.sizes, arch.qkv_bias)
         self.o_proj = Linear(h * d, [arch.hidden_size], arch.o_bias)
         if arch.qk_norm:
+            # Gemma 3's q/k norms scale by (1 + weight) as its other norms do; Qwen3's do not.
             self.q_norm = RMSNorm(d, arch.rms_norm_eps, arch.norm_plus_one)
             self.k_norm = RMSNorm(d, arch.rms_norm_eps, arch.norm_plus_one)
         self.heads = (h, kvh, d)
@@ -44,8 +45,10 @@ class Attention(nn.Module):
         self.qk_norm = arch.qk_norm
         self.attn = kernel(h, kvh, d, arch.scale)
         self.fused_rope = False  # set by DecoderLM.finish_loading
+        self.kv_group = 0  # the runner's KV group of this layer: its step metadata and rope
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        meta = meta.group(self.kv_group)
         if self.gated:
             return self.forward_gated(x, meta, cache)
         h, kvh, d = self.heads
@@ -79,6 +82,7 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         """`forward` with rope and the K/V store as one C++ op."""
+        meta = meta.group(self.kv_group)
         h, kvh, d = self.heads
         qkv = self.qkv_proj(x)
         if meta.prefills:  # a prefill attends over its own K/V: rotated in place in qkv
