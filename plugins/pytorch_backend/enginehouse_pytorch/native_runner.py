@@ -115,7 +115,8 @@ class NativeRunner:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
             return TorchAttention
-                if self.kv_kind == "int8" and self.device.type == "cuda":
+        # An int8 KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path.
+        if self.kv_kind == "int8" and self.device.type == "cuda":
             try:  # Triton's paged decode reads int8 with its scales
                 from .native.triton_ops import TritonInt8Attention
 
@@ -223,7 +224,9 @@ class NativeRunner:
             self.kv = mla.allocate_cache(a, null + 2, null, self.dtype, self.device)
             layers = tuple(range(a.num_layers))
             layout = {"kv_heads": 1, "num_slots": null + 2}
-            self.caches = [kv_cache.GroupCache(layers, None, self.kv[0], null, null + 1, None, layout)]
+            self.caches = [
+                kv_cache.GroupCache(layers, None, self.kv[0], null, null + 1, None, layout)
+            ]
             self.null_slot, self.scratch_slot, self.layout = null, null + 1, layout
             return
         self.caches = kv_cache.allocate(
@@ -384,9 +387,7 @@ def _attends_as_decode(chunk: SeqChunk) -> bool:
     return chunk.is_decode or chunk.verify
 
 
-def _decode_rows(
-    chunks: list[SeqChunk], group: int = 0
-) -> tuple[list[tuple[int, ...]], list[int]]:
+def _decode_rows(chunks: list[SeqChunk], group: int = 0) -> tuple[list[tuple[int, ...]], list[int]]:
     """The decode rows of these chunks: a block table and a context length per token. A
     verify chunk's position start_pos + i is a row of its own over positions 0 .. itself
     (all of the step's K/V are stored before any row attends), so K + 1 proposals go through
