@@ -266,7 +266,10 @@ class EngineCore:
         """The scheduler's released and finished sequences; the proposer forgets the latter."""
         released, finished = self.scheduler.take_changes()
         if self.proposer is not None and finished:
-            self.proposer.finish(finished)
+            try:  # the proposer's bookkeeping never takes the target's requests down with it
+                self.proposer.finish(finished)
+            except Exception:
+                log.exception("the speculative proposer failed to forget finished sequences")
         return released, finished
 
     def _flush_releases(self) -> None:

@@ -36,6 +36,9 @@ class _DraftSeq:
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    group_tables: list[list[int]] = field(default_factory=list)  # none: the draft has one group
+    dropped: list[int] = field(default_factory=list)
+    sent_group_blocks: list[int] = field(default_factory=list)
 
     @property
     def num_computed(self) -> int:

@@ -180,7 +180,9 @@ class NativeRunner:
             model.step = None
         for g, (_, layers) in enumerate(self.layer_groups):
             for i in layers:
-                model.model.layers[i].self_attn.kv_group = g
+                attention = getattr(model.model.layers[i], "self_attn", None)
+                if attention is not None:  # a hybrid's linear-attention layers have none
+                    attention.kv_group = g
         self.model = model.eval()
         # One rope table per group (Gemma 3's local and global layers differ in base).
         self.ropes = []
