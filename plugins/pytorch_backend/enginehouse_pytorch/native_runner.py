@@ -27,6 +27,7 @@ from .native.arch import Arch, UnsupportedModel, arch_from_config, language_mode
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
+from .native.mxfp4 import is_mxfp4
 from .native.parallel import TensorParallel
 from .native.rope import mrope_rows, rope_table
 from .native.shm_collectives import ShmCollectives, usable
@@ -89,7 +90,10 @@ class NativeRunner:
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
-        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
+        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise, and
+        always for attention sinks (gpt-oss), which only the torch path has."""
+        if self.arch.sinks:
+            return TorchAttention
         if self.device.type == "cpu":
             if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
@@ -130,7 +134,8 @@ class NativeRunner:
             model.to_empty(device=self.device)
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
-        load_safetensors(model, files, progress, self.prefixes, self.tp)
+        mxfp4 = is_mxfp4(self.spec.config)
+        load_safetensors(model, files, progress, self.prefixes, self.tp, mxfp4)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Rope types implemented in rope.py; anything else is reported by the probe, not guessed.
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 class UnsupportedModel(ValueError):
@@ -36,6 +36,9 @@ class MoE:
     intermediate_size: int
     renormalize: bool  # divide the chosen experts' weights by their sum
     layers: tuple[bool, ...] = ()  # per layer: True where the MLP is the mixture
+    # gpt-oss (native/gpt_oss.py): router and experts with biases, softmax over the top k
+    # chosen logits, the clamped SwiGLU with these (alpha, limit).
+    swiglu: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Arch:
     windows: tuple[int | None, ...] = ()  # per layer sliding window, None for full attention
     tie_embeddings: bool = False
     moe: MoE | None = None
+    sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax's denominator
 
     @property
     def scale(self) -> float:
@@ -91,6 +95,12 @@ def _rope(config: Mapping[str, Any], head_dim: int) -> Rope:
     if kind not in ROPE_TYPES:
         raise UnsupportedModel(
             f"rope type {kind!r} is not implemented natively (have: {', '.join(ROPE_TYPES)})"
+        )
+    if kind == "yarn":  # as transformers reads it: a top-level value comes first
+        params["original_max_position_embeddings"] = (
+            config.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or config.get("max_position_embeddings", 4096)
         )
     factor = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     return Rope(
@@ -203,6 +213,24 @@ def qwen3_moe(config: Mapping[str, Any]) -> Arch:
     return Arch(**_common(config, "qwen3_moe"), qkv_bias=bias, o_bias=bias, qk_norm=True, moe=moe)
 
 
+def gpt_oss(config: Mapping[str, Any]) -> Arch:
+    moe = MoE(
+        num_experts=config["num_local_experts"],
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        renormalize=True,  # the softmax over the chosen logits sums to one
+        swiglu=(float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit", 7.0))),
+    )
+    common = _common(config, "gpt_oss")
+    if not config.get("layer_types"):  # transformers' default: every other layer, from the first
+        window = config.get("sliding_window", 128)
+        common["windows"] = tuple(
+            window if i % 2 == 0 else None for i in range(common["num_layers"])
+        )
+    bias = bool(config.get("attention_bias", True))
+    return Arch(**common, qkv_bias=bias, o_bias=bias, moe=moe, sinks=True)
+
+
 # Architecture name (config.json "architectures") -> how to read its config.
 FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "LlamaForCausalLM": llama,
@@ -213,6 +241,7 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "Gemma2ForCausalLM": gemma2,
     "MixtralForCausalLM": mixtral,
     "Qwen3MoeForCausalLM": qwen3_moe,
+    "GptOssForCausalLM": gpt_oss,
 }
 
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -245,6 +274,10 @@ def arch_from_config(architecture: str, config: Mapping[str, Any]) -> Arch:
         arch = read(config)
     except KeyError as e:
         raise UnsupportedModel(f"config.json has no {e.args[0]!r}") from None
+    qc = config.get("quantization_config")
+    mxfp4 = isinstance(qc, Mapping) and str(qc.get("quant_method") or "").lower() == "mxfp4"
+    if mxfp4 and arch.family != "gpt_oss":
+        raise UnsupportedModel("MXFP4 weights are read natively for gpt-oss's experts only")
     if arch.act not in SUPPORTED_ACTS:
         raise UnsupportedModel(f"activation {arch.act!r} is not implemented natively")
     return arch

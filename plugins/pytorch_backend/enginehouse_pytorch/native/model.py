@@ -12,6 +12,7 @@ from torch import nn
 from . import cpu_decode, cpu_step
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
+from .gpt_oss import GptOssMoE
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
 from .parallel import TensorParallel
 from .rope import apply_rope
@@ -38,6 +39,8 @@ class Attention(nn.Module):
         self.softcap = arch.attn_softcap
         self.qk_norm = arch.qk_norm
         self.attn = kernel(h, kvh, d, arch.scale)
+        if arch.sinks:  # gpt-oss; handed to the kernel by DecoderLM.finish_loading
+            self.sinks = empty(h)
         self.fused_rope = False  # set by DecoderLM.finish_loading
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
@@ -81,7 +84,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps, plus_one = arch.rms_norm_eps, arch.norm_plus_one
         self.self_attn = Attention(arch, layer, kernel, tp)
-        if arch.is_moe_layer(layer):
+        if arch.moe is not None and arch.moe.swiglu is not None:
+            self.mlp = GptOssMoE(arch.hidden_size, arch.moe, tp)
+        elif arch.is_moe_layer(layer):
             self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act, tp)
         else:
             inter = tp.intermediate(arch.intermediate_size)
@@ -165,6 +170,9 @@ class DecoderLM(nn.Module):
                 # rope over whole heads, no q/k norm in between: one op with the K/V store
                 rotary = self.arch.rope.rotary_dim or self.arch.head_dim
                 m.fused_rope = self.fused and not m.qk_norm and rotary == self.arch.head_dim
+                if self.arch.sinks:  # the C++ kernels have no sinks: rope and store in torch
+                    m.attn.sinks = m.sinks
+                    m.fused_rope = False
             elif isinstance(m, GatedMLP):
                 m.fused = self.fused
         self.step = cpu_step.build(self)

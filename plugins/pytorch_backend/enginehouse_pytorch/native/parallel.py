@@ -145,6 +145,12 @@ def rank_tensor(
     """This rank's part of one checkpoint tensor (`read(part)` reads it, or a slice of it);
     None where the rank holds zeros (the bias of a row-parallel projection, added once)."""
     a = tp.arch
+    if a.family == "gpt_oss":
+        from .gpt_oss import rank_part
+
+        mine, part = rank_part(tp, pname, read)
+        if mine:
+            return part
     if pname.endswith((".o_proj.bias", ".down_proj.bias")):
         return read() if tp.rank == 0 else None
     if ".qkv_proj." in pname:
