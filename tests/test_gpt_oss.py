@@ -297,6 +297,15 @@ def test_mxfp4_checkpoint_equals_transformers_on_its_values(mxfp4_dirs):
     assert [r.token_ids for r in out] == expected
 
 
+def test_explain_states_mxfp4_memory(mxfp4_dirs):
+    _, quant_dir = mxfp4_dirs
+    report = explain(str(quant_dir))
+    assert report["chosen"] == "pytorch"
+    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    # 4 layers x 4 experts x 3 x 32 x 64 values: 384 KiB in float32, 51 KiB as MXFP4.
+    assert "MXFP4 experts dequantized at load" in verdict["reason"], verdict["reason"]
+
+
 def test_mxfp4_pair_missing_its_scales_is_named(mxfp4_dirs, tmp_path):
     _, quant_dir = mxfp4_dirs
     folder = tmp_path / "broken"
