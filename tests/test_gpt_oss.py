@@ -29,9 +29,13 @@ from transformers import GptOssConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from enginehouse import ScheduledBatch, SeqChunk, explain, pipeline
+from enginehouse.runner import kv_slot
 from enginehouse.testing import TINY, build_model, tight_kv_config
+from enginehouse_pytorch.native import cpu_kernels
 from enginehouse_pytorch.native.arch import arch_from_config
+from enginehouse_pytorch.native.attention import StepMeta, TorchAttention, decode_metadata
 from enginehouse_pytorch.native.rope import _yarn, rope_table
+from enginehouse_pytorch.native_runner import NativeRunner
 
 WINDOW = 8  # prompts of the tests run past it
 YARN = dict(
@@ -146,15 +150,83 @@ def run_schedule(pipe, prompts: list[list[int]], chunks: list[list[int]]) -> lis
     return [torch.cat(o) for o in out]
 
 
-def test_logits_equal_transformers_prefill_chunks_and_decodes(model_dir, ref):
+@pytest.fixture(params=["cpu-kernels", "torch"])
+def attention_path(request, monkeypatch) -> str:
+    """The CPU's C++ paged decode and fused rope-and-store (where built), or torch ops only."""
+    if request.param == "torch":
+        monkeypatch.setattr(NativeRunner, "_attention_kernel", lambda self: TorchAttention)
+        monkeypatch.setattr(NativeRunner, "_fused", lambda self: False)
+    elif not cpu_kernels.load():
+        pytest.skip("no C++ toolchain to build the CPU kernels")
+    return request.param
+
+
+def test_logits_equal_transformers_prefill_chunks_and_decodes(model_dir, ref, attention_path):
     # One prompt inside the window, two past it; later chunks attend over cached context,
     # decodes run beside other sequences' prefill chunks.
     chunks = [[5, 1, 1, 1], [12, 8, 1, 1, 1], [9, 16, 12, 1, 1, 1]]
     prompts = [tokens(sum(c), seed=10 + i) for i, c in enumerate(chunks)]
     with open_pipe(model_dir, max_batch_size=8, enable_prefix_caching=False) as pipe:
+        kernel = type(pipe.runner.model.model.layers[0].self_attn.attn)
+        assert (kernel is TorchAttention) == (attention_path == "torch")
         got = run_schedule(pipe, prompts, chunks)
     for ids, logits in zip(prompts, got):
         assert_logits_close(logits, ref.logits(ids))
+
+
+def reference_attention(q, k, v, sinks, scale, window):
+    """transformers' eager_attention_forward of gpt-oss for one sequence: q [n, h, d] at the
+    last n of L positions, k/v [L, kvh, d]."""
+    n, h, _ = q.shape
+    total, kvh = k.shape[0], k.shape[1]
+    k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q, k) * scale
+    qpos = torch.arange(total - n, total)[:, None]
+    kpos = torch.arange(total)[None]
+    ok = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
+    scores = scores.masked_fill(~ok, float("-inf"))
+    combined = torch.cat([scores, sinks[:, None, None].expand(h, n, 1)], dim=-1)
+    probs = combined.softmax(dim=-1)[..., :-1]
+    return torch.einsum("hnl,lhd->nhd", probs, v).reshape(n, -1)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_with_sinks_equals_reference_in_both_kernels(window):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size, num_blocks = 4, 2, 16, 4, 12
+    slots = num_blocks * block_size + 1  # the last: the null slot the torch path pads with
+    cache = torch.zeros(2, kv_heads, slots, dim)
+    lens = [3, 11, 6]
+    perm = torch.randperm(num_blocks).tolist()
+    tables, at, seqs = [], 0, []
+    for n in lens:
+        need = -(-n // block_size)
+        tables.append(tuple(perm[at : at + need]))
+        at += need
+        kv = torch.randn(2, n, kv_heads, dim)
+        for p in range(n):
+            cache[:, :, kv_slot(tables[-1], p, block_size)] = kv[:, p]
+        seqs.append(kv)
+    q = torch.randn(len(lens), heads, dim)
+    sinks = torch.randn(heads) * 2
+    scale = dim**-0.5
+    want = torch.cat(
+        [
+            reference_attention(q[i : i + 1], k, v, sinks, scale, window)
+            for i, (k, v) in enumerate(seqs)
+        ]
+    )
+    common = (tables, lens, block_size, {window}, torch.device("cpu"), slots - 1)
+    kernels = [(TorchAttention, {"kv_heads": kv_heads, "num_slots": slots})]
+    if cpu_kernels.load():
+        kernels.append((cpu_kernels.CpuPagedAttention, {"paged": True}))
+    for kernel, layout in kernels:
+        meta = StepMeta(len(lens), torch.empty(0), torch.empty(0), torch.empty(0))
+        decode_metadata(meta, *common, **layout)
+        attn = kernel(heads, kv_heads, dim, scale)
+        attn.sinks = sinks
+        got = attn.decode(meta, q, (cache[0], cache[1]), window, None)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=kernel.__name__)
 
 
 # --- greedy tokens --------------------------------------------------------------------------
@@ -225,14 +297,12 @@ def test_explain_chooses_native(model_dir):
     assert "native gpt_oss implementation with sliding window, 4 experts" in verdict["reason"]
 
 
-def test_sinks_route_attention_through_torch(model_dir):
-    from enginehouse_pytorch.native.attention import TorchAttention
-
+def test_sinks_reach_the_attention_kernel(model_dir):
     with open_pipe(model_dir) as pipe:
         runner = pipe.runner
-        assert runner.kernel is TorchAttention and runner.decode is None
         attn = runner.model.model.layers[0].self_attn
-        assert attn.attn.sinks is attn.sinks and not attn.fused_rope
+        assert attn.attn.sinks is attn.sinks
+        assert runner.decode is None  # the one-call decode step has no sinks (nor MoE)
 
 
 # --- MXFP4 ----------------------------------------------------------------------------------

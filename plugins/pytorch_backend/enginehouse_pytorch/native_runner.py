@@ -90,15 +90,13 @@ class NativeRunner:
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
-        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise, and
-        always for attention sinks (gpt-oss), which only the torch path has."""
-        if self.arch.sinks:
-            return TorchAttention
+        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise, and for
+        attention sinks (gpt-oss) on a GPU: the C++ kernel has them, Triton's not yet."""
         if self.device.type == "cpu":
             if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
             return TorchAttention
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.arch.sinks:
             return TorchAttention
         try:
             from .native.triton_ops import TritonAttention

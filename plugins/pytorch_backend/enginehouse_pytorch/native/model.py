@@ -170,9 +170,8 @@ class DecoderLM(nn.Module):
                 # rope over whole heads, no q/k norm in between: one op with the K/V store
                 rotary = self.arch.rope.rotary_dim or self.arch.head_dim
                 m.fused_rope = self.fused and not m.qk_norm and rotary == self.arch.head_dim
-                if self.arch.sinks:  # the C++ kernels have no sinks: rope and store in torch
+                if self.arch.sinks:
                     m.attn.sinks = m.sinks
-                    m.fused_rope = False
             elif isinstance(m, GatedMLP):
                 m.fused = self.fused
         self.step = cpu_step.build(self)
