@@ -6,7 +6,10 @@ transformers' GptOssForCausalLM (float32 logits at 1e-5, greedy tokens) on a tin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -383,3 +386,35 @@ def test_mxfp4_pair_missing_its_scales_is_named(mxfp4_dirs, tmp_path):
     rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.experts.down_proj_scales"))
     with pytest.raises(Exception, match="down_proj_blocks but no .*down_proj_scales"):
         open_pipe(folder)
+
+
+# --- Triton (the GPU's decode), under its interpreter on the CPU ----------------------------
+
+TRITON_SINK_CASES = {
+    "one-part": dict(kvh=2, g=2, d=16, bs=4, lens=[5, 0, 17, 1]),
+    "three-parts": dict(kvh=2, g=2, d=16, bs=4, lens=[5, 0, 17, 150], parts=3),
+    "window": dict(kvh=1, g=8, d=32, bs=16, lens=[100, 3, 0, 64], window=20),
+    "window-parts": dict(kvh=2, g=4, d=16, bs=8, lens=[90, 7, 33], window=12, parts=2),
+}
+TRITON_SCRIPT = """
+import json, sys
+from enginehouse_pytorch.native.kernel_checks import decode_case
+cases = json.loads(sys.argv[1])
+print(json.dumps({k: decode_case(i, sinks=True, **c) for i, (k, c) in enumerate(cases.items())}))
+"""
+
+
+def test_triton_decode_with_sinks_equals_torch_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT, json.dumps(TRITON_SINK_CASES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in results.items():
+        assert r["err"] <= r["tolerance"] and r["zeros"] and r["finite"], (name, r)

@@ -90,13 +90,12 @@ class NativeRunner:
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
-        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise, and for
-        attention sinks (gpt-oss) on a GPU: the C++ kernel has them, Triton's not yet."""
+        """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.device.type == "cpu":
             if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
             return TorchAttention
-        if self.device.type != "cuda" or self.arch.sinks:
+        if self.device.type != "cuda":
             return TorchAttention
         try:
             from .native.triton_ops import TritonAttention
