@@ -370,6 +370,19 @@ def test_mxfp4_checkpoint_equals_transformers_on_its_values(mxfp4_dirs):
     assert [r.token_ids for r in out] == expected
 
 
+def test_mxfp4_at_tp2_gives_tp1s_tokens(mxfp4_dirs):
+    """Each rank dequantizes a pair and keeps its slice of the experts."""
+    _, quant_dir = mxfp4_dirs
+    prompts = greedy_prompts()[:2]
+    gen = [fixed(n) for _, n in GREEDY[:2]]
+    with open_pipe(quant_dir) as pipe:
+        want = [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
+    config = dict(tp=2, device="cpu", max_batch_size=8)
+    with pipeline(str(quant_dir), engine_config=config, progress=False) as pipe:
+        got = [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
+    assert got == want
+
+
 def test_explain_states_mxfp4_memory(mxfp4_dirs):
     _, quant_dir = mxfp4_dirs
     report = explain(str(quant_dir))
