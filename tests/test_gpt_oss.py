@@ -19,6 +19,7 @@ from test_native import (
     GREEDY,
     Reference,
     block_tables,
+    build_native,
     fixed,
     greedy_prompts,
     informative,
@@ -390,6 +391,16 @@ def test_explain_states_mxfp4_memory(mxfp4_dirs):
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     # 4 layers x 4 experts x 3 x 32 x 64 values: 384 KiB in float32, 51 KiB as MXFP4.
     assert "MXFP4 experts dequantized at load" in verdict["reason"], verdict["reason"]
+
+
+def test_mxfp4_in_another_family_is_refused_natively(tmp_path):
+    folder = build_native(tmp_path / "llama-mxfp4", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    verdict = next(v for v in explain(str(folder))["verdicts"] if v["backend"] == "pytorch")
+    assert not verdict["supported"]
+    assert "MXFP4 weights are read natively for gpt-oss's experts only" in verdict["reason"]
 
 
 def test_mxfp4_pair_missing_its_scales_is_named(mxfp4_dirs, tmp_path):
