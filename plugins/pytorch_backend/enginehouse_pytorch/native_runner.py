@@ -132,7 +132,7 @@ class NativeRunner:
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
         mxfp4 = is_mxfp4(self.spec.config)
-        load_safetensors(model, files, progress, self.prefixes, self.tp, mxfp4)
+        load_safetensors(model, files, progress, self.prefixes, self.tp, mxfp4=mxfp4)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
