@@ -162,7 +162,14 @@ def test_decision_as_dict_and_lookup():
         "requested": None,
         "conflicts": {},
         "verdicts": [
-            {"backend": "x", "plugin": "px", "supported": True, "priority": 3, "reason": "fine"}
+            {
+                "backend": "x",
+                "plugin": "px",
+                "supported": True,
+                "priority": 3,
+                "reason": "fine",
+                "verifies_tokens": False,
+            }
         ],
     }
 
@@ -364,7 +371,14 @@ def test_explain_reports_the_whole_decision(llama_dir):
     json.dumps(info)  # printable as JSON by `enginehouse explain --json`
     backends = set()
     for verdict in info["verdicts"]:
-        assert set(verdict) == {"backend", "plugin", "supported", "priority", "reason"}
+        assert set(verdict) == {
+            "backend",
+            "plugin",
+            "supported",
+            "priority",
+            "reason",
+            "verifies_tokens",
+        }
         assert verdict["reason"]
         backends.add(verdict["backend"])
     assert INSTALLED_BACKENDS <= backends

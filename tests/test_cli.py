@@ -31,7 +31,15 @@ def test_console_script_lists_plugins_from_installed_metadata():
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
     assert plugins["pytorch"]["distribution"] == "enginehouse-pytorch"
-    assert plugins["pytorch"]["hooks"] == ["create_runner", "probe_backend", "register_commands"]
+    assert plugins["pytorch"]["hooks"] == [
+        "create_runner",
+        "probe_backend",
+        "register_commands",
+        "register_model_families",
+    ]
+    assert plugins["pytorch"]["contract"] == "1.0"
+    assert "LlamaForCausalLM" in plugins["pytorch"]["model_families"]
+    assert plugins["enginehouse.default"]["platforms"] == ["cpu", "cuda"]
     assert {"enginehouse.default", "tensorrt", "vision"} <= set(plugins)
     assert all(p["error"] is None for p in plugins.values())
 
@@ -43,7 +51,8 @@ def test_console_script_explains_and_generates(llama_dir):
     assert report["chosen"] == "pytorch"
     assert report["architecture"] == "LlamaForCausalLM"
     assert {"model", "facts", "verdicts"} <= set(report)
-    assert {"backend", "plugin", "supported", "priority", "reason"} == set(report["verdicts"][0])
+    keys = {"backend", "plugin", "supported", "priority", "reason", "verifies_tokens"}
+    assert keys == set(report["verdicts"][0])
     native, fallback = report["verdicts"][:2]
     assert (native["backend"], native["supported"]) == ("pytorch", True)
     assert "native llama implementation" in native["reason"]

@@ -52,6 +52,9 @@ def test_there_are_hooks():
         "detect_architecture",
         "probe_backend",
         "register_commands",
+        "register_logits_processors",
+        "register_model_families",
+        "register_platforms",
         "register_reasoning_parsers",
         "register_tool_parsers",
     ]

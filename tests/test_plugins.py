@@ -27,7 +27,10 @@ from enginehouse.spec import read_model_spec
 
 INSTALLED = {
     # entry point name: (distribution, hooks)
-    "pytorch": ("enginehouse-pytorch", ["create_runner", "probe_backend", "register_commands"]),
+    "pytorch": (
+        "enginehouse-pytorch",
+        ["create_runner", "probe_backend", "register_commands", "register_model_families"],
+    ),
     "tensorrt": ("enginehouse-tensorrt", ["create_runner", "probe_backend", "register_commands"]),
     "vision": ("enginehouse-vision", ["create_vision_encoder", "detect_architecture"]),
 }
@@ -120,7 +123,8 @@ def test_installed_plugins_load_with_distribution_version_and_hooks():
         assert host.pm.get_plugin(name) is not None
     default = host.infos[DEFAULT_PLUGIN]
     assert default.distribution == "enginehouse"
-    assert default.hooks == ["detect_architecture"]
+    assert default.hooks == ["detect_architecture", "register_platforms"]
+    assert default.contract == "1.0.0"  # the core's own plugin is written for its contract
 
 
 def test_every_entry_point_is_loaded():
@@ -149,8 +153,9 @@ def test_as_dict_lists_name_version_hooks():
         "name": "pytorch",
         "distribution": "enginehouse-pytorch",
         "version": version("enginehouse-pytorch"),
-        "hooks": ["create_runner", "probe_backend", "register_commands"],
+        "hooks": ["create_runner", "probe_backend", "register_commands", "register_model_families"],
         "error": None,
+        "contract": "1.0",
     }
 
 

@@ -12,6 +12,7 @@ reference (`TorchAttention`) on the same inputs:
   parts; slots nobody wrote hold NaN, so a kernel reading past a context would show it;
 - the native runner with `TritonAttention` (the GPU's paged metadata) against the torch path,
   prefill, chunked prefill, mixed and decode steps, on a Gemma 2 model (windows, soft-capping),
+  a step verifying speculative proposals (each position a decode row),
   decode-only steps through `DecodeGraphs` (eagerly: off a GPU it records nothing) so the input
   packing, padding rows and row order are checked, and the null slot stays zero.
 
@@ -73,6 +74,10 @@ def test_store_kv_matches_torch(results):
 
 def test_paged_decode_matches_torch(results):
     _check(results, "decode", 12)
+
+
+def test_paged_decode_reads_an_int8_cache(results):
+    _check(results, "int8", 2)
 
 
 def test_native_runner_with_triton_kernels_matches_torch_path(results):
@@ -161,6 +166,34 @@ def _decode_checks() -> list[dict]:
     return [_decode_check(name, **kw) for name, kw in cases]
 
 
+def _int8_checks() -> list[dict]:
+    """The decode kernel over an int8 cache with its scales (kv_quant.py) against the same
+    kernel over the dequantized float cache (itself checked against torch above)."""
+    import torch
+
+    from enginehouse_pytorch.native.kv_quant import quantize_int8
+    from enginehouse_pytorch.native.triton_ops import paged_decode
+
+    out = []
+    for name, window, parts in (("int8-gqa", None, 1), ("int8-window-parts", 12, 2)):
+        gen = torch.Generator().manual_seed(len(name))
+        kvh, g, d, bs, lens = 2, 2, 16, 4, [5, 0, 37]
+        slots = 40 * bs  # 10 blocks a row: room for the longest context, 37
+        k, v = (torch.randn(slots, kvh, d, generator=gen) for _ in range(2))
+        (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+        caches = [x.transpose(0, 1).contiguous() for x in (kq, vq, ks, vs)]
+        floats = [(c.float() * s[..., None]) for c, s in zip(caches[:2], caches[2:])]
+        tables = torch.randperm(40, generator=gen)[:30].view(3, 10).to(torch.int32)
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        q = torch.randn(3, kvh * g, d, generator=gen)
+        args = (tables, ctx, bs, d**-0.5, window, None, parts)
+        got = paged_decode(q, caches[0], caches[1], *args, scales=(caches[2], caches[3]))
+        want = paged_decode(q, floats[0], floats[1], *args)
+        err = (got - want).abs().max().item()
+        out.append({"name": name, "ok": err <= 1e-5, "detail": f"max error {err:.2e}"})
+    return out
+
+
 def _store_checks() -> list[dict]:
     import torch
 
@@ -222,11 +255,14 @@ def _runner_checks(folder: Path) -> list[dict]:
     num_blocks = 40
     ref = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     ref.load(progress=False)
-    ref.allocate_kv(num_blocks)
+    # Gemma 2 has two KV groups (sliding and full layers) of equal shares: allocate_kv takes
+    # their total, and the one table of each chunk serves both (SeqChunk.table).
+    groups = len(ref.kv_spec.groups)
+    ref.allocate_kv(num_blocks * groups)
     tri = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     tri.kernel, tri.paged = TritonAttention, True
     tri.load(progress=False)
-    tri.allocate_kv(num_blocks)
+    tri.allocate_kv(num_blocks * groups)
     tri.graphs = DecodeGraphs(tri, sizes=[1, 2, 4])
     tri.graphs.capture()
 
@@ -246,6 +282,14 @@ def _runner_checks(folder: Path) -> list[dict]:
         ids = tuple(tokens[seq][start : start + n])
         return SeqChunk(seq, ids, start, tuple(tables[seq]), (n - 1,) if logits else ())
 
+    def verify(seq: int, k: int) -> SeqChunk:
+        """The last token and k proposals (speculative decoding): logits at every position."""
+        tokens[seq] += [rng.randrange(5, 500) for _ in range(k)]
+        c = chunk(seq, k + 1)
+        return SeqChunk(
+            c.seq_id, c.token_ids, c.start_pos, c.block_table, tuple(range(k + 1)), verify=True
+        )
+
     steps = [
         lambda: [chunk(0, 13), chunk(1, 5)],  # prefill
         lambda: [chunk(0, 1), chunk(2, 12, logits=False), chunk(1, 1)],  # mixed, chunked
@@ -253,6 +297,7 @@ def _runner_checks(folder: Path) -> list[dict]:
         *[lambda: [chunk(1, 1), chunk(0, 1), chunk(2, 1)]] * 2,  # decode: 3 of 4 rows padding
         lambda: [chunk(2, 1), chunk(0, 1, logits=False)],  # a row without logits
         lambda: [chunk(0, 1)],
+        lambda: [verify(0, 3), chunk(1, 1), verify(2, 2)],  # proposals verified as decode rows
     ]
     worst, shapes_ok = 0.0, True
     for step in steps:
@@ -294,6 +339,7 @@ def _main(folder: Path) -> None:
     groups = {
         "store": _store_checks,
         "decode": _decode_checks,
+        "int8": _int8_checks,
         "runner": lambda: _runner_checks(folder),
     }
     for name, group in groups.items():

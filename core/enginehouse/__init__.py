@@ -2,6 +2,7 @@
 
 from .backends import BackendDecision
 from .config import EngineConfig, GenerationConfig
+from .contract import CONTRACT_VERSION
 from .errors import GenerationError, RequestError
 from .hookspecs import hookimpl
 from .pipeline import ChatSession, Pipeline, explain, pipeline
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendDecision",
     "BackendProbe",
+    "CONTRACT_VERSION",
     "ChatSession",
     "EngineConfig",
     "GenerationConfig",

@@ -64,6 +64,7 @@ class BackendDecision:
                     "supported": v.supported,
                     "priority": v.priority,
                     "reason": v.reason,
+                    "verifies_tokens": v.verifies_tokens,  # speculative decoding
                 }
                 for v in self.verdicts
             ],
@@ -123,7 +124,8 @@ def probe_backends(
             verdicts.append(BackendProbe(f"<{plugin}>", False, reason=reason, plugin=plugin))
             continue
         for probe in [result] if isinstance(result, BackendProbe) else result or []:
-            verdicts.append(_at_tp(replace(probe, plugin=plugin), config))
+            probe = _at_tp(replace(probe, plugin=plugin), config)
+            verdicts.append(_speculating(probe, config))
     # Supported first, then by priority; the sort is stable, so ties keep plugin order.
     verdicts.sort(key=lambda v: (not v.supported, -v.priority))
     return verdicts
@@ -146,6 +148,18 @@ def _at_tp(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
         return replace(probe, supported=False, reason=reason)
     gpus = missing_gpus(config)
     return probe if gpus is None else replace(probe, supported=False, reason=gpus)
+
+
+def _speculating(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
+    """With `speculative_config`, a backend runs the model only if it verifies several
+    tokens per sequence in one step (`verifies_tokens`): no silent fallback to plain decoding."""
+    if config.speculative_config is None or not probe.supported or probe.verifies_tokens:
+        return probe
+    reason = (
+        f"no speculative decoding: {probe.name!r} cannot verify several tokens of a sequence in "
+        f"one step, and speculative_config asks for it (without it it would say: {probe.reason})"
+    )
+    return replace(probe, supported=False, reason=reason)
 
 
 def choose_backend(

@@ -96,14 +96,20 @@ def _engine_runner(path: str, backend: str, engine_config: dict) -> Callable[[Ca
 
     pipe = pipeline(path, backend=backend, engine_config=engine_config, progress=False)
 
-    def run(case: Case) -> float:
-        """Runs the case; returns the average batch per engine step while it ran."""
+    def run(case: Case) -> tuple[float, float | None]:
+        """Runs the case; returns the average batch per engine step while it ran, and the
+        share of speculative proposals accepted (None without speculative decoding)."""
         configs = [GenerationConfig(max_new_tokens=n, min_new_tokens=n) for n in case.new_tokens]
         before = pipe.stats()
         pipe([{"token_ids": p} for p in case.prompts], configs)
         after = pipe.stats()
         steps = after["steps"] - before["steps"]
-        return (after["step_sequences"] - before["step_sequences"]) / max(1, steps)
+        batch = (after["step_sequences"] - before["step_sequences"]) / max(1, steps)
+        if "spec_decode_num_draft_tokens" not in after:
+            return batch, None
+        proposed = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+        kept = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+        return batch, kept / proposed if proposed else 0.0
 
     return run
 
@@ -120,14 +126,17 @@ def run_side(
     run = _hf_runner(path) if side == BASELINE else _engine_runner(path, side, engine_config)
     run(Case([all_cases["single"].prompts[0][:8]], [2]))  # warm up (first-call allocations)
     avg_batch: dict[str, float] = {}
+    acceptance: dict[str, float] = {}
 
     def once(name: str) -> None:
-        batch = run(all_cases[name])
-        if batch is not None:  # transformers' side has no engine steps
-            avg_batch[name] = batch
+        got = run(all_cases[name])
+        if got is not None:  # transformers' side has no engine steps
+            avg_batch[name] = got[0]
+            if got[1] is not None:
+                acceptance[name] = got[1]
 
     seconds = {name: _best_time(lambda n=name: once(n), repeat) for name in cases}
-    return {"seconds": seconds, "avg_batch": avg_batch}
+    return {"seconds": seconds, "avg_batch": avg_batch, "acceptance": acceptance}
 
 
 STARTUP = {
@@ -180,12 +189,14 @@ def measure(
     timed = [c for c in cases if c != "startup"]
     seconds: dict[str, dict[str, float]] = {}
     avg_batch: dict[str, dict[str, float]] = {}
+    acceptance: dict[str, dict[str, float]] = {}
     for side in sides:
         args = ["-m", "enginehouse.bench", path, side, json.dumps(timed), json.dumps(config)]
         args += [str(repeat), "quick" if quick else "full"]
         out = json.loads(_python(args, side).strip().splitlines()[-1]) if timed else {}
         seconds[side] = out.get("seconds", {})
         avg_batch[side] = out.get("avg_batch", {})
+        acceptance[side] = out.get("acceptance", {})
         if "startup" in cases:
             seconds[side]["startup"] = startup_time(path, side, repeat, config)
     return {
@@ -194,6 +205,7 @@ def measure(
         "repeat": repeat,
         "seconds": seconds,
         "avg_batch": avg_batch,
+        "acceptance": acceptance,  # speculative decoding's accepted share of proposals
     }
 
 
@@ -215,19 +227,26 @@ def report(result: dict[str, Any]) -> list[dict[str, Any]]:
             batch = result.get("avg_batch", {}).get(side, {}).get(name)
             if batch is not None and name != "startup":
                 row["avg_batch"] = round(batch, 1)
+            accepted = result.get("acceptance", {}).get(side, {}).get(name)
+            if accepted is not None:
+                row["acceptance"] = round(accepted, 3)
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'case':<9}{'side':<14}{'tok/s':>10}{'seconds':>10}{'vs generate':>13}"
-    lines = [head + f"{'avg batch':>11}"]
+    speculative = any("acceptance" in r for r in rows)
+    lines = [head + f"{'avg batch':>11}" + (f"{'accepted':>10}" if speculative else "")]
     for r in rows:
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         batch = f"{r['avg_batch']:.1f}" if "avg_batch" in r else "-"
         line = f"{r['case']:<9}{r['side']:<14}{tps:>10}{r['seconds']:>10.3f}{ratio:>13}"
-        lines.append(line + f"{batch:>11}")
+        line += f"{batch:>11}"
+        if speculative:  # the share of speculative proposals the target kept
+            line += f"{r['acceptance']:>10.0%}" if "acceptance" in r else f"{'-':>10}"
+        lines.append(line)
     return "\n".join(lines)
 
 

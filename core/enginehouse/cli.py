@@ -113,9 +113,14 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins(as_json: bool) -> None:
     """List plugins: name, distribution, version, hooks, backends offered and load errors."""
+    from .extensions import by_plugin
+
     host = get_plugins()
-    offered = offered_backends(host)
-    infos = [{**i.as_dict(), "backends": offered.get(n, [])} for n, i in host.infos.items()]
+    offered, extras = offered_backends(host), by_plugin(host)
+    infos = [
+        {**i.as_dict(), "backends": offered.get(n, []), **extras.get(n, {})}
+        for n, i in host.infos.items()
+    ]
     if as_json:
         click.echo(json.dumps(infos, indent=2))
         return
@@ -125,9 +130,13 @@ def plugins(as_json: bool) -> None:
         if info["error"]:
             click.echo(f"    FAILED TO LOAD: {info['error']}")
             continue
+        click.echo(f"    contract: {info['contract'] or 'undeclared (deprecated)'}")
         click.echo(f"    hooks: {', '.join(info['hooks']) or '-'}")
         if info["backends"]:
             click.echo(f"    backends: {', '.join(info['backends'])}")
+        for key in ("platforms", "model_families", "logits_processors"):
+            if info.get(key):
+                click.echo(f"    {key.replace('_', ' ')}: {', '.join(info[key])}")
     owners: dict[str, list[str]] = {}
     for plugin, names in offered.items():
         for name in names:
@@ -174,6 +183,16 @@ def explain(
             click.echo(f"ranks:        {plan['ranks']}")
         if plan.get("replicas"):
             click.echo(f"replicas:     {plan['replicas']}")
+    click.echo(f"platform:     {_platform_line(report)}")
+    if report["model_family"]:
+        f = report["model_family"]
+        click.echo(
+            f"family:       {report['architecture']} from plugin {f['plugin']} (the "
+            f"{f['base']} decoder of the {f['backend']} backend)"
+        )
+    if report["logits_processors"]:
+        names = (f"{n} [{p}]" for n, p in report["logits_processors"].items())
+        click.echo(f"processors:   {', '.join(names)}")
     if facts.get("quantization"):
         click.echo(f"quantized:    {facts['quantization']}")
     chat = report["chat"]
@@ -191,7 +210,9 @@ def explain(
     click.echo("backends:")
     for v in report["verdicts"]:
         mark = "yes" if v["supported"] else "no "
-        click.echo(f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]")
+        verify = "  verifies several tokens per step" if v.get("verifies_tokens") else ""
+        line = f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]"
+        click.echo(line + verify)
         click.echo(f"        {v['reason']}")
     for name, owners in report["conflicts"].items():
         first = owners[0]
@@ -219,6 +240,19 @@ def sampling_options(fn: Callable) -> Callable:
     ):
         fn = option(fn)
     return fn
+
+
+def _platform_line(report: dict[str, Any]) -> str:
+    """The platform `device` names, and the others the plugins declare."""
+    chosen, every = report["platform"], report["platforms"]
+    others = ", ".join(f"{n} [{p['plugin']}]" for n, p in every.items() if n != chosen)
+    if chosen is None:
+        return f"none (have: {others})"
+    p = every[chosen]
+    return (
+        f"{chosen} [{p['plugin']}]: {p['collectives']} collectives, "
+        f"{'graph capture' if p['graph_capture'] else 'eager'}; others: {others or 'none'}"
+    )
 
 
 def _vision_line(facts: dict[str, Any]) -> str:
@@ -731,6 +765,30 @@ def conformance(
         if report.unclaimed:
             click.echo(f"families its probe refuses (--json says why): {report.refused()}")
         click.echo(f"{report.backend} on {report.model}: {report.summary()}")
+    sys.exit(report.exit_status)
+
+
+@cli.command("conformance-plugin")
+@click.argument("plugin")
+@click.option("--device", default="cpu", show_default=True, help="where its families run")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def conformance_plugin(plugin: str, device: str, as_json: bool) -> None:
+    """Check PLUGIN's contract version, platforms, model families and logits processors: one
+    line per check; exit status 1 when one fails (docs/plugins.md, "Prove your plugin")."""
+    from .conformance.plugin_checks import check_plugin
+
+    host = get_plugins()
+    module = host.pm.get_plugin(plugin)
+    if module is None:
+        loaded = ", ".join(n for n in host.infos if host.pm.get_plugin(n) is not None)
+        raise click.ClickException(f"no loaded plugin {plugin!r} (loaded: {loaded})")
+    report = check_plugin(
+        module, plugin, device, on_result=None if as_json else lambda r: click.echo(r.line())
+    )
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(f"plugin {plugin}: {report.summary()}")
     sys.exit(report.exit_status)
 
 

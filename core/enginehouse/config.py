@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .speculative_config import SpeculativeConfig
+
 if TYPE_CHECKING:
     from .engine.grammar import Constraint
 
@@ -64,6 +66,11 @@ class GenerationConfig(BaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
     structural_tag: dict[str, Any] | None = Field(None, description="xgrammar's `format` object")
+    # Plugins' logits processors by name (register_logits_processors), applied where sampling
+    # runs to this request's rows; extra_args (vLLM's SamplingParams.extra_args, the server's
+    # vllm_xargs) are what the processors read of the request.
+    logits_processors: list[str] | None = None
+    extra_args: dict[str, Any] | None = None
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -255,8 +262,15 @@ class EngineConfig(BaseModel):
         0.8, description="fraction (0, 1] of the memory free after loading, or a size like '2GiB'"
     )
     enable_prefix_caching: bool = True
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] = Field(
+        "auto",
+        description="what the KV cache stores: 'auto' (the model's dtype), 'int8' (a scale per "
+        "token and head; LMDeploy's quant_policy=8) or 'fp8' (e4m3, a per-tensor scale)",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    device: str = Field(
+        "auto", description="'auto', 'cpu', 'cuda' or 'cuda:N', or a plugin platform's name"
+    )
     trust_remote_code: bool = Field(False, description="allow code from the model's repo")
     eager: bool = Field(False, description="GPU: run decode steps eagerly, no CUDA graphs")
     tp: int = Field(1, ge=1, description="tensor parallelism: shard the model over N ranks")
@@ -328,6 +342,18 @@ class EngineConfig(BaseModel):
         description="most pixels (width x height) of a prompt's images together",
     )
 
+    speculative_config: SpeculativeConfig | None = Field(
+        None,
+        description='speculative decoding, as JSON: \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\' or \'{"method": "draft_model", "model": '
+        '"PATH", "num_speculative_tokens": 3}\'',
+    )
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _speculative_json(cls, v: Any) -> Any:
+        return SpeculativeConfig.parse(v)
+
     @field_validator("kv_cache_memory")
     @classmethod
     def _check_kv_memory(cls, v: float | int | str) -> float | int:
@@ -352,8 +378,11 @@ class EngineConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"unknown device {v!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            return v  # the built-in platforms: no plugins need loading
+        from .platforms import platform_of  # another name: a plugin's platform, or an error
+
+        platform_of(v)
         return v
 
     @model_validator(mode="after")

@@ -1,11 +1,20 @@
-"""The core's own plugin: the facts config.json states plainly."""
+"""The core's own plugin: the facts config.json states plainly, and the built-in platforms."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .contract import CONTRACT_VERSION
 from .hookspecs import hookimpl
+from .platforms import CPU, CUDA, Platform
 from .spec import ModelSpec
+
+ENGINEHOUSE_CONTRACT = CONTRACT_VERSION
+
+
+@hookimpl
+def register_platforms() -> list[Platform]:
+    return [CPU, CUDA]
 
 
 @hookimpl(trylast=True)

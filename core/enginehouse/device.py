@@ -7,28 +7,32 @@ import os
 import torch
 
 from .config import EngineConfig
+from .platforms import CPU, CUDA, platform_of
 from .spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
-    return device
+    """The torch device `config.device` names, through its platform (platforms.py)."""
+    platform, index = platform_of(config.device)
+    if not platform.is_available():
+        raise RuntimeError(
+            f"device={config.device!r} was asked for but this machine has no "
+            f"{platform.name} device (torch sees none)"
+        )
+    return platform.torch_device(index)
 
 
 def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """'auto': float32 on the CPU (half-precision matmuls are far slower on CPUs without
-    bf16/fp16 units, measured 10-400x here); on a GPU the checkpoint's half dtype, else bf16."""
+    """'auto': what the platform prefers for the checkpoint's dtype (float32 on the CPU, where
+    half-precision matmuls without bf16/fp16 units are 10-400x slower; on a GPU the
+    checkpoint's half dtype, else bf16). `device` is kept for callers; the platform is
+    `config.device`'s."""
     if config.dtype != "auto":
         return DTYPES[config.dtype]
-    if device.type == "cpu":
-        return torch.float32
-    return DTYPES.get(spec.dtype, torch.bfloat16) if spec.dtype != "float32" else torch.bfloat16
+    platform, _ = platform_of(config.device)
+    return DTYPES.get(platform.preferred_dtype(spec.dtype), torch.float32)
 
 
 def use_all_cores() -> int:
@@ -39,17 +43,14 @@ def use_all_cores() -> int:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free now: CUDA's own count on a GPU, MemAvailable from the kernel on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Bytes free now on a torch device: CUDA's own count on a GPU, MemAvailable from the
+    kernel on the CPU (the built-in platforms'; `platform_memory` asks any platform)."""
+    return (CUDA if device.type == "cuda" else CPU).free_memory(device)
+
+
+def platform_memory(config: EngineConfig, device: torch.device) -> int:
+    """Bytes free now on `device`, as the platform `config.device` names counts them."""
+    return platform_of(config.device)[0].free_memory(device)
 
 
 def missing_gpus(config: EngineConfig) -> str | None:
@@ -58,12 +59,15 @@ def missing_gpus(config: EngineConfig) -> str | None:
     need = config.tp * config.dp
     if config.executor == "ray" or need == 1:
         return None
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    on_gpu = config.device.startswith("cuda") or (config.device == "auto" and have > 0)
-    if not on_gpu or have >= need:
+    platform, _ = platform_of(config.device)
+    if not platform.device_per_rank:
+        return None  # ranks share the host (the CPU, a CPU-backed platform)
+    have = platform.device_count() if platform.is_available() else 0
+    if have >= need:
         return None
     what = f"tp={config.tp}" if config.dp == 1 else f"dp={config.dp} x tp={config.tp}"
+    kind = "GPUs" if platform.name == "cuda" else f"{platform.name} devices"
     return (
-        f"{what} needs {need} GPUs, one per rank, and this machine has {have}; lower "
+        f"{what} needs {need} {kind}, one per rank, and this machine has {have}; lower "
         "tp or dp, or use distributed_executor_backend='ray' across machines"
     )

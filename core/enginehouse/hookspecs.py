@@ -1,7 +1,8 @@
 """The plugin contract: every hook a plugin may implement.
 
 These docstrings are the reference documentation of the hooks; `docs/hooks.md` repeats them
-and a test fails when a hook is missing from that page or from the tests.
+and a test fails when a hook is missing from that page or from the tests. Together with the
+runner contract they are versioned as `enginehouse.CONTRACT_VERSION` (contract.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ if TYPE_CHECKING:
     import click
 
     from .config import EngineConfig
+    from .families import ModelFamily
+    from .logits_processors import LogitsProcessor
     from .multimodal import VisionEncoder
+    from .platforms import Platform
     from .reasoning import ReasoningParser
     from .runner import ModelRunner, RunnerContext
     from .spec import BackendProbe, ModelFacts, ModelSpec
@@ -122,4 +126,46 @@ def register_reasoning_parsers() -> list[type[ReasoningParser]] | None:
     ``split`` (reasoning apart from the answer, whole or streaming) and ``constrain`` (the
     grammar that lets the reasoning through and constrains the answer). Return the classes,
     not instances. Must be cheap.
+    """
+
+
+@hookspec
+def register_platforms() -> list[Platform] | None:
+    """Declare kinds of device: ``Platform`` instances, each with its own ``name``.
+
+    Called on every plugin, once per process, when a device name other than ``auto``,
+    ``cpu`` or ``cuda`` is asked for (``EngineConfig(device="xpu")``) or the platforms are
+    listed (``enginehouse plugins``, ``explain``). A platform says where its tensors live,
+    how many devices it sees and their free memory (the KV cache budget), the
+    torch.distributed backend of its ranks at tp > 1, its preferred dtype and whether it
+    captures graphs. The core's ``cpu`` and ``cuda`` are declared through this hook by its
+    default plugin; a name already taken is ignored with a warning. Must be cheap.
+    """
+
+
+@hookspec
+def register_model_families() -> list[ModelFamily] | None:
+    """Add architectures to a native backend: ``ModelFamily`` descriptions.
+
+    Called on every plugin when the native ``pytorch`` backend looks up an architecture
+    (config.json's ``architectures``): a family names the native family whose decoder it is
+    (``base``), how its config reads as that family's (``config``), the switches it sets
+    (``switches``) and how its checkpoint's tensor names map to the native ones
+    (``weight_names``). It then runs with the native paged KV cache, batching, prefix caching
+    and tensor parallelism. The backend's own families register the same way. Replaces the
+    ``native_impl`` fact, deprecated in contract 1.0. Must be cheap: no weights, no torch
+    models built.
+    """
+
+
+@hookspec
+def register_logits_processors() -> list[type[LogitsProcessor]] | None:
+    """Add logits processors: ``LogitsProcessor`` subclasses, each with its own ``name``.
+
+    Called on every plugin when a request names processors
+    (``GenerationConfig(logits_processors=[...])``, the server's ``logits_processors``
+    field) and where sampling runs (rank 0 at tp > 1), which makes one instance of each
+    processor it needs. Per step a processor is told which requests use it, with their
+    ``extra_args`` (``update_state``), then changes their rows of the logits (``apply``).
+    Return the classes, not instances. Must be cheap.
     """

@@ -17,10 +17,11 @@ from .backends import BackendDecision, choose_backend, probe_backends
 from .chat_template import ChatTemplate, check_template_kwargs, load_chat_template
 from .config import EngineConfig, GenerationConfig, coerce_generation_config, format_size
 from .detect import detect_architecture
-from .device import available_memory, resolve_device, resolve_dtype
+from .device import resolve_device, resolve_dtype
 from .engine import AsyncEngine, LLMEngine, RequestOutput
 from .engine.client import EngineClient
 from .errors import BackendError, GenerationError, InvalidModelError, ParamError, RequestError
+from .extensions import explain_extensions
 from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
@@ -32,6 +33,7 @@ from .multimodal import (
     split_images,
 )
 from .parsers import reasoning_parser_for, tool_parser_for
+from .platforms import platform_of
 from .plugins import PluginHost, get_plugins
 from .reasoning import Reasoning, ReasoningParser
 from .resolve import resolve_model
@@ -397,6 +399,11 @@ class Pipeline:
         """What the engine runs with: backend, context, dtype, device and the KV cache."""
         kv, stats = self.engine.kv_spec, self.stats()
         blocks = stats["kv_blocks_total"]
+        kv_bytes = blocks * kv.bytes_per_block
+        counts = stats.get("kv_group_blocks_total")
+        if kv.groups and counts:  # each group's blocks in its own size (KV layer groups)
+            sizes = [g.block_bytes(kv.block_size) for g in kv.groups]
+            kv_bytes = sum(n * b for n, b in zip(counts, sizes))
         return {
             "backend": self.backend,
             **self.engine.describe(),
@@ -405,7 +412,8 @@ class Pipeline:
             "device": str(kv.device),
             "kv_blocks": blocks,
             "kv_tokens": blocks * kv.block_size,
-            "kv_bytes": blocks * kv.bytes_per_block,
+            "kv_bytes": kv_bytes,
+            "kv_cache_dtype": kv.cache_dtype,  # "auto" (dtype), "int8" or "fp8"
         }
 
     # --- inputs -----------------------------------------------------------------------------
@@ -847,6 +855,7 @@ def explain(
         "plugin_problems": plugins.problems(),
         "runtime": runtime_plan(spec, config),
         "chat": chat_formats(spec, config),
+        **explain_extensions(plugins, spec.architecture, config.device),
     }
 
 
@@ -874,9 +883,11 @@ def runtime_plan(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
     except RuntimeError as e:
         return {**plan, "device": None, "error": str(e)}
     plan["device"] = str(device)
+    platform = platform_of(config.device)[0]
+    plan["platform"] = platform.name
     plan["dtype"] = str(resolve_dtype(config, spec, device)).removeprefix("torch.")
     if config.executor is not None:
-        collectives = "NCCL" if device.type == "cuda" else "gloo"
+        collectives = platform.collective_backend
         place = "on a Ray cluster" if config.executor == "ray" else "worker processes here"
         plan["ranks"] = f"{config.tp} ({config.executor} executor: {place}, {collectives})"
     if config.dp > 1:
@@ -890,7 +901,7 @@ def runtime_plan(spec: ModelSpec, config: EngineConfig) -> dict[str, Any]:
     budget = config.kv_cache_memory
     if isinstance(budget, float):
         # The real budget is taken after loading; estimate it from what is free now.
-        free_after = max(0, available_memory(device) - spec.weight_bytes)
+        free_after = max(0, platform.free_memory(device) - spec.weight_bytes)
         plan["kv_cache"] = (
             f"{budget:.0%} of the memory free after the weights load "
             f"(about {format_size(free_after * budget)} now)"

@@ -8,12 +8,18 @@ docs/plugins.md documents each name.
 
 from .checkpoint import copy_checked, missing_weights, tensors
 from .config import EngineConfig, GenerationConfig, format_size
+from .contract import CONTRACT_VERSION
 from .device import available_memory, resolve_device, resolve_dtype, use_all_cores
 from .errors import BackendError, EnginehouseError, InvalidModelError, RequestError
+from .families import ModelFamily
+from .families import registered as registered_families
 from .hookspecs import hookimpl
 from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
+from .kv_groups import KVGroup, split_blocks, total_blocks
+from .logits_processors import BatchUpdate, LogitsProcessor
 from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
 from .pipeline import read_spec
+from .platforms import Platform, host_free_memory
 from .plugins import get_plugins
 from .reasoning import ReasoningParser
 from .runner import (
@@ -33,18 +39,24 @@ from .tool_calls import HermesParser, ToolParser
 __all__ = [
     "BackendError",
     "BackendProbe",
+    "BatchUpdate",
+    "CONTRACT_VERSION",
     "EngineConfig",
     "EnginehouseError",
     "FetchPolicy",
     "GenerationConfig",
     "HermesParser",
     "InvalidModelError",
+    "KVGroup",
     "KVSpec",
+    "LogitsProcessor",
     "MAX_DOWNLOAD_BYTES",
     "ModelFacts",
+    "ModelFamily",
     "ModelRunner",
     "ModelSpec",
     "MultiModalData",
+    "Platform",
     "PreparedPrompt",
     "ReasoningParser",
     "RequestError",
@@ -61,13 +73,17 @@ __all__ = [
     "format_size",
     "get_plugins",
     "hookimpl",
+    "host_free_memory",
     "kv_bytes_per_token",
     "kv_slot",
     "missing_weights",
     "read_model_spec",
     "read_spec",
+    "registered_families",
     "resolve_device",
     "resolve_dtype",
+    "split_blocks",
     "tensors",
+    "total_blocks",
     "use_all_cores",
 ]

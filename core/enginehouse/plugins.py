@@ -20,6 +20,7 @@ from typing import Any
 import pluggy
 
 from . import default_plugin, hookspecs
+from .contract import check_declared, warn_deprecated_hooks
 from .errors import PluginLoadError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class PluginInfo:
     version: str | None = None
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    contract: str | None = None  # the contract version it declares (None: undeclared)
 
     @property
     def label(self) -> str:
@@ -51,6 +53,7 @@ class PluginInfo:
             "version": self.version,
             "hooks": self.hooks,
             "error": self.error,
+            "contract": self.contract,
         }
 
 
@@ -78,6 +81,7 @@ class PluginHost:
             info.error = f"{type(e).__name__}: {e}"
             raise
         info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or ())
+        warn_deprecated_hooks(info.label, info.hooks)
 
     def load_entry_point(self, ep: EntryPoint, strict: bool) -> None:
         dist = getattr(ep, "dist", None)
@@ -87,7 +91,10 @@ class PluginHost:
             version=dist.version if dist else None,
         )
         try:
-            self.register(ep.load(), ep.name, info)
+            module = ep.load()
+            # Refused before it registers: a plugin of another major version of the contract.
+            info.contract = check_declared(module, info.label)
+            self.register(module, ep.name, info)
         except Exception as e:
             info.error = info.error or f"{type(e).__name__}: {e}"
             self.infos[ep.name] = info
@@ -185,7 +192,10 @@ def load_plugins(strict: bool | None = None, only: str | None = None) -> PluginH
         strict = strict_from_env()
     selected = _selected(os.environ.get(SELECT_VAR) if only is None else only)
     host = PluginHost()
-    host.register(default_plugin, DEFAULT_PLUGIN, PluginInfo(DEFAULT_PLUGIN, *_core_dist()))
+    core_info = PluginInfo(
+        DEFAULT_PLUGIN, *_core_dist(), contract=default_plugin.ENGINEHOUSE_CONTRACT
+    )
+    host.register(default_plugin, DEFAULT_PLUGIN, core_info)
     seen: set[str] = set()
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         if ep.name in seen or (selected is not None and ep.name not in selected):

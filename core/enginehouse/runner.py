@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from .kv_groups import GroupPlan, KVGroup, split_blocks
+
 if TYPE_CHECKING:
     from .config import EngineConfig
     from .spec import ModelSpec
@@ -78,6 +80,14 @@ class KVSpec:
     A runner with contiguous per-sequence caches states `block_size` equal to the context length
     and so gets exactly one block per sequence. `bytes_per_block` turns a memory budget into a
     number of blocks. `prefix_caching` says whether blocks may be shared between sequences.
+
+    A runner whose layers keep different kinds of KV (sliding windows next to full attention,
+    latent attention, recurrent states) declares `groups`, one `KVGroup` per kind (see
+    `enginehouse.kv_groups`): each group then has its own pool of blocks and each sequence its
+    own block table per group (`SeqChunk.table(g)`), and `allocate_kv(num_blocks)` gets the
+    total, which `group_blocks` shares out as the engine does. `bytes_per_block` is then one
+    block of every paged group together. Without `groups` the runner has one full-attention
+    group whose table is `SeqChunk.block_table`, as before groups existed.
     """
 
     block_size: int
@@ -85,6 +95,14 @@ class KVSpec:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prefix_caching: bool = True
+    groups: tuple[KVGroup, ...] = ()
+    # What a KV element is stored as, when not `dtype` (a quantized KV cache: "int8", "fp8").
+    cache_dtype: str = "auto"
+
+    def group_blocks(self, num_blocks: int, session_len: int, max_chunk: int) -> list[GroupPlan]:
+        """How the engine shares `num_blocks` between `groups` (`session_len`: the context,
+        `max_chunk`: `EngineConfig.max_num_batched_tokens`)."""
+        return split_blocks(self.groups, num_blocks, self.block_size, session_len, max_chunk)
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,10 @@ class SeqChunk:
     # [3, len(token_ids)] multimodal rotary positions (Qwen2-VL's M-RoPE) when the sequence has
     # them; otherwise every token's position is start_pos + i.
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Speculative decoding: the chunk is a sequence's last token followed by proposed ones,
+    # logits wanted at every position. Only runners declaring `verifies_tokens` get these;
+    # they attend each position as a decode row (position start_pos + i sees 0 .. itself).
+    verify: bool = False
 
     @property
     def end_pos(self) -> int:
@@ -125,11 +147,18 @@ class SeqChunk:
     def is_prefill(self) -> bool:
         return not self.is_decode
 
-    def slots(self, block_size: int) -> list[int]:
-        """The KV slot of each new token, in order."""
-        return [
-            kv_slot(self.block_table, p, block_size) for p in range(self.start_pos, self.end_pos)
-        ]
+    # With KV groups (`KVSpec.groups`): every group's block table, in the groups' order (the
+    # first is `block_table`). Empty: every group uses `block_table`.
+    group_tables: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
+
+    def table(self, group: int) -> tuple[int, ...]:
+        """The block table of KV group `group`."""
+        return self.group_tables[group] if self.group_tables else self.block_table
+
+    def slots(self, block_size: int, group: int = 0) -> list[int]:
+        """The KV slot of each new token, in order (in group `group`'s blocks)."""
+        table = self.table(group)
+        return [kv_slot(table, p, block_size) for p in range(self.start_pos, self.end_pos)]
 
 
 @dataclass(frozen=True)
@@ -213,6 +242,9 @@ class RunnerCapabilities:
     profiles: bool = False  # profile_run(num_tokens): a forward pass before the budget is read
     releases_sequences: bool = False  # release_sequence(...): the blocks were freed
     finishes_sequences: bool = False  # finish_sequence(seq_id): the sequence is gone for good
+    # execute() takes `verify` chunks (several new tokens of a decoding sequence, logits at
+    # each) and gives the logits of computing them one by one: speculative decoding needs it.
+    verifies_tokens: bool = False
 
 
 # Each capability and the method it promises.

@@ -51,7 +51,7 @@ class ModelFacts(TypedDict, total=False):
     context_length: int | None  # the model's context; the default session length
     dtype: str  # the checkpoint's dtype ("float32", "bfloat16", ...)
     trust_remote_code_needed: bool  # config.json has an auto_map (code from the repo)
-    native_impl: str  # the name of a native implementation that matches
+    native_impl: str  # deprecated (contract 1.0, goes in 1.1): use register_model_families
     vision_family: str  # which VLM family (llava, qwen2_vl, ...)
     vision_config: dict[str, Any] | None  # the vision tower's config
     vision_encoder: str  # the encoder that handles the images
@@ -115,6 +115,10 @@ class BackendProbe:
     # The backend shards the model over `config.tp` ranks (see RunnerContext). At tp > 1 the
     # core turns a supported verdict without it into "no tensor parallelism".
     tensor_parallel: bool = False
+    # Its runner verifies several tokens of a sequence in one step (declares
+    # RunnerCapabilities(verifies_tokens=True)): with `config.speculative_config` the core
+    # turns a supported verdict without it into "no speculative decoding".
+    verifies_tokens: bool = False
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -6,11 +6,13 @@ Each check takes a loaded `Target` and returns a one-line summary, or raises `Mi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 
 from ..config import format_size
+from ..kv_groups import KVGroup
 from ..runner import (
     CAPABILITY_METHODS,
     KVSpec,
@@ -80,8 +82,14 @@ def kv_spec(t: Target) -> str:
     ]
     if wrong:
         raise Mismatch(f"kv_spec has {', '.join(wrong)}")
+    if not all(isinstance(g, KVGroup) for g in kv.groups):
+        raise Mismatch("kv_spec.groups holds something other than enginehouse KVGroup")
     assert t.engine is not None
     promised = t.engine.num_blocks * kv.bytes_per_block
+    if kv.groups:  # each group's share of the blocks, in its own block size
+        chunk = t.engine.config.max_num_batched_tokens
+        plans = kv.group_blocks(t.engine.num_blocks, t.engine.session_len, chunk)
+        promised = sum(p.bytes for p in plans)
     what = f"allocate_kv({t.engine.num_blocks}) added {format_size(t.kv_bytes)}"
     if t.kv_bytes == 0:
         raise NotApplicable(
@@ -91,7 +99,8 @@ def kv_spec(t: Target) -> str:
     # The engine turns a memory budget into blocks with bytes_per_block: a runner that takes
     # more overruns the budget, one that takes far less wastes it.
     # A few spare slots (a null slot for padding, say) are fine: up to two blocks and 10%.
-    if not promised * 0.5 <= t.kv_bytes <= promised * 1.1 + 2 * kv.bytes_per_block:
+    spare = 2 * kv.bytes_per_block * max(1, len(kv.groups))  # a null slot or so per group
+    if not promised * 0.5 <= t.kv_bytes <= promised * 1.1 + spare:
         raise Mismatch(
             f"{what}, but kv_spec.bytes_per_block ({kv.bytes_per_block}) promises "
             f"{format_size(promised)} for that many blocks"
@@ -223,3 +232,30 @@ def preemption_recompute(t: Target) -> str:
     d.release(other)
     compare_streams(victim, ref, t.tolerance, "recomputed after preemption")
     return "preempted after 3 tokens, blocks overwritten, recomputed: same logits and tokens"
+
+
+VERIFY_TOKENS = 4  # a verify chunk's tokens: the last one and 3 proposals
+
+
+def verify_tokens(t: Target) -> str:
+    """(`verifies_tokens`) A decoding sequence's next K + 1 tokens in one `verify` chunk,
+    beside another sequence's decode, must give the logits of feeding them one by one."""
+    if not capabilities_of(t.runner).verifies_tokens:
+        raise NotApplicable(
+            "the runner does not declare verifies_tokens: the engine refuses speculative "
+            "decoding on it"
+        )
+    prompt, other = t.prompts(seed=4)[2], t.prompts(seed=4)[1]
+    ref = t.driver(shuffled=False).alone(prompt, VERIFY_TOKENS + 1, "one by one")
+    d = t.driver()
+    seq, mate = d.new(prompt, ref.label), d.new(other, "a decoding neighbour")
+    d.step([(seq, d.chunk(seq)), (mate, d.chunk(mate))])
+    seq.tokens = list(ref.tokens[: len(prompt) + VERIFY_TOKENS])
+    chunk = dataclasses.replace(
+        d.chunk(seq, logits_at=range(VERIFY_TOKENS)), verify=True
+    )  # fmt: skip
+    rows = d.step([(seq, chunk), (mate, d.chunk(mate))])[0]
+    compare_rows(rows, torch.stack(ref.rows[1 : 1 + VERIFY_TOKENS]), t.tolerance, "verified")
+    d.release(seq)
+    d.release(mate)
+    return f"{VERIFY_TOKENS} tokens verified at once = decoded one by one, beside a decode"

@@ -41,6 +41,7 @@ CONTRACT_CHECKS: dict[str, Callable[[Target], str]] = {
     "chunked-prefill": contract.chunked_prefill,
     "prefix-cache": contract.prefix_cache,
     "preemption-recompute": contract.preemption_recompute,
+    "verify-tokens": contract.verify_tokens,
 }
 ENGINE_CHECKS: dict[str, Callable[[Target], str]] = {
     "blocks-returned": engine_checks.blocks_returned,

@@ -46,7 +46,10 @@ class Target:
     def driver(self, banned: tuple[int, ...] = (), shuffled: bool = True) -> Driver:
         """A driver over the engine's KV blocks (handed out shuffled unless told not to)."""
         assert self.engine is not None
-        return Driver(self.runner, self.engine.num_blocks, self.vocab_size, banned, shuffled)
+        # With KV groups the driver's one table serves every group (`SeqChunk.table`): only
+        # ids every group's pool has.
+        blocks = min(p.num_blocks for p in self.engine.block_manager.pools)
+        return Driver(self.runner, blocks, self.vocab_size, banned, shuffled)
 
     def prompts(self, seed: int = 0) -> list[list[int]]:
         """Random token ids (past the usual special ones) of the kit's prompt lengths."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..errors import RequestError
+from ..errors import EnginehouseError, RequestError
 from ..multimodal import VisionEncoder
 from ..spec import ModelSpec
 from .block_manager import BlockManager
@@ -34,6 +34,13 @@ from .requests import EngineRequest, RequestChecks, eos_token_ids
 from .sampler import PromptScoring, SamplerOutput, batch_of
 from .scheduler import Scheduler
 from .sequence import CoreOutput, Sequence
+from .speculative import (
+    SpecStats,
+    draft_limit,
+    fill_verify_bitmask,
+    grammar_prefix,
+    make_proposer,
+)
 
 log = logging.getLogger(__name__)
 # vLLM's buckets for the tokens of one engine step (iteration_tokens_total).
@@ -59,11 +66,23 @@ class EngineCore:
         self.vocab_size = self.checks.vocab_size
         self.eos_ids = eos_token_ids(spec, tokenizer)
         kv = executor.kv_spec
+        if config.kv_cache_dtype != kv.cache_dtype and config.kv_cache_dtype != "auto":
+            raise EnginehouseError(
+                f"kv_cache_dtype={config.kv_cache_dtype!r} asks for a quantized KV cache, but "
+                "this backend's runner keeps a float one (its KVSpec.cache_dtype is "
+                f"{kv.cache_dtype!r}); run it on backend='pytorch' or with kv_cache_dtype='auto'"
+            )
         self.block_size = kv.block_size
         self.num_blocks = executor.plan_kv_blocks(config, self.session_len)
         executor.allocate_kv(self.num_blocks)
         caching = config.enable_prefix_caching and kv.prefix_caching
-        self.block_manager = BlockManager(self.num_blocks, kv.block_size, caching)
+        counts: int | list[int] = self.num_blocks
+        if kv.groups:  # one pool per KV group, shared out as the runner shares them
+            plans = kv.group_blocks(
+                self.num_blocks, self.session_len, config.max_num_batched_tokens
+            )
+            counts = [p.blocks for p in plans]
+        self.block_manager = BlockManager(counts, kv.block_size, caching, kv.groups)
         self.scheduler = Scheduler(
             self.block_manager, config.max_batch_size, config.max_num_batched_tokens
         )
@@ -89,6 +108,10 @@ class EngineCore:
         # Tokens per step, counted into vLLM's buckets (iteration_tokens_total).
         self.iteration_tokens = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
         self.iteration_tokens_sum = 0
+        # Speculative decoding (EngineConfig.speculative_config): None without it.
+        self.proposer = make_proposer(config, executor.capabilities, self)
+        spec_k = config.speculative_config.k if config.speculative_config else 0
+        self.spec_stats = SpecStats(spec_k) if self.proposer is not None else None
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -130,6 +153,9 @@ class EngineCore:
             "waiting_deferred": len(self._compiling),
             "kv_blocks_used": self.block_manager.num_used,
             "kv_blocks_total": self.num_blocks,
+            # Per KV group (`KVSpec.groups`; one entry without groups).
+            "kv_group_blocks_used": self.block_manager.used_per_group(),
+            "kv_group_blocks_total": [p.num_blocks for p in self.block_manager.pools],
             "preemptions": self.scheduler.num_preemptions,
             # Their ratio is the average batch per step (`enginehouse bench`, `/metrics`).
             "steps": self.num_steps,
@@ -137,6 +163,7 @@ class EngineCore:
             "iteration_tokens": list(self.iteration_tokens),  # per bucket, the last is +Inf
             "iteration_tokens_sum": self.iteration_tokens_sum,
             **self.executor.counters(),  # what crossed to the ranks, under an executor
+            **(self.spec_stats.as_dict() if self.spec_stats is not None else {}),
         }
 
     # --- the engine thread ------------------------------------------------------------------
@@ -146,55 +173,106 @@ class EngineCore:
         outputs = self._drain_inbox()
         if self._compiling:
             outputs.extend(self._admit_compiled())
+        if self.proposer is not None:
+            self._propose()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             self._flush_releases()
             return outputs
-        released, finished = self.scheduler.take_changes()
+        released, finished = self._take_changes()
         plan = StepPlan(released=released, finished=finished, block_size=self.block_size)
         plan.chunks = [chunk for _, chunk in scheduled]
-        sampled = self._sampling(plan, scheduled)
+        sampled, owners = self._sampling(plan, scheduled)
         self.num_steps += 1
         self.num_step_sequences += len(scheduled)
         tokens = sum(len(c.token_ids) for c in plan.chunks)
         self.iteration_tokens[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
         self.iteration_tokens_sum += tokens
         try:
-            result, grammar_times = self._run(plan, sampled)
+            result, grammar_times = self._run(plan, owners)
         except Exception as e:
             log.exception("the backend failed on a batch of %d sequences", len(scheduled))
             error = f"the backend failed: {type(e).__name__}: {e}"
             return outputs + [self._finish(seq, "error", error) for seq, _ in scheduled]
         for seq, chunk in scheduled:
-            seq.num_computed = chunk.end_pos
+            # Proposals count once accepted (`_accept_tokens`), never before.
+            seq.num_computed = chunk.end_pos - len(seq.draft_ids)
             self.block_manager.commit(seq)
             scores = result.scores.get(seq.seq_id)
             if scores is not None or seq.score_only:  # a prompt's last chunk may score nothing
                 outputs.extend(self._take_scores(seq, scores))
         if not result.finite:
             self._warn_non_finite(sampled)
-        slow = self._too_slow(plan.sampling.constrained, sampled, grammar_times)
-        for seq, token, lp in zip(sampled, result.token_ids, result.logprobs):
+        slow = self._too_slow(plan.sampling.constrained, owners, grammar_times)
+        for i, (seq, token, lp) in enumerate(zip(sampled, result.token_ids, result.logprobs)):
             if seq.seq_id in slow:
                 outputs.append(self._finish(seq, "error", slow[seq.seq_id]))
+            elif result.num_accepted:
+                outputs.append(self._accept_verified(seq, result, i))
             else:
                 outputs.append(self._accept(seq, token, lp))
         return outputs
 
-    def _too_slow(self, rows: list[int], sampled: list[Sequence], times: list[float]) -> dict:
+    def _propose(self) -> None:
+        """Ask the proposer for the decoding sequences' next tokens (`Sequence.draft_ids`);
+        a grammar keeps only the proposals it accepts."""
+        k = self.config.speculative_config.k  # type: ignore[union-attr]
+        seqs, limits = [], []
+        for seq in self.scheduler.running:
+            seq.draft_ids = []
+            limit = draft_limit(seq, k)
+            decoding = seq.num_tokens - seq.num_computed == 1 and not seq.scores_prompt
+            if limit and decoding:
+                seqs.append(seq)
+                limits.append(limit)
+        if not seqs:
+            return
+        try:
+            proposals = self.proposer.propose(seqs, limits)  # type: ignore[union-attr]
+        except Exception:  # the target decodes on without proposals; the log says why
+            log.exception("the speculative proposer failed; this step proposes nothing")
+            return
+        for seq, drafts in zip(seqs, proposals):
+            if seq.grammar is not None and drafts:
+                drafts = grammar_prefix(seq.grammar, list(drafts))
+            seq.draft_ids = list(drafts)
+
+    def _accept_verified(self, seq: Sequence, result: SamplerOutput, i: int) -> CoreOutput:
+        """Take a verifying step's tokens: the accepted proposals, then the target's token.
+        The sequence's computed length (and its prefix-cache keys) grows over the accepted."""
+        drafts, accepted = seq.draft_ids, result.num_accepted[i]
+        seq.draft_ids = []
+        if drafts:
+            self.spec_stats.count(len(drafts), accepted)  # type: ignore[union-attr]
+        tokens = drafts[:accepted] + [result.token_ids[i]]
+        lps = [*result.accepted_logprobs[i], result.logprobs[i]]
+        out = self._accept_tokens(seq, tokens, lps)
+        if not seq.finished and accepted:
+            seq.num_computed += accepted
+            self.block_manager.commit(seq)
+        return out
+
+    def _too_slow(self, rows: list[int], owners: list[Sequence], times: list[float]) -> dict:
         """The requests whose grammar took longer than `grammar_step_timeout` to give their
         next allowed tokens, and why: they end here, so that they hold up no other step."""
         limit = self.config.grammar_step_timeout
         return {
-            sampled[i].seq_id: _grammar_too_slow(took, limit)
+            owners[i].seq_id: _grammar_too_slow(took, limit)
             for i, took in zip(rows, times)
             if took > limit
         }
 
+    def _take_changes(self) -> tuple[list[int], list[int]]:
+        """The scheduler's released and finished sequences; the proposer forgets the latter."""
+        released, finished = self.scheduler.take_changes()
+        if self.proposer is not None and finished:
+            self.proposer.finish(finished)
+        return released, finished
+
     def _flush_releases(self) -> None:
         """Tell the runner's side of the sequences freed since the last step, in a step of its
         own, so that nothing lingers there while no batch runs."""
-        released, finished = self.scheduler.take_changes()
+        released, finished = self._take_changes()
         if not (released or finished):
             return
         plan = StepPlan(released=released, finished=finished, block_size=self.block_size)
@@ -203,50 +281,67 @@ class EngineCore:
         except Exception:  # the blocks are free anyway; the leftovers are the runner's
             log.exception("the runner failed to release %d sequences", len(released))
 
-    def _run(self, plan: StepPlan, sampled: list[Sequence]) -> tuple[SamplerOutput, list]:
+    def _run(self, plan: StepPlan, owners: list[Sequence]) -> tuple[SamplerOutput, list]:
         """Execute the plan; meanwhile, on a thread of its own, fill the grammar bitmask of the
-        constrained rows. The step's tokens, and the seconds each grammar took."""
+        constrained rows. The step's tokens, and the seconds each grammar took. `owners`:
+        each sampling row's sequence (a verifying sequence has several rows)."""
         constrained = plan.sampling.constrained
         pending: Future | None = None
         if constrained:
             if self._masker is None:
                 self._masker = ThreadPoolExecutor(1, thread_name_prefix="enginehouse-mask")
-            grammars = [sampled[i].grammar for i in constrained]
-            pending = self._masker.submit(fill_bitmask, grammars, constrained, len(sampled))
+            if plan.sampling.drafts:
+                walks = _grammar_walks(owners, constrained)
+                pending = self._masker.submit(fill_verify_bitmask, walks, len(owners))
+            else:
+                grammars = [owners[i].grammar for i in constrained]
+                pending = self._masker.submit(fill_bitmask, grammars, constrained, len(owners))
         try:
             self.executor.execute(plan)
         finally:  # the bitmask thread must be done before its grammars change again
             bitmask, times = pending.result() if pending is not None else (None, [])
         return self.executor.sample(bitmask), times
 
-    def _sampling(self, plan: StepPlan, scheduled: list[tuple[Sequence, ChunkPlan]]) -> list:
-        """The step's `SamplingBatch`; returns the sequences it samples, in its row order."""
-        row, rows, sampled, scoring = 0, [], [], []
+    def _sampling(
+        self, plan: StepPlan, scheduled: list[tuple[Sequence, ChunkPlan]]
+    ) -> tuple[list[Sequence], list[Sequence]]:
+        """The step's `SamplingBatch`; returns the sequences it samples, and each sampling
+        row's sequence (a sequence verifying K proposals has K + 1 rows, one per position)."""
+        row, rows, sampled, scoring, owners, offsets = 0, [], [], [], [], []
         for seq, chunk in scheduled:
             first, row = row, row + chunk.num_rows
             if seq.scores_prompt:
                 scoring.extend(self._scoring(seq, chunk, first))
-            reaches_end = chunk.end_pos == seq.num_tokens
+            reaches_end = chunk.end_pos == seq.num_tokens + len(seq.draft_ids)
             if not seq.score_only and row > first and reaches_end:
                 new = not seq.sampler_knows  # the sampler's state starts now
                 seq.sampler_knows = True
-                rows.append((seq.seq_id, row - 1, seq.params, new, seq.prompt_ids))
+                for j in range(len(seq.draft_ids) + 1):
+                    at = row - 1 - len(seq.draft_ids) + j
+                    rows.append((seq.seq_id, at, seq.params, new and j == 0, seq.prompt_ids))
+                    owners.append(seq)
+                    offsets.append(j)
                 sampled.append(seq)
         batch = batch_of(rows)
         batch.scoring, batch.finished = scoring, plan.finished
-        for i, seq in enumerate(sampled):
+        if len(owners) > len(sampled):  # some sequence verifies proposals
+            batch.drafts = [
+                seq.draft_ids[j] if j < len(seq.draft_ids) else -1
+                for seq, j in zip(owners, offsets)
+            ]
+        for i, (seq, j) in enumerate(zip(owners, offsets)):
             p = seq.params
             # A grammar decides itself when the output may end: banning its stop tokens could
             # leave a complete output with no allowed token at all.
             if seq.grammar is not None:
                 batch.constrained.append(i)
-            elif seq.num_generated < p.min_new_tokens and seq.stop_ids:
+            elif seq.num_generated + j < p.min_new_tokens and seq.stop_ids:
                 batch.banned[0].extend([i] * len(seq.stop_ids))
                 batch.banned[1].extend(seq.stop_ids)
         if batch.constrained:
             batch.grammar_vocab = self.grammars.vocab_size
         plan.sampling = batch
-        return sampled
+        return sampled, owners
 
     def _scoring(self, seq: Sequence, chunk: ChunkPlan, first_row: int) -> list[PromptScoring]:
         """The prompt positions this chunk scores. Position p predicts token p + 1; the
@@ -407,26 +502,36 @@ class EngineCore:
 
     def _accept(self, seq: Sequence, token: int, logprobs: dict | None) -> CoreOutput:
         """Take a sampled token: the grammar walks it, a stop token or a length ends it."""
-        seq.token_ids.append(token)
+        return self._accept_tokens(seq, [token], [logprobs])
+
+    def _accept_tokens(
+        self, seq: Sequence, tokens: list[int], logprobs: list[dict | None]
+    ) -> CoreOutput:
+        """Take a step's tokens in order (one, or a verifying step's several): the grammar
+        walks each, and a stop token or a length ends the sequence there."""
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
-        lps = [logprobs] if logprobs is not None else None
-        started = time.perf_counter()
-        if seq.grammar is not None and not seq.grammar.accept(token):
-            # Only possible when every token was masked (a vocabulary the grammar does not
-            # cover): better an error than an output that breaks its constraint.
-            text = self.tokenizer.decode([token])
-            error = f"token {token} ({text!r}) breaks the grammar"
-            return self._finish(seq, "error", error, [token], lps, stop_token=True)
-        took = time.perf_counter() - started
-        if seq.grammar is not None and took > self.config.grammar_step_timeout:
-            error = _grammar_too_slow(took, self.config.grammar_step_timeout)
-            return self._finish(seq, "error", error, [token], lps)
-        if token in seq.stop_ids or (seq.grammar is not None and seq.grammar.terminated):
-            return self._finish(seq, "stop", None, [token], lps, stop_token=True)
-        if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_len:
-            return self._finish(seq, "length", None, [token], lps)
-        return self._output(seq, [token], lps)
+        for n, token in enumerate(tokens, 1):
+            seq.token_ids.append(token)
+            taken = tokens[:n]
+            lps = logprobs[:n] if logprobs[0] is not None else None
+            started = time.perf_counter()
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                # Only possible when every token was masked (a vocabulary the grammar does
+                # not cover): better an error than an output that breaks its constraint.
+                text = self.tokenizer.decode([token])
+                error = f"token {token} ({text!r}) breaks the grammar"
+                return self._finish(seq, "error", error, taken, lps, stop_token=True)
+            took = time.perf_counter() - started
+            if seq.grammar is not None and took > self.config.grammar_step_timeout:
+                error = _grammar_too_slow(took, self.config.grammar_step_timeout)
+                return self._finish(seq, "error", error, taken, lps)
+            if token in seq.stop_ids or (seq.grammar is not None and seq.grammar.terminated):
+                return self._finish(seq, "stop", None, taken, lps, stop_token=True)
+            if seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= seq.max_len:
+                return self._finish(seq, "length", None, taken, lps)
+        lps = logprobs if logprobs[0] is not None else None
+        return self._output(seq, tokens, lps)
 
     def _finish(
         self,
@@ -469,10 +574,24 @@ class EngineCore:
         return out
 
     def close(self) -> None:
+        if self.proposer is not None:
+            self.proposer.close()
         self.grammars.close()
         if self._masker is not None:
             self._masker.shutdown(wait=True)
         self.executor.close()
+
+
+def _grammar_walks(
+    owners: list[Sequence], constrained: list[int]
+) -> list[tuple[GrammarState, list[int], list[int]]]:
+    """Per constrained sequence of a verifying step: its grammar, its rows, its proposals."""
+    rows: dict[int, list[int]] = {}
+    seqs: dict[int, Sequence] = {}
+    for i in constrained:
+        rows.setdefault(owners[i].seq_id, []).append(i)
+        seqs[owners[i].seq_id] = owners[i]
+    return [(seqs[s].grammar, r, seqs[s].draft_ids) for s, r in rows.items()]  # type: ignore[misc]
 
 
 def _timing(seq: Sequence) -> dict[str, float]:

@@ -28,6 +28,7 @@ from .client import EngineClient, Sink
 from .grammar import Constraint
 from .process_client import EngineDown, ProcessClient
 from .sequence import RequestOutput
+from .speculative import with_ratios
 
 log = logging.getLogger(__name__)
 PREFIX_ENTRIES = 100_000  # prefix blocks the router remembers, least recently used dropped
@@ -196,7 +197,7 @@ def sum_stats(replicas: list[dict[str, Any]]) -> dict[str, Any]:
                 total[key] = [a + b for a, b in zip(have, value)]
     total["replicas"] = len(replicas)
     total["replicas_alive"] = sum(s.get("alive", 1) for s in replicas)
-    return total
+    return with_ratios(total)  # speculative decoding's ratios, of the sums
 
 
 def _stats_of(replica: ProcessClient) -> dict[str, Any]:

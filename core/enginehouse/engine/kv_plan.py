@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 from ..config import EngineConfig, format_size
-from ..device import available_memory
+from ..device import platform_memory
 from ..errors import EnginehouseError
-from ..runner import ModelRunner, RunnerContext, capabilities_of
+from ..kv_groups import total_blocks
+from ..runner import KVSpec, ModelRunner, RunnerContext, capabilities_of
 
 
 def plan_kv_blocks(
@@ -30,7 +31,9 @@ def plan_kv_blocks(
     budget = config.kv_cache_memory
     if isinstance(budget, float):
         share = context.local_world_size if context and kv.device.type == "cpu" else 1
-        budget = int(available_memory(kv.device) * budget / share)
+        budget = int(platform_memory(config, kv.device) * budget / share)
+    if kv.groups:
+        return _plan_groups(kv, budget, config, session_len)
     per_seq = math.ceil(session_len / kv.block_size)
     # Blocks beyond what max_batch_size full-length sequences can use would sit idle.
     blocks = min(budget // kv.bytes_per_block, per_seq * config.max_batch_size)
@@ -40,4 +43,21 @@ def plan_kv_blocks(
             f"tokens, less than one full context of {session_len}; raise "
             "EngineConfig(kv_cache_memory=...) or lower session_len"
         )
+    return blocks
+
+
+def _plan_groups(kv: KVSpec, budget: int, config: EngineConfig, session_len: int) -> int:
+    """The blocks of all KV groups together (`kv_groups.total_blocks`); every group must hold
+    at least one sequence at full context."""
+    chunk = config.max_num_batched_tokens
+    args = (kv.block_size, session_len, config.max_batch_size, chunk)
+    blocks = total_blocks(kv.groups, budget, *args)
+    for plan in kv.group_blocks(blocks, session_len, chunk):
+        if plan.blocks < plan.blocks_per_seq:
+            raise EnginehouseError(
+                f"the KV cache budget ({format_size(budget)}) leaves the "
+                f"{plan.group.describe()} layers {plan.blocks} blocks, less than one sequence "
+                f"of {session_len} tokens needs ({plan.blocks_per_seq}); raise "
+                "EngineConfig(kv_cache_memory=...) or lower session_len"
+            )
     return blocks

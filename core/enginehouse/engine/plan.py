@@ -22,9 +22,12 @@ class Logits(enum.IntEnum):
     NONE = 0
     LAST = 1
     ALL = 2  # every position (prompt scoring)
+    # Every position of a chunk that ends with proposed tokens (speculative decoding): the
+    # runner attends each position as a decode row (`SeqChunk.verify`).
+    VERIFY = 3
 
     def rows(self, n: int) -> int:
-        return (0, 1, n)[self]
+        return (0, 1, n, n)[self]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class ChunkPlan:
     embed_rows: tuple[int, ...] = ()
     embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # With KV groups: the new blocks of groups 1, 2, ... (`new_blocks` are group 0's).
+    group_new_blocks: tuple[tuple[int, ...], ...] = ()
 
     @property
     def end_pos(self) -> int:

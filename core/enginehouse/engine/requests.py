@@ -74,6 +74,10 @@ class RequestChecks:
                 raise RequestError(
                     f"{what} {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
                 )
+        if params.logits_processors:
+            from ..logits_processors import check_names
+
+            check_names(params.logits_processors)
         if params.constraint is not None:
             from .grammar import xgrammar
 

@@ -13,6 +13,8 @@ penalties) lives in the `Sampler` until the engine says the sequence finished; p
 not drop it. Order follows transformers: penalties, then temperature, top-k, top-p and min-p.
 A seeded request draws from its own CPU generator, so its tokens do not depend on what it is
 batched with, nor on the device; unseeded rows draw their noise on the logits' device.
+Plugins' logits processors (logits_processors.py) come by name in the batch and run after the
+token rules, before the grammar's mask (`ProcessorSet`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import GenerationConfig
+from ..logits_processors import BatchUpdate, LogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,30 @@ class SamplingBatch:
     # penalty), and token rules (logit_bias, allowed_token_ids, bad_words_ids).
     prompts: dict[int, list[int]] = field(default_factory=dict)
     rules: dict[int, TokenRules] = field(default_factory=dict)
+    # Sent once too: the logits processors a sequence asks for, by name, and its extra_args.
+    processors: dict[int, tuple[tuple[str, ...], dict]] = field(default_factory=dict)
     scoring: list[PromptScoring] = field(default_factory=list)
     # Rows constrained by a grammar (indices into this batch), and the grammar's vocabulary.
     constrained: list[int] = field(default_factory=list)
     grammar_vocab: int = 0
     finished: list[int] = field(default_factory=list)  # sequences whose state goes
+    # Speculative decoding (engine/speculative.py): per row, the proposed token it verifies,
+    # -1 on a sequence's last row. A verifying sequence has consecutive rows, one per
+    # position; empty when no row of the step verifies anything.
+    drafts: list[int] = field(default_factory=list)
+
+    def select(self, rows: list[int]) -> SamplingBatch:
+        """The batch of these rows only, in this order (the verifying walk's steps)."""
+        where = {r: i for i, r in enumerate(rows)}
+        out = SamplingBatch(prompts=self.prompts, rules=self.rules)
+        for name in _ROW_COLUMNS:
+            values = getattr(self, name)
+            setattr(out, name, [values[r] for r in rows])
+        pairs = [(where[r], t) for r, t in zip(*self.banned) if r in where]
+        out.banned = ([r for r, _ in pairs], [t for _, t in pairs])
+        out.constrained = [where[r] for r in self.constrained if r in where]
+        out.grammar_vocab = self.grammar_vocab
+        return out
 
     def penalized(self) -> list[bool]:
         """Per row: whether any of its three penalties applies."""
@@ -97,6 +119,22 @@ class SamplingBatch:
                 self.repetition_penalty, self.presence_penalty, self.frequency_penalty
             )
         ]
+
+
+_ROW_COLUMNS = (
+    "seq_ids",
+    "rows",
+    "greedy",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seeds",
+    "logprobs",
+)
 
 
 def batch_of(rows: list[tuple[int, int, GenerationConfig, bool, list[int]]]) -> SamplingBatch:
@@ -122,6 +160,8 @@ def batch_of(rows: list[tuple[int, int, GenerationConfig, bool, list[int]]]) -> 
             batch.prompts[seq_id] = list(prompt)
         if new and (rules := TokenRules.of(p)) is not None:
             batch.rules[seq_id] = rules
+        if new and p.logits_processors:
+            batch.processors[seq_id] = (tuple(p.logits_processors), dict(p.extra_args or {}))
     return batch
 
 
@@ -143,6 +183,10 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
     scores: dict[int, PromptScores] = field(default_factory=dict)  # by seq_id
     finite: bool = True  # every sampled row's maximum was finite
+    # A step that verified proposals: per sequence, how many of its proposals were kept and
+    # their logprobs; `token_ids` then holds each sequence's token after them.
+    num_accepted: list[int] = field(default_factory=list)
+    accepted_logprobs: list[list[dict[int, float] | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,7 +195,8 @@ class _SeqState:
     seen: set[int] = field(default_factory=set)  # prompt and output, for repetition_penalty
     counts: Counter = field(default_factory=Counter)  # output tokens, presence/frequency
     rules: TokenRules | None = None
-    output: list[int] = field(default_factory=list)  # kept for bad_words_ids only
+    output: list[int] = field(default_factory=list)  # for bad_words_ids and processors only
+    processors: tuple[str, ...] = ()  # the logits processors it asked for
 
 
 class Sampler:
@@ -159,10 +204,13 @@ class Sampler:
 
     def __init__(self) -> None:
         self.states: dict[int, _SeqState] = {}
+        self.processors = ProcessorSet()
 
     def finish(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
-            self.states.pop(s, None)
+            state = self.states.pop(s, None)
+            if state is not None and state.processors:
+                self.processors.finished(s, state.processors)
 
     def _state(self, seq_id: int, seed: int | None, batch: SamplingBatch) -> _SeqState:
         state = self.states.get(seq_id)
@@ -172,6 +220,10 @@ class Sampler:
                 state.generator = torch.Generator().manual_seed(seed)
             state.seen.update(batch.prompts.get(seq_id, ()))
             state.rules = batch.rules.get(seq_id)
+            names, args = batch.processors.get(seq_id, ((), {}))
+            state.processors = names
+            for name in names:
+                self.processors.added(name, seq_id, args)
         return state
 
     @torch.inference_mode()  # the runner's logits are inference tensors, changed in place here
@@ -187,12 +239,32 @@ class Sampler:
         out.scores = {s.seq_id: _score(logits, s) for s in batch.scoring}
         if not batch.seq_ids:
             return out
+        if batch.drafts:
+            return self._verify(logits, batch, bitmask, out)
+        tokens, out.logprobs, out.finite = self._pick(logits, batch, bitmask)
+        out.token_ids = tokens
+        return out
+
+    def _pick(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        bitmask: np.ndarray | None,
+        drafts: list[int] | None = None,
+    ) -> tuple[list[int], list[dict[int, float] | None], bool]:
+        """One token per row of `batch`, its logprobs where asked, and whether every row's
+        maximum was finite. With `drafts`, a sampled row keeps its proposed token or draws a
+        replacement from the rest (`_draw`); the sequences' states take the tokens."""
         penalized = batch.penalized()
         # A seed, a penalty or token rules start a sequence's state (the rules come with its
         # first step); later steps find the state the sampler kept.
         states = [
             self._state(s, seed, batch)
-            if p or seed is not None or s in batch.rules or s in self.states
+            if p
+            or seed is not None
+            or s in batch.rules
+            or s in batch.processors
+            or s in self.states
             else None
             for s, seed, p in zip(batch.seq_ids, batch.seeds, penalized)
         ]
@@ -206,24 +278,108 @@ class Sampler:
             picked[batch.banned] = float("-inf")
         if any(s is not None and s.rules is not None for s in states):
             _apply_rules(picked, states)
+        if any(s is not None and s.processors for s in states):
+            picked = self.processors.apply(picked, batch, states)
         if bitmask is not None and batch.constrained:
             _mask(picked, bitmask, batch)
-        tokens, out.finite = _first_max(picked)
+        tokens, finite = _first_max(picked)
         sampled = [i for i, greedy in enumerate(batch.greedy) if not greedy]
         if sampled:
             probs = _filter(picked[sampled], batch, sampled).softmax(dim=1)
-            tokens[sampled] = _draw(probs, [states[i] for i in sampled])
-        out.token_ids = tokens.tolist()
-        out.logprobs = [None] * len(batch.seq_ids)
+            proposed = [drafts[i] for i in sampled] if drafts is not None else None
+            tokens[sampled] = _draw(probs, [states[i] for i in sampled], proposed)
+        token_ids = tokens.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(batch.seq_ids)
         for j, i in enumerate(want):
-            out.logprobs[i] = _logprobs(raw[j], out.token_ids[i], batch.logprobs[i])  # type: ignore[index]
-        for state, token in zip(states, out.token_ids):
+            logprobs[i] = _logprobs(raw[j], token_ids[i], batch.logprobs[i])  # type: ignore[index]
+        for state, token in zip(states, token_ids):
             if state is not None:
                 state.seen.add(token)
                 state.counts[token] += 1
-                if state.rules is not None and state.rules.bad_words_ids:
+                if state.processors or (state.rules is not None and state.rules.bad_words_ids):
                     state.output.append(token)
+        return token_ids, logprobs, finite
+
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        bitmask: np.ndarray | None,
+        out: SamplerOutput,
+    ) -> SamplerOutput:
+        """Walk the verifying sequences' positions in order, all sequences at once: at each
+        position, every sequence that kept all its proposals so far takes a token from that
+        position's row (its penalties, rules and grammar row as the step before left them);
+        it goes on while that token is its proposal (see engine/speculative.py)."""
+        ends = [i for i, d in enumerate(batch.drafts) if d < 0]
+        firsts = [0] + [e + 1 for e in ends[:-1]]
+        n = len(ends)
+        out.token_ids, out.logprobs, out.num_accepted = [0] * n, [None] * n, [0] * n
+        out.accepted_logprobs = [[] for _ in range(n)]
+        alive, step = list(range(n)), 0
+        while alive:
+            rows = [firsts[g] + step for g in alive]
+            drafts = [batch.drafts[r] for r in rows]
+            mask = bitmask[rows] if bitmask is not None else None
+            tokens, lps, finite = self._pick(logits, batch.select(rows), mask, drafts)
+            out.finite &= finite
+            kept = []
+            for g, d, token, lp in zip(alive, drafts, tokens, lps):
+                if d >= 0 and token == d:
+                    out.num_accepted[g] += 1
+                    out.accepted_logprobs[g].append(lp)
+                    kept.append(g)
+                else:
+                    out.token_ids[g], out.logprobs[g] = token, lp
+            alive, step = kept, step + 1
         return out
+
+
+class ProcessorSet:
+    """The logits processors of one sampler: built by name on first use, each told per step
+    which of its requests were added, finished, and where their rows are."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, LogitsProcessor] = {}
+        self.pending: dict[str, tuple[list, list]] = {}  # name -> (added, removed) since a step
+
+    def get(self, name: str) -> LogitsProcessor:
+        if name not in self.instances:
+            from ..logits_processors import registered
+
+            known = registered()
+            if name not in known:  # checked at submit: a rank without the plugin
+                raise RuntimeError(
+                    f"logits processor {name!r} is not installed where sampling runs"
+                )
+            self.instances[name] = known[name][1]()
+        return self.instances[name]
+
+    def added(self, name: str, seq_id: int, args: dict) -> None:
+        self.pending.setdefault(name, ([], []))[0].append((seq_id, args))
+
+    def finished(self, seq_id: int, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.pending.setdefault(name, ([], []))[1].append(seq_id)
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch, states: list) -> torch.Tensor:
+        """Each processor in use on its rows (in the order the batch first names them)."""
+        used: dict[str, dict[int, int]] = {}
+        for row, (seq_id, state) in enumerate(zip(batch.seq_ids, states)):
+            for name in state.processors if state is not None else ():
+                used.setdefault(name, {})[seq_id] = row
+        for name, rows in used.items():
+            added, removed = self.pending.pop(name, ([], []))
+            proc = self.get(name)
+            outputs = {s: states[r].output for s, r in rows.items()}
+            proc.update_state(BatchUpdate(added, removed, rows, outputs))
+            if proc.is_argmax_invariant() and all(batch.greedy[r] for r in rows.values()):
+                continue  # it cannot change a greedy row's token
+            logits = proc.apply(logits)
+        for name in [n for n in self.pending if n in self.instances]:  # only removals left
+            added, removed = self.pending.pop(name)
+            self.instances[name].update_state(BatchUpdate(added, removed))
+        return logits
 
 
 def _apply_rules(logits: torch.Tensor, states: list[_SeqState | None]) -> None:
@@ -314,10 +470,19 @@ def _filter(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torc
     return logits
 
 
-def _draw(probs: torch.Tensor, states: list[_SeqState | None]) -> torch.Tensor:
+def _draw(
+    probs: torch.Tensor, states: list[_SeqState | None], drafts: list[int] | None = None
+) -> torch.Tensor:
     """argmax(p / q) with q ~ Exp(1) is a draw from p. A seeded row draws its noise from its
     own generator, on the CPU, so that a seed gives the same tokens on every device; the other
-    rows draw theirs on the logits' device, in one call."""
+    rows draw theirs on the logits' device, in one call.
+
+    With `drafts` (speculative decoding), a row with a proposed token d keeps it with
+    probability p(d); otherwise it draws from p with d taken out (the residual distribution
+    of a deterministic proposal: argmax(p / q) needs no renormalising). Whatever d was, the
+    token follows p exactly. Rows whose proposal is -1 just draw."""
+    if drafts is not None and any(d >= 0 for d in drafts):
+        return _accept_or_draw(probs, states, drafts)
     noise = torch.empty_like(probs).exponential_()
     seeded = [i for i, s in enumerate(states) if s is not None and s.generator is not None]
     if seeded:
@@ -326,6 +491,28 @@ def _draw(probs: torch.Tensor, states: list[_SeqState | None]) -> torch.Tensor:
             rows[j].exponential_(generator=states[i].generator)  # type: ignore[union-attr]
         noise[seeded] = rows.to(probs.device)
     return (probs / noise).argmax(dim=1)
+
+
+def _accept_or_draw(
+    probs: torch.Tensor, states: list[_SeqState | None], drafts: list[int]
+) -> torch.Tensor:
+    rows = [i for i, d in enumerate(drafts) if d >= 0]
+    index = torch.tensor([drafts[i] for i in rows], device=probs.device)
+    p_draft = probs[rows, index].cpu()
+    u = torch.empty(len(rows), dtype=probs.dtype)
+    for j, i in enumerate(rows):  # a seeded row's uniform comes from its own generator
+        state = states[i]
+        gen = state.generator if state is not None else None
+        u[j] = torch.rand((), dtype=probs.dtype, generator=gen)
+    keep = (u < p_draft).tolist()
+    residual = probs.clone()
+    residual[rows, index] = 0.0
+    # A row whose p is all on d always keeps it; its residual is all zero and never used.
+    tokens = _draw(residual, states)
+    for j, i in enumerate(rows):
+        if keep[j]:
+            tokens[i] = drafts[i]
+    return tokens
 
 
 def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:

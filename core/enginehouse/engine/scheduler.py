@@ -2,8 +2,10 @@
 
 Each step has a token budget. Running sequences go first (one token each when decoding, the next
 chunk of their prompt otherwise), then waiting ones join while budget, batch slots and KV blocks
-last. When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-waits to be recomputed from its tokens, so it still ends with the tokens it would have produced.
+last. A sequence's blocks that fell out of a sliding window are freed before it asks for more
+(`BlockManager.drop_out_of_window`). When blocks run out, the newest running sequence is
+preempted: its blocks are freed and it waits to be recomputed from its tokens, so it still ends
+with the tokens it would have produced.
 
 Each chunk is a `ChunkPlan`: a sequence's block table goes to the runner's side as it grows,
 and the sequences whose blocks were freed (`released`) or that are gone for good (`finished`)
@@ -60,12 +62,14 @@ class Scheduler:
         if seq.sent_blocks:
             self.released.append(seq.seq_id)
         seq.sent_blocks = 0
+        seq.sent_group_blocks = [0] * len(seq.sent_group_blocks)
         self.bm.free_seq(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
         seq.num_computed = 0
+        seq.draft_ids = []
         seq.prompt_logprob_sum = 0.0  # a score-only request scores everything again
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -74,23 +78,45 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ChunkPlan:
         start = seq.num_computed
-        if seq.scores_prompt:
+        drafts = tuple(seq.draft_ids)
+        if drafts:
+            logits = Logits.VERIFY  # the last token and each proposal predict the next
+        elif seq.scores_prompt:
             logits = Logits.ALL  # every position scores the token after it
         else:
             logits = Logits.LAST if start + n == seq.num_tokens else Logits.NONE
         embed_rows, embeds = seq.embeds_between(start, start + n)
         new_blocks = tuple(seq.block_table[seq.sent_blocks :])
         seq.sent_blocks = len(seq.block_table)
+        group_new_blocks = []  # with KV groups: those of groups 1, 2, ...
+        for g, table in enumerate(seq.group_tables):
+            group_new_blocks.append(tuple(table[seq.sent_group_blocks[g] :]))
+            seq.sent_group_blocks[g] = len(table)
         return ChunkPlan(
             seq_id=seq.seq_id,
-            token_ids=tuple(seq.token_ids[start : start + n]),
+            token_ids=tuple(seq.token_ids[start : start + n]) + drafts,
             start_pos=start,
             new_blocks=new_blocks,
             logits=logits,
             embed_rows=embed_rows,
             embeds=embeds,
-            rope_positions=seq.rope_positions(start, start + n),
+            rope_positions=seq.rope_positions(start, start + n + len(drafts)),
+            group_new_blocks=tuple(group_new_blocks),
         )
+
+    def _drafts(self, seq: Sequence, n: int, budget: int) -> list[int]:
+        """The proposals scheduled with a decoding sequence's last token: as many as the
+        budget holds, none where their blocks would take free ones another sequence needs
+        (speculation never preempts)."""
+        drafts = seq.draft_ids
+        if not drafts or n != 1 or seq.num_tokens - seq.num_computed != 1:
+            return []
+        drafts = drafts[: budget - n]
+        need = self.bm.blocks_for(seq.num_computed + n + len(drafts)) - len(seq.block_table)
+        # Leave a block for every running sequence, which may need one this step.
+        if drafts and need > self.bm.num_free - len(self.running):
+            return []
+        return drafts
 
     def schedule(self) -> list[tuple[Sequence, ChunkPlan]]:
         budget = self.max_tokens
@@ -102,6 +128,8 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             if n <= 0:
                 continue
+            self.bm.drop_out_of_window(seq)  # a sliding window's old blocks first
+            seq.draft_ids = self._drafts(seq, n, budget)
             while not self.bm.can_allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -110,9 +138,10 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            self.bm.allocate(seq, n)
+            n_all = n + len(seq.draft_ids)
+            self.bm.allocate(seq, n_all)
             batch.append((seq, self._chunk(seq, n)))
-            budget -= n
+            budget -= n_all
         # Admitting new work right after a preemption would only thrash the cache.
         while self.waiting and not preempted and budget > 0:
             if len(self.running) >= self.max_batch_size:
@@ -129,6 +158,7 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
+            seq.draft_ids = []  # a prompt first: proposals come with its decode steps
             self.bm.allocate(seq, n)
             seq.status = Status.RUNNING
             if not seq.admitted:

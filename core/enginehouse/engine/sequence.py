@@ -89,6 +89,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # one per full, hashed block
     sent_blocks: int = 0  # entries of block_table the runner's side already has
+    # With KV groups (`KVSpec.groups`): the tables of groups 1, 2, ..., how many entries of
+    # each group's table (group 0's first) were freed as they fell out of a sliding window,
+    # and how many entries of groups 1, 2, ... the runner's side already has.
+    group_tables: list[list[int]] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    sent_group_blocks: list[int] = field(default_factory=list)
     # When it reached the core, was first scheduled and gave its first token (monotonic
     # seconds), and how often it was preempted: the request's timing metrics at its end.
     arrived: float = 0.0
@@ -111,6 +117,9 @@ class Sequence:
     # through it. Preemption keeps the generated tokens, so the walk stays valid as it is.
     compiled_grammar: Future | None = None
     grammar: GrammarState | None = None
+    # Speculative decoding: the tokens proposed after the last one, scheduled with it this
+    # step for the target to verify (engine/speculative.py); never part of token_ids.
+    draft_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

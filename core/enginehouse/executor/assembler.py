@@ -18,11 +18,14 @@ class BatchAssembler:
         caps = capabilities_of(runner)
         self.releases, self.finishes = caps.releases_sequences, caps.finishes_sequences
         self.tables: dict[int, tuple[int, ...]] = {}
+        # With KV groups: the tables of groups 1, 2, ... per sequence.
+        self.group_tables: dict[int, tuple[tuple[int, ...], ...]] = {}
 
     def apply(self, plan: StepPlan) -> ScheduledBatch | None:
         """Forget what the plan frees, then the batch to execute (None when it has no chunk)."""
         for seq_id in plan.released:
             table = self.tables.pop(seq_id, None)
+            self.group_tables.pop(seq_id, None)
             if self.releases and table:
                 self.runner.release_sequence(seq_id, table)  # type: ignore[attr-defined]
         if self.finishes:
@@ -35,9 +38,15 @@ class BatchAssembler:
             table = self.tables.get(c.seq_id, ())
             if c.new_blocks:
                 table = self.tables[c.seq_id] = table + c.new_blocks
+            groups: tuple[tuple[int, ...], ...] = ()
+            if c.group_new_blocks:
+                old = self.group_tables.get(c.seq_id) or ((),) * len(c.group_new_blocks)
+                more = tuple(t + new for t, new in zip(old, c.group_new_blocks))
+                self.group_tables[c.seq_id] = more
+                groups = (table, *more)
             n = len(c.token_ids)
             logits_at = (n - 1,) if c.logits is Logits.LAST else ()
-            if c.logits is Logits.ALL:
+            if c.logits in (Logits.ALL, Logits.VERIFY):
                 logits_at = tuple(range(n))
             chunks.append(
                 SeqChunk(
@@ -49,6 +58,8 @@ class BatchAssembler:
                     c.embed_rows,
                     c.embeds,
                     c.rope_positions,
+                    group_tables=groups,
+                    verify=c.logits is Logits.VERIFY,
                 )
             )
         return ScheduledBatch(tuple(chunks), plan.block_size)

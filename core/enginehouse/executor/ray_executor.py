@@ -18,11 +18,19 @@ from dataclasses import replace
 from typing import Any
 
 from .base import DistributedExecutor, RankError, StepError, hung
-from .worker import RankInit, RankWorker, StepFailed, dist_backend
+from .worker import RankInit, RankWorker, StepFailed
 
 log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
+
+
+def _on_gpus(config: Any) -> bool:
+    """Whether each rank takes a GPU of its own (Ray's "GPU" resource): the cuda platform's."""
+    from ..platforms import platform_of
+
+    platform = platform_of(config.device)[0]
+    return platform.device_per_rank and platform.name == "cuda"
 
 
 class RankActor:
@@ -42,7 +50,7 @@ class RankActor:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, init: RankInit) -> dict[str, Any]:
-        if dist_backend(init.config) == "nccl":
+        if _on_gpus(init.config):
             # Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 here.
             init = replace(init, context=replace(init.context, local_rank=0))
         self.worker = RankWorker(init)
@@ -72,7 +80,7 @@ class RayExecutor(DistributedExecutor):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        gpu = dist_backend(self.config) == "nccl"
+        gpu = _on_gpus(self.config)
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self.group = placement_group([bundle] * self.world_size, strategy="PACK")
         try:

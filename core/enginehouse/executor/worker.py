@@ -47,10 +47,11 @@ class RankInit:
 
 
 def dist_backend(config: EngineConfig) -> str:
-    """NCCL between GPUs, gloo between CPUs."""
-    from ..device import resolve_device
+    """The collectives the platform's ranks use: NCCL between GPUs, gloo between CPUs, what
+    a plugin's platform declares on its devices."""
+    from ..platforms import platform_of
 
-    return "nccl" if resolve_device(config).type == "cuda" else "gloo"
+    return platform_of(config.device)[0].collective_backend
 
 
 class RankWorker:
@@ -64,9 +65,12 @@ class RankWorker:
         """Join the process group, build and load this rank's runner; return what the driver
         needs to know of it."""
         init, ctx = self.init, self.init.context
-        backend = dist_backend(init.config)
-        if backend == "nccl":
-            torch.cuda.set_device(ctx.local_rank)
+        from ..platforms import platform_of
+
+        platform = platform_of(init.config.device)[0]
+        backend = platform.collective_backend
+        if platform.device_per_rank:
+            platform.set_device(ctx.local_rank)
         else:
             _share_cores(ctx.local_rank, ctx.local_world_size)
         torch.distributed.init_process_group(

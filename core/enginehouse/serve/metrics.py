@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from ..engine.core import ITERATION_TOKEN_BUCKETS
+from .spec_metrics import spec_decode_families
 
 disable_created_metrics()  # no `_created` series beside every counter, as vLLM turns them off
 
@@ -101,6 +102,7 @@ class EngineCollector(Collector):
                 labels, list(zip(bounds, cumulative)), sum_value=s.get("iteration_tokens_sum", 0)
             )
             yield steps
+        yield from spec_decode_families(PREFIX, s, self.model_name)
         if len(self.replicas) > 1:
             labelled = [(str(r.get("replica", i)), r) for i, r in enumerate(self.replicas)]
             yield from _engine_families(

@@ -172,6 +172,10 @@ class _GenerationRequest(_Body):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    # Plugins' logits processors by name, and vLLM's extra args that processors read (a
+    # "logits_processors" list inside vllm_xargs names processors too).
+    logits_processors: list[str] | None = None
+    vllm_xargs: dict[str, Any] | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and the guided_*
     # fields vLLM had before 0.12 (still sent by many clients).
     response_format: dict[str, Any] | None = None
@@ -339,11 +343,31 @@ class _GenerationRequest(_Body):
             fields["random_seed"] = (self.seed + choice) % 2**63
         if self.logit_bias:
             fields["logit_bias"] = self._token_bias()
+        fields.update(self._processors())
         try:
             return GenerationConfig(**fields).with_model_defaults(model_defaults)
         except ValidationError as e:  # combinations, e.g. min_tokens above max_tokens
             field = str(e.errors()[0]["loc"][0]) if e.errors() and e.errors()[0]["loc"] else None
             raise bad_request(describe_validation_error(e), field) from e
+
+    def _processors(self) -> dict[str, Any]:
+        """logits_processors and extra_args from the request's fields and vllm_xargs."""
+        xargs = dict(self.vllm_xargs or {})
+        names = list(self.logits_processors or [])
+        inner = xargs.pop("logits_processors", None)
+        if inner is not None:
+            if not isinstance(inner, list) or not all(isinstance(n, str) for n in inner):
+                raise bad_request(
+                    "vllm_xargs.logits_processors must be a list of processor names",
+                    "vllm_xargs",
+                )
+            names += [n for n in inner if n not in names]
+        fields: dict[str, Any] = {}
+        if names:
+            fields["logits_processors"] = names
+        if xargs:
+            fields["extra_args"] = xargs
+        return fields
 
 
 class ChatCompletionRequest(_GenerationRequest):

@@ -90,7 +90,7 @@ class ServerState:
         kv = pipe.summary()
         self.metrics.cache_config(
             block_size=kv["kv_tokens"] // max(1, kv["kv_blocks"]),
-            cache_dtype=kv["dtype"],
+            cache_dtype=kv["dtype"] if kv["kv_cache_dtype"] == "auto" else kv["kv_cache_dtype"],
             enable_prefix_caching=self.engine_config.enable_prefix_caching,
             gpu_memory_utilization=self.engine_config.kv_cache_memory,
             num_gpu_blocks=kv["kv_blocks"],

@@ -7,6 +7,7 @@ tokens packed together, and returns logits only for the rows the engine asked fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,15 +17,15 @@ from enginehouse.plugin_api import (
     InvalidModelError,
     RunnerCapabilities,
     RunnerContext,
-    kv_bytes_per_token,
     resolve_device,
     resolve_dtype,
     use_all_cores,
 )
 
-from .native import cpu_decode, cpu_kernels, cpu_step, quant
+from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
+from .native.families import renamer
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
 from .native.mxfp4 import is_mxfp4
@@ -51,7 +52,9 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 
 class NativeRunner:
-    capabilities = RunnerCapabilities(profiles=True)  # a forward pass on a GPU, see profile_run
+    # profile_run: a forward pass on a GPU. verifies_tokens: a `verify` chunk's positions
+    # attend as decode rows, each over its own prefix (`_decode_rows`).
+    capabilities = RunnerCapabilities(profiles=True, verifies_tokens=True)
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
@@ -74,23 +77,59 @@ class NativeRunner:
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
-        per_token = kv_bytes_per_token(a.num_layers, kv_heads, a.head_dim, self.dtype)
+        # "int8" / "fp8": a quantized KV cache (native/kv_quant.py), read by the torch path.
+        self.kv_kind = config.kv_cache_dtype
+        head = kv_quant.head_bytes(self.kv_kind, a.head_dim, self.dtype)
+        per_token = 2 * a.num_layers * kv_heads * head
+        # Layers grouped by sliding window (native/kv_cache.py): a sliding group's blocks that
+        # fall out of its window are freed while a sequence runs.
+        self.layer_groups = kv_cache.layer_groups(a)
+        if a.mla is not None:  # a cache of kind "mla": the latent and rope key per token
+            if self.kv_kind != "auto":
+                raise InvalidModelError(
+                    f"kv_cache_dtype={self.kv_kind!r}: the latent (MLA) cache of "
+                    f"{a.family} is kept in the model's dtype; use kv_cache_dtype='auto'"
+                )
+            per_token = mla.cache_bytes_per_token(a, self.dtype)
         self.kv_spec = KVSpec(
             block_size=self.block_size,
             bytes_per_block=per_token * self.block_size,
             dtype=self.dtype,
             device=self.device,
+            groups=kv_cache.kv_groups(a, kv_heads, head),
+            cache_dtype=self.kv_kind,
         )
         self.windows = set(a.windows) if a.windows else {None}
+        self.caches: list[kv_cache.GroupCache] = []
         self.model: DecoderLM | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kernel = self._attention_kernel()
-        self.paged = self.kernel is not TorchAttention  # a kernel that reads block tables
+        # A kernel that reads block tables, not the torch path's gathers (a quantized cache:
+        # the int8 decode kernels only).
+        quantized = self.kv_kind != "auto"
+        self.paged = self.kernel is not TorchAttention and not quantized
+        self.paged |= getattr(self.kernel, "reads_tables", False)
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
+        if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
+            return TorchAttention
+        if self.arch.sinks and self.kv_kind != "auto":  # the int8 kernels have no sinks yet
+            return kv_quant.attention_for(self.kv_kind)
+        # An int8 KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path.
+        if self.kv_kind == "int8" and self.device.type == "cuda":
+            try:  # Triton's paged decode reads int8 with its scales
+                from .native.triton_ops import TritonInt8Attention
+
+                return TritonInt8Attention
+            except ImportError:
+                pass
+        if self.kv_kind == "int8" and self.device.type == "cpu" and cpu_kernels.load():
+            return cpu_kernels.CpuInt8Attention  # the C++ paged decode reads int8 in place
+        if self.kv_kind != "auto":
+            return kv_quant.attention_for(self.kv_kind)
         if self.device.type == "cpu":
             if self.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load():
                 return cpu_kernels.CpuPagedAttention
@@ -106,7 +145,8 @@ class NativeRunner:
     def _fused(self) -> bool:
         """The CPU's small-step kernels (`native.cpu_decode`): float32 or bfloat16, built."""
         cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        return cpu and cpu_decode.load()
+        # The fused ops store K/V into a float cache: a quantized one takes the per-op path.
+        return cpu and self.kv_kind == "auto" and cpu_decode.load()
 
     def load(self, progress: bool = True) -> None:
         if self.device.type == "cpu":
@@ -131,15 +171,32 @@ class NativeRunner:
             model.to_empty(device=self.device)
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
+        architecture = language_model(self.spec.architecture, self.spec.config, self.spec.facts)[0]
+        rename = renamer(architecture)
         mxfp4 = is_mxfp4(self.spec.config)
-        load_safetensors(model, files, progress, self.prefixes, self.tp, mxfp4=mxfp4)
+        load_safetensors(model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
+        if len(self.layer_groups) > 1:
+            # Layers of different groups read different block tables: the one-call CPU decode
+            # step (cpu_step) takes one table for every layer, so these models use the per-op
+            # path (its C++ attention kernel still reads each group's table).
+            model.step = None
+        for g, (_, layers) in enumerate(self.layer_groups):
+            for i in layers:
+                model.model.layers[i].self_attn.kv_group = g
         self.model = model.eval()
-        cos, sin = rope_table(self.arch, max(self.context, 1))
-        self.cos = cos.to(self.device, self.dtype)
-        self.sin = sin.to(self.device, self.dtype)
+        # One rope table per group (Gemma 3's local and global layers differ in base).
+        self.ropes = []
+        for g, (_, layers) in enumerate(self.layer_groups):
+            rope = self.arch.layer_rope(layers[0])
+            if g and rope == self.arch.layer_rope(self.layer_groups[0][1][0]):
+                self.ropes.append(self.ropes[0])  # the same table: rows looked up once
+                continue
+            cos, sin = rope_table(dataclasses.replace(self.arch, rope=rope), max(self.context, 1))
+            self.ropes.append((cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)))
+        self.cos, self.sin = self.ropes[0]
 
     def profile_run(self, num_tokens: int) -> None:
         """On a GPU, one forward at the largest step, so that the KV budget is taken from the
@@ -148,41 +205,77 @@ class NativeRunner:
         if self.device.type != "cuda":
             return
         n = min(num_tokens, self.context)
-        self._allocate(math.ceil(n / self.block_size))
+        blocks = math.ceil(n / self.block_size)
+        self._allocate(blocks, [blocks] * len(self.layer_groups))  # every group: the table
         table = tuple(range(math.ceil(n / self.block_size)))
         chunk = SeqChunk(0, (0,) * n, 0, table, (n - 1,))
         self.execute(ScheduledBatch((chunk,), self.block_size))
         self.kv = []
+        self.caches = []
         torch.cuda.synchronize(self.device)
 
-    def _allocate(self, num_blocks: int) -> None:
+    def _allocate(self, num_blocks: int, counts: list[int] | None = None) -> None:
+        """The KV tensors: one per layer group (`native.kv_cache`), `num_blocks` shared out
+        between the groups as the engine shares them (`KVSpec.group_blocks`)."""
+        if counts is None:
+            counts = [num_blocks]
+            if self.kv_spec.groups:
+                chunk = self.config.max_num_batched_tokens
+                plans = self.kv_spec.group_blocks(num_blocks, self.context, chunk)
+                counts = [p.blocks for p in plans]
         a = self.arch
-        # One slot past the blocks is the null slot that padding reads: zeros, always. The rest
-        # stays uninitialised, since attention only ever reads slots written before.
-        # The slot after it is scratch: the padding rows of a CUDA graph write their K/V there.
-        self.null_slot = num_blocks * self.block_size
-        self.scratch_slot = self.null_slot + 1
-        shape = (a.num_layers, 2, self.tp.kv_heads, self.null_slot + 2, a.head_dim)
-        cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        cache[:, :, :, self.null_slot].zero_()
-        self.kv = [(cache[i, 0], cache[i, 1]) for i in range(a.num_layers)]
-        self.layout = {"kv_heads": self.tp.kv_heads, "num_slots": shape[3]}
+        if a.mla is not None:  # one group: a [slots, latent + rope key] tensor per layer
+            null = counts[0] * self.block_size
+            self.kv = mla.allocate_cache(a, null + 2, null, self.dtype, self.device)
+            layers = tuple(range(a.num_layers))
+            layout = {"kv_heads": 1, "num_slots": null + 2}
+            self.caches = [
+                kv_cache.GroupCache(layers, None, self.kv[0], null, null + 1, None, layout)
+            ]
+            self.null_slot, self.scratch_slot, self.layout = null, null + 1, layout
+            return
+        self.caches = kv_cache.allocate(
+            self.layer_groups,
+            counts,
+            self.block_size,
+            self.tp.kv_heads,
+            a.head_dim,
+            self.dtype,
+            self.device,
+            self.kv_kind,
+        )
+        self.kv = [None] * a.num_layers  # type: ignore[list-item]
+        for group in self.caches:
+            for j, layer in enumerate(group.layers):
+                self.kv[layer] = group.layer(j)
+        # Group 0's slots: what the single-group paths (CUDA graphs, cpu_step) use. The null
+        # slot (one past the blocks) is zeros that padding reads; the scratch slot after it
+        # takes the K/V of a CUDA graph's padding rows.
+        first = self.caches[0]
+        self.null_slot, self.scratch_slot = first.null_slot, first.scratch_slot
+        self.layout = first.layout
 
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
         self.decode = cpu_step.decode_runner(self)
-        if self.device.type == "cuda" and self.paged and not self.config.eager:
+        # CUDA graphs capture one block table per row: models with one KV group only, and a
+        # float cache (the quantized store was never run under a graph here).
+        single = len(self.layer_groups) == 1 and self.kv_kind == "auto"
+        if self.device.type == "cuda" and self.paged and not self.config.eager and single:
             from .native.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
             self.graphs.capture()
 
-    def _rope_rows(self, order: list, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_rows(
+        self, order: list, positions: list[int], group: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rope table's rows for the step's tokens (the tables already live on the device);
         with multimodal positions (M-RoPE) in any chunk, each frequency picks its own."""
+        cos, sin = self.ropes[group]
         if all(c.rope_positions is None for c in order):
             pos = torch.tensor(positions)
-            return self.cos[pos], self.sin[pos]
+            return cos[pos], sin[pos]
         three = torch.cat(
             [
                 c.rope_positions
@@ -192,46 +285,59 @@ class NativeRunner:
             ],
             dim=1,
         )
-        return mrope_rows(self.cos, self.sin, three, self.arch.rope.mrope_section)
+        return mrope_rows(cos, sin, three, self.arch.rope.mrope_section)
 
     def _metadata(self, order: list) -> StepMeta:
+        """The step's metadata; with several KV groups, one per group (`StepMeta.by_group`)."""
         positions = [p for c in order for p in range(c.start_pos, c.end_pos)]
-        bs = self.block_size
-        slots = [s for c in order for s in c.slots(bs)]
-        cos, sin = self._rope_rows(order, positions)
+        if len(self.caches) == 1:
+            return self._group_metadata(order, positions, 0, self.windows)
+        metas = [
+            self._group_metadata(order, positions, g, {group.window})
+            for g, group in enumerate(self.caches)
+        ]
+        metas[0].by_group = metas
+        return metas[0]
+
+    def _group_metadata(
+        self, order: list, positions: list[int], g: int, windows: set[int | None]
+    ) -> StepMeta:
+        bs, group = self.block_size, self.caches[g]
+        slots = [s for c in order for s in c.slots(bs, g)]
+        same_rope = g > 0 and self.ropes[g] is self.ropes[0]
+        cos, sin = self._rope_rows(order, positions, 0 if same_rope else g)
+        decodes = [c for c in order if _attends_as_decode(c)]
+        tables, lens = _decode_rows(decodes, g)
         meta = StepMeta(
-            num_decode=sum(1 for c in order if c.is_decode),
+            num_decode=len(lens),
             slots=torch.tensor(slots).to(self.device),
             cos=cos[:, None],
             sin=sin[:, None],
         )
-        decodes = order[: meta.num_decode]
         if decodes:
-            lens = [c.end_pos for c in decodes]
-            tables = [c.block_table for c in decodes]
             decode_metadata(
                 meta,
                 tables,
                 lens,
                 bs,
-                self.windows,
+                windows,
                 self.device,
-                self.null_slot,
+                group.null_slot,
                 self.paged,
-                **self.layout,
+                **group.layout,
             )
         offset = meta.num_decode
-        for c in order[meta.num_decode :]:
+        for c in order[len(decodes) :]:
             n = len(c.token_ids)
             meta.prefills.append(
                 prefill_metadata(
                     (offset, offset + n),
                     c.start_pos,
-                    c.block_table,
+                    c.table(g),
                     bs,
-                    self.windows,
+                    windows,
                     self.device,
-                    **self.layout,
+                    **group.layout,
                 )
             )
             offset += n
@@ -246,8 +352,9 @@ class NativeRunner:
                 return logits
         if self.decode is not None and (logits := self.decode.run(batch)) is not None:
             return logits
-        # Single-token chunks (decodes) first: they attend together as one batch.
-        order = sorted(chunks, key=lambda c: not c.is_decode)
+        # Single-token chunks (decodes) and verified proposals first: they attend together
+        # as one batch of decode rows.
+        order = sorted(chunks, key=lambda c: not _attends_as_decode(c))
         meta = self._metadata(order)
         offsets, at = {}, 0
         for c in order:
@@ -272,8 +379,27 @@ class NativeRunner:
         if self.tp.shm is not None:
             self.tp.shm.close()
         self.kv = []
+        self.caches = []
         self.model = None
         self.decode = None  # the one-call decode step holds the weights' tensors too
         self.graphs = None  # their memory pool goes too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _attends_as_decode(chunk: SeqChunk) -> bool:
+    """A decode, or a sequence's last token with proposals to verify (speculative decoding)."""
+    return chunk.is_decode or chunk.verify
+
+
+def _decode_rows(chunks: list[SeqChunk], group: int = 0) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The decode rows of these chunks: a block table and a context length per token. A
+    verify chunk's position start_pos + i is a row of its own over positions 0 .. itself
+    (all of the step's K/V are stored before any row attends), so K + 1 proposals go through
+    the decode kernels at once and give the logits of decoding them one by one."""
+    tables, lens = [], []
+    for c in chunks:
+        for pos in range(c.start_pos, c.end_pos):
+            tables.append(c.table(group))
+            lens.append(pos + 1)
+    return tables, lens

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
 from enginehouse.plugin_api import RunnerContext, build_from_table, format_size
 
+ENGINEHOUSE_CONTRACT = "1.0"  # the plugin contract this plugin is written for
+
 TRANSFORMERS_PRIORITY = 10  # the universal fallback: any native backend should outrank it
 NATIVE_PRIORITY = 100
 
@@ -40,6 +42,12 @@ def probe_transformers(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     problem = transformers_quantization(spec, config)
     if problem:
         return verdict(False, problem)
+    if config.kv_cache_dtype != "auto":
+        return verdict(
+            False,
+            f"kv_cache_dtype={config.kv_cache_dtype!r}: a quantized KV cache is the native "
+            "pytorch backend's; the transformers runner keeps transformers' float cache",
+        )
     if spec.is_vlm:
         return verdict(
             False,
@@ -114,8 +122,17 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     from .native.arch import UnsupportedModel, arch_from_config, language_model
     from .native.quant.scheme import check_shapes, read_scheme
 
-    def verdict(supported: bool, reason: str) -> BackendProbe:
-        return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason, tensor_parallel=True)
+    def verdict(supported: bool, reason: str, verifies: bool = True) -> BackendProbe:
+        return BackendProbe(
+            "pytorch",
+            supported,
+            NATIVE_PRIORITY,
+            reason,
+            tensor_parallel=True,
+            # NativeRunner declares it (speculative decoding); HybridRunner does not: a
+            # recurrent state cannot take back the rejected tokens it has already absorbed.
+            verifies_tokens=verifies,
+        )
 
     encoder = spec.facts.get("vision_encoder")
     if spec.is_vlm and not encoder:
@@ -128,7 +145,14 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
         if scheme is not None:
             check_shapes(scheme, arch)
+            if arch.linear is not None:
+                raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
+        if config.kv_cache_dtype != "auto" and (arch.mla is not None or arch.linear is not None):
+            raise UnsupportedModel(
+                f"kv_cache_dtype={config.kv_cache_dtype!r}: the {arch.family} cache (latent or "
+                "hybrid) is kept in the model's dtype natively; use kv_cache_dtype='auto'"
+            )
     except UnsupportedModel as e:
         return verdict(False, str(e))
     if not any(f.endswith(".safetensors") for f in spec.weight_files):
@@ -136,13 +160,76 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     window = " with sliding window" if any(arch.windows) else ""
     moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
     images = f", images through the {encoder} encoder" if encoder else ""
+    # A hybrid model's layer groups and their memory replace the kernels' line (torch ops).
+    cache = cache_kind(arch)
+    if arch.linear is not None:
+        cache = hybrid_line(arch, spec, config)
     return verdict(
         True,
-        f"native {arch.family} implementation{window}{moe}: paged KV cache, fused kernels{images}"
+        f"native {arch.family} implementation{window}{moe}: {cache}{images}"
         + cpu_dtypes(config)
         + f"; {weights_line(scheme, arch, spec, config)}"
-        + sharding,
+        + sharding
+        + kv_cache_line(arch, spec, config),
+        verifies=arch.linear is None,
     )
+
+
+def cache_kind(arch) -> str:
+    """The KV cache's kind, as `explain` says it."""
+    if arch.mla is None:
+        return "paged KV cache, fused kernels"
+    heads = arch.num_heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim)
+    return (
+        f"paged latent cache (kind mla: {arch.mla.cache_width} values per token and layer, "
+        f"against {heads} for its heads' keys and values), attention in torch ops"
+    )
+
+
+def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """The KV cache's bytes per token (this rank's, in its storage: `kv_cache_dtype`) and,
+    for a model with KV groups (sliding-window layers), the plan per group."""
+    from enginehouse.plugin_api import (
+        RunnerContext,
+        available_memory,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    from .native import kv_cache, kv_quant
+
+    if arch.mla is not None or arch.linear is not None:
+        return ""  # their caches are described by cache_kind / hybrid_line
+    try:
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, spec, device)
+    except RuntimeError:
+        return ""
+    kv_heads = max(1, arch.num_kv_heads // config.tp)
+    kind = config.kv_cache_dtype
+    head = kv_quant.head_bytes(kind, arch.head_dim, dtype)
+    element = str(dtype).removeprefix("torch.") if kind == "auto" else kind
+    scales = {"int8": ", a scale per token and head", "fp8": " e4m3, per-tensor scales"}
+    per_token = 2 * arch.num_layers * kv_heads * head
+    line = f"; KV cache {per_token} B/token ({element}{scales.get(kind, '')})"
+    groups = kv_cache.kv_groups(arch, kv_heads, head)
+    if not groups:
+        return line
+    budget = config.kv_cache_memory
+    if isinstance(budget, float):  # estimated as explain's runtime plan does
+        budget = int(max(0, available_memory(device) - spec.weight_bytes) * budget)
+    session_len = RunnerContext.for_model(spec, config).session_len
+    block_size = config.block_size or 16  # native_runner's DEFAULT_BLOCK_SIZE
+    plan = kv_cache.plan_line(
+        groups,
+        budget,
+        block_size,
+        session_len,
+        config.max_batch_size,
+        config.max_num_batched_tokens,
+        element,
+    )
+    return f"{line}; {plan}"
 
 
 def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
@@ -161,10 +248,25 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
         )
     kv = arch.num_kv_heads
     kv_split = f"{kv // tp} KV heads" if kv >= tp else f"1 KV head (replicated on {tp // kv})"
+    if arch.mla is not None:
+        kv_split = "the whole latent cache"
     return (
         f"; tensor parallel over {tp} ranks: {arch.num_heads // tp} heads and {kv_split} "
         f"per rank, MLP and vocabulary split ({config.executor} executor)"
     )
+
+
+def hybrid_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
+    """A hybrid model's layer groups, their memory and why prefix caching is off."""
+    from enginehouse.plugin_api import resolve_device, resolve_dtype
+
+    from .native.hybrid import describe
+
+    try:
+        itemsize = resolve_dtype(config, spec, resolve_device(config)).itemsize
+    except RuntimeError:  # an absent CUDA device: the runner says so when it is built
+        itemsize = 4
+    return describe(arch, itemsize, config.max_batch_size)
 
 
 def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
@@ -220,7 +322,7 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
 
 
 RUNNERS = {
-    "pytorch": "enginehouse_pytorch.native_runner:NativeRunner",
+    "pytorch": "enginehouse_pytorch.hybrid_runner:native_runner",
     "transformers": "enginehouse_pytorch.hf_runner:TransformersRunner",
 }
 
@@ -228,6 +330,14 @@ RUNNERS = {
 @hookimpl
 def create_runner(backend: str, spec: ModelSpec, config: EngineConfig, context: RunnerContext):
     return build_from_table(RUNNERS, backend, spec, config, context)
+
+
+@hookimpl
+def register_model_families() -> list:
+    """The native families register through the same hook as other plugins' (arch.FAMILIES)."""
+    from .native.families import own_families
+
+    return own_families()
 
 
 @hookimpl

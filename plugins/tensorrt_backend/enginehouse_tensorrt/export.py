@@ -40,10 +40,15 @@ class UnsupportedExport(InvalidModelError):
     """The model's family has no exportable implementation; says which families do."""
 
 
+# Native families whose layers the exported graph (graph.py: q/k/v heads, softmax top-k
+# experts) does not cover: DeepSeek's latent attention and grouped routing.
+NOT_EXPORTABLE = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+
+
 def exportable_families() -> list[str]:
     from enginehouse_pytorch.native.arch import FAMILIES
 
-    return sorted(FAMILIES)
+    return sorted(set(FAMILIES) - NOT_EXPORTABLE)
 
 
 def check_exportable(spec: ModelSpec) -> None:
@@ -60,6 +65,12 @@ def check_exportable(spec: ModelSpec) -> None:
         raise UnsupportedExport(
             f"a quantized checkpoint ({method}): the ONNX export reads float weights only; "
             "run it on the pytorch backend"
+        )
+    if spec.architecture in NOT_EXPORTABLE:
+        raise UnsupportedExport(
+            f"cannot export {spec.architecture} to ONNX: its latent attention (MLA) and grouped "
+            f"expert routing are not in the exported graph; run it on the pytorch backend. "
+            f"Exportable: {', '.join(exportable_families())}"
         )
     try:
         arch_from_config(spec.architecture, spec.config)
@@ -99,6 +110,7 @@ class GraphInfo:
 def load_native(spec: ModelSpec, dtype: torch.dtype, progress: bool = False):
     """The native `DecoderLM` on the CPU with its weights, unpacked (plain F.linear weights)."""
     from enginehouse_pytorch.native.arch import arch_from_config
+    from enginehouse_pytorch.native.families import renamer
     from enginehouse_pytorch.native.model import DecoderLM
     from enginehouse_pytorch.native.weights import load_safetensors
 
@@ -110,7 +122,8 @@ def load_native(spec: ModelSpec, dtype: torch.dtype, progress: bool = False):
     finally:
         torch.set_default_dtype(default)
     files = [spec.path / f for f in spec.weight_files if f.endswith(".safetensors")]
-    load_safetensors(model, files, progress)
+    # A family from a plugin names its tensors its own way (ModelFamily.weight_names).
+    load_safetensors(model, files, progress, rename=renamer(spec.architecture))
     model.finish_loading(pack=False)
     return model.eval()
 

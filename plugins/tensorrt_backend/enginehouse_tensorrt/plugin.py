@@ -7,6 +7,8 @@ from __future__ import annotations
 from enginehouse import BackendProbe, EngineConfig, ModelSpec, hookimpl
 from enginehouse.plugin_api import RunnerContext, build_from_table
 
+ENGINEHOUSE_CONTRACT = "1.0"  # the plugin contract this plugin is written for
+
 
 @hookimpl
 def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:

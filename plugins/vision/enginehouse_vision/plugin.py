@@ -14,6 +14,8 @@ from enginehouse import EngineConfig, ModelSpec, hookimpl
 
 from .families import FAMILIES, image_token_id, text_model
 
+ENGINEHOUSE_CONTRACT = "1.0"  # the plugin contract this plugin is written for
+
 
 @hookimpl
 def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:

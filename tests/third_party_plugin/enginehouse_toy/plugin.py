@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 
     from .runner import ToyRunner
 
+# The enginehouse plugin contract this plugin was written for (docs/plugins.md, "Contract
+# versions and deprecations"): a core of another major version refuses to load it.
+ENGINEHOUSE_CONTRACT = "1.0"
 BACKEND = "toy"
 
 

@@ -10,6 +10,7 @@ Everything that depends only on the batch (gather indices, masks) is built once 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,13 @@ class StepMeta:
     context_lens: torch.Tensor | None = None  # [decodes] int32
     block_size: int = 0  # tokens per block, for the kernel to turn positions into slots
     prefills: list[Prefill] = field(default_factory=list)
+    linear: Any = None  # hybrid models: the state slots of the step (linear_attention.StateMeta)
+    # With KV groups: each group's metadata (its slots, tables, window and rope); layers of
+    # group g read `group(g)`. Empty: every layer reads this one.
+    by_group: list[StepMeta] = field(default_factory=list)
+
+    def group(self, g: int) -> StepMeta:
+        return self.by_group[g] if self.by_group else self
 
 
 def window_mask(
@@ -92,16 +100,28 @@ def decode_metadata(
         meta.context_lens = torch.tensor(context_lens, dtype=torch.int32).to(device)
         meta.block_size = block_size
         return
-    pos = torch.arange(longest)
-    gather = table[:, pos // block_size] * block_size + pos % block_size
     lens = torch.tensor(context_lens)[:, None]
-    gather = torch.where(pos[None] < lens, gather, null_slot)
+    window = only_window(windows)
+    if window is None:
+        pos = torch.arange(longest)[None].expand(len(context_lens), -1)
+    else:  # a sliding group: only the window's positions, the rest may be freed blocks
+        pos = lens - min(longest, window) + torch.arange(min(longest, window))[None]
+    inside = (pos >= 0) & (pos < lens)
+    at = pos.clamp(min=0)
+    gather = table.gather(1, at // block_size) * block_size + at % block_size
+    gather = torch.where(inside, gather, null_slot)
     meta.decode_gather = across_heads(gather, kv_heads, num_slots).to(device)
-    meta.decode_len = longest
+    meta.decode_len = pos.shape[1]
     for w in windows:
-        ok = window_mask(lens - 1, pos[None], w, lens)
+        ok = window_mask(lens - 1, pos, w, lens) & inside
         bias = torch.zeros(ok.shape).masked_fill_(~ok, NEG_INF)
         meta.decode_masks[w] = bias[None, :, None, :].to(device)
+
+
+def only_window(windows: set[int | None]) -> int | None:
+    """The window of a step whose layers all share one sliding window, else None: then the
+    positions before it are never read (a sliding KV group may have freed their blocks)."""
+    return next(iter(windows)) if len(windows) == 1 else None
 
 
 def prefill_metadata(
@@ -118,8 +138,12 @@ def prefill_metadata(
     n = end - begin
     total = start_pos + n
     p = Prefill(begin, end, start_pos)
+    window = only_window(windows)
+    # The first key the chunk's first token reads: with one sliding window, the earlier
+    # positions are never gathered (their blocks may have been freed).
+    first = 0 if window is None else max(0, start_pos - window + 1)
     if start_pos > 0:
-        pos = torch.arange(total)
+        pos = torch.arange(first, total)
         table = torch.tensor(block_table)
         slots = table[pos // block_size] * block_size + pos % block_size
         p.context = across_heads(slots, kv_heads, num_slots).to(device)
@@ -128,7 +152,7 @@ def prefill_metadata(
             p.masks[w] = None  # plain causal: the kernel's own is_causal is fastest
         else:
             q = torch.arange(start_pos, total)[:, None]
-            p.masks[w] = window_mask(q, torch.arange(total)[None], w, total).to(device)
+            p.masks[w] = window_mask(q, torch.arange(first, total)[None], w, total).to(device)
     return p
 
 
@@ -177,6 +201,13 @@ class TorchAttention:
         """Gather rows (see `across_heads`) of one cache viewed as [kv_heads * slots, d]."""
         return cache.view(-1, self.d).index_select(0, index)
 
+    def keys_values(
+        self, cache, index: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the gathered rows, in `dtype` (a quantized cache
+        dequantizes them here, see kv_quant.py)."""
+        return self.rows(cache[0], index), self.rows(cache[1], index)
+
     def store(self, cache: tuple[torch.Tensor, torch.Tensor], k, v, slots) -> None:
         cache[0].index_copy_(1, slots, k.transpose(0, 1))
         cache[1].index_copy_(1, slots, v.transpose(0, 1))
@@ -210,8 +241,8 @@ class TorchAttention:
 
     def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
         b, L = q.shape[0], meta.decode_len
-        keys = self.rows(cache[0], meta.decode_gather).view(self.kvh, b, L, self.d)
-        values = self.rows(cache[1], meta.decode_gather).view(self.kvh, b, L, self.d)
+        keys, values = self.keys_values(cache, meta.decode_gather, q.dtype)
+        keys, values = keys.view(self.kvh, b, L, self.d), values.view(self.kvh, b, L, self.d)
         qg = q.view(b, self.kvh, self.g, self.d).transpose(0, 1)  # [kvh, b, g, d]
         sinks = None if self.sinks is None else self.sinks.view(self.kvh, 1, self.g, 1)
         mask = meta.decode_masks[window]
@@ -223,8 +254,8 @@ class TorchAttention:
         if p.context is None:
             k, v = k[p.begin : p.end].transpose(0, 1), v[p.begin : p.end].transpose(0, 1)
         else:
-            k = self.rows(cache[0], p.context).view(self.kvh, -1, self.d)
-            v = self.rows(cache[1], p.context).view(self.kvh, -1, self.d)
+            k, v = self.keys_values(cache, p.context, q.dtype)
+            k, v = k.view(self.kvh, -1, self.d), v.view(self.kvh, -1, self.d)
         mask = p.masks[window]
         n = q.shape[1]
         if softcap is not None or self.sinks is not None:

@@ -17,6 +17,7 @@ import torch
 
 from . import cpu_build
 from .attention import StepMeta, TorchAttention
+from .kv_quant import QuantizedAttention
 
 # The kernel itself; `cpu_decode` compiles it too, into its whole decode step.
 KERNEL = r"""
@@ -41,6 +42,10 @@ static inline vec vload(const at::BFloat16* p) {  // bfloat16 -> float32 is a 16
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+static inline vec vload(const int8_t* p) {  // an int8 KV cache's values (kv_quant.py)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__)
@@ -51,6 +56,10 @@ static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vec vload(const at::BFloat16* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline vec vload(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) {
@@ -65,6 +74,7 @@ using vec = float;
 static inline vec vzero() { return 0.0f; }
 static inline vec vload(const float* p) { return *p; }
 static inline vec vload(const at::BFloat16* p) { return static_cast<float>(*p); }
+static inline vec vload(const int8_t* p) { return static_cast<float>(*p); }
 static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 static inline float vsum(vec a) { return a; }
 #endif
@@ -201,13 +211,16 @@ static inline void prefetch(const void* p, int64_t bytes) {
 
 // q [B, H, D]; caches [KVH, S, D] (float32 or bfloat16, contiguous); tables [B, W], lens [B].
 // Returns [B, H * D] in q's dtype; the arithmetic is float32. window <= 0: no sliding window;
-// softcap <= 0: none; sinks: nullptr, or a logit per query head [H]. One task per (sequence, KV
-// head): its G = H / KVH query heads share each K and V vector, read once.
+// softcap <= 0: none. One task per (sequence, KV head): its G = H / KVH query heads share each
+// K and V vector, read once. An int8 cache (T = int8_t) comes with float32 scales [KVH, S] per
+// token and head (ksp, vsp): a key's scale multiplies its dot products, a value's its weight.
+// sinks: nullptr, or a logit per query head [H] (gpt-oss) in each softmax's denominator.
 template <typename T>
 static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* tp,
                               const int64_t* lp, float* op, int64_t B, int64_t H, int64_t D,
                               int64_t KVH, int64_t S, int64_t W, int64_t block_size, float fscale,
-                              float cap, int64_t window, const float* sinks = nullptr) {
+                              float cap, int64_t window, const float* ksp = nullptr,
+                              const float* vsp = nullptr, const float* sinks = nullptr) {
   const int64_t G = H / KVH, bytes = D * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -233,8 +246,9 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
       for (int64_t t = 0; t < n; ++t) {
         const T* kv = kbase + slots[t] * D;
         if (t + 8 < n) prefetch(kbase + slots[t + 8] * D, bytes);
+        const float ks = ksp != nullptr ? ksp[kh * S + slots[t]] * fscale : fscale;
         for (int64_t g = 0; g < G; ++g) {
-          float x = dot(qh + g * D, kv, D) * fscale;
+          float x = dot(qh + g * D, kv, D) * ks;
           if (cap > 0.0f) x = std::tanh(x / cap) * cap;
           scores[g * n + t] = x;
         }
@@ -246,7 +260,8 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
       for (int64_t t = 0; t < n; ++t) {
         const T* vv = vbase + slots[t] * D;
         if (t + 8 < n) prefetch(vbase + slots[t + 8] * D, bytes);
-        for (int64_t g = 0; g < G; ++g) axpy(o + g * D, scores[g * n + t], vv, D);
+        const float vs = vsp != nullptr ? vsp[kh * S + slots[t]] : 1.0f;
+        for (int64_t g = 0; g < G; ++g) axpy(o + g * D, scores[g * n + t] * vs, vv, D);
       }
     }
   });
@@ -274,11 +289,34 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   if (k_cache.scalar_type() == at::kBFloat16)
     paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
                       v_cache.data_ptr<at::BFloat16>(), tp, lp, out.data_ptr<float>(), B, H, D,
-                      KVH, S, W, block_size, fscale, cap, window, sp);
+                      KVH, S, W, block_size, fscale, cap, window, nullptr, nullptr, sp);
   else
     paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                       tp, lp, out.data_ptr<float>(), B, H, D, KVH, S, W, block_size, fscale, cap,
-                      window, sp);
+                      window, nullptr, nullptr, sp);
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+// An int8 cache [KVH, S, D] with its float32 scales [KVH, S] (kv_quant.py).
+at::Tensor paged_decode_int8(const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& k_scales,
+                             const at::Tensor& v_scales, const at::Tensor& tables,
+                             const at::Tensor& lens, int64_t block_size, double scale,
+                             double softcap, int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k_cache.size(0), S = k_cache.size(1), W = tables.size(1);
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar,
+              "paged_decode_int8: int8 caches");
+  TORCH_CHECK(k_scales.is_contiguous() && v_scales.is_contiguous(), "paged_decode_int8: scales");
+  auto qc = q.to(at::kFloat).contiguous();
+  auto tables64 = tables.to(at::kLong).contiguous();
+  auto lens64 = lens.to(at::kLong).contiguous();
+  auto out = at::empty({B, H * D}, q.options().dtype(at::kFloat));
+  paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                    tables64.data_ptr<int64_t>(), lens64.data_ptr<int64_t>(),
+                    out.data_ptr<float>(), B, H, D, KVH, S, W, block_size,
+                    static_cast<float>(scale), static_cast<float>(softcap), window,
+                    k_scales.data_ptr<float>(), v_scales.data_ptr<float>());
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
@@ -286,6 +324,10 @@ TORCH_LIBRARY(enginehouse_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, "
         "int block_size, float scale, float softcap, int window, Tensor? sinks=None) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
+  m.def("paged_decode_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, "
+        "Tensor v_scales, Tensor tables, Tensor lens, int block_size, float scale, "
+        "float softcap, int window) -> Tensor");
+  m.impl("paged_decode_int8", c10::DispatchKey::CPU, &paged_decode_int8);
 }
 """
 SOURCE = KERNEL + OP
@@ -313,4 +355,26 @@ class CpuPagedAttention(TorchAttention):
             softcap or 0.0,
             window or 0,
             self.sinks,
+        )
+
+
+class CpuInt8Attention(QuantizedAttention):
+    """An int8 KV cache on the CPU: the store quantizes in torch ops (kv_quant.py), the decode
+    is the C++ paged kernel reading the int8 values and their scales in place."""
+
+    reads_tables = True  # the runner builds block tables for it, not gathers
+
+    def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
+        return torch.ops.enginehouse_cpu.paged_decode_int8(
+            q,
+            cache[0],
+            cache[1],
+            cache[2],
+            cache[3],
+            meta.block_tables,
+            meta.context_lens,
+            meta.block_size,
+            self.scale,
+            softcap or 0.0,
+            window or 0,
         )

@@ -124,21 +124,24 @@ class DecodeRunner:
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
         chunks = batch.chunks
-        if len(chunks) > cpu_decode.SMALL_ROWS:
+        if batch.num_tokens > cpu_decode.SMALL_ROWS:
             return None
         bs = batch.block_size
-        ids, positions, slots, lens = [], [], [], []
-        for c in chunks:
-            plain = c.rope_positions is None and c.embeds is None and c.logits_at == (0,)
-            if not c.is_decode or not plain:
-                return None
-            pos = c.start_pos
-            ids.append(c.token_ids[0])
-            positions.append(pos)
-            slots.append(c.block_table[pos // bs] * bs + pos % bs)
-            lens.append(pos + 1)
+        ids, positions, slots, lens, rows = [], [], [], [], []
         width = max(len(c.block_table) for c in chunks)
-        tables = [b for c in chunks for b in c.block_table + (0,) * (width - len(c.block_table))]
+        for c in chunks:
+            plain = c.rope_positions is None and c.embeds is None
+            every = c.logits_at == tuple(range(len(c.token_ids)))
+            if not (plain and every and (c.is_decode or c.verify)):
+                return None
+            # A verify chunk's tokens are rows of their own, each over its own prefix.
+            for i, pos in enumerate(range(c.start_pos, c.end_pos)):
+                ids.append(c.token_ids[i])
+                positions.append(pos)
+                slots.append(c.block_table[pos // bs] * bs + pos % bs)
+                lens.append(pos + 1)
+                rows.append(c.block_table + (0,) * (width - len(c.block_table)))
+        tables = [b for row in rows for b in row]
         step, runner = self.step, self.runner
         return torch.ops.enginehouse_decode.decode_logits(
             self.embed,

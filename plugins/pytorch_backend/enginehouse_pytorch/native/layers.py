@@ -146,13 +146,33 @@ class MixtureOfExperts(nn.Module):
         self.w13 = empty(moe.num_experts, 2 * inter, hidden)  # gate and up, stacked per expert
         self.w2 = empty(moe.num_experts, hidden, inter)
         self.act = activation(act)
+        self.shared_expert: GatedMLP | None = None
+        if moe.shared_expert_size:  # Qwen3-Next: every token also takes a gated shared expert
+            shared = moe.shared_expert_size
+            shared = shared if tp is None else tp.intermediate(shared)
+            self.shared_expert = GatedMLP(hidden, shared, act)  # reduced with the experts' sum
+            self.shared_expert_gate = Linear(hidden, [1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.run_experts(x, *self.route(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's expert weights and experts, [tokens, top_k] each."""
         moe = self.moe
         probs = self.gate(x).softmax(dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(moe.top_k, dim=-1)
         if moe.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
+
+    def run_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted sum of each token's experts (this rank's partial sum when sharded)."""
+        moe = self.moe
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         flat = experts.flatten()
@@ -168,4 +188,4 @@ class MixtureOfExperts(nn.Module):
             gate, up = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.w2[e])
             out.index_add_(0, tokens, y * weights.flatten()[rows, None])
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return out

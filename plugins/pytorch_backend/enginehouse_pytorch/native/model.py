@@ -12,8 +12,11 @@ from torch import nn
 from . import cpu_decode, cpu_step
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
+from .deepseek_moe import SharedExpertsMoE
 from .gpt_oss import GptOssMoE
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
+from .linear_attention import GatedDeltaNet
+from .mla import LatentAttention
 from .parallel import TensorParallel
 from .rope import apply_rope
 
@@ -28,12 +31,15 @@ class Attention(nn.Module):
         super().__init__()
         h, kvh, d = tp.heads, tp.kv_heads, arch.head_dim  # this rank's heads
         self.tp = tp
-        self.sizes = [h * d, kvh * d, kvh * d]
+        # Qwen3-Next's q_proj makes each head's query and its output gate side by side.
+        self.gated = arch.attn_output_gate
+        self.sizes = [(2 if self.gated else 1) * h * d, kvh * d, kvh * d]
         self.qkv_proj = Linear(arch.hidden_size, self.sizes, arch.qkv_bias)
         self.o_proj = Linear(h * d, [arch.hidden_size], arch.o_bias)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(d, arch.rms_norm_eps)
-            self.k_norm = RMSNorm(d, arch.rms_norm_eps)
+            # Gemma 3's q/k norms scale by (1 + weight) as its other norms do; Qwen3's do not.
+            self.q_norm = RMSNorm(d, arch.rms_norm_eps, arch.norm_plus_one)
+            self.k_norm = RMSNorm(d, arch.rms_norm_eps, arch.norm_plus_one)
         self.heads = (h, kvh, d)
         self.window = arch.window(layer)
         self.softcap = arch.attn_softcap
@@ -42,8 +48,12 @@ class Attention(nn.Module):
         if arch.sinks:  # gpt-oss; handed to the kernel by DecoderLM.finish_loading
             self.sinks = empty(h)
         self.fused_rope = False  # set by DecoderLM.finish_loading
+        self.kv_group = 0  # the runner's KV group of this layer: its step metadata and rope
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        meta = meta.group(self.kv_group)
+        if self.gated:
+            return self.forward_gated(x, meta, cache)
         h, kvh, d = self.heads
         t = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -61,8 +71,21 @@ class Attention(nn.Module):
         out = self.attn(meta, q, k, v, cache, self.window, self.softcap)
         return self.tp.all_reduce(self.o_proj(out))
 
+    def forward_gated(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        """Qwen3-Next's gated attention: the output times sigmoid of a per-head gate."""
+        h, kvh, d = self.heads
+        t = x.shape[0]
+        q_gate, k, v = self.qkv_proj(x).split(self.sizes, dim=1)
+        q, gate = q_gate.view(t, h, 2 * d).chunk(2, dim=-1)
+        q = apply_rope(self.q_norm(q), meta.cos, meta.sin)
+        k = apply_rope(self.k_norm(k.view(t, kvh, d)), meta.cos, meta.sin)
+        out = self.attn(meta, q, k, v.view(t, kvh, d), cache, self.window, self.softcap)
+        out = out * torch.sigmoid(gate.reshape(t, h * d))
+        return self.tp.all_reduce(self.o_proj(out))
+
     def forward_fused(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         """`forward` with rope and the K/V store as one C++ op."""
+        meta = meta.group(self.kv_group)
         h, kvh, d = self.heads
         qkv = self.qkv_proj(x)
         if meta.prefills:  # a prefill attends over its own K/V: rotated in place in qkv
@@ -83,9 +106,18 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         eps, plus_one = arch.rms_norm_eps, arch.norm_plus_one
-        self.self_attn = Attention(arch, layer, kernel, tp)
-        if arch.moe is not None and arch.moe.swiglu is not None:
+        # Hybrid models: a linear-attention layer keeps a state slot instead of KV.
+        self.linear = arch.is_linear_layer(layer)
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(arch, tp)
+        elif arch.mla is not None:  # DeepSeek: attention over a latent cache, in torch ops
+            self.self_attn = LatentAttention(arch, tp)
+        else:
+            self.self_attn = Attention(arch, layer, kernel, tp)
+        if arch.moe is not None and arch.moe.swiglu is not None:  # gpt-oss's mixture
             self.mlp = GptOssMoE(arch.hidden_size, arch.moe, tp)
+        elif arch.is_moe_layer(layer) and arch.moe.routing is not None:  # DeepSeek's mixture
+            self.mlp = SharedExpertsMoE(arch.hidden_size, arch.moe, arch.act, arch.mlp_bias, tp)
         elif arch.is_moe_layer(layer):
             self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act, tp)
         else:
@@ -101,7 +133,8 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(arch.hidden_size, eps, plus_one)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), meta, cache)
+        mixer = self.linear_attn if self.linear else self.self_attn
+        attn = mixer(self.input_layernorm(x), meta, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -160,8 +193,13 @@ class DecoderLM(nn.Module):
         `pack` (CPU) hand every projection to oneDNN (see `Linear.pack`). A tied head is
         packed from the embedding, which stays as it is for the lookup. `fused` (CPU, the
         `cpu_decode` kernels built): small steps use its products and fused ops."""
-        self.fused = fused and not self.arch.sandwich_norm
+        # MLA's and linear attention's layers keep the per-op torch path: cpu_decode's fused
+        # ops and cpu_step's one-call decode know only q/k/v heads (mla.py, linear_attention.py).
+        arch = self.arch
+        self.fused = fused and not arch.sandwich_norm and arch.mla is None and arch.linear is None
         for m in self.modules():
+            if isinstance(m, LatentAttention):
+                m.absorb()  # before its kv_b_proj is packed (pre-order: parents come first)
             if isinstance(m, RMSNorm):
                 m.fold()
             elif pack and isinstance(m, Linear):

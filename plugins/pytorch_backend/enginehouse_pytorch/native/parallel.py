@@ -18,12 +18,12 @@ gate_up_proj, transformers 5's stacked experts) is read one whole tensor at a ti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .arch import Arch, UnsupportedModel
+from .arch import Arch, LinearAttention, UnsupportedModel
 
 Part = tuple[int, int, int]  # (dim, begin, end) of a checkpoint tensor
 
@@ -55,6 +55,17 @@ class TensorParallel:
 
     def intermediate(self, full: int) -> int:
         return full // self.size
+
+    @property
+    def linear(self) -> LinearAttention | None:
+        """This rank's share of the linear-attention heads: whole key heads, each with the
+        value heads it serves (the state slots hold only these)."""
+        la = self.arch.linear
+        if la is None:
+            return None
+        return replace(
+            la, num_k_heads=la.num_k_heads // self.size, num_v_heads=la.num_v_heads // self.size
+        )
 
     @property
     def vocab(self) -> int:
@@ -135,6 +146,10 @@ def check_divisible(arch: Arch, tp: int) -> None:
         problems.append(f"intermediate size {arch.intermediate_size}")
     if moe is not None and moe.intermediate_size % tp:
         problems.append(f"expert intermediate size {moe.intermediate_size}")
+    if arch.linear is not None and arch.linear.num_k_heads % tp:
+        problems.append(f"{arch.linear.num_k_heads} linear-attention key heads")
+    if moe is not None and moe.shared_expert_size % tp:
+        problems.append(f"shared expert intermediate size {moe.shared_expert_size}")
     if problems:
         raise UnsupportedModel(f"cannot split over tp={tp} ranks: {', '.join(problems)}")
 
@@ -151,10 +166,18 @@ def rank_tensor(
         mine, part = rank_part(tp, pname, read)
         if mine:
             return part
+    if ".linear_attn." in pname or ".shared_expert." in pname:
+        from .hybrid_parallel import hybrid_part  # Qwen3-Next's and Qwen3.5's own layers
+
+        return hybrid_part(tp, pname, shard, read)
     if pname.endswith((".o_proj.bias", ".down_proj.bias")):
         return read() if tp.rank == 0 else None
+    if a.mla is not None and (part := deepseek_part(tp, pname, shard, read)) is not None:
+        return part
     if ".qkv_proj." in pname:
         parts = [tp.head_rows(), tp.kv_rows(), tp.kv_rows()]
+        if a.attn_output_gate:  # each head's query and gate rows side by side: twice the rows
+            parts[0] = (2 * parts[0][0], 2 * parts[0][1])
         if shard is not None:
             return read((0, *parts[shard]))
         d = a.head_dim
@@ -187,3 +210,30 @@ def _cut(
     """From a fused checkpoint tensor (pieces of `sizes` along `dim`), each piece's part."""
     pieces = tensor.split(sizes, dim=dim)
     return torch.cat([p.narrow(dim, b, e - b) for p, (b, e) in zip(pieces, parts)], dim=dim)
+
+
+def deepseek_part(tp: TensorParallel, pname: str, shard: int | None, read) -> torch.Tensor | None:
+    """This rank's part of DeepSeek's own tensors (MLA's per-head projections, the shared
+    experts), or None for a tensor the general rules cut (or that every rank reads whole: the
+    latent projection and norms, the router)."""
+    a, mla = tp.arch, tp.arch.mla
+    assert mla is not None
+    h = tp.heads
+    if pname.endswith((".self_attn.q_proj.weight", ".self_attn.q_b_proj.weight")):
+        per = mla.qk_head_dim
+    elif pname.endswith(".self_attn.kv_b_proj.weight"):
+        per = mla.qk_nope_head_dim + mla.v_head_dim
+    elif pname.endswith(".self_attn.o_proj.weight"):
+        v = mla.v_head_dim
+        return read((1, tp.rank * h * v, (tp.rank + 1) * h * v))
+    elif ".shared_experts.gate_up_proj." in pname and a.moe is not None:
+        full = a.moe.shared_intermediate_size
+        rows = tp.span(full)
+        if shard is not None:
+            return read((0, *rows))
+        return _cut(read(), 0, [full] * 2, [rows, rows])
+    elif pname.endswith(".shared_experts.down_proj.weight") and a.moe is not None:
+        return read((1, *tp.span(a.moe.shared_intermediate_size)))
+    else:
+        return None
+    return read((0, tp.rank * h * per, (tp.rank + 1) * h * per))

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .attention import StepMeta, TorchAttention
+from .kv_quant import QuantizedAttention
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for a running max: no inf - inf
@@ -92,10 +93,13 @@ def _paged_decode_kernel(
     part_m_ptr,
     part_l_ptr,
     sinks_ptr,
+    ks_ptr,
+    vs_ptr,
     q_sb,
     q_sh,
     c_sh,
     c_ss,
+    s_sh,
     bt_sb,
     bt_sw,
     lens_s,
@@ -118,6 +122,7 @@ def _paged_decode_kernel(
     HAS_SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    INT8: tl.constexpr,  # an int8 cache with a float32 scale per token and head (kv_quant.py)
     HAS_SINKS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
@@ -151,7 +156,10 @@ def _paged_decode_kernel(
         block = tl.load(bt_ptr + b * bt_sb + (pos // PAGE) * bt_sw, mask=p_ok, other=0)
         slot = block.to(tl.int64) * PAGE + pos % PAGE
         kv_ok = p_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(k_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0)
+        if INT8:
+            k_scale = tl.load(ks_ptr + kvh.to(tl.int64) * s_sh + slot, mask=p_ok, other=0.0)
+            k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -164,7 +172,10 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0)
+        if INT8:
+            v_scale = tl.load(vs_ptr + kvh.to(tl.int64) * s_sh + slot, mask=p_ok, other=0.0)
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -291,12 +302,14 @@ def paged_decode(
     softcap: float | None = None,
     num_parts: int | None = None,
     sinks: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row over its paged context; returns [B, heads * d].
     `sinks` (gpt-oss): a logit per query head [heads] that joins each softmax's denominator.
 
     `num_parts` splits each context in that many parts (default: by the GPU's size, from the
-    shapes alone, so a CUDA graph sees the same launch every replay).
+    shapes alone, so a CUDA graph sees the same launch every replay). `scales`: the key and
+    value scales [kv_heads, slots] of an int8 cache (kv_quant.py), dequantized as read.
     """
     b, h, d = q.shape
     kvh = k_cache.shape[0]
@@ -322,6 +335,9 @@ def paged_decode(
         part_l = torch.empty_like(part_m)
     else:
         part_o = part_m = part_l = out  # unused
+    k_scales, v_scales = scales if scales is not None else (out, out)  # unused without
+    if scales is not None:
+        assert k_scales.stride() == v_scales.stride() and k_scales.stride(-1) == 1
     _paged_decode_kernel[(b, kvh, num_parts)](
         q,
         k_cache,
@@ -333,10 +349,13 @@ def paged_decode(
         part_m,
         part_l,
         sinks if sinks is not None else q,
+        k_scales,
+        v_scales,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
+        k_scales.stride(0),
         block_tables.stride(0),
         block_tables.stride(1),
         context_lens.stride(0),
@@ -360,6 +379,7 @@ def paged_decode(
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
         HAS_SINKS=sinks is not None,
+        INT8=scales is not None,
     )
     if split:
         _combine_parts_kernel[(b, h)](
@@ -399,4 +419,25 @@ class TritonAttention(TorchAttention):
             window,
             softcap,
             sinks=self.sinks,
+        )
+
+
+class TritonInt8Attention(QuantizedAttention):
+    """An int8 KV cache on the GPU: the store quantizes in torch ops (kv_quant.py), the decode
+    is the paged Triton kernel dequantizing as it reads."""
+
+    reads_tables = True  # the runner builds block tables for it, not gathers
+
+    def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
+        return paged_decode(
+            q,
+            cache[0],
+            cache[1],
+            meta.block_tables,
+            meta.context_lens,
+            meta.block_size,
+            self.scale,
+            window,
+            softcap,
+            scales=(cache[2], cache[3]),
         )

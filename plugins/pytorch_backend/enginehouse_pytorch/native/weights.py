@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 _FUSED = [
     (re.compile(r"\.self_attn\.([qkv])_proj\."), ".self_attn.qkv_proj.", {"q": 0, "k": 1, "v": 2}),
     (re.compile(r"\.mlp\.(gate|up)_proj\."), ".mlp.gate_up_proj.", {"gate": 0, "up": 1}),
+    (
+        re.compile(r"\.shared_experts\.(gate|up)_proj\."),  # DeepSeek's shared experts
+        ".shared_experts.gate_up_proj.",
+        {"gate": 0, "up": 1},
+    ),
+    (
+        re.compile(r"\.linear_attn\.in_proj_(qkv|z|b|a)\."),  # Qwen3.5
+        ".linear_attn.in_proj.",
+        {"qkv": 0, "z": 1, "b": 2, "a": 3},
+    ),
+    (
+        re.compile(r"\.shared_expert\.(gate|up)_proj\."),  # Qwen3-Next's shared expert
+        ".shared_expert.gate_up_proj.",
+        {"gate": 0, "up": 1},
+    ),
 ]
 _EXPERT = re.compile(
     r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
@@ -115,6 +130,7 @@ def load_safetensors(
     progress: bool = True,
     prefixes: Mapping[str, str | None] | None = None,
     tp: TensorParallel | None = None,
+    rename: Callable[[str], str] | None = None,
     mxfp4: bool = False,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
@@ -123,6 +139,8 @@ def load_safetensors(
     language model inside a vision-language checkpoint. With an active `tp`, each tensor's
     part for this rank is read (`parallel.rank_tensor`). With `mxfp4` (gpt-oss's format),
     each pair of `_blocks` and `_scales` tensors is read as its dequantized float tensor.
+    part for this rank is read (`parallel.rank_tensor`). `rename` turns a plugin family's
+    checkpoint names into the native ones (`ModelFamily.weight_names`).
     """
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
@@ -131,8 +149,11 @@ def load_safetensors(
     if mxfp4:
         stream = dequantized(stream)
     for path, name, read in stream:
-        ours = _renamed(name, prefixes)
-        where = None if ours is None else target(ours)
+        ours = _renamed(rename(name) if rename else name, prefixes)
+        if ours in params:  # a parameter of that very name (DeepSeek-V2-Lite's own q_proj)
+            where: tuple[str, int | None, int | None] | None = (ours, None, None)
+        else:
+            where = None if ours is None else target(ours)
         if where is None:
             continue
         pname, expert, shard = where

@@ -281,15 +281,39 @@ def _ct_scheme(name: str, fmt: str, w: Mapping[str, Any], acts: Any) -> QuantSch
 def projection_shapes(arch: Arch) -> dict[str, tuple[list[int], int]]:
     """Each projection's checkpoint output sizes (per fused shard) and input size."""
     h, kvh, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    return {
+    attention = {
         "qkv_proj (q_proj, k_proj, v_proj)": ([h * d, kvh * d, kvh * d], arch.hidden_size),
         "o_proj": ([arch.hidden_size], h * d),
+    }
+    if arch.mla is not None:
+        attention = _latent_attention_shapes(arch)
+    return {
+        **attention,
         "gate_up_proj (gate_proj, up_proj)": (
             [arch.intermediate_size, arch.intermediate_size],
             arch.hidden_size,
         ),
         "down_proj": ([arch.hidden_size], arch.intermediate_size),
         "lm_head": ([arch.vocab_size], arch.hidden_size),
+    }
+
+
+def _latent_attention_shapes(arch: Arch) -> dict[str, tuple[list[int], int]]:
+    """DeepSeek's latent attention projections (mla.py)."""
+    m, h, hidden = arch.mla, arch.num_heads, arch.hidden_size
+    assert m is not None
+    if m.q_lora_rank is None:
+        query = {"q_proj": ([h * m.qk_head_dim], hidden)}
+    else:
+        query = {
+            "q_a_proj": ([m.q_lora_rank], hidden),
+            "q_b_proj": ([h * m.qk_head_dim], m.q_lora_rank),
+        }
+    return {
+        **query,
+        "kv_a_proj_with_mqa": ([m.cache_width], hidden),
+        "kv_b_proj": ([h * (m.qk_nope_head_dim + m.v_head_dim)], m.kv_lora_rank),
+        "o_proj": ([hidden], h * m.v_head_dim),
     }
 
 

@@ -1,0 +1,1 @@
+"""A toy platform plugin for enginehouse: a device, a model family and a logits processor."""
