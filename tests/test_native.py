@@ -443,20 +443,20 @@ def test_explain_chooses_native(family, native_models):
 
 @pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
 def test_unsupported_rope_falls_back_to_transformers(key, native_models, tmp_path):
-    folder = tmp_path / "llama-yarn"
+    folder = tmp_path / "llama-dynamic"
     shutil.copytree(native_models["llama"], folder)
     config = json.loads((folder / "config.json").read_text())
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    dynamic = {"rope_type": "dynamic", "factor": 4.0}
     config.pop("rope_parameters", None)
     if key == "rope_parameters":  # transformers 5's layout
-        config[key] = {**yarn, "rope_theta": 10000.0}
+        config[key] = {**dynamic, "rope_theta": 10000.0}
     else:  # released checkpoints' older layout
-        config[key], config["rope_theta"] = yarn, 10000.0
+        config[key], config["rope_theta"] = dynamic, 10000.0
     (folder / "config.json").write_text(json.dumps(config))
     report = explain(str(folder))
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     assert not verdict["supported"]
-    assert "'yarn'" in verdict["reason"]
+    assert "'dynamic'" in verdict["reason"]
     assert report["chosen"] == "transformers"
-    with pytest.raises(BackendError, match="yarn"):
+    with pytest.raises(BackendError, match="dynamic"):
         pipeline(str(folder), backend="pytorch", progress=False)

@@ -28,6 +28,7 @@ from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill
 from .native.families import renamer
 from .native.layers import can_pack
 from .native.model import DecoderLM, Embeds
+from .native.mxfp4 import is_mxfp4
 from .native.parallel import TensorParallel
 from .native.rope import mrope_rows, rope_table
 from .native.shm_collectives import ShmCollectives, usable
@@ -115,6 +116,8 @@ class NativeRunner:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
             return TorchAttention
+        if self.arch.sinks and self.kv_kind != "auto":  # the int8 kernels have no sinks yet
+            return kv_quant.attention_for(self.kv_kind)
         # An int8 KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path.
         if self.kv_kind == "int8" and self.device.type == "cuda":
             try:  # Triton's paged decode reads int8 with its scales
@@ -169,7 +172,9 @@ class NativeRunner:
             if self.arch.tie_embeddings and not hasattr(model.lm_head, "take"):
                 model.lm_head.weight = model.model.embed_tokens.weight  # to_empty untied them
         architecture = language_model(self.spec.architecture, self.spec.config, self.spec.facts)[0]
-        load_safetensors(model, files, progress, self.prefixes, self.tp, renamer(architecture))
+        rename = renamer(architecture)
+        mxfp4 = is_mxfp4(self.spec.config)
+        load_safetensors(model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())

@@ -284,9 +284,21 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
     name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     total = format_size(weight_bytes(scheme, arch, size))
     if scheme is None:
-        return f"weights {total} in {name}"
+        return f"weights {total} in {name}" + mxfp4_note(arch, spec, size, name)
     plain = format_size(weight_bytes(None, arch, size))
     return f"{scheme.describe()}: weights about {total} ({name}: {plain})"
+
+
+def mxfp4_note(arch, spec: ModelSpec, float_bytes: int, dtype: str) -> str:
+    """For an MXFP4 checkpoint (gpt-oss): the experts' memory once dequantized at load, and
+    as stored (4 bits a value and one scale byte per 32)."""
+    qc = spec.config.get("quantization_config")
+    if not isinstance(qc, dict) or str(qc.get("quant_method") or "").lower() != "mxfp4":
+        return ""
+    moe = arch.moe
+    values = arch.num_layers * moe.num_experts * 3 * moe.intermediate_size * arch.hidden_size
+    held, stored = format_size(values * float_bytes), format_size(values * 17 // 32)
+    return f"; MXFP4 experts dequantized at load: {held} in {dtype} ({stored} as MXFP4)"
 
 
 def cpu_dtypes(config: EngineConfig) -> str:

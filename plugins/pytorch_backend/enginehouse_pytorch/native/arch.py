@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Rope types implemented in rope.py; anything else is reported by the probe, not guessed.
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 class UnsupportedModel(ValueError):
@@ -39,6 +39,9 @@ class MoE:
     intermediate_size: int
     renormalize: bool  # divide the chosen experts' weights by their sum
     layers: tuple[bool, ...] = ()  # per layer: True where the MLP is the mixture
+    # gpt-oss (native/gpt_oss.py): router and experts with biases, softmax over the top k
+    # chosen logits, the clamped SwiGLU with these (alpha, limit).
+    swiglu: tuple[float, float] | None = None
     routing: Routing | None = None  # DeepSeek's router (deepseek_moe.py); None: softmax top-k
     shared_intermediate_size: int = 0  # DeepSeek's shared experts, one gated MLP of this size
     shared_expert_size: int = 0  # Qwen3-Next: a shared expert of this size, sigmoid-gated
@@ -127,6 +130,7 @@ class Arch:
     windows: tuple[int | None, ...] = ()  # per layer sliding window, None for full attention
     tie_embeddings: bool = False
     moe: MoE | None = None
+    sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax's denominator
     linear: LinearAttention | None = None  # hybrid models: which layers are linear attention
     attn_output_gate: bool = False  # Qwen3-Next: q_proj also makes a sigmoid gate per head
     mla: MLA | None = None  # DeepSeek's latent attention instead of q/k/v heads
@@ -172,6 +176,12 @@ def _rope(config: Mapping[str, Any], head_dim: int, layer_type: str | None = Non
     if kind not in ROPE_TYPES:
         raise UnsupportedModel(
             f"rope type {kind!r} is not implemented natively (have: {', '.join(ROPE_TYPES)})"
+        )
+    if kind == "yarn":  # as transformers reads it: a top-level value comes first
+        params["original_max_position_embeddings"] = (
+            config.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or config.get("max_position_embeddings", 4096)
         )
     factor = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     return Rope(
@@ -318,6 +328,24 @@ def qwen3_moe(config: Mapping[str, Any]) -> Arch:
     )
     bias = bool(config.get("attention_bias", False))
     return Arch(**_common(config, "qwen3_moe"), qkv_bias=bias, o_bias=bias, qk_norm=True, moe=moe)
+
+
+def gpt_oss(config: Mapping[str, Any]) -> Arch:
+    moe = MoE(
+        num_experts=config["num_local_experts"],
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        renormalize=True,  # the softmax over the chosen logits sums to one
+        swiglu=(float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit", 7.0))),
+    )
+    common = _common(config, "gpt_oss")
+    if not config.get("layer_types"):  # transformers' default: every other layer, from the first
+        window = config.get("sliding_window", 128)
+        common["windows"] = tuple(
+            window if i % 2 == 0 else None for i in range(common["num_layers"])
+        )
+    bias = bool(config.get("attention_bias", True))
+    return Arch(**common, qkv_bias=bias, o_bias=bias, moe=moe, sinks=True)
 
 
 def _linear_attention(config: Mapping[str, Any], split: bool) -> LinearAttention:
@@ -499,6 +527,7 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], Arch]] = {
     "Gemma3ForCausalLM": gemma3,
     "MixtralForCausalLM": mixtral,
     "Qwen3MoeForCausalLM": qwen3_moe,
+    "GptOssForCausalLM": gpt_oss,
     "Qwen3NextForCausalLM": qwen3_next,
     "Qwen3_5ForCausalLM": qwen3_5,
     "Qwen3_5MoeForCausalLM": qwen3_5_moe,
@@ -540,6 +569,10 @@ def arch_from_config(architecture: str, config: Mapping[str, Any]) -> Arch:
         arch = reader_of(family)(config)
     except KeyError as e:
         raise UnsupportedModel(f"config.json has no {e.args[0]!r}") from None
+    qc = config.get("quantization_config")
+    mxfp4 = isinstance(qc, Mapping) and str(qc.get("quant_method") or "").lower() == "mxfp4"
+    if mxfp4 and arch.family != "gpt_oss":
+        raise UnsupportedModel("MXFP4 weights are read natively for gpt-oss's experts only")
     if arch.act not in SUPPORTED_ACTS:
         raise UnsupportedModel(f"activation {arch.act!r} is not implemented natively")
     return arch

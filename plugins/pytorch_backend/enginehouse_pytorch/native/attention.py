@@ -167,16 +167,23 @@ def attend_math(
     bias: torch.Tensor | None,
     scale: float,
     softcap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention as two matrix products: q [kvh, ..., g, d], k/v [kvh, ..., L, d].
 
     Query heads that share a KV head are grouped, so K/V are never repeated per query head.
+    `sinks` (gpt-oss), shaped to broadcast against the scores' last column: one more logit
+    per head in the softmax's denominator, attending to nothing.
     """
     scores = _softcapped(q @ k.transpose(-1, -2) * scale, softcap)
     if bias is not None:
         scores = scores + bias
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v
+    if sinks is None:
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        return probs @ v
+    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1, dtype=torch.float32)
+    return probs[..., :-1].to(q.dtype) @ v
 
 
 class TorchAttention:
@@ -186,6 +193,9 @@ class TorchAttention:
         self.h, self.kvh, self.d = num_heads, num_kv_heads, head_dim
         self.g = num_heads // num_kv_heads
         self.scale = scale
+        # gpt-oss: this rank's sink logit per query head (set by the model after loading);
+        # with sinks every attention takes the math path (SDPA has no sinks).
+        self.sinks: torch.Tensor | None = None
 
     def rows(self, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Gather rows (see `across_heads`) of one cache viewed as [kv_heads * slots, d]."""
@@ -234,7 +244,9 @@ class TorchAttention:
         keys, values = self.keys_values(cache, meta.decode_gather, q.dtype)
         keys, values = keys.view(self.kvh, b, L, self.d), values.view(self.kvh, b, L, self.d)
         qg = q.view(b, self.kvh, self.g, self.d).transpose(0, 1)  # [kvh, b, g, d]
-        o = attend_math(qg, keys, values, meta.decode_masks[window], self.scale, softcap)
+        sinks = None if self.sinks is None else self.sinks.view(self.kvh, 1, self.g, 1)
+        mask = meta.decode_masks[window]
+        o = attend_math(qg, keys, values, mask, self.scale, softcap, sinks)
         return o.transpose(0, 1).reshape(b, self.h * self.d)
 
     def prefill(self, p: Prefill, q, k, v, cache, window, softcap) -> torch.Tensor:
@@ -246,13 +258,14 @@ class TorchAttention:
             k, v = k.view(self.kvh, -1, self.d), v.view(self.kvh, -1, self.d)
         mask = p.masks[window]
         n = q.shape[1]
-        if softcap is not None:
+        if softcap is not None or self.sinks is not None:
             if mask is None:
                 mask = window_mask(torch.arange(n)[:, None], torch.arange(n)[None], None, n)
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~mask.to(q.device), NEG_INF)
             qg = q.view(self.kvh, self.g, n, self.d)
-            o = attend_math(qg, k[:, None], v[:, None], bias, self.scale, softcap)
+            sinks = None if self.sinks is None else self.sinks.view(self.kvh, self.g, 1, 1)
+            o = attend_math(qg, k[:, None], v[:, None], bias, self.scale, softcap, sinks)
             return o.view(self.h, n, self.d).transpose(0, 1).reshape(n, self.h * self.d)
         # With a batch dimension torch picks its fused (flash) kernel, 2-4x faster on the CPU
         # than the unbatched call's plain products (64 to 2048 tokens: benchmarks/RESULTS.md).

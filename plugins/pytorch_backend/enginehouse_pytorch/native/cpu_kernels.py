@@ -179,12 +179,14 @@ static inline void axpy(float* y, float a, const T* x, int64_t n) {  // y += a *
   for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
-// s[0 .. n) -> softmax(s), in place.
-static inline void softmax(float* s, int64_t n) {
+// s[0 .. n) -> softmax(s), in place. `sink` (gpt-oss's attention sinks): one more logit in
+// the denominator with no value; -inf (none) adds exactly zero.
+static inline void softmax(float* s, int64_t n,
+                           float sink = -std::numeric_limits<float>::infinity()) {
   int64_t i = 0;
   vec m = vbroadcast(-std::numeric_limits<float>::infinity());
   for (; i + VW <= n; i += VW) m = vmax(m, vload(s + i));
-  float top = vmaxall(m);
+  float top = std::max(vmaxall(m), sink);
   for (; i < n; ++i) top = std::max(top, s[i]);
   const vec minus_top = vbroadcast(-top);
   vec vs = vzero();
@@ -195,6 +197,7 @@ static inline void softmax(float* s, int64_t n) {
   }
   float sum = vsum(vs);
   for (; i < n; ++i) { s[i] = std::exp(s[i] - top); sum += s[i]; }
+  sum += std::exp(sink - top);
   const float inv = 1.0f / sum;
   for (i = 0; i + VW <= n; i += VW) vstore(s + i, vmul(vload(s + i), vbroadcast(inv)));
   for (; i < n; ++i) s[i] *= inv;
@@ -211,12 +214,13 @@ static inline void prefetch(const void* p, int64_t bytes) {
 // softcap <= 0: none. One task per (sequence, KV head): its G = H / KVH query heads share each
 // K and V vector, read once. An int8 cache (T = int8_t) comes with float32 scales [KVH, S] per
 // token and head (ksp, vsp): a key's scale multiplies its dot products, a value's its weight.
+// sinks: nullptr, or a logit per query head [H] (gpt-oss) in each softmax's denominator.
 template <typename T>
 static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* tp,
                               const int64_t* lp, float* op, int64_t B, int64_t H, int64_t D,
                               int64_t KVH, int64_t S, int64_t W, int64_t block_size, float fscale,
                               float cap, int64_t window, const float* ksp = nullptr,
-                              const float* vsp = nullptr) {
+                              const float* vsp = nullptr, const float* sinks = nullptr) {
   const int64_t G = H / KVH, bytes = D * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -249,7 +253,10 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
           scores[g * n + t] = x;
         }
       }
-      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * n, n);
+      for (int64_t g = 0; g < G; ++g) {
+        if (sinks == nullptr) softmax(scores.data() + g * n, n);
+        else softmax(scores.data() + g * n, n, sinks[kh * G + g]);
+      }
       for (int64_t t = 0; t < n; ++t) {
         const T* vv = vbase + slots[t] * D;
         if (t + 8 < n) prefetch(vbase + slots[t + 8] * D, bytes);
@@ -264,7 +271,8 @@ static void paged_decode_impl(const float* qp, const T* kp, const T* vp, const i
 OP = r"""
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
-                        double scale, double softcap, int64_t window) {
+                        double scale, double softcap, int64_t window,
+                        const c10::optional<at::Tensor>& sinks) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = k_cache.size(0), S = k_cache.size(1), W = tables.size(1);
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode: cache dtypes");
@@ -275,14 +283,17 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const int64_t* tp = tables64.data_ptr<int64_t>();
   const int64_t* lp = lens64.data_ptr<int64_t>();
+  at::Tensor sinks32;
+  if (sinks.has_value()) sinks32 = sinks->to(at::kFloat).contiguous();
+  const float* sp = sinks.has_value() ? sinks32.data_ptr<float>() : nullptr;
   if (k_cache.scalar_type() == at::kBFloat16)
     paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
                       v_cache.data_ptr<at::BFloat16>(), tp, lp, out.data_ptr<float>(), B, H, D,
-                      KVH, S, W, block_size, fscale, cap, window);
+                      KVH, S, W, block_size, fscale, cap, window, nullptr, nullptr, sp);
   else
     paged_decode_impl(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                       tp, lp, out.data_ptr<float>(), B, H, D, KVH, S, W, block_size, fscale, cap,
-                      window);
+                      window, nullptr, nullptr, sp);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
@@ -311,7 +322,7 @@ at::Tensor paged_decode_int8(const at::Tensor& q, const at::Tensor& k_cache,
 
 TORCH_LIBRARY(enginehouse_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, "
-        "int block_size, float scale, float softcap, int window) -> Tensor");
+        "int block_size, float scale, float softcap, int window, Tensor? sinks=None) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
   m.def("paged_decode_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, "
         "Tensor v_scales, Tensor tables, Tensor lens, int block_size, float scale, "
@@ -343,6 +354,7 @@ class CpuPagedAttention(TorchAttention):
             self.scale,
             softcap or 0.0,
             window or 0,
+            self.sinks,
         )
 
 

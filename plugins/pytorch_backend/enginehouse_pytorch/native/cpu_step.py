@@ -50,7 +50,7 @@ def _fits(model: DecoderLM) -> bool:
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if not all(type(m) is Linear and m.small is not None for m in linears):
             return False
-        if not isinstance(attn.attn, CpuPagedAttention):
+        if not isinstance(attn.attn, CpuPagedAttention) or attn.attn.sinks is not None:
             return False
     return True
 

@@ -57,10 +57,12 @@ def decode_case(
     dtype: str = "float32",
     parts: int | None = None,
     device: str | torch.device = "cpu",
+    sinks: bool = False,
 ) -> dict:
     """`paged_decode` against `TorchAttention.decode` (float32) on one case: the relative error
     of the rows with a context, whether empty rows are zero, whether all is finite, and the
-    output dtype. Rows of length 0 have no torch reference: they must come out zero."""
+    output dtype. Rows of length 0 have no torch reference: they must come out zero. With
+    `sinks`, a random sink logit per head (gpt-oss) on both sides."""
     from .triton_ops import paged_decode
 
     gen = torch.Generator().manual_seed(seed)
@@ -70,19 +72,22 @@ def decode_case(
     kc, vc = kc.to(device, dt), vc.to(device, dt)
     q = (torch.randn(len(lens), h, d, generator=gen) * 2).to(device, dt)
     scale = d**-0.5
+    sink = (torch.randn(h, generator=gen) * 2).to(device) if sinks else None
     live = [i for i, n in enumerate(lens) if n > 0]
     reference = torch.zeros(0, h * d, device=device)
     if live:
         sub, sub_lens = [tables[i] for i in live], [lens[i] for i in live]
         meta = reference_meta(sub, sub_lens, bs, window, device, null, kc)
-        reference = TorchAttention(h, kvh, d, scale).decode(
+        torch_attention = TorchAttention(h, kvh, d, scale)
+        torch_attention.sinks = sink
+        reference = torch_attention.decode(
             meta, q[live].float(), (kc.float(), vc.float()), window, softcap
         )
     width = max(max(len(t) for t in tables), 1)
     bt = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     cl = torch.tensor(lens, dtype=torch.int32)
     out = paged_decode(
-        q, kc, vc, bt.to(device), cl.to(device), bs, scale, window, softcap, num_parts=parts
+        q, kc, vc, bt.to(device), cl.to(device), bs, scale, window, softcap, parts, sink
     )
     err = (out[live].float() - reference).abs().max().item() if live else 0.0
     err /= max(1.0, reference.abs().max().item()) if live else 1.0

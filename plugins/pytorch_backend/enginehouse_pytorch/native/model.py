@@ -13,6 +13,7 @@ from . import cpu_decode, cpu_step
 from .arch import Arch
 from .attention import StepMeta, TorchAttention
 from .deepseek_moe import SharedExpertsMoE
+from .gpt_oss import GptOssMoE
 from .layers import GatedMLP, Linear, MixtureOfExperts, RMSNorm, empty
 from .linear_attention import GatedDeltaNet
 from .mla import LatentAttention
@@ -44,6 +45,8 @@ class Attention(nn.Module):
         self.softcap = arch.attn_softcap
         self.qk_norm = arch.qk_norm
         self.attn = kernel(h, kvh, d, arch.scale)
+        if arch.sinks:  # gpt-oss; handed to the kernel by DecoderLM.finish_loading
+            self.sinks = empty(h)
         self.fused_rope = False  # set by DecoderLM.finish_loading
         self.kv_group = 0  # the runner's KV group of this layer: its step metadata and rope
 
@@ -111,7 +114,9 @@ class DecoderLayer(nn.Module):
             self.self_attn = LatentAttention(arch, tp)
         else:
             self.self_attn = Attention(arch, layer, kernel, tp)
-        if arch.is_moe_layer(layer) and arch.moe.routing is not None:  # DeepSeek's mixture
+        if arch.moe is not None and arch.moe.swiglu is not None:  # gpt-oss's mixture
+            self.mlp = GptOssMoE(arch.hidden_size, arch.moe, tp)
+        elif arch.is_moe_layer(layer) and arch.moe.routing is not None:  # DeepSeek's mixture
             self.mlp = SharedExpertsMoE(arch.hidden_size, arch.moe, arch.act, arch.mlp_bias, tp)
         elif arch.is_moe_layer(layer):
             self.mlp = MixtureOfExperts(arch.hidden_size, arch.moe, arch.act, tp)
@@ -203,6 +208,8 @@ class DecoderLM(nn.Module):
                 # rope over whole heads, no q/k norm in between: one op with the K/V store
                 rotary = self.arch.rope.rotary_dim or self.arch.head_dim
                 m.fused_rope = self.fused and not m.qk_norm and rotary == self.arch.head_dim
+                if self.arch.sinks:
+                    m.attn.sinks = m.sinks
             elif isinstance(m, GatedMLP):
                 m.fused = self.fused
         self.step = cpu_step.build(self)

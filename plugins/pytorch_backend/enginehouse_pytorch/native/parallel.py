@@ -160,6 +160,12 @@ def rank_tensor(
     """This rank's part of one checkpoint tensor (`read(part)` reads it, or a slice of it);
     None where the rank holds zeros (the bias of a row-parallel projection, added once)."""
     a = tp.arch
+    if a.family == "gpt_oss":
+        from .gpt_oss import rank_part
+
+        mine, part = rank_part(tp, pname, read)
+        if mine:
+            return part
     if ".linear_attn." in pname or ".shared_expert." in pname:
         from .hybrid_parallel import hybrid_part  # Qwen3-Next's and Qwen3.5's own layers
 

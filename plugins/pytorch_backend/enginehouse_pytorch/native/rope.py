@@ -40,6 +40,44 @@ def _longrope_factor(arch: Arch) -> tuple[float, int]:
     return attention, original
 
 
+def _yarn(arch: Arch, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (gpt-oss, DeepSeek): each frequency between its original (fast rotations, kept) and
+    its interpolation by `factor` (slow ones), with a linear ramp between `beta_fast` and
+    `beta_slow` rotations over the original context; cos and sin scaled by the attention
+    factor. DeepSeek's `mscale` / `mscale_all_dim` set that factor as a ratio of two."""
+    p = arch.rope.params
+    base = arch.rope.theta
+    original = p["original_max_position_embeddings"]
+    factor = p.get("factor") or arch.max_positions / original
+    attention = p.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+        else:
+            attention = _yarn_mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency, 0: the interpolated one
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, float32, shape [num_positions, rotary_dim]."""
     rope = arch.rope
@@ -59,6 +97,9 @@ def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tens
             positions[:, None] * long[None],
             positions[:, None] * short[None],
         )
+    elif rope.kind == "yarn":
+        inv_freq, scale = _yarn(arch, dim)
+        freqs = positions[:, None] * inv_freq[None]
     else:
         inv_freq = _base_inv_freq(rope.theta, dim)
         if rope.kind == "linear":

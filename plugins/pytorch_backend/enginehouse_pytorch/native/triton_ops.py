@@ -92,6 +92,7 @@ def _paged_decode_kernel(
     part_o_ptr,
     part_m_ptr,
     part_l_ptr,
+    sinks_ptr,
     ks_ptr,
     vs_ptr,
     q_sb,
@@ -122,6 +123,7 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
     INT8: tl.constexpr,  # an int8 cache with a float32 scale per token and head (kv_quant.py)
+    HAS_SINKS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -188,6 +190,11 @@ def _paged_decode_kernel(
         o_ptrs = part_o_ptr + row[:, None] * BLOCK_D + d[None, :]
         tl.store(o_ptrs, acc, mask=g_ok[:, None] & d_ok[None, :])
     else:
+        if HAS_SINKS:  # gpt-oss: one more logit per head in the denominator, with no value
+            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * LOG2E
+            m_new = tl.maximum(m_i, sink)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(sink - m_new)
+            acc = acc * tl.exp2(m_i - m_new)[:, None]
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty row stays zeros
         o_ptrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -207,6 +214,8 @@ def _combine_parts_kernel(
     num_parts,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    sinks_ptr,
+    HAS_SINKS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -226,6 +235,11 @@ def _combine_parts_kernel(
         total = total * a + l_i * w
         acc = acc * a + o_i * w
         m = m_new
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m, sink)
+        total = total * tl.exp2(m - m_new) + tl.exp2(sink - m_new)
+        acc = acc * tl.exp2(m - m_new)
     out = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
@@ -287,9 +301,11 @@ def paged_decode(
     window: int | None = None,
     softcap: float | None = None,
     num_parts: int | None = None,
+    sinks: torch.Tensor | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row over its paged context; returns [B, heads * d].
+    `sinks` (gpt-oss): a logit per query head [heads] that joins each softmax's denominator.
 
     `num_parts` splits each context in that many parts (default: by the GPU's size, from the
     shapes alone, so a CUDA graph sees the same launch every replay). `scales`: the key and
@@ -332,6 +348,7 @@ def paged_decode(
         part_o,
         part_m,
         part_l,
+        sinks if sinks is not None else q,
         k_scales,
         v_scales,
         q.stride(0),
@@ -361,6 +378,7 @@ def paged_decode(
         HAS_SOFTCAP=softcap is not None,
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
+        HAS_SINKS=sinks is not None,
         INT8=scales is not None,
     )
     if split:
@@ -377,6 +395,8 @@ def paged_decode(
             num_parts,
             D=d,
             BLOCK_D=block_d,
+            sinks_ptr=sinks if sinks is not None else out,
+            HAS_SINKS=sinks is not None,
         )
     return out
 
@@ -398,6 +418,7 @@ class TritonAttention(TorchAttention):
             self.scale,
             window,
             softcap,
+            sinks=self.sinks,
         )
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from enginehouse.plugin_api import copy_checked, missing_weights, tensors
 
+from .mxfp4 import dequantized
 from .parallel import TensorParallel, rank_tensor
 
 log = logging.getLogger(__name__)
@@ -130,18 +131,24 @@ def load_safetensors(
     prefixes: Mapping[str, str | None] | None = None,
     tp: TensorParallel | None = None,
     rename: Callable[[str], str] | None = None,
+    mxfp4: bool = False,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
 
     With `prefixes` (checkpoint prefix -> ours), only tensors under one of them are read: the
     language model inside a vision-language checkpoint. With an active `tp`, each tensor's
+    part for this rank is read (`parallel.rank_tensor`). With `mxfp4` (gpt-oss's format),
+    each pair of `_blocks` and `_scales` tensors is read as its dequantized float tensor.
     part for this rank is read (`parallel.rank_tensor`). `rename` turns a plugin family's
     checkpoint names into the native ones (`ModelFamily.weight_names`).
     """
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
     unknown = []
-    for path, name, read in tensors(files, progress):
+    stream = tensors(files, progress)
+    if mxfp4:
+        stream = dequantized(stream)
+    for path, name, read in stream:
         ours = _renamed(rename(name) if rename else name, prefixes)
         if ours in params:  # a parameter of that very name (DeepSeek-V2-Lite's own q_proj)
             where: tuple[str, int | None, int | None] | None = (ours, None, None)

@@ -78,6 +78,8 @@ def read_scheme(
     if not qc:
         return None
     method = _method(qc)
+    if method == "mxfp4":  # gpt-oss's experts, dequantized at load by mxfp4.py: no projection
+        return None
     readers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed, "fp8": _fp8}
     if method not in readers:
         raise UnsupportedModel(
