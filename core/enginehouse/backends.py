@@ -64,6 +64,7 @@ class BackendDecision:
                     "supported": v.supported,
                     "priority": v.priority,
                     "reason": v.reason,
+                    "lora_adapters": v.lora,
                 }
                 for v in self.verdicts
             ],

@@ -6,6 +6,7 @@ change without notice (tests/test_plugin_api.py fails on such an import under pl
 docs/plugins.md documents each name.
 """
 
+from .adapters import AdapterError, LoraAdapter
 from .checkpoint import copy_checked, missing_weights, tensors
 from .config import EngineConfig, GenerationConfig, format_size
 from .device import available_memory, resolve_device, resolve_dtype, use_all_cores
@@ -31,6 +32,7 @@ from .spec import BackendProbe, ModelFacts, ModelSpec, read_model_spec
 from .tool_calls import HermesParser, ToolParser
 
 __all__ = [
+    "AdapterError",
     "BackendError",
     "BackendProbe",
     "EngineConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "HermesParser",
     "InvalidModelError",
     "KVSpec",
+    "LoraAdapter",
     "MAX_DOWNLOAD_BYTES",
     "ModelFacts",
     "ModelRunner",

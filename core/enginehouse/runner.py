@@ -110,6 +110,9 @@ class SeqChunk:
     # [3, len(token_ids)] multimodal rotary positions (Qwen2-VL's M-RoPE) when the sequence has
     # them; otherwise every token's position is start_pos + i.
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # The LoRA adapter slot of this sequence (`load_adapter`'s slot, 1..max_loras); 0 is the
+    # base model. Only runners that declare `lora` ever get a non-zero one.
+    adapter: int = 0
 
     @property
     def end_pos(self) -> int:
@@ -213,6 +216,7 @@ class RunnerCapabilities:
     profiles: bool = False  # profile_run(num_tokens): a forward pass before the budget is read
     releases_sequences: bool = False  # release_sequence(...): the blocks were freed
     finishes_sequences: bool = False  # finish_sequence(seq_id): the sequence is gone for good
+    lora: bool = False  # load_adapter(slot, adapter) / unload_adapter(slot): LoRA adapters
 
 
 # Each capability and the method it promises.
@@ -221,7 +225,10 @@ CAPABILITY_METHODS = {
     "profiles": "profile_run",
     "releases_sequences": "release_sequence",
     "finishes_sequences": "finish_sequence",
+    "lora": "load_adapter",
 }
+# Further methods a capability promises besides its first.
+CAPABILITY_MORE_METHODS = {"lora": ("unload_adapter",)}
 
 
 class RunnerExtras(Protocol):
@@ -245,6 +252,15 @@ class RunnerExtras(Protocol):
         """(`finishes_sequences`) The sequence is gone for good (finished or aborted; never
         on preemption): drop whatever the runner keeps for it across preemptions."""
 
+    def load_adapter(self, slot: int, adapter: Any) -> None:
+        """(`lora`) Put a checked LoRA adapter (`enginehouse.adapters.LoraAdapter`: its rank,
+        scale and each adapted projection's A and B, unsharded) in `slot`, 1 to
+        `EngineConfig.max_loras`, replacing what was there. From the next step, chunks whose
+        `adapter` is `slot` run with it; chunks with 0 run the base model, in the same batch."""
+
+    def unload_adapter(self, slot: int) -> None:
+        """(`lora`) Empty `slot`; no chunk names it until it is loaded again."""
+
 
 def capabilities_of(runner: object) -> RunnerCapabilities:
     """The runner's declared capabilities (none when it declares nothing)."""
@@ -261,7 +277,8 @@ def capability_problems(runner: object) -> list[str]:
     caps = capabilities_of(runner)
     return [
         f"it declares {flag} but has no {method}()"
-        for flag, method in CAPABILITY_METHODS.items()
+        for flag, first in CAPABILITY_METHODS.items()
+        for method in (first, *CAPABILITY_MORE_METHODS.get(flag, ()))
         if getattr(caps, flag) and not callable(getattr(runner, method, None))
     ]
 

@@ -115,6 +115,9 @@ class BackendProbe:
     # The backend shards the model over `config.tp` ranks (see RunnerContext). At tp > 1 the
     # core turns a supported verdict without it into "no tensor parallelism".
     tensor_parallel: bool = False
+    # The backend's runner takes LoRA adapters (it declares RunnerCapabilities(lora=True)):
+    # what `explain` shows, and what `pipeline(adapters=...)` checks before loading.
+    lora: bool = False
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -87,6 +87,20 @@ class EngineClient:
         `RequestError`, names what is wrong with the schema, regex or grammar."""
         raise NotImplementedError
 
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        """LoRA adapters where the engine core runs (`EngineCore.adapter_call`): `load`
+        (name, source), `unload` (name), `list` ()."""
+        raise NotImplementedError
+
+    def load_adapter(self, name: str, source: str) -> None:
+        self.adapter_call("load", name, source)
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapter_call("unload", name)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return self.adapter_call("list")
+
     def stats(self) -> dict[str, Any]:
         """The engine's counters (running, waiting, KV blocks, preemptions, steps), summed
         over replicas where there are several."""

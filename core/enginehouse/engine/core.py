@@ -28,6 +28,7 @@ from ..errors import RequestError
 from ..multimodal import VisionEncoder
 from ..spec import ModelSpec
 from .block_manager import BlockManager
+from .lora_slots import AdapterSlots
 from .grammar import GrammarCompiler, GrammarState, fill_bitmask
 from .plan import ChunkPlan, StepPlan
 from .requests import EngineRequest, RequestChecks, eos_token_ids
@@ -89,12 +90,18 @@ class EngineCore:
         # Tokens per step, counted into vLLM's buckets (iteration_tokens_total).
         self.iteration_tokens = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
         self.iteration_tokens_sum = 0
+        # LoRA adapters in the runner's slots (lora_slots.py); those of the config load now.
+        self.adapters = AdapterSlots(executor, spec.config, config.max_loras, config.max_lora_rank)
+        for name, source in config.lora_modules.items():
+            self.adapters.load(name, source)
 
     # --- called from any thread -------------------------------------------------------------
 
     def validate(self, request: EngineRequest) -> None:
         """Raise `RequestError` for a request the engine cannot serve; changes nothing."""
         self.checks.validate(request.prompt_ids, request.params, request.score_only, request.mm)
+        if request.params.adapter is not None:
+            self.adapters.lookup(request.params.adapter)
 
     def add_request(self, request: EngineRequest) -> None:
         self.validate(request)
@@ -106,6 +113,18 @@ class EngineCore:
 
     def abort(self, request_id: str) -> None:
         self._inbox.append(("abort", request_id))
+
+    # --- LoRA adapters: called on the engine thread, between steps -------------------------
+
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        """`load` (name, source), `unload` (name) or `list` (): the adapters' one entry point,
+        for every client (the in-process one, a core process' messages)."""
+        if op == "load":
+            self.adapters.load(*args)
+            return None
+        if op == "unload":
+            return self.adapters.unload(*args)
+        return self.adapters.describe()
 
     def has_work(self) -> bool:
         """Some request is unfinished (possibly only waiting for its grammar)."""
@@ -374,6 +393,10 @@ class EngineCore:
             score_only=request.score_only,
             arrived=time.monotonic(),
         )
+        if params.adapter is not None:
+            adapter = self.adapters.lookup(params.adapter)
+            seq.adapter_slot, seq.adapter_load_id = adapter.slot, adapter.load_id
+            adapter.requests += 1
         if request.mm is not None and self.vision is not None:
             image_id = self.vision.image_token_id
             seq.mm = request.mm
@@ -439,6 +462,8 @@ class EngineCore:
     ) -> CoreOutput:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
+        if seq.adapter_slot:
+            self.adapters.resident[seq.params.adapter].requests -= 1  # type: ignore[index]
         self._seqs.pop(seq.request_id, None)
         if seq in self._compiling:
             self._compiling.remove(seq)

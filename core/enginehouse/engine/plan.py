@@ -39,6 +39,7 @@ class ChunkPlan:
     embed_rows: tuple[int, ...] = ()
     embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    adapter: int = 0  # the LoRA adapter slot (0: the base model)
 
     @property
     def end_pos(self) -> int:

@@ -90,6 +90,7 @@ class Scheduler:
             embed_rows=embed_rows,
             embeds=embeds,
             rope_positions=seq.rope_positions(start, start + n),
+            adapter=seq.adapter_slot,
         )
 
     def schedule(self) -> list[tuple[Sequence, ChunkPlan]]:

@@ -111,6 +111,11 @@ class Sequence:
     # through it. Preemption keeps the generated tokens, so the walk stays valid as it is.
     compiled_grammar: Future | None = None
     grammar: GrammarState | None = None
+    # LoRA: the adapter's slot in the runner (0: the base model), and the id of that load of
+    # it, which seeds the prefix-cache keys: two adapters (or two loads of one name) never
+    # share KV.
+    adapter_slot: int = 0
+    adapter_load_id: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

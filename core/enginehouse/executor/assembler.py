@@ -49,6 +49,7 @@ class BatchAssembler:
                     c.embed_rows,
                     c.embeds,
                     c.rope_positions,
+                    c.adapter,
                 )
             )
         return ScheduledBatch(tuple(chunks), plan.block_size)

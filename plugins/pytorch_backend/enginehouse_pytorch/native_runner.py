@@ -14,6 +14,7 @@ import torch
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
 from enginehouse.plugin_api import (
     InvalidModelError,
+    LoraAdapter,
     RunnerCapabilities,
     RunnerContext,
     kv_bytes_per_token,
@@ -26,6 +27,7 @@ from .native import cpu_decode, cpu_kernels, cpu_step, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.layers import can_pack
+from .native.lora import LoraModel
 from .native.model import DecoderLM, Embeds
 from .native.parallel import TensorParallel
 from .native.rope import mrope_rows, rope_table
@@ -50,7 +52,8 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 
 class NativeRunner:
-    capabilities = RunnerCapabilities(profiles=True)  # a forward pass on a GPU, see profile_run
+    # profiles: a forward pass on a GPU (profile_run); lora: adapters in slots (native/lora.py)
+    capabilities = RunnerCapabilities(profiles=True, lora=True)
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
@@ -87,6 +90,7 @@ class NativeRunner:
         self.paged = self.kernel is not TorchAttention  # a kernel that reads block tables
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
+        self.lora: LoraModel | None = None  # the adapters' slots, made at the first load
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
@@ -238,14 +242,23 @@ class NativeRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         chunks = batch.chunks
-        if self.graphs is not None:
+        adapted = any(c.adapter for c in chunks)  # the one-call paths below know no LoRA
+        if self.graphs is not None and not adapted:
             logits = self.graphs.run(batch)  # None unless a captured decode step fits
             if logits is not None:
                 return logits
-        if self.decode is not None and (logits := self.decode.run(batch)) is not None:
-            return logits
+        if self.decode is not None and not adapted:
+            if (logits := self.decode.run(batch)) is not None:
+                return logits
         # Single-token chunks (decodes) first: they attend together as one batch.
         order = sorted(chunks, key=lambda c: not c.is_decode)
+        if self.lora is not None:
+            slots = [c.adapter for c in order for _ in c.token_ids]
+            with self.lora.step(slots, self.device):
+                return self._forward(chunks, order)
+        return self._forward(chunks, order)
+
+    def _forward(self, chunks: tuple[SeqChunk, ...], order: list[SeqChunk]) -> torch.Tensor:
         meta = self._metadata(order)
         offsets, at = {}, 0
         for c in order:
@@ -256,6 +269,19 @@ class NativeRunner:
         hidden = self.model(ids, meta, self.kv, self._embeds(order, offsets))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden.index_select(0, index)).float()
+
+    def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
+        """LoRA: the adapter into `slot` (its shard at tp > 1). The first load wraps the
+        projections (native/lora.py); until then the model runs exactly as without LoRA."""
+        assert self.model is not None, "load_adapter() before load()"
+        if self.lora is None:
+            cfg = self.config
+            self.lora = LoraModel(self.model, cfg.max_loras, cfg.max_lora_rank)
+        self.lora.load(slot, adapter)
+
+    def unload_adapter(self, slot: int) -> None:
+        if self.lora is not None:
+            self.lora.unload(slot)
 
     def _embeds(self, order: list[SeqChunk], offsets: dict[int, int]) -> Embeds | None:
         """Image embeddings and the packed rows they replace (VLM prompts only)."""

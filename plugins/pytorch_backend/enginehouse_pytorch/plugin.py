@@ -115,7 +115,9 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     from .native.quant.scheme import check_shapes, read_scheme
 
     def verdict(supported: bool, reason: str) -> BackendProbe:
-        return BackendProbe("pytorch", supported, NATIVE_PRIORITY, reason, tensor_parallel=True)
+        return BackendProbe(
+            "pytorch", supported, NATIVE_PRIORITY, reason, tensor_parallel=True, lora=True
+        )
 
     encoder = spec.facts.get("vision_encoder")
     if spec.is_vlm and not encoder:
