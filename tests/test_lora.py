@@ -140,8 +140,13 @@ def test_logits_equal_peft_and_merged_in_a_mixed_chunked_batch(pipe, models):
 
     def chunk(i, start, end, **kw):
         return SeqChunk(
-            i, tuple(seqs[i][start:end]), start, tables[i], tuple(range(end - start)),
-            adapter=slots[i], **kw,
+            i,
+            tuple(seqs[i][start:end]),
+            start,
+            tables[i],
+            tuple(range(end - start)),
+            adapter=slots[i],
+            **kw,
         )
 
     def run(chunks):
@@ -186,8 +191,10 @@ def test_greedy_equals_peft_alone_and_in_a_mixed_batch(pipe, models):
     prompts = [{"token_ids": tokens(n, seed=10 + n)} for n in (11, 23, 19, 7)]
     names = [None, "sql", "chat", "sql"]
     gen = {"max_new_tokens": 6, "min_new_tokens": 6}
-    refs = {n: reference(models["llama"], models[n]) if n else reference(models["llama"])
-            for n in set(names)}
+    refs = {
+        n: reference(models["llama"], models[n]) if n else reference(models["llama"])
+        for n in set(names)
+    }
     want = [ref_greedy(refs[n], p["token_ids"], 6) for n, p in zip(names, prompts)]
     assert want[1] != ref_greedy(refs[None], prompts[1]["token_ids"], 6)  # the adapter matters
     batch = pipe(prompts, gen, adapter=names)
@@ -213,8 +220,12 @@ def test_load_and_unload_while_another_adapter_runs(pipe, models):
     stream = pipe.stream({"token_ids": ids}, gen, adapter="sql")
     got = list(next(stream).token_ids)
     pipe.load_adapter("mlp", models["mlp"])
-    assert pipe({"token_ids": ids}, {"max_new_tokens": 4, "min_new_tokens": 4},
-                adapter="mlp").token_ids == want_mlp
+    assert (
+        pipe(
+            {"token_ids": ids}, {"max_new_tokens": 4, "min_new_tokens": 4}, adapter="mlp"
+        ).token_ids
+        == want_mlp
+    )
     with pytest.raises(AdapterError, match="in use by 1 unfinished request"):
         pipe.unload_adapter("sql")
     pipe.unload_adapter("mlp")
@@ -228,8 +239,11 @@ def test_load_and_unload_while_another_adapter_runs(pipe, models):
 
 def test_slots_run_out_with_a_clear_error(models):
     with pipeline(
-        str(models["llama"]), backend="pytorch", engine_config={"max_loras": 1},
-        adapters={"sql": models["sql"]}, progress=False,
+        str(models["llama"]),
+        backend="pytorch",
+        engine_config={"max_loras": 1},
+        adapters={"sql": models["sql"]},
+        progress=False,
     ) as p:
         with pytest.raises(AdapterError, match="all 1 adapter slots are taken"):
             p.load_adapter("chat", models["chat"])
@@ -244,7 +258,9 @@ def test_prefix_cache_is_not_shared_between_adapters(models):
     ids = tokens(40, seed=9)  # two full blocks of 16 to share
     gen = {"max_new_tokens": 4, "min_new_tokens": 4}
     with pipeline(
-        str(models["llama"]), backend="pytorch", adapters={"sql": models["sql"]},
+        str(models["llama"]),
+        backend="pytorch",
+        adapters={"sql": models["sql"]},
         progress=False,
     ) as p:
         base = p({"token_ids": ids}, gen)
@@ -273,30 +289,47 @@ def test_bad_adapters_are_refused_with_their_reason(models, tmp_path):
     base = llama_config(models)
     root = models["root"]
     cases = [
-        (make_adapter(models["llama"], root / "r32", ["q_proj"], r=32), 16,
-         r"adapter_config.json: rank 32 is above max_lora_rank 16"),
-        (make_adapter(models["llama"], root / "dora", ["q_proj"], use_dora=True), 16,
-         r"adapter_config.json: DoRA adapters \(use_dora\) are not supported"),
-        (make_adapter(models["llama"], root / "emb", ["embed_tokens", "q_proj"]), 16,
-         r"embedding adapters \(target 'embed_tokens'\) are not supported"),
-        (make_adapter(models["llama"], root / "head", ["lm_head"]), 16,
-         r"target module 'lm_head' is not supported"),
+        (
+            make_adapter(models["llama"], root / "r32", ["q_proj"], r=32),
+            16,
+            r"adapter_config.json: rank 32 is above max_lora_rank 16",
+        ),
+        (
+            make_adapter(models["llama"], root / "dora", ["q_proj"], use_dora=True),
+            16,
+            r"adapter_config.json: DoRA adapters \(use_dora\) are not supported",
+        ),
+        (
+            make_adapter(models["llama"], root / "emb", ["embed_tokens", "q_proj"]),
+            16,
+            r"embedding adapters \(target 'embed_tokens'\) are not supported",
+        ),
+        (
+            make_adapter(models["llama"], root / "head", ["lm_head"]),
+            16,
+            r"target module 'lm_head' is not supported",
+        ),
     ]
     for folder, rank, message in cases:
         with pytest.raises(AdapterError, match=message):
             load_adapter("bad", folder, base, rank)
     # made for another base model: other hidden size; more layers
     small = build_model(
-        tmp_path / "small", model_configs(512)["llama"].__class__(
+        tmp_path / "small",
+        model_configs(512)["llama"].__class__(
             **{**model_configs(512)["llama"].to_dict(), "hidden_size": 32}
         ),
     )
     wrong = make_adapter(small, tmp_path / "wrong", ["q_proj"])
-    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: layer 0 q_proj.*"
-                       r"hidden size 64\): the adapter was made for another base model"):
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter_model.safetensors: layer 0 q_proj.*"
+        r"hidden size 64\): the adapter was made for another base model",
+    ):
         load_adapter("bad", wrong, base, 16)
     deeper = build_model(
-        tmp_path / "deeper", model_configs(512)["llama"].__class__(
+        tmp_path / "deeper",
+        model_configs(512)["llama"].__class__(
             **{**model_configs(512)["llama"].to_dict(), "num_hidden_layers": 3}
         ),
     )
@@ -316,8 +349,7 @@ def test_bad_adapter_fails_the_pipeline_and_load_adapter(pipe, models):
     with pytest.raises(AdapterError, match="rank 32 is above max_lora_rank 16"):
         pipe.load_adapter("big", folder)
     with pytest.raises(AdapterError, match="rank 32 is above max_lora_rank 16"):
-        pipeline(str(models["llama"]), backend="pytorch", adapters={"big": folder},
-                 progress=False)
+        pipeline(str(models["llama"]), backend="pytorch", adapters={"big": folder}, progress=False)
 
 
 def test_backend_without_lora_is_a_clear_error(toy_dir, models):
@@ -342,8 +374,10 @@ def test_tp2_equals_tp1_with_adapters(pipe, models):
     gen = {"max_new_tokens": 5, "min_new_tokens": 5}
     want = [r.token_ids for r in pipe(prompts, gen, adapter=names)]
     with pipeline(
-        str(models["llama"]), backend="pytorch",
+        str(models["llama"]),
+        backend="pytorch",
         engine_config={"tp": 2, "max_batch_size": 8, "max_num_batched_tokens": 16},
-        adapters={"sql": models["sql"], "chat": models["chat"]}, progress=False,
+        adapters={"sql": models["sql"], "chat": models["chat"]},
+        progress=False,
     ) as p:
         assert [r.token_ids for r in p(prompts, gen, adapter=names)] == want

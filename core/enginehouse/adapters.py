@@ -182,9 +182,7 @@ def _check_targets(targets: list[str], path: Path) -> None:
             )
 
 
-def read_weights(
-    path: Path, shape: BaseShape, rank: int
-) -> list[LoraModule]:
+def read_weights(path: Path, shape: BaseShape, rank: int) -> list[LoraModule]:
     """Every adapted projection's A and B, checked against the base model's sizes."""
     from safetensors import safe_open
 
@@ -240,7 +238,9 @@ def _check_shapes(
     want_in, want_out = shape.sizes(module)
     where = f"{path}: layer {layer} {module}"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise AdapterError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not pair")
+        raise AdapterError(
+            f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not pair"
+        )
     if a.shape[0] != rank:
         raise AdapterError(f"{where}: rank {a.shape[0]} differs from r={rank} in {CONFIG_FILE}")
     if a.shape[1] != want_in or b.shape[0] != want_out:

@@ -21,6 +21,7 @@ from .device import available_memory, resolve_device, resolve_dtype
 from .engine import AsyncEngine, LLMEngine, RequestOutput
 from .engine.client import EngineClient
 from .errors import BackendError, GenerationError, InvalidModelError, ParamError, RequestError
+from .lora_requests import AdapterChoice, Adapters, check_backend, choose, with_adapters
 from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
@@ -31,7 +32,6 @@ from .multimodal import (
     image_prompt,
     split_images,
 )
-from .lora_requests import AdapterChoice, Adapters, check_backend, choose, with_adapters
 from .parsers import reasoning_parser_for, tool_parser_for
 from .plugins import PluginHost, get_plugins
 from .reasoning import Reasoning, ReasoningParser

@@ -28,8 +28,8 @@ from ..errors import RequestError
 from ..multimodal import VisionEncoder
 from ..spec import ModelSpec
 from .block_manager import BlockManager
-from .lora_slots import AdapterSlots
 from .grammar import GrammarCompiler, GrammarState, fill_bitmask
+from .lora_slots import AdapterSlots
 from .plan import ChunkPlan, StepPlan
 from .requests import EngineRequest, RequestChecks, eos_token_ids
 from .sampler import PromptScoring, SamplerOutput, batch_of

@@ -160,14 +160,19 @@ class DataParallelClient(EngineClient):
     def adapter_call(self, op: str, *args: Any) -> Any:
         """Every replica loads (unloads) the adapter; a load that fails on one is undone on
         those that had taken it."""
-        done = []
+        done: list[ProcessClient] = []
+        result = None
         for replica in self.replicas:
             try:
-                result = replica.adapter_call(op, *args)
-            except BaseException:
+                if op == "list":
+                    return replica.adapter_call(op)
                 if op == "load":
-                    for r in done:
-                        r.adapter_call("unload", args[0])
+                    replica.load_adapter(*args)
+                else:
+                    replica.unload_adapter(*args)
+            except BaseException:
+                for r in done if op == "load" else ():
+                    r.unload_adapter(args[0])
                 raise
             done.append(replica)
         return result

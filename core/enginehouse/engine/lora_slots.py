@@ -87,7 +87,13 @@ class AdapterSlots:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"name": r.name, "source": r.source, "rank": r.rank, "slot": r.slot,
-             "bytes": r.nbytes, "running": r.requests}
+            {
+                "name": r.name,
+                "source": r.source,
+                "rank": r.rank,
+                "slot": r.slot,
+                "bytes": r.nbytes,
+                "running": r.requests,
+            }
             for r in self.resident.values()
         ]

@@ -76,8 +76,15 @@ class LoraLinear(nn.Module):
     """A projection plus the LoRA of the adapters resident in its slots."""
 
     def __init__(
-        self, base: nn.Module, in_features: int, out_features: int, blocks: int,
-        slots: int, max_rank: int, rows: LoraRows, like: torch.Tensor,
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        blocks: int,
+        slots: int,
+        max_rank: int,
+        rows: LoraRows,
+        like: torch.Tensor,
     ) -> None:
         super().__init__()
         self.base = base
@@ -133,12 +140,24 @@ class LoraModel:
             }
             if isinstance(layer.mlp, GatedMLP):
                 inter = layer.mlp.intermediate
-                shapes["mlp.gate_up_proj"] = (layer.mlp, "gate_up_proj", arch.hidden_size, 2 * inter, 2)
+                shapes["mlp.gate_up_proj"] = (
+                    layer.mlp,
+                    "gate_up_proj",
+                    arch.hidden_size,
+                    2 * inter,
+                    2,
+                )
                 shapes["mlp.down_proj"] = (layer.mlp, "down_proj", inter, arch.hidden_size, 1)
             for path, (owner, attr, n_in, n_out, blocks) in shapes.items():
                 lora = LoraLinear(
-                    getattr(owner, attr), n_in, n_out, blocks, max_loras + 1, max_rank,
-                    self.rows, like,
+                    getattr(owner, attr),
+                    n_in,
+                    n_out,
+                    blocks,
+                    max_loras + 1,
+                    max_rank,
+                    self.rows,
+                    like,
                 )
                 setattr(owner, attr, lora)
                 wrapped[path] = lora
@@ -147,7 +166,9 @@ class LoraModel:
     @property
     def bytes_per_slot(self) -> int:
         return sum(
-            (m.lora_a[0].nbytes + m.lora_b[0].nbytes) for layer in self.layers for m in layer.values()
+            (m.lora_a[0].nbytes + m.lora_b[0].nbytes)
+            for layer in self.layers
+            for m in layer.values()
         )
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
