@@ -381,3 +381,85 @@ def test_tp2_equals_tp1_with_adapters(pipe, models):
         progress=False,
     ) as p:
         assert [r.token_ids for r in p(prompts, gen, adapter=names)] == want
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+def _server(pipe, runtime_loading):
+    from enginehouse.serve import ServerThread, create_app
+
+    app = create_app(pipe, "tiny-llama", enable_lora_runtime_loading=runtime_loading)
+    return ServerThread(app)
+
+
+def test_server_chooses_adapters_by_model_and_loads_them(pipe, models):
+    import httpx
+    import openai
+
+    prompt = "SELECT name FROM"
+
+    def python_api(adapter, n):  # shown equal to PEFT above
+        gen = {"max_new_tokens": n}
+        return pipe(prompt, gen, adapter=adapter, apply_chat_template=False).text
+
+    with _server(pipe, runtime_loading=True) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        listed = {m.id: m for m in client.models.list().data}
+        assert set(listed) == {"tiny-llama", "sql", "chat"}
+        assert listed["sql"].model_extra["parent"] == "tiny-llama"
+        base = client.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=5, temperature=0
+        )
+        sql = client.completions.create(model="sql", prompt=prompt, max_tokens=5, temperature=0)
+        assert sql.choices[0].text == python_api("sql", 5)
+        assert sql.choices[0].text != base.choices[0].text
+        chat = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert chat.choices[0].message.content is not None
+        with pytest.raises(openai.NotFoundError, match="'tiny-llama', 'chat', 'sql'"):
+            client.completions.create(model="nope", prompt=prompt, max_tokens=2)
+
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert 'enginehouse:lora_requests_info{max_lora="4"' in metrics
+
+        url = running.url
+        r = httpx.post(
+            f"{url}/v1/load_lora_adapter",
+            json={"lora_name": "mlp", "lora_path": str(models["mlp"])},
+        )
+        assert r.status_code == 200, r.text
+        assert "mlp" in {m.id for m in client.models.list().data}
+        out = client.completions.create(model="mlp", prompt=prompt, max_tokens=3, temperature=0)
+        assert out.choices[0].text == python_api("mlp", 3)
+        bad = httpx.post(
+            f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nowhere"}
+        )
+        assert bad.status_code == 400 and "not found" in bad.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "mlp"})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "mlp"})
+        assert r.status_code == 404
+        assert "mlp" not in {m.id for m in client.models.list().data}
+
+
+def test_runtime_loading_is_off_by_default(pipe, models):
+    import httpx
+
+    with _server(pipe, runtime_loading=False) as running:
+        body = {"lora_name": "mlp", "lora_path": str(models["mlp"])}
+        r = httpx.post(f"{running.url}/v1/load_lora_adapter", json=body)
+        assert r.status_code == 404
+        assert "--enable-lora-runtime-loading" in r.json()["error"]["message"]
+        r = httpx.post(f"{running.url}/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        assert r.status_code == 404
+
+
+def test_lora_modules_flag_reads_vllm_pairs():
+    from enginehouse import EngineConfig
+
+    cfg = EngineConfig(lora_modules=("sql=/a chat=/b", '{"name": "x", "path": "/c"}'))
+    assert cfg.lora_modules == {"sql": "/a", "chat": "/b", "x": "/c"}
+    with pytest.raises(ValueError, match="'oops' is not name=path"):
+        EngineConfig(lora_modules=("oops",))

@@ -339,6 +339,30 @@ class EngineConfig(BaseModel):
     max_loras: int = Field(4, ge=1, description="LoRA adapters resident at once")
     max_lora_rank: int = Field(16, ge=1, description="the highest LoRA rank an adapter may have")
 
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_pairs(cls, v: Any) -> Any:
+        # The command line gives vLLM's name=path pairs (space- or comma-separated, the flag
+        # repeated), or vLLM's JSON form '{"name": "sql", "path": "/a"}'.
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            pairs: dict[str, str] = {}
+            for item in v:
+                text = str(item).strip()
+                if text.startswith("{"):
+                    entry = json.loads(text)
+                    pairs[entry["name"]] = entry["path"]
+                    continue
+                for pair in re.split(r"[\s,]+", text):
+                    name, eq, path = pair.partition("=")
+                    if pair and not (eq and name and path):
+                        raise ValueError(f"{pair!r} is not name=path")
+                    if pair:
+                        pairs[name] = path
+            return pairs
+        return v
+
     @field_validator("kv_cache_memory")
     @classmethod
     def _check_kv_memory(cls, v: float | int | str) -> float | int:

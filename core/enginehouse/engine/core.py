@@ -156,6 +156,24 @@ class EngineCore:
             "iteration_tokens": list(self.iteration_tokens),  # per bucket, the last is +Inf
             "iteration_tokens_sum": self.iteration_tokens_sum,
             **self.executor.counters(),  # what crossed to the ranks, under an executor
+            **self._lora_stats(),
+        }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        """Requests running and waiting per LoRA adapter (vLLM's lora_requests_info), once
+        adapters are in use; dicts, so that replicas' sums leave them alone."""
+        if not self.adapters.used:
+            return {}
+        s = self.scheduler
+
+        def count(seqs: Any) -> dict[str, int]:
+            names = [q.params.adapter for q in seqs if q.params.adapter is not None]
+            return {n: names.count(n) for n in sorted(set(names))}
+
+        return {
+            "lora_running": count(s.running),
+            "lora_waiting": count([*s.waiting, *self._compiling]),
+            "max_lora": self.adapters.max_loras,
         }
 
     # --- the engine thread ------------------------------------------------------------------

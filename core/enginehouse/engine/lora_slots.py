@@ -35,6 +35,7 @@ class AdapterSlots:
         self.max_rank = max_rank
         self.resident: dict[str, Resident] = {}
         self._load_ids = itertools.count(1)
+        self.used = False  # an adapter was ever loaded (the metrics report adapters from then)
 
     def supported(self) -> bool:
         return bool(getattr(self.executor.capabilities, "lora", False))
@@ -61,6 +62,7 @@ class AdapterSlots:
             name, free[0], next(self._load_ids), str(source), adapter.rank, adapter.nbytes
         )
         self.resident[name] = entry
+        self.used = True
         return entry
 
     def unload(self, name: str) -> None:
