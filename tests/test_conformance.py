@@ -39,8 +39,8 @@ def not_applicable(report) -> set[str]:
     "backend, expected_na",
     [
         ("pytorch", set()),
-        ("transformers", NOT_SHARING),
-        ("onnxruntime", NOT_SHARING),
+        ("transformers", NOT_SHARING | {"hf-lora[llama]"}),  # no LoRA adapters
+        ("onnxruntime", NOT_SHARING | {"hf-lora[llama]"}),
     ],
 )
 def test_the_project_backends_pass(backend, expected_na):
@@ -57,7 +57,12 @@ def test_the_project_backends_pass(backend, expected_na):
 def test_the_toy_backend_passes_on_its_own_model(toy_dir):
     report = run_conformance("toy", toy_dir, families=[])
     assert report.ok, "\n".join(r.line() for r in report.results)
-    assert not_applicable(report) == {"hf-logits[toy]", "hf-greedy[toy]", "tensor-parallel"}
+    assert not_applicable(report) == {
+        "hf-logits[toy]",
+        "hf-greedy[toy]",
+        "hf-lora[toy]",
+        "tensor-parallel",
+    }
     assert "transformers cannot load this model" in report.result("hf-logits[toy]").detail
     assert "no tensor parallelism" in report.result("tensor-parallel").detail
 
@@ -186,7 +191,7 @@ def test_the_command_prints_one_line_per_check(toy_dir):
     lines = result.output.splitlines()
     assert lines[0].split()[:2] == ["pass", "runner-protocol"]
     assert any(line.startswith("n/a   hf-logits[toy]") for line in lines)
-    assert lines[-1] == f"toy on {toy_dir}: 10 passed, 0 failed, 3 not applicable"
+    assert lines[-1] == f"toy on {toy_dir}: 10 passed, 0 failed, 4 not applicable"
     as_json = CliRunner().invoke(
         cli, ["conformance", "toy", "--model", str(toy_dir), "--json", "--check", "close"]
     )
@@ -221,4 +226,4 @@ def test_the_pytest_plugin_adds_one_test_per_check(toy_dir, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "conformance[toy]::batch-invariance PASSED" in done.stdout
     assert "not applicable: hf-logits[toy]: transformers cannot load" in done.stdout
-    assert "10 passed, 3 skipped" in done.stdout
+    assert "10 passed, 4 skipped" in done.stdout
