@@ -364,7 +364,8 @@ def test_explain_reports_the_whole_decision(llama_dir):
     json.dumps(info)  # printable as JSON by `enginehouse explain --json`
     backends = set()
     for verdict in info["verdicts"]:
-        assert set(verdict) == {"backend", "plugin", "supported", "priority", "reason"}
+        keys = {"backend", "plugin", "supported", "priority", "reason", "lora_adapters"}
+        assert set(verdict) == keys
         assert verdict["reason"]
         backends.add(verdict["backend"])
     assert INSTALLED_BACKENDS <= backends

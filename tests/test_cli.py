@@ -43,7 +43,8 @@ def test_console_script_explains_and_generates(llama_dir):
     assert report["chosen"] == "pytorch"
     assert report["architecture"] == "LlamaForCausalLM"
     assert {"model", "facts", "verdicts"} <= set(report)
-    assert {"backend", "plugin", "supported", "priority", "reason"} == set(report["verdicts"][0])
+    keys = {"backend", "plugin", "supported", "priority", "reason", "lora_adapters"}
+    assert keys == set(report["verdicts"][0])
     native, fallback = report["verdicts"][:2]
     assert (native["backend"], native["supported"]) == ("pytorch", True)
     assert "native llama implementation" in native["reason"]
