@@ -250,11 +250,12 @@ class NativeRunner:
         if self.decode is not None and not adapted:
             if (logits := self.decode.run(batch)) is not None:
                 return logits
-        # Single-token chunks (decodes) first: they attend together as one batch.
-        order = sorted(chunks, key=lambda c: not c.is_decode)
+        # Single-token chunks (decodes) first: they attend together as one batch. Then by
+        # LoRA adapter, so that each adapter's rows are one slice (native/lora.py).
+        order = sorted(chunks, key=lambda c: (not c.is_decode, c.adapter))
         if self.lora is not None:
             slots = [c.adapter for c in order for _ in c.token_ids]
-            with self.lora.step(slots, self.device):
+            with self.lora.step(slots):
                 return self._forward(chunks, order)
         return self._forward(chunks, order)
 
@@ -298,6 +299,7 @@ class NativeRunner:
         self.kv = []
         self.model = None
         self.decode = None  # the one-call decode step holds the weights' tensors too
+        self.lora = None  # the adapters' slots
         self.graphs = None  # their memory pool goes too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

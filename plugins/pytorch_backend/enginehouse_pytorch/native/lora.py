@@ -52,21 +52,21 @@ ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
 @dataclass
 class LoraRows:
-    """This step's rows of each adapter slot: (slot, row indices, None for all rows)."""
+    """This step's runs of rows of one adapter: (slot, first row, end). The runner packs the
+    rows of one adapter together (decodes first, then prefills, each ordered by adapter), so
+    each run is a slice: no gather, no scatter, two products and an in-place add per run."""
 
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    groups: list[tuple[int, int, int]] = field(default_factory=list)
 
-    def set(self, slots: list[int], device: torch.device) -> None:
+    def set(self, slots: list[int]) -> None:
         """From each packed row's slot (0 = the base model, no LoRA)."""
         self.groups = []
-        present = sorted(set(slots) - {0})
-        if present == [slots[0]] and all(s == slots[0] for s in slots):
-            self.groups = [(slots[0], None)]  # every row the same adapter: no gather
-            return
-        column = torch.tensor(slots)
-        for slot in present:
-            rows = (column == slot).nonzero().flatten().to(device)
-            self.groups.append((slot, rows))
+        start = 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[start]:
+                if slots[start]:
+                    self.groups.append((slots[start], start, i))
+                start = i
 
     def clear(self) -> None:
         self.groups = []
@@ -97,12 +97,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for slot, rows in self.rows.groups:
-            a, b = self.lora_a[slot], self.lora_b[slot]
-            if rows is None:
-                y += (x @ a.T) @ b.T
-            else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+        for slot, begin, end in self.rows.groups:
+            y[begin:end].addmm_(x[begin:end] @ self.lora_a[slot].T, self.lora_b[slot].T)
         return y
 
     def fill(self, slot: int, block: int | None, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -207,14 +203,14 @@ class LoraModel:
                 lora.clear(slot)
 
     @contextlib.contextmanager
-    def step(self, slots: list[int], device: torch.device) -> Iterator[bool]:
+    def step(self, slots: list[int]) -> Iterator[bool]:
         """For one forward: each packed row's slot. Yields whether any row is adapted; while
         one is, the model's one-call C++ decode step (which knows no LoRA) is bypassed."""
         if not any(slots):
             self.rows.clear()
             yield False
             return
-        self.rows.set(slots, device)
+        self.rows.set(slots)
         one_call, self.model.step = self.model.step, None
         try:
             yield True
