@@ -463,3 +463,33 @@ def test_lora_modules_flag_reads_vllm_pairs():
     assert cfg.lora_modules == {"sql": "/a", "chat": "/b", "x": "/c"}
     with pytest.raises(ValueError, match="'oops' is not name=path"):
         EngineConfig(lora_modules=("oops",))
+
+
+def test_dp_replicas_take_adapters_at_start_and_while_serving(pipe, models):
+    """dp=2: each replica is a core process of its own; adapters reach them by message."""
+    prompts = [{"token_ids": tokens(n, seed=40 + n)} for n in (9, 14, 11, 8)]
+    names = ["sql", None, "chat", "mlp"]
+    gen = {"max_new_tokens": 4, "min_new_tokens": 4}
+    pipe.load_adapter("mlp", models["mlp"])
+    try:
+        want = [r.token_ids for r in pipe(prompts, gen, adapter=names)]
+    finally:
+        pipe.unload_adapter("mlp")
+    with pipeline(
+        str(models["llama"]),
+        backend="pytorch",
+        engine_config={"dp": 2, "max_batch_size": 8},
+        adapters={"sql": models["sql"], "chat": models["chat"]},
+        progress=False,
+    ) as p:
+        p.load_adapter("mlp", models["mlp"])
+        assert sorted(a["name"] for a in p.adapters()) == ["chat", "mlp", "sql"]
+        assert [r.token_ids for r in p(prompts, gen, adapter=names)] == want
+        p.unload_adapter("mlp")
+        with pytest.raises(RequestError, match="unknown adapter 'mlp'"):
+            p(prompts[0], gen, adapter="mlp")
+        with pytest.raises(AdapterError, match="rank 32 is above"):
+            folder = models["root"] / "r32"
+            if not folder.exists():
+                make_adapter(models["llama"], folder, ["q_proj"], r=32)
+            p.load_adapter("big", folder)
