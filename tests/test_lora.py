@@ -363,6 +363,14 @@ def test_explain_says_which_backends_take_adapters(models):
     verdicts = {v["backend"]: v for v in explain(str(models["llama"]))["verdicts"]}
     assert verdicts["pytorch"]["lora_adapters"] is True
     assert verdicts["transformers"]["lora_adapters"] is False
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    shown = CliRunner().invoke(cli, ["explain", str(models["llama"])])
+    assert "LoRA adapters: yes" in shown.output, shown.output
+    shown = CliRunner().invoke(cli, ["explain", str(models["llama"]), "--backend", "transformers"])
+    assert "LoRA adapters: no (this backend takes none)" in shown.output, shown.output
 
 
 # --- tensor parallel ------------------------------------------------------------------------

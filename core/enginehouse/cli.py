@@ -191,6 +191,10 @@ def explain(
     if chosen and report["chosen_plugin"] != chosen:
         chosen = f"{chosen} (plugin {report['chosen_plugin']})"
     click.echo(f"chosen:       {chosen or 'none'}")
+    chosen_verdict = next((v for v in report["verdicts"] if v["backend"] == report["chosen"]), None)
+    if chosen_verdict is not None:
+        takes = "yes" if chosen_verdict.get("lora_adapters") else "no (this backend takes none)"
+        click.echo(f"LoRA adapters: {takes}")
     click.echo("backends:")
     for v in report["verdicts"]:
         mark = "yes" if v["supported"] else "no "
