@@ -162,7 +162,14 @@ def test_decision_as_dict_and_lookup():
         "requested": None,
         "conflicts": {},
         "verdicts": [
-            {"backend": "x", "plugin": "px", "supported": True, "priority": 3, "reason": "fine"}
+            {
+                "backend": "x",
+                "plugin": "px",
+                "supported": True,
+                "priority": 3,
+                "reason": "fine",
+                "lora_adapters": False,
+            }
         ],
     }
 
