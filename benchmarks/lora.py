@@ -5,8 +5,9 @@
 On the random-weight 56M Llama shape of benchmarks/native_backend.py (built once in
 ./bench-models), with 16 random rank-16 adapters on every projection (q/k/v/o, gate/up/down,
 written in PEFT's format here): 32 prompts of 64 tokens, `--new-tokens` greedy tokens each, in
-one `pipe(...)` call per case. Cases: the base model before any adapter is loaded (the
-projections not yet wrapped), the base model with adapters loaded (wrapped, no adapted row),
+one `pipe(...)` call per case. Cases: the base model in a pipeline that never loaded an
+adapter (plain projections), the base model in one with the adapters loaded (wrapped, no
+adapted row),
 and every request on an adapter, spread round-robin over 1, 4 and 16 of them. The cases
 alternate round after round, each keeping its best round. Also the memory of one adapter: its
 checked tensors, and one resident slot (max_lora_rank-padded, fused layout). Prints the CPU
@@ -95,34 +96,35 @@ def main() -> None:
     gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
     engine = {"max_batch_size": 32, "enable_prefix_caching": False, "max_loras": 16}
     engine["max_lora_rank"] = args.rank
+    # Two pipelines of the same model: one never sees an adapter (its projections stay plain),
+    # the other serves the 16; the cases alternate between them round after round.
+    plain = pipeline(str(folder), backend="pytorch", engine_config=engine, progress=False)
     pipe = pipeline(str(folder), backend="pytorch", engine_config=engine, progress=False)
-
-    def run(names: list[str | None]) -> float:
-        start = time.perf_counter()
-        pipe(prompts, gen, adapter=names)
-        return time.perf_counter() - start
-
-    best: dict[str, float] = {}
-    run([None] * 32)  # warm-up
-    for _ in range(args.rounds):  # before any adapter: the projections are plain
-        best["base, no adapter loaded"] = min(
-            best.get("base, no adapter loaded", 1e9), run([None] * 32)
-        )
     for name, path in adapters.items():
         pipe.load_adapter(name, path)
     cases = {
-        "base, adapters loaded": [None] * 32,
-        "1 adapter": ["a0"] * 32,
-        "4 adapters": [f"a{i % 4}" for i in range(32)],
-        "16 adapters": [f"a{i % 16}" for i in range(32)],
+        "base, no adapter loaded": (plain, [None] * 32),
+        "base, adapters loaded": (pipe, [None] * 32),
+        "1 adapter": (pipe, ["a0"] * 32),
+        "4 adapters": (pipe, [f"a{i % 4}" for i in range(32)]),
+        "16 adapters": (pipe, [f"a{i % 16}" for i in range(32)]),
     }
-    run(cases["16 adapters"])  # warm-up
+
+    def run(p, names: list[str | None]) -> float:
+        start = time.perf_counter()
+        p(prompts, gen, adapter=names)
+        return time.perf_counter() - start
+
+    run(*cases["base, no adapter loaded"])  # warm-up
+    run(*cases["16 adapters"])
+    best: dict[str, float] = {}
     for _ in range(args.rounds):
-        for case, names in cases.items():
-            best[case] = min(best.get(case, 1e9), run(names))
+        for case, (p, names) in cases.items():
+            best[case] = min(best.get(case, 1e9), run(p, names))
     adapter_bytes = pipe.adapters()[0]["bytes"]
     slot_bytes = pipe.runner.lora.bytes_per_slot
     pipe.close()
+    plain.close()
 
     tokens = 32 * args.new_tokens
     base = best["base, no adapter loaded"]
