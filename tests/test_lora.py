@@ -501,3 +501,20 @@ def test_dp_replicas_take_adapters_at_start_and_while_serving(pipe, models):
             if not folder.exists():
                 make_adapter(models["llama"], folder, ["q_proj"], r=32)
             p.load_adapter("big", folder)
+
+
+def test_tp2_fused_checkpoint_adapter_equals_tp1(models):
+    """Phi-3's fused qkv_proj / gate_up_proj adapter, cut per rank like the fused weights."""
+    prompts = [{"token_ids": tokens(n, seed=60 + n)} for n in (10, 13)]
+    gen = {"max_new_tokens": 4, "min_new_tokens": 4}
+    adapters = {"fused": models["phi3_fused"]}
+    runs = []
+    for tp in (1, 2):
+        with pipeline(
+            str(models["phi3"]), backend="pytorch", engine_config={"tp": tp},
+            adapters=adapters, progress=False,
+        ) as p:  # fmt: skip
+            runs.append([r.token_ids for r in p(prompts, gen, adapter=["fused", None])])
+    ref = reference(models["phi3"], models["phi3_fused"])
+    assert runs[0][0] == ref_greedy(ref, prompts[0]["token_ids"], 4)
+    assert runs[1] == runs[0]
