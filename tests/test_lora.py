@@ -518,3 +518,39 @@ def test_tp2_fused_checkpoint_adapter_equals_tp1(models):
     ref = reference(models["phi3"], models["phi3_fused"])
     assert runs[0][0] == ref_greedy(ref, prompts[0]["token_ids"], 4)
     assert runs[1] == runs[0]
+
+
+TRITON_CHECK = """
+import json, torch
+from enginehouse_pytorch.native.lora_triton import lora_add
+torch.manual_seed(0)
+T, IN, OUT, R, S = 37, 40, 70, 24, 4  # sizes that fill no block exactly
+x, a, b = torch.randn(T, IN), torch.randn(S, R, IN), torch.randn(S, OUT, R)
+groups = [(1, 0, 5), (3, 5, 6), (2, 9, 30), (1, 30, 37)]  # rows 6..8: the base model
+y0 = torch.randn(T, OUT)
+y = y0.clone()
+lora_add(y, x, a, b, groups)
+want = y0.clone()
+for s, lo, hi in groups:
+    want[lo:hi] += (x[lo:hi] @ a[s].T) @ b[s].T
+scale = float(want.abs().max())
+print(json.dumps({"rel": float((y - want).abs().max()) / scale,
+                  "untouched": bool(torch.equal(y[6:9], y0[6:9]))}))
+"""
+
+
+def test_triton_lora_kernel_under_the_interpreter():
+    """The GPU's segmented LoRA kernel, run by Triton's interpreter on the CPU: every run of
+    rows gets its adapter's x A^T B^T added, rows of the base model are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rel"] < 1e-5 and result["untouched"], result

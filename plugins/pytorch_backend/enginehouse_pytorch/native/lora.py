@@ -23,6 +23,7 @@ sum that the layer's all-reduce completes, like the base product's.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -97,7 +98,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for slot, begin, end in self.rows.groups:
+        groups = self.rows.groups
+        if groups and x.is_cuda and (kernels := _triton_kernels()) is not None:
+            kernels.lora_add(y, x, self.lora_a, self.lora_b, groups)  # one launch per product
+            return y
+        for slot, begin, end in groups:
             y[begin:end].addmm_(x[begin:end] @ self.lora_a[slot].T, self.lora_b[slot].T)
         return y
 
@@ -217,6 +222,16 @@ class LoraModel:
         finally:
             self.model.step = one_call
             self.rows.clear()
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton kernels (lora_triton.py) where triton imports; None otherwise."""
+    try:
+        from . import lora_triton
+    except ImportError:
+        return None
+    return lora_triton
 
 
 def _reader(tensor: torch.Tensor):
