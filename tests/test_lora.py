@@ -554,3 +554,17 @@ def test_triton_lora_kernel_under_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rel"] < 1e-5 and result["untouched"], result
+
+
+def test_lora_modules_flag_reaches_the_pipeline(toy_dir, models):
+    """`--lora-modules` (repeatable, vLLM's name=path) is an EngineConfig flag of every command;
+    here it reaches pipeline(), which refuses the toy backend for it."""
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    args = ["generate", str(toy_dir), "hi", "--backend", "toy"]
+    args += ["--lora-modules", f"sql={models['sql']}", "--lora-modules", f"chat={models['chat']}"]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code != 0
+    assert "does not take LoRA adapters" in done.output, done.output
