@@ -169,6 +169,7 @@ def test_decision_as_dict_and_lookup():
                 "priority": 3,
                 "reason": "fine",
                 "verifies_tokens": False,
+                "lora_adapters": False,
             }
         ],
     }
@@ -371,14 +372,8 @@ def test_explain_reports_the_whole_decision(llama_dir):
     json.dumps(info)  # printable as JSON by `enginehouse explain --json`
     backends = set()
     for verdict in info["verdicts"]:
-        assert set(verdict) == {
-            "backend",
-            "plugin",
-            "supported",
-            "priority",
-            "reason",
-            "verifies_tokens",
-        }
+        keys = {"backend", "plugin", "supported", "priority", "reason"}
+        assert set(verdict) == keys | {"verifies_tokens", "lora_adapters"}
         assert verdict["reason"]
         backends.add(verdict["backend"])
     assert INSTALLED_BACKENDS <= backends

@@ -40,8 +40,8 @@ def not_applicable(report) -> set[str]:
     "backend, expected_na",
     [
         ("pytorch", set()),
-        ("transformers", NOT_SHARING),
-        ("onnxruntime", NOT_SHARING),
+        ("transformers", NOT_SHARING | {"hf-lora[llama]"}),  # no LoRA adapters
+        ("onnxruntime", NOT_SHARING | {"hf-lora[llama]"}),
     ],
 )
 def test_the_project_backends_pass(backend, expected_na):
@@ -61,6 +61,7 @@ def test_the_toy_backend_passes_on_its_own_model(toy_dir):
     assert not_applicable(report) == {
         "hf-logits[toy]",
         "hf-greedy[toy]",
+        "hf-lora[toy]",
         "tensor-parallel",
         "verify-tokens",
     }

@@ -65,6 +65,7 @@ class BackendDecision:
                     "priority": v.priority,
                     "reason": v.reason,
                     "verifies_tokens": v.verifies_tokens,  # speculative decoding
+                    "lora_adapters": v.lora,
                 }
                 for v in self.verdicts
             ],

@@ -68,12 +68,15 @@ def engine_options(fn: Callable) -> Callable:
         if kind is bool:
             flag = f"{flag}/--no-{name.replace('_', '-')}"
         flags = (*FLAG_ALIASES.get(name, ()), flag)
+        if name == "lora_modules":  # vLLM's name=path pairs; the flag may come again
+            fn = click.option(flag, name, multiple=True, help=field.description)(fn)
+            continue
         fn = click.option(*flags, name, type=kind, default=None, help=field.description)(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = {n: kwargs.pop(n) for n in names}
-        given = {n: v for n, v in values.items() if v is not None}
+        given = {n: v for n, v in values.items() if v is not None and v != ()}
         if isinstance(given.get("kv_cache_memory"), str):
             given["kv_cache_memory"] = _number_or_size(given["kv_cache_memory"])
         return fn(*args, engine_config=EngineConfig(**given), **kwargs)
@@ -207,6 +210,10 @@ def explain(
     if chosen and report["chosen_plugin"] != chosen:
         chosen = f"{chosen} (plugin {report['chosen_plugin']})"
     click.echo(f"chosen:       {chosen or 'none'}")
+    chosen_verdict = next((v for v in report["verdicts"] if v["backend"] == report["chosen"]), None)
+    if chosen_verdict is not None:
+        takes = "yes" if chosen_verdict.get("lora_adapters") else "no (this backend takes none)"
+        click.echo(f"LoRA adapters: {takes}")
     click.echo("backends:")
     for v in report["verdicts"]:
         mark = "yes" if v["supported"] else "no "
@@ -456,6 +463,13 @@ def _check_images(model: str, revision: str | None, images: tuple[str, ...]) -> 
     "(a request's chat_template_kwargs override them)",
 )
 @click.option(
+    "--enable-lora-runtime-loading",
+    is_flag=True,
+    default=False,
+    help="open POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): LoRA "
+    "adapters loaded and unloaded while serving",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -486,6 +500,7 @@ def serve(
     reasoning_parser: str | None,
     tool_call_parser: str | None,
     default_chat_template_kwargs: str | None,
+    enable_lora_runtime_loading: bool,
     log_level: str,
     engine_config: EngineConfig,
 ) -> None:
@@ -556,6 +571,7 @@ def serve(
             allowed_local_media_path,
             limits,
             template_kwargs,
+            enable_lora_runtime_loading,
         )
 
 

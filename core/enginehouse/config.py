@@ -50,6 +50,9 @@ class GenerationConfig(BaseModel):
         None, ge=0, le=20, description="top-N logprobs per prompt token (each prompt token too)"
     )
     skip_special_tokens: bool = True
+    # The LoRA adapter to run with (a name given to `pipeline(adapters=...)` or
+    # `load_adapter`); None is the base model. `pipe(..., adapter=...)` sets it.
+    adapter: str | None = None
     # Which tokens may come at all: OpenAI's logit_bias (token id -> a bias from -100 to 100
     # added to its logit), vLLM's allowed_token_ids (only these) and bad_words (never these
     # words, each with and without a leading space), and transformers' bad_words_ids (never
@@ -353,6 +356,38 @@ class EngineConfig(BaseModel):
     @classmethod
     def _speculative_json(cls, v: Any) -> Any:
         return SpeculativeConfig.parse(v)
+
+    # LoRA adapters (vLLM's names): loaded at start (`pipeline(adapters=...)`,
+    # --lora-modules), or later with `load_adapter`.
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters to load at start: name -> path or hub id"
+    )
+    max_loras: int = Field(4, ge=1, description="LoRA adapters resident at once")
+    max_lora_rank: int = Field(16, ge=1, description="the highest LoRA rank an adapter may have")
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_pairs(cls, v: Any) -> Any:
+        # The command line gives vLLM's name=path pairs (space- or comma-separated, the flag
+        # repeated), or vLLM's JSON form '{"name": "sql", "path": "/a"}'.
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            pairs: dict[str, str] = {}
+            for item in v:
+                text = str(item).strip()
+                if text.startswith("{"):
+                    entry = json.loads(text)
+                    pairs[entry["name"]] = entry["path"]
+                    continue
+                for pair in re.split(r"[\s,]+", text):
+                    name, eq, path = pair.partition("=")
+                    if pair and not (eq and name and path):
+                        raise ValueError(f"{pair!r} is not name=path")
+                    if pair:
+                        pairs[name] = path
+            return pairs
+        return v
 
     @field_validator("kv_cache_memory")
     @classmethod

@@ -22,6 +22,7 @@ from .engine import AsyncEngine, LLMEngine, RequestOutput
 from .engine.client import EngineClient
 from .errors import BackendError, GenerationError, InvalidModelError, ParamError, RequestError
 from .extensions import explain_extensions
+from .lora_requests import AdapterChoice, Adapters, check_backend, choose, with_adapters
 from .multimodal import (
     IMAGE_PART,
     PreparedPrompt,
@@ -205,19 +206,22 @@ def pipeline(
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    adapters: Adapters = None,
 ) -> Pipeline:
     """Build a ready inference pipeline for `model` (a local folder or a hub id).
 
     `backend` names a backend explicitly (`enginehouse explain MODEL` lists them); otherwise the
     supported one with the highest priority is chosen. `engine_config` takes an `EngineConfig`
-    or a dict of its fields.
+    or a dict of its fields. `adapters` maps names to LoRA adapters (PEFT folders or hub ids)
+    loaded at start; a request picks one with `adapter=NAME`.
     """
-    config = EngineConfig.coerce(engine_config)
+    config = with_adapters(EngineConfig.coerce(engine_config), adapters)
     if trust_remote_code and not config.trust_remote_code:
         config = config.model_copy(update={"trust_remote_code": True})
     plugins = get_plugins()
     spec = read_spec(model, revision, cache_dir, plugins)
     decision = decide_backend(spec, config, backend, plugins)
+    check_backend(decision, config)
     tokenizer = load_tokenizer(spec, config.trust_remote_code)
     template = load_chat_template(tokenizer, spec, chat_template)
     if config.dp > 1:
@@ -561,6 +565,7 @@ class Pipeline:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         apply_chat_template: bool = True,
         progress: bool = False,
+        adapter: AdapterChoice = None,
     ) -> Response | list[Response]:
         """Generate for one prompt (one `Response`) or a list (a list, in order).
 
@@ -571,13 +576,15 @@ class Pipeline:
         {"type": "function", "function": {"name": ...}} makes it call one (docs/tools).
         `chat_template_kwargs` are the template's variables (`{"enable_thinking": False}`).
         A reasoning model's thinking comes apart from its answer, in `Response.reasoning`.
+        `adapter` names the LoRA adapter to run with (one for all prompts, or a list, one per
+        prompt; None is the base model).
         """
         items, single = self._batch(prompts)
         use = self.tool_use(tools, tool_choice, parallel_tool_calls)
         results = [Response(index=i) for i in range(len(items))]
         bar = tqdm(total=len(items), disable=not progress, desc="generating")
         deltas = self._stream(
-            items, gen_config, apply_chat_template, single, use, chat_template_kwargs
+            items, gen_config, apply_chat_template, single, use, chat_template_kwargs, adapter
         )
         for delta in deltas:
             results[delta.index].extend(delta)
@@ -607,12 +614,13 @@ class Pipeline:
         *,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         apply_chat_template: bool = True,
+        adapter: AdapterChoice = None,
     ) -> Iterator[Response]:
         """Deltas as they are produced, each tagged with its prompt's `index`; a reasoning
         model's deltas carry its thinking in `reasoning` and its answer in `text`."""
         items, single = self._batch(prompts)
         yield from self._stream(
-            items, gen_config, apply_chat_template, single, None, chat_template_kwargs
+            items, gen_config, apply_chat_template, single, None, chat_template_kwargs, adapter
         )
 
     def _stream(
@@ -623,8 +631,9 @@ class Pipeline:
         raise_single: bool,
         tools: ToolUse | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        adapter: AdapterChoice = None,
     ) -> Iterator[Response]:
-        configs = self._configs(gen_config, len(items))
+        configs = choose(self._configs(gen_config, len(items)), adapter)
         if tools is not None:
             configs = [tools.generation_config(c) for c in configs]
         requests: list[tuple[Any, GenerationConfig]] = []
@@ -757,6 +766,7 @@ class Pipeline:
         tool_choice: str | Mapping[str, Any] = "auto",
         parallel_tool_calls: bool = True,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        adapter: str | None = None,
     ) -> ChatSession:
         """One turn of a conversation; pass the returned session back for the next turn.
 
@@ -778,6 +788,7 @@ class Pipeline:
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
             chat_template_kwargs=chat_template_kwargs,
+            adapter=adapter,
         )
         assert isinstance(response, Response)
         message: dict[str, Any] = {"role": "assistant", "content": response.text}
@@ -788,6 +799,19 @@ class Pipeline:
         session.history.append(message)
         session.response = response
         return session
+
+    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load a LoRA adapter (a PEFT folder or hub id) under `name`, while serving; raises
+        `AdapterError` naming the file and the reason when it cannot be served."""
+        self.engine.load_adapter(name, os.fspath(path))
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter no unfinished request uses; its slot is free again."""
+        self.engine.unload_adapter(name)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """The loaded adapters: name, source, rank, slot, bytes, running requests."""
+        return self.engine.adapters()
 
     def stats(self) -> dict[str, int]:
         """Engine counters: running and waiting requests, KV blocks used and in total."""

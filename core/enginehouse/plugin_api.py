@@ -6,6 +6,7 @@ change without notice (tests/test_plugin_api.py fails on such an import under pl
 docs/plugins.md documents each name.
 """
 
+from .adapters import AdapterError, LoraAdapter
 from .checkpoint import copy_checked, missing_weights, tensors
 from .config import EngineConfig, GenerationConfig, format_size
 from .contract import CONTRACT_VERSION
@@ -37,6 +38,7 @@ from .spec import BackendProbe, ModelFacts, ModelSpec, read_model_spec
 from .tool_calls import HermesParser, ToolParser
 
 __all__ = [
+    "AdapterError",
     "BackendError",
     "BackendProbe",
     "BatchUpdate",
@@ -50,6 +52,7 @@ __all__ = [
     "KVGroup",
     "KVSpec",
     "LogitsProcessor",
+    "LoraAdapter",
     "MAX_DOWNLOAD_BYTES",
     "ModelFacts",
     "ModelFamily",

@@ -132,6 +132,9 @@ class SeqChunk:
     # logits wanted at every position. Only runners declaring `verifies_tokens` get these;
     # they attend each position as a decode row (position start_pos + i sees 0 .. itself).
     verify: bool = False
+    # The LoRA adapter slot of this sequence (`load_adapter`'s slot, 1..max_loras); 0 is the
+    # base model. Only runners that declare `lora` ever get a non-zero one.
+    adapter: int = 0
 
     @property
     def end_pos(self) -> int:
@@ -245,6 +248,7 @@ class RunnerCapabilities:
     # execute() takes `verify` chunks (several new tokens of a decoding sequence, logits at
     # each) and gives the logits of computing them one by one: speculative decoding needs it.
     verifies_tokens: bool = False
+    lora: bool = False  # load_adapter(slot, adapter) / unload_adapter(slot): LoRA adapters
 
 
 # Each capability and the method it promises.
@@ -253,7 +257,10 @@ CAPABILITY_METHODS = {
     "profiles": "profile_run",
     "releases_sequences": "release_sequence",
     "finishes_sequences": "finish_sequence",
+    "lora": "load_adapter",
 }
+# Further methods a capability promises besides its first.
+CAPABILITY_MORE_METHODS = {"lora": ("unload_adapter",)}
 
 
 class RunnerExtras(Protocol):
@@ -277,6 +284,15 @@ class RunnerExtras(Protocol):
         """(`finishes_sequences`) The sequence is gone for good (finished or aborted; never
         on preemption): drop whatever the runner keeps for it across preemptions."""
 
+    def load_adapter(self, slot: int, adapter: Any) -> None:
+        """(`lora`) Put a checked LoRA adapter (`enginehouse.adapters.LoraAdapter`: its rank,
+        scale and each adapted projection's A and B, unsharded) in `slot`, 1 to
+        `EngineConfig.max_loras`, replacing what was there. From the next step, chunks whose
+        `adapter` is `slot` run with it; chunks with 0 run the base model, in the same batch."""
+
+    def unload_adapter(self, slot: int) -> None:
+        """(`lora`) Empty `slot`; no chunk names it until it is loaded again."""
+
 
 def capabilities_of(runner: object) -> RunnerCapabilities:
     """The runner's declared capabilities (none when it declares nothing)."""
@@ -293,7 +309,8 @@ def capability_problems(runner: object) -> list[str]:
     caps = capabilities_of(runner)
     return [
         f"it declares {flag} but has no {method}()"
-        for flag, method in CAPABILITY_METHODS.items()
+        for flag, first in CAPABILITY_METHODS.items()
+        for method in (first, *CAPABILITY_MORE_METHODS.get(flag, ()))
         if getattr(caps, flag) and not callable(getattr(runner, method, None))
     ]
 

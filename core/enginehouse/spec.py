@@ -119,6 +119,9 @@ class BackendProbe:
     # RunnerCapabilities(verifies_tokens=True)): with `config.speculative_config` the core
     # turns a supported verdict without it into "no speculative decoding".
     verifies_tokens: bool = False
+    # The backend's runner takes LoRA adapters (it declares RunnerCapabilities(lora=True)):
+    # what `explain` shows, and what `pipeline(adapters=...)` checks before loading.
+    lora: bool = False
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from ..config import format_size
 from ..kv_groups import KVGroup
 from ..runner import (
     CAPABILITY_METHODS,
+    CAPABILITY_MORE_METHODS,
     KVSpec,
     capabilities_of,
     capability_problems,
@@ -35,6 +36,8 @@ CALLS = {
     "profile_run": ((16,), {}),
     "release_sequence": ((0, (0,)), {}),
     "finish_sequence": ((0,), {}),
+    "load_adapter": ((1, None), {}),
+    "unload_adapter": ((1,), {}),
 }
 
 
@@ -50,7 +53,11 @@ def runner_protocol(t: Target) -> str:
         raise Mismatch("; ".join(problems))
     caps = capabilities_of(runner)
     declared = [flag for flag in CAPABILITY_METHODS if getattr(caps, flag)]
-    extras = [CAPABILITY_METHODS[flag] for flag in declared]
+    extras = [
+        m
+        for flag in declared
+        for m in (CAPABILITY_METHODS[flag], *CAPABILITY_MORE_METHODS.get(flag, ()))
+    ]
     for name in ["load", "allocate_kv", "execute", "close", *extras]:
         method = getattr(runner, name)
         if not callable(method):

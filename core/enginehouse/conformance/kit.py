@@ -18,7 +18,7 @@ from typing import Any
 from ..config import EngineConfig
 from ..errors import EnginehouseError
 from ..plugins import PluginHost, get_plugins
-from . import contract, engine_checks, lifecycle, model_checks
+from . import contract, engine_checks, lifecycle, lora_check, model_checks
 from .models import ModelStore
 from .result import CheckResult, Mismatch, NotApplicable, Report
 from .target import Target, open_target
@@ -48,7 +48,7 @@ ENGINE_CHECKS: dict[str, Callable[[Target], str]] = {
     "seeded-sampling": engine_checks.seeded_sampling,
     "close": lifecycle.close,
 }
-MODEL_CHECKS = ("hf-logits", "hf-greedy")  # one line each per model: hf-logits[llama]
+MODEL_CHECKS = ("hf-logits", "hf-greedy", "hf-lora")  # one line each per model: hf-logits[llama]
 TP_CHECK = "tensor-parallel"
 CHECKS = (*CONTRACT_CHECKS, *MODEL_CHECKS, *ENGINE_CHECKS, TP_CHECK)
 
@@ -226,6 +226,7 @@ class _Kit:
             return
         self._record(names[0], lambda: model_checks.hf_logits(target, reference))
         self._record(names[1], lambda: model_checks.hf_greedy_tokens(target, reference))
+        self._record(names[2], lambda: lora_check.hf_lora(target, reference))
 
     def _wanted(self, name: str) -> bool:
         return self.selected is None or name in self.selected or name.split("[")[0] in self.selected

@@ -189,6 +189,21 @@ class AsyncEngine(EngineClient):
         future = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
         return future.result()
 
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        """On the step thread, between steps: a slot's tensors never change under a forward."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.engine.core.adapter_call(op, *args))
+            except BaseException as e:
+                future.set_exception(e)
+
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        self._queue(run)
+        return future.result()
+
     @property
     def runner(self) -> ModelRunner | None:
         return self.engine.runner

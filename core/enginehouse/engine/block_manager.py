@@ -3,6 +3,8 @@
 Blocks hold `block_size` tokens. A full block is registered under a key made of its parent
 block's hash, its tokens and the hashes of any images whose tokens it holds
 (`Sequence.block_extra`), so a later sequence that starts with the same tokens can share it.
+The first block's parent is the sequence's LoRA adapter load (0 for the base model), so
+sequences of different adapters never share KV.
 Freed blocks keep their contents and stay findable until they are reused, least recently freed
 first.
 
@@ -170,7 +172,7 @@ class BlockManager:
         """The keys of `seq`'s leading whole blocks (all but its last token), up to the first
         one a full-attention group has not cached: no hit can reach past it."""
         full = [p for g, p in enumerate(self.pools) if self._window(g) is None]
-        bs, parent, keys = self.block_size, 0, []
+        bs, parent, keys = self.block_size, _root(seq), []
         for i in range((seq.num_tokens - 1) // bs):
             key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
             if any(key not in pool.cached for pool in full):
@@ -234,7 +236,7 @@ class BlockManager:
         if not self.prefix_caching:
             return
         bs = self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else 0
+        parent = seq.block_hashes[-1] if seq.block_hashes else _root(seq)
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
             for g, pool in enumerate(self.pools):
@@ -252,3 +254,9 @@ class BlockManager:
             table.clear()
             seq.dropped[g] = 0
         seq.block_hashes.clear()
+
+
+def _root(seq: Sequence) -> int:
+    """The parent of a sequence's first block: its adapter's, so that KV computed with one
+    adapter is never found by a sequence of another (or of the base model, 0)."""
+    return 0 if not seq.adapter_load_id else hash(("lora", seq.adapter_load_id))

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..config import EngineConfig, GenerationConfig
+from ..errors import RequestError
 from ..multimodal import MultiModalData, VisionEncoder
 from ..runner import KVSpec, ModelRunner
 from .grammar import Constraint
@@ -77,6 +78,9 @@ class EngineClient:
     ) -> None:
         """Raise `RequestError` for a request `submit` would refuse; queues nothing."""
         self.checks.validate(prompt_ids, params, score_only, mm)
+        if params.adapter is not None and params.adapter not in self.adapter_names:
+            loaded = ", ".join(sorted(self.adapter_names)) or "none is loaded"
+            raise RequestError(f"unknown adapter {params.adapter!r}; loaded: {loaded}")
 
     def check_length(self, prompt_len: int, score_only: bool = False) -> None:
         """Raise `RequestError` when a prompt of this length does not fit the context."""
@@ -86,6 +90,28 @@ class EngineClient:
         """The constraint compiled where the engine core runs (cached there); its error, a
         `RequestError`, names what is wrong with the schema, regex or grammar."""
         raise NotImplementedError
+
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        """LoRA adapters where the engine core runs (`EngineCore.adapter_call`): `load`
+        (name, source), `unload` (name), `list` ()."""
+        raise NotImplementedError
+
+    @property
+    def adapter_names(self) -> set[str]:
+        """The adapters loaded through this client (requests naming another are refused here,
+        before they travel)."""
+        return self.__dict__.setdefault("_adapter_names", set(self.config.lora_modules))
+
+    def load_adapter(self, name: str, source: str) -> None:
+        self.adapter_call("load", name, source)
+        self.adapter_names.add(name)
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapter_call("unload", name)
+        self.adapter_names.discard(name)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return self.adapter_call("list")
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters (running, waiting, KV blocks, preemptions, steps), summed

@@ -29,6 +29,7 @@ from ..multimodal import VisionEncoder
 from ..spec import ModelSpec
 from .block_manager import BlockManager
 from .grammar import GrammarCompiler, GrammarState, fill_bitmask
+from .lora_slots import AdapterSlots
 from .plan import ChunkPlan, StepPlan
 from .requests import EngineRequest, RequestChecks, eos_token_ids
 from .sampler import PromptScoring, SamplerOutput, batch_of
@@ -112,12 +113,18 @@ class EngineCore:
         self.proposer = make_proposer(config, executor.capabilities, self)
         spec_k = config.speculative_config.k if config.speculative_config else 0
         self.spec_stats = SpecStats(spec_k) if self.proposer is not None else None
+        # LoRA adapters in the runner's slots (lora_slots.py); those of the config load now.
+        self.adapters = AdapterSlots(executor, spec.config, config.max_loras, config.max_lora_rank)
+        for name, source in config.lora_modules.items():
+            self.adapters.load(name, source)
 
     # --- called from any thread -------------------------------------------------------------
 
     def validate(self, request: EngineRequest) -> None:
         """Raise `RequestError` for a request the engine cannot serve; changes nothing."""
         self.checks.validate(request.prompt_ids, request.params, request.score_only, request.mm)
+        if request.params.adapter is not None:
+            self.adapters.lookup(request.params.adapter)
 
     def add_request(self, request: EngineRequest) -> None:
         self.validate(request)
@@ -129,6 +136,18 @@ class EngineCore:
 
     def abort(self, request_id: str) -> None:
         self._inbox.append(("abort", request_id))
+
+    # --- LoRA adapters: called on the engine thread, between steps -------------------------
+
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        """`load` (name, source), `unload` (name) or `list` (): the adapters' one entry point,
+        for every client (the in-process one, a core process' messages)."""
+        if op == "load":
+            self.adapters.load(*args)
+            return None
+        if op == "unload":
+            return self.adapters.unload(*args)
+        return self.adapters.describe()
 
     def has_work(self) -> bool:
         """Some request is unfinished (possibly only waiting for its grammar)."""
@@ -164,6 +183,24 @@ class EngineCore:
             "iteration_tokens_sum": self.iteration_tokens_sum,
             **self.executor.counters(),  # what crossed to the ranks, under an executor
             **(self.spec_stats.as_dict() if self.spec_stats is not None else {}),
+            **self._lora_stats(),
+        }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        """Requests running and waiting per LoRA adapter (vLLM's lora_requests_info), once
+        adapters are in use; dicts, so that replicas' sums leave them alone."""
+        if not self.adapters.used:
+            return {}
+        s = self.scheduler
+
+        def count(seqs: Any) -> dict[str, int]:
+            names = [q.params.adapter for q in seqs if q.params.adapter is not None]
+            return {n: names.count(n) for n in sorted(set(names))}
+
+        return {
+            "lora_running": count(s.running),
+            "lora_waiting": count([*s.waiting, *self._compiling]),
+            "max_lora": self.adapters.max_loras,
         }
 
     # --- the engine thread ------------------------------------------------------------------
@@ -472,6 +509,10 @@ class EngineCore:
             score_only=request.score_only,
             arrived=time.monotonic(),
         )
+        if params.adapter is not None:
+            adapter = self.adapters.lookup(params.adapter)
+            seq.adapter_slot, seq.adapter_load_id = adapter.slot, adapter.load_id
+            adapter.requests += 1
         if request.mm is not None and self.vision is not None:
             image_id = self.vision.image_token_id
             seq.mm = request.mm
@@ -547,6 +588,8 @@ class EngineCore:
     ) -> CoreOutput:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
+        if seq.adapter_slot:
+            self.adapters.resident[seq.params.adapter].requests -= 1  # type: ignore[index]
         self._seqs.pop(seq.request_id, None)
         if seq in self._compiling:
             self._compiling.remove(seq)

@@ -145,6 +145,12 @@ class CoreServer:
             self.compile(message[1], message[2])
         elif kind == "stats":
             self.send("stats", message[1], self.core.stats())
+        elif kind == "adapter":  # LoRA: between steps, as every message is handled
+            try:
+                reply = (None, self.core.adapter_call(*message[2]))
+            except Exception as e:
+                reply = (e, None)
+            self.send("adapter", message[1], *reply)
         elif kind == "close":
             return False
         return True

@@ -53,21 +53,22 @@ class Router:
         self.prefixes: OrderedDict[bytes, int] = OrderedDict()
         self._turn = 0  # ties go round the replicas, starting after the last one chosen
 
-    def _keys(self, prompt_ids: list[int]) -> Iterator[bytes]:
-        """The key of each full block of the prompt: a hash of it and every block before."""
-        bs, parent = self.block_size, b""
+    def _keys(self, prompt_ids: list[int], adapter: str | None = None) -> Iterator[bytes]:
+        """The key of each full block of the prompt: a hash of it and every block before (and
+        of the LoRA adapter: prompts of different adapters share no KV)."""
+        bs, parent = self.block_size, (adapter or "").encode()
         data = array.array("i", prompt_ids).tobytes()  # 4 bytes a token, this machine's order
         step = bs * 4
         for start in range(0, (len(prompt_ids) // bs) * step, step):
             parent = hashlib.blake2b(parent + data[start : start + step], digest_size=16).digest()
             yield parent
 
-    def pick(self, prompt_ids: list[int], alive: list[int]) -> int:
+    def pick(self, prompt_ids: list[int], alive: list[int], adapter: str | None = None) -> int:
         if not alive:
             raise EngineDown("every replica is down; start a new pipeline")
         n = len(self.load)
         least = min(alive, key=lambda r: (self.load[r], (r - self._turn) % n))
-        keys = list(self._keys(prompt_ids))
+        keys = list(self._keys(prompt_ids, adapter))
         matched, owner = 0, None
         for n, key in enumerate(keys, 1):
             replica = self.prefixes.get(key)
@@ -117,7 +118,7 @@ class DataParallelClient(EngineClient):
                 raise RequestError(
                     f"request id {request_id!r} is already in use; give a unique one"
                 )
-            i = self.router.pick(prompt_ids, self._alive())
+            i = self.router.pick(prompt_ids, self._alive(), params.adapter)
             self.router.load[i] += 1
 
         def done(out: RequestOutput) -> None:
@@ -156,6 +157,26 @@ class DataParallelClient(EngineClient):
         if not alive:
             raise EngineDown("every replica is down; start a new pipeline")
         return self.replicas[alive[0]].compile_grammar(constraint)
+
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        """Every replica loads (unloads) the adapter; a load that fails on one is undone on
+        those that had taken it."""
+        done: list[ProcessClient] = []
+        result = None
+        for replica in self.replicas:
+            try:
+                if op == "list":
+                    return replica.adapter_call(op)
+                if op == "load":
+                    replica.load_adapter(*args)
+                else:
+                    replica.unload_adapter(*args)
+            except BaseException:
+                for r in done if op == "load" else ():
+                    r.unload_adapter(args[0])
+                raise
+            done.append(replica)
+        return result
 
     def replica_stats(self) -> list[dict[str, Any]]:
         with ThreadPoolExecutor(len(self.replicas)) as pool:

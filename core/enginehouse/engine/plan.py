@@ -44,6 +44,7 @@ class ChunkPlan:
     rope_positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
     # With KV groups: the new blocks of groups 1, 2, ... (`new_blocks` are group 0's).
     group_new_blocks: tuple[tuple[int, ...], ...] = ()
+    adapter: int = 0  # the LoRA adapter slot (0: the base model)
 
     @property
     def end_pos(self) -> int:

@@ -193,6 +193,11 @@ class ProcessClient(EngineClient):
         }
         return {**future.result(timeout=STATS_TIMEOUT_S), **counts}
 
+    def adapter_call(self, op: str, *args: Any) -> Any:
+        token, future = self._expect()
+        self._send_message("adapter", token, (op, *args))
+        return future.result()
+
     def describe(self) -> dict[str, Any]:
         return {"replicas": 1, **self._describe}
 
@@ -264,11 +269,17 @@ class ProcessClient(EngineClient):
         if kind == "outputs":
             for core in message[1]:
                 self._deliver(core)
-        elif kind in ("compiled", "stats"):
+        elif kind in ("compiled", "stats", "adapter"):
             future = self._replies.pop(message[1], None)
             if future is None:
                 return
-            if kind == "stats":
+            if kind == "adapter":
+                error, result = message[2], message[3]
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+            elif kind == "stats":
                 future.set_result(message[2])
             elif message[2] is None:
                 future.set_result(None)

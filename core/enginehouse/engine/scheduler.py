@@ -102,6 +102,7 @@ class Scheduler:
             embeds=embeds,
             rope_positions=seq.rope_positions(start, start + n + len(drafts)),
             group_new_blocks=tuple(group_new_blocks),
+            adapter=seq.adapter_slot,
         )
 
     def _drafts(self, seq: Sequence, n: int, budget: int) -> list[int]:

@@ -120,6 +120,11 @@ class Sequence:
     # Speculative decoding: the tokens proposed after the last one, scheduled with it this
     # step for the target to verify (engine/speculative.py); never part of token_ids.
     draft_ids: list[int] = field(default_factory=list)
+    # LoRA: the adapter's slot in the runner (0: the base model), and the id of that load of
+    # it, which seeds the prefix-cache keys: two adapters (or two loads of one name) never
+    # share KV.
+    adapter_slot: int = 0
+    adapter_load_id: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

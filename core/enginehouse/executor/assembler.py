@@ -60,6 +60,7 @@ class BatchAssembler:
                     c.rope_positions,
                     group_tables=groups,
                     verify=c.logits is Logits.VERIFY,
+                    adapter=c.adapter,
                 )
             )
         return ScheduledBatch(tuple(chunks), plan.block_size)

@@ -155,6 +155,13 @@ class DistributedExecutor:
             self._guarded(self._ask_rank0, "sample", (bitmask,))
         return self._guarded(self._wait_rank0)
 
+    def load_adapter(self, slot: int, adapter: Any) -> None:
+        """Every rank loads its shard of the adapter (`runner.load_adapter`)."""
+        self._call("load_adapter", slot, adapter)
+
+    def unload_adapter(self, slot: int) -> None:
+        self._call("unload_adapter", slot)
+
     def describe(self) -> dict[str, Any]:
         return {"executor": self.kind, "ranks": self.world_size, "collectives": self.collectives}
 

@@ -53,6 +53,12 @@ class LocalExecutor:
         (plan, logits), self._step = self._step, None
         return self.sampler.sample(logits, plan.sampling, bitmask)
 
+    def load_adapter(self, slot: int, adapter: Any) -> None:
+        self.runner.load_adapter(slot, adapter)  # type: ignore[attr-defined]
+
+    def unload_adapter(self, slot: int) -> None:
+        self.runner.unload_adapter(slot)  # type: ignore[attr-defined]
+
     def close(self) -> None:
         self._step = None
         self.runner.close()

@@ -26,6 +26,7 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError, anthropic_path
 from .generation import ClientDisconnected
+from .lora import adapter_cards, add_lora_routes
 from .messages import count_tokens, create_message
 from .metrics import CONTENT_TYPE
 from .responses import create_response, get_response
@@ -46,6 +47,8 @@ ENDPOINTS = (
     "/v1/responses",
     "/tokenize",
     "/detokenize",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
 )
 # Reachable without the API key: load balancers' probes, and the version (as vLLM has them).
 OPEN_ENDPOINTS = ("/health", "/version")
@@ -178,6 +181,7 @@ def create_app(
     local_media_path: str | None = None,
     limits: ServerLimits | None = None,
     default_chat_template_kwargs: dict[str, Any] | None = None,
+    enable_lora_runtime_loading: bool = False,
 ) -> FastAPI:
     """An app serving `pipe` under `model_name` (default: the model folder's name, or the
     hub id; never a path on the server's disk).
@@ -187,6 +191,7 @@ def create_app(
     `local_media_path`. `limits` caps what one request may ask (`ServerLimits`).
     `default_chat_template_kwargs` are every chat request's template variables
     (`{"enable_thinking": False}`), which a request's `chat_template_kwargs` override.
+    `enable_lora_runtime_loading` opens `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
     The caller keeps ownership of `pipe` and closes it after the server stops.
     """
     if api_key is not None:
@@ -262,12 +267,18 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models() -> Any:
-        return {"object": "list", "data": [state.model_card()]}
+        adapters = await asyncio.to_thread(adapter_cards, state)
+        return {"object": "list", "data": [state.model_card(), *adapters]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> Any:
         state.check_model(model)
+        if model in state.adapters:
+            cards = await asyncio.to_thread(adapter_cards, state)
+            return next(c for c in cards if c["id"] == model)
         return state.model_card()
+
+    add_lora_routes(app, state, enable_lora_runtime_loading)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:

@@ -14,6 +14,7 @@ Counters and histograms are updated on the server's event loop. The engine's own
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -103,6 +104,8 @@ class EngineCollector(Collector):
             )
             yield steps
         yield from spec_decode_families(PREFIX, s, self.model_name)
+        if "max_lora" in s:
+            yield _lora_info(self.replicas or [s])
         if len(self.replicas) > 1:
             labelled = [(str(r.get("replica", i)), r) for i, r in enumerate(self.replicas)]
             yield from _engine_families(
@@ -115,6 +118,24 @@ class EngineCollector(Collector):
             for replica, r in labelled:
                 up.add_metric([self.model_name, replica], r.get("alive", 1))
             yield up
+
+
+def _lora_info(replicas: list[Mapping[str, Any]]) -> GaugeMetricFamily:
+    """vLLM's `lora_requests_info`: the adapters with running and with waiting requests (over
+    every replica), comma-separated in labels, and the slots; its value is the time now."""
+    running: set[str] = set()
+    waiting: set[str] = set()
+    for r in replicas:
+        running.update(r.get("lora_running", {}))
+        waiting.update(r.get("lora_waiting", {}))
+    info = GaugeMetricFamily(
+        PREFIX + "lora_requests_info",
+        "Running stats on LoRA requests: the adapters of running and waiting requests.",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    slots = str(replicas[0].get("max_lora", 0)) if replicas else "0"
+    info.add_metric([slots, ",".join(sorted(running)), ",".join(sorted(waiting))], time.time())
+    return info
 
 
 def _engine_families(

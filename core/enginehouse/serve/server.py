@@ -35,6 +35,7 @@ def run_server(
     local_media_path: str | None = None,
     limits: ServerLimits | None = None,
     default_chat_template_kwargs: dict | None = None,
+    enable_lora_runtime_loading: bool = False,
 ) -> None:
     """Serve `pipe` until Ctrl-C or SIGTERM, then return; the caller then closes `pipe`.
 
@@ -43,7 +44,13 @@ def run_server(
     """
     warn_once_about_builtin_templates()
     app = create_app(
-        pipe, model_name, api_key, local_media_path, limits, default_chat_template_kwargs
+        pipe,
+        model_name,
+        api_key,
+        local_media_path,
+        limits,
+        default_chat_template_kwargs,
+        enable_lora_runtime_loading,
     )
     server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
     main = threading.current_thread() is threading.main_thread()

@@ -118,6 +118,11 @@ class ServerState:
         while, and must not hold up the loop that serves every other request and /health."""
         return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, fn, *args)
 
+    @property
+    def adapters(self) -> set[str]:
+        """The LoRA adapters loaded: each is served as a model of its own name."""
+        return self.pipe.engine.adapter_names
+
     def model_card(self) -> dict[str, Any]:
         return {
             "id": self.model_name,
@@ -130,12 +135,14 @@ class ServerState:
         }
 
     def check_model(self, model: str | None) -> None:
-        """404 for a model name this server does not serve (an omitted name means ours)."""
-        if model is not None and model != self.model_name:
+        """404 for a model name this server does not serve (an omitted name means ours; a
+        LoRA adapter's name is a model too)."""
+        if model is not None and model != self.model_name and model not in self.adapters:
+            served = ", ".join(repr(m) for m in [self.model_name, *sorted(self.adapters)])
             raise APIError(
                 404,
                 f"the model {model!r} does not exist on this server; it serves "
-                f"{self.model_name!r} (see GET /v1/models)",
+                f"{served} (see GET /v1/models)",
                 "model",
                 "model_not_found",
             )
@@ -304,6 +311,9 @@ class ServerState:
             req.generation_config(max_new, req.num_logprobs, defaults, i)
             for i in range(req.num_choices)
         ]
+        model = getattr(req, "model", None)
+        if model in self.adapters:  # the request's model is a LoRA adapter
+            configs = [c.model_copy(update={"adapter": model}) for c in configs]
         try:  # bad_words as token sequences; every token id checked against the vocabulary
             return [self.pipe.token_rules(c) for c in configs]
         except ParamError as e:

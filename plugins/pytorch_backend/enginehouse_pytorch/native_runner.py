@@ -15,6 +15,7 @@ import torch
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
 from enginehouse.plugin_api import (
     InvalidModelError,
+    LoraAdapter,
     RunnerCapabilities,
     RunnerContext,
     resolve_device,
@@ -27,6 +28,7 @@ from .native.arch import Arch, UnsupportedModel, arch_from_config, language_mode
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.families import renamer
 from .native.layers import can_pack
+from .native.lora import LoraModel
 from .native.model import DecoderLM, Embeds
 from .native.mxfp4 import is_mxfp4
 from .native.parallel import TensorParallel
@@ -53,8 +55,9 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 class NativeRunner:
     # profile_run: a forward pass on a GPU. verifies_tokens: a `verify` chunk's positions
-    # attend as decode rows, each over its own prefix (`_decode_rows`).
-    capabilities = RunnerCapabilities(profiles=True, verifies_tokens=True)
+    # attend as decode rows, each over its own prefix (`_decode_rows`). lora: adapters in
+    # slots (native/lora.py).
+    capabilities = RunnerCapabilities(profiles=True, verifies_tokens=True, lora=True)
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         self.spec = spec
@@ -111,6 +114,7 @@ class NativeRunner:
         self.paged |= getattr(self.kernel, "reads_tables", False)
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
+        self.lora: LoraModel | None = None  # the adapters' slots, made at the first load
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
@@ -348,15 +352,25 @@ class NativeRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         chunks = batch.chunks
-        if self.graphs is not None:
+        adapted = any(c.adapter for c in chunks)  # the one-call paths below know no LoRA
+        if self.graphs is not None and not adapted:
             logits = self.graphs.run(batch)  # None unless a captured decode step fits
             if logits is not None:
                 return logits
-        if self.decode is not None and (logits := self.decode.run(batch)) is not None:
-            return logits
+        if self.decode is not None and not adapted:
+            if (logits := self.decode.run(batch)) is not None:
+                return logits
         # Single-token chunks (decodes) and verified proposals first: they attend together
-        # as one batch of decode rows.
-        order = sorted(chunks, key=lambda c: not _attends_as_decode(c))
+        # as one batch of decode rows. Then by
+        # LoRA adapter, so that each adapter's rows are one slice (native/lora.py).
+        order = sorted(chunks, key=lambda c: (not _attends_as_decode(c), c.adapter))
+        if self.lora is not None:
+            slots = [c.adapter for c in order for _ in c.token_ids]
+            with self.lora.step(slots):
+                return self._forward(chunks, order)
+        return self._forward(chunks, order)
+
+    def _forward(self, chunks: tuple[SeqChunk, ...], order: list[SeqChunk]) -> torch.Tensor:
         meta = self._metadata(order)
         offsets, at = {}, 0
         for c in order:
@@ -367,6 +381,19 @@ class NativeRunner:
         hidden = self.model(ids, meta, self.kv, self._embeds(order, offsets))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden.index_select(0, index)).float()
+
+    def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
+        """LoRA: the adapter into `slot` (its shard at tp > 1). The first load wraps the
+        projections (native/lora.py); until then the model runs exactly as without LoRA."""
+        assert self.model is not None, "load_adapter() before load()"
+        if self.lora is None:
+            cfg = self.config
+            self.lora = LoraModel(self.model, cfg.max_loras, cfg.max_lora_rank)
+        self.lora.load(slot, adapter)
+
+    def unload_adapter(self, slot: int) -> None:
+        if self.lora is not None:
+            self.lora.unload(slot)
 
     def _embeds(self, order: list[SeqChunk], offsets: dict[int, int]) -> Embeds | None:
         """Image embeddings and the packed rows they replace (VLM prompts only)."""
@@ -384,6 +411,7 @@ class NativeRunner:
         self.caches = []
         self.model = None
         self.decode = None  # the one-call decode step holds the weights' tensors too
+        self.lora = None  # the adapters' slots
         self.graphs = None  # their memory pool goes too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -122,7 +122,9 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     from .native.arch import UnsupportedModel, arch_from_config, language_model
     from .native.quant.scheme import check_shapes, read_scheme
 
-    def verdict(supported: bool, reason: str, verifies: bool = True) -> BackendProbe:
+    def verdict(
+        supported: bool, reason: str, verifies: bool = True, lora: bool = True
+    ) -> BackendProbe:
         return BackendProbe(
             "pytorch",
             supported,
@@ -132,6 +134,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             # NativeRunner declares it (speculative decoding); HybridRunner does not: a
             # recurrent state cannot take back the rejected tokens it has already absorbed.
             verifies_tokens=verifies,
+            lora=lora,
         )
 
     encoder = spec.facts.get("vision_encoder")
@@ -171,7 +174,9 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding
         + kv_cache_line(arch, spec, config),
+        # The hybrid runner has neither (see HybridRunner.capabilities).
         verifies=arch.linear is None,
+        lora=arch.linear is None,
     )
 
 
