@@ -35,6 +35,10 @@ from .native_runner import NativeRunner
 
 class HybridRunner(NativeRunner):
     capabilities = RunnerCapabilities(profiles=True, plans_kv=True, releases_sequences=True)
+    # No LoRA: its targets (q/k/v/o, gate/up/down) miss the linear-attention layers, so the
+    # inherited adapter methods are withdrawn rather than left undeclared.
+    load_adapter = None
+    unload_adapter = None
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
         super().__init__(spec, config, context)
