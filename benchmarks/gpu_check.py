@@ -1,7 +1,7 @@
 """The native backend's CUDA path on a real GPU: correctness against the CPU, then speed.
 
     bash benchmarks/gpu_check.sh            # installs the repo (no deps, offline), runs this
-    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,vision,quant,timing]
+    python benchmarks/gpu_check.py [--only kernels,logits,tokens,bf16,vision,quant,timing,...]
         [--skip-timing] [--quick] [--budget SECONDS] [--models DIR] [--families llama,...]
     python benchmarks/gpu_check.py --dry-run-cpu --quick   # the script's plumbing, no GPU
 
@@ -40,6 +40,14 @@ tokenizers and triton; builds its small random-weight models offline.
 8. executor: one GPU through the "mp" executor (tp=1 in a rank process, NCCL initialised,
    sampling on the rank): float32 tokens against the CPU's; the 56M Llama's speed through it
    against in-process, with the bytes and milliseconds of each step's transport.
+9. families: tiny Gemma 3, gpt-oss (sliding window 8, sinks, yarn), DeepSeek-V3 (MLA, grouped
+   routing) and Qwen3-Next (linear attention): float32 CUDA greedy tokens of mixed prompts equal
+   to the CPU's, bfloat16 by prefix agreement (at least half the CPU's own bfloat16 agreement).
+   Then on the tiny Llama: an int8 and an fp8 KV cache against the float cache (agreement,
+   info; int8 must decode with `TritonInt8Attention`); n-gram speculation (3 tokens) on
+   repeating prompts: tokens equal to plain decoding, single-stream tok/s of both and the
+   acceptance; a LoRA adapter (PEFT's layout, written by hand: no peft needed) in a batch
+   mixing base and adapter: CUDA tokens equal to the CPU's. --quick: 4 prompts, 32 new tokens.
 """
 
 from __future__ import annotations
@@ -121,6 +129,8 @@ def model_path(name: str, folder: Path) -> Path:
         if not (path / "config.json").is_file():
             if name == "llama56m":
                 config = LlamaConfig(**LLAMA_56M)
+            elif name in NEW_FAMILIES:
+                config = new_family_config(name)
             else:
                 config = native_model_configs(512)[name]
                 if name == "gemma2":
@@ -687,6 +697,220 @@ def check_executor(
     guarded("timing/executor", time_executor, folder, repeat, quick)
 
 
+# --- 9. the 2026 families and features ------------------------------------------------------
+
+IDS = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+NEW_FAMILIES = ("gemma3", "gpt_oss", "deepseek_v3", "qwen3_next")
+
+
+def new_family_config(name: str):
+    """The tiny configs of tests/test_gemma3.py (untied), test_gpt_oss.py, test_deepseek.py
+    and test_qwen3_next.py; model_path() builds them and randomizes their constant tensors."""
+    import transformers as t
+
+    small = dict(IDS, max_position_embeddings=256, initializer_range=0.2, hidden_size=64)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if name == "gemma3":
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        }
+        return t.Gemma3TextConfig(
+            **small, **heads, intermediate_size=96, num_hidden_layers=6, sliding_window=8,
+            query_pre_attn_scalar=16, tie_word_embeddings=False, rope_parameters=rope,
+        )  # fmt: skip
+    if name == "gpt_oss":
+        yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0)
+        yarn.update(beta_slow=1.0, truncate=False, original_max_position_embeddings=64)
+        return t.GptOssConfig(
+            **small, **heads, intermediate_size=32, num_hidden_layers=4, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=8, swiglu_limit=1.0, rope_parameters=yarn,
+        )  # fmt: skip
+    if name == "deepseek_v3":
+        return t.DeepseekV3Config(
+            **small, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+            first_k_dense_replace=1, n_group=4, topk_group=2, n_shared_experts=1,
+            routed_scaling_factor=2.5, norm_topk_prob=True,
+        )  # fmt: skip
+    layers = ["linear_attention"] * 2 + ["full_attention", "linear_attention"]
+    return t.Qwen3NextConfig(
+        **dict(small, initializer_range=0.1), **heads, intermediate_size=96, num_hidden_layers=4,
+        layer_types=layers, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1],
+        norm_topk_prob=True,
+    )  # fmt: skip
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
+
+
+def family_tokens(name: str, folder: Path, cpu_tokens: dict, quick: bool) -> None:
+    """float32 greedy tokens on the GPU equal to the CPU's; bfloat16 by prefix agreement."""
+    path, prompts, configs, want = cpu_reference(name, folder, cpu_tokens)
+    n = 4 if quick else len(prompts)
+    prompts, configs, want = prompts[:n], configs[:n], want[:n]
+    got, info = generate(path, {"device": DEV, "dtype": "float32"}, prompts, configs)
+    same = sum(g == w for g, w in zip(got, want))
+    record(f"families/{name}/cuda-f32", same == n, f"{same}/{n} identical to the CPU's; {info}")
+    # bfloat16 drifts from float32 on these tiny random models (gpt-oss's routing most: 25% on
+    # the CPU): the GPU's agreement must reach half of the CPU's own bfloat16 agreement.
+    cpu16, _ = generate(path, {"device": "cpu", "dtype": "bfloat16"}, prompts, configs)
+    base = prefix_agreement(cpu16, want)
+    got, info = generate(path, {"device": DEV, "dtype": "bfloat16"}, prompts, configs)
+    agree = prefix_agreement(got, want)
+    same = sum(g == w for g, w in zip(got, want))
+    record(
+        f"families/{name}/cuda-bf16",
+        agree >= 0.5 * base,
+        f"{agree:.1%} of tokens before the first difference from float32 CPU (CPU bfloat16: "
+        f"{base:.1%}, pass at half of it), {same}/{n} identical; {info}",
+    )
+
+
+def kv_quant_tokens(folder: Path) -> None:
+    """int8 and fp8 KV caches on the GPU against the float cache: greedy agreement (info),
+    and the int8 cache decoded by the Triton int8 kernel."""
+    path = model_path("llama", folder)
+    prompts, configs = mixed_requests(512, seed=3)
+    engine = {"device": DEV, "dtype": "float32", "enable_prefix_caching": False}
+    want, _ = generate(path, engine, prompts, configs)
+    for kind in ("int8", "fp8"):
+        got, info = generate(path, {**engine, "kv_cache_dtype": kind}, prompts, configs)
+        agree = prefix_agreement(got, want)
+        record(f"families/kv-{kind}/agreement", True, f"{agree:.1%} vs the float cache; {info}")
+        if kind == "int8":
+            used = info["kernel"] == "TritonInt8Attention"
+            record("families/kv-int8/triton-kernel", used, f"kernel {info['kernel']}")
+
+
+def repeating(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
+    return (phrase * (n // len(phrase) + 1))[:n]
+
+
+def spec_ngram(folder: Path, quick: bool, repeat: int) -> None:
+    """n-gram speculation on the GPU: the tokens of plain greedy decoding, and the speed of a
+    single stream either way. The model is tests/test_speculative.py's "loopy" Llama (tied,
+    o_proj and down_proj scaled by 0.3), whose answers repeat, so that lookup proposes."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig
+
+    from enginehouse import pipeline
+    from enginehouse.testing import TINY, build_model
+
+    path = folder / "loopy-llama"
+    if not (path / "config.json").is_file():
+        build_model(path, LlamaConfig(**TINY, **IDS, tie_word_embeddings=True))
+        tensors = load_file(path / "model.safetensors")
+        for key in [k for k in tensors if "o_proj" in k or "down_proj" in k]:
+            tensors[key] = tensors[key] * 0.3
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    prompts = [{"token_ids": repeating(n, seed)} for seed, n in enumerate((9, 30, 17, 45))]
+    new = 32 if quick else 128
+    gen = {"max_new_tokens": new, "min_new_tokens": new}
+    tokens, speed, stats = {}, {}, {}
+    for label, extra in (("plain", {}), ("ngram", {"speculative_config": NGRAM})):
+        engine = {"device": DEV, "dtype": "float32", **extra}
+        with pipeline(str(path), backend="pytorch", engine_config=engine, progress=False) as pipe:
+            tokens[label] = [r.token_ids for r in pipe(prompts, gen)]  # also the warm-up
+            best = math.inf
+            for _ in range(repeat):
+                sync()
+                t0 = time.perf_counter()
+                pipe(prompts[3:], gen)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            speed[label] = new / best
+            stats = pipe.stats()
+    same = sum(a == b for a, b in zip(tokens["ngram"], tokens["plain"]))
+    drafted = stats.get("spec_decode_num_draft_tokens", 0)
+    accepted = stats.get("spec_decode_num_accepted_tokens", 0)
+    record(
+        "families/spec-ngram/cuda-f32-tokens",
+        same == len(prompts) and accepted > 0,
+        f"{same}/{len(prompts)} identical to plain decoding; {accepted}/{drafted} drafts kept",
+    )
+    TIMINGS.append(
+        {
+            "case": f"n-gram speculation, single stream 45+{new}, f32, tok/s (best of {repeat})",
+            "plain": round(speed["plain"], 1),
+            "ngram": round(speed["ngram"], 1),
+            "ngram/plain": round(speed["ngram"] / speed["plain"], 2),
+            "acceptance": round(accepted / max(drafted, 1), 3),
+        }
+    )
+    record("timing/spec-ngram", True, json.dumps(TIMINGS[-1]))
+
+
+def write_adapter(base: Path, out: Path, r: int = 8) -> Path:
+    """A PEFT-layout LoRA adapter of every projection of `base`, written by hand (the device
+    image has no peft): random A and non-zero random B, large enough to change the tokens."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((base / "config.json").read_text())
+    h, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads", heads) * d
+    sizes = {"q_proj": (h, heads * d), "k_proj": (h, kv), "v_proj": (h, kv)}
+    sizes.update(o_proj=(heads * d, h), gate_proj=(h, inter), up_proj=(h, inter))
+    sizes["down_proj"] = (inter, h)
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in sizes.items():
+            part = "mlp" if module.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{key}.lora_A.weight"] = 0.2 * torch.randn(r, fan_in, generator=gen)
+            tensors[f"{key}.lora_B.weight"] = 0.2 * torch.randn(fan_out, r, generator=gen)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(sizes)}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def lora_tokens(folder: Path) -> None:
+    """A batch mixing the base model and an adapter: GPU float32 tokens equal to the CPU's."""
+    from enginehouse import pipeline
+
+    base = model_path("llama", folder)
+    adapter = write_adapter(base, folder / "lora-llama")
+    rng = random.Random(5)
+    ids = [[rng.randrange(5, 512) for _ in range(n)] for n in (11, 23, 40)]
+    prompts = [{"token_ids": p} for p in (ids[0], ids[0], ids[1], ids[2], ids[1])]
+    names = [None, "a", "a", None, None]
+    gen = {"max_new_tokens": 16, "min_new_tokens": 16}
+    runs = []
+    for device in ("cpu", DEV):
+        engine = {"device": device, "dtype": "float32", "max_batch_size": 8}
+        adapters = {"a": str(adapter)}
+        with pipeline(
+            str(base), backend="pytorch", engine_config=engine, adapters=adapters, progress=False
+        ) as pipe:
+            runs.append([r.token_ids for r in pipe(prompts, gen, adapter=names)])
+    want, got = runs
+    same = sum(g == w for g, w in zip(got, want))
+    changed = want[0] != want[1]  # the same prompt without and with the adapter
+    record(
+        "families/lora/cuda-f32-mixed-batch",
+        same == len(want) and changed,
+        f"{same}/{len(want)} identical to the CPU's; the adapter changes the tokens: {changed}",
+    )
+
+
+def check_families(folder: Path, cpu_tokens: dict, quick: bool, repeat: int) -> None:
+    section("9. The 2026 families and features on CUDA: tokens against the CPU's")
+    for name in NEW_FAMILIES:
+        guarded(f"families/{name}", family_tokens, name, folder, cpu_tokens, quick)
+    guarded("families/kv-quant", kv_quant_tokens, folder)
+    guarded("families/spec-ngram", spec_ngram, folder, quick, repeat)
+    guarded("families/lora", lora_tokens, folder)
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -772,6 +996,7 @@ def write_report() -> None:
 
 
 SECTIONS = ("kernels", "logits", "tokens", "bf16", "vision", "quant", "timing", "executor")
+SECTIONS += ("families",)  # 9: the 2026 families and features
 
 
 # --- 7. quantized projections ----------------------------------------------------------------
@@ -909,7 +1134,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--skip-timing", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="timing: small cases")
+    parser.add_argument("--quick", action="store_true", help="timing, families: small cases")
     parser.add_argument("--budget", type=float, default=BUDGET, help="seconds before skipping")
     parser.add_argument("--models", type=Path, default=None, help="where to build the models")
     parser.add_argument("--repeat", type=int, default=2, help="timing: best of N")
@@ -917,8 +1142,8 @@ def main() -> int:
     parser.add_argument(
         "--dry-run-cpu",
         action="store_true",
-        help="run sections 2-5 with device=cpu: tries this script's plumbing without a GPU "
-        "(no kernels, no graphs; the graph checks fail by design)",
+        help="run sections 2-6, 8 and 9 with device=cpu: tries this script's plumbing without "
+        "a GPU (no kernels, no graphs; the graph and Triton kernel checks fail by design)",
     )
     args = parser.parse_args()
     BUDGET = args.budget
@@ -973,6 +1198,8 @@ def main() -> int:
         guarded("timing", check_timing, folder, args.repeat, args.quick)
     if "executor" in only:
         check_executor(folder, cpu_tokens, names, args.repeat, args.quick)
+    if "families" in only:
+        check_families(folder, cpu_tokens, args.quick, args.repeat)
     write_report()
     return 0 if all(r["ok"] for r in RESULTS) else 1
 
