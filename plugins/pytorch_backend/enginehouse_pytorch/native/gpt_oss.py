@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .arch import MoE
-from .layers import Linear, empty
+from .layers import Linear, empty, expert_groups
 from .parallel import TensorParallel
 
 
@@ -50,16 +50,7 @@ class GptOssMoE(nn.Module):
         top, experts = self.router(x).topk(moe.top_k, dim=-1)
         weights = top.softmax(dim=-1).flatten()
         out = torch.zeros_like(x)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = order[start : start + n]
-            start += n
-            tokens = rows // moe.top_k
+        for e, rows, tokens in expert_groups(experts, moe.num_experts):
             gate_up = x[tokens] @ self.w13[e] + self.w13_bias[e]
             y = clamped_swiglu(gate_up, self.alpha, self.limit) @ self.w2[e] + self.w2_bias[e]
             out.index_add_(0, tokens, y * weights[rows, None])

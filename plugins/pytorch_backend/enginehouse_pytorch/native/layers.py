@@ -7,6 +7,8 @@ matrix products; `weights.py` loads each checkpoint tensor into its slice of the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,20 +174,26 @@ class MixtureOfExperts(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
         """The weighted sum of each token's experts (this rank's partial sum when sharded)."""
-        moe = self.moe
-        weights = weights.to(x.dtype)
+        weights = weights.to(x.dtype).flatten()
         out = torch.zeros_like(x)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = order[start : start + n]
-            start += n
-            tokens = rows // moe.top_k
+        for e, rows, tokens in expert_groups(experts, self.moe.num_experts):
             gate, up = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.w2[e])
-            out.index_add_(0, tokens, y * weights.flatten()[rows, None])
+            out.index_add_(0, tokens, y * weights[rows, None])
         return out
+
+
+def expert_groups(
+    experts: torch.Tensor, num_experts: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Each used expert with its (token, choice) rows of `experts` [tokens, top_k] flattened,
+    and those rows' tokens: one sort, then one product per expert over its tokens together."""
+    top_k = experts.shape[-1]
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+        if n:
+            rows = order[start : start + n]
+            start += n
+            yield e, rows, rows // top_k
