@@ -65,26 +65,12 @@ class LogitsProcessor:
 def registered(host: PluginHost | None = None) -> dict[str, tuple[str, type[LogitsProcessor]]]:
     """name -> (plugin, class) of every processor the plugins register; a name two plugins
     register is kept by the first, with a warning."""
-    if host is None:
-        from .plugins import get_plugins
+    from .plugins import first_by_name, get_plugins
 
+    if host is None:
         host = get_plugins()
-    found: dict[str, tuple[str, type[LogitsProcessor]]] = {}
-    for plugin, result in host.call_each("register_logits_processors"):
-        if isinstance(result, Exception):
-            log.warning("plugin %s failed to register its logits processors: %s", plugin, result)
-            continue
-        for cls in result or ():
-            if cls.name in found:
-                log.warning(
-                    "plugin %s registers logits processor %r, which %s already registers: ignored",
-                    plugin,
-                    cls.name,
-                    found[cls.name][0],
-                )
-                continue
-            found[cls.name] = (plugin, cls)
-    return found
+    answers = host.call_each("register_logits_processors")
+    return first_by_name(answers, "logits processor", lambda cls: cls.name)
 
 
 def check_names(names: Sequence[str], host: PluginHost | None = None) -> None:

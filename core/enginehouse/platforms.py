@@ -128,30 +128,18 @@ def registered(host: PluginHost | None = None) -> dict[str, tuple[str, Platform]
 
     A plugin cannot take a name already taken (a built-in's, or an earlier plugin's): the
     first keeps it and the clash is logged."""
-    if host is None:
-        from .plugins import get_plugins
+    from .plugins import first_by_name, get_plugins
 
+    if host is None:
         host = get_plugins()
     cached = getattr(host, "_platforms", None)
     if cached is not None:
         return cached
-    found: dict[str, tuple[str, Platform]] = {}
-    for plugin, result in sorted(
+    # The core's own platforms first, so that no plugin can take their names.
+    answers = sorted(
         host.call_each("register_platforms"), key=lambda r: r[0] != "enginehouse.default"
-    ):
-        if isinstance(result, Exception):
-            log.warning("plugin %s failed to declare its platforms: %s", plugin, result)
-            continue
-        for platform in result or ():
-            if platform.name in found:
-                log.warning(
-                    "plugin %s declares platform %r, which %s already declares: ignored",
-                    plugin,
-                    platform.name,
-                    found[platform.name][0],
-                )
-                continue
-            found[platform.name] = (plugin, platform)
+    )
+    found = first_by_name(answers, "platform", lambda platform: platform.name)
     host._platforms = found  # type: ignore[attr-defined]
     return found
 

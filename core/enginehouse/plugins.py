@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from typing import Any
@@ -226,3 +226,29 @@ def reset_plugins() -> None:
     global _host
     with _lock:
         _host = None
+
+
+def first_by_name(
+    answers: Iterable[tuple[str, Any]], what: str, name_of: Callable[[Any], str]
+) -> dict[str, tuple[str, Any]]:
+    """name -> (plugin, item) from a registering hook's answers (`call_each`), in order: a
+    plugin whose hook raised is skipped, and a name given twice is kept by the first; each
+    with a warning naming the plugins. `what` names the items in those warnings."""
+    found: dict[str, tuple[str, Any]] = {}
+    for plugin, result in answers:
+        if isinstance(result, Exception):
+            log.warning("plugin %s failed to register its %ss: %s", plugin, what, result)
+            continue
+        for item in result or ():
+            name = name_of(item)
+            if name in found:
+                log.warning(
+                    "plugin %s registers %s %r, which %s already registers: ignored",
+                    plugin,
+                    what,
+                    name,
+                    found[name][0],
+                )
+                continue
+            found[name] = (plugin, item)
+    return found
