@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from enginehouse import EngineConfig, KVSpec, ModelSpec, SeqChunk
 from enginehouse.plugin_api import (
     EnginehouseError,
@@ -26,9 +24,9 @@ from enginehouse.plugin_api import (
     kv_bytes_per_token,
 )
 
+from .native import kv_cache
 from .native.arch import arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention
-from .native.kv_cache import GroupCache
 from .native.state_pool import StatePool
 from .native_runner import NativeRunner
 
@@ -88,25 +86,30 @@ class HybridRunner(NativeRunner):
         """`NativeRunner._allocate` for the full-attention layers only; each linear layer's
         entry in `self.kv` is its part of the state pool instead."""
         a, linear = self.arch, self.linear
-        self.null_slot = num_blocks * self.block_size  # zeros, read by padding (see there)
-        self.scratch_slot = self.null_slot + 1
-        shape = (self.full_layers, 2, self.tp.kv_heads, self.null_slot + 2, a.head_dim)
-        cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        cache[:, :, :, self.null_slot].zero_()
-        self.layout = {"kv_heads": self.tp.kv_heads, "num_slots": shape[3]}
         full_layers = tuple(i for i, lin in enumerate(linear.layers) if not lin)
-        self.caches = [GroupCache(full_layers, None, cache, self.null_slot, self.scratch_slot)]
+        (group,) = kv_cache.allocate(
+            [(None, full_layers)],
+            [num_blocks],
+            self.block_size,
+            self.tp.kv_heads,
+            a.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.caches = [group]
+        self.null_slot, self.scratch_slot, self.layout = (
+            group.null_slot,
+            group.scratch_slot,
+            group.layout,
+        )
         if self.states is None:
             self.states = StatePool(linear, self.max_seqs, self.dtype, self.device)
-        full = iter(range(self.full_layers))
+        full = iter(range(len(full_layers)))
         linear_index = iter(range(sum(linear.layers)))
-        self.kv = []
-        for is_linear in linear.layers:
-            if is_linear:
-                self.kv.append(self.states.layer(next(linear_index)))
-            else:
-                i = next(full)
-                self.kv.append((cache[i, 0], cache[i, 1]))
+        self.kv = [
+            self.states.layer(next(linear_index)) if is_linear else group.layer(next(full))
+            for is_linear in linear.layers
+        ]
 
     def _metadata(self, order: list[SeqChunk]) -> StepMeta:
         meta = super()._metadata(order)
