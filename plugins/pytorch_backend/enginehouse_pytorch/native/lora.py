@@ -33,7 +33,7 @@ from torch import nn
 from enginehouse.plugin_api import AdapterError, LoraAdapter
 
 from .layers import GatedMLP
-from .parallel import TensorParallel, rank_tensor
+from .parallel import TensorParallel, rank_tensor, tensor_reader
 
 # A checkpoint projection -> (our fused projection under the layer, its block in it or None
 # for a projection stored whole).
@@ -199,8 +199,8 @@ class LoraModel:
             return a, b
         pname = f"model.layers.{layer}.{path}.weight"
         if path in ROW_PARALLEL:  # this rank's input columns
-            return rank_tensor(self.tp, pname, None, None, _reader(a)), b
-        return a, rank_tensor(self.tp, pname, block, None, _reader(b))
+            return rank_tensor(self.tp, pname, None, None, tensor_reader(a)), b
+        return a, rank_tensor(self.tp, pname, block, None, tensor_reader(b))
 
     def unload(self, slot: int) -> None:
         for layer in self.layers:
@@ -232,15 +232,3 @@ def _triton_kernels():
     except ImportError:
         return None
     return lora_triton
-
-
-def _reader(tensor: torch.Tensor):
-    """`rank_tensor`'s reader over a tensor in memory: all of it, or a (dim, begin, end)."""
-
-    def read(part: tuple[int, int, int] | None = None) -> torch.Tensor:
-        if part is None:
-            return tensor
-        dim, begin, end = part
-        return tensor.narrow(dim, begin, end - begin)
-
-    return read

@@ -22,6 +22,8 @@ import torch
 
 from enginehouse.plugin_api import InvalidModelError
 
+from .parallel import tensor_reader
+
 GROUP = 32  # values per scale
 # The 16 e2m1 values by code: sign bit 3, then exponent (2 bits) and mantissa (1 bit).
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -65,7 +67,7 @@ def dequantized(stream: Iterator[tuple[Path, str, Any]]) -> Iterator[tuple[Path,
         halves[suffix] = read()
         if len(halves) == 2:
             del pending[base]
-            yield path, base, _reader(dequantize(halves[BLOCKS], halves[SCALES]))
+            yield path, base, tensor_reader(dequantize(halves[BLOCKS], halves[SCALES]))
     if pending:
         base, halves = next(iter(pending.items()))
         have = next(iter(halves))
@@ -73,13 +75,3 @@ def dequantized(stream: Iterator[tuple[Path, str, Any]]) -> Iterator[tuple[Path,
         raise InvalidModelError(
             f"MXFP4 checkpoint has {base}{have} but no {base}{lack}; the checkpoint is incomplete"
         )
-
-
-def _reader(tensor: torch.Tensor):
-    def read(part: tuple[int, int, int] | None = None) -> torch.Tensor:
-        if part is None:
-            return tensor
-        dim, begin, end = part
-        return tensor.narrow(dim, begin, end - begin)
-
-    return read

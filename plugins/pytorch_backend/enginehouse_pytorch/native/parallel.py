@@ -154,6 +154,19 @@ def check_divisible(arch: Arch, tp: int) -> None:
         raise UnsupportedModel(f"cannot split over tp={tp} ranks: {', '.join(problems)}")
 
 
+def tensor_reader(tensor: torch.Tensor):
+    """`rank_tensor`'s reader over a tensor already in memory: all of it, or a (dim, begin,
+    end) slice (the loader's readers read the same parts from a checkpoint file)."""
+
+    def read(part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        if part is None:
+            return tensor
+        dim, begin, end = part
+        return tensor.narrow(dim, begin, end - begin)
+
+    return read
+
+
 def rank_tensor(
     tp: TensorParallel, pname: str, shard: int | None, expert: int | None, read
 ) -> torch.Tensor | None:
