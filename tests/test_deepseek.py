@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from test_native import open_pipe, randomize_constant_tensors, rewrite_weights
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
-from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, explain, pipeline
+from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, explain
 from enginehouse.testing import build_model, tight_kv_config
 
 COMMON = dict(
@@ -94,19 +94,6 @@ def greedy_prompts() -> list[list[int]]:
     return [tokens(n, seed=200 + i) for i, (n, _) in enumerate(GREEDY)]
 
 
-def randomize_constants(folder: Path) -> None:
-    """Norm weights start at 1 and V3's score bias at 0: a loader that dropped them would go
-    unseen, so each gets random values."""
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    gen = torch.Generator().manual_seed(0)
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
-            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def models(models_dir):
     made: dict[str, Path] = {}
@@ -115,7 +102,7 @@ def models(models_dir):
         if name not in made:
             folder = models_dir / "deepseek" / name
             build_model(folder, {**CONFIGS, **VARIANTS}[name])
-            randomize_constants(folder)
+            rewrite_weights(folder, randomize_constant_tensors)
             made[name] = folder
         return made[name]
 
@@ -153,12 +140,6 @@ def hf(models):
         return made[name]
 
     return get
-
-
-def open_pipe(path: Path, **config):
-    pipe = pipeline(str(path), backend="pytorch", engine_config=config, progress=False)
-    assert pipe.backend == "pytorch"
-    return pipe
 
 
 # --- logits -----------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import random
 
 import pytest
 import torch
+from test_native import open_pipe, randomize_constant_tensors, rewrite_weights
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, explain, pipeline
+from enginehouse import GenerationConfig, ScheduledBatch, SeqChunk, explain
 from enginehouse.testing import build_model
 
 WINDOW = 8
@@ -57,27 +58,12 @@ def fixed(n: int) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=n, min_new_tokens=n)
 
 
-def randomize(folder) -> None:
-    """Norm weights start at 0 in Gemma (scaled by 1 + w): make them random, so that a loader
-    or a norm that ignored them would show."""
-    from safetensors.torch import load_file, save_file
-
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    gen = torch.Generator().manual_seed(0)
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
-            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def models(models_dir):
     out = {}
     for name, config in (("tied", CONFIG), ("untied", UNTIED)):
         folder = build_model(models_dir / "gemma3" / name, config)
-        randomize(folder)
+        rewrite_weights(folder, randomize_constant_tensors)
         out[name] = folder
     return out
 
@@ -96,12 +82,6 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
         x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
     )
     return out[0, len(ids) :].tolist()
-
-
-def open_pipe(path, **config):
-    pipe = pipeline(str(path), backend="pytorch", engine_config=config, progress=False)
-    assert pipe.backend == "pytorch"
-    return pipe
 
 
 def test_arch_reads_layer_types_and_both_ropes(models):

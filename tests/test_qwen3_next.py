@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from test_native import open_pipe, randomize_constant_tensors, rewrite_weights
 from transformers import (
     AutoModelForCausalLM,
     Qwen3_5MoeTextConfig,
@@ -23,7 +23,7 @@ from transformers import (
     Qwen3NextConfig,
 )
 
-from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, explain, pipeline
+from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, explain
 from enginehouse.testing import build_model
 from enginehouse_pytorch.native.linear_attention import delta_rule_chunk, delta_rule_step
 
@@ -77,18 +77,6 @@ def config() -> Qwen3NextConfig:
     return CONFIGS["qwen3_next"]()
 
 
-def randomize_constants(folder) -> None:
-    """Norm weights start at 0 or 1 and dt_bias at 1: random values, so loading them matters."""
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    gen = torch.Generator().manual_seed(0)
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
-            tensors[name] = t + 0.2 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 class Lazy(dict):
     """Builds each family's value on first use, so `-k family` builds one family only."""
 
@@ -105,7 +93,7 @@ class Lazy(dict):
 def model_dirs(tmp_path_factory):
     def build(family: str):
         folder = build_model(tmp_path_factory.mktemp(family) / "model", CONFIGS[family]())
-        randomize_constants(folder)
+        rewrite_weights(folder, randomize_constant_tensors)
         return folder
 
     return Lazy(build)
@@ -142,12 +130,6 @@ def ref_greedy(ref, ids: list[int], n: int) -> list[int]:
         x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
     )
     return out[0, len(ids) :].tolist()
-
-
-def open_pipe(path, **engine):
-    pipe = pipeline(str(path), backend="pytorch", engine_config=engine, progress=False)
-    assert pipe.backend == "pytorch"
-    return pipe
 
 
 def prompts_and_answers(ref) -> tuple[list[list[int]], list[list[int]]]:
