@@ -348,6 +348,13 @@ def test_bad_adapter_fails_the_pipeline_and_load_adapter(pipe, models):
         make_adapter(models["llama"], folder, ["q_proj"], r=32)
     with pytest.raises(AdapterError, match="rank 32 is above max_lora_rank 16"):
         pipe.load_adapter("big", folder)
+    # The refused load loses nothing: the loaded adapters and the base model still answer.
+    assert "big" not in [a["name"] for a in pipe.adapters()]
+    for adapter in ("sql", None):
+        out = pipe(
+            {"token_ids": [5, 6, 7]}, {"max_new_tokens": 2, "min_new_tokens": 2}, adapter=adapter
+        )
+        assert len(out.token_ids) == 2
     with pytest.raises(AdapterError, match="rank 32 is above max_lora_rank 16"):
         pipeline(str(models["llama"]), backend="pytorch", adapters={"big": folder}, progress=False)
 
