@@ -75,7 +75,11 @@ class NativeRunner:
         # This rank's share of the heads, the MLP and the vocabulary (all of it at tp=1).
         shm = None
         if self.device.type == "cpu" and usable(context.world_size, context.local_world_size):
-            shm = ShmCollectives.join(context.rank, context.world_size, config.distributed_timeout)
+            # Twice the executor's timeout: a silent rank is for the executor to find (it names
+            # every silent rank and stops them all); a collective that gave up first would
+            # fail only the step and leave the silent rank behind.
+            timeout = 2 * config.distributed_timeout
+            shm = ShmCollectives.join(context.rank, context.world_size, timeout)
         self.tp = TensorParallel(self.arch, context.rank, context.world_size, shm)
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
