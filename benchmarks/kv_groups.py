@@ -64,6 +64,23 @@ SHAPES = {
             intermediate_size=14336,
         ),
     ),
+    "gpt-oss-20b": (
+        "GptOssForCausalLM",
+        dict(
+            num_hidden_layers=24,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            hidden_size=2880,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * 12,
+            vocab_size=201088,
+            intermediate_size=2880,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            max_position_embeddings=131072,
+        ),
+    ),
     "Mistral 7B v0.1": (
         "MistralForCausalLM",
         dict(
