@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import GenerationConfig
-from ..multimodal import MultiModalData
+from ..multimodal import MultiModalData, image_runs
 from .grammar import GrammarState
 
 
@@ -140,6 +140,19 @@ class Sequence:
             return (), None
         rows = tuple(p - start for p in self.mm_positions[a:b])
         return rows, self.mm_embeds[a:b]
+
+    def whole_images_chunk(self, start: int, n: int) -> int:
+        """How many of the `n` tokens from `start` to compute in one chunk: all of them, or,
+        for a model whose image tokens attend to each other both ways
+        (`MultiModalData.whole_images`), those before an image the chunk would cut (0 when
+        the chunk would begin inside it)."""
+        if self.mm is None or not self.mm.whole_images:
+            return n
+        end = start + n
+        for first, last in image_runs(self.mm_positions):
+            if first < end < last:
+                return max(first - start, 0)
+        return n
 
     def rope_positions(self, start: int, end: int) -> torch.Tensor | None:
         """[3, end - start] multimodal rotary positions, for models that have them: the

@@ -25,7 +25,13 @@ from enginehouse.plugin_api import (
 
 from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
-from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
+from .native.attention import (
+    StepMeta,
+    TorchAttention,
+    decode_metadata,
+    image_blocks,
+    prefill_metadata,
+)
 from .native.families import renamer
 from .native.layers import can_pack
 from .native.lora import LoraModel
@@ -67,6 +73,8 @@ class NativeRunner:
         )
         # A VLM's checkpoint also holds the vision tower: load only the language model's part.
         self.prefixes = spec.facts.get("text_weight_prefixes") if spec.is_vlm else None
+        # Gemma 3: an image's tokens attend to each other both ways in the prefill.
+        self.images_both_ways = spec.is_vlm and spec.facts.get("image_attention") == "bidirectional"
         self.device = resolve_device(config)
         if context.sharded and self.device.type == "cuda":
             self.device = torch.device("cuda", context.local_rank)  # one GPU per rank
@@ -348,6 +356,7 @@ class NativeRunner:
                     windows,
                     self.device,
                     **group.layout,
+                    blocks=image_blocks(c.embed_rows) if self.images_both_ways else None,
                 )
             )
             offset += n

@@ -35,6 +35,8 @@ class VisionFamily:
     # The language model's architecture when its text_config names none that runs natively.
     text_architecture: str | None = None
     mrope: bool = False  # multimodal rotary positions (M-RoPE)
+    # An image's tokens attend to each other both ways in the prefill, not causally (Gemma 3).
+    bidirectional_images: bool = False
     unsupported: str = ""
 
 
@@ -46,6 +48,11 @@ FAMILIES = {
     "LlavaNextForConditionalGeneration": VisionFamily("llava_next", "LlavaNextModel"),
     "Qwen2VLForConditionalGeneration": VisionFamily("qwen2_vl", "Qwen2VLModel", **QWEN_VL),
     "Qwen2_5_VLForConditionalGeneration": VisionFamily("qwen2_5_vl", "Qwen2_5_VLModel", **QWEN_VL),
+    # SigLIP tower, average-pooled to mm_tokens_per_image and projected; the language model is
+    # Gemma 3's text model (`gemma3_text`), laid out as LLaVA's.
+    "Gemma3ForConditionalGeneration": VisionFamily(
+        "gemma3", "Gemma3Model", bidirectional_images=True
+    ),
 }
 
 
