@@ -303,7 +303,8 @@ class NativeRunner:
             ],
             dim=1,
         )
-        return mrope_rows(cos, sin, three, self.arch.rope.mrope_section)
+        rope = self.arch.rope
+        return mrope_rows(cos, sin, three, rope.mrope_section, rope.mrope_interleaved)
 
     def _metadata(self, order: list) -> StepMeta:
         """The step's metadata; with several KV groups, one per group (`StepMeta.by_group`)."""
