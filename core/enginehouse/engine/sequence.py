@@ -148,10 +148,12 @@ class Sequence:
         the chunk would begin inside it)."""
         if self.mm is None or not self.mm.whole_images:
             return n
-        end = start + n
-        for first, last in image_runs(self.mm_positions):
-            if first < end < last:
-                return max(first - start, 0)
+        end, positions = start + n, self.mm_positions
+        i = bisect.bisect_left(positions, end)
+        # The chunk cuts an image where positions end - 1 and end are both its tokens.
+        if 0 < i < len(positions) and positions[i] == end and positions[i - 1] == end - 1:
+            first = next(a for a, b in image_runs(positions) if a < end < b)
+            return max(first - start, 0)
         return n
 
     def rope_positions(self, start: int, end: int) -> torch.Tensor | None:
