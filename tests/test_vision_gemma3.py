@@ -129,8 +129,8 @@ def test_greedy_equals_transformers_alone_and_batched(pipe, hf):
 
 def test_small_chunks_never_cut_an_image(pipe, folder):
     """With a budget of 16 tokens (an image's 16), the scheduler moves a chunk's end back to
-    the image's start rather than cut it: the tokens equal the one-step prefill's, with prefix
-    hits and under preemption too."""
+    the image's start rather than cut it: the tokens equal the one-step prefill's, with a
+    prefix hit (which may begin a chunk inside an image) and under preemption too."""
     prompts = [(f"picture number {i}", [picture(20 + i), picture(30 + i)]) for i in range(3)]
     expected = [r.token_ids for r in pipe(prompts, fixed(10))]
     config = dict(max_num_batched_tokens=16, max_batch_size=4, block_size=4)
@@ -139,6 +139,16 @@ def test_small_chunks_never_cut_an_image(pipe, folder):
         again = small(prompts[0], fixed(10))  # its blocks again, from the prefix cache
         assert again.token_ids == expected[0] and again.cached_tokens > 0
         assert small.stats()["kv_blocks_used"] == 0
+    # The KV bytes of 12 blocks of 4 tokens in every layer (33 blocks of the full-attention
+    # layer, 7 of the sliding ones), for three prompts of 75 tokens that generate 40: requests
+    # are preempted and recomputed from their kept embeddings.
+    longer = [r.token_ids for r in pipe(prompts, fixed(40))]
+    per_token = 2 * 6 * 2 * 16 * 4  # K and V, 6 layers, 2 KV heads of 16, float32
+    tight = dict(config, session_len=128, kv_cache_memory=f"{12 * 4 * per_token}B")
+    with pipeline(str(folder), engine_config=tight, progress=False) as small:
+        assert [r.token_ids for r in small(prompts, fixed(40))] == longer
+        stats = small.stats()
+    assert stats["preemptions"] > 0 and stats["kv_blocks_used"] == 0
 
 
 def test_an_image_larger_than_a_step_is_refused_with_the_fix(tmp_path):
