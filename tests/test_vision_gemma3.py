@@ -170,3 +170,12 @@ def test_bad_image_fails_alone_with_the_reason(pipe, tmp_path):
     assert results[0].finish_reason == "error" and "could not read" in results[0].error
     assert results[1].token_ids == expected
     assert pipe.stats()["kv_blocks_used"] == 0
+
+
+def test_tp2_gives_tp1s_tokens(pipe, folder):
+    """The vision tower runs in the driver; the language model's heads are sharded."""
+    prompts = [("what is in the picture", picture(7)), "and a text prompt beside it"]
+    expected = [r.token_ids for r in pipe(prompts, fixed(8))]
+    config = dict(tp=2, device="cpu", max_batch_size=8)
+    with pipeline(str(folder), engine_config=config, progress=False) as sharded:
+        assert [r.token_ids for r in sharded(prompts, fixed(8))] == expected

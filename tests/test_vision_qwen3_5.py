@@ -145,3 +145,13 @@ def test_small_chunks_and_a_bad_image(pipes, folders, tmp_path):
         assert results[0].finish_reason == "error" and "could not read" in results[0].error
         assert results[1].token_ids == expected[0]
         assert small.stats()["kv_blocks_used"] == 0
+
+
+def test_tp2_gives_tp1s_tokens(pipes, folders):
+    """The vision tower runs in the driver; the hybrid language model is sharded (whole key
+    heads of the linear-attention layers per rank)."""
+    prompts = [("what is in the picture", picture(7)), "and a text prompt beside it"]
+    expected = [r.token_ids for r in pipes["qwen3_5"](prompts, fixed(8))]
+    config = dict(tp=2, device="cpu", max_batch_size=8)
+    with pipeline(str(folders["qwen3_5"]), engine_config=config, progress=False) as sharded:
+        assert [r.token_ids for r in sharded(prompts, fixed(8))] == expected
