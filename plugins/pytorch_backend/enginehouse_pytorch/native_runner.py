@@ -18,6 +18,7 @@ from enginehouse.plugin_api import (
     LoraAdapter,
     RunnerCapabilities,
     RunnerContext,
+    image_runs,
     resolve_device,
     resolve_dtype,
     use_all_cores,
@@ -25,13 +26,7 @@ from enginehouse.plugin_api import (
 
 from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
-from .native.attention import (
-    StepMeta,
-    TorchAttention,
-    decode_metadata,
-    image_blocks,
-    prefill_metadata,
-)
+from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.families import renamer
 from .native.layers import can_pack
 from .native.lora import LoraModel
@@ -357,7 +352,10 @@ class NativeRunner:
                     windows,
                     self.device,
                     **group.layout,
-                    blocks=image_blocks(c.embed_rows) if self.images_both_ways else None,
+                    # A chunk never ends inside such an image (MultiModalData.whole_images);
+                    # a prefix hit may begin it inside one, whose cached tokens are keys
+                    # before every query anyway.
+                    blocks=image_runs(c.embed_rows) if self.images_both_ways else None,
                 )
             )
             offset += n

@@ -124,20 +124,6 @@ def only_window(windows: set[int | None]) -> int | None:
     return next(iter(windows)) if len(windows) == 1 else None
 
 
-def image_blocks(rows: tuple[int, ...]) -> list[tuple[int, int]]:
-    """[start, end) of each run of consecutive rows: one image's tokens in a chunk (a chunk
-    never ends inside an image of a model that attends to images both ways, see
-    `MultiModalData.whole_images`; a prefix-cache hit may begin it inside one, whose earlier
-    tokens are then keys before every query anyway)."""
-    runs: list[tuple[int, int]] = []
-    for r in rows:
-        if runs and runs[-1][1] == r:
-            runs[-1] = (runs[-1][0], r + 1)
-        else:
-            runs.append((r, r + 1))
-    return runs
-
-
 def both_ways(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
