@@ -74,23 +74,23 @@ def test_explain_runs_the_language_model_natively(folder):
     assert facts["image_attention"] == "bidirectional"
     reasons = {v["backend"]: v["reason"] for v in info["verdicts"]}
     assert "native gemma3 implementation with sliding window" in reasons["pytorch"]
-    assert (
-        "images through the gemma3 encoder (an image's tokens attend to each other both "
-        in (reasons["pytorch"])
-    )
+    both_ways = "images through the gemma3 encoder (an image's tokens attend to each other both"
+    assert both_ways in reasons["pytorch"]
 
 
-def test_logits_equal_transformers_forward(pipe, hf):
-    """The prompt's logits at every position, in one prefill: text-only, and with two images
-    (their tokens attend to each other both ways, past the window of 8 on sliding layers)."""
+def test_logits_equal_transformers_forward_alone_and_batched(pipe, hf):
+    """The prompt's logits at every position, in one prefill: text-only, with one image and
+    with two (their tokens attend to each other both ways, past the window of 8 on sliding
+    layers); each alone, then the three in one step."""
     model, _ = hf
     runner = pipe.runner
-    blocks = tuple(range(min(pipe.stats()["kv_group_blocks_total"])))
-    for images in ([], [picture(0)], [picture(1), picture(2, (40, 100))]):
+    bs = runner.kv_spec.block_size
+    chunks, expected = [], []
+    for i, images in enumerate([[], [picture(0)], [picture(1), picture(2, (40, 100))]]):
         text = templated(pipe, "describe the picture", len(images))
         inputs = hf_inputs(hf, text, images)
         with torch.no_grad():
-            expected = model(**inputs).logits[0]
+            expected.append(model(**inputs).logits[0])
         prepared = pipe.prepare((text, images) if images else text, apply_chat_template=False)
         ids = tuple(prepared.token_ids)
         assert list(ids) == inputs["input_ids"][0].tolist()
@@ -99,9 +99,13 @@ def test_logits_equal_transformers_forward(pipe, hf):
             embeds = pipe.vision.encode([prepared.mm])[0]
             rows = tuple(i for i, t in enumerate(ids) if t == pipe.vision.image_token_id)
             assert len(rows) == 16 * len(images)
-        chunk = SeqChunk(0, ids, 0, blocks, tuple(range(len(ids))), rows, embeds)
-        logits = runner.execute(ScheduledBatch((chunk,), runner.kv_spec.block_size))
-        torch.testing.assert_close(logits, expected, **LOGITS_TOL)
+        table = tuple(range(8 * i, 8 * i + len(ids) // bs + 1))
+        chunks.append(SeqChunk(i, ids, 0, table, tuple(range(len(ids))), rows, embeds))
+    for chunk, want in zip(chunks, expected):
+        logits = runner.execute(ScheduledBatch((chunk,), bs))
+        torch.testing.assert_close(logits, want, **LOGITS_TOL)
+    together = runner.execute(ScheduledBatch(tuple(chunks), bs))
+    torch.testing.assert_close(together, torch.cat(expected), **LOGITS_TOL)
 
 
 def test_greedy_equals_transformers_alone_and_batched(pipe, hf):
