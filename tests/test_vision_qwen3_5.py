@@ -80,30 +80,52 @@ def test_explain_runs_the_hybrid_language_model_natively(family, folders):
     assert f"images through the {family} encoder" in reason
 
 
-def test_logits_with_an_image_equal_transformers_forward(pipes, hf):
-    """The prompt's logits at every position, the image's tokens at their three rope
-    positions (height and width interleaved with time over the rotary pairs)."""
+def test_logits_equal_transformers_forward_alone_and_batched(pipes, hf):
+    """The prompt's logits at every position: text-only through the VLM checkpoint, and with
+    two images at their three rope positions (height and width interleaved with time over the
+    rotary pairs); each alone, then both in one step."""
     pipe, (model, image_processor, tokenizer) = pipes["qwen3_5"], hf["qwen3_5"]
     runner = pipe.runner
+    bs = runner.kv_spec.block_size
+    plain = "hello world the quick brown fox"
     text = templated(pipe, "describe the picture", 2)
     images = [picture(0), picture(1, (40, 100))]
     inputs = qwen_inputs(image_processor, tokenizer, text, images)
     with torch.no_grad():
-        expected = model(**inputs).logits[0]
+        expected = [
+            model(tokenizer(plain, return_tensors="pt").input_ids).logits[0],
+            model(**inputs).logits[0],
+        ]
     prepared = pipe.prepare((text, images), apply_chat_template=False)
     ids = tuple(prepared.token_ids)
     assert list(ids) == inputs["input_ids"][0].tolist()
     embeds = pipe.vision.encode([prepared.mm])[0]
     rows = tuple(i for i, t in enumerate(ids) if t == pipe.vision.image_token_id)
-    blocks = tuple(range(len(ids) // runner.kv_spec.block_size + 1))
-    chunk = SeqChunk(
-        99, ids, 0, blocks, tuple(range(len(ids))), rows, embeds, prepared.mm.rope_positions
-    )
-    try:
-        logits = runner.execute(ScheduledBatch((chunk,), runner.kv_spec.block_size))
-    finally:
-        runner.release_sequence(99, blocks)  # its state slot
-    torch.testing.assert_close(logits, expected, **TOL)
+    plain_ids = tuple(pipe.encode(plain, apply_chat_template=False))
+    chunks = [
+        SeqChunk(90, plain_ids, 0, (0, 1), tuple(range(len(plain_ids)))),
+        SeqChunk(
+            91,
+            ids,
+            0,
+            tuple(range(2, 3 + len(ids) // bs)),
+            tuple(range(len(ids))),
+            rows,
+            embeds,
+            prepared.mm.rope_positions,
+        ),
+    ]
+
+    def run(batch: list[SeqChunk]) -> torch.Tensor:
+        try:
+            return runner.execute(ScheduledBatch(tuple(batch), bs))
+        finally:
+            for c in batch:
+                runner.release_sequence(c.seq_id, c.block_table)  # its state slot
+
+    for chunk, want in zip(chunks, expected):
+        torch.testing.assert_close(run([chunk]), want, **TOL)
+    torch.testing.assert_close(run(chunks), torch.cat(expected), **TOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
