@@ -186,3 +186,21 @@ def test_tp2_gives_tp1s_tokens(pipe, folder):
     config = dict(tp=2, device="cpu", max_batch_size=8)
     with pipeline(str(folder), engine_config=config, progress=False) as sharded:
         assert [r.token_ids for r in sharded(prompts, fixed(8))] == expected
+
+
+def test_a_chunk_ends_before_an_image_it_would_cut():
+    from enginehouse import GenerationConfig
+    from enginehouse.engine.sequence import Sequence
+    from enginehouse.multimodal import MultiModalData
+
+    seq = Sequence(0, "r0", list(range(40)), GenerationConfig(), frozenset(), 64)
+    seq.mm = MultiModalData({}, ("a", "b"), 20, whole_images=True)
+    seq.mm_positions = [*range(10, 20), *range(25, 35)]  # two images of 10 tokens
+    assert seq.whole_images_chunk(0, 10) == 10  # ends where the first image begins
+    assert seq.whole_images_chunk(0, 15) == 10  # would cut it: ends before it
+    assert seq.whole_images_chunk(0, 20) == 20  # takes it whole
+    assert seq.whole_images_chunk(12, 5) == 0  # begins inside it (a prefix hit) and cuts it
+    assert seq.whole_images_chunk(12, 8) == 8  # begins inside it and takes the rest
+    assert seq.whole_images_chunk(20, 10) == 5  # text, then stops before the second image
+    seq.mm = MultiModalData({}, ("a", "b"), 20)  # causal images may be cut anywhere
+    assert seq.whole_images_chunk(0, 15) == 15
