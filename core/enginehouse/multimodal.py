@@ -39,6 +39,22 @@ class MultiModalData:
     # height, width) for the prompt, and the shift of every later position (`p + delta`).
     rope_positions: torch.Tensor | None = None
     rope_delta: int = 0
+    # The model's image tokens attend to each other both ways in the prefill (Gemma 3): the
+    # scheduler then never ends a prefill chunk inside an image, so that every image's tokens
+    # are computed in one step (vLLM's `disable_chunked_mm_input`).
+    whole_images: bool = False
+
+
+def image_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive image positions: one image's tokens (a model
+    whose images are separated by text tokens, as Gemma 3's are by start/end of image)."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .hookspecs import hookimpl
 from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
 from .kv_groups import KVGroup, split_blocks, total_blocks
 from .logits_processors import BatchUpdate, LogitsProcessor
-from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder
+from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder, image_runs
 from .pipeline import read_spec
 from .platforms import Platform, host_free_memory
 from .plugins import get_plugins
@@ -77,6 +77,7 @@ __all__ = [
     "get_plugins",
     "hookimpl",
     "host_free_memory",
+    "image_runs",
     "kv_bytes_per_token",
     "kv_slot",
     "missing_weights",

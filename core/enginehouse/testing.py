@@ -432,3 +432,162 @@ def build_qwen_vl(folder: Path, family: str = "qwen2_vl") -> Path:
         min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, merge_size=2
     ).save_pretrained(folder)
     return folder
+
+
+# Gemma 3's chat template writes <start_of_image> for an image part; the processor expands it.
+GEMMA3_TEMPLATE = PARTS_TEMPLATE.replace("<image>\n", "<start_of_image>")
+GEMMA3_IMAGE_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def build_gemma3_vlm(folder: Path, tokens_per_image: int = 16) -> Path:
+    """A small random-weight Gemma 3 VLM (`Gemma3ForConditionalGeneration`) with its real
+    processor: a SigLIP tower over 8x8 patches of a 56-pixel image, pooled to
+    `tokens_per_image` tokens; a six-layer Gemma 3 text model, five sliding (window 8) to one
+    global. Embeddings untied (a random tied model's greedy tokens only repeat the prompt), and
+    every constant tensor (Gemma's zero norms, the projector's zero weight, biases) random."""
+    import torch
+    import transformers as tf
+
+    build_tokenizer(folder, 512, GEMMA3_TEMPLATE)
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, extra_special_tokens=GEMMA3_IMAGE_TOKENS)
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_IMAGE_TOKENS.items()}
+    text = tf.Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=8,
+        query_pre_attn_scalar=16,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=7,
+    )
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+        tie_word_embeddings=False,
+        architectures=["Gemma3ForConditionalGeneration"],
+    )
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+    # The PIL processor: the default one wants torchvision, and says so when it is missing.
+    images = getattr(tf, "Gemma3ImageProcessorPil", tf.Gemma3ImageProcessor)
+    images = images(size={"height": 56, "width": 56})
+    processor = tf.Gemma3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_length=tokens_per_image
+    )
+    processor.chat_template = GEMMA3_TEMPLATE
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_qwen3_5_vl(folder: Path, moe: bool = False) -> Path:
+    """A small random-weight Qwen3.5 (or Qwen3.5-MoE) VLM: a Qwen3-VL-style tower (16-pixel
+    patches merged 2x2) and the hybrid text model (three Gated DeltaNet layers to one gated
+    full-attention layer) with interleaved multimodal rope, saved with its image processor and
+    the Qwen-VL chat template (its full processor's video half needs torchvision)."""
+    import torch
+    import transformers as tf
+
+    tokenizer = build_tokenizer(folder, 512, QWEN_VL_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    tokenizer.save_pretrained(folder)
+    ids = dict(zip(QWEN_VL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)))
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [3, 3, 2],
+        "mrope_interleaved": True,
+    }
+    text = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        initializer_range=0.1,
+        rope_parameters=rope,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if moe:
+        text.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+        )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+    )
+    cls = tf.Qwen3_5MoeForConditionalGeneration if moe else tf.Qwen3_5ForConditionalGeneration
+    config = (tf.Qwen3_5MoeConfig if moe else tf.Qwen3_5Config)(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        architectures=[cls.__name__],
+    )
+    torch.manual_seed(0)
+    model = cls(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # norms and biases: random, so that a dropped one would show
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+    # 4 to 16 merged tokens per image: 32x32-pixel units, 2x2 patches of 16 pixels each.
+    tf.Qwen2VLImageProcessor(
+        min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32, patch_size=16, merge_size=2
+    ).save_pretrained(folder)
+    return folder

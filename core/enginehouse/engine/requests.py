@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import EngineConfig, GenerationConfig
 from ..errors import RequestError
-from ..multimodal import MultiModalData
+from ..multimodal import MultiModalData, image_runs
 from ..runner import session_length
 from ..spec import ModelSpec
 
@@ -43,13 +43,15 @@ class RequestChecks:
     vocab_size: int
     session_len: int
     image_token_id: int | None = None  # a vision-language model's image placeholder token
+    max_chunk: int | None = None  # max_num_batched_tokens: an image computed whole must fit
 
     @classmethod
     def for_model(
         cls, spec: ModelSpec, config: EngineConfig, tokenizer: Any, image_token_id: int | None
     ) -> RequestChecks:
         vocab = int(spec.config.get("vocab_size") or len(tokenizer))
-        return cls(vocab, session_length(spec, config), image_token_id)
+        chunk = config.max_num_batched_tokens
+        return cls(vocab, session_length(spec, config), image_token_id, chunk)
 
     def validate(
         self,
@@ -106,3 +108,12 @@ class RequestChecks:
                 f"the prompt has {found} image token positions but its images make "
                 f"{mm.num_image_tokens}; let the pipeline expand the image placeholders"
             )
+        if mm.whole_images and self.max_chunk is not None:
+            positions = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
+            longest = max((b - a for a, b in image_runs(positions)), default=0)
+            if longest > self.max_chunk:
+                raise RequestError(
+                    f"an image of the prompt takes {longest} tokens, which this model attends "
+                    f"to in one step, but a step holds {self.max_chunk} tokens; raise "
+                    f"max_num_batched_tokens (--max-num-batched-tokens) to at least {longest}"
+                )

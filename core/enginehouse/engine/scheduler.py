@@ -127,6 +127,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
+            n = seq.whole_images_chunk(seq.num_computed, n)  # 0: its image waits a step
             if n <= 0:
                 continue
             self.bm.drop_out_of_window(seq)  # a sliding window's old blocks first
@@ -154,7 +155,8 @@ class Scheduler:
                 if not seq.admitted:
                     seq.cached_tokens = seq.num_computed
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.bm.can_allocate(seq, n):
+            n = seq.whole_images_chunk(seq.num_computed, n)
+            if n <= 0 or not self.bm.can_allocate(seq, n):
                 self.bm.free_seq(seq)  # give back the prefix blocks it had taken
                 seq.num_computed = 0
                 break

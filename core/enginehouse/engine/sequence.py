@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import GenerationConfig
-from ..multimodal import MultiModalData
+from ..multimodal import MultiModalData, image_runs
 from .grammar import GrammarState
 
 
@@ -140,6 +140,21 @@ class Sequence:
             return (), None
         rows = tuple(p - start for p in self.mm_positions[a:b])
         return rows, self.mm_embeds[a:b]
+
+    def whole_images_chunk(self, start: int, n: int) -> int:
+        """How many of the `n` tokens from `start` to compute in one chunk: all of them, or,
+        for a model whose image tokens attend to each other both ways
+        (`MultiModalData.whole_images`), those before an image the chunk would cut (0 when
+        the chunk would begin inside it)."""
+        if self.mm is None or not self.mm.whole_images:
+            return n
+        end, positions = start + n, self.mm_positions
+        i = bisect.bisect_left(positions, end)
+        # The chunk cuts an image where positions end - 1 and end are both its tokens.
+        if 0 < i < len(positions) and positions[i] == end and positions[i - 1] == end - 1:
+            first = next(a for a, b in image_runs(positions) if a < end < b)
+            return max(first - start, 0)
+        return n
 
     def rope_positions(self, start: int, end: int) -> torch.Tensor | None:
         """[3, end - start] multimodal rotary positions, for models that have them: the

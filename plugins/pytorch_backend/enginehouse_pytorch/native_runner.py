@@ -18,6 +18,7 @@ from enginehouse.plugin_api import (
     LoraAdapter,
     RunnerCapabilities,
     RunnerContext,
+    image_runs,
     resolve_device,
     resolve_dtype,
     use_all_cores,
@@ -67,6 +68,8 @@ class NativeRunner:
         )
         # A VLM's checkpoint also holds the vision tower: load only the language model's part.
         self.prefixes = spec.facts.get("text_weight_prefixes") if spec.is_vlm else None
+        # Gemma 3: an image's tokens attend to each other both ways in the prefill.
+        self.images_both_ways = spec.is_vlm and spec.facts.get("image_attention") == "bidirectional"
         self.device = resolve_device(config)
         if context.sharded and self.device.type == "cuda":
             self.device = torch.device("cuda", context.local_rank)  # one GPU per rank
@@ -295,7 +298,8 @@ class NativeRunner:
             ],
             dim=1,
         )
-        return mrope_rows(cos, sin, three, self.arch.rope.mrope_section)
+        rope = self.arch.rope
+        return mrope_rows(cos, sin, three, rope.mrope_section, rope.mrope_interleaved)
 
     def _metadata(self, order: list) -> StepMeta:
         """The step's metadata; with several KV groups, one per group (`StepMeta.by_group`)."""
@@ -348,6 +352,10 @@ class NativeRunner:
                     windows,
                     self.device,
                     **group.layout,
+                    # A chunk never ends inside such an image (MultiModalData.whole_images);
+                    # a prefix hit may begin it inside one, whose cached tokens are keys
+                    # before every query anyway.
+                    blocks=image_runs(c.embed_rows) if self.images_both_ways else None,
                 )
             )
             offset += n

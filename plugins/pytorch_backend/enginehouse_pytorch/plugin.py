@@ -163,6 +163,8 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     window = " with sliding window" if any(arch.windows) else ""
     moe = f", {arch.moe.num_experts} experts" if arch.moe else ""
     images = f", images through the {encoder} encoder" if encoder else ""
+    if spec.facts.get("image_attention") == "bidirectional":
+        images += " (an image's tokens attend to each other both ways in the prefill)"
     # A hybrid model's layer groups and their memory replace the kernels' line (torch ops).
     cache = cache_kind(arch)
     if arch.linear is not None:

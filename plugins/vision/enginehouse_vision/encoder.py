@@ -84,9 +84,10 @@ def _checkpoint_names(name: str) -> list[str]:
 
 
 class HFVisionEncoder:
-    """`VisionEncoder` for LLaVA-style models (see `enginehouse.multimodal`): the model's own
-    processor expands the placeholders; the tower's features are taken at the configured
-    layer (`vision_feature_layer`, `vision_feature_select_strategy`)."""
+    """`VisionEncoder` for LLaVA-style models and Gemma 3 (see `enginehouse.multimodal`): the
+    model's own processor expands the placeholders; LLaVA's tower features are taken at the
+    configured layer (`vision_feature_layer`, `vision_feature_select_strategy`), Gemma 3's
+    are pooled and projected by its `multi_modal_projector`."""
 
     def __init__(self, spec: ModelSpec, config: EngineConfig) -> None:
         family = FAMILIES[spec.architecture]
@@ -165,6 +166,7 @@ class HFVisionEncoder:
             inputs=inputs,
             image_hashes=tuple(image_hash(p) for p in pictures),
             num_image_tokens=ids.count(self.image_token_id),
+            whole_images=self.family.bidirectional_images,
         )
         return PreparedPrompt(ids, mm)
 
@@ -225,10 +227,10 @@ class HFVisionEncoder:
             raise missing_weights("vision weights", missing)
 
     def _feature_args(self) -> dict[str, Any]:
-        return {
-            "vision_feature_layer": self.config.vision_feature_layer,
-            "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
-        }
+        """LLaVA's choice of the tower's layer and tokens (Gemma 3 has none: its projector
+        pools the last layer)."""
+        names = ("vision_feature_layer", "vision_feature_select_strategy")
+        return {n: getattr(self.config, n) for n in names if hasattr(self.config, n)}
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[MultiModalData]) -> list[torch.Tensor]:
@@ -244,6 +246,7 @@ class HFVisionEncoder:
         features = getattr(features, "pooler_output", features)  # older versions: the features
         if not isinstance(features, torch.Tensor):
             features = torch.cat(list(features))
+        features = features.reshape(-1, features.shape[-1])  # Gemma 3: [images, tokens, d]
         return list(torch.split(features, [mm.num_image_tokens for mm in batch]))
 
     def close(self) -> None:

@@ -35,17 +35,31 @@ class VisionFamily:
     # The language model's architecture when its text_config names none that runs natively.
     text_architecture: str | None = None
     mrope: bool = False  # multimodal rotary positions (M-RoPE)
+    # An image's tokens attend to each other both ways in the prefill, not causally (Gemma 3).
+    bidirectional_images: bool = False
     unsupported: str = ""
 
 
 QWEN_VL = dict(
     text_prefixes=QWEN_VL_TEXT_PREFIXES, text_architecture="Qwen2ForCausalLM", mrope=True
 )
+QWEN3_5_VL = dict(text_prefixes=QWEN_VL_TEXT_PREFIXES, mrope=True)
 FAMILIES = {
     "LlavaForConditionalGeneration": VisionFamily("llava", "LlavaModel"),
     "LlavaNextForConditionalGeneration": VisionFamily("llava_next", "LlavaNextModel"),
     "Qwen2VLForConditionalGeneration": VisionFamily("qwen2_vl", "Qwen2VLModel", **QWEN_VL),
     "Qwen2_5_VLForConditionalGeneration": VisionFamily("qwen2_5_vl", "Qwen2_5_VLModel", **QWEN_VL),
+    # Qwen3-VL-style tower; the language model is the hybrid Qwen3.5 text model
+    # (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM from its text_config), interleaved M-RoPE.
+    "Qwen3_5ForConditionalGeneration": VisionFamily("qwen3_5", "Qwen3_5Model", **QWEN3_5_VL),
+    "Qwen3_5MoeForConditionalGeneration": VisionFamily(
+        "qwen3_5_moe", "Qwen3_5MoeModel", **QWEN3_5_VL
+    ),
+    # SigLIP tower, average-pooled to mm_tokens_per_image and projected; the language model is
+    # Gemma 3's text model (`gemma3_text`), laid out as LLaVA's.
+    "Gemma3ForConditionalGeneration": VisionFamily(
+        "gemma3", "Gemma3Model", bidirectional_images=True
+    ),
 }
 
 

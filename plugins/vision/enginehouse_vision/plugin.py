@@ -36,6 +36,8 @@ def detect_architecture(spec: ModelSpec) -> dict[str, Any] | None:
         facts["vision_unsupported"] = family.unsupported
     else:
         facts["vision_encoder"] = family.name
+    if family is not None and family.bidirectional_images:
+        facts["image_attention"] = "bidirectional"  # the runner unmasks each image's tokens
     text = text_model(spec.config, family)
     if text is not None and family is not None:
         facts["text_architecture"], facts["text_config"] = text

@@ -30,6 +30,9 @@ class Rope:
     params: Mapping[str, Any] = field(default_factory=dict)  # the scaling parameters, as given
     # Qwen2-VL's M-RoPE: how many frequency pairs follow the time, height and width positions.
     mrope_section: tuple[int, ...] = ()
+    # Qwen3-VL's and Qwen3.5's layout: the axes take turns (t, h, w, t, h, w, ...) over the
+    # first 3 * section pairs, not one contiguous run of pairs each.
+    mrope_interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -389,8 +392,11 @@ def qwen3_5(config: Mapping[str, Any]) -> Arch:
     """Qwen3.5's text model: Qwen3-Next's layers with plain projections and a dense MLP. Its
     multimodal rope (M-RoPE) is plain rope for text, whose three positions are equal."""
     bias = bool(config.get("attention_bias", False))
+    common = _common(config, "qwen3_5")
+    # transformers' Qwen3.5 interleaves its M-RoPE axes whatever `mrope_interleaved` says.
+    common["rope"] = replace(common["rope"], mrope_interleaved=True)
     return Arch(
-        **_common(config, "qwen3_5"),
+        **common,
         qkv_bias=bias,
         o_bias=bias,
         qk_norm=True,

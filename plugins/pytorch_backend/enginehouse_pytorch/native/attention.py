@@ -124,6 +124,23 @@ def only_window(windows: set[int | None]) -> int | None:
     return next(iter(windows)) if len(windows) == 1 else None
 
 
+def both_ways(
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    blocks: list[tuple[int, int]],
+    window: int | None,
+) -> torch.Tensor:
+    """True where a query and a key are tokens of one image (`blocks` in positions), which
+    see each other both ways: Gemma 3's prefill mask, causal OR same image, AND the window
+    on sliding layers (transformers' `create_masks_for_vision_model`)."""
+    ok = torch.zeros(query_pos.shape[0], key_pos.shape[1], dtype=torch.bool)
+    for a, b in blocks:
+        ok |= (query_pos >= a) & (query_pos < b) & (key_pos >= a) & (key_pos < b)
+    if window is not None:
+        ok &= key_pos > query_pos - window
+    return ok
+
+
 def prefill_metadata(
     chunk_range: tuple[int, int],
     start_pos: int,
@@ -133,7 +150,10 @@ def prefill_metadata(
     device: torch.device,
     kv_heads: int = 1,
     num_slots: int = 0,
+    blocks: list[tuple[int, int]] | None = None,
 ) -> Prefill:
+    """The chunk's gather indices and masks; `blocks` ([start, end) rows of the chunk) are
+    images whose tokens attend to each other both ways (Gemma 3)."""
     begin, end = chunk_range
     n = end - begin
     total = start_pos + n
@@ -147,12 +167,16 @@ def prefill_metadata(
         table = torch.tensor(block_table)
         slots = table[pos // block_size] * block_size + pos % block_size
         p.context = across_heads(slots, kv_heads, num_slots).to(device)
+    images = [(start_pos + a, start_pos + b) for a, b in blocks or ()]
     for w in windows:
-        if start_pos == 0 and (w is None or w >= n):
+        if start_pos == 0 and (w is None or w >= n) and not images:
             p.masks[w] = None  # plain causal: the kernel's own is_causal is fastest
         else:
-            q = torch.arange(start_pos, total)[:, None]
-            p.masks[w] = window_mask(q, torch.arange(first, total)[None], w, total).to(device)
+            q, keys = torch.arange(start_pos, total)[:, None], torch.arange(first, total)[None]
+            ok = window_mask(q, keys, w, total)
+            if images:
+                ok |= both_ways(q, keys, images, w)
+            p.masks[w] = ok.to(device)
     return p
 
 

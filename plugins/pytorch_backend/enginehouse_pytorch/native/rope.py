@@ -115,11 +115,22 @@ def rope_table(arch: Arch, num_positions: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def mrope_rows(
-    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, section: tuple[int, ...]
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    section: tuple[int, ...],
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the table for multimodal positions [3, tokens] (Qwen2-VL's M-RoPE): each
-    frequency takes its row from the time, height or width position, by `section`."""
-    half = torch.cat([torch.full((n,), i) for i, n in enumerate(section)])
+    frequency takes its row from the time, height or width position, by `section`: a run of
+    pairs per axis, or (`interleaved`, Qwen3-VL and Qwen3.5) pair i from axis i % 3 while
+    i < 3 * section[axis], from time after that."""
+    if interleaved:
+        i = torch.arange(sum(section))
+        axis = i % 3
+        half = torch.where(i < 3 * torch.tensor(section)[axis], axis, 0)
+    else:
+        half = torch.cat([torch.full((n,), i) for i, n in enumerate(section)])
     which = torch.cat([half, half]).to(cos.device)  # both halves of the rotate-half layout
     columns = torch.arange(cos.shape[-1], device=cos.device)
     rows = positions.to(cos.device)[which]  # [dim, tokens]: the position each column uses
