@@ -80,6 +80,14 @@ def test_paged_decode_reads_an_int8_cache(results):
     _check(results, "int8", 2)
 
 
+def test_paged_decode_verifies_several_queries_per_sequence(results):
+    _check(results, "verify", 10)
+
+
+def test_paged_decode_reads_an_fp8_cache(results):
+    _check(results, "fp8", 6)
+
+
 def test_native_runner_with_triton_kernels_matches_torch_path(results):
     _check(results, "runner", 1)
 
@@ -164,6 +172,70 @@ def _decode_checks() -> list[dict]:
         ),
     ]
     return [_decode_check(name, **kw) for name, kw in cases]
+
+
+def _verify_checks() -> list[dict]:
+    """Several queries per sequence (speculative verification), each K/V tile read once for
+    all of them: against the torch path attending each query as a decode row of its own."""
+    cases = [
+        ("verify-mha-k3", dict(kvh=2, g=1, d=16, bs=4, lens=[9, 17, 4], counts=[4, 1, 4])),
+        ("verify-gqa4-ragged", dict(kvh=2, g=4, d=16, bs=4, lens=[5, 40, 1], counts=[2, 4, 1])),
+        ("verify-gqa-empty-seq", dict(kvh=1, g=2, d=16, bs=8, lens=[6, 0, 30], counts=[3, 0, 4])),
+        ("verify-window", dict(kvh=2, g=2, d=16, bs=4, lens=[40, 12], counts=[4, 3], window=6)),
+        (
+            "verify-window-parts-softcap",
+            dict(
+                kvh=1, g=4, d=24, bs=8, lens=[90, 9], counts=[5, 2], window=9, softcap=5.0, parts=3
+            ),
+        ),
+        (
+            "verify-sinks-parts",
+            dict(kvh=2, g=2, d=16, bs=4, lens=[33, 7], counts=[4, 2], sinks=True, parts=2),
+        ),
+        (
+            "verify-sinks-window",
+            dict(kvh=1, g=8, d=16, bs=4, lens=[20, 6], counts=[3, 4], sinks=True, window=8),
+        ),
+        ("verify-int8", dict(kvh=2, g=2, d=16, bs=4, lens=[21, 5], counts=[4, 2], kv="int8")),
+        (
+            "verify-bfloat16",
+            dict(kvh=2, g=2, d=32, bs=8, lens=[70, 5], counts=[4, 4], dtype="bfloat16"),
+        ),
+        ("verify-k7", dict(kvh=1, g=1, d=16, bs=4, lens=[30, 8], counts=[8, 8])),
+    ]
+    return [_decode_check(name, **kw) for name, kw in cases]
+
+
+def _fp8_checks() -> list[dict]:
+    """An fp8 (e4m3) cache with per-tensor scales, dequantized in the kernel, against the
+    torch path reading the same cache (kv_quant.Fp8Attention)."""
+    cases = [
+        ("fp8-gqa", dict(kvh=2, g=2, d=16, bs=4, lens=[5, 0, 37], kv="fp8")),
+        (
+            "fp8-window-parts",
+            dict(kvh=2, g=2, d=16, bs=4, lens=[50, 9], window=12, parts=2, kv="fp8"),
+        ),
+        ("fp8-sinks", dict(kvh=1, g=4, d=16, bs=8, lens=[30, 3], sinks=True, kv="fp8")),
+        ("fp8-bfloat16", dict(kvh=2, g=2, d=32, bs=8, lens=[40, 6], dtype="bfloat16", kv="fp8")),
+        ("fp8-verify", dict(kvh=2, g=2, d=16, bs=4, lens=[21, 5], counts=[4, 2], kv="fp8")),
+    ]
+    out = [_decode_check(name, **kw) for name, kw in cases]
+    out.append(_fp8_values_check())
+    return out
+
+
+def _fp8_values_check() -> dict:
+    """The kernel's e4m3 decoding (integer ops, `_fp8_e4m3_to_float`), code by code: all 254
+    finite codes against torch's own float8_e4m3fn conversion."""
+    import torch
+
+    from enginehouse_pytorch.native.triton_ops import fp8_e4m3_values
+
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    want = codes.view(torch.float8_e4m3fn).float()
+    got = fp8_e4m3_values(codes)
+    wrong = int((got != want).sum())
+    return {"name": "fp8-codes", "ok": wrong == 0, "detail": f"{wrong}/{len(codes)} codes differ"}
 
 
 def _int8_checks() -> list[dict]:
@@ -340,6 +412,8 @@ def _main(folder: Path) -> None:
         "store": _store_checks,
         "decode": _decode_checks,
         "int8": _int8_checks,
+        "verify": _verify_checks,
+        "fp8": _fp8_checks,
         "runner": lambda: _runner_checks(folder),
     }
     for name, group in groups.items():

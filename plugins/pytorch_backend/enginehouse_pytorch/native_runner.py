@@ -23,7 +23,7 @@ from enginehouse.plugin_api import (
     use_all_cores,
 )
 
-from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant
+from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant, verify_rows
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.families import renamer
@@ -124,16 +124,18 @@ class NativeRunner:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
             return TorchAttention
-        if self.arch.sinks and self.kv_kind != "auto":  # the int8 kernels have no sinks yet
-            return kv_quant.attention_for(self.kv_kind)
-        # An int8 KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path.
-        if self.kv_kind == "int8" and self.device.type == "cuda":
-            try:  # Triton's paged decode reads int8 with its scales
-                from .native.triton_ops import TritonInt8Attention
+        # A quantized KV cache's decode on a GPU: Triton's paged kernel reads int8 with its
+        # scales and fp8 (e4m3) with its per-tensor scales, sinks too.
+        if self.kv_kind != "auto" and self.device.type == "cuda":
+            try:
+                from .native.triton_ops import TritonFp8Attention, TritonInt8Attention
 
-                return TritonInt8Attention
+                return TritonInt8Attention if self.kv_kind == "int8" else TritonFp8Attention
             except ImportError:
                 pass
+        if self.arch.sinks and self.kv_kind != "auto":  # the C++ int8 kernel has no sinks yet
+            return kv_quant.attention_for(self.kv_kind)
+        # On the CPU an int8 KV cache's decode is the C++ paged kernel; fp8's the torch path.
         if self.kv_kind == "int8" and self.device.type == "cpu" and cpu_kernels.load():
             return cpu_kernels.CpuInt8Attention  # the C++ paged decode reads int8 in place
         if self.kv_kind != "auto":
@@ -336,6 +338,8 @@ class NativeRunner:
                 self.paged,
                 **group.layout,
             )
+            if self.paged and verify_rows.wants_queries(self.kernel, decodes):
+                verify_rows.fill(meta, decodes, g, self.device)  # K/V read once per sequence
         offset = meta.num_decode
         for c in order[len(decodes) :]:
             n = len(c.token_ids)
