@@ -53,7 +53,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, f"interpreter checks crashed:\n{proc.stdout}\n{proc.stderr}"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
@@ -94,6 +94,10 @@ def test_native_runner_with_triton_kernels_matches_torch_path(results):
 
 def test_decode_graphs_pack_pad_and_order_rows(results):
     _check(results, "graphs", 2)
+
+
+def test_speculative_decoding_through_the_triton_runner_is_greedy_identical(results):
+    _check(results, "runner-speculative", 1)
 
 
 # --- the subprocess side --------------------------------------------------------------------
@@ -304,7 +308,8 @@ def _store_checks() -> list[dict]:
 
 def _runner_checks(folder: Path) -> list[dict]:
     """The native runner with TritonAttention (paged metadata) against the torch path, step by
-    step, with decode-only steps going through DecodeGraphs' eager stand-in."""
+    step, with decode and verify steps going through DecodeGraphs' eager stand-in; then
+    speculative decoding's greedy identity through the Triton runner."""
     import random
 
     import torch
@@ -314,6 +319,7 @@ def _runner_checks(folder: Path) -> list[dict]:
     from enginehouse.pipeline import read_spec
     from enginehouse.runner import RunnerContext, SeqChunk
     from enginehouse.testing import native_model_configs
+    from enginehouse_pytorch.native import verify_rows
     from enginehouse_pytorch.native.cuda_graphs import DecodeGraphs
     from enginehouse_pytorch.native.triton_ops import TritonAttention
     from enginehouse_pytorch.native_runner import NativeRunner
@@ -323,12 +329,17 @@ def _runner_checks(folder: Path) -> list[dict]:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(hf_config).save_pretrained(folder / "gemma2")  # no tokenizer
     spec = read_spec(str(folder / "gemma2"))
-    config = EngineConfig(device="cpu", dtype="float32", block_size=4, max_batch_size=4)
+    speculative = {"method": "ngram", "num_speculative_tokens": 3}
+    config = EngineConfig(
+        device="cpu", dtype="float32", block_size=4, max_batch_size=4,
+        speculative_config=speculative,
+    )  # fmt: skip
     num_blocks = 40
     ref = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     ref.load(progress=False)
     # Gemma 2 has two KV groups (sliding and full layers) of equal shares: allocate_kv takes
-    # their total, and the one table of each chunk serves both (SeqChunk.table).
+    # their total; each chunk gives each group a table of its own (`SeqChunk.group_tables`),
+    # from two differently shuffled pools, so a kernel reading the wrong group's blocks shows.
     groups = len(ref.kv_spec.groups)
     ref.allocate_kv(num_blocks * groups)
     tri = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
@@ -337,30 +348,48 @@ def _runner_checks(folder: Path) -> list[dict]:
     tri.allocate_kv(num_blocks * groups)
     tri.graphs = DecodeGraphs(tri, sizes=[1, 2, 4])
     tri.graphs.capture()
+    multi_query_steps = []  # verify steps the eager path gave per-sequence queries
+    fill = verify_rows.fill
+
+    def counting_fill(meta, decodes, group, device):
+        multi_query_steps.append(group)
+        fill(meta, decodes, group, device)
+
+    verify_rows.fill = counting_fill
 
     rng = random.Random(0)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    free = [list(range(num_blocks)) for _ in range(groups)]
+    for pool in free:
+        rng.shuffle(pool)
     prompts = {0: 13, 1: 5, 2: 20}  # seq id -> prompt length
     tokens = {s: [rng.randrange(5, 500) for _ in range(n)] for s, n in prompts.items()}
-    tables: dict[int, list[int]] = {s: [] for s in prompts}
+    tables: dict[int, list[list[int]]] = {s: [[] for _ in range(groups)] for s in prompts}
     done = dict.fromkeys(prompts, 0)  # tokens whose KV is in the cache
 
-    def chunk(seq: int, n: int, logits: bool = True) -> SeqChunk:
+    def chunk(seq: int, n: int, logits: bool = True, verify: bool = False) -> SeqChunk:
         start = done[seq]
-        while len(tables[seq]) * 4 < start + n:
-            tables[seq].append(free.pop())
+        for g, table in enumerate(tables[seq]):
+            while len(table) * 4 < start + n:
+                table.append(free[g].pop())
         done[seq] += n
         ids = tuple(tokens[seq][start : start + n])
-        return SeqChunk(seq, ids, start, tuple(tables[seq]), (n - 1,) if logits else ())
+        own = tuple(tuple(t) for t in tables[seq])
+        at = tuple(range(n)) if verify else (n - 1,) if logits else ()
+        return SeqChunk(seq, ids, start, own[0], at, verify=verify, group_tables=own)
 
     def verify(seq: int, k: int) -> SeqChunk:
         """The last token and k proposals (speculative decoding): logits at every position."""
         tokens[seq] += [rng.randrange(5, 500) for _ in range(k)]
-        c = chunk(seq, k + 1)
-        return SeqChunk(
-            c.seq_id, c.token_ids, c.start_pos, c.block_table, tuple(range(k + 1)), verify=True
-        )
+        return chunk(seq, k + 1, verify=True)
+
+    def eager(step):
+        """A step the graphs must not take: the eager path's per-sequence queries."""
+
+        def run():
+            tri.graphs.enabled = False
+            return step()
+
+        return run
 
     steps = [
         lambda: [chunk(0, 13), chunk(1, 5)],  # prefill
@@ -369,22 +398,29 @@ def _runner_checks(folder: Path) -> list[dict]:
         *[lambda: [chunk(1, 1), chunk(0, 1), chunk(2, 1)]] * 2,  # decode: 3 of 4 rows padding
         lambda: [chunk(2, 1), chunk(0, 1, logits=False)],  # a row without logits
         lambda: [chunk(0, 1)],
-        lambda: [verify(0, 3), chunk(1, 1), verify(2, 2)],  # proposals verified as decode rows
+        lambda: [verify(0, 3), chunk(1, 1), verify(2, 2)],  # a verify graph (4 rows a sequence)
+        lambda: [verify(1, 1)],  # one sequence, 2 of its 4 rows padding
+        eager(lambda: [verify(1, 3), chunk(0, 1), verify(2, 1)]),  # queries per sequence
     ]
     worst, shapes_ok = 0.0, True
     for step in steps:
         batch = ScheduledBatch(tuple(step()), 4)
         want, got = ref.execute(batch), tri.execute(batch)
+        tri.graphs.enabled = True
         shapes_ok &= want.shape == got.shape and got.dtype == torch.float32
         if want.shape == got.shape:
             worst = max(worst, (want - got).abs().max().item())
         rows = iter(want)
         for c in batch.chunks:  # the next token: greedy, or any where no logits were asked
+            for _ in c.logits_at[:-1]:
+                next(rows)
             token = int(next(rows).argmax()) if c.logits_at else 7
             if done[c.seq_id] == len(tokens[c.seq_id]):
                 tokens[c.seq_id].append(token)
-    null_zero = all(bool((k[:, tri.null_slot] == 0).all()) for pair in tri.kv for k in pair)
-    replays = tri.graphs.replays
+    verify_rows.fill = fill
+    null_zero = all(bool((c.cache[:, :, :, c.null_slot] == 0).all()) for c in tri.caches)
+    replays, verified = tri.graphs.replays, tri.graphs.verify_replays
+    speculation = _speculative_identity(tri, num_blocks)
     return [
         {
             "name": "runner-gemma2-steps",
@@ -392,16 +428,71 @@ def _runner_checks(folder: Path) -> list[dict]:
             "detail": f"max logits diff {worst:.2e}, shapes/dtype ok {shapes_ok}",
         },
         {
+            "name": "runner-verify-queries-per-sequence",
+            "ok": sorted(multi_query_steps) == list(range(groups)),
+            "detail": f"eager verify metadata per group: {multi_query_steps} (want one per group)",
+        },
+        {
             "name": "graphs-decode-steps-replayed",
-            "ok": replays == 4,
-            "detail": f"{replays} decode-only steps went through DecodeGraphs (want 4)",
+            "ok": replays == 6 and verified == 2,
+            "detail": f"{replays} steps went through DecodeGraphs, {verified} of them verify "
+            "steps (want 6 and 2)",
         },
         {
             "name": "graphs-null-slot-stays-zero",
             "ok": null_zero,
             "detail": "" if null_zero else "a padding row wrote into the null slot",
         },
+        speculation,
     ]
+
+
+def _speculative_identity(runner, num_blocks: int) -> dict:
+    """Greedy speculative decoding through the Triton runner (verify steps in DecodeGraphs'
+    stand-in and eagerly) gives the tokens of plain greedy decoding through it. Proposals are
+    the plain continuation with every third one wrong, so steps keep some and reject the rest;
+    the rejected tokens' slots are written over by the next step, as in the engine."""
+    from enginehouse import ScheduledBatch
+    from enginehouse.runner import SeqChunk
+
+    bs, new, k = 4, 12, 3
+    prompt = [11, 42, 7, 99, 23, 11, 42, 7]
+    groups = len(runner.caches)
+    tables = [tuple(range(g * 8, g * 8 + 8)) for g in range(groups)]  # 32 slots a group
+
+    def step(seq: int, ids: list[int], start: int, verify: bool) -> list[int]:
+        at = tuple(range(len(ids))) if verify else (len(ids) - 1,)
+        c = SeqChunk(seq, tuple(ids), start, tables[0], at, verify=verify, group_tables=tables)
+        return runner.execute(ScheduledBatch((c,), bs)).argmax(-1).tolist()
+
+    plain = list(prompt)
+    plain.append(step(10, plain, 0, False)[-1])
+    while len(plain) < len(prompt) + new:
+        plain.append(step(10, plain[-1:], len(plain) - 1, False)[-1])
+    spec = list(prompt)
+    spec.append(step(11, spec, 0, False)[-1])
+    drafted = kept = verify_steps = 0
+    graphs = runner.graphs
+    while len(spec) < len(prompt) + new:
+        truth = plain[len(spec) : len(spec) + k]
+        proposals = [t if (len(spec) + i) % 3 else (t + 1) % 500 for i, t in enumerate(truth)]
+        graphs.enabled = verify_steps % 2 == 0  # graphs and the eager path in turn
+        best = step(11, spec[-1:] + proposals, len(spec) - 1, True)
+        verify_steps += 1
+        accepted = 0
+        while accepted < len(proposals) and proposals[accepted] == best[accepted]:
+            accepted += 1
+        drafted, kept = drafted + len(proposals), kept + accepted
+        spec += proposals[:accepted] + [best[accepted]]
+    graphs.enabled = True
+    spec = spec[: len(prompt) + new]
+    ok = spec == plain and 0 < kept < drafted
+    return {
+        "name": "runner-speculative-greedy-identity",
+        "ok": ok,
+        "detail": f"tokens identical {spec == plain}; {kept}/{drafted} proposals kept "
+        f"in {verify_steps} verify steps",
+    }
 
 
 def _main(folder: Path) -> None:

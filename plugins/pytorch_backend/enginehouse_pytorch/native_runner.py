@@ -270,10 +270,10 @@ class NativeRunner:
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
         self.decode = cpu_step.decode_runner(self)
-        # CUDA graphs capture one block table per row: models with one KV group only, and a
-        # float cache (the quantized store was never run under a graph here).
-        single = len(self.layer_groups) == 1 and self.kv_kind == "auto"
-        if self.device.type == "cuda" and self.paged and not self.config.eager and single:
+        # CUDA graphs of decode and verify steps (each KV group's tables and slots in static
+        # buffers): a float cache (the quantized store was never run under a graph here).
+        floats = self.kv_kind == "auto"
+        if self.device.type == "cuda" and self.paged and not self.config.eager and floats:
             from .native.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)

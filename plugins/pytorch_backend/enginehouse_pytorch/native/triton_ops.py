@@ -148,6 +148,7 @@ def _paged_decode_kernel(
     bt_sb,
     bt_sw,
     lens_s,
+    qs_s,
     o_sb,
     o_sh,
     p_sb,
@@ -186,8 +187,8 @@ def _paged_decode_kernel(
         first_row = b
         count = 1
     else:
-        first_row = tl.load(qs_ptr + b).to(tl.int32)
-        count = tl.load(qn_ptr + b).to(tl.int32)
+        first_row = tl.load(qs_ptr + b * qs_s).to(tl.int32)
+        count = tl.load(qn_ptr + b * qs_s).to(tl.int32)
     lo = part * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, length)
     if HAS_WINDOW:  # keys > query - window for the first query (at length - count)
@@ -419,6 +420,7 @@ def paged_decode(
         block_g = triton.next_power_of_2(g)
         q_rows = max(triton.next_power_of_2(queries.most), max(1, 16 // block_g))
         starts, counts = queries.starts, queries.counts
+        assert starts.stride() == counts.stride()
     else:
         block_g, q_rows = max(16, triton.next_power_of_2(g)), 1
         starts = counts = context_lens  # unused
@@ -445,6 +447,7 @@ def paged_decode(
         block_tables.stride(0),
         block_tables.stride(1),
         context_lens.stride(0),
+        starts.stride(0),
         out.stride(0),
         d,
         h * num_parts,
