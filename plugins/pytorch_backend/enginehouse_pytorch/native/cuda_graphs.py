@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from enginehouse import ScheduledBatch, SeqChunk
@@ -98,25 +99,24 @@ class StaticInputs:
         return cls(queries, width, groups, rows, table)
 
     def host_rows(self, chunks: tuple[SeqChunk, ...], n: int, block_size: int, scratch: list[int]):
-        """The first n sequences' buffers on the host: the chunks' rows, then padding."""
+        """The first n sequences' buffers on the host: the chunks' rows, then padding (NumPy
+        slices, not a tensor op per chunk: this runs before every replay)."""
         q, groups, width = self.queries, self.groups, self.width
-        rows = torch.zeros(n * q, SLOT + groups, dtype=torch.long)
-        rows[:, SLOT:] = torch.tensor(scratch)  # padding rows' K/V: each group's scratch slot
-        seqs = torch.zeros(n, TABLE + groups * width, dtype=torch.long)
-        seqs[:, START] = torch.arange(n) * q
+        rows = np.zeros((n * q, SLOT + groups), dtype=np.int64)
+        rows[:, SLOT:] = scratch  # padding rows' K/V go to each group's scratch slot
+        seqs = np.zeros((n, TABLE + groups * width), dtype=np.int64)
+        seqs[:, START] = np.arange(n) * q
         for i, c in enumerate(chunks):
-            count = len(c.token_ids)
-            at = i * q
-            positions = range(c.start_pos, c.end_pos)
-            rows[at : at + count, TOKEN] = torch.tensor(c.token_ids)
-            rows[at : at + count, POSITION] = torch.tensor(positions)
-            seqs[i, LENGTH], seqs[i, COUNT] = c.end_pos, count
+            count, at, start = len(c.token_ids), i * q, c.start_pos
+            rows[at : at + count, TOKEN] = c.token_ids
+            rows[at : at + count, POSITION] = range(start, start + count)
+            seqs[i, LENGTH], seqs[i, COUNT] = start + count, count
             for g in range(groups):
                 table = c.table(g)
-                slots = [kv_slot(table, p, block_size) for p in positions]
-                rows[at : at + count, SLOT + g] = torch.tensor(slots)
-                seqs[i, TABLE + g * width : TABLE + g * width + len(table)] = torch.tensor(table)
-        return rows, seqs
+                slots = [kv_slot(table, p, block_size) for p in range(start, start + count)]
+                rows[at : at + count, SLOT + g] = slots
+                seqs[i, TABLE + g * width : TABLE + g * width + len(table)] = table
+        return torch.from_numpy(rows), torch.from_numpy(seqs)
 
     def fill(self, chunks: tuple[SeqChunk, ...], n: int, block_size: int, scratch: list[int]):
         rows, seqs = self.host_rows(chunks, n, block_size, scratch)
