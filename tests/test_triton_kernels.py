@@ -100,6 +100,10 @@ def test_speculative_decoding_through_the_triton_runner_is_greedy_identical(resu
     _check(results, "runner-speculative", 1)
 
 
+def test_native_runner_reads_an_fp8_cache_with_the_triton_kernel(results):
+    _check(results, "runner-fp8", 1)
+
+
 # --- the subprocess side --------------------------------------------------------------------
 
 
@@ -421,6 +425,7 @@ def _runner_checks(folder: Path) -> list[dict]:
     null_zero = all(bool((c.cache[:, :, :, c.null_slot] == 0).all()) for c in tri.caches)
     replays, verified = tri.graphs.replays, tri.graphs.verify_replays
     speculation = _speculative_identity(tri, num_blocks)
+    fp8 = _fp8_runner_check(spec)
     return [
         {
             "name": "runner-gemma2-steps",
@@ -444,7 +449,50 @@ def _runner_checks(folder: Path) -> list[dict]:
             "detail": "" if null_zero else "a padding row wrote into the null slot",
         },
         speculation,
+        fp8,
     ]
+
+
+def _fp8_runner_check(spec) -> dict:
+    """An fp8 KV cache through the runner: TritonFp8Attention (the GPU's choice: the torch
+    store, the Triton decode with several queries per sequence) against the torch path
+    (Fp8Attention, the CPU's choice) on prefill, decode and verify steps of Gemma 2."""
+
+    from enginehouse import EngineConfig, ScheduledBatch
+    from enginehouse.runner import RunnerContext, SeqChunk
+    from enginehouse_pytorch.native.kv_quant import Fp8Attention
+    from enginehouse_pytorch.native.triton_ops import TritonFp8Attention
+    from enginehouse_pytorch.native_runner import NativeRunner
+
+    config = EngineConfig(device="cpu", dtype="float32", block_size=4, kv_cache_dtype="fp8")
+    runners = []
+    for kernel in (Fp8Attention, TritonFp8Attention):
+        runner = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
+        runner.kernel, runner.paged = kernel, kernel is TritonFp8Attention
+        runner.load(progress=False)
+        runner.allocate_kv(40 * len(runner.kv_spec.groups))
+        runners.append(runner)
+    a, b = tuple(range(0, 8)), tuple(range(8, 16))
+    ids = [17, 3, 99, 45, 12, 8, 301, 77, 5, 64, 23, 41]
+    steps = [
+        [SeqChunk(0, tuple(ids[:9]), 0, a, (8,)), SeqChunk(1, tuple(ids[:5]), 0, b, (4,))],
+        [SeqChunk(0, (ids[9],), 9, a, (0,)), SeqChunk(1, (ids[5],), 5, b, (0,))],
+        [
+            SeqChunk(0, tuple(ids[:4]), 10, a, (0, 1, 2, 3), verify=True),
+            SeqChunk(1, (ids[6],), 6, b, (0,)),
+        ],
+    ]
+    worst = 0.0
+    for chunks in steps:
+        batch = ScheduledBatch(tuple(chunks), 4)
+        want, got = (r.execute(batch) for r in runners)
+        worst = max(worst, (want - got).abs().max().item())
+    used = runners[1].model.model.layers[0].self_attn.attn.__class__.__name__
+    return {
+        "name": "runner-fp8-triton",
+        "ok": worst < 1e-4,
+        "detail": f"max logits diff {worst:.2e} ({used} against Fp8Attention)",
+    }
 
 
 def _speculative_identity(runner, num_blocks: int) -> dict:
