@@ -13,6 +13,14 @@
   CUDA graph: their output is zeros) are handled in the kernel. When there are too few
   (row, KV head) programs to fill the GPU, the context is split in parts (flash-decoding): each
   part writes its partial softmax state and a second kernel combines them.
+- verification (speculative decoding): the same kernel takes several queries per sequence
+  (`Queries`: each sequence's first row and count, from native/verify_rows.py or the CUDA
+  graphs' buffers). The tile then holds every query of the sequence times the KV head's query
+  heads, so each K/V tile is read once for all of the sequence's K + 1 verified tokens; query i
+  sees keys up to its own position (causal among them) and inside its own window.
+- quantized caches (kv_quant.py): int8 with a scale per token and head (`TritonInt8Attention`)
+  and fp8 e4m3 with one scale per layer's K and V (`TritonFp8Attention`), dequantized as read;
+  e4m3 is decoded in integer ops, so it needs no fp8 instructions (any GPU, the interpreter).
 
 Prefill stays the torch path (SDPA), which is already fast on a GPU. The number of parts is
 a function of the tensor shapes only, so a captured CUDA graph replays the same launch.
