@@ -1,7 +1,8 @@
 """CUDA graphs of decode and verify steps: the whole forward of such a step, replayed in one call.
 
 A decode step of a small model is mostly kernel launches and Python; a graph replays the
-recorded launches without either. Graphs are captured per shape: a padded number of sequences
+recorded launches without either (the head runs after the replay, on the rows whose logits
+were asked for). Graphs are captured per shape: a padded number of sequences
 (1, 2, 4, 8, 16, 24, ..., max_batch_size) times a number of query rows per sequence, 1 for
 decode steps and, with speculative decoding, K + 1 for verify steps (a sequence's last token
 and its K proposals; sequences proposing fewer, or none, fill the rest of their rows with
@@ -173,11 +174,13 @@ class DecodeGraphs:
         return metas[0]
 
     def _forward(self, n: int, q: int) -> torch.Tensor:
-        """The model on the first n sequences of the buffers for q query rows each: what a
-        graph records and replays."""
+        """The model on the first n sequences of the buffers for q query rows each, up to the
+        final norm: what a graph records and replays. The head runs after the replay, on the
+        rows whose logits were asked for only: a graph's output stays alive between replays,
+        and hidden states are a small fraction of logits (4096 against 128k values a row)."""
         r, inputs = self.runner, self.inputs[q]
         meta = self._meta(n, inputs)
-        return r.model.logits(r.model(inputs.rows[: n * q, TOKEN], meta, r.kv))
+        return r.model(inputs.rows[: n * q, TOKEN], meta, r.kv)
 
     def shapes(self) -> list[tuple[int, int]]:
         """(sequences, query rows) of every graph, largest first (smaller ones reuse its pool)."""
@@ -241,14 +244,15 @@ class DecodeGraphs:
         inputs.fill(batch.chunks, n, self.runner.block_size, self.scratch)
         graph = self.graphs[n, q]
         if graph is None:
-            logits = self._forward(n, q)
+            hidden = self._forward(n, q)
         else:
             graph.replay()
-            logits = self.outputs[n, q]  # reused by the next replay: copied out below
+            hidden = self.outputs[n, q]  # reused by the next replay: the head reads it now
         self.replays += 1
         self.verify_replays += q > 1
         wanted = inputs.wanted_rows(batch.chunks)
-        if wanted == list(range(len(batch.chunks))):
-            return logits[: len(wanted)].to(torch.float32, copy=True)
-        index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
-        return logits.index_select(0, index).float()
+        if wanted == list(range(len(wanted))):
+            rows = hidden[: len(wanted)]
+        else:
+            rows = hidden.index_select(0, torch.tensor(wanted, device=hidden.device))
+        return self.runner.model.logits(rows).float()
