@@ -16,11 +16,13 @@ tokenizers and triton; builds its small random-weight models offline.
    soft-capping, rows of length 0, long contexts split in parts; float32, float16, bfloat16.
    Then the decode kernel's time against the torch gather + matmul path.
 2. runner logits (float32): every native family (`native_model_configs(512)`) and the 56M
-   Llama shape, stepped through prefill, chunked prefill, mixed and decode steps (3 and 20
-   sequences, shuffled block ids) by the CPU runner, the CUDA runner with CUDA graphs and the
-   CUDA runner with eager=True; each step's logits are compared with the CPU's, and at the end
-   every row with transformers' own forward on the GPU. A bfloat16 CUDA runner takes the same
-   steps: its greedy token agreement with the float32 CPU is reported.
+   Llama shape, stepped through prefill, chunked prefill, mixed, decode and speculative verify
+   steps (3 and 20 sequences, shuffled block ids) by the CPU runner, the CUDA runner with CUDA
+   graphs (decode and verify graphs: it speculates 3 tokens) and the CUDA runner with
+   eager=True (the verify kernel's per-sequence queries); each step's logits are compared
+   with the CPU's, and at the end every row with transformers' own forward on the GPU. A
+   bfloat16 CUDA runner takes the same steps: its greedy token agreement with the float32 CPU
+   is reported.
 3. pipeline tokens (six families; section 2 steps all of them): greedy generation for a mixed
    batch (12 prompts of 3-80 tokens, 8-40 new tokens each),
    `pipeline(path, engine_config={"device": "cuda", "dtype": "float32"})` with graphs and with
@@ -324,9 +326,21 @@ class Script:
         ids = tuple(self.tokens[seq][start : start + n])
         return SeqChunk(seq, ids, start, tuple(self.tables[seq]), (n - 1,) if logits else ())
 
+    def verify(self, seq: int, k: int, vocab: int):
+        """The last token and k random proposals (speculative decoding), logits at each."""
+        from enginehouse.runner import SeqChunk
+
+        self.tokens[seq] += [self.rng.randrange(5, vocab) for _ in range(k)]
+        c = self.chunk(seq, k + 1)
+        return SeqChunk(
+            c.seq_id, c.token_ids, c.start_pos, c.block_table, tuple(range(k + 1)), verify=True
+        )
+
     def advance(self, batch, logits: torch.Tensor) -> None:
         rows = iter(logits)
         for c in batch.chunks:
+            for _ in c.logits_at[:-1]:  # a verify chunk's earlier positions
+                next(rows)
             token = int(next(rows).argmax()) if c.logits_at else 7
             if self.done[c.seq_id] == len(self.tokens[c.seq_id]):
                 self.tokens[c.seq_id].append(token)
@@ -344,6 +358,9 @@ def scenario_steps(script: Script, vocab: int, which: str):
             yield [script.chunk(1, 1), script.chunk(0, 1), script.chunk(2, 1)]
         yield [script.chunk(2, 1), script.chunk(0, 1, logits=False)]
         yield [script.chunk(0, 1)]
+        # speculative verification: K + 1 = 4 query rows per sequence (a verify graph)
+        yield [script.verify(0, 3, vocab), script.chunk(1, 1), script.verify(2, 2, vocab)]
+        yield [script.verify(1, 3, vocab)]
     else:  # 20 sequences: graphs padded to 24, then 16
         seqs = list(range(100, 120))
         for seq in seqs:
@@ -365,7 +382,9 @@ def make_runner(path: Path, **engine):
     config = EngineConfig(block_size=16, max_batch_size=32, **engine)
     runner = NativeRunner(spec, config, RunnerContext.for_model(spec, config))
     runner.load(progress=False)
-    runner.allocate_kv(256)
+    # 256 blocks for each KV group (Gemma 2's sliding and full layers): the scripted chunks
+    # give every group the one table (`SeqChunk.table`), with block ids up to 255.
+    runner.allocate_kv(256 * max(1, len(runner.kv_spec.groups)))
     return runner
 
 
@@ -380,8 +399,8 @@ def check_runner_logits(name: str, folder: Path) -> None:
 
     path = model_path(name, folder)
     cpu = make_runner(path, device="cpu", dtype="float32")
-    gpus = {
-        "graphs": make_runner(path, device=DEV, dtype="float32"),
+    gpus = {  # the graphs runner speculates: it captures verify steps too
+        "graphs": make_runner(path, device=DEV, dtype="float32", speculative_config=NGRAM),
         "eager": make_runner(path, device=DEV, dtype="float32", eager=True),
         "bf16": make_runner(path, device=DEV, dtype="bfloat16"),
     }
@@ -405,12 +424,18 @@ def check_runner_logits(name: str, folder: Path) -> None:
                 else:
                     worst[key] = max(worst[key], rel_err(got, want))
                 if key == "graphs":
-                    for c, row in zip([c for c in chunks if c.logits_at], got):
-                        rows_seen.append((c.seq_id, script.tokens[c.seq_id], c.end_pos - 1, row))
+                    at = [(c, c.start_pos + i) for c in chunks for i in c.logits_at]
+                    for (c, pos), row in zip(at, got):
+                        rows_seen.append((c.seq_id, script.tokens[c.seq_id], pos, row))
             script.advance(batch, want)
     replays = graphs.replays if graphs is not None else 0
+    verified = graphs.verify_replays if graphs is not None else 0
     on = graphs is not None and graphs.enabled
-    graphs_note = f"graphs {'on' if on else 'off'}, {replays} replays" if graphs else "no graphs"
+    graphs_note = (
+        f"graphs {'on' if on else 'off'}, {replays} replays ({verified} verify)"
+        if graphs
+        else "no graphs"
+    )
     for key in ("graphs", "eager"):
         record(
             f"logits/{name}/cuda-{key}-vs-cpu",
@@ -421,7 +446,7 @@ def check_runner_logits(name: str, folder: Path) -> None:
     expect_graphs = cpu.arch.moe is None
     record(
         f"logits/{name}/graphs-used",
-        (replays > 0) == expect_graphs,
+        (replays > 0 and verified > 0) == expect_graphs,
         graphs_note + ("" if expect_graphs else " (mixture of experts: eager by design)"),
     )
     ratio = agree / max(total, 1)
