@@ -981,6 +981,10 @@ SPEC_KERNEL_CASES = [  # (name, decode_case arguments): several queries per sequ
         "verify-int8-f16",
         dict(kvh=2, g=4, d=64, bs=16, lens=[200, 33], counts=[4, 4], dtype="float16", kv="int8"),
     ),  # fmt: skip
+    (  # 16 queries x 8 heads: a 128-row tile, run with 8 warps
+        "verify-k15-gqa8-bf16",
+        dict(kvh=2, g=8, d=128, bs=16, lens=[600, 40], counts=[16, 16], dtype="bfloat16"),
+    ),
     ("fp8-f32", dict(kvh=2, g=4, d=64, bs=16, lens=[5, 0, 300, 1000], kv="fp8")),
     (
         "fp8-window-parts-bf16",

@@ -479,6 +479,9 @@ def paged_decode(
         INT8=scales is not None and not fp8,
         FP8=fp8,
         Q_ROWS=q_rows,
+        # A verify tile of many rows (K + 1 queries x the group) keeps its float32
+        # accumulator in more warps' registers; a decode tile (16-64 rows) keeps the default.
+        num_warps=4 if q_rows * block_g <= 64 else 8,
     )
     if split:
         _combine_parts_kernel[(rows, h)](
