@@ -55,8 +55,9 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 class NativeRunner:
     # profile_run: a forward pass on a GPU. verifies_tokens: a `verify` chunk's positions
-    # attend as decode rows, each over its own prefix (`_decode_rows`). lora: adapters in
-    # slots (native/lora.py).
+    # attend as decode rows, each over its own prefix (`_decode_rows`), or, for the Triton
+    # kernel, as one sequence's queries (native/verify_rows.py). lora: adapters in slots
+    # (native/lora.py).
     capabilities = RunnerCapabilities(profiles=True, verifies_tokens=True, lora=True)
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
