@@ -272,7 +272,8 @@ class NativeRunner:
         self._allocate(num_blocks)
         self.decode = cpu_step.decode_runner(self)
         # CUDA graphs of decode and verify steps (each KV group's tables and slots in static
-        # buffers): a float cache (the quantized store was never run under a graph here).
+        # buffers): a float cache only (fp8's scales are set by the first store, which would be
+        # the capture's warm-up on padding rows; the quantized store never ran in a graph).
         floats = self.kv_kind == "auto"
         if self.device.type == "cuda" and self.paged and not self.config.eager and floats:
             from .native.cuda_graphs import DecodeGraphs
