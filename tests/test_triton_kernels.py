@@ -100,6 +100,10 @@ def test_speculative_decoding_through_the_triton_runner_is_greedy_identical(resu
     _check(results, "runner-speculative", 1)
 
 
+def test_engine_speculation_through_triton_kernels_is_greedy_identical(results):
+    _check(results, "pipeline", 1)
+
+
 def test_native_runner_reads_an_fp8_cache_with_the_triton_kernel(results):
     _check(results, "runner-fp8", 1)
 
@@ -543,6 +547,67 @@ def _speculative_identity(runner, num_blocks: int) -> dict:
     }
 
 
+def _pipeline_checks(folder: Path) -> list[dict]:
+    """The engine end to end through the Triton kernels: n-gram speculation on
+    tests/test_speculative.py's "loopy" Llama gives the greedy tokens of plain decoding, with
+    the runner's attention forced to `TritonAttention` (the GPU's choice) and DecodeGraphs'
+    stand-in serving decode and verify steps (the CPU's one-call step and fused ops off, so
+    every attention is Triton's)."""
+    import random
+
+    from safetensors.torch import load_file, save_file
+
+    from enginehouse import pipeline
+    from enginehouse.testing import build_model, model_configs
+    from enginehouse_pytorch import native_runner
+    from enginehouse_pytorch.native.cuda_graphs import DecodeGraphs
+    from enginehouse_pytorch.native.triton_ops import TritonAttention
+
+    config = model_configs(512)["llama"]
+    config.tie_word_embeddings = True
+    path = build_model(folder / "loopy-llama", config)
+    tensors = load_file(path / "model.safetensors")
+    for name in [n for n in tensors if "o_proj" in n or "down_proj" in n]:
+        tensors[name] = tensors[name] * 0.3
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+    runner_class = native_runner.NativeRunner
+    runner_class._attention_kernel = lambda self: TritonAttention
+    runner_class._fused = lambda self: False
+    native_runner.cpu_step.decode_runner = lambda runner: None
+
+    def repeating(n: int, seed: int) -> list[int]:
+        rng = random.Random(seed)
+        phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
+        return (phrase * (n // len(phrase) + 1))[:n]
+
+    prompts = [{"token_ids": repeating(n, seed)} for seed, n in ((1, 30), (0, 9))]
+    gen = {"max_new_tokens": 20, "min_new_tokens": 20}
+    ngram = {"method": "ngram", "num_speculative_tokens": 3}
+    out, info = {}, {}
+    for label, extra in (("plain", {}), ("ngram", {"speculative_config": ngram})):
+        engine = {"device": "cpu", "dtype": "float32", "max_batch_size": 2, **extra}
+        with pipeline(str(path), backend="pytorch", engine_config=engine, progress=False) as pipe:
+            runner = pipe.runner
+            runner.graphs = DecodeGraphs(runner, sizes=[1, 2])
+            runner.graphs.capture()
+            out[label] = [r.token_ids for r in pipe(prompts, gen)]
+            stats = pipe.stats()
+            info[label] = (runner.kernel.__name__, runner.graphs.verify_replays)
+            info["accepted"] = stats.get("spec_decode_num_accepted_tokens", 0)
+    same = out["ngram"] == out["plain"]
+    kernel, verify_replays = info["ngram"]
+    ok = same and kernel == "TritonAttention" and verify_replays > 0 and info["accepted"] > 0
+    return [
+        {
+            "name": "pipeline-ngram-greedy-identity",
+            "ok": ok,
+            "detail": f"tokens identical {same}; kernel {kernel}, {verify_replays} verify "
+            f"steps through the graphs' stand-in, {info['accepted']} proposals kept",
+        }
+    ]
+
+
 def _main(folder: Path) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     _patch_interpreter()
@@ -554,6 +619,7 @@ def _main(folder: Path) -> None:
         "verify": _verify_checks,
         "fp8": _fp8_checks,
         "runner": lambda: _runner_checks(folder),
+        "pipeline": lambda: _pipeline_checks(folder),  # last: it patches the runner class
     }
     for name, group in groups.items():
         try:
