@@ -10,11 +10,20 @@ reference (`TorchAttention`) on the same inputs:
   lengths, a row of length 0 (zeros out, no NaN), sliding windows, soft-capping, float32 /
   float16 / bfloat16, head dims that are not powers of two, one part or the context split in
   parts; slots nobody wrote hold NaN, so a kernel reading past a context would show it;
+- `verify`: several queries per sequence (speculative verification) in one tile, causal among
+  them, with GQA, windows, sinks, soft-capping, int8, split contexts, bfloat16, against the
+  torch path attending each query as a decode row;
+- `fp8`: an e4m3 cache with per-tensor scales (every finite code decoded exactly; attention
+  against `kv_quant.Fp8Attention`);
 - the native runner with `TritonAttention` (the GPU's paged metadata) against the torch path,
-  prefill, chunked prefill, mixed and decode steps, on a Gemma 2 model (windows, soft-capping),
-  a step verifying speculative proposals (each position a decode row),
-  decode-only steps through `DecodeGraphs` (eagerly: off a GPU it records nothing) so the input
-  packing, padding rows and row order are checked, and the null slot stays zero.
+  prefill, chunked prefill, mixed, decode and verify steps, on a Gemma 2 model (windows,
+  soft-capping, two KV groups each with its own block tables), decode and verify steps through
+  `DecodeGraphs` (eagerly: off a GPU it records nothing) so the input packing, per-group tables
+  and slots, padding rows and row order are checked, and the null slot stays zero; a verify
+  step on the eager path (per-sequence queries); greedy speculative decoding through the
+  runner equal to plain; an fp8 cache through `TritonFp8Attention`;
+- `pipeline`: the engine with n-gram speculation through the Triton kernels and the graphs'
+  stand-in: the greedy tokens of plain decoding.
 
 The real GPU run (compiled kernels, CUDA graphs, timings) is benchmarks/gpu_check.py.
 """
