@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh                       # everything, about 5 minutes on an H100
 #   bash benchmarks/gpu_check.sh --skip-timing         # correctness only
 #   bash benchmarks/gpu_check.sh --only kernels,logits --budget 200
+#   bash benchmarks/gpu_check.sh --only speculative     # verify/fp8 kernels, graphs, tok/s table
 #
 # Results go to stdout and, when $OUT is set, to $OUT/gpu_check.json and $OUT/gpu_check.md.
 # Exit status: 0 all checks passed, 1 some failed, 2 no CUDA device.

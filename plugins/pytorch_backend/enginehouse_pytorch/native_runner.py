@@ -24,7 +24,7 @@ from enginehouse.plugin_api import (
     use_all_cores,
 )
 
-from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant
+from .native import cpu_decode, cpu_kernels, cpu_step, kv_cache, kv_quant, mla, quant, verify_rows
 from .native.arch import Arch, UnsupportedModel, arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention, decode_metadata, prefill_metadata
 from .native.families import renamer
@@ -56,8 +56,9 @@ def quant_scheme(spec: ModelSpec, config: EngineConfig, arch: Arch) -> quant.Qua
 
 class NativeRunner:
     # profile_run: a forward pass on a GPU. verifies_tokens: a `verify` chunk's positions
-    # attend as decode rows, each over its own prefix (`_decode_rows`). lora: adapters in
-    # slots (native/lora.py).
+    # attend as decode rows, each over its own prefix (`_decode_rows`), or, for the Triton
+    # kernel, as one sequence's queries (native/verify_rows.py). lora: adapters in slots
+    # (native/lora.py).
     capabilities = RunnerCapabilities(profiles=True, verifies_tokens=True, lora=True)
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> None:
@@ -127,16 +128,18 @@ class NativeRunner:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
             return TorchAttention
-        if self.arch.sinks and self.kv_kind != "auto":  # the int8 kernels have no sinks yet
-            return kv_quant.attention_for(self.kv_kind)
-        # An int8 KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path.
-        if self.kv_kind == "int8" and self.device.type == "cuda":
-            try:  # Triton's paged decode reads int8 with its scales
-                from .native.triton_ops import TritonInt8Attention
+        # A quantized KV cache's decode on a GPU: Triton's paged kernel reads int8 with its
+        # scales and fp8 (e4m3) with its per-tensor scales, sinks too.
+        if self.kv_kind != "auto" and self.device.type == "cuda":
+            try:
+                from .native.triton_ops import TritonFp8Attention, TritonInt8Attention
 
-                return TritonInt8Attention
+                return TritonInt8Attention if self.kv_kind == "int8" else TritonFp8Attention
             except ImportError:
                 pass
+        if self.arch.sinks and self.kv_kind != "auto":  # the C++ int8 kernel has no sinks yet
+            return kv_quant.attention_for(self.kv_kind)
+        # On the CPU an int8 KV cache's decode is the C++ paged kernel; fp8's the torch path.
         if self.kv_kind == "int8" and self.device.type == "cpu" and cpu_kernels.load():
             return cpu_kernels.CpuInt8Attention  # the C++ paged decode reads int8 in place
         if self.kv_kind != "auto":
@@ -271,10 +274,11 @@ class NativeRunner:
     def allocate_kv(self, num_blocks: int) -> None:
         self._allocate(num_blocks)
         self.decode = cpu_step.decode_runner(self)
-        # CUDA graphs capture one block table per row: models with one KV group only, and a
-        # float cache (the quantized store was never run under a graph here).
-        single = len(self.layer_groups) == 1 and self.kv_kind == "auto"
-        if self.device.type == "cuda" and self.paged and not self.config.eager and single:
+        # CUDA graphs of decode and verify steps (each KV group's tables and slots in static
+        # buffers): a float cache only (fp8's scales are set by the first store, which would be
+        # the capture's warm-up on padding rows; the quantized store never ran in a graph).
+        floats = self.kv_kind == "auto"
+        if self.device.type == "cuda" and self.paged and not self.config.eager and floats:
             from .native.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
@@ -340,6 +344,8 @@ class NativeRunner:
                 self.paged,
                 **group.layout,
             )
+            if self.paged and verify_rows.wants_queries(self.kernel, decodes):
+                verify_rows.fill(meta, decodes, g, self.device)  # K/V read once per sequence
         offset = meta.num_decode
         for c in order[len(decodes) :]:
             n = len(c.token_ids)

@@ -31,6 +31,18 @@ class Prefill:
 
 
 @dataclass
+class Queries:
+    """Several queries per sequence (speculative verification) for a kernel that reads each
+    sequence's K/V once for all of them (`TritonAttention`, native/verify_rows.py): sequence b's
+    queries are decode rows starts[b] .. starts[b] + counts[b] - 1, at the last counts[b] of its
+    context_lens[b] positions; `block_tables` / `context_lens` then hold one row per sequence."""
+
+    starts: torch.Tensor  # [sequences] int32
+    counts: torch.Tensor  # [sequences] int32
+    most: int  # the largest count (the kernel's tile is sized by it)
+
+
+@dataclass
 class StepMeta:
     num_decode: int  # the first num_decode tokens are single-token decodes
     slots: torch.Tensor  # [tokens] where each new token's K/V goes
@@ -43,6 +55,7 @@ class StepMeta:
     block_tables: torch.Tensor | None = None  # [decodes, max blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [decodes] int32
     block_size: int = 0  # tokens per block, for the kernel to turn positions into slots
+    queries: Queries | None = None  # verify steps of a multi-query kernel: tables per sequence
     prefills: list[Prefill] = field(default_factory=list)
     linear: Any = None  # hybrid models: the state slots of the step (linear_attention.StateMeta)
     # With KV groups: each group's metadata (its slots, tables, window and rope); layers of

@@ -45,6 +45,26 @@ def reference_meta(tables, lens, block_size, window, device, null_slot, k_cache)
     return meta
 
 
+def _quantized(kind: str, kc: torch.Tensor, vc: torch.Tensor, reference: TorchAttention):
+    """The cache as `kind` stores it (kv_quant.py) and the torch attention that reads it. Slots
+    nobody wrote hold 0 here, not NaN: a NaN has no int8 value, and it would set fp8's scale."""
+    from .kv_quant import Fp8Attention, QuantizedAttention, quantize_fp8, quantize_int8
+
+    attention = (QuantizedAttention if kind == "int8" else Fp8Attention)(
+        reference.h, reference.kvh, reference.d, reference.scale
+    )
+    attention.sinks = reference.sinks
+    k, v = (x.nan_to_num(0.0).transpose(0, 1) for x in (kc, vc))  # [slots, kv_heads, d]
+    if kind == "int8":
+        (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+        cache = [x.transpose(0, 1).contiguous() for x in (kq, vq, ks, vs)]
+    else:
+        scales = [torch.zeros((), device=kc.device) for _ in range(2)]
+        bits = [quantize_fp8(x, s) for x, s in zip((k, v), scales)]
+        cache = [x.transpose(0, 1).contiguous() for x in bits] + scales
+    return tuple(cache), attention
+
+
 def decode_case(
     seed: int,
     kvh: int,
@@ -58,40 +78,82 @@ def decode_case(
     parts: int | None = None,
     device: str | torch.device = "cpu",
     sinks: bool = False,
+    counts: list[int] | None = None,
+    kv: str = "auto",
 ) -> dict:
     """`paged_decode` against `TorchAttention.decode` (float32) on one case: the relative error
     of the rows with a context, whether empty rows are zero, whether all is finite, and the
     output dtype. Rows of length 0 have no torch reference: they must come out zero. With
-    `sinks`, a random sink logit per head (gpt-oss) on both sides."""
+    `sinks`, a random sink logit per head (gpt-oss) on both sides.
+
+    `counts` (speculative verification): sequence i has counts[i] queries at its last
+    positions, all given to the kernel at once (`Queries`); the reference attends each as a
+    decode row over its own prefix. One more row that no sequence claims must come out zero.
+    `kv` "int8" / "fp8": the cache quantized (kv_quant.py), against the torch path reading it.
+    """
+    from .attention import Queries
     from .triton_ops import paged_decode
 
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
     h = kvh * g
     tables, null, kc, vc = paged_case(gen, kvh, d, bs, lens)
-    kc, vc = kc.to(device, dt), vc.to(device, dt)
-    q = (torch.randn(len(lens), h, d, generator=gen) * 2).to(device, dt)
+    multi = counts is not None
+    per_seq = counts if multi else [1] * len(lens)
+    row_tables, row_lens, row_seq = [], [], []
+    for i, (t, n, c) in enumerate(zip(tables, lens, per_seq)):
+        for j in range(c):
+            row_tables.append(t)
+            row_lens.append(n - c + 1 + j)
+            row_seq.append(i)
+    rows = len(row_lens) + (1 if multi else 0)
+    q = (torch.randn(rows, h, d, generator=gen) * 2).to(device, dt)
     scale = d**-0.5
     sink = (torch.randn(h, generator=gen) * 2).to(device) if sinks else None
-    live = [i for i, n in enumerate(lens) if n > 0]
+    torch_attention = TorchAttention(h, kvh, d, scale)
+    torch_attention.sinks = sink
+    cache: tuple = (kc, vc)
+    if kv != "auto":
+        cache, torch_attention = _quantized(kv, kc, vc, torch_attention)
+    live = [r for r, n in enumerate(row_lens) if n > 0]
     reference = torch.zeros(0, h * d, device=device)
     if live:
-        sub, sub_lens = [tables[i] for i in live], [lens[i] for i in live]
+        sub, sub_lens = [row_tables[r] for r in live], [row_lens[r] for r in live]
         meta = reference_meta(sub, sub_lens, bs, window, device, null, kc)
-        torch_attention = TorchAttention(h, kvh, d, scale)
-        torch_attention.sinks = sink
-        reference = torch_attention.decode(
-            meta, q[live].float(), (kc.float(), vc.float()), window, softcap
-        )
+        floats = tuple(x.float() if x.is_floating_point() else x for x in cache)
+        floats = tuple(x.to(device) for x in floats)
+        reference = torch_attention.decode(meta, q[live].float(), floats, window, softcap)
     width = max(max(len(t) for t in tables), 1)
     bt = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     cl = torch.tensor(lens, dtype=torch.int32)
+    queries = None
+    if multi:
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        packed = torch.tensor([starts, counts], dtype=torch.int32).to(device)
+        queries = Queries(packed[0], packed[1], max(max(counts), 1))
+    kernel_cache = [
+        x.to(device, dt) if x.is_floating_point() and x.dim() == 3 else x.to(device) for x in cache
+    ]
+    scales = None if kv == "auto" else (kernel_cache[2], kernel_cache[3])
     out = paged_decode(
-        q, kc, vc, bt.to(device), cl.to(device), bs, scale, window, softcap, parts, sink
+        q,
+        kernel_cache[0],
+        kernel_cache[1],
+        bt.to(device),
+        cl.to(device),
+        bs,
+        scale,
+        window,
+        softcap,
+        parts,
+        sink,
+        scales=scales,
+        queries=queries,
+        fp8=kv == "fp8",
     )
     err = (out[live].float() - reference).abs().max().item() if live else 0.0
     err /= max(1.0, reference.abs().max().item()) if live else 1.0
-    empty = [i for i, n in enumerate(lens) if n == 0]
+    empty = [r for r in range(rows) if r not in set(live)]
     return {
         "err": err,
         "tolerance": TOLERANCE[dtype],

@@ -12,9 +12,10 @@
 
 The K/V of the tokens computed in a step are attended in full precision by that step's
 prefill; every read of the cache (decodes, later chunks of a prompt) dequantizes what it
-gathers. Only the torch attention path reads these caches: the CPU's C++ kernels, the
-one-call decode step and the GPU's Triton kernels keep the float cache, so a quantized cache
-runs on `QuantizedAttention` (native_runner picks it).
+gathers. The torch attention path (`QuantizedAttention`) reads both; the decode kernels that
+read them in place are the C++ int8 one on the CPU (`CpuInt8Attention`) and Triton's on CUDA,
+int8 and fp8 (`TritonInt8Attention`, `TritonFp8Attention`). The one-call CPU decode step and
+CUDA graphs keep to the float cache (native_runner picks the kernel).
 """
 
 from __future__ import annotations

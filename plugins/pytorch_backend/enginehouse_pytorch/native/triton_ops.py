@@ -13,6 +13,14 @@
   CUDA graph: their output is zeros) are handled in the kernel. When there are too few
   (row, KV head) programs to fill the GPU, the context is split in parts (flash-decoding): each
   part writes its partial softmax state and a second kernel combines them.
+- verification (speculative decoding): the same kernel takes several queries per sequence
+  (`Queries`: each sequence's first row and count, from native/verify_rows.py or the CUDA
+  graphs' buffers). The tile then holds every query of the sequence times the KV head's query
+  heads, so each K/V tile is read once for all of the sequence's K + 1 verified tokens; query i
+  sees keys up to its own position (causal among them) and inside its own window.
+- quantized caches (kv_quant.py): int8 with a scale per token and head (`TritonInt8Attention`)
+  and fp8 e4m3 with one scale per layer's K and V (`TritonFp8Attention`), dequantized as read;
+  e4m3 is decoded in integer ops, so it needs no fp8 instructions (any GPU, the interpreter).
 
 Prefill stays the torch path (SDPA), which is already fast on a GPU. The number of parts is
 a function of the tensor shapes only, so a captured CUDA graph replays the same launch.
@@ -30,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import StepMeta, TorchAttention
+from .attention import Queries, StepMeta, TorchAttention
 from .kv_quant import QuantizedAttention
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -82,12 +90,57 @@ def _tanh(x):
 
 
 @triton.jit
+def _fp8_e4m3_to_float(bits):
+    """float8 e4m3 (bits held as uint8) to float32 in integer ops: any GPU (no sm_89 fp8
+    instructions needed) and the interpreter. e4m3: sign, 4 exponent bits (bias 7), 3 mantissa
+    bits; exponent 0 is subnormal (m * 2^-9). NaN (0x7f/0xff) never reaches the cache: the
+    store clamps to +-448."""
+    x = bits.to(tl.uint32)
+    e = (x >> 3) & 15
+    m = x & 7
+    sign = (x >> 7) << 31
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # 2^-9
+    sub = tl.where(sign != 0, -sub, sub)
+    return tl.where(e == 0, sub, normal)
+
+
+@triton.jit
+def _fp8_values_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bits = tl.load(bits_ptr + i, mask=i < n, other=0)
+    tl.store(out_ptr + i, _fp8_e4m3_to_float(bits), mask=i < n)
+
+
+def fp8_e4m3_values(bits: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3 codes (uint8) to float32 as the decode kernel reads them (for checks)."""
+    out = torch.empty(bits.shape, dtype=torch.float32, device=bits.device)
+    n = bits.numel()
+    _fp8_values_kernel[(triton.cdiv(n, 256),)](bits.contiguous(), out, n, BLOCK=256)
+    return out
+
+
+@triton.jit
+def _dequantized(x, scale_ptr, kvh, s_sh, slot, p_ok, dtype, INT8: tl.constexpr, FP8: tl.constexpr):
+    """A tile of K or V as read from the cache, in the queries' dtype: int8 times its scale per
+    token and head, fp8 times the layer's one scale, a float cache as it is."""
+    if INT8:
+        scale = tl.load(scale_ptr + kvh.to(tl.int64) * s_sh + slot, mask=p_ok, other=0.0)
+        x = (x.to(tl.float32) * scale[:, None]).to(dtype)
+    if FP8:
+        x = (_fp8_e4m3_to_float(x) * tl.load(scale_ptr)).to(dtype)
+    return x
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     kc_ptr,
     vc_ptr,
     bt_ptr,
     lens_ptr,
+    qs_ptr,
+    qn_ptr,
     out_ptr,
     part_o_ptr,
     part_m_ptr,
@@ -103,6 +156,7 @@ def _paged_decode_kernel(
     bt_sb,
     bt_sw,
     lens_s,
+    qs_s,
     o_sb,
     o_sh,
     p_sb,
@@ -124,32 +178,50 @@ def _paged_decode_kernel(
     IEEE: tl.constexpr,
     INT8: tl.constexpr,  # an int8 cache with a float32 scale per token and head (kv_quant.py)
     HAS_SINKS: tl.constexpr = False,
+    FP8: tl.constexpr = False,  # an fp8 (e4m3) cache with one float32 scale for K, one for V
+    Q_ROWS: tl.constexpr = 1,  # queries per sequence, padded to a power of two (see below)
 ):
+    """One program: one sequence, one KV head, one part of the context. Its tile holds the
+    G query heads of that KV head for each of the sequence's queries: Q_ROWS == 1 is a decode
+    (query row b, at position length - 1); otherwise (speculative verification) the sequence's
+    qn[b] queries are rows qs[b] ... of q, at positions length - qn[b] ... length - 1, each
+    attending causally, so each K/V tile is read once for all of them. Tile row m is query
+    m // BLOCK_G, head m % BLOCK_G."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     length = tl.load(lens_ptr + b * lens_s).to(tl.int32)
+    if Q_ROWS == 1:
+        first_row = b
+        count = 1
+    else:
+        first_row = tl.load(qs_ptr + b * qs_s).to(tl.int32)
+        count = tl.load(qn_ptr + b * qs_s).to(tl.int32)
     lo = part * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, length)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, length - window)  # keys > query - window, query = length - 1
+    if HAS_WINDOW:  # keys > query - window for the first query (at length - count)
+        lo = tl.maximum(lo, length - count - window + 1)
 
-    g = tl.arange(0, BLOCK_G)
+    m_rows = tl.arange(0, Q_ROWS * BLOCK_G)
+    qi = m_rows // BLOCK_G
+    g = m_rows % BLOCK_G
     d = tl.arange(0, BLOCK_D)
-    g_ok = g < G
+    row_ok = (g < G) & (qi < count)
     d_ok = d < D
     heads = kvh * G + g
+    rows = first_row + qi  # the query's row in q and out
+    qpos = length - count + qi  # the query's position: it sees keys at <= qpos
     q = tl.load(
-        q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :],
-        mask=g_ok[:, None] & d_ok[None, :],
+        q_ptr + rows[:, None] * q_sb + heads[:, None] * q_sh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
     k_base = kc_ptr + kvh.to(tl.int64) * c_sh
     v_base = vc_ptr + kvh.to(tl.int64) * c_sh
 
-    m_i = tl.full([BLOCK_G], NEG_BIG, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([Q_ROWS * BLOCK_G], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([Q_ROWS * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([Q_ROWS * BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         p_ok = pos < hi
@@ -157,9 +229,7 @@ def _paged_decode_kernel(
         slot = block.to(tl.int64) * PAGE + pos % PAGE
         kv_ok = p_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0)
-        if INT8:
-            k_scale = tl.load(ks_ptr + kvh.to(tl.int64) * s_sh + slot, mask=p_ok, other=0.0)
-            k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
+        k = _dequantized(k, ks_ptr, kvh, s_sh, slot, p_ok, q.dtype, INT8, FP8)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -167,15 +237,18 @@ def _paged_decode_kernel(
         s = s * scale
         if HAS_SOFTCAP:
             s = _tanh(s / softcap) * softcap
-        s = tl.where(p_ok[None, :], s * LOG2E, float("-inf"))
+        seen = p_ok[None, :]
+        if Q_ROWS > 1:  # causal within the verified tokens
+            seen = seen & (pos[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                seen = seen & (pos[None, :] > qpos[:, None] - window)
+        s = tl.where(seen, s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + slot[:, None] * c_ss + d[None, :], mask=kv_ok, other=0)
-        if INT8:
-            v_scale = tl.load(vs_ptr + kvh.to(tl.int64) * s_sh + slot, mask=p_ok, other=0.0)
-            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+        v = _dequantized(v, vs_ptr, kvh, s_sh, slot, p_ok, q.dtype, INT8, FP8)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -184,20 +257,20 @@ def _paged_decode_kernel(
         m_i = m_new
 
     if SPLIT:
-        row = b * p_sb + heads * p_sh + part * p_ss  # [BLOCK_G] offsets into the parts
-        tl.store(part_m_ptr + row, m_i, mask=g_ok)
-        tl.store(part_l_ptr + row, l_i, mask=g_ok)
-        o_ptrs = part_o_ptr + row[:, None] * BLOCK_D + d[None, :]
-        tl.store(o_ptrs, acc, mask=g_ok[:, None] & d_ok[None, :])
+        at = rows * p_sb + heads * p_sh + part * p_ss  # offsets into the parts
+        tl.store(part_m_ptr + at, m_i, mask=row_ok)
+        tl.store(part_l_ptr + at, l_i, mask=row_ok)
+        o_ptrs = part_o_ptr + at[:, None] * BLOCK_D + d[None, :]
+        tl.store(o_ptrs, acc, mask=row_ok[:, None] & d_ok[None, :])
     else:
         if HAS_SINKS:  # gpt-oss: one more logit per head in the denominator, with no value
-            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * LOG2E
+            sink = tl.load(sinks_ptr + heads, mask=g < G, other=0.0).to(tl.float32) * LOG2E
             m_new = tl.maximum(m_i, sink)
             l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(sink - m_new)
             acc = acc * tl.exp2(m_i - m_new)[:, None]
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty row stays zeros
-        o_ptrs = out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        o_ptrs = out_ptr + rows[:, None] * o_sb + heads[:, None] * o_sh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -291,7 +364,7 @@ def _parallel_programs(device: torch.device) -> int:
 
 
 def paged_decode(
-    q: torch.Tensor,  # [B, heads, d]
+    q: torch.Tensor,  # [rows, heads, d]
     k_cache: torch.Tensor,  # [kv_heads, slots, d]
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int
@@ -303,19 +376,31 @@ def paged_decode(
     num_parts: int | None = None,
     sinks: torch.Tensor | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    queries: Queries | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
-    """Attention of one query per row over its paged context; returns [B, heads * d].
-    `sinks` (gpt-oss): a logit per query head [heads] that joins each softmax's denominator.
+    """Paged attention of each sequence's queries over its context; returns [rows, heads * d].
 
+    Without `queries` a row is a sequence (B == rows) with one query, a decode, at position
+    context_lens[b] - 1. With `queries` (speculative verification), sequence b has
+    queries.counts[b] queries, rows queries.starts[b] ..., at the last positions of its
+    context_lens[b] keys, each attending causally; K/V are read once for all of them. Rows no
+    sequence claims come out zeros.
+
+    `sinks` (gpt-oss): a logit per query head [heads] that joins each softmax's denominator.
     `num_parts` splits each context in that many parts (default: by the GPU's size, from the
-    shapes alone, so a CUDA graph sees the same launch every replay). `scales`: the key and
-    value scales [kv_heads, slots] of an int8 cache (kv_quant.py), dequantized as read.
+    shapes alone, so a CUDA graph sees the same launch every replay). `scales`: an int8 cache's
+    key and value scales [kv_heads, slots], or with `fp8` an e4m3 cache's (bits in uint8) two
+    per-tensor scales (0-d), dequantized as read (kv_quant.py).
     """
-    b, h, d = q.shape
+    rows, h, d = q.shape
+    b = block_tables.shape[0]
     kvh = k_cache.shape[0]
     g = h // kvh
-    out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
-    if b == 0:
+    multi = queries is not None
+    # Verification's padding rows (CUDA graphs) must be defined: zeros, as an empty row's.
+    out = (torch.zeros if multi else torch.empty)(rows, h * d, dtype=q.dtype, device=q.device)
+    if b == 0 or rows == 0:
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -329,21 +414,32 @@ def paged_decode(
     tiles_per_part = math.ceil(tiles / num_parts)
     num_parts = math.ceil(tiles / tiles_per_part)
     split = num_parts > 1
-    if split:
-        part_o = torch.empty(b, h, num_parts, block_d, dtype=torch.float32, device=q.device)
-        part_m = torch.empty(b, h, num_parts, dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
+    if split:  # zeros: a row without keys in a part (or any) combines to zeros
+        part_o = torch.zeros(rows, h, num_parts, block_d, dtype=torch.float32, device=q.device)
+        part_m = torch.zeros(rows, h, num_parts, dtype=torch.float32, device=q.device)
+        part_l = torch.zeros_like(part_m)
     else:
         part_o = part_m = part_l = out  # unused
     k_scales, v_scales = scales if scales is not None else (out, out)  # unused without
-    if scales is not None:
+    if scales is not None and not fp8:
         assert k_scales.stride() == v_scales.stride() and k_scales.stride(-1) == 1
+    # The tile: the G query heads of a KV head, for each query; at least 16 rows (tensor cores).
+    if multi:
+        block_g = triton.next_power_of_2(g)
+        q_rows = max(triton.next_power_of_2(queries.most), max(1, 16 // block_g))
+        starts, counts = queries.starts, queries.counts
+        assert starts.stride() == counts.stride()
+    else:
+        block_g, q_rows = max(16, triton.next_power_of_2(g)), 1
+        starts = counts = context_lens  # unused
     _paged_decode_kernel[(b, kvh, num_parts)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
+        starts,
+        counts,
         out,
         part_o,
         part_m,
@@ -355,10 +451,11 @@ def paged_decode(
         q.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
-        k_scales.stride(0),
+        k_scales.stride(0) if k_scales.dim() else 0,
         block_tables.stride(0),
         block_tables.stride(1),
         context_lens.stride(0),
+        starts.stride(0),
         out.stride(0),
         d,
         h * num_parts,
@@ -371,7 +468,7 @@ def paged_decode(
         G=g,
         D=d,
         PAGE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_G=block_g,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         HAS_WINDOW=window is not None,
@@ -379,10 +476,15 @@ def paged_decode(
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
         HAS_SINKS=sinks is not None,
-        INT8=scales is not None,
+        INT8=scales is not None and not fp8,
+        FP8=fp8,
+        Q_ROWS=q_rows,
+        # A verify tile of many rows (K + 1 queries x the group) keeps its float32
+        # accumulator in more warps' registers; a decode tile (16-64 rows) keeps the default.
+        num_warps=4 if q_rows * block_g <= 64 else 8,
     )
     if split:
-        _combine_parts_kernel[(b, h)](
+        _combine_parts_kernel[(rows, h)](
             out,
             part_o,
             part_m,
@@ -402,7 +504,10 @@ def paged_decode(
 
 
 class TritonAttention(TorchAttention):
-    """The GPU path: Triton kernels for the KV store and decode; torch (SDPA) for prefill."""
+    """The GPU path: Triton kernels for the KV store and decode (several queries per sequence
+    when verifying proposals); torch (SDPA) for prefill."""
+
+    multi_query = True  # the runner builds `StepMeta.queries` for verify steps
 
     def store(self, cache: tuple[torch.Tensor, torch.Tensor], k, v, slots) -> None:
         store_kv(cache[0], cache[1], k, v, slots)
@@ -419,14 +524,16 @@ class TritonAttention(TorchAttention):
             window,
             softcap,
             sinks=self.sinks,
+            queries=meta.queries,
         )
 
 
 class TritonInt8Attention(QuantizedAttention):
-    """An int8 KV cache on the GPU: the store quantizes in torch ops (kv_quant.py), the decode
-    is the paged Triton kernel dequantizing as it reads."""
+    """A quantized KV cache on the GPU: the store quantizes in torch ops (kv_quant.py), the
+    decode is the paged Triton kernel dequantizing as it reads (int8 here, fp8 below)."""
 
     reads_tables = True  # the runner builds block tables for it, not gathers
+    multi_query = True
 
     def decode(self, meta: StepMeta, q, cache, window, softcap) -> torch.Tensor:
         return paged_decode(
@@ -439,5 +546,14 @@ class TritonInt8Attention(QuantizedAttention):
             self.scale,
             window,
             softcap,
+            sinks=self.sinks,
             scales=(cache[2], cache[3]),
+            queries=meta.queries,
+            fp8=self.kind == "fp8",
         )
+
+
+class TritonFp8Attention(TritonInt8Attention):
+    """An fp8 (e4m3) KV cache with per-tensor scales, decoded by the Triton kernel."""
+
+    kind = "fp8"
