@@ -214,7 +214,10 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     element = str(dtype).removeprefix("torch.") if kind == "auto" else kind
     scales = {"int8": ", a scale per token and head", "fp8": " e4m3, per-tensor scales"}
     every_layer = 2 * arch.num_layers * kv_heads * head  # full attention in every layer
-    groups, per_token = special_groups(arch, config, kv_heads, head, dtype.itemsize)
+    if arch.mla is not None:  # every head's keys and values, as multi-head attention keeps
+        per_head = arch.mla.qk_head_dim + arch.mla.v_head_dim
+        every_layer = arch.num_layers * arch.num_heads * per_head * dtype.itemsize
+    groups, per_token = special_groups(arch, config, kv_heads, dtype.itemsize)
     if not groups:
         per_token = every_layer
         groups = kv_cache.kv_groups(arch, kv_heads, head)
@@ -239,7 +242,7 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     return f"{line}; {plan}"
 
 
-def special_groups(arch, config: EngineConfig, kv_heads: int, head: int, itemsize: int):
+def special_groups(arch, config: EngineConfig, kv_heads: int, itemsize: int):
     """The KV groups of a latent (one "mla" group) or hybrid ("full" and "state") cache, as
     their runners declare them, and the bytes per token of the paged ones; ((), 0) otherwise."""
     from enginehouse.plugin_api import KVGroup

@@ -133,9 +133,11 @@ def plan_line(
                 f"{p.blocks} slots"
             )
     every = every_layer or sum(g.bytes_per_token for g in groups)
-    plain = budget // (every * session_len)
+    # Both counts stop at max_batch_size: the engine runs no more sequences at once.
+    plain = min(budget // (every * session_len), max_batch_size)
     fits = min(p.blocks // p.blocks_per_seq for p in plans)
+    cap = f", at most max_batch_size={max_batch_size}" if max(fits, plain) == max_batch_size else ""
     return (
         f"KV cache groups: {'; '.join(parts)}; {fits} sequences of {session_len} tokens fit "
-        f"in {format_size(budget)} (with full attention in every layer: {plain})"
+        f"in {format_size(budget)} (with full attention in every layer: {plain}{cap})"
     )
