@@ -375,6 +375,56 @@ def test_a_hit_after_preemption_and_none_inside_one_block(model_dir, refs):
     assert c.token_ids == b.token_ids == ref_greedy(ref, second, 4)
 
 
+# --- a quantized KV cache for the full-attention layers ------------------------------------
+
+
+@torch.no_grad()
+def teacher_forced(pipe, ids: list[int], prompt: int) -> torch.Tensor:
+    """Logits of the prompt's last position, then of each later token decoded one at a time."""
+    runner = pipe.runner
+    bs = runner.kv_spec.block_size
+    table = tuple(range(-(-len(ids) // bs)))
+    chunk = SeqChunk(0, tuple(ids[:prompt]), 0, table, (prompt - 1,))
+    out = [runner.execute(ScheduledBatch((chunk,), bs))]
+    for pos in range(prompt, len(ids)):
+        chunk = SeqChunk(0, (ids[pos],), pos, table, (0,))
+        out.append(runner.execute(ScheduledBatch((chunk,), bs)))
+    runner.release_sequence(0, table)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_a_quantized_kv_cache_agrees_with_the_float_one(model_dir, kind):
+    """The full-attention layer's keys and values quantized (the states stay float): the
+    prefill's logits are the float cache's (it attends its own K/V unquantized), later ones
+    within test_kv_quant's bounds, and greedy tokens mostly the same (measured: int8 within
+    0.0056 of the float logits, argmax 23 of 23, greedy 96 of 96; fp8 within 0.032, 23 of 23,
+    75 of 96)."""
+    from test_kv_quant import ARGMAX_AGREEMENT, LOGIT_TOL
+
+    prompts = [tokens(n, seed=40 + i) for i, n in enumerate([7, 23, 40, 61])]
+    gen = fixed(24)
+    runs = {}
+    for cache in ("auto", kind):
+        with open_pipe(model_dir, kv_cache_dtype=cache, max_batch_size=4) as pipe:
+            kv = pipe.runner.kv_spec
+            answers = [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
+            ids = prompts[3] + answers[3][:22]
+            runs[cache] = kv, answers, teacher_forced(pipe, ids, len(prompts[3]))
+    (float_kv, want, reference), (kv, answers, got) = runs["auto"], runs[kind]
+    assert kv.cache_dtype == kind
+    # float32, head_dim 16: fp8 a quarter of the float bytes, int8 (16 + 4 bytes a head) 20/64.
+    ratio = {"int8": 20 / 64, "fp8": 1 / 4}[kind]
+    assert kv.groups[0].bytes_per_token == float_kv.groups[0].bytes_per_token * ratio
+    assert kv.groups[1] == float_kv.groups[1]  # the states are not quantized
+    torch.testing.assert_close(got[0], reference[0], **TOL)  # the prefill
+    assert (got - reference).abs().max() < LOGIT_TOL[kind]
+    agreement = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert agreement >= ARGMAX_AGREEMENT[kind], agreement
+    same = sum(a == b for x, y in zip(answers, want) for a, b in zip(x, y))
+    assert same >= len(want[0]) // 4  # at least the first tokens of the answers agree
+
+
 # --- the cache and what explain says --------------------------------------------------------
 
 

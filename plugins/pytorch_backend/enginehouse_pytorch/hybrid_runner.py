@@ -13,7 +13,9 @@ What differs from `NativeRunner`:
 - the runner is told when a sequence's blocks are freed (`release_sequence`), to start its
   next first chunk afresh;
 - the torch path: the C++ CPU kernels, the one-call decode step and CUDA graphs do not know
-  the linear-attention layers.
+  the linear-attention layers; a quantized KV cache (`kv_cache_dtype` "int8" or "fp8") holds
+  the full-attention layers' keys and values, read by `kv_quant`'s torch path (the states stay
+  in the model's dtype and float32).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from enginehouse import EngineConfig, KVSpec, ModelSpec, SeqChunk
 from enginehouse.plugin_api import RunnerCapabilities, RunnerContext
 
-from .native import kv_cache
+from .native import kv_cache, kv_quant
 from .native.arch import arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention
 from .native.hybrid import hybrid_groups
@@ -44,7 +46,10 @@ class HybridRunner(NativeRunner):
         assert a.linear is not None
         self.linear = self.tp.linear  # this rank's linear-attention heads
         caching = config.enable_prefix_caching  # states saved at block boundaries
-        self.groups = hybrid_groups(a, self.linear, self.tp.kv_heads, self.dtype.itemsize, caching)
+        # The full-attention layers' KV may be quantized (kv_cache_dtype); states never are.
+        head = kv_quant.head_bytes(self.kv_kind, a.head_dim, self.dtype)
+        itemsize = self.dtype.itemsize
+        self.groups = hybrid_groups(a, self.linear, self.tp.kv_heads, head, itemsize, caching)
         per_token = self.groups[FULL].bytes_per_token
         self.kv_spec = KVSpec(
             block_size=self.block_size,
@@ -53,11 +58,15 @@ class HybridRunner(NativeRunner):
             device=self.device,
             prefix_caching=caching,
             groups=self.groups,
+            cache_dtype=self.kv_kind,
         )
         self.states: StatePool | None = None
         self.started: set[int] = set()  # sequences whose live slot holds their state
         self.step_states: StepStates | None = None
-        self.kernel, self.paged = TorchAttention, False
+        # The torch path: a quantized cache's reads dequantize what they gather (kv_quant.py).
+        quantized = self.kv_kind != "auto"
+        self.kernel = kv_quant.attention_for(self.kv_kind) if quantized else TorchAttention
+        self.paged = False
 
     def _fused(self) -> bool:
         return False
@@ -82,6 +91,7 @@ class HybridRunner(NativeRunner):
             a.head_dim,
             self.dtype,
             self.device,
+            self.kv_kind,
         )
         self.caches = [group]
         self.null_slot, self.scratch_slot, self.layout = (

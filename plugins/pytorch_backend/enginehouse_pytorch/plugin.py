@@ -151,10 +151,10 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             if arch.linear is not None:
                 raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
-        if config.kv_cache_dtype != "auto" and (arch.mla is not None or arch.linear is not None):
+        if config.kv_cache_dtype != "auto" and arch.mla is not None:
             raise UnsupportedModel(
-                f"kv_cache_dtype={config.kv_cache_dtype!r}: the {arch.family} cache (latent or "
-                "hybrid) is kept in the model's dtype natively; use kv_cache_dtype='auto'"
+                f"kv_cache_dtype={config.kv_cache_dtype!r}: the {arch.family} latent cache is "
+                "kept in the model's dtype natively; use kv_cache_dtype='auto'"
             )
     except UnsupportedModel as e:
         return verdict(False, str(e))
@@ -217,7 +217,7 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     if arch.mla is not None:  # every head's keys and values, as multi-head attention keeps
         per_head = arch.mla.qk_head_dim + arch.mla.v_head_dim
         every_layer = arch.num_layers * arch.num_heads * per_head * dtype.itemsize
-    groups, per_token = special_groups(arch, config, kv_heads, dtype.itemsize)
+    groups, per_token = special_groups(arch, config, kv_heads, head, dtype.itemsize)
     if not groups:
         per_token = every_layer
         groups = kv_cache.kv_groups(arch, kv_heads, head)
@@ -242,7 +242,7 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     return f"{line}; {plan}"
 
 
-def special_groups(arch, config: EngineConfig, kv_heads: int, itemsize: int):
+def special_groups(arch, config: EngineConfig, kv_heads: int, head: int, itemsize: int):
     """The KV groups of a latent (one "mla" group) or hybrid ("full" and "state") cache, as
     their runners declare them, and the bytes per token of the paged ones; ((), 0) otherwise."""
     from enginehouse.plugin_api import KVGroup
@@ -259,7 +259,8 @@ def special_groups(arch, config: EngineConfig, kv_heads: int, itemsize: int):
         linear = arch.linear
         if config.tp > 1:  # each rank's heads, as the runner's TensorParallel gives them
             linear = TensorParallel(arch, 0, config.tp).linear
-        groups = hybrid_groups(arch, linear, kv_heads, itemsize, config.enable_prefix_caching)
+        caching = config.enable_prefix_caching
+        groups = hybrid_groups(arch, linear, kv_heads, head, itemsize, caching)
         return groups, groups[0].bytes_per_token
     return (), 0
 

@@ -20,15 +20,21 @@ TORCH_PATH = "torch ops (the C++ CPU decode kernels do not implement linear atte
 
 
 def hybrid_groups(
-    arch: Arch, linear: LinearAttention, kv_heads: int, itemsize: int, snapshots: bool
+    arch: Arch,
+    linear: LinearAttention,
+    kv_heads: int,
+    head_bytes: int,
+    itemsize: int,
+    snapshots: bool,
 ):
     """The `KVSpec.groups` of a hybrid model: "full" for its full-attention layers (`kv_heads`
-    KV heads of this rank), "state" for its linear-attention ones (`linear`: this rank's
-    heads), saving snapshots for prefix caching where `snapshots`."""
+    KV heads of this rank, `head_bytes` per token's key or value of a head: quantized where
+    `kv_cache_dtype` asks), "state" for its linear-attention ones (`linear`: this rank's heads,
+    `itemsize`: the model dtype's), saving snapshots for prefix caching where `snapshots`."""
     from enginehouse.plugin_api import KVGroup
 
     full = tuple(i for i, lin in enumerate(linear.layers) if not lin)
-    per_token = 2 * len(full) * kv_heads * arch.head_dim * itemsize
+    per_token = 2 * len(full) * kv_heads * head_bytes
     return (
         KVGroup("full", full, bytes_per_token=per_token),
         KVGroup(
