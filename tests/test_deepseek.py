@@ -268,6 +268,9 @@ def test_explain_chooses_native_with_a_latent_cache(family, models):
         in (verdict["reason"])
     )
     assert "(with full attention in every layer: " in verdict["reason"]
+    report = explain(str(models(family)), engine_config={"kv_cache_dtype": "int8"})
+    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert "latent cache is kept in the model's dtype" in verdict["reason"]
 
 
 def test_latent_cache_bytes_per_token_against_multi_head(models):

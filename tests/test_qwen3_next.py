@@ -476,17 +476,27 @@ def test_explain_chooses_native_with_layer_groups(family, model_dirs):
     report = explain(str(model_dirs[family]), engine_config={"enable_prefix_caching": False})
     verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     assert "prefix caching is off" in verdict["reason"]
+    # int8 KV for the full-attention layer: 2 x 2 KV heads x (16 + a 4-byte scale) per token.
+    report = explain(str(model_dirs[family]), engine_config={"kv_cache_dtype": "int8"})
+    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert report["chosen"] == "pytorch"
+    assert "full attention (1 layer, 80 B/token in int8)" in verdict["reason"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tp2_gives_tp1s_greedy_tokens(family, model_dirs):
     """Two CPU ranks (gloo): each holds half of the linear-attention key heads (and the value
-    heads they serve, with their state slots), half the query heads, experts and shared expert."""
+    heads they serve, with their state slots), half the query heads, experts and shared expert.
+    The 30-token prompt again then resumes from the state saved after its first block, on
+    every rank."""
     prompts, gen = [tokens(n, seed=500 + n) for n in (9, 30, 3)], fixed(8)
 
     def run(**engine) -> list[list[int]]:
         with open_pipe(model_dirs[family], device="cpu", max_batch_size=4, **engine) as pipe:
-            return [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
+            out = [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
+            again = pipe({"token_ids": prompts[1]}, gen)
+        assert again.cached_tokens == 16 and again.token_ids == out[1]
+        return out
 
     want = run()
     assert run(tp=2, max_num_batched_tokens=16) == want
