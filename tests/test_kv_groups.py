@@ -68,6 +68,20 @@ def test_plan_shares_the_budget_by_what_a_sequence_holds() -> None:
     assert total_blocks(groups, 10**12, 4, 256, 2, 16) == 2 * (64 + 7)
 
 
+def test_a_state_group_takes_its_slots_for_max_batch_size_sequences_first() -> None:
+    state = KVGroup("state", (1, 2), bytes_per_seq=5000, snapshots=True)
+    groups = (FULL, state)
+    # 8 sequences' slots (two each with snapshots) first, then the full group's blocks of 400 B.
+    budget = 16 * 5000 + 100 * 400
+    total = total_blocks(groups, budget, 4, 256, 8, 16)
+    assert total == 16 + 100
+    plans = split_blocks(groups, total, 4, 256, 16, max_batch_size=8)
+    assert [p.blocks for p in plans] == [100, 16]
+    assert sum(p.bytes for p in plans) == budget
+    with pytest.raises(ValueError, match="max_batch_size"):
+        split_blocks(groups, total, 4, 256, 16)
+
+
 def test_kvspec_without_groups_is_unchanged() -> None:
     kv = KVSpec(block_size=16, bytes_per_block=1024)
     assert kv.groups == () and kv.cache_dtype == "auto"

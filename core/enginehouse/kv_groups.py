@@ -156,6 +156,11 @@ def state_blocks(groups: Sequence[KVGroup], max_batch_size: int | None) -> list[
     what `max_batch_size` running sequences hold (0 for a paged group). A state slot is
     needed to run at all, and no more than `max_batch_size` sequences run at once."""
     if max_batch_size is None:
+        if not all(g.paged for g in groups):
+            raise ValueError(
+                "a 'state' KVGroup's blocks are counted for max_batch_size sequences: pass "
+                "KVSpec.group_blocks(..., max_batch_size=config.max_batch_size) as the engine does"
+            )
         return [0] * len(groups)
     return [0 if g.paged else g.blocks_per_seq(0, 0, 1) * max_batch_size for g in groups]
 
@@ -171,7 +176,7 @@ def split_blocks(
     """Share `total` blocks between the groups (the engine and the runner both call this, so
     they agree): a state group takes its slots for `max_batch_size` sequences
     (`state_blocks`), the paged groups share the rest in proportion to what one sequence at
-    full context holds in each. Without `max_batch_size` every group shares in proportion.
+    full context holds in each (`max_batch_size` is required where there is a state group).
     With one group it gets them all."""
     per_seq = [g.blocks_per_seq(session_len, max_chunk, block_size) for g in groups]
     states = state_blocks(groups, max_batch_size)
