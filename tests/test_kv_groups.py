@@ -182,6 +182,19 @@ def test_a_state_group_saves_at_the_last_boundary_and_a_hit_resumes_there() -> N
     assert bm.used_per_group() == [0, 0] and not any(bm.pools[1].ref_count)
 
 
+def test_no_hit_without_a_free_live_slot_besides_the_saved_state() -> None:
+    bm = BlockManager([32, 2], 4, True, (FULL, SAVED))
+    first = make_seq(list(range(30)))
+    computed(bm, first, 30)  # its live slot, and the saved state: the pool's only free block
+    second = make_seq(list(range(30)))
+    assert bm.match_prefix(second) == 0  # the saved state cannot be its own live slot
+    assert second.group_tables[0] == [] and bm.used_per_group() == [8, 1]
+    bm.free_seq(first)
+    assert bm.match_prefix(second) == 28  # now there is room
+    bm.free_seq(second)
+    assert bm.used_per_group() == [0, 0]
+
+
 def test_chunks_save_each_boundary_they_end_past_and_skip_when_no_block_is_free() -> None:
     bm = BlockManager([32, 3], 4, True, (FULL, SAVED))
     seq = make_seq(list(range(30)))

@@ -188,22 +188,16 @@ class BlockManager:
         """For a hit of `blocks` blocks ending at `key`: each state group's table gets a new
         live slot (entry 0) and the saved state to start from (entry `blocks`, held until the
         first step is committed). False, taking nothing, where a group has no free slot."""
-        taken = []
-        for g, pool in enumerate(self.pools):
-            if not self._is_state(g):
-                continue
+        states = [g for g in range(len(self.pools)) if self._is_state(g)]
+        for g in states:  # a live slot besides the saved block (itself perhaps a free one)
+            pool = self.pools[g]
+            if len(pool.free) - (pool.cached[key] in pool.free) < 1:
+                return False
+        for g in states:
+            pool = self.pools[g]
             saved = pool.cached[key]
             pool.take(saved)
-            taken.append((g, saved))
-            if not pool.free:
-                for h, block in taken:
-                    self.pools[h].release(block)
-                for h, _ in taken[:-1]:
-                    self.pools[h].release(self.table(seq, h).pop(0))
-                    self.table(seq, h).clear()
-                return False
             self.table(seq, g)[:] = [pool.pop(), *[PLACEHOLDER] * (blocks - 1), saved]
-        for g, saved in taken:
             self.pending.setdefault(seq.seq_id, []).append((g, saved, 0))
         return True
 
