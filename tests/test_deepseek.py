@@ -260,6 +260,17 @@ def test_explain_chooses_native_with_a_latent_cache(family, models):
     # 16 latent + 8 rope values per token and layer, against 4 heads of keys (16 + 8) and
     # values (16): 24 against 160.
     assert "kind mla: 24 values per token and layer, against 160" in verdict["reason"]
+    # The plan of its one KV group: 3 layers x 24 values x float32 per token, against the
+    # heads' keys and values in every layer.
+    assert "KV cache 288 B/token (float32)" in verdict["reason"]
+    assert (
+        "KV cache groups: latent attention (mla) (3 layers, 288 B/token in float32): "
+        in (verdict["reason"])
+    )
+    assert "(with full attention in every layer: " in verdict["reason"]
+    report = explain(str(models(family)), engine_config={"kv_cache_dtype": "int8"})
+    verdict = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert "latent cache is kept in the model's dtype" in verdict["reason"]
 
 
 def test_latent_cache_bytes_per_token_against_multi_head(models):
@@ -271,6 +282,10 @@ def test_latent_cache_bytes_per_token_against_multi_head(models):
         assert per_token == 3 * (16 + 8) * 4  # layers * (latent + rope key) * float32
         assert mla.mha_bytes_per_token(runner.arch, torch.float32) == 3 * 4 * (24 + 16) * 4
         assert runner.kv[0].shape[1] == 16 + 8  # one row per slot, no separate values
+        (group,) = runner.kv_spec.groups  # one KV group of kind "mla", every layer
+        assert (group.kind, group.layers, group.bytes_per_token) == ("mla", (0, 1, 2), per_token)
+        stats = pipe.stats()
+        assert stats["kv_group_blocks_total"] == [stats["kv_blocks_total"]]
 
 
 def test_moe_layer_freq_other_than_one_falls_back(models, tmp_path):

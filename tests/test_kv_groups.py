@@ -68,6 +68,20 @@ def test_plan_shares_the_budget_by_what_a_sequence_holds() -> None:
     assert total_blocks(groups, 10**12, 4, 256, 2, 16) == 2 * (64 + 7)
 
 
+def test_a_state_group_takes_its_slots_for_max_batch_size_sequences_first() -> None:
+    state = KVGroup("state", (1, 2), bytes_per_seq=5000, snapshots=True)
+    groups = (FULL, state)
+    # 8 sequences' slots (two each with snapshots) first, then the full group's blocks of 400 B.
+    budget = 16 * 5000 + 100 * 400
+    total = total_blocks(groups, budget, 4, 256, 8, 16)
+    assert total == 16 + 100
+    plans = split_blocks(groups, total, 4, 256, 16, max_batch_size=8)
+    assert [p.blocks for p in plans] == [100, 16]
+    assert sum(p.bytes for p in plans) == budget
+    with pytest.raises(ValueError, match="max_batch_size"):
+        split_blocks(groups, total, 4, 256, 16)
+
+
 def test_kvspec_without_groups_is_unchanged() -> None:
     kv = KVSpec(block_size=16, bytes_per_block=1024)
     assert kv.groups == () and kv.cache_dtype == "auto"
@@ -136,6 +150,67 @@ def test_a_state_group_turns_prefix_caching_off() -> None:
     assert len(seq.group_tables[0]) == 1  # one state slot, however long the sequence
     assert bm.used_per_group() == [8, 1]
     bm.free_seq(seq)
+    assert bm.used_per_group() == [0, 0]
+
+
+SAVED = KVGroup("state", (1,), bytes_per_seq=4096, snapshots=True)
+
+
+def test_a_state_group_saves_at_the_last_boundary_and_a_hit_resumes_there() -> None:
+    bm = BlockManager([32, 6], 4, True, (FULL, SAVED))
+    assert bm.prefix_caching and SAVED.blocks_per_seq(256, 16, 4) == 2
+    first = make_seq(list(range(30)))
+    bm.allocate(first, 30)
+    # The live slot, placeholders, and the block for the state after position 27 at entry 7.
+    state = first.group_tables[0]
+    assert len(state) == 8 and bm.used_per_group() == [8, 2]
+    first.num_computed = 30
+    bm.commit(first)
+    assert bm.used_per_group() == [8, 1]  # the saved state is cached, no longer held
+    assert len(bm.pools[1].cached) == 1
+    # Shares 29 tokens: the full group has 7 blocks cached, the state is saved after the 7th.
+    second = make_seq(list(range(29)) + [99, 98, 97])
+    assert bm.match_prefix(second) == 28
+    live, *rest = second.group_tables[0]
+    assert live != state[0] and rest[-1] == state[7] and len(rest) == 7
+    assert second.dropped == [0, 0]
+    # Shares 22 tokens: 5 blocks cached, but no state saved after any of them: no hit.
+    third = make_seq(list(range(22)) + [99] * 10)
+    assert bm.match_prefix(third) == 0 and third.group_tables[0] == []
+    bm.free_seq(first)
+    bm.free_seq(second)  # the restored-from state too: it was pending until a commit
+    assert bm.used_per_group() == [0, 0] and not any(bm.pools[1].ref_count)
+
+
+def test_no_hit_without_a_free_live_slot_besides_the_saved_state() -> None:
+    bm = BlockManager([32, 2], 4, True, (FULL, SAVED))
+    first = make_seq(list(range(30)))
+    computed(bm, first, 30)  # its live slot, and the saved state: the pool's only free block
+    second = make_seq(list(range(30)))
+    assert bm.match_prefix(second) == 0  # the saved state cannot be its own live slot
+    assert second.group_tables[0] == [] and bm.used_per_group() == [8, 1]
+    bm.free_seq(first)
+    assert bm.match_prefix(second) == 28  # now there is room
+    bm.free_seq(second)
+    assert bm.used_per_group() == [0, 0]
+
+
+def test_chunks_save_each_boundary_they_end_past_and_skip_when_no_block_is_free() -> None:
+    bm = BlockManager([32, 3], 4, True, (FULL, SAVED))
+    seq = make_seq(list(range(30)))
+    for n in (6, 6, 1, 1):  # ends 6, 12, 13, 14: boundaries 4, 12, none, none
+        computed(bm, seq, n)
+    assert len(bm.pools[1].cached) == 2
+    other = make_seq(list(range(12)) + [50, 51])
+    assert bm.match_prefix(other) == 12  # resumes after the third block
+    # Three state blocks: two live slots and one free (holding a saved state) for a chunk.
+    computed(bm, other, 2)
+    hog = make_seq([7] * 9)
+    computed(bm, hog, 9)  # its live slot evicts a saved state; no block left for its own
+    assert bm.used_per_group()[1] == 3
+    computed(bm, seq, 2)  # reaches 16: no free block, nothing saved, no error
+    for s in (seq, other, hog):
+        bm.free_seq(s)
     assert bm.used_per_group() == [0, 0]
 
 

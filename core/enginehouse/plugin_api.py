@@ -16,7 +16,7 @@ from .families import ModelFamily
 from .families import registered as registered_families
 from .hookspecs import hookimpl
 from .image_fetch import MAX_DOWNLOAD_BYTES, FetchPolicy, fetch_failed
-from .kv_groups import KVGroup, split_blocks, total_blocks
+from .kv_groups import KVGroup, snapshot_at, split_blocks, total_blocks
 from .logits_processors import BatchUpdate, LogitsProcessor
 from .multimodal import MultiModalData, PreparedPrompt, VisionEncoder, image_runs
 from .pipeline import read_spec
@@ -86,6 +86,7 @@ __all__ = [
     "registered_families",
     "resolve_device",
     "resolve_dtype",
+    "snapshot_at",
     "split_blocks",
     "tensors",
     "total_blocks",

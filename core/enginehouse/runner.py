@@ -99,10 +99,19 @@ class KVSpec:
     # What a KV element is stored as, when not `dtype` (a quantized KV cache: "int8", "fp8").
     cache_dtype: str = "auto"
 
-    def group_blocks(self, num_blocks: int, session_len: int, max_chunk: int) -> list[GroupPlan]:
+    def group_blocks(
+        self,
+        num_blocks: int,
+        session_len: int,
+        max_chunk: int,
+        max_batch_size: int | None = None,
+    ) -> list[GroupPlan]:
         """How the engine shares `num_blocks` between `groups` (`session_len`: the context,
-        `max_chunk`: `EngineConfig.max_num_batched_tokens`)."""
-        return split_blocks(self.groups, num_blocks, self.block_size, session_len, max_chunk)
+        `max_chunk`: `EngineConfig.max_num_batched_tokens`, `max_batch_size`: the
+        `EngineConfig`'s, which sizes a "state" group and must be given where there is one)."""
+        return split_blocks(
+            self.groups, num_blocks, self.block_size, session_len, max_chunk, max_batch_size
+        )
 
 
 @dataclass(frozen=True)

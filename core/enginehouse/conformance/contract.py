@@ -95,7 +95,8 @@ def kv_spec(t: Target) -> str:
     promised = t.engine.num_blocks * kv.bytes_per_block
     if kv.groups:  # each group's share of the blocks, in its own block size
         chunk = t.engine.config.max_num_batched_tokens
-        plans = kv.group_blocks(t.engine.num_blocks, t.engine.session_len, chunk)
+        batch = t.engine.config.max_batch_size
+        plans = kv.group_blocks(t.engine.num_blocks, t.engine.session_len, chunk, batch)
         promised = sum(p.bytes for p in plans)
     what = f"allocate_kv({t.engine.num_blocks}) added {format_size(t.kv_bytes)}"
     if t.kv_bytes == 0:
@@ -192,6 +193,13 @@ def prefix_cache(t: Target) -> str:
     kv, session = t.runner.kv_spec, t.engine.session_len  # type: ignore[union-attr]
     if not kv.prefix_caching:
         raise NotApplicable("kv_spec.prefix_caching is False: the engine never shares its blocks")
+    if any(g.kind == "state" for g in kv.groups):
+        # The driver keeps one table for every group; a hit on a state group resumes from a
+        # saved state the engine's block manager places in the group's own table.
+        raise NotApplicable(
+            "a 'state' KV group resumes a prefix hit from a saved state, which only the "
+            "engine's block manager places (check it through the engine)"
+        )
     bs = kv.block_size
     full = next((k for k in (2, 1) if k * bs + 8 + NEW_TOKENS <= session), 0)
     if not full:

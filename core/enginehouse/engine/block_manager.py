@@ -17,8 +17,12 @@ ids (the runner never reads them), so a sequence holds at most its window's bloc
 The prefix rule with groups: a hit is the longest run of whole blocks at the start of the
 prompt for which every group has what the next token reads, a full (or latent) group every
 block before it, a sliding group only the blocks of the `window - 1` positions before it (its
-earlier entries are placeholders, never read). A group with per-sequence state turns prefix
-caching off (`kv_groups.prefix_rule`).
+earlier entries are placeholders, never read). A group with per-sequence state ("state")
+turns prefix caching off unless it saves snapshots (`KVGroup.snapshots`); then a hit also
+needs the state saved at its last block (see `enginehouse.kv_groups` for the whole scheme):
+a chunk that reaches a block boundary gets one more block of the group for the state there
+(`allocate`), registered under that block's key and let go of when the step is committed,
+so saved states are evictable blocks of the group's pool like any freed block.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
-from ..kv_groups import KVGroup, prefix_rule
+from ..kv_groups import KVGroup, prefix_rule, snapshot_at
 from .sequence import Sequence
 
 BlockKey = tuple[int, tuple[int, ...], tuple]
@@ -92,6 +96,9 @@ class BlockManager:
         self.num_blocks = sum(counts)
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching and prefix_rule(groups) is None
+        # Per sequence id: the state-group blocks it holds only until its step is committed
+        # (group, block, the table entry it saves or 0 for one restored from).
+        self.pending: dict[int, list[tuple[int, int, int]]] = {}
         # Group 0's pool, as the single-group engine knew it (tests read these).
         self.ref_count, self.block_key = self.pools[0].ref_count, self.pools[0].block_key
         self.cached, self.free = self.pools[0].cached, self.pools[0].free
@@ -137,6 +144,11 @@ class BlockManager:
         g = self.groups[group]
         return g is not None and not g.paged
 
+    def _saves(self, group: int) -> bool:
+        """A state group whose snapshots prefix hits resume from."""
+        g = self.groups[group]
+        return g is not None and g.snapshots and self.prefix_caching
+
     def _need(self, seq: Sequence, group: int, num_tokens: int) -> int:
         have = len(self.table(seq, group))
         if self._is_state(group):
@@ -155,8 +167,12 @@ class BlockManager:
         self._prepare(seq)
         keys = self._cached_keys(seq)
         blocks = self._longest_hit(keys)
+        if blocks and not self._restore_states(seq, keys[blocks - 1], blocks):
+            blocks = 0
         bs = self.block_size
         for g, pool in enumerate(self.pools):
+            if self._is_state(g):
+                continue  # `_restore_states` made its table
             table = self.table(seq, g)
             first = self._first_block(g, blocks * bs) if blocks else 0
             table.extend([PLACEHOLDER] * first)
@@ -168,10 +184,29 @@ class BlockManager:
         seq.block_hashes.extend(hash(k) for k in keys[:blocks])
         return blocks * bs
 
+    def _restore_states(self, seq: Sequence, key: BlockKey, blocks: int) -> bool:
+        """For a hit of `blocks` blocks ending at `key`: each state group's table gets a new
+        live slot (entry 0) and the saved state to start from (entry `blocks`, held until the
+        first step is committed). False, taking nothing, where a group has no free slot."""
+        states = [g for g in range(len(self.pools)) if self._is_state(g)]
+        for g in states:  # a live slot besides the saved block (itself perhaps a free one)
+            pool = self.pools[g]
+            if len(pool.free) - (pool.cached[key] in pool.free) < 1:
+                return False
+        for g in states:
+            pool = self.pools[g]
+            saved = pool.cached[key]
+            pool.take(saved)
+            self.table(seq, g)[:] = [pool.pop(), *[PLACEHOLDER] * (blocks - 1), saved]
+            self.pending.setdefault(seq.seq_id, []).append((g, saved, 0))
+        return True
+
     def _cached_keys(self, seq: Sequence) -> list[BlockKey]:
         """The keys of `seq`'s leading whole blocks (all but its last token), up to the first
         one a full-attention group has not cached: no hit can reach past it."""
-        full = [p for g, p in enumerate(self.pools) if self._window(g) is None]
+        full = [
+            p for g, p in enumerate(self.pools) if self._window(g) is None and not self._is_state(g)
+        ]
         bs, parent, keys = self.block_size, _root(seq), []
         for i in range((seq.num_tokens - 1) // bs):
             key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
@@ -189,7 +224,9 @@ class BlockManager:
     def _longest_hit(self, keys: list[BlockKey]) -> int:
         """The most leading blocks every group can resume from (see the module's rule): the
         full groups have all of `keys`; a sliding group needs the run of cached blocks that
-        ends at the hit to reach back to its window's first block."""
+        ends at the hit to reach back to its window's first block; a state group, the state
+        saved at the hit's last block."""
+        states = [p for g, p in enumerate(self.pools) if self._is_state(g)]
         sliding = [g for g in range(len(self.pools)) if self._window(g) is not None]
         runs = {}  # per sliding group: run[k] = cached blocks in a row ending at block k - 1
         for g in sliding:
@@ -199,6 +236,8 @@ class BlockManager:
             runs[g] = run
         for blocks in range(len(keys), 0, -1):
             pos = blocks * self.block_size
+            if any(keys[blocks - 1] not in p.cached for p in states):
+                continue
             if all(runs[g][blocks] >= blocks - self._first_block(g, pos) for g in sliding):
                 return blocks
         return 0
@@ -230,29 +269,54 @@ class BlockManager:
             table = self.table(seq, g)
             for _ in range(self._need(seq, g, total)):
                 table.append(pool.pop())
+            if self._saves(g):
+                self._snapshot(seq, g, total)
+
+    def _snapshot(self, seq: Sequence, group: int, end: int) -> None:
+        """A block for the state at the last block boundary the chunk up to `end` reaches, at
+        its table entry, where the group has a free block (a snapshot is never worth
+        preempting for: without one, later prefix hits are only shorter)."""
+        at = snapshot_at(seq.num_computed, end, self.block_size) // self.block_size
+        pool, table = self.pools[group], self.table(seq, group)
+        if not at or not pool.free:
+            return
+        table.extend([PLACEHOLDER] * (at - len(table)))
+        table.append(pool.pop())
+        self.pending.setdefault(seq.seq_id, []).append((group, table[at], at))
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks `seq` has completely computed so later sequences can share them."""
         if not self.prefix_caching:
             return
         bs = self.block_size
+        pending = self.pending.pop(seq.seq_id, [])
+        saved = {(g, at): block for g, block, at in pending if at}
         parent = seq.block_hashes[-1] if seq.block_hashes else _root(seq)
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.block_extra(i, bs))
             for g, pool in enumerate(self.pools):
-                pool.register(key, self.table(seq, g)[i])
+                if not self._is_state(g):
+                    pool.register(key, self.table(seq, g)[i])
+                elif (g, i + 1) in saved:  # the state after this block
+                    pool.register(key, saved[g, i + 1])
             parent = hash(key)
             seq.block_hashes.append(parent)
+        for g, block, _ in pending:  # saved (or restored from): cached, no longer held
+            self.pools[g].release(block)
 
     def free_seq(self, seq: Sequence) -> None:
         self._prepare(seq)
         # Tail blocks first, so that a sequence's shared head outlives its private tail.
         for g, pool in enumerate(self.pools):
             table = self.table(seq, g)
-            for block in reversed(table[seq.dropped[g] :]):
+            # A state group's table holds its live slot; the rest are pending or not held.
+            held = table[:1] if self._is_state(g) else table[seq.dropped[g] :]
+            for block in reversed(held):
                 pool.release(block)
             table.clear()
             seq.dropped[g] = 0
+        for g, block, _ in self.pending.pop(seq.seq_id, []):
+            self.pools[g].release(block)
         seq.block_hashes.clear()
 
 

@@ -80,7 +80,10 @@ class EngineCore:
         counts: int | list[int] = self.num_blocks
         if kv.groups:  # one pool per KV group, shared out as the runner shares them
             plans = kv.group_blocks(
-                self.num_blocks, self.session_len, config.max_num_batched_tokens
+                self.num_blocks,
+                self.session_len,
+                config.max_num_batched_tokens,
+                config.max_batch_size,
             )
             counts = [p.blocks for p in plans]
         self.block_manager = BlockManager(counts, kv.block_size, caching, kv.groups)

@@ -52,12 +52,21 @@ def _plan_groups(kv: KVSpec, budget: int, config: EngineConfig, session_len: int
     chunk = config.max_num_batched_tokens
     args = (kv.block_size, session_len, config.max_batch_size, chunk)
     blocks = total_blocks(kv.groups, budget, *args)
-    for plan in kv.group_blocks(blocks, session_len, chunk):
+    plans = kv.group_blocks(blocks, session_len, chunk, config.max_batch_size)
+    states = sum(p.bytes for p in plans if not p.group.paged)
+    for plan in plans:
         if plan.blocks < plan.blocks_per_seq:
+            taken = (
+                f" after the state slots of {config.max_batch_size} sequences "
+                f"({format_size(states)})"
+                if states
+                else ""
+            )
             raise EnginehouseError(
                 f"the KV cache budget ({format_size(budget)}) leaves the "
-                f"{plan.group.describe()} layers {plan.blocks} blocks, less than one sequence "
-                f"of {session_len} tokens needs ({plan.blocks_per_seq}); raise "
+                f"{plan.group.describe()} layers {plan.blocks} blocks{taken}, less than one "
+                f"sequence of {session_len} tokens needs ({plan.blocks_per_seq}); raise "
                 "EngineConfig(kv_cache_memory=...) or lower session_len"
+                + (" or max_batch_size" if states else "")
             )
     return blocks

@@ -1,38 +1,40 @@
-"""The native runner for hybrid models (Qwen3-Next): paged KV for the full-attention layers, a
-per-sequence state slot (`native.state_pool`) for the linear-attention ones.
+"""The native runner for hybrid models (Qwen3-Next, Qwen3.5): paged KV for the full-attention
+layers, a per-sequence state slot (`native.state_pool`) for the linear-attention ones.
 
 What differs from `NativeRunner`:
-- the KV blocks hold the full-attention layers only, and the state pool (one slot per
-  sequence of `max_batch_size`) is taken from the KV budget first (`plan_kv_blocks`);
-- the runner is told when a sequence's blocks are freed (`release_sequence`), to free its slot;
-- no prefix caching (`native.hybrid.NO_PREFIX_CACHING` says why);
+- two KV groups (`KVSpec.groups`): "full" for the full-attention layers and "state" for the
+  linear-attention ones (`bytes_per_seq`), so the engine's block manager plans the memory of
+  both and hands out the state slots: a sequence's live slot is its one block in the state
+  group (entry 0 of `SeqChunk.table(STATE)`);
+- prefix caching through state snapshots (`KVGroup.snapshots`, on with
+  `enable_prefix_caching`): a chunk that reaches a block boundary saves the state there into
+  the block the engine added to its state table, and a prefix hit, cut back by the engine to
+  a block whose state was saved, starts from a copy of it (`native.state_pool.StepStates`);
+- the runner is told when a sequence's blocks are freed (`release_sequence`), to start its
+  next first chunk afresh;
 - the torch path: the C++ CPU kernels, the one-call decode step and CUDA graphs do not know
-  the linear-attention layers.
+  the linear-attention layers; a quantized KV cache (`kv_cache_dtype` "int8" or "fp8") holds
+  the full-attention layers' keys and values, read by `kv_quant`'s torch path (the states stay
+  in the model's dtype and float32).
 """
 
 from __future__ import annotations
 
-import math
-
 from enginehouse import EngineConfig, KVSpec, ModelSpec, SeqChunk
-from enginehouse.plugin_api import (
-    EnginehouseError,
-    RunnerCapabilities,
-    RunnerContext,
-    available_memory,
-    format_size,
-    kv_bytes_per_token,
-)
+from enginehouse.plugin_api import RunnerCapabilities, RunnerContext
 
-from .native import kv_cache
+from .native import kv_cache, kv_quant
 from .native.arch import arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention
-from .native.state_pool import StatePool
+from .native.hybrid import hybrid_groups
+from .native.state_pool import StatePool, StepStates
 from .native_runner import NativeRunner
+
+FULL, STATE = 0, 1  # the KV groups, in `kv_spec.groups` order
 
 
 class HybridRunner(NativeRunner):
-    capabilities = RunnerCapabilities(profiles=True, plans_kv=True, releases_sequences=True)
+    capabilities = RunnerCapabilities(profiles=True, releases_sequences=True)
     # No LoRA: its targets (q/k/v/o, gate/up/down) miss the linear-attention layers, so the
     # inherited adapter methods are withdrawn rather than left undeclared.
     load_adapter = None
@@ -42,59 +44,54 @@ class HybridRunner(NativeRunner):
         super().__init__(spec, config, context)
         a = self.arch
         assert a.linear is not None
-        self.full_layers = a.linear.layers.count(False)
-        per_token = kv_bytes_per_token(self.full_layers, self.tp.kv_heads, a.head_dim, self.dtype)
+        self.linear = self.tp.linear  # this rank's linear-attention heads
+        caching = config.enable_prefix_caching  # states saved at block boundaries
+        # The full-attention layers' KV may be quantized (kv_cache_dtype); states never are.
+        head = kv_quant.head_bytes(self.kv_kind, a.head_dim, self.dtype)
+        itemsize = self.dtype.itemsize
+        self.groups = hybrid_groups(a, self.linear, self.tp.kv_heads, head, itemsize, caching)
+        per_token = self.groups[FULL].bytes_per_token
         self.kv_spec = KVSpec(
             block_size=self.block_size,
-            bytes_per_block=per_token * self.block_size,
+            bytes_per_block=per_token * self.block_size,  # the paged group's
             dtype=self.dtype,
             device=self.device,
-            prefix_caching=False,  # see native.hybrid.NO_PREFIX_CACHING
+            prefix_caching=caching,
+            groups=self.groups,
+            cache_dtype=self.kv_kind,
         )
-        self.max_seqs = config.max_batch_size
-        # CPU ranks of one machine share its memory: each plans with its part of a fraction.
-        self.memory_share = context.local_world_size if self.device.type == "cpu" else 1
-        self.linear = self.tp.linear  # this rank's linear-attention heads
-        self.state_bytes = StatePool.bytes_for(self.linear, self.max_seqs, self.dtype)
         self.states: StatePool | None = None
-        self.kernel, self.paged = TorchAttention, False
+        self.started: set[int] = set()  # sequences whose live slot holds their state
+        self.step_states: StepStates | None = None
+        # The torch path: a quantized cache's reads dequantize what they gather (kv_quant.py).
+        quantized = self.kv_kind != "auto"
+        self.kernel = kv_quant.attention_for(self.kv_kind) if quantized else TorchAttention
+        self.paged = False
 
     def _fused(self) -> bool:
         return False
 
-    def plan_kv_blocks(self, config: EngineConfig, session_len: int) -> int:
-        """The core's plan (`EngineConfig.kv_cache_memory`, blocks for at most max_batch_size
-        full contexts) after the state pool's bytes are taken from the budget."""
-        self.profile_run(config.max_num_batched_tokens)
-        budget = config.kv_cache_memory
-        if isinstance(budget, float):
-            budget = int(available_memory(self.device) * budget / self.memory_share)
-        left = budget - self.state_bytes
-        per_seq = math.ceil(session_len / self.block_size)
-        blocks = min(max(left, 0) // self.kv_spec.bytes_per_block, per_seq * self.max_seqs)
-        if blocks < per_seq:
-            raise EnginehouseError(
-                f"the KV cache budget ({format_size(budget)}) less the linear-attention "
-                f"states of {self.max_seqs} sequences ({format_size(self.state_bytes)}) "
-                f"holds {blocks * self.block_size} tokens, less than one full context of "
-                f"{session_len}; raise EngineConfig(kv_cache_memory=...), or lower "
-                "session_len or max_batch_size"
-            )
-        return blocks
-
     def _allocate(self, num_blocks: int, counts: list[int] | None = None) -> None:
-        """`NativeRunner._allocate` for the full-attention layers only; each linear layer's
-        entry in `self.kv` is its part of the state pool instead."""
+        """`NativeRunner._allocate` for the full-attention layers; each linear layer's entry
+        in `self.kv` is its part of the state pool, one slot per block of the state group.
+        (The profiling pass's `counts` name the paged group only: one slot is enough.)"""
+        if counts is None:
+            cfg = self.config
+            plans = self.kv_spec.group_blocks(
+                num_blocks, self.context, cfg.max_num_batched_tokens, cfg.max_batch_size
+            )
+            counts = [p.blocks for p in plans]
+        slots = counts[STATE] if len(counts) > STATE else 1
         a, linear = self.arch, self.linear
-        full_layers = tuple(i for i, lin in enumerate(linear.layers) if not lin)
         (group,) = kv_cache.allocate(
-            [(None, full_layers)],
-            [num_blocks],
+            [(None, self.groups[FULL].layers)],
+            [counts[FULL]],
             self.block_size,
             self.tp.kv_heads,
             a.head_dim,
             self.dtype,
             self.device,
+            self.kv_kind,
         )
         self.caches = [group]
         self.null_slot, self.scratch_slot, self.layout = (
@@ -102,9 +99,9 @@ class HybridRunner(NativeRunner):
             group.scratch_slot,
             group.layout,
         )
-        if self.states is None:
-            self.states = StatePool(linear, self.max_seqs, self.dtype, self.device)
-        full = iter(range(len(full_layers)))
+        self.states = StatePool(linear, slots, self.dtype, self.device)
+        self.started.clear()
+        full = iter(range(len(self.groups[FULL].layers)))
         linear_index = iter(range(sum(linear.layers)))
         self.kv = [
             self.states.layer(next(linear_index)) if is_linear else group.layer(next(full))
@@ -114,17 +111,25 @@ class HybridRunner(NativeRunner):
     def _metadata(self, order: list[SeqChunk]) -> StepMeta:
         meta = super()._metadata(order)
         assert self.states is not None, "allocate_kv comes before execute"
-        meta.linear = self.states.metadata(order, meta.num_decode)
+        self.step_states = StepStates.build(
+            self.states, order, meta.num_decode, STATE, self.block_size, self.started
+        )
+        meta.linear = self.step_states.meta
         return meta
+
+    def _forward(self, chunks: tuple[SeqChunk, ...], order: list[SeqChunk]):
+        logits = super()._forward(chunks, order)
+        if self.step_states is not None and self.states is not None:
+            self.step_states.save_decodes(self.states)  # decodes that reached a boundary
+        self.step_states = None
+        return logits
 
     def profile_run(self, num_tokens: int) -> None:
         super().profile_run(num_tokens)
-        if self.states is not None:
-            self.states.release_all()  # the profiling sequence
+        self.started.clear()  # the profiling sequence
 
     def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
-        if self.states is not None:
-            self.states.release(seq_id)
+        self.started.discard(seq_id)
 
     def close(self) -> None:
         super().close()

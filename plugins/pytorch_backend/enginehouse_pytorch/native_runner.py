@@ -15,6 +15,7 @@ import torch
 from enginehouse import EngineConfig, KVSpec, ModelSpec, ScheduledBatch, SeqChunk
 from enginehouse.plugin_api import (
     InvalidModelError,
+    KVGroup,
     LoraAdapter,
     RunnerCapabilities,
     RunnerContext,
@@ -95,6 +96,7 @@ class NativeRunner:
         # Layers grouped by sliding window (native/kv_cache.py): a sliding group's blocks that
         # fall out of its window are freed while a sequence runs.
         self.layer_groups = kv_cache.layer_groups(a)
+        groups = kv_cache.kv_groups(a, kv_heads, head)
         if a.mla is not None:  # a cache of kind "mla": the latent and rope key per token
             if self.kv_kind != "auto":
                 raise InvalidModelError(
@@ -102,12 +104,13 @@ class NativeRunner:
                     f"{a.family} is kept in the model's dtype; use kv_cache_dtype='auto'"
                 )
             per_token = mla.cache_bytes_per_token(a, self.dtype)
+            groups = (KVGroup("mla", tuple(range(a.num_layers)), bytes_per_token=per_token),)
         self.kv_spec = KVSpec(
             block_size=self.block_size,
             bytes_per_block=per_token * self.block_size,
             dtype=self.dtype,
             device=self.device,
-            groups=kv_cache.kv_groups(a, kv_heads, head),
+            groups=groups,
             cache_dtype=self.kv_kind,
         )
         self.windows = set(a.windows) if a.windows else {None}

@@ -151,10 +151,10 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             if arch.linear is not None:
                 raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
-        if config.kv_cache_dtype != "auto" and (arch.mla is not None or arch.linear is not None):
+        if config.kv_cache_dtype != "auto" and arch.mla is not None:
             raise UnsupportedModel(
-                f"kv_cache_dtype={config.kv_cache_dtype!r}: the {arch.family} cache (latent or "
-                "hybrid) is kept in the model's dtype natively; use kv_cache_dtype='auto'"
+                f"kv_cache_dtype={config.kv_cache_dtype!r}: the {arch.family} latent cache is "
+                "kept in the model's dtype natively; use kv_cache_dtype='auto'"
             )
     except UnsupportedModel as e:
         return verdict(False, str(e))
@@ -205,8 +205,6 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
 
     from .native import kv_cache, kv_quant
 
-    if arch.mla is not None or arch.linear is not None:
-        return ""  # their caches are described by cache_kind / hybrid_line
     try:
         device = resolve_device(config)
         dtype = resolve_dtype(config, spec, device)
@@ -217,9 +215,15 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
     head = kv_quant.head_bytes(kind, arch.head_dim, dtype)
     element = str(dtype).removeprefix("torch.") if kind == "auto" else kind
     scales = {"int8": ", a scale per token and head", "fp8": " e4m3, per-tensor scales"}
-    per_token = 2 * arch.num_layers * kv_heads * head
+    every_layer = 2 * arch.num_layers * kv_heads * head  # full attention in every layer
+    if arch.mla is not None:  # every head's keys and values, as multi-head attention keeps
+        per_head = arch.mla.qk_head_dim + arch.mla.v_head_dim
+        every_layer = arch.num_layers * arch.num_heads * per_head * dtype.itemsize
+    groups, per_token = special_groups(arch, config, kv_heads, head, dtype.itemsize)
+    if not groups:
+        per_token = every_layer
+        groups = kv_cache.kv_groups(arch, kv_heads, head)
     line = f"; KV cache {per_token} B/token ({element}{scales.get(kind, '')})"
-    groups = kv_cache.kv_groups(arch, kv_heads, head)
     if not groups:
         return line
     budget = config.kv_cache_memory
@@ -235,8 +239,32 @@ def kv_cache_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
         config.max_batch_size,
         config.max_num_batched_tokens,
         element,
+        every_layer,
     )
     return f"{line}; {plan}"
+
+
+def special_groups(arch, config: EngineConfig, kv_heads: int, head: int, itemsize: int):
+    """The KV groups of a latent (one "mla" group) or hybrid ("full" and "state") cache, as
+    their runners declare them, and the bytes per token of the paged ones; ((), 0) otherwise."""
+    from enginehouse.plugin_api import KVGroup
+
+    if arch.mla is not None:
+        per_token = arch.num_layers * arch.mla.cache_width * itemsize
+        return (
+            KVGroup("mla", tuple(range(arch.num_layers)), bytes_per_token=per_token),
+        ), per_token
+    if arch.linear is not None:
+        from .native.hybrid import hybrid_groups
+        from .native.parallel import TensorParallel
+
+        linear = arch.linear
+        if config.tp > 1:  # each rank's heads, as the runner's TensorParallel gives them
+            linear = TensorParallel(arch, 0, config.tp).linear
+        caching = config.enable_prefix_caching
+        groups = hybrid_groups(arch, linear, kv_heads, head, itemsize, caching)
+        return groups, groups[0].bytes_per_token
+    return (), 0
 
 
 def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
@@ -264,16 +292,11 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
 
 
 def hybrid_line(arch, spec: ModelSpec, config: EngineConfig) -> str:
-    """A hybrid model's layer groups, their memory and why prefix caching is off."""
-    from enginehouse.plugin_api import resolve_device, resolve_dtype
-
+    """A hybrid model's layer groups and where prefix hits resume (their memory plan is
+    `kv_cache_line`'s)."""
     from .native.hybrid import describe
 
-    try:
-        itemsize = resolve_dtype(config, spec, resolve_device(config)).itemsize
-    except RuntimeError:  # an absent CUDA device: the runner says so when it is built
-        itemsize = 4
-    return describe(arch, itemsize, config.max_batch_size)
+    return describe(arch, config.enable_prefix_caching)
 
 
 def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:

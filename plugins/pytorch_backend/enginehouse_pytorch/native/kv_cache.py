@@ -108,22 +108,36 @@ def plan_line(
     max_batch_size: int,
     max_chunk: int,
     element: str,
+    every_layer: int | None = None,
 ) -> str:
-    """`explain`'s account of the KV plan: per group its kind, layers, bytes per token and the
-    tokens its pool holds, then the sequences that fit at full context, against what full
-    attention in every layer would fit."""
+    """`explain`'s account of the KV plan: per group its kind, layers, bytes per token (per
+    sequence for a state group) and the tokens (sequences) its pool holds, then the sequences
+    that fit at full context, against what full attention in every layer would fit
+    (`every_layer` bytes per token; the paged groups' sum by default)."""
     args = (block_size, session_len, max_batch_size, max_chunk)
     total = total_blocks(groups, budget, *args)
-    plans = split_blocks(groups, total, block_size, session_len, max_chunk)
-    parts = [
-        f"{p.group.describe()} ({len(p.group.layers)} layer{'s' * (len(p.group.layers) > 1)}, "
-        f"{p.group.bytes_per_token} B/token in {element}): {p.tokens} tokens"
-        for p in plans
-    ]
-    every = sum(g.bytes_per_token for g in groups)  # all layers, full attention
-    plain = budget // (every * session_len)
+    plans = split_blocks(groups, total, block_size, session_len, max_chunk, max_batch_size)
+    parts = []
+    for p in plans:
+        g, n = p.group, len(p.group.layers)
+        layers = f"{n} layer{'s' * (n > 1)}"
+        if g.paged:
+            parts.append(
+                f"{g.describe()} ({layers}, {g.bytes_per_token} B/token in {element}): "
+                f"{p.tokens} tokens"
+            )
+        else:
+            saved = ", snapshots at block boundaries for prefix hits" if g.snapshots else ""
+            parts.append(
+                f"{g.describe()} ({layers}, {format_size(g.bytes_per_seq)}/sequence{saved}): "
+                f"{p.blocks} slots"
+            )
+    every = every_layer or sum(g.bytes_per_token for g in groups)
+    # Both counts stop at max_batch_size: the engine runs no more sequences at once.
+    plain = min(budget // (every * session_len), max_batch_size)
     fits = min(p.blocks // p.blocks_per_seq for p in plans)
+    cap = f", at most max_batch_size={max_batch_size}" if max(fits, plain) == max_batch_size else ""
     return (
         f"KV cache groups: {'; '.join(parts)}; {fits} sequences of {session_len} tokens fit "
-        f"in {format_size(budget)} (with full attention in every layer: {plain})"
+        f"in {format_size(budget)} (with full attention in every layer: {plain}{cap})"
     )

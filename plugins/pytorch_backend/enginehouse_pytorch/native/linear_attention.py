@@ -5,7 +5,10 @@ inputs of its short causal convolution and a recurrent matrix [v_heads, k_dim, v
 layer, held in a slot of `state_pool.StatePool`. A step's decodes update their slots together
 (the recurrent form, one token each); each prefill chunk continues its sequence's state over
 its tokens in the chunked form, so a prompt split across engine steps gives the result of one
-pass. The recurrence, for each head, token t with decay g_t <= 0 (log space) and rate beta_t:
+pass. A prefill chunk asked to save its state at a block boundary inside it (prefix caching,
+`StateMeta.prefill_saves`) runs the chunked form in two parts, split there, and copies the
+state between them into the snapshot's slot. The recurrence, for each head, token t with
+decay g_t <= 0 (log space) and rate beta_t:
 
     S_t = exp(g_t) S_{t-1} + k_t u_t^T,  u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t),
     o_t = S_t^T q_t
@@ -44,6 +47,12 @@ class StateMeta:
 
     decode_slots: torch.Tensor | None  # [decodes] long
     prefill_slots: list[int]
+    # Per prefill chunk: (tokens into the chunk, slot) to save the state after those tokens
+    # into, or None.
+    prefill_saves: list[tuple[int, int] | None] | None = None
+
+    def saves(self) -> list[tuple[int, int] | None]:
+        return self.prefill_saves or [None] * len(self.prefill_slots)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -159,9 +168,12 @@ class GatedDeltaNet(nn.Module):
             # One output per channel: a product and a sum (F.conv1d costs far more here).
             out[:b] = (window * weight[:, 0]).sum(dim=-1)
             state.conv[slots] = window[..., 1:]
-        for p, slot in zip(meta.prefills, lin.prefill_slots):
+        for p, slot, save in zip(meta.prefills, lin.prefill_slots, lin.saves()):
             window = torch.cat([state.conv[slot], mixed[p.begin : p.end].T], dim=-1)
             out[p.begin : p.end] = F.conv1d(window[None], weight, groups=channels)[0].T
+            if save is not None:  # the inputs before the boundary: window[:, at : at + keep]
+                at, dst = save
+                state.conv[dst] = window[:, at : at + keep]
             state.conv[slot] = window[:, window.shape[1] - keep :]
         return F.silu(out)
 
@@ -184,11 +196,19 @@ class GatedDeltaNet(nn.Module):
             out[:n], state.recurrent[slots] = delta_rule_step(
                 q[:n], k[:n], v[:n], g[:n], beta[:n], state.recurrent[slots]
             )
-        for p, slot in zip(meta.prefills, lin.prefill_slots):
-            rows = slice(p.begin, p.end)
-            o, state.recurrent[slot] = delta_rule_prefill(
-                *(s[rows].transpose(0, 1) for s in (q, k, v, g, beta)), state.recurrent[slot]
-            )
-            out[rows] = o.transpose(0, 1)
+        for p, slot, save in zip(meta.prefills, lin.prefill_slots, lin.saves()):
+            # Split where a snapshot is saved: the state between the parts is the one to keep.
+            cuts = [p.begin, p.end] if save is None else [p.begin, p.begin + save[0], p.end]
+            for begin, end in zip(cuts, cuts[1:]):
+                if begin == end:
+                    continue
+                rows = slice(begin, end)
+                o, state.recurrent[slot] = delta_rule_prefill(
+                    *(s[rows].transpose(0, 1) for s in (q, k, v, g, beta)),
+                    state.recurrent[slot],
+                )
+                out[rows] = o.transpose(0, 1)
+                if save is not None and end == p.begin + save[0]:
+                    state.recurrent[save[1]] = state.recurrent[slot]
         out = self.norm(out.to(x.dtype), z)
         return self.tp.all_reduce(self.out_proj(out.reshape(t, -1)))

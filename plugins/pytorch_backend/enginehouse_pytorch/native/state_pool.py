@@ -1,18 +1,25 @@
-"""Per-sequence state slots of linear-attention layers: a fixed pool, one slot per sequence.
+"""The linear-attention layers' states: the blocks of the engine's "state" KV group.
 
-A linear-attention layer's memory does not grow with the context: each running sequence
-holds one slot (its conv state and recurrent state in every linear layer) from its first
-prompt token until the engine releases it (finished, aborted or preempted). The pool has one
-slot per sequence the engine may run at once (`max_batch_size`), allocated up front, and its
-bytes come out of the KV budget. A sequence's first chunk (position 0) takes a free slot and
-zeroes it, so a preempted sequence recomputed from position 0 starts from a fresh state.
+A linear-attention layer's memory does not grow with the context: each running sequence holds
+one slot (its conv state and recurrent state in every linear layer). The slots are the blocks
+of the runner's "state" `KVGroup`, so the engine's block manager hands them out and plans their
+memory with the full-attention layers' blocks: a sequence's live slot is entry 0 of its table
+in the group (`SeqChunk.table(g)`).
+
+With prefix caching the group saves snapshots (`KVGroup.snapshots`, see
+`enginehouse.kv_groups`): a chunk that reaches a block boundary has one more entry in its
+table, at `boundary // block_size`, the slot to copy the state there into; and a sequence whose
+first chunk starts past position 0 (a prefix hit) finds the saved state to start from at entry
+`start // block_size`. `StepStates` reads both off the step's chunks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from enginehouse.plugin_api import EnginehouseError
+from enginehouse.plugin_api import EnginehouseError, SeqChunk, snapshot_at
 
 from .arch import LinearAttention
 from .hybrid import state_bytes_per_sequence
@@ -29,12 +36,14 @@ class StatePool:
         shape = (layers, slots, heads, linear.head_k_dim, linear.head_v_dim)
         self.recurrent = torch.zeros(shape, dtype=torch.float32, device=device)
         self.device = device
-        self.free = list(range(slots - 1, -1, -1))  # popped from the end: slot 0 first
-        self.owner: dict[int, int] = {}  # seq_id -> slot
 
     @staticmethod
     def bytes_for(linear: LinearAttention, slots: int, dtype: torch.dtype) -> int:
         return state_bytes_per_sequence(linear, dtype.itemsize) * slots
+
+    @property
+    def num_slots(self) -> int:
+        return self.conv.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -44,40 +53,75 @@ class StatePool:
         """The states of the i-th linear layer (counting linear layers only)."""
         return LayerState(self.conv[i], self.recurrent[i])
 
-    def _slot(self, seq_id: int, start_pos: int) -> int:
-        slot = self.owner.get(seq_id)
-        if start_pos == 0:  # a new sequence, or one recomputed after preemption
-            if slot is None:
-                if not self.free:
+    def zero(self, slot: int) -> None:
+        self.conv[:, slot].zero_()
+        self.recurrent[:, slot].zero_()
+
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Every linear layer's states of slots `src` into slots `dst`."""
+        if src:
+            s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            self.conv[:, d] = self.conv[:, s]
+            self.recurrent[:, d] = self.recurrent[:, s]
+
+
+@dataclass
+class StepStates:
+    """The state side of one step: each chunk's live slot, restored from a saved state or
+    zeroed where it starts, and the snapshots to save (prefill ones inside the layers, decode
+    ones after the step, `save_decodes`)."""
+
+    meta: StateMeta
+    decode_saves: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+
+    @classmethod
+    def build(
+        cls,
+        pool: StatePool,
+        order: list[SeqChunk],
+        num_decode: int,
+        group: int,
+        block_size: int,
+        started: set[int],
+    ) -> StepStates:
+        """`order`: the step's chunks, decodes first. `started`: the sequences whose live slot
+        holds their state (the runner forgets one when the engine releases it)."""
+        slots, saves, decode_saves = [], [], ([], [])
+        for i, c in enumerate(order):
+            # Without its own tables (a runner driven by hand, the kit's driver), every group
+            # reads the chunk's block table: its first block is the live slot, nothing saved.
+            table, own = c.table(group), bool(c.group_tables)
+            live = table[0]
+            if c.start_pos == 0:  # a new sequence, or one recomputed after preemption
+                pool.zero(live)
+            elif c.seq_id not in started:
+                at = c.start_pos // block_size
+                if not own or c.start_pos % block_size or len(table) <= at:
                     raise EnginehouseError(
-                        f"no free linear-attention state slot for sequence {seq_id}: all "
-                        f"{len(self.owner)} are held (more running sequences than "
-                        "max_batch_size, or a released sequence the runner was not told of)"
+                        f"sequence {c.seq_id} starts at position {c.start_pos} with no saved "
+                        "linear-attention state to resume from"
                     )
-                slot = self.owner[seq_id] = self.free.pop()
-            self.conv[:, slot].zero_()
-            self.recurrent[:, slot].zero_()
-        elif slot is None:
-            raise EnginehouseError(
-                f"sequence {seq_id} continues at position {start_pos} but has no saved "
-                "linear-attention state (states are only kept from position 0 on)"
-            )
-        return slot
-
-    def metadata(self, order: list, num_decode: int) -> StateMeta:
-        """The slots of the step's sequences, in the runner's order (decodes first)."""
-        slots = [self._slot(c.seq_id, c.start_pos) for c in order]
+                pool.copy([table[at]], [live])  # a prefix hit: the state saved there
+            started.add(c.seq_id)
+            slots.append(live)
+            boundary = snapshot_at(c.start_pos, c.end_pos, block_size)
+            save = None
+            if own and boundary and len(table) > boundary // block_size:
+                save = (boundary - c.start_pos, table[boundary // block_size])
+            if i < num_decode:
+                if save is not None:
+                    decode_saves[0].append(live)
+                    decode_saves[1].append(save[1])
+            else:
+                saves.append(save)
         decodes = slots[:num_decode]
-        return StateMeta(
-            decode_slots=torch.tensor(decodes, device=self.device) if decodes else None,
+        meta = StateMeta(
+            decode_slots=torch.tensor(decodes, device=pool.device) if decodes else None,
             prefill_slots=slots[num_decode:],
+            prefill_saves=saves,
         )
+        return cls(meta, decode_saves)
 
-    def release(self, seq_id: int) -> None:
-        slot = self.owner.pop(seq_id, None)
-        if slot is not None:
-            self.free.append(slot)
-
-    def release_all(self) -> None:
-        for seq_id in list(self.owner):
-            self.release(seq_id)
+    def save_decodes(self, pool: StatePool) -> None:
+        """After the step: the decodes' states at the block boundary they reached."""
+        pool.copy(*self.decode_saves)
