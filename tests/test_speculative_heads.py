@@ -1,0 +1,386 @@
+"""Speculative decoding with draft heads on the target's hidden states: EAGLE-3, EAGLE, MTP.
+
+No trained heads exist offline, so the heads are built here in their on-disk formats
+(config.json + safetensors): random ones (greedy output must equal plain decoding whatever
+they propose), and "copy" ones whose weights make them propose the token they are given, which
+the loopy targets (runs of one repeated token) keep often, so acceptance is above zero. The
+EAGLE-3 head's forward is checked against a hand-written torch reference on transformers'
+hidden states of the target (transformers has no EAGLE forward).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+
+from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, pipeline
+from enginehouse.errors import EnginehouseError
+from enginehouse.runner import DraftRequest
+from enginehouse.testing import build_model, model_configs
+
+H, HEADS, INTER, VOCAB, DRAFT_VOCAB = 64, 4, 128, 512, 256
+
+
+def repeating(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
+    return (phrase * (n // len(phrase) + 1))[:n]
+
+
+PROMPTS = [repeating(n, seed) for seed, n in enumerate((9, 30, 17, 45))]
+
+
+def fixed(n: int, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, min_new_tokens=n, **kw)
+
+
+def open_pipe(path, **config):
+    return pipeline(str(path), backend="pytorch", engine_config=config, progress=False)
+
+
+def run(pipe, prompts, params):
+    return pipe([{"token_ids": p} for p in prompts], params)
+
+
+def spec(method: str, head: Path | None = None, k: int = 3) -> dict:
+    out = {"method": method, "num_speculative_tokens": k}
+    return {**out, "model": str(head)} if head is not None else out
+
+
+@pytest.fixture(scope="module")
+def target(models_dir):
+    """A 4-layer Llama with tied embeddings and its layers' outputs scaled down: it falls into
+    runs of a repeated token (as test_speculative's loopy models)."""
+    config = model_configs(VOCAB)["llama"]
+    config.num_hidden_layers = 4
+    config.tie_word_embeddings = True
+    folder = build_model(models_dir / "heads-llama", config)
+    tensors = load_file(folder / "model.safetensors")
+    for name in tensors:
+        if "o_proj" in name or "down_proj" in name:
+            tensors[name] = tensors[name] * 0.3
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    with open_pipe(target, max_batch_size=8) as pipe:
+        yield pipe
+
+
+def head_config(**extra) -> dict:
+    return {
+        "hidden_size": H,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "hidden_act": "silu",
+        **extra,
+    }
+
+
+def save_head(folder: Path, config: dict, tensors: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    return folder
+
+
+def layer_tensors(prefix: str, kv_heads: int, attn_in: int, gen: torch.Generator) -> dict:
+    d = H // HEADS
+
+    def w(*shape):
+        return torch.randn(*shape, generator=gen) * 0.2
+
+    return {
+        f"{prefix}self_attn.q_proj.weight": w(H, attn_in),
+        f"{prefix}self_attn.k_proj.weight": w(kv_heads * d, attn_in),
+        f"{prefix}self_attn.v_proj.weight": w(kv_heads * d, attn_in),
+        f"{prefix}self_attn.o_proj.weight": w(H, H),
+        f"{prefix}mlp.gate_proj.weight": w(INTER, H),
+        f"{prefix}mlp.up_proj.weight": w(INTER, H),
+        f"{prefix}mlp.down_proj.weight": w(H, INTER),
+        f"{prefix}post_attention_layernorm.weight": 1 + w(H),
+    }
+
+
+def eagle3_tensors(seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    t = layer_tensors("midlayer.", 2, 2 * H, gen)
+    t.update(
+        {
+            "fc.weight": torch.randn(H, 3 * H, generator=gen) * 0.1,
+            "midlayer.input_layernorm.weight": 1 + torch.randn(H, generator=gen) * 0.1,
+            "midlayer.hidden_norm.weight": 1 + torch.randn(H, generator=gen) * 0.1,
+            "norm.weight": 1 + torch.randn(H, generator=gen) * 0.1,
+            "lm_head.weight": torch.randn(DRAFT_VOCAB, H, generator=gen) * 0.2,
+            # Draft token i is target token 2 * i + 1: d2t[i] = i + 1.
+            "d2t": torch.arange(DRAFT_VOCAB) + 1,
+            "t2d": torch.arange(VOCAB) % 2 == 1,
+        }
+    )
+    return t
+
+
+@pytest.fixture(scope="module")
+def eagle3_head(models_dir):
+    config = head_config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB)
+    return save_head(models_dir / "eagle3-random", config, eagle3_tensors())
+
+
+@pytest.fixture(scope="module")
+def eagle3_copy(models_dir, target):
+    """An EAGLE-3 head that proposes the token it is given: fc = 0 (no hidden), attention of
+    four full heads that attends to its own position and passes its normalised embedding on,
+    no MLP, and the target's embeddings as its lm_head over the whole vocabulary."""
+    config = head_config(architectures=["LlamaForCausalLMEagle3"], num_key_value_heads=HEADS)
+    eye = torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1)  # the embedding half
+    embed = load_file(target / "model.safetensors")["model.embed_tokens.weight"]
+    t = layer_tensors("midlayer.", HEADS, 2 * H, torch.Generator().manual_seed(1))
+    t.update(
+        {
+            "fc.weight": torch.zeros(H, 3 * H),
+            "midlayer.self_attn.q_proj.weight": 20 * eye,
+            "midlayer.self_attn.k_proj.weight": 20 * eye,
+            "midlayer.self_attn.v_proj.weight": eye,
+            "midlayer.self_attn.o_proj.weight": torch.eye(H),
+            "midlayer.mlp.down_proj.weight": torch.zeros(H, INTER),
+            "midlayer.input_layernorm.weight": torch.ones(H),
+            "midlayer.hidden_norm.weight": torch.ones(H),
+            "norm.weight": torch.ones(H),
+            "lm_head.weight": embed,
+        }
+    )
+    return save_head(models_dir / "eagle3-copy", config, t)
+
+
+@pytest.fixture(scope="module")
+def eagle1_heads(models_dir, target):
+    """EAGLE(-1) heads: a random one, and one whose fc passes the embedding on and whose
+    layer adds nothing (so the target's tied lm_head proposes the token it is given)."""
+    config = head_config(architectures=["LlamaForCausalLM"])
+    gen = torch.Generator().manual_seed(2)
+    rand = layer_tensors("layers.0.", 2, H, gen)
+    rand.update({"fc.weight": torch.randn(H, 2 * H, generator=gen) * 0.1, "fc.bias": torch.zeros(H)})
+    copy = dict(rand)
+    copy.update(
+        {
+            "fc.weight": torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1),
+            "layers.0.self_attn.o_proj.weight": torch.zeros(H, H),
+            "layers.0.mlp.down_proj.weight": torch.zeros(H, INTER),
+        }
+    )
+    return {
+        "random": save_head(models_dir / "eagle1-random", config, rand),
+        "copy": save_head(models_dir / "eagle1-copy", config, copy),
+    }
+
+
+# --- the configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"method": "eagle3", "num_speculative_tokens": 3}, "needs 'model'"),
+        ({"method": "eagle", "num_speculative_tokens": 3}, "needs 'model'"),
+        ({"method": "mtp", "model": "x", "num_speculative_tokens": 1}, "takes no 'model'"),
+    ],
+)
+def test_bad_head_config_is_refused(bad, words):
+    with pytest.raises(ValidationError, match=words):
+        EngineConfig(speculative_config=bad)
+
+
+def test_mtp_takes_one_token_by_default():
+    assert EngineConfig(speculative_config={"method": "mtp"}).speculative_config.k == 1
+
+
+def test_missing_head_and_wrong_hidden_size_name_the_fix(target, models_dir):
+    with pytest.raises(EnginehouseError, match="has no config.json"):
+        open_pipe(target, speculative_config=spec("eagle3", models_dir / "nowhere"))
+    config = head_config(architectures=["LlamaForCausalLMEagle3"], hidden_size=32)
+    wrong = save_head(models_dir / "eagle3-wrong", config, {"fc.weight": torch.zeros(32, 96)})
+    with pytest.raises(EnginehouseError, match="hidden_size 32, the target 64"):
+        open_pipe(target, speculative_config=spec("eagle3", wrong))
+
+
+def test_mtp_on_a_model_without_mtp_layers_names_the_fix(target):
+    with pytest.raises(EnginehouseError, match="method 'mtp'.*llama has none"):
+        open_pipe(target, speculative_config=spec("mtp", k=1))
+
+
+def test_explain_refuses_heads_on_the_transformers_backend(target, eagle3_head):
+    from enginehouse import explain
+
+    report = explain(str(target), engine_config={"speculative_config": spec("eagle3", eagle3_head)})
+    verdicts = {v["backend"]: v for v in report["verdicts"]}
+    assert report["chosen"] == "pytorch" and verdicts["pytorch"]["drafts_tokens"]
+    assert not verdicts["transformers"]["supported"]
+    assert "no speculative decoding" in verdicts["transformers"]["reason"]
+    with pytest.raises(EnginehouseError, match="no speculative decoding"):
+        pipeline(
+            str(target),
+            backend="transformers",
+            engine_config={"speculative_config": spec("eagle3", eagle3_head)},
+        )
+
+
+# --- the head's forward against a hand-written reference -------------------------------------
+
+
+def rms(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x, pos):
+    d = x.shape[-1]
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    ang = pos[:, None].float() * inv[None]
+    cos, sin = torch.cat([ang, ang], -1)[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+    cos = cos.cos()
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Eagle3Reference:
+    """EAGLE-3's layer in plain torch, over a growing list of its own keys and values."""
+
+    def __init__(self, t: dict, embed: torch.Tensor):
+        self.t, self.embed = t, embed
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pos: list[int] = []
+
+    def step(self, tokens: list[int], hidden: torch.Tensor, positions: list[int]):
+        t, d, kvh = self.t, H // HEADS, 2
+        n = len(tokens)
+        p = "midlayer."
+        x = torch.cat(
+            [rms(self.embed[tokens], t[p + "input_layernorm.weight"]),
+             rms(hidden, t[p + "hidden_norm.weight"])], -1,
+        )  # fmt: skip
+        pos = torch.tensor(positions)
+        q = rope((x @ t[p + "self_attn.q_proj.weight"].T).view(n, HEADS, d), pos)
+        k = rope((x @ t[p + "self_attn.k_proj.weight"].T).view(n, kvh, d), pos)
+        v = (x @ t[p + "self_attn.v_proj.weight"].T).view(n, kvh, d)
+        self.keys.append(k)
+        self.values.append(v)
+        self.pos.extend(positions)
+        K, V = torch.cat(self.keys), torch.cat(self.values)
+        K, V = K.repeat_interleave(HEADS // kvh, 1), V.repeat_interleave(HEADS // kvh, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, K) / d**0.5
+        allowed = torch.tensor(self.pos)[None] <= pos[:, None]
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), V).reshape(n, H)
+        x = hidden + attn @ t[p + "self_attn.o_proj.weight"].T
+        m = rms(x, t[p + "post_attention_layernorm.weight"])
+        gate, up = m @ t[p + "mlp.gate_proj.weight"].T, m @ t[p + "mlp.up_proj.weight"].T
+        out = x + (torch.nn.functional.silu(gate) * up) @ t[p + "mlp.down_proj.weight"].T
+        logits = rms(out, t["norm.weight"]) @ t["lm_head.weight"].T
+        draft = logits.argmax(-1)
+        return (draft + t["d2t"][draft]).tolist(), out
+
+
+def test_eagle3_head_matches_a_torch_reference(target, eagle3_head):
+    from transformers import AutoModelForCausalLM
+
+    prompt, nxt, k = PROMPTS[3][:20], 77, 4
+    ids = prompt + [nxt]
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    with torch.no_grad():
+        states = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    t = load_file(eagle3_head / "model.safetensors")
+    aux = torch.cat([states[i][0] for i in (2, 2, 1)], -1)  # layers 2, 4 // 2, 4 - 3
+    ref = Eagle3Reference(t, hf.model.embed_tokens.weight.detach())
+    positions = list(range(len(prompt)))
+    drafts, out = ref.step(ids[1:], aux @ t["fc.weight"].T, positions)
+    expected, hidden = [drafts[-1]], out[-1:]
+    for j in range(1, k):
+        d, hidden = ref.step([expected[-1]], hidden, [len(prompt) - 1 + j])
+        expected.append(d[0])
+
+    with open_pipe(target, speculative_config=spec("eagle3", eagle3_head, k)) as pipe:
+        runner = pipe.runner
+        table = tuple(range(8))
+        chunk = SeqChunk(9, tuple(prompt), 0, table, (len(prompt) - 1,))
+        runner.execute(ScheduledBatch((chunk,), runner.block_size))
+        got = runner.propose_tokens([DraftRequest(9, ids, len(prompt), table, k)])
+        runner.finish_sequence(9)
+    assert got == [expected]
+    assert all(d % 2 == 1 for d in expected)  # mapped through d2t
+
+
+# --- exact greedy output ----------------------------------------------------------------------
+
+
+def heads(eagle3_head, eagle3_copy, eagle1_heads) -> dict[str, dict]:
+    return {
+        "eagle3-random": spec("eagle3", eagle3_head),
+        "eagle3-copy": spec("eagle3", eagle3_copy),
+        "eagle-random": spec("eagle", eagle1_heads["random"]),
+        "eagle-copy": spec("eagle", eagle1_heads["copy"]),
+    }
+
+
+@pytest.mark.parametrize("which", ["eagle3-random", "eagle3-copy", "eagle-random", "eagle-copy"])
+def test_greedy_equals_plain_alone_and_batched(
+    which, target, plain, eagle3_head, eagle3_copy, eagle1_heads
+):
+    lengths = [14, 9, 20, 6]
+    params = [fixed(n) for n in lengths]
+    expected = run(plain, PROMPTS, params)
+    config = heads(eagle3_head, eagle3_copy, eagle1_heads)[which]
+    with open_pipe(target, max_batch_size=8, speculative_config=config) as pipe:
+        alone = [run(pipe, [p], [g])[0] for p, g in zip(PROMPTS, params)]
+        batched = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    for got in (alone, batched):
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_drafts"] > 0
+    if which.endswith("copy"):  # the target's runs are what a copying head proposes
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+        assert stats["spec_decode_acceptance_rate"] > 0.2
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+
+
+def test_stop_strings_n_and_prefix_hits_as_without_speculation(target, plain, eagle3_copy):
+    probe = run(plain, PROMPTS[2:3], [fixed(12)])[0]
+    stop = probe.text[len(probe.text) // 2 :][:3]
+    stop_params = GenerationConfig(max_new_tokens=12, stop_words=[stop])
+    expected_stop = run(plain, PROMPTS[2:3], [stop_params])[0]
+    n_params = [fixed(10), fixed(10), GenerationConfig(max_new_tokens=10, min_new_tokens=4)]
+    expected_n = run(plain, PROMPTS[3:] * 3, n_params)
+    params = [fixed(n) for n in (20, 16, 24, 12)]
+    expected = run(plain, PROMPTS, params)
+    config = spec("eagle3", eagle3_copy)
+    with open_pipe(target, block_size=4, speculative_config=config) as pipe:
+        got_stop = run(pipe, PROMPTS[2:3], [stop_params])[0]
+        got_n = run(pipe, PROMPTS[3:] * 3, n_params)
+        run(pipe, PROMPTS, params)
+        again = run(pipe, PROMPTS, params)  # the prompts' blocks (and the head's KV) cached
+        assert pipe.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert (got_stop.text, got_stop.finish_reason) == (expected_stop.text, "stop")
+    assert [c.token_ids for c in got_n] == [c.token_ids for c in expected_n]
+    assert [r.token_ids for r in again] == [r.token_ids for r in expected]
+    assert all(r.cached_tokens for r in again)
+
+
+def test_seeded_sampling_is_reproducible(target, eagle3_copy):
+    params = [GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.8, random_seed=7)]
+    with open_pipe(target, speculative_config=spec("eagle3", eagle3_copy)) as pipe:
+        a = run(pipe, PROMPTS[:1] * 2, params * 2)
+        b = run(pipe, PROMPTS[:1], params)
+    assert a[0].token_ids == a[1].token_ids == b[0].token_ids
