@@ -384,3 +384,71 @@ def test_seeded_sampling_is_reproducible(target, eagle3_copy):
         a = run(pipe, PROMPTS[:1] * 2, params * 2)
         b = run(pipe, PROMPTS[:1], params)
     assert a[0].token_ids == a[1].token_ids == b[0].token_ids
+
+
+# --- DeepSeek-V3's MTP layer -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepseek_mtp(models_dir):
+    """A 3-layer DeepSeek-V3 (tied, outputs scaled down: loopy) with an MTP layer at
+    `model.layers.3`: random ("random"), or one that passes its embedding on ("copy": eh_proj
+    keeps the embedding half, attention and mixture add nothing, the head is the embedding)."""
+    from transformers import DeepseekV3Config
+
+    from test_deepseek import COMMON
+
+    config = DeepseekV3Config(
+        **COMMON, q_lora_rank=32, n_group=4, topk_group=2, n_shared_experts=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, tie_word_embeddings=True,
+    )  # fmt: skip
+    made = {}
+    for kind in ("random", "copy"):
+        folder = build_model(models_dir / f"deepseek-mtp-{kind}", config)
+        t = load_file(folder / "model.safetensors")
+        for name in list(t):
+            if "o_proj" in name or "down_proj" in name:
+                t[name] = t[name] * 0.1
+            if name.startswith("model.layers.2."):  # the MTP layer: layer 2's shape (a mixture)
+                t[name.replace("layers.2.", "layers.3.")] = t[name].clone()
+        gen = torch.Generator().manual_seed(3)
+        embed = t["model.embed_tokens.weight"]
+        t.update(
+            {
+                "model.layers.3.enorm.weight": torch.ones(H),
+                "model.layers.3.hnorm.weight": torch.ones(H),
+                "model.layers.3.eh_proj.weight": torch.randn(H, 2 * H, generator=gen) * 0.2,
+                "model.layers.3.shared_head.norm.weight": torch.ones(H),
+                "model.layers.3.shared_head.head.weight": torch.randn(VOCAB, H, generator=gen),
+                "model.layers.3.embed_tokens.weight": embed.clone(),
+            }
+        )
+        if kind == "copy":
+            t["model.layers.3.eh_proj.weight"] = torch.cat([torch.eye(H), torch.zeros(H, H)], 1)
+            t["model.layers.3.shared_head.head.weight"] = embed.clone()
+            for name in list(t):
+                if name.startswith("model.layers.3.") and ("o_proj" in name or "down_proj" in name):
+                    t[name] = torch.zeros_like(t[name])
+        t.pop("lm_head.weight", None)
+        save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["num_nextn_predict_layers"] = 1
+        (folder / "config.json").write_text(json.dumps(cfg))
+        made[kind] = folder
+    return made
+
+
+@pytest.mark.parametrize("kind", ["random", "copy"])
+def test_mtp_greedy_equals_plain(kind, deepseek_mtp):
+    params = [fixed(n) for n in (14, 9, 20, 6)]
+    with open_pipe(deepseek_mtp[kind], max_batch_size=8) as pipe:
+        expected = run(pipe, PROMPTS, params)
+    with open_pipe(deepseek_mtp[kind], max_batch_size=8, speculative_config=spec("mtp", k=2)) as pipe:
+        alone = [run(pipe, [p], [g])[0] for p, g in zip(PROMPTS, params)]
+        batched = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    for got in (alone, batched):
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_drafts"] > 0
+    if kind == "copy":
+        assert stats["spec_decode_num_accepted_tokens"] > 0
