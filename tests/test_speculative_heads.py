@@ -55,8 +55,8 @@ def spec(method: str, head: Path | None = None, k: int = 3) -> dict:
 
 @pytest.fixture(scope="module")
 def target(models_dir):
-    """A 4-layer Llama with tied embeddings and its layers' outputs scaled down (x0.1): it falls into
-    runs of a repeated token (as test_speculative's loopy models)."""
+    """A 4-layer Llama with tied embeddings and its layers' outputs scaled down (x0.1): it
+    falls into runs of a repeated token (as test_speculative's loopy models)."""
     config = model_configs(VOCAB)["llama"]
     config.num_hidden_layers = 4
     config.tie_word_embeddings = True
@@ -173,7 +173,9 @@ def eagle1_heads(models_dir, target):
     config = head_config(architectures=["LlamaForCausalLM"])
     gen = torch.Generator().manual_seed(2)
     rand = layer_tensors("layers.0.", 2, H, gen)
-    rand.update({"fc.weight": torch.randn(H, 2 * H, generator=gen) * 0.1, "fc.bias": torch.zeros(H)})
+    rand.update(
+        {"fc.weight": torch.randn(H, 2 * H, generator=gen) * 0.1, "fc.bias": torch.zeros(H)}
+    )
     copy = dict(rand)
     copy.update(
         {
@@ -394,9 +396,8 @@ def deepseek_mtp(models_dir):
     """A 3-layer DeepSeek-V3 (tied, outputs scaled down: loopy) with an MTP layer at
     `model.layers.3`: random ("random"), or one that passes its embedding on ("copy": eh_proj
     keeps the embedding half, attention and mixture add nothing, the head is the embedding)."""
-    from transformers import DeepseekV3Config
-
     from test_deepseek import COMMON
+    from transformers import DeepseekV3Config
 
     config = DeepseekV3Config(
         **COMMON, q_lora_rank=32, n_group=4, topk_group=2, n_shared_experts=1,
@@ -443,7 +444,9 @@ def test_mtp_greedy_equals_plain(kind, deepseek_mtp):
     params = [fixed(n) for n in (14, 9, 20, 6)]
     with open_pipe(deepseek_mtp[kind], max_batch_size=8) as pipe:
         expected = run(pipe, PROMPTS, params)
-    with open_pipe(deepseek_mtp[kind], max_batch_size=8, speculative_config=spec("mtp", k=2)) as pipe:
+    with open_pipe(
+        deepseek_mtp[kind], max_batch_size=8, speculative_config=spec("mtp", k=2)
+    ) as pipe:
         alone = [run(pipe, [p], [g])[0] for p, g in zip(PROMPTS, params)]
         batched = run(pipe, PROMPTS, params)
         stats = pipe.stats()

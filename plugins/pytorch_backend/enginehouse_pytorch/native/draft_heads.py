@@ -249,4 +249,3 @@ def _read(files: list[Path], name: str) -> torch.Tensor:
             if name in s.keys():
                 return s.get_tensor(name)
     raise KeyError(name)
-
