@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, pipeline
 from enginehouse.errors import EnginehouseError
 from enginehouse.runner import DraftRequest
-from enginehouse.testing import build_model, model_configs
+from enginehouse.testing import build_model, model_configs, tight_kv_config
 
 H, HEADS, INTER, VOCAB, DRAFT_VOCAB = 64, 4, 128, 512, 256
 
@@ -455,3 +455,98 @@ def test_mtp_greedy_equals_plain(kind, deepseek_mtp):
     assert stats["spec_decode_num_drafts"] > 0
     if kind == "copy":
         assert stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_preemption_keeps_the_tokens(target, plain, eagle3_copy):
+    params = [fixed(n) for n in (20, 16, 24, 12)]
+    expected = run(plain, PROMPTS, params)
+    config = spec("eagle3", eagle3_copy)
+    with open_pipe(target, block_size=4, speculative_config=config) as pipe:
+        sizing = tight_kv_config(pipe, 80, 4, 22)  # its blocks count the head's cache too
+    with open_pipe(target, **sizing, speculative_config=config) as pipe:
+        got = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    assert stats["preemptions"] > 0
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_head_cache_is_counted_in_the_kv_budget(target, plain, eagle3_head):
+    with open_pipe(target, speculative_config=spec("eagle3", eagle3_head)) as pipe:
+        with_head = pipe.engine.kv_spec.bytes_per_block
+    per_layer = plain.engine.kv_spec.bytes_per_block // 4  # the target's 4 layers
+    assert with_head == plain.engine.kv_spec.bytes_per_block + per_layer
+
+
+def test_explain_text_says_the_native_backend_drafts(target, eagle3_head):
+    from click.testing import CliRunner
+
+    from enginehouse.cli import cli
+
+    config = json.dumps(spec("eagle3", eagle3_head))
+    result = CliRunner().invoke(cli, ["explain", str(target), "--speculative-config", config])
+    assert result.exit_code == 0, result.output
+    native = next(line for line in result.output.splitlines() if " pytorch " in line)
+    assert "drafts with a head" in native
+    assert "no speculative decoding" in result.output
+
+
+class Eagle1Reference:
+    """EAGLE's layer in plain torch: fc over (embedding, hidden), a Llama layer without its
+    input norm, the target's (tied) head."""
+
+    def __init__(self, t: dict, embed: torch.Tensor):
+        self.t, self.embed = t, embed
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pos: list[int] = []
+
+    def step(self, tokens: list[int], hidden: torch.Tensor, positions: list[int]):
+        t, d, kvh, p = self.t, H // HEADS, 2, "layers.0."
+        n = len(tokens)
+        x = torch.cat([self.embed[tokens], hidden], -1) @ t["fc.weight"].T + t["fc.bias"]
+        pos = torch.tensor(positions)
+        q = rope((x @ t[p + "self_attn.q_proj.weight"].T).view(n, HEADS, d), pos)
+        k = rope((x @ t[p + "self_attn.k_proj.weight"].T).view(n, kvh, d), pos)
+        v = (x @ t[p + "self_attn.v_proj.weight"].T).view(n, kvh, d)
+        self.keys.append(k)
+        self.values.append(v)
+        self.pos.extend(positions)
+        K = torch.cat(self.keys).repeat_interleave(HEADS // kvh, 1)
+        V = torch.cat(self.values).repeat_interleave(HEADS // kvh, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, K) / d**0.5
+        allowed = torch.tensor(self.pos)[None] <= pos[:, None]
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), V).reshape(n, H)
+        x = x + attn @ t[p + "self_attn.o_proj.weight"].T
+        m = rms(x, t[p + "post_attention_layernorm.weight"])
+        gate, up = m @ t[p + "mlp.gate_proj.weight"].T, m @ t[p + "mlp.up_proj.weight"].T
+        out = x + (torch.nn.functional.silu(gate) * up) @ t[p + "mlp.down_proj.weight"].T
+        return (out @ self.embed.T).argmax(-1).tolist(), out
+
+
+def test_eagle1_head_matches_a_torch_reference(target, eagle1_heads):
+    from transformers import AutoModelForCausalLM
+
+    head = eagle1_heads["random"]
+    prompt, nxt, k = PROMPTS[1][:25], 91, 3
+    ids = prompt + [nxt]
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    with torch.no_grad():
+        last = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+    t = load_file(head / "model.safetensors")
+    ref = Eagle1Reference(t, hf.model.embed_tokens.weight.detach())
+    drafts, out = ref.step(ids[1:], last, list(range(len(prompt))))  # after the final norm
+    expected, hidden = [drafts[-1]], out[-1:]
+    for j in range(1, k):
+        d, hidden = ref.step([expected[-1]], hidden, [len(prompt) - 1 + j])
+        expected.append(d[0])
+
+    with open_pipe(target, speculative_config=spec("eagle", head, k)) as pipe:
+        runner = pipe.runner
+        table = tuple(range(8))
+        chunk = SeqChunk(5, tuple(prompt), 0, table, (len(prompt) - 1,))
+        runner.execute(ScheduledBatch((chunk,), runner.block_size))
+        got = runner.propose_tokens([DraftRequest(5, ids, len(prompt), table, k)])
+    assert got == [expected]
