@@ -550,3 +550,31 @@ def test_eagle1_head_matches_a_torch_reference(target, eagle1_heads):
         runner.execute(ScheduledBatch((chunk,), runner.block_size))
         got = runner.propose_tokens([DraftRequest(5, ids, len(prompt), table, k)])
     assert got == [expected]
+
+
+@pytest.mark.parametrize("which", ["eagle3-copy", "eagle-copy"])
+def test_tp2_drafts_on_rank0_with_tp1s_tokens(
+    which, target, plain, eagle3_head, eagle3_copy, eagle1_heads
+):
+    """At tp=2 every rank runs the target, rank 0 runs the head (with whole copies of the
+    target's embedding and, for EAGLE, its head): tp=1's tokens, proposals kept."""
+    params = [fixed(n) for n in (14, 9, 20, 6)]
+    expected = run(plain, PROMPTS, params)
+    config = heads(eagle3_head, eagle3_copy, eagle1_heads)[which]
+    with open_pipe(target, tp=2, device="cpu", max_batch_size=8, speculative_config=config) as pipe:
+        got = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_mtp_at_tp2_gives_tp1s_tokens(deepseek_mtp):
+    params = [fixed(n) for n in (14, 9)]
+    with open_pipe(deepseek_mtp["copy"]) as pipe:
+        expected = run(pipe, PROMPTS[:2], params)
+    config = dict(tp=2, device="cpu", speculative_config=spec("mtp", k=2))
+    with open_pipe(deepseek_mtp["copy"], **config) as pipe:
+        got = run(pipe, PROMPTS[:2], params)
+        stats = pipe.stats()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_accepted_tokens"] > 0

@@ -81,10 +81,9 @@ class HeadProposer:
             )
         if not callable(getattr(executor, "propose_tokens", None)):
             raise EnginehouseError(
-                f"speculative_config method {spec.method!r} runs at tp=1 only for now (the "
-                f"head runs in the runner of the engine's process; this engine runs "
-                f"{getattr(executor, 'kind', 'elsewhere')} ranks); drop tp, or use method "
-                "'ngram' / 'draft_model'"
+                f"speculative_config method {spec.method!r}: this engine's executor cannot ask "
+                "its runner for proposals (it has no propose_tokens); use method 'ngram' / "
+                "'draft_model'"
             )
         self.executor = executor
 

@@ -4,12 +4,16 @@
 hidden states per sequence (the per-op path: the one-call CPU decode step and CUDA graphs keep
 none), its KV budget counts the head's one-layer cache beside the target's, and it declares
 `drafts_tokens`: the engine asks `propose_tokens` for each decoding sequence's next tokens
-before a step. tp=1 only for now (the head runs where rank 0's hidden states are).
+before a step. At tp > 1 every rank runs that per-op forward (the collectives match) and
+rank 0 alone keeps the hidden states and runs the (unsharded) head, with whole copies of the
+target's embedding (and EAGLE's lm_head): the executor asks rank 0
+(`DistributedExecutor.propose_tokens`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 from enginehouse import EngineConfig, ModelSpec
@@ -27,6 +31,8 @@ from .native.draft_support import draft_refusal
 from .native.drafter import Drafter
 from .native_runner import NativeRunner
 
+log = logging.getLogger(__name__)
+
 
 class DraftingRunner(NativeRunner):
     capabilities = RunnerCapabilities(
@@ -43,11 +49,7 @@ class DraftingRunner(NativeRunner):
         assert spec_config is not None and spec_config.method in HEAD_METHODS
         self.head_method, self.head_folder = spec_config.method, spec_config.model
         self.num_drafts = spec_config.k
-        if context.sharded:
-            raise InvalidModelError(
-                f"speculative_config method {self.head_method!r} runs at tp=1 only for now; "
-                "drop tp, or use method 'ngram' / 'draft_model'"
-            )
+        self.rank = context.rank  # rank 0 runs the head (it samples, so it proposes)
         if self.kv_spec.groups:
             raise InvalidModelError(
                 f"speculative_config method {self.head_method!r}: {self.arch.family} has "
@@ -63,7 +65,8 @@ class DraftingRunner(NativeRunner):
 
     def load(self, progress: bool = True) -> None:
         super().load(progress)
-        self.drafter = Drafter(self, self.head_method, self.head_folder, self.num_drafts)
+        active = self.rank == 0
+        self.drafter = Drafter(self, self.head_method, self.head_folder, self.num_drafts, active)
 
     def allocate_kv(self, num_blocks: int) -> None:
         super().allocate_kv(num_blocks)
@@ -75,7 +78,13 @@ class DraftingRunner(NativeRunner):
         self.drafter.seqs.clear()  # type: ignore[union-attr]
 
     def propose_tokens(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
-        return self.drafter.propose(self.model, requests)  # type: ignore[union-attr]
+        """The head's proposals; a failure proposes nothing this step (logged): the target
+        decodes on, and at tp > 1 the ranks stay up."""
+        try:
+            return self.drafter.propose(self.model, requests)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("the draft head failed; this step proposes nothing")
+            return [[] for _ in requests]
 
     def finish_sequence(self, seq_id: int) -> None:
         self.drafter.finish(seq_id)  # type: ignore[union-attr]

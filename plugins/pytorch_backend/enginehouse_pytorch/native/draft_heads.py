@@ -18,7 +18,8 @@ Their on-disk formats:
   attention and the mixture), `shared_head.norm` and `shared_head.head`. The hidden is the
   target's last one after the final norm, as for EAGLE.
 Each head's `forward(embeds, hidden, meta, cache)` gives (the rows its logits come from, the
-hidden its next proposal reads); `propose(rows)` the target token ids it proposes (greedy).
+hidden its next proposal reads); `propose(rows, target_logits)` the target token ids it
+proposes (greedy; EAGLE's through the target's head, `target_logits`).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Eagle3Head(nn.Module):
         out = x + m.mlp(m.post_attention_layernorm(x))
         return self.norm(out), out
 
-    def propose(self, rows: torch.Tensor, target: Any) -> torch.Tensor:
+    def propose(self, rows: torch.Tensor, target_logits: Callable) -> torch.Tensor:
         draft = self.lm_head(rows).argmax(dim=-1)
         return draft + self.d2t[draft]
 
@@ -106,8 +107,8 @@ class Eagle1Head(nn.Module):
         out = self.layers[0](self.fc(torch.cat([embeds, hidden], dim=-1)), meta, cache)
         return out, out
 
-    def propose(self, rows: torch.Tensor, target: Any) -> torch.Tensor:
-        return target.logits(rows).argmax(dim=-1)
+    def propose(self, rows: torch.Tensor, target_logits: Callable) -> torch.Tensor:
+        return target_logits(rows).argmax(dim=-1)
 
 
 class MtpHead(nn.Module):
@@ -136,7 +137,7 @@ class MtpHead(nn.Module):
         out = self.layer(x, meta, cache)
         return out, out
 
-    def propose(self, rows: torch.Tensor, target: Any) -> torch.Tensor:
+    def propose(self, rows: torch.Tensor, target_logits: Callable) -> torch.Tensor:
         return self.shared_head.head(self.shared_head.norm(rows)).argmax(dim=-1)
 
 
@@ -196,11 +197,11 @@ def load_head(
         skip = {"t2d": None, "d2t": None, "embed_tokens.": None}
         load_safetensors(head, files, False, {**skip, "": ""})
         if "d2t" in names:
-            head.d2t.copy_(_read(files, "d2t").long())
+            head.d2t.copy_(read_tensor(files, "d2t").long())
     else:
         head = make(lambda: Eagle1Head(arch, "fc.bias" in names))
         load_safetensors(head, files, False, {"embed_tokens.": None, "": ""})
-    embed = _read(files, "embed_tokens.weight") if "embed_tokens.weight" in names else None
+    embed = read_tensor(files, "embed_tokens.weight") if "embed_tokens.weight" in names else None
     return LoadedHead(head.eval(), arch, embed)
 
 
@@ -241,7 +242,7 @@ def _tensor_names(files: list[Path]) -> set[str]:
     return names
 
 
-def _read(files: list[Path], name: str) -> torch.Tensor:
+def read_tensor(files: list[Path], name: str) -> torch.Tensor:
     from safetensors import safe_open
 
     for f in files:

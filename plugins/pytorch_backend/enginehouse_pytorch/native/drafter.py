@@ -36,7 +36,7 @@ from enginehouse.plugin_api import DraftRequest
 
 from . import mla
 from .attention import StepMeta, decode_metadata, prefill_metadata
-from .draft_heads import LoadedHead, load_head
+from .draft_heads import LoadedHead, load_head, read_tensor
 from .kv_cache import allocate
 from .rope import rope_table
 
@@ -52,11 +52,21 @@ class _Seq:
 
 
 class Drafter:
-    def __init__(self, runner: Any, method: str, folder: str | None, k: int) -> None:
-        self.method, self.k = method, k
+    """`active`: this rank runs the head (rank 0). The other ranks of a sharded target run
+    the same per-op forward (the collectives must match) and keep nothing."""
+
+    def __init__(self, runner: Any, method: str, folder: str | None, k: int, active: bool) -> None:
+        self.method, self.k, self.active = method, k, active
         self.device, self.dtype = runner.device, runner.dtype
         self.block_size = runner.block_size
         self.max_seqs = runner.config.max_batch_size
+        self.aux: tuple[int, ...] | None = None
+        self.cache: Any = None
+        self.seqs: dict[int, _Seq] = {}
+        if active:
+            self._load(runner, method, folder, k)
+
+    def _load(self, runner: Any, method: str, folder: str | None, k: int) -> None:
 
         def make(build):
             default = torch.get_default_dtype()
@@ -73,8 +83,17 @@ class Drafter:
         self.aux = getattr(self.head, "aux", None)
         cos, sin = rope_table(self.arch, max(runner.context, 1) + k + 1)
         self.cos, self.sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
-        self.cache: Any = None
-        self.seqs: dict[int, _Seq] = {}
+        # Sharded, the target's embedding and head hold this rank's part of the vocabulary:
+        # the head reads whole copies (its own rank runs it alone, no collective).
+        self.target_embed = self.target_head = None
+        if runner.tp.active:
+            files = [runner.spec.path / f for f in runner.spec.weight_files]
+            files = [f for f in files if f.suffix == ".safetensors"]
+            embed = read_tensor(files, "model.embed_tokens.weight")
+            self.target_embed = embed.to(self.device, self.dtype)
+            if method == "eagle":
+                head = embed if runner.arch.tie_embeddings else read_tensor(files, "lm_head.weight")
+                self.target_head = head.to(self.device, self.dtype)
 
     # --- the cache --------------------------------------------------------------------------
 
@@ -86,6 +105,8 @@ class Drafter:
 
     def allocate(self, num_blocks: int) -> None:
         """The head's cache: the target's blocks, then scratch blocks for the rounds."""
+        if not self.active:
+            return
         per_seq = math.ceil((self.k + 1) / self.block_size) + 1
         self.scratch = num_blocks
         blocks = num_blocks + self.max_seqs * per_seq
@@ -127,12 +148,15 @@ class Drafter:
         if self.aux is not None and len(kv) in self.aux:
             aux[len(kv)] = x
         out = model.model.norm(x)
-        self.captured = out if self.aux is None else torch.cat([aux[i] for i in self.aux], -1)
+        if self.active:
+            self.captured = out if self.aux is None else torch.cat([aux[i] for i in self.aux], -1)
         return out
 
     def observe(self, order: Sequence[Any]) -> None:
         """Keep each chunk's rows of `captured` under its sequence (positions start_pos ...);
         a chunk that starts before what is kept (rejected proposals, a recompute) replaces it."""
+        if not self.active:
+            return
         at = 0
         for c in order:
             n = len(c.token_ids)
@@ -156,7 +180,21 @@ class Drafter:
     @torch.inference_mode()
     def propose(self, model: Any, requests: Sequence[DraftRequest]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in requests]
-        self.target_embed = model.model.embed_tokens.weight
+        if not self.active:
+            return out
+
+        def target_logits(rows: torch.Tensor) -> torch.Tensor:
+            if self.target_head is None:
+                return model.logits(rows)
+            return rows @ self.target_head.T
+
+        self.embed_table = (
+            self.embed
+            if self.embed is not None
+            else self.target_embed
+            if self.target_embed is not None
+            else model.model.embed_tokens.weight
+        )
         work = []  # (index, request, first position, table)
         for i, r in enumerate(requests[: self.max_seqs]):
             s = self.seqs.get(r.seq_id)
@@ -185,7 +223,7 @@ class Drafter:
             s.hidden, s.start, s.head_len = s.hidden[keep - s.start :], keep, r.num_computed
         ends = torch.tensor([sum(c[1] for c in chunks[: j + 1]) - 1 for j in range(len(chunks))])
         hidden_next = last[ends.to(self.device)]
-        proposed = self.head.propose(rows[ends.to(self.device)], model).tolist()
+        proposed = self.head.propose(rows[ends.to(self.device)], target_logits).tolist()
         for (i, _, _, _), t in zip(work, proposed):
             out[i].append(t)
         # 2. the rounds: one row per sequence that wants more.
@@ -197,7 +235,7 @@ class Drafter:
             tokens = [out[work[w][0]][-1] for w in live]
             index = torch.tensor(live, device=self.device)
             rows, last = self._run(chunks, tokens, hidden_next[index])
-            proposed = self.head.propose(rows, model).tolist()
+            proposed = self.head.propose(rows, target_logits).tolist()
             hidden_next = hidden_next.clone()
             hidden_next[index] = last
             for w, t in zip(live, proposed):
@@ -209,8 +247,7 @@ class Drafter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over `chunks` (start position, length, block table), packed in order."""
         ids = torch.tensor(tokens, device=self.device)
-        embed = self.embed if self.embed is not None else self.target_embed
-        embeds = embed[ids]
+        embeds = self.embed_table[ids]
         return self.head(embeds, hidden, self._meta(chunks), self.cache)
 
     def _meta(self, chunks: list[tuple[int, int, tuple[int, ...]]]) -> StepMeta:
