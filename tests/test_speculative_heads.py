@@ -578,3 +578,15 @@ def test_mtp_at_tp2_gives_tp1s_tokens(deepseek_mtp):
         stats = pipe.stats()
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_mtp_on_a_deepseek_without_its_mtp_layer_names_the_fix(deepseek_mtp, tmp_path):
+    import shutil
+
+    folder = tmp_path / "deepseek-no-mtp"
+    shutil.copytree(deepseek_mtp["random"], folder)
+    t = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in t.items() if not k.startswith("model.layers.3.")},
+              folder / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(EnginehouseError, match="has no MTP layer.*num_nextn_predict_layers=1"):
+        open_pipe(folder, speculative_config=spec("mtp", k=1))
