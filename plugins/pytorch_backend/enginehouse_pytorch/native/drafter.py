@@ -34,7 +34,7 @@ import torch
 
 from enginehouse.plugin_api import DraftRequest
 
-from . import mla
+from . import cpu_decode, mla
 from .attention import StepMeta, decode_metadata, prefill_metadata
 from .draft_heads import LoadedHead, load_head, read_tensor
 from .kv_cache import allocate
@@ -133,21 +133,32 @@ class Drafter:
     # --- the target's forward: keep the hidden states the head reads -------------------------
 
     def target_forward(self, model: Any, ids, meta: StepMeta, kv, embeds) -> torch.Tensor:
-        """The target's forward in per-op form (the one-call paths keep nothing), returning
-        its final hidden states; the rows the head reads are kept in `self.captured`."""
+        """The target's forward in per-op form (`DecoderLM.forward` without its one-call
+        step, which keeps nothing), returning its final hidden states; the rows the head reads
+        are kept in `self.captured`."""
         x = model.tp.embed(model.model.embed_tokens.weight, ids)
         if model.arch.embed_scale is not None:
             x = x * torch.tensor(model.arch.embed_scale, dtype=x.dtype)
         if embeds is not None:
             x[embeds[0]] = embeds[1]
+        wanted = self.aux if self.aux is not None and self.active else ()
         aux: dict[int, torch.Tensor] = {}
-        for i, (layer, cache) in enumerate(zip(model.model.layers, kv)):
-            if self.aux is not None and i in self.aux:
-                aux[i] = x
-            x = layer(x, meta, cache)
-        if self.aux is not None and len(kv) in self.aux:
+        if model.fused:  # cpu_decode's fused ops: each residual add inside the next norm
+            delta = None
+            for i, (layer, cache) in enumerate(zip(model.model.layers, kv)):
+                if i in wanted:  # a new tensor: `x` is updated in place by the next norm
+                    aux[i] = x.clone() if delta is None else x + delta
+                x, delta = layer.forward_fused(x, delta, meta, cache)
+            norm = model.model.norm
+            out = cpu_decode.add_rms_norm(x, delta, norm.weight, norm.eps)  # x += delta
+        else:
+            for i, (layer, cache) in enumerate(zip(model.model.layers, kv)):
+                if i in wanted:
+                    aux[i] = x
+                x = layer(x, meta, cache)
+            out = model.model.norm(x)
+        if len(kv) in wanted:
             aux[len(kv)] = x
-        out = model.model.norm(x)
         if self.active:
             self.captured = out if self.aux is None else torch.cat([aux[i] for i in self.aux], -1)
         return out
