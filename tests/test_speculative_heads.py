@@ -590,3 +590,27 @@ def test_mtp_on_a_deepseek_without_its_mtp_layer_names_the_fix(deepseek_mtp, tmp
               folder / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
     with pytest.raises(EnginehouseError, match="has no MTP layer.*num_nextn_predict_layers=1"):
         open_pipe(folder, speculative_config=spec("mtp", k=1))
+
+
+def test_structured_output_stays_valid_with_a_head(target, plain, eagle3_head):
+    """The grammar checks the head's proposals as any (engine/speculative.py)."""
+    pytest.importorskip("xgrammar")
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    params = [
+        GenerationConfig(max_new_tokens=40, response_format=fmt, do_sample=s, random_seed=i)
+        for i, s in enumerate([False, True])
+    ]
+    prompts = [plain.tokenizer.encode(f'{{"a": {n}}}\n' * 3) for n in (7, 42)]
+    with open_pipe(target, speculative_config=spec("eagle3", eagle3_head)) as pipe:
+        out = run(pipe, prompts, params)
+    greedy = run(plain, prompts[:1], params[:1])[0]
+    assert out[0].token_ids == greedy.token_ids
+    for r in out:
+        assert r.finish_reason == "stop", r
+        assert isinstance(json.loads(r.text)["a"], int)
