@@ -614,3 +614,20 @@ def test_structured_output_stays_valid_with_a_head(target, plain, eagle3_head):
     for r in out:
         assert r.finish_reason == "stop", r
         assert isinstance(json.loads(r.text)["a"], int)
+
+
+def test_eagle3_head_with_qk_norms_loads_and_keeps_the_tokens(target, plain, models_dir):
+    """EAGLE-3 heads trained for Qwen3 (SpecForge's) norm q and k per head: they load as such."""
+    config = head_config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB)
+    t = eagle3_tensors(seed=4)
+    d = H // HEADS
+    t["midlayer.self_attn.q_norm.weight"] = torch.ones(d) * 1.5
+    t["midlayer.self_attn.k_norm.weight"] = torch.ones(d) * 0.5
+    head = save_head(models_dir / "eagle3-qknorm", config, t)
+    params = [fixed(n) for n in (14, 9)]
+    expected = run(plain, PROMPTS[:2], params)
+    with open_pipe(target, speculative_config=spec("eagle3", head)) as pipe:
+        attn = pipe.runner.drafter.head.midlayer.self_attn
+        assert attn.qk_norm and float(attn.q_norm.weight[0]) == 1.5
+        got = run(pipe, PROMPTS[:2], params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]

@@ -3,9 +3,10 @@
 Each head is one decoder layer that takes a token's embedding and a hidden state of the target
 (or, from its second proposal on, its own previous output) and predicts the token after next.
 Their on-disk formats:
-- EAGLE-3 (`LlamaForCausalLMEagle3`, its own folder): `fc` [hidden, 3 * target hidden] folds
-  the target's three auxiliary hidden states (the inputs of layers 2, L // 2 and L - 3, or the
-  config's `eagle_config.eagle_aux_hidden_state_layer_ids`); `midlayer` is a Llama layer whose
+- EAGLE-3 (`LlamaForCausalLMEagle3`, its own folder; heads for Qwen3 add `q_norm` / `k_norm`):
+  `fc` [hidden, 3 * target hidden] folds the target's three auxiliary hidden states (the
+  inputs of layers 2, L // 2 and L - 3, or the config's
+  `eagle_config.eagle_aux_hidden_state_layer_ids`); `midlayer` is a Llama layer whose
   attention reads concat(input_layernorm(embedding), hidden_norm(hidden)) (2 * hidden wide) and
   whose residual is the hidden; `norm`; `lm_head` over `draft_vocab_size` tokens, with `d2t`
   (draft id + d2t[id] = target id). `embed_tokens` is the target's where the head has none.
@@ -189,6 +190,8 @@ def load_head(
         )
     arch = arch_from_config("LlamaForCausalLM", {**config, "num_hidden_layers": 1})
     names = _tensor_names(files)
+    if any(n.endswith("self_attn.q_norm.weight") for n in names):  # Qwen3's heads (SpecForge)
+        arch = dataclasses.replace(arch, qk_norm=True)
     if method == "eagle3":
         draft_vocab = int(config.get("draft_vocab_size") or config["vocab_size"])
         target_hidden = int(config.get("target_hidden_size") or hidden)
