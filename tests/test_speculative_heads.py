@@ -631,3 +631,18 @@ def test_eagle3_head_with_qk_norms_loads_and_keeps_the_tokens(target, plain, mod
         assert attn.qk_norm and float(attn.q_norm.weight[0]) == 1.5
         got = run(pipe, PROMPTS[:2], params)
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_mtp_on_qwen3_next_is_refused_with_the_reason(tmp_path):
+    """Qwen3-Next's linear-attention layers keep a recurrent state, which cannot take back
+    rejected tokens: it verifies no proposals, so no MTP (explain says why)."""
+    from test_qwen3_next import CONFIGS
+
+    from enginehouse import explain
+
+    folder = build_model(tmp_path / "qwen3-next", CONFIGS["qwen3_next"]())
+    report = explain(str(folder), engine_config={"speculative_config": spec("mtp", k=1)})
+    native = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert not native["supported"] and not native["drafts_tokens"]
+    assert "no speculative decoding" in native["reason"]
+    assert "recurrent state that cannot take back rejected tokens" in native["reason"]

@@ -160,9 +160,10 @@ def _speculating(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
     if spec is None or not probe.supported:
         return probe
     if not probe.verifies_tokens:
+        why = f" ({probe.name!r} {probe.draft_reason})" if probe.draft_reason else ""
         reason = (
             f"no speculative decoding: {probe.name!r} cannot verify several tokens of a sequence "
-            f"in one step, and speculative_config asks for it (without it it would say: "
+            f"in one step, and speculative_config asks for it{why} (without it it would say: "
             f"{probe.reason})"
         )
         return replace(probe, supported=False, reason=reason)
