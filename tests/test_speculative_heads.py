@@ -534,10 +534,10 @@ def test_eagle1_head_matches_a_torch_reference(target, eagle1_heads):
     ids = prompt + [nxt]
     hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     with torch.no_grad():
-        last = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+        last = hf.model(torch.tensor([prompt])).last_hidden_state[0]  # after the final norm
     t = load_file(head / "model.safetensors")
     ref = Eagle1Reference(t, hf.model.embed_tokens.weight.detach())
-    drafts, out = ref.step(ids[1:], last, list(range(len(prompt))))  # after the final norm
+    drafts, out = ref.step(ids[1:], last, list(range(len(prompt))))
     expected, hidden = [drafts[-1]], out[-1:]
     for j in range(1, k):
         d, hidden = ref.step([expected[-1]], hidden, [len(prompt) - 1 + j])
@@ -646,3 +646,63 @@ def test_mtp_on_qwen3_next_is_refused_with_the_reason(tmp_path):
     assert not native["supported"] and not native["drafts_tokens"]
     assert "no speculative decoding" in native["reason"]
     assert "recurrent state that cannot take back rejected tokens" in native["reason"]
+
+
+def test_mtp_head_matches_a_reference_on_transformers_layers(deepseek_mtp):
+    """DeepSeek-V3's MTP by hand (enorm, hnorm, eh_proj, shared_head) around transformers' own
+    DeepSeek decoder layer (latent attention and the mixture) loaded with `model.layers.3`; each
+    later proposal reruns the layer over the whole sequence (causal: as the cache would)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+    folder, k = deepseek_mtp["random"], 3
+    prompt, nxt = PROMPTS[2][:15], 123
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # sdpa: causal
+    t = load_file(folder / "model.safetensors")
+    pre = "model.layers.3."
+    layer = DeepseekV3DecoderLayer(hf.config, layer_idx=3).eval()
+    state = {n[len(pre) :]: v for n, v in t.items() if n.startswith(pre)}
+    experts = range(hf.config.n_routed_experts)
+    state["mlp.experts.gate_up_proj"] = torch.stack(
+        [
+            torch.cat([state[f"mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up")])
+            for e in experts
+        ]
+    )  # the checkpoint's per-expert tensors, in transformers' fused layout
+    state["mlp.experts.down_proj"] = torch.stack(
+        [state[f"mlp.experts.{e}.down_proj.weight"] for e in experts]
+    )
+    missing, _ = layer.load_state_dict(state, strict=False)
+    assert not missing
+    with torch.no_grad():
+        hidden = hf.model(torch.tensor([prompt])).last_hidden_state[0]  # after the final norm
+
+        def mtp(tokens: list[int], hid: torch.Tensor) -> torch.Tensor:
+            e = rms(hf.model.embed_tokens.weight[tokens], t[pre + "enorm.weight"])
+            x = torch.cat([e, rms(hid, t[pre + "hnorm.weight"])], -1) @ t[pre + "eh_proj.weight"].T
+            pos = torch.arange(len(tokens))[None]
+            mask = create_causal_mask(
+                config=hf.config, inputs_embeds=x[None], attention_mask=None, cache=None,
+                position_ids=pos,
+            )  # fmt: skip
+            pe = hf.model.rotary_emb(x[None], pos)
+            return layer(x[None], attention_mask=mask, position_ids=pos, position_embeddings=pe)[0]
+
+        tokens, hids, expected = prompt[1:] + [nxt], hidden, []
+        for _ in range(k):
+            out = mtp(tokens, hids)
+            logits = (
+                rms(out[-1], t[pre + "shared_head.norm.weight"])
+                @ t[pre + "shared_head.head.weight"].T
+            )
+            expected.append(int(logits.argmax()))
+            tokens, hids = tokens + [expected[-1]], torch.cat([hids, out[-1:]])
+
+    with open_pipe(folder, speculative_config=spec("mtp", k=k)) as pipe:
+        runner = pipe.runner
+        table = tuple(range(8))
+        chunk = SeqChunk(4, tuple(prompt), 0, table, (len(prompt) - 1,))
+        runner.execute(ScheduledBatch((chunk,), runner.block_size))
+        got = runner.propose_tokens([DraftRequest(4, prompt + [nxt], len(prompt), table, k)])
+    assert got == [expected]
