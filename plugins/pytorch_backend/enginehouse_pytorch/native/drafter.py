@@ -190,68 +190,76 @@ class Drafter:
 
     @torch.inference_mode()
     def propose(self, model: Any, requests: Sequence[DraftRequest]) -> list[list[int]]:
+        """Up to `num_drafts` tokens for each request (none where the head has not seen the
+        sequence's last computed position)."""
         out: list[list[int]] = [[] for _ in requests]
         if not self.active:
             return out
-
-        def target_logits(rows: torch.Tensor) -> torch.Tensor:
-            if self.target_head is None:
-                return model.logits(rows)
-            return rows @ self.target_head.T
-
-        self.embed_table = (
-            self.embed
-            if self.embed is not None
-            else self.target_embed
-            if self.target_embed is not None
-            else model.model.embed_tokens.weight
-        )
-        work = []  # (index, request, first position, table)
-        for i, r in enumerate(requests[: self.max_seqs]):
-            s = self.seqs.get(r.seq_id)
-            have = s is not None and s.start < r.num_computed <= s.start + len(s.hidden)
-            if not have or r.num_drafts <= 0:
-                continue  # no hidden state of its last computed position: nothing to read
-            # At least the last computed position, so that its row proposes the first token.
-            first = max(min(s.head_len, r.num_computed - 1), s.start)
-            scratch = self.scratch + len(work) * self.per_seq
-            extra = tuple(range(scratch, scratch + self.per_seq))
-            work.append((i, r, first, tuple(r.block_table) + extra))
+        self._bind(model)
+        work = self._plan(requests)
         if not work:
             return out
-        # 1. catch-up: positions first .. num_computed - 1, one chunk per sequence.
+        tokens, hidden = self._catch_up(work)
+        for (i, *_), t in zip(work, tokens):
+            out[i].append(t)
+        # The rounds: one row per sequence that wants more, reading the head's own output.
+        for j in range(1, max(r.num_drafts for _, r, _ in work)):
+            live = [w for w, (_, r, _) in enumerate(work) if j < r.num_drafts]
+            chunks = [(work[w][1].num_computed - 1 + j, 1, work[w][2]) for w in live]
+            index = torch.tensor(live, device=self.device)
+            inputs = [out[work[w][0]][-1] for w in live]
+            rows, last = self._run(chunks, inputs, hidden[index])
+            hidden = hidden.clone()
+            hidden[index] = last
+            for w, t in zip(live, self.head.propose(rows, self.target_logits).tolist()):
+                out[work[w][0]].append(t)
+        return out
+
+    def _bind(self, model: Any) -> None:
+        """The target's embedding table and logits as the head reads them (whole copies when
+        the target is sharded)."""
+        self.embed_table = self.embed
+        if self.embed_table is None:
+            self.embed_table = self.target_embed
+        if self.embed_table is None:
+            self.embed_table = model.model.embed_tokens.weight
+        head = self.target_head
+        self.target_logits = model.logits if head is None else (lambda rows: rows @ head.T)
+
+    def _plan(self, requests: Sequence[DraftRequest]) -> list[tuple[int, DraftRequest, tuple]]:
+        """(index, request, block table with this call's scratch blocks) of each request the
+        head can answer: it holds the hidden state of the last computed position."""
+        work = []
+        for i, r in enumerate(requests[: self.max_seqs]):
+            s = self.seqs.get(r.seq_id)
+            if s is None or r.num_drafts <= 0:
+                continue
+            if not s.start < r.num_computed <= s.start + len(s.hidden):
+                continue
+            scratch = self.scratch + len(work) * self.per_seq
+            work.append(
+                (i, r, tuple(r.block_table) + tuple(range(scratch, scratch + self.per_seq)))
+            )
+        return work
+
+    def _catch_up(self, work: list) -> tuple[list[int], torch.Tensor]:
+        """The head over the positions the target computed since its last call (at least the
+        last one), one chunk per sequence: the first proposals, and the hidden state each
+        sequence's next round reads."""
         chunks, hidden, tokens = [], [], []
-        for _, r, first, table in work:
+        for _, r, table in work:
             s = self.seqs[r.seq_id]
+            first = max(min(s.head_len, r.num_computed - 1), s.start)
             hidden.append(s.hidden[first - s.start : r.num_computed - s.start])
             tokens.extend(r.token_ids[first + 1 : r.num_computed + 1])
             chunks.append((first, r.num_computed - first, table))
-        h = self.head.first_hidden(torch.cat(hidden))
-        rows, last = self._run(chunks, tokens, h)
-        for _, r, _, _ in work:  # the head's KV holds the computed positions now
-            s = self.seqs[r.seq_id]
-            keep = r.num_computed - 1  # its row is the next call's catch-up if nothing comes
+            # The head's KV holds the computed positions now; the last one's hidden state is
+            # kept, for a next call that finds nothing new.
+            keep = r.num_computed - 1
             s.hidden, s.start, s.head_len = s.hidden[keep - s.start :], keep, r.num_computed
-        ends = torch.tensor([sum(c[1] for c in chunks[: j + 1]) - 1 for j in range(len(chunks))])
-        hidden_next = last[ends.to(self.device)]
-        proposed = self.head.propose(rows[ends.to(self.device)], target_logits).tolist()
-        for (i, _, _, _), t in zip(work, proposed):
-            out[i].append(t)
-        # 2. the rounds: one row per sequence that wants more.
-        for j in range(1, max(r.num_drafts for _, r, _, _ in work)):
-            live = [w for w, (_, r, _, _) in enumerate(work) if j < r.num_drafts]
-            if not live:
-                break
-            chunks = [(work[w][1].num_computed - 1 + j, 1, work[w][3]) for w in live]
-            tokens = [out[work[w][0]][-1] for w in live]
-            index = torch.tensor(live, device=self.device)
-            rows, last = self._run(chunks, tokens, hidden_next[index])
-            proposed = self.head.propose(rows, target_logits).tolist()
-            hidden_next = hidden_next.clone()
-            hidden_next[index] = last
-            for w, t in zip(live, proposed):
-                out[work[w][0]].append(t)
-        return out
+        rows, last = self._run(chunks, tokens, self.head.first_hidden(torch.cat(hidden)))
+        ends = torch.tensor([n for _, n, _ in chunks]).cumsum(0).to(self.device) - 1
+        return self.head.propose(rows[ends], self.target_logits).tolist(), last[ends]
 
     def _run(
         self, chunks: list[tuple[int, int, tuple[int, ...]]], tokens: list[int], hidden
