@@ -120,10 +120,11 @@ def _fp8_gpu(config: EngineConfig) -> bool:
 def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     # arch.py and quant/scheme.py are small, torch-free modules: cheap enough for a probe.
     from .native.arch import UnsupportedModel, arch_from_config, language_model
+    from .native.draft_support import draft_refusal
     from .native.quant.scheme import check_shapes, read_scheme
 
     def verdict(
-        supported: bool, reason: str, verifies: bool = True, lora: bool = True
+        supported: bool, reason: str, verifies: bool = True, lora: bool = True, drafts: str = ""
     ) -> BackendProbe:
         return BackendProbe(
             "pytorch",
@@ -135,6 +136,10 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             # recurrent state cannot take back the rejected tokens it has already absorbed.
             verifies_tokens=verifies,
             lora=lora,
+            # DraftingRunner (draft_runner.py): a draft head, where `drafts` gives no reason
+            # against it.
+            drafts_tokens=verifies and not drafts,
+            draft_reason=drafts,
         )
 
     encoder = spec.facts.get("vision_encoder")
@@ -179,6 +184,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         # The hybrid runner has neither (see HybridRunner.capabilities).
         verifies=arch.linear is None,
         lora=arch.linear is None,
+        drafts=draft_refusal(arch),
     )
 
 
@@ -352,7 +358,7 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
 
 
 RUNNERS = {
-    "pytorch": "enginehouse_pytorch.hybrid_runner:native_runner",
+    "pytorch": "enginehouse_pytorch.draft_runner:pytorch_runner",
     "transformers": "enginehouse_pytorch.hf_runner:TransformersRunner",
 }
 
