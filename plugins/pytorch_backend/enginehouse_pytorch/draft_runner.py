@@ -50,7 +50,10 @@ class DraftingRunner(NativeRunner):
         self.head_method, self.head_folder = spec_config.method, spec_config.model
         self.num_drafts = spec_config.k
         self.rank = context.rank  # rank 0 runs the head (it samples, so it proposes)
-        if self.kv_spec.groups:
+        groups = self.kv_spec.groups
+        # One paged group (DeepSeek's latent cache) has group 0's table, the one the head's
+        # cache follows; several groups (sliding windows) do not share one table.
+        if len(groups) > 1 or any(g.kind not in ("full", "mla") for g in groups):
             raise InvalidModelError(
                 f"speculative_config method {self.head_method!r}: {self.arch.family} has "
                 "sliding-window layers (KV groups), whose block tables the head's cache does "
@@ -58,9 +61,13 @@ class DraftingRunner(NativeRunner):
             )
         # The head's one-layer cache shares the target's blocks: count it in every block.
         per_token = head_bytes_per_token(self.head_method, self.head_folder, self.arch, self.dtype)
+        if groups:  # a declared group is planned from its own bytes per token
+            g = groups[0]
+            groups = (dataclasses.replace(g, bytes_per_token=g.bytes_per_token + per_token),)
         self.kv_spec = dataclasses.replace(
             self.kv_spec,
             bytes_per_block=self.kv_spec.bytes_per_block + per_token * self.block_size,
+            groups=groups,
         )
 
     def load(self, progress: bool = True) -> None:
