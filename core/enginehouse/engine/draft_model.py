@@ -33,6 +33,7 @@ class _DraftSeq:
     """What the draft keeps of one sequence: the tokens whose KV it holds, and its blocks
     (the fields `BlockManager` reads)."""
 
+    seq_id: int  # the target's sequence's
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
@@ -107,7 +108,7 @@ class DraftModelProposer:
     def _prepare(self, seq: Sequence, k: int) -> bool:
         """Drop what the draft computed past the sequence's tokens, and make room for this
         step's proposals; False where its KV cache is full (no proposals this step)."""
-        state = self.seqs.setdefault(seq.seq_id, _DraftSeq())
+        state = self.seqs.setdefault(seq.seq_id, _DraftSeq(seq.seq_id))
         keep = _common_prefix(state.token_ids, seq.token_ids, seq.num_tokens - 1)
         del state.token_ids[keep:]
         # Positions up to num_tokens - 1 + (k - 1): the last proposal is never fed back.
