@@ -86,6 +86,11 @@ class NativeRunner:
             timeout = 2 * config.distributed_timeout
             shm = ShmCollectives.join(context.rank, context.world_size, timeout)
         self.tp = TensorParallel(self.arch, context.rank, context.world_size, shm)
+        # An FP8 checkpoint: its experts (and MLA's kv_b_proj) are dequantized at load; at
+        # tp > 1 every projection is, so that each rank cuts its part (quant/fp8_float.py).
+        self.fp8 = self.quant if self.quant is not None and self.quant.method == "fp8" else None
+        if self.fp8 is not None and self.tp.active:
+            self.quant = None
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
@@ -191,7 +196,9 @@ class NativeRunner:
         architecture = language_model(self.spec.architecture, self.spec.config, self.spec.facts)[0]
         rename = renamer(architecture)
         mxfp4 = is_mxfp4(self.spec.config)
-        load_safetensors(model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4)
+        load_safetensors(
+            model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4, fp8=self.fp8
+        )
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())

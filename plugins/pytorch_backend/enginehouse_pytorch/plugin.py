@@ -276,7 +276,7 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
     if tp == 1:
         return ""
     check_divisible(arch, tp)
-    if scheme is not None:
+    if scheme is not None and scheme.method != "fp8":
         raise UnsupportedModel(
             f"quantized weights ({scheme.describe()}) are not sharded natively yet; "
             "run them at tp=1"
@@ -316,7 +316,24 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
     if scheme is None:
         return f"weights {total} in {name}" + mxfp4_note(arch, spec, size, name)
     plain = format_size(weight_bytes(None, arch, size))
-    return f"{scheme.describe()}: weights about {total} ({name}: {plain})"
+    if scheme.method == "fp8" and config.tp > 1:  # quant/fp8_float.py
+        return f"{scheme.describe()}: dequantized at load to be sharded, weights {plain} in {name}"
+    return f"{scheme.describe()}: weights about {total} ({name}: {plain})" + fp8_experts_note(
+        scheme, arch, size, name
+    )
+
+
+def fp8_experts_note(scheme, arch, float_bytes: int, dtype: str) -> str:
+    """For an FP8 mixture of experts: the routed experts' memory once dequantized at load
+    (quant/fp8_float.py), and as stored (a byte a value and a float32 scale per block)."""
+    moe = arch.moe
+    if scheme.method != "fp8" or moe is None:
+        return ""
+    layers = sum(moe.layers) if moe.layers else arch.num_layers
+    values = layers * moe.num_experts * 3 * moe.intermediate_size * arch.hidden_size
+    per_scale = scheme.block[0] * scheme.block[1] if scheme.block else values
+    held, stored = format_size(values * float_bytes), format_size(values + 4 * values // per_scale)
+    return f"; FP8 experts dequantized at load: {held} in {dtype} ({stored} as FP8)"
 
 
 def mxfp4_note(arch, spec: ModelSpec, float_bytes: int, dtype: str) -> str:

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,6 +133,7 @@ def load_safetensors(
     tp: TensorParallel | None = None,
     rename: Callable[[str], str] | None = None,
     mxfp4: bool = False,
+    fp8: Any = None,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
 
@@ -139,15 +141,24 @@ def load_safetensors(
     language model inside a vision-language checkpoint. With an active `tp`, each tensor's
     part for this rank is read (`parallel.rank_tensor`). With `mxfp4` (gpt-oss's format),
     each pair of `_blocks` and `_scales` tensors is read as its dequantized float tensor.
-    part for this rank is read (`parallel.rank_tensor`). `rename` turns a plugin family's
-    checkpoint names into the native ones (`ModelFamily.weight_names`).
+    `rename` turns a plugin family's checkpoint names into the native ones
+    (`ModelFamily.weight_names`). With `fp8` (an FP8 checkpoint's `QuantScheme`), each FP8
+    projection the model holds in float (the experts, MLA's kv_b_proj; every one at tp > 1)
+    is read dequantized (`quant/fp8_float.py`).
     """
+    files = list(files)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
     unknown = []
     stream = tensors(files, progress)
     if mxfp4:
         stream = dequantized(stream)
+    if fp8 is not None:
+        from .quant import fp8_float
+
+        floated = fp8_float.held_in_float(params, rename, prefixes)
+        modules = {m for m in fp8_float.scan(files) if floated(m)}
+        stream = fp8_float.dequantized(stream, modules, fp8.block)
     for path, name, read in stream:
         ours = _renamed(rename(name) if rename else name, prefixes)
         if ours in params:  # a parameter of that very name (DeepSeek-V2-Lite's own q_proj)
