@@ -34,6 +34,7 @@ from .native.lora import LoraModel
 from .native.model import DecoderLM, Embeds
 from .native.mxfp4 import is_mxfp4
 from .native.parallel import TensorParallel
+from .native.quant import fp8_float
 from .native.rope import mrope_rows, rope_table
 from .native.shm_collectives import ShmCollectives, usable
 from .native.weights import load_safetensors
@@ -87,10 +88,11 @@ class NativeRunner:
             shm = ShmCollectives.join(context.rank, context.world_size, timeout)
         self.tp = TensorParallel(self.arch, context.rank, context.world_size, shm)
         # An FP8 checkpoint: its experts (and MLA's kv_b_proj) are dequantized at load; at
-        # tp > 1 every projection is, so that each rank cuts its part (quant/fp8_float.py).
+        # tp > 1 every projection too where a rank's part would split a block of scales.
         self.fp8 = self.quant if self.quant is not None and self.quant.method == "fp8" else None
         if self.fp8 is not None and self.tp.active:
-            self.quant = None
+            if not fp8_float.shards_whole_blocks(self.arch, self.tp.size, self.fp8.block):
+                self.quant = None
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads

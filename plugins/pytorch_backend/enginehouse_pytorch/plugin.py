@@ -317,7 +317,13 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
         return f"weights {total} in {name}" + mxfp4_note(arch, spec, size, name)
     plain = format_size(weight_bytes(None, arch, size))
     if scheme.method == "fp8" and config.tp > 1:  # quant/fp8_float.py
-        return f"{scheme.describe()}: dequantized at load to be sharded, weights {plain} in {name}"
+        from .native.quant.fp8_float import shards_whole_blocks
+
+        if not shards_whole_blocks(arch, config.tp, scheme.block):
+            return (
+                f"{scheme.describe()}: dequantized at load to be sharded (a rank's part would "
+                f"split a block of scales), weights {plain} in {name}"
+            )
     return f"{scheme.describe()}: weights about {total} ({name}: {plain})" + fp8_experts_note(
         scheme, arch, size, name
     )

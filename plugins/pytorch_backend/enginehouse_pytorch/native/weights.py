@@ -92,8 +92,9 @@ def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard
     return dest[begin:end]
 
 
-def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str) -> bool:
-    """Hand a tensor to the layer that reads its own checkpoint tensors (`take`), if any."""
+def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str, tp=None) -> bool:
+    """Hand a tensor to the layer that reads its own checkpoint tensors (`take`), if any;
+    with an active `tp`, this rank's part of it (FP8 only: `quant/fp8_float.rank_part`)."""
     owner_name, _, suffix = pname.rpartition(".")
     try:
         owner = model.get_submodule(owner_name)
@@ -101,6 +102,11 @@ def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str) -> 
         return False
     if not hasattr(owner, "take"):
         return False
+    if tp is not None and tp.active:
+        from .quant.fp8_float import rank_part
+
+        owner.take(suffix, shard, rank_part(tp, pname, shard, read, owner.scheme.block, name), name)
+        return True
     owner.take(suffix, shard, read(), name)
     return True
 
@@ -168,7 +174,7 @@ def load_safetensors(
         if where is None:
             continue
         pname, expert, shard = where
-        if pname not in params and _offer(model, pname, shard, read, name):
+        if pname not in params and _offer(model, pname, shard, read, name, tp):
             continue  # a quantized layer took its own tensor (qweight, scales...)
         if pname not in params:
             if pname != "lm_head.weight":  # a tied head is the embedding itself

@@ -7,9 +7,12 @@ Which projections: every one the model keeps as a float parameter rather than a 
 - the routed experts of a mixture: they live in stacked tensors (`MixtureOfExperts.w13` / `w2`,
   one matrix per expert), which no quantized kernel reads;
 - MLA's `kv_b_proj`: the absorbed decode (mla.py) takes its float W_UK and W_UV per head;
-- at tp > 1, every projection: quantized layers are not sharded natively, the float ones are,
-  so a rank cuts its part from the dequantized tensor and the block scales always match it.
-Attention and dense MLPs (shared experts included) otherwise stay FP8 in `QuantLinear`.
+- at tp > 1 where a rank's part of some projection would split a block of scales (a head's
+  rows not a multiple of the block), every projection: a rank then cuts its part from the
+  dequantized tensor.
+Attention and dense MLPs (shared experts included) otherwise stay FP8 in `QuantLinear`; at
+tp > 1 each rank reads its part of the e4m3 weight and the matching whole blocks of its scales
+(`rank_part`), the same rows or columns a float projection's part has.
 
 Memory: a dequantized value takes the model dtype's bytes (bfloat16: 2 against FP8's 1 plus a
 float32 scale per block), see docs/quantization.md; `explain` states it (`fp8_note`).
@@ -133,3 +136,66 @@ def held_in_float(
         return where is not None and where[0] in params
 
     return check
+
+
+# --- sharding FP8 projections (tp > 1) -------------------------------------------------------
+
+
+def rank_cuts(arch, size: int) -> tuple[list[int], list[int]]:
+    """The sizes a rank's part of a sharded FP8 projection begins and ends at (multiples of
+    them): rows of q (or q_b), K/V and the MLPs' gate/up; columns of o_proj and down."""
+    mla, d, heads = arch.mla, arch.head_dim, arch.num_heads // size
+    if mla is not None:  # kv_b_proj is float (FLOAT_MODULES); the latent projections whole
+        rows, cols = [heads * mla.qk_head_dim], [heads * mla.v_head_dim]
+    else:
+        q_rows = heads * d * (2 if arch.attn_output_gate else 1)
+        rows, cols = [q_rows, max(1, arch.num_kv_heads // size) * d], [heads * d]
+    moe = arch.moe
+    mlps = [moe.shared_intermediate_size, moe.shared_expert_size] if moe else []
+    if moe is None or (moe.layers and not all(moe.layers)):
+        mlps.append(arch.intermediate_size)
+    for full in mlps:
+        if full:
+            rows.append(full // size)
+            cols.append(full // size)
+    return rows, cols
+
+
+def shards_whole_blocks(arch, size: int, block: tuple[int, int] | None) -> bool:
+    """Whether every rank's part of every FP8 projection is whole blocks of scales (per-tensor
+    scales always are), so that the projections can stay FP8 when sharded."""
+    if block is None:
+        return True
+    rows, cols = rank_cuts(arch, size)
+    return all(r % block[0] == 0 for r in rows) and all(c % block[1] == 0 for c in cols)
+
+
+def rank_part(tp, pname: str, shard: int | None, read, block: tuple[int, int] | None, name: str):
+    """This rank's part of a sharded FP8 projection's checkpoint tensor (`pname` as
+    "<module>.<suffix>"): the e4m3 weight cut as a float one would be (`parallel.rank_tensor`),
+    its scales cut along the same dimension in whole blocks."""
+    from ..parallel import rank_tensor
+
+    module, _, suffix = pname.rpartition(".")
+    weight = f"{module}.{WEIGHT}"
+    if suffix != SCALE and suffix != "weight_scale":
+        return rank_tensor(tp, weight if suffix == WEIGHT else pname, shard, None, read)
+
+    def scales(part=None) -> torch.Tensor:
+        t = read()
+        # One scale for the tensor, or a projection every rank holds whole (the latent
+        # ones). A fused checkpoint tensor (Phi-3's qkv_proj) is cut from a whole read too,
+        # which would cut scales as values: its shape check (formats.py) then names it.
+        if block is None or t.numel() == 1 or part is None:
+            return t
+        dim, begin, end = part
+        b = block[dim]
+        first, last = begin // b, -(-end // b)
+        if begin % b or (end % b and last != t.shape[dim]):
+            raise InvalidModelError(
+                f"{name}: this rank's part [{begin}, {end}) along dim {dim} does not cover "
+                f"whole FP8 blocks of {b}; run it at tp=1"
+            )
+        return t.narrow(dim, first, last - first)
+
+    return rank_tensor(tp, weight, shard, None, scales)
