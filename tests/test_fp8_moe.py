@@ -34,6 +34,7 @@ BLOCK = (16, 16)
 CONFIGS = {
     "deepseek_v3": DEEPSEEK["deepseek_v3"],
     "qwen3_moe": native_model_configs(512)["qwen3_moe"],
+    "qwen2": native_model_configs(512)["qwen2"],  # dense, with q/k/v biases: sharded FP8 too
 }
 TOL = dict(rtol=1e-5, atol=1e-5)
 PROMPT = random.Random(0).choices(range(5, 512), k=40)
@@ -168,7 +169,8 @@ def test_fp8_moe_equals_transformers_on_the_dequantized_values(family, checkpoin
 # of the e4m3 weights and scales and the projections stay FP8. 32x16 (Qwen3-MoE): a rank's
 # K/V rows (16) would split a block, so every projection is dequantized at load and cut.
 @pytest.mark.parametrize(
-    "family, block", [("deepseek_v3", BLOCK), ("qwen3_moe", BLOCK), ("qwen3_moe", (32, 16))]
+    "family, block",
+    [("deepseek_v3", BLOCK), ("qwen3_moe", BLOCK), ("qwen3_moe", (32, 16)), ("qwen2", BLOCK)],
 )
 def test_fp8_moe_tp2_gives_tp1s_tokens(family, block, checkpoints):
     quantized, _ = checkpoints(family, block)
