@@ -87,12 +87,11 @@ class NativeRunner:
             timeout = 2 * config.distributed_timeout
             shm = ShmCollectives.join(context.rank, context.world_size, timeout)
         self.tp = TensorParallel(self.arch, context.rank, context.world_size, shm)
-        # An FP8 checkpoint: its experts (and MLA's kv_b_proj) are dequantized at load; at
-        # tp > 1 every projection too where a rank's part would split a block of scales.
+        # An FP8 checkpoint: its experts (and MLA's kv_b_proj) are dequantized at load; every
+        # projection is where `dequantizes_all` says why (a hybrid, a block split by tp).
         self.fp8 = self.quant if self.quant is not None and self.quant.method == "fp8" else None
-        if self.fp8 is not None and self.tp.active:
-            if not fp8_float.shards_whole_blocks(self.arch, self.tp.size, self.fp8.block):
-                self.quant = None
+        if self.fp8 and fp8_float.dequantizes_all(self.arch, self.tp.size, self.fp8.block):
+            self.quant = None
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads

@@ -148,7 +148,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
         if scheme is not None:
             check_shapes(scheme, arch)
-            if arch.linear is not None:
+            if arch.linear is not None and scheme.method != "fp8":  # FP8: dequantized at load
                 raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
         if config.kv_cache_dtype != "auto" and arch.mla is not None:
@@ -316,14 +316,11 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
     if scheme is None:
         return f"weights {total} in {name}" + mxfp4_note(arch, spec, size, name)
     plain = format_size(weight_bytes(None, arch, size))
-    if scheme.method == "fp8" and config.tp > 1:  # quant/fp8_float.py
-        from .native.quant.fp8_float import shards_whole_blocks
+    if scheme.method == "fp8":  # quant/fp8_float.py
+        from .native.quant.fp8_float import dequantizes_all
 
-        if not shards_whole_blocks(arch, config.tp, scheme.block):
-            return (
-                f"{scheme.describe()}: dequantized at load to be sharded (a rank's part would "
-                f"split a block of scales), weights {plain} in {name}"
-            )
+        if why := dequantizes_all(arch, config.tp, scheme.block):
+            return f"{scheme.describe()}: dequantized at load ({why}), weights {plain} in {name}"
     return f"{scheme.describe()}: weights about {total} ({name}: {plain})" + fp8_experts_note(
         scheme, arch, size, name
     )

@@ -7,9 +7,10 @@ Which projections: every one the model keeps as a float parameter rather than a 
 - the routed experts of a mixture: they live in stacked tensors (`MixtureOfExperts.w13` / `w2`,
   one matrix per expert), which no quantized kernel reads;
 - MLA's `kv_b_proj`: the absorbed decode (mla.py) takes its float W_UK and W_UV per head;
-- at tp > 1 where a rank's part of some projection would split a block of scales (a head's
-  rows not a multiple of the block), every projection: a rank then cuts its part from the
-  dequantized tensor.
+- every projection of a hybrid model (Qwen3-Next FP8: the linear-attention layers read float
+  weights), and at tp > 1 where a rank's part of some projection would split a block of
+  scales (a head's rows not a multiple of the block): a rank then cuts its part from the
+  dequantized tensor (`dequantizes_all` says when).
 Attention and dense MLPs (shared experts included) otherwise stay FP8 in `QuantLinear`; at
 tp > 1 each rank reads its part of the e4m3 weight and the matching whole blocks of its scales
 (`rank_part`), the same rows or columns a float projection's part has.
@@ -168,6 +169,15 @@ def shards_whole_blocks(arch, size: int, block: tuple[int, int] | None) -> bool:
         return True
     rows, cols = rank_cuts(arch, size)
     return all(r % block[0] == 0 for r in rows) and all(c % block[1] == 0 for c in cols)
+
+
+def dequantizes_all(arch, size: int, block: tuple[int, int] | None) -> str | None:
+    """Why every FP8 projection is dequantized at load (None: only those held in float)."""
+    if arch.linear is not None:
+        return "a hybrid model's layers take float weights"
+    if size > 1 and not shards_whole_blocks(arch, size, block):
+        return "to be sharded: a rank's part would split a block of scales"
+    return None
 
 
 def rank_part(tp, pname: str, shard: int | None, read, block: tuple[int, int] | None, name: str):
