@@ -1,11 +1,13 @@
-"""FP8 checkpoints of mixture-of-experts models (DeepSeek-V3 / Kimi-K2, Qwen3-MoE FP8) natively.
+"""FP8 checkpoints of mixture-of-experts models (DeepSeek-V3 / Kimi-K2, Qwen3-MoE FP8, and the
+Qwen3-Next hybrid) natively, and FP8 sharded over tp=2.
 
 The checkpoints are written here as DeepSeek's and Qwen's FP8 releases are: every projection
-(attention, dense MLPs, shared and routed experts, one tensor per expert) in e4m3 with a
-float32 `weight_scale_inv` per block (16x16 here: the tiny shapes are smaller than 128, and
-some sizes leave partial blocks), the router, norms, embedding and head in float. The native
-run must equal transformers on a float checkpoint of the same dequantized values: logits at
-every prompt position and greedy tokens alone and batched, tp=2 the tokens of tp=1. A
+(attention, dense MLPs, shared and routed experts, one tensor per expert, linear attention's)
+in e4m3 with a float32 `weight_scale_inv` per block (16x16 here: the tiny shapes are smaller
+than 128, and some sizes leave partial blocks), the router, norms, embedding and head in
+float. The native run must equal transformers on a float checkpoint of the same dequantized
+values: logits at every prompt position and greedy tokens alone and batched; tp=2 the tokens
+of tp=1 (FP8 shards of whole blocks, or dequantized where a shard would split one). A
 malformed checkpoint is refused naming the tensor.
 """
 
