@@ -92,7 +92,7 @@ def quantize_checkpoint(src: Path, dst: Path, block=BLOCK) -> tuple[Path, Path]:
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
+        "weight_block_size": list(block) if block else None,
     }
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst, ref
@@ -110,11 +110,13 @@ def checkpoints(models_dir):
         return folder
 
     @functools.cache
-    def write(family: str, block: tuple[int, int]) -> tuple[Path, Path]:
-        dst = models_dir / "fp8-moe" / f"{family}-fp8-{block[0]}x{block[1]}"
-        return quantize_checkpoint(floats(family), dst, block)
+    def write(family: str, block: tuple[int, int] | None) -> tuple[Path, Path]:
+        grain = f"{block[0]}x{block[1]}" if block else "tensor"
+        return quantize_checkpoint(
+            floats(family), models_dir / "fp8-moe" / f"{family}-{grain}", block
+        )
 
-    return lambda family, block=BLOCK: write(family, tuple(block))
+    return lambda family, block=BLOCK: write(family, tuple(block) if block else None)
 
 
 def fixed(n: int) -> GenerationConfig:
@@ -156,9 +158,10 @@ def expected_tokens(ref) -> list[list[int]]:
     return answers
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_fp8_moe_equals_transformers_on_the_dequantized_values(family, checkpoints):
-    quantized, floats = checkpoints(family)
+# None: one scale per tensor (weight_block_size null), the experts' too.
+@pytest.mark.parametrize("family, block", [*((f, BLOCK) for f in CONFIGS), ("qwen3_moe", None)])
+def test_fp8_moe_equals_transformers_on_the_dequantized_values(family, block, checkpoints):
+    quantized, floats = checkpoints(family, block)
     ref = AutoModelForCausalLM.from_pretrained(floats, dtype=torch.float32).eval()
     with torch.no_grad():
         want = ref(torch.tensor([PROMPT])).logits[0]
@@ -187,6 +190,7 @@ def test_fp8_moe_equals_transformers_on_the_dequantized_values(family, checkpoin
         ("deepseek_v3", BLOCK),
         ("qwen3_moe", BLOCK),
         ("qwen3_moe", (32, 16)),
+        ("qwen3_moe", None),  # per-tensor scales: every rank's part has the one scale
         ("qwen2", BLOCK),
         ("qwen3_next", BLOCK),
     ],
@@ -201,7 +205,7 @@ def test_fp8_moe_tp2_gives_tp1s_tokens(family, block, checkpoints):
         assert pipe.summary()["ranks"] == 2
         assert [r.token_ids for r in pipe(prompts, gen)] == want
     reason = verdict(quantized, tp=2)["reason"]
-    assert ("to be sharded" in reason) == (block != BLOCK)
+    assert ("to be sharded" in reason) == (block == (32, 16))
 
 
 def verdict(path: Path, **config) -> dict:
