@@ -36,6 +36,7 @@ from enginehouse_pytorch.native.quant.checkpoints import fp8
 BLOCK = (16, 16)
 CONFIGS = {
     "deepseek_v3": DEEPSEEK["deepseek_v3"],
+    "deepseek_v2": DEEPSEEK["deepseek_v2"],  # V2-Lite's shape: a plain q_proj, 2 shared experts
     "qwen3_moe": native_model_configs(512)["qwen3_moe"],
     "qwen2": native_model_configs(512)["qwen2"],  # dense, with q/k/v biases: sharded FP8 too
     # A hybrid: every projection dequantized at load (its linear-attention layers read float).

@@ -336,7 +336,10 @@ def fp8_experts_note(scheme, arch, float_bytes: int, dtype: str) -> str:
     values = layers * moe.num_experts * 3 * moe.intermediate_size * arch.hidden_size
     per_scale = scheme.block[0] * scheme.block[1] if scheme.block else values
     held, stored = format_size(values * float_bytes), format_size(values + 4 * values // per_scale)
-    return f"; FP8 experts dequantized at load: {held} in {dtype} ({stored} as FP8)"
+    return (
+        f" besides the routed experts; FP8 experts dequantized at load: {held} in {dtype} "
+        f"({stored} as FP8)"
+    )
 
 
 def mxfp4_note(arch, spec: ModelSpec, float_bytes: int, dtype: str) -> str:
