@@ -16,7 +16,7 @@ tp > 1 each rank reads its part of the e4m3 weight and the matching whole blocks
 (`rank_part`), the same rows or columns a float projection's part has.
 
 Memory: a dequantized value takes the model dtype's bytes (bfloat16: 2 against FP8's 1 plus a
-float32 scale per block), see docs/quantization.md; `explain` states it (`fp8_note`).
+float32 scale per block), see docs/quantization.md; `explain` states it (`plugin.fp8_experts_note`).
 """
 
 from __future__ import annotations
