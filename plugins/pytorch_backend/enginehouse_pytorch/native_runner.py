@@ -34,6 +34,7 @@ from .native.lora import LoraModel
 from .native.model import DecoderLM, Embeds
 from .native.mxfp4 import is_mxfp4
 from .native.parallel import TensorParallel
+from .native.quant import fp8_float
 from .native.rope import mrope_rows, rope_table
 from .native.shm_collectives import ShmCollectives, usable
 from .native.weights import load_safetensors
@@ -86,6 +87,11 @@ class NativeRunner:
             timeout = 2 * config.distributed_timeout
             shm = ShmCollectives.join(context.rank, context.world_size, timeout)
         self.tp = TensorParallel(self.arch, context.rank, context.world_size, shm)
+        # An FP8 checkpoint: its experts (and MLA's kv_b_proj) are dequantized at load; every
+        # projection is where `dequantizes_all` says why (a hybrid, a block split by tp).
+        self.fp8 = self.quant if self.quant is not None and self.quant.method == "fp8" else None
+        if self.fp8 and fp8_float.dequantizes_all(self.arch, self.tp.size, self.fp8.block):
+            self.quant = None
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
@@ -193,7 +199,9 @@ class NativeRunner:
         architecture = language_model(self.spec.architecture, self.spec.config, self.spec.facts)[0]
         rename = renamer(architecture)
         mxfp4 = is_mxfp4(self.spec.config)
-        load_safetensors(model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4)
+        load_safetensors(
+            model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4, fp8=self.fp8
+        )
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
         model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
