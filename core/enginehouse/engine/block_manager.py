@@ -280,8 +280,11 @@ class BlockManager:
         pool, table = self.pools[group], self.table(seq, group)
         if not at or not pool.free:
             return
-        table.extend([PLACEHOLDER] * (at - len(table)))
-        table.append(pool.pop())
+        if at < len(table):  # left by a verify step whose proposals were rejected: released
+            table[at] = pool.pop()
+        else:
+            table.extend([PLACEHOLDER] * (at - len(table)))
+            table.append(pool.pop())
         self.pending.setdefault(seq.seq_id, []).append((group, table[at], at))
 
     def commit(self, seq: Sequence) -> None:
