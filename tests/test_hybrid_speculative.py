@@ -132,9 +132,10 @@ def test_preemption_keeps_the_tokens(loopy, answers):
     dropped) and recomputed, through the prefix cache or from the start."""
     with open_pipe(loopy, max_batch_size=4) as probe:
         full, state = probe.runner.kv_spec.groups
-    blocks, slots = 70 // 4 + 1, 8
-    budget = blocks * 4 * full.bytes_per_token + slots * state.bytes_per_seq
+    blocks = 70 // 4 + 1
     for caching in (False, True):
+        slots = 8 if caching else 4  # a live slot per sequence, and as many for snapshots
+        budget = blocks * 4 * full.bytes_per_token + slots * state.bytes_per_seq
         engine = dict(
             session_len=70,
             block_size=4,
@@ -183,7 +184,7 @@ def test_a_rejecting_hybrid_draft_keeps_the_tokens(loopy, answers, tmp_path):
 
 
 def test_seeded_sampling_is_reproducible(loopy):
-    params = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.8, random_seed=7)
+    params = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.3, random_seed=7)
     with open_pipe(loopy, speculative_config=NGRAM) as pipe:
         a = pipe([{"token_ids": PROMPTS[1]}] * 2, [params] * 2)
         b = pipe({"token_ids": PROMPTS[1]}, params)

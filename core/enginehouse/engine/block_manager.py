@@ -270,7 +270,8 @@ class BlockManager:
             for _ in range(self._need(seq, g, total)):
                 table.append(pool.pop())
             if self._saves(g):
-                self._snapshot(seq, g, total)
+                # Not past a verify step's proposals: their states may be rejected.
+                self._snapshot(seq, g, total - len(getattr(seq, "draft_ids", ())))
 
     def _snapshot(self, seq: Sequence, group: int, end: int) -> None:
         """A block for the state at the last block boundary the chunk up to `end` reaches, at
@@ -280,11 +281,8 @@ class BlockManager:
         pool, table = self.pools[group], self.table(seq, group)
         if not at or not pool.free:
             return
-        if at < len(table):  # left by a verify step whose proposals were rejected: released
-            table[at] = pool.pop()
-        else:
-            table.extend([PLACEHOLDER] * (at - len(table)))
-            table.append(pool.pop())
+        table.extend([PLACEHOLDER] * (at - len(table)))
+        table.append(pool.pop())
         self.pending.setdefault(seq.seq_id, []).append((group, table[at], at))
 
     def commit(self, seq: Sequence) -> None:

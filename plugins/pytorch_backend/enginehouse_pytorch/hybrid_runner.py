@@ -39,9 +39,7 @@ FULL, STATE = 0, 1  # the KV groups, in `kv_spec.groups` order
 
 
 class HybridRunner(NativeRunner):
-    capabilities = RunnerCapabilities(
-        profiles=True, releases_sequences=True, verifies_tokens=True
-    )
+    capabilities = RunnerCapabilities(profiles=True, releases_sequences=True, verifies_tokens=True)
     # No LoRA: its targets (q/k/v/o, gate/up/down) miss the linear-attention layers, so the
     # inherited adapter methods are withdrawn rather than left undeclared.
     load_adapter = None

@@ -220,7 +220,9 @@ class GatedDeltaNet(nn.Module):
         lin = meta.linear
         for s in lin.decode_steps:
             r = s.rows
-            out[r], after = delta_rule_step(q[r], k[r], v[r], g[r], beta[r], state.recurrent[s.slots])
+            out[r], after = delta_rule_step(
+                q[r], k[r], v[r], g[r], beta[r], state.recurrent[s.slots]
+            )
             state.recurrent[s.slots] = after
             if s.keep is not None:
                 which, rows = s.keep

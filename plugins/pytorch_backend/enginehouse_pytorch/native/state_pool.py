@@ -18,8 +18,9 @@ recurrence token by token and keeps the state after each of its K + 1 positions 
 many proposals it accepted, and it runs after the step (on rank 0 alone at tp > 1); the
 sequence's next chunk says it: it starts right after the last accepted token, so its first step
 copies the state at `next start - 1` from the scratch into the live slot (`Verified`), before
-anything reads it. A snapshot a verify chunk is asked for comes from the scratch too; the
-engine registers it only where its boundary's tokens were accepted (`BlockManager.commit`).
+anything reads it. A verify chunk saves a snapshot only at a boundary right after its first
+token (never past a proposal, which may be rejected: the engine's rule, `BlockManager.allocate`),
+from the scratch.
 """
 
 from __future__ import annotations
@@ -152,7 +153,10 @@ class StepStates:
         scratch_saves: tuple[list[int], list[int]] = ([], [])
         for i, c in enumerate(order):
             table, own = c.table(group), bool(c.group_tables)
-            boundary = snapshot_at(c.start_pos, c.end_pos, block_size)
+            # A verify chunk's boundary counts its first token only (the engine's rule): the
+            # proposals' states may be rejected.
+            end = c.start_pos + 1 if i < num_decode else c.end_pos
+            boundary = snapshot_at(c.start_pos, end, block_size)
             save = None
             if own and boundary and len(table) > boundary // block_size:
                 save = (boundary - c.start_pos, table[boundary // block_size])
