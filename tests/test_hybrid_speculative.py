@@ -1,12 +1,13 @@
 """Speculative decoding on a hybrid model (Qwen3-Next): the linear-attention layers keep their
 state after every verified position and resume from the one at the last accepted token.
 
-A tiny Qwen3-Next with tied embeddings whose layers' outputs are scaled down (random weights like
-these fall into runs of a repeated token, so prompt lookup's proposals are kept about half the
-time, and rejected where a run ends): greedy tokens with n-gram speculation equal plain decoding's and transformers', alone,
-in a batch whose prompts are prefilled in small chunks next to verify steps, with prefix hits
-(states saved at block boundaries) and under preemption; the target as its own draft; seeded
-sampling reproducible; the conformance kit's verify-tokens check; explain no longer refuses.
+A tiny Qwen3-Next with tied embeddings whose layers' outputs are scaled down (random weights
+like these fall into runs of a repeated token, so prompt lookup's proposals are kept about half
+the time, and rejected where a run ends): greedy tokens with n-gram speculation equal plain
+decoding's and transformers', alone, in a batch whose prompts are prefilled in small chunks next
+to verify steps, with prefix hits (states saved at block boundaries) and under preemption; the
+target as its own draft; seeded sampling reproducible; the conformance kit's verify-tokens
+check; explain no longer refuses.
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """Gated DeltaNet linear attention (Qwen3-Next's and Qwen3.5's `linear_attn` layers).
 
 A layer keeps no KV per token: each sequence has a fixed-size state, the last `conv_kernel - 1`
-inputs of its short causal convolution and a recurrent matrix [v_heads, k_dim, v_dim] per
-layer, held in a slot of `state_pool.StatePool`. A step's decodes update their slots together
-(the recurrent form, one token each); a verify chunk (speculative decoding: a sequence's last
-token and the K proposals after it) goes through the recurrent form too, one position per
-`DecodeStep`, and keeps its states after every position in a `VerifyScratch`, so that the
-runner can keep the one at the last accepted token (`state_pool.Verified`); each prefill chunk continues its sequence's state over
-its tokens in the chunked form, so a prompt split across engine steps gives the result of one
-pass. A prefill chunk asked to save its state at a block boundary inside it (prefix caching,
-`StateMeta.prefill_saves`) runs the chunked form in two parts, split there, and copies the
-state between them into the snapshot's slot. The recurrence, for each head, token t with
-decay g_t <= 0 (log space) and rate beta_t:
+inputs of its short causal convolution and a recurrent matrix [v_heads, k_dim, v_dim] per layer,
+held in a slot of `state_pool.StatePool`. A step's decodes update their slots together (the
+recurrent form, one token each); a verify chunk (speculative decoding: a sequence's last token
+and the K proposals after it) goes through the recurrent form too, one position per
+`DecodeStep`, and keeps its states after every position in a `VerifyScratch`, so that the runner
+can keep the one at the last accepted token (`state_pool.Verified`); each prefill chunk
+continues its sequence's state over its tokens in the chunked form, so a prompt split across
+engine steps gives the result of one pass. A prefill chunk asked to save its state at a block
+boundary inside it (prefix caching, `StateMeta.prefill_saves`) runs the chunked form in two
+parts, split there, and copies the state between them into the snapshot's slot. The recurrence,
+for each head, token t with decay g_t <= 0 (log space) and rate beta_t:
 
     S_t = exp(g_t) S_{t-1} + k_t u_t^T,  u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t),
     o_t = S_t^T q_t
