@@ -35,6 +35,7 @@ class _DraftSeq:
     """What the draft keeps of one sequence: the tokens whose KV it holds, and its blocks
     (the fields `BlockManager` reads)."""
 
+    seq_id: int = 0
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
@@ -121,7 +122,7 @@ class DraftModelProposer:
     def _prepare(self, seq: Sequence, k: int) -> bool:
         """Drop what the draft computed past the sequence's tokens, and make room for this
         step's proposals; False where its KV cache is full (no proposals this step)."""
-        state = self.seqs.setdefault(seq.seq_id, _DraftSeq())
+        state = self.seqs.setdefault(seq.seq_id, _DraftSeq(seq.seq_id))
         keep = _common_prefix(state.token_ids, seq.token_ids, seq.num_tokens - 1)
         if keep < state.num_computed and not self.rewinds:
             keep = 0  # recompute from the start (the runner starts a fresh state at 0)
