@@ -8,7 +8,7 @@ below), the KV bytes per token of every layer group and the sequences at full co
 in the budget, against the same model with full attention in every layer (what the native
 backend kept before sliding windows freed their blocks), in bfloat16, int8 and fp8. The native
 backend's own planner computes it (`kv_cache.kv_groups`, `kv_groups.total_blocks` /
-`split_blocks`), with `max_num_batched_tokens` 2048 and `max_batch_size` 256.
+`split_blocks`), with `max_num_batched_tokens` 2048 and `max_batch_size` 64.
 
 `decode` times a batch of 32 sequences on the random-weight 56M Llama of
 benchmarks/native_backend.py (float32, 8 layers, 4 KV heads of 64): 32 prompts of `--prompt`
@@ -81,6 +81,53 @@ SHAPES = {
             max_position_embeddings=131072,
         ),
     ),
+    "DeepSeek-V3": (
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_hidden_layers=61,
+            hidden_size=7168,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            kv_lora_rank=512,
+            q_lora_rank=1536,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+            n_routed_experts=256,
+            num_experts_per_tok=8,
+            moe_intermediate_size=2048,
+            intermediate_size=18432,
+            first_k_dense_replace=3,
+            n_group=8,
+            topk_group=4,
+            n_shared_experts=1,
+            vocab_size=129280,
+            max_position_embeddings=163840,
+        ),
+    ),
+    "Qwen3-Next 80B-A3B": (
+        "Qwen3NextForCausalLM",
+        dict(
+            num_hidden_layers=48,
+            hidden_size=2048,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=256,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_conv_kernel_dim=4,
+            num_experts=512,
+            num_experts_per_tok=10,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            intermediate_size=5120,
+            vocab_size=151936,
+            max_position_embeddings=262144,
+        ),
+    ),
     "Mistral 7B v0.1": (
         "MistralForCausalLM",
         dict(
@@ -108,28 +155,46 @@ SHAPES = {
 
 
 def plan(budget: int, session: int) -> str:
+    from enginehouse import EngineConfig
     from enginehouse_pytorch.native import kv_cache, kv_quant
     from enginehouse_pytorch.native.arch import arch_from_config
+    from enginehouse_pytorch.plugin import special_groups
 
-    block, chunk, batch = 16, 2048, 256
+    # max_batch_size 64: a hybrid model's state slots (73 MiB a sequence for Qwen3-Next) are
+    # taken for max_batch_size sequences first, 256 of them would not fit 16 GiB.
+    block, chunk, batch = 16, 2048, 64
     lines = [
         f"| model | KV dtype | groups (B/token) | B/token, all layers | sequences of {session} "
         f"tokens in {budget / 2**30:.0f} GiB | with full attention in every layer |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for name, (architecture, config) in SHAPES.items():
+        if architecture == "Qwen3NextForCausalLM":
+            config = dict(config, layer_types=config["layer_types"] * 12)
         arch = arch_from_config(architecture, config)
-        for kind in ("auto", "int8", "fp8"):
+        engine = EngineConfig(max_batch_size=batch, enable_prefix_caching=False)
+        # The latent cache is refused quantized; every other cache takes the three kinds.
+        for kind in ("auto",) if arch.mla else ("auto", "int8", "fp8"):
             head = kv_quant.head_bytes(kind, arch.head_dim, torch.bfloat16)
             every = 2 * arch.num_layers * arch.num_kv_heads * head
-            plain = budget // (every * session)
-            groups = kv_cache.kv_groups(arch, arch.num_kv_heads, head)
+            if arch.mla is not None:  # every head's keys and values, as multi-head attention
+                every = (
+                    arch.num_layers
+                    * arch.num_heads
+                    * 2
+                    * (arch.mla.qk_head_dim + arch.mla.v_head_dim)
+                )
+            plain = min(budget // (every * session), batch)
+            groups = special_groups(arch, engine, arch.num_kv_heads, head, 2)[0]
+            groups = groups or kv_cache.kv_groups(arch, arch.num_kv_heads, head)
             if groups:
                 total = total_blocks(groups, budget, block, session, batch, chunk)
-                plans = split_blocks(groups, total, block, session, chunk)
+                plans = split_blocks(groups, total, block, session, chunk, batch)
                 fits = min(p.blocks // p.blocks_per_seq for p in plans)
                 described = "; ".join(
-                    f"{g.describe()} x{len(g.layers)}: {g.bytes_per_token}" for g in groups
+                    f"{g.describe()} x{len(g.layers)}: "
+                    + (f"{g.bytes_per_token}" if g.paged else f"{g.bytes_per_seq >> 20} MiB/seq")
+                    for g in groups
                 )
             else:
                 fits, described = plain, f"full attention x{arch.num_layers}: {every}"

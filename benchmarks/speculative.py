@@ -22,6 +22,12 @@ drafts show what that gives, honestly:
 A draft with meaningful acceptance needs trained (or distilled) weights, which this offline
 machine does not have.
 
+`--method eagle3` runs plain against an EAGLE-3 head (random weights in the on-disk format of
+`LlamaForCausalLMEagle3`, built under ./bench-models) on the same target; `--method mtp` plain
+against `{"method": "mtp"}` on a DeepSeek-V3 of hidden 256, 4 layers and 8 experts whose MTP
+layer (`model.layers.4`) is random. Random heads share (nearly) no greedy token with the
+target: their acceptance is ~0, and these sides measure what running a head costs.
+
 Every side runs in its own process (a fresh engine, the same weights, greedy, EOS masked),
 the sides alternate within each round, and each side's best round counts. Batch 1 is one
 request; batch 8 is eight at once. Tokens are checked identical to the plain side's.
@@ -84,6 +90,107 @@ def draft_tenth(target: Path) -> Path:
     return folder
 
 
+def eagle3_head(target: Path) -> Path:
+    """A random EAGLE-3 head for `target` (its hidden size, heads, vocabulary), in the format
+    of EAGLE-3's checkpoints; its draft vocabulary is the whole target's (d2t all zeros)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = target.parent / f"{target.name}-eagle3"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((target / "config.json").read_text())
+    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kvh = config["num_attention_heads"], config["num_key_value_heads"]
+    d = h // heads
+    head = {**config, "architectures": ["LlamaForCausalLMEagle3"], "num_hidden_layers": 1}
+    head["draft_vocab_size"] = vocab
+    (folder / "config.json").write_text(json.dumps(head))
+    gen = torch.Generator().manual_seed(5)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    tensors = {
+        "fc.weight": w(h, 3 * h),
+        "midlayer.self_attn.q_proj.weight": w(heads * d, 2 * h),
+        "midlayer.self_attn.k_proj.weight": w(kvh * d, 2 * h),
+        "midlayer.self_attn.v_proj.weight": w(kvh * d, 2 * h),
+        "midlayer.self_attn.o_proj.weight": w(h, heads * d),
+        "midlayer.mlp.gate_proj.weight": w(inter, h),
+        "midlayer.mlp.up_proj.weight": w(inter, h),
+        "midlayer.mlp.down_proj.weight": w(h, inter),
+        "midlayer.input_layernorm.weight": torch.ones(h),
+        "midlayer.hidden_norm.weight": torch.ones(h),
+        "midlayer.post_attention_layernorm.weight": torch.ones(h),
+        "norm.weight": torch.ones(h),
+        "lm_head.weight": w(vocab, h),
+        "d2t": torch.zeros(vocab, dtype=torch.long),
+    }
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def deepseek_mtp(root: Path) -> Path:
+    """A DeepSeek-V3 (hidden 256, 4 layers, 8 experts, vocabulary 32000) with a random MTP
+    layer at `model.layers.4` (layer 3's shape, plus enorm/hnorm/eh_proj/shared_head)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from enginehouse.testing import build_tokenizer
+
+    folder = root / "deepseek-v3-mtp"
+    if (folder / "config.json").is_file():
+        return folder
+    config = transformers.DeepseekV3Config(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        kv_lora_rank=64,
+        q_lora_rank=96,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    build_tokenizer(folder, 32000)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in list(tensors):
+        if name.startswith("model.layers.3."):
+            tensors[name.replace("layers.3.", "layers.4.")] = tensors[name].clone()
+    gen = torch.Generator().manual_seed(6)
+    h = 256
+    tensors.update(
+        {
+            "model.layers.4.enorm.weight": torch.ones(h),
+            "model.layers.4.hnorm.weight": torch.ones(h),
+            "model.layers.4.eh_proj.weight": torch.randn(h, 2 * h, generator=gen) * 0.02,
+            "model.layers.4.shared_head.norm.weight": torch.ones(h),
+            "model.layers.4.shared_head.head.weight": torch.randn(32000, h, generator=gen) * 0.02,
+        }
+    )
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def prompts(batch: int, vocab: int, repeat: bool) -> list[list[int]]:
     import random
 
@@ -140,6 +247,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument(
+        "--method",
+        choices=["ngram-draft", "eagle3", "mtp"],
+        default="ngram-draft",
+        help="the sides: n-gram and draft models (default), an EAGLE-3 head, or MTP",
+    )
     parser.add_argument("--side", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -159,6 +272,14 @@ def main() -> None:
         "draft-copy": json.dumps({"model": str(draft_copy(target)), "num_speculative_tokens": k}),
         "draft-tenth": json.dumps({"model": str(draft_tenth(target)), "num_speculative_tokens": k}),
     }
+    if args.method == "eagle3":
+        head = {"method": "eagle3", "model": str(eagle3_head(target)), "num_speculative_tokens": k}
+        sides = {"plain": "none", "eagle3-random": json.dumps(head)}
+    elif args.method == "mtp":
+        target = deepseek_mtp(target.parent).resolve()
+        mtp = {"method": "mtp", "num_speculative_tokens": k}
+        sides = {"plain": "none", "mtp-random": json.dumps(mtp)}
+    print(f"target: {target}")
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next(
         (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "?"

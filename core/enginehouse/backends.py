@@ -19,6 +19,7 @@ from .device import missing_gpus
 from .errors import BackendError
 from .plugins import SELECT_VAR, PluginHost
 from .spec import BackendProbe, ModelSpec
+from .speculative_config import HEAD_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class BackendDecision:
                     "priority": v.priority,
                     "reason": v.reason,
                     "verifies_tokens": v.verifies_tokens,  # speculative decoding
+                    "drafts_tokens": v.drafts_tokens,  # ... with a draft head
                     "lora_adapters": v.lora,
                 }
                 for v in self.verdicts
@@ -154,13 +156,25 @@ def _at_tp(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
 def _speculating(probe: BackendProbe, config: EngineConfig) -> BackendProbe:
     """With `speculative_config`, a backend runs the model only if it verifies several
     tokens per sequence in one step (`verifies_tokens`): no silent fallback to plain decoding."""
-    if config.speculative_config is None or not probe.supported or probe.verifies_tokens:
+    spec = config.speculative_config
+    if spec is None or not probe.supported:
         return probe
-    reason = (
-        f"no speculative decoding: {probe.name!r} cannot verify several tokens of a sequence in "
-        f"one step, and speculative_config asks for it (without it it would say: {probe.reason})"
-    )
-    return replace(probe, supported=False, reason=reason)
+    if not probe.verifies_tokens:
+        why = f" ({probe.name!r} {probe.draft_reason})" if probe.draft_reason else ""
+        reason = (
+            f"no speculative decoding: {probe.name!r} cannot verify several tokens of a sequence "
+            f"in one step, and speculative_config asks for it{why} (without it it would say: "
+            f"{probe.reason})"
+        )
+        return replace(probe, supported=False, reason=reason)
+    if spec.method in HEAD_METHODS and not probe.drafts_tokens:
+        why = probe.draft_reason or "runs no draft head on the target's hidden states"
+        reason = (
+            f"no speculative decoding with method {spec.method!r}: {probe.name!r} {why} "
+            f"(without it it would say: {probe.reason}); use method 'ngram' or 'draft_model'"
+        )
+        return replace(probe, supported=False, reason=reason)
+    return probe
 
 
 def choose_backend(

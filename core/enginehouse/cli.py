@@ -218,6 +218,7 @@ def explain(
     for v in report["verdicts"]:
         mark = "yes" if v["supported"] else "no "
         verify = "  verifies several tokens per step" if v.get("verifies_tokens") else ""
+        verify += ", drafts with a head (eagle/mtp)" if v.get("drafts_tokens") else ""
         line = f"  {mark} {v['backend']:<13} priority {v['priority']:<4} [{v['plugin']}]"
         click.echo(line + verify)
         click.echo(f"        {v['reason']}")

@@ -24,6 +24,7 @@ from .platforms import Platform, host_free_memory
 from .plugins import get_plugins
 from .reasoning import ReasoningParser
 from .runner import (
+    DraftRequest,
     KVSpec,
     ModelRunner,
     RunnerCapabilities,
@@ -43,6 +44,7 @@ __all__ = [
     "BackendProbe",
     "BatchUpdate",
     "CONTRACT_VERSION",
+    "DraftRequest",
     "EngineConfig",
     "EnginehouseError",
     "FetchPolicy",

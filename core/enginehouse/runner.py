@@ -212,6 +212,19 @@ class ScheduledBatch:
         return torch.tensor(out, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class DraftRequest:
+    """One decoding sequence the engine wants proposals for (`propose_tokens`): its tokens
+    (the last one not computed yet), how many the target computed, its block table (covering
+    the computed positions), and how many tokens to propose at most."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    num_computed: int
+    block_table: tuple[int, ...]
+    num_drafts: int
+
+
 @runtime_checkable
 class ModelRunner(Protocol):
     """What a backend implements; the core's engine drives it.
@@ -258,6 +271,9 @@ class RunnerCapabilities:
     # each) and gives the logits of computing them one by one: speculative decoding needs it.
     verifies_tokens: bool = False
     lora: bool = False  # load_adapter(slot, adapter) / unload_adapter(slot): LoRA adapters
+    # propose_tokens(requests): the runner drafts tokens itself from the target's hidden
+    # states (a draft head: EAGLE-3, EAGLE, MTP); speculative_config's head methods need it.
+    drafts_tokens: bool = False
 
 
 # Each capability and the method it promises.
@@ -267,6 +283,7 @@ CAPABILITY_METHODS = {
     "releases_sequences": "release_sequence",
     "finishes_sequences": "finish_sequence",
     "lora": "load_adapter",
+    "drafts_tokens": "propose_tokens",
 }
 # Further methods a capability promises besides its first.
 CAPABILITY_MORE_METHODS = {"lora": ("unload_adapter",)}
@@ -301,6 +318,11 @@ class RunnerExtras(Protocol):
 
     def unload_adapter(self, slot: int) -> None:
         """(`lora`) Empty `slot`; no chunk names it until it is loaded again."""
+
+    def propose_tokens(self, requests: Sequence[DraftRequest]) -> list[list[int]]:
+        """(`drafts_tokens`) For each decoding sequence, up to `num_drafts` tokens to follow
+        its last token, drafted from what the runner kept of the target's forward passes (a
+        draft head on its hidden states). Called before a step, between `execute` calls."""
 
 
 def capabilities_of(runner: object) -> RunnerCapabilities:

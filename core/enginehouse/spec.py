@@ -119,6 +119,11 @@ class BackendProbe:
     # RunnerCapabilities(verifies_tokens=True)): with `config.speculative_config` the core
     # turns a supported verdict without it into "no speculative decoding".
     verifies_tokens: bool = False
+    # Its runner drafts tokens from the target's hidden states (declares
+    # RunnerCapabilities(drafts_tokens=True)) for this model: speculative_config's draft-head
+    # methods ('eagle', 'eagle3', 'mtp') need it; `draft_reason` says why not where it cannot.
+    drafts_tokens: bool = False
+    draft_reason: str = ""
     # The backend's runner takes LoRA adapters (it declares RunnerCapabilities(lora=True)):
     # what `explain` shows, and what `pipeline(adapters=...)` checks before loading.
     lora: bool = False

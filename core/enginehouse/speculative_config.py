@@ -3,8 +3,10 @@
 `{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": a,
 "prompt_lookup_max": b}` proposes tokens copied from the sequence's own earlier tokens;
 `{"method": "draft_model", "model": PATH_OR_ID, "num_speculative_tokens": K}` runs a small
-model that shares the target's tokenizer. The command line takes the same as JSON
-(`--speculative-config '{"method": "ngram", ...}'`).
+model that shares the target's tokenizer; `{"method": "eagle3" | "eagle", "model": HEAD}` a
+draft head (EAGLE-3 or EAGLE) trained for the target, run on its hidden states; `{"method":
+"mtp"}` the target checkpoint's own multi-token prediction layer (DeepSeek-V3). The command
+line takes the same as JSON (`--speculative-config '{"method": "ngram", ...}'`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # vLLM's n-gram window when neither end is given.
 DEFAULT_PROMPT_LOOKUP = 5
 METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
-# Methods vLLM has that this engine does not run (yet): refused with the reason.
-NOT_BUILT = {
-    "eagle": "EAGLE draft heads are not supported yet; use 'ngram' or 'draft_model'",
-    "eagle3": "EAGLE-3 draft heads are not supported yet; use 'ngram' or 'draft_model'",
-    "mtp": "MTP heads are not supported yet; use 'ngram' or 'draft_model'",
-}
+# Methods whose proposals come from a head on the target's hidden states, run by the runner
+# (RunnerCapabilities.drafts_tokens).
+HEAD_METHODS = ("eagle", "eagle3", "mtp")
 
 
 class SpeculativeConfig(BaseModel):
@@ -32,15 +31,17 @@ class SpeculativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["ngram", "draft_model", "eagle", "eagle3", "mtp"] | None = Field(
-        None, description="'ngram' (prompt lookup) or 'draft_model'; 'draft_model' when only "
-        "a model is given"
+        None, description="'ngram' (prompt lookup), 'draft_model', 'eagle3' / 'eagle' (a draft "
+        "head) or 'mtp' (the target's MTP layer); 'draft_model' when only a model is given"
     )  # fmt: skip
     num_speculative_tokens: int | None = Field(
         None, ge=1, le=32, description="tokens proposed per step (K); the target checks K + 1"
     )
     prompt_lookup_min: int | None = Field(None, ge=1, description="ngram: shortest match")
     prompt_lookup_max: int | None = Field(None, ge=1, description="ngram: longest match")
-    model: str | None = Field(None, description="draft_model: a local folder or a hub id")
+    model: str | None = Field(
+        None, description="draft_model: a local folder or a hub id; eagle/eagle3: the head's folder"
+    )
     revision: str | None = Field(None, description="draft_model: the hub revision")
 
     @model_validator(mode="after")
@@ -51,12 +52,21 @@ class SpeculativeConfig(BaseModel):
                 "say which proposer: 'method': 'ngram' (prompt lookup) or 'draft_model' "
                 "(with 'model': a small model sharing the target's tokenizer)"
             )
-        if method in NOT_BUILT:
-            raise ValueError(f"method {method!r}: {NOT_BUILT[method]}")
+        if method == "mtp" and self.num_speculative_tokens is None:
+            object.__setattr__(self, "num_speculative_tokens", 1)  # vLLM's: one MTP layer
         if self.num_speculative_tokens is None:
             raise ValueError(f"method {method!r} needs 'num_speculative_tokens' (e.g. 3)")
         if method == "draft_model" and not self.model:
             raise ValueError("method 'draft_model' needs 'model': the draft's folder or hub id")
+        if method in ("eagle", "eagle3") and not self.model:
+            raise ValueError(
+                f"method {method!r} needs 'model': the folder of a draft head trained for the "
+                "target (its config.json and *.safetensors)"
+            )
+        if method == "mtp" and self.model:
+            raise ValueError(
+                "method 'mtp' takes no 'model': it runs the target checkpoint's own MTP layer"
+            )
         if method == "ngram":
             if self.model:
                 raise ValueError("method 'ngram' takes no 'model'; use 'draft_model' for one")

@@ -35,7 +35,7 @@ class _DraftSeq:
     """What the draft keeps of one sequence: the tokens whose KV it holds, and its blocks
     (the fields `BlockManager` reads)."""
 
-    seq_id: int = 0
+    seq_id: int  # the target's sequence's
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import EnginehouseError
-from ..speculative_config import SpeculativeConfig
+from ..runner import DraftRequest
+from ..speculative_config import HEAD_METHODS, SpeculativeConfig
 from .grammar import GrammarState, xgrammar
 from .ngram import lookup
 from .sequence import Sequence
@@ -63,6 +64,43 @@ class NgramProposer:
         pass
 
 
+class HeadProposer:
+    """A draft head on the target's hidden states (EAGLE-3, EAGLE, MTP): the runner drafts
+    (`propose_tokens`, as vLLM v1 keeps its EAGLE proposer in the model runner), since the
+    hidden states and the head's KV are where the target runs; the engine hands it each
+    decoding sequence's tokens and block table and checks the proposals (grammars) as any."""
+
+    def __init__(self, spec: SpeculativeConfig, capabilities: Any, core: Any) -> None:
+        executor = getattr(core, "executor", None)
+        if not getattr(capabilities, "drafts_tokens", False):
+            raise EnginehouseError(
+                f"speculative_config method {spec.method!r} runs a draft head on the target's "
+                "hidden states, but this backend's runner does not (it does not declare "
+                "RunnerCapabilities(drafts_tokens=True)); use the native 'pytorch' backend, or "
+                "method 'ngram' / 'draft_model'"
+            )
+        if not callable(getattr(executor, "propose_tokens", None)):
+            raise EnginehouseError(
+                f"speculative_config method {spec.method!r}: this engine's executor cannot ask "
+                "its runner for proposals (it has no propose_tokens); use method 'ngram' / "
+                "'draft_model'"
+            )
+        self.executor = executor
+
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
+        requests = [
+            DraftRequest(s.seq_id, s.token_ids, s.num_computed, tuple(s.block_table), k)
+            for s, k in zip(seqs, limits)
+        ]
+        return self.executor.propose_tokens(requests)
+
+    def finish(self, seq_ids: Seq[int]) -> None:
+        pass  # the runner hears of finished sequences with the step (finish_sequence)
+
+    def close(self) -> None:
+        pass
+
+
 def make_proposer(config: EngineConfig, capabilities: Any, target: Any) -> Proposer | None:
     """The proposer `config.speculative_config` asks for (None without one). Refuses a backend
     that does not declare `verifies_tokens`: speculation must not fall back silently."""
@@ -78,6 +116,8 @@ def make_proposer(config: EngineConfig, capabilities: Any, target: Any) -> Propo
         )
     if spec.method == "ngram":
         return NgramProposer(spec)
+    if spec.method in HEAD_METHODS:
+        return HeadProposer(spec, capabilities, target)
     from .draft_model import DraftModelProposer
 
     return DraftModelProposer(spec, config, target)

@@ -155,6 +155,12 @@ class DistributedExecutor:
             self._guarded(self._ask_rank0, "sample", (bitmask,))
         return self._guarded(self._wait_rank0)
 
+    def propose_tokens(self, requests: list[Any]) -> list[list[int]]:
+        """(`drafts_tokens`) Rank 0's runner drafts: its head and the hidden states it keeps
+        are there (every rank's forward computes them; the others keep none)."""
+        self._guarded(self._ask_rank0, "propose_tokens", (requests,))
+        return self._guarded(self._wait_rank0)
+
     def load_adapter(self, slot: int, adapter: Any) -> None:
         """Every rank loads its shard of the adapter (`runner.load_adapter`)."""
         self._call("load_adapter", slot, adapter)

@@ -16,7 +16,7 @@ from ..config import EngineConfig
 from ..engine.kv_plan import plan_kv_blocks
 from ..engine.plan import StepPlan
 from ..engine.sampler import Sampler, SamplerOutput
-from ..runner import KVSpec, ModelRunner, RunnerCapabilities, capabilities_of
+from ..runner import DraftRequest, KVSpec, ModelRunner, RunnerCapabilities, capabilities_of
 from .assembler import BatchAssembler
 
 
@@ -52,6 +52,10 @@ class LocalExecutor:
         assert self._step is not None, "sample() without execute()"
         (plan, logits), self._step = self._step, None
         return self.sampler.sample(logits, plan.sampling, bitmask)
+
+    def propose_tokens(self, requests: list[DraftRequest]) -> list[list[int]]:
+        """The runner's proposals (`drafts_tokens`: a draft head on the target's states)."""
+        return self.runner.propose_tokens(requests)  # type: ignore[attr-defined]
 
     def load_adapter(self, slot: int, adapter: Any) -> None:
         self.runner.load_adapter(slot, adapter)  # type: ignore[attr-defined]

@@ -126,6 +126,8 @@ class NativeRunner:
         self.graphs = None  # CUDA graphs of decode steps, captured after the KV is allocated
         self.decode: cpu_step.DecodeRunner | None = None  # CPU: small decode steps in one call
         self.lora: LoraModel | None = None  # the adapters' slots, made at the first load
+        # A draft head on the target's hidden states (draft_runner.py): its forwards keep them.
+        self.drafter = None
 
     def _attention_kernel(self) -> type[TorchAttention]:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
@@ -373,7 +375,8 @@ class NativeRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         chunks = batch.chunks
-        adapted = any(c.adapter for c in chunks)  # the one-call paths below know no LoRA
+        # The one-call paths below know no LoRA, and keep no hidden states for a draft head.
+        adapted = any(c.adapter for c in chunks) or self.drafter is not None
         if self.graphs is not None and not adapted:
             logits = self.graphs.run(batch)  # None unless a captured decode step fits
             if logits is not None:
@@ -399,7 +402,12 @@ class NativeRunner:
             at += len(c.token_ids)
         rows = [offsets[c.seq_id] + i for c in chunks for i in c.logits_at]
         ids = torch.tensor([t for c in order for t in c.token_ids], device=self.device)
-        hidden = self.model(ids, meta, self.kv, self._embeds(order, offsets))
+        if self.drafter is not None:  # the head's hidden states are kept per sequence
+            embeds = self._embeds(order, offsets)
+            hidden = self.drafter.target_forward(self.model, ids, meta, self.kv, embeds)
+            self.drafter.observe(order)
+        else:
+            hidden = self.model(ids, meta, self.kv, self._embeds(order, offsets))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden.index_select(0, index)).float()
 

@@ -120,10 +120,11 @@ def _fp8_gpu(config: EngineConfig) -> bool:
 def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     # arch.py and quant/scheme.py are small, torch-free modules: cheap enough for a probe.
     from .native.arch import UnsupportedModel, arch_from_config, language_model
+    from .native.draft_support import draft_refusal
     from .native.quant.scheme import check_shapes, read_scheme
 
     def verdict(
-        supported: bool, reason: str, verifies: bool = True, lora: bool = True
+        supported: bool, reason: str, verifies: bool = True, lora: bool = True, drafts: str = ""
     ) -> BackendProbe:
         return BackendProbe(
             "pytorch",
@@ -135,6 +136,10 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             # keeps a state per verified position and resumes from the accepted one).
             verifies_tokens=verifies,
             lora=lora,
+            # DraftingRunner (draft_runner.py): a draft head, where `drafts` gives no reason
+            # against it.
+            drafts_tokens=verifies and not drafts,
+            draft_reason=drafts,
         )
 
     encoder = spec.facts.get("vision_encoder")
@@ -178,6 +183,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + kv_cache_line(arch, spec, config),
         # The hybrid runner has no LoRA (see HybridRunner.capabilities).
         lora=arch.linear is None,
+        drafts=draft_refusal(arch),
     )
 
 
@@ -351,7 +357,7 @@ def probe_backend(spec: ModelSpec, config: EngineConfig) -> list[BackendProbe]:
 
 
 RUNNERS = {
-    "pytorch": "enginehouse_pytorch.hybrid_runner:native_runner",
+    "pytorch": "enginehouse_pytorch.draft_runner:pytorch_runner",
     "transformers": "enginehouse_pytorch.hf_runner:TransformersRunner",
 }
 
