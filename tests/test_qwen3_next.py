@@ -506,9 +506,9 @@ def test_tp2_gives_tp1s_greedy_tokens(family, model_dirs):
 
 def test_conformance_kit_passes(model_dir):
     """The kit's contract and model checks (batch invariance, chunked prefill, preemption,
-    transformers' logits and tokens, blocks returned); prefix caching and verifying several
-    tokens (speculative decoding) are not applicable: a recurrent state has neither; nor
-    LoRA adapters, whose targets miss the linear-attention layers."""
+    transformers' logits and tokens, blocks returned, verifying several tokens at once for
+    speculative decoding); prefix caching is not applicable (the kit's driver gives no
+    snapshot blocks); nor LoRA adapters, whose targets miss the linear-attention layers."""
     from enginehouse.conformance import CHECKS, run_conformance
 
     checks = [c for c in CHECKS if c != "tensor-parallel"]  # tp=2: test_tp2_gives_tp1s_...
@@ -516,7 +516,7 @@ def test_conformance_kit_passes(model_dir):
     lines = "\n".join(r.line() for r in report.results)
     assert report.ok, lines
     not_applicable = {r.name for r in report.results if r.status == "n/a"}
-    assert not_applicable == {"prefix-cache", "verify-tokens", "hf-lora[qwen3_next]"}, lines
+    assert not_applicable == {"prefix-cache", "hf-lora[qwen3_next]"}, lines
 
 
 def test_aborted_and_finished_sequences_give_their_slots_back(model_dir):

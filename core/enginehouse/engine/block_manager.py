@@ -270,7 +270,8 @@ class BlockManager:
             for _ in range(self._need(seq, g, total)):
                 table.append(pool.pop())
             if self._saves(g):
-                self._snapshot(seq, g, total)
+                # Not past a verify step's proposals: their states may be rejected.
+                self._snapshot(seq, g, total - len(getattr(seq, "draft_ids", ())))
 
     def _snapshot(self, seq: Sequence, group: int, end: int) -> None:
         """A block for the state at the last block boundary the chunk up to `end` reaches, at

@@ -6,7 +6,9 @@ prefix cache). Each step it catches up on the tokens it has not seen (the prompt
 time; later the target's last token and any proposals it did not compute), then decodes
 greedily, one batched forward per proposed token. Its greedy choice is a deterministic
 proposal, which the target's rejection sampling keeps exact (engine/speculative.py). What it
-computed past the tokens the target accepted is dropped: its KV there is overwritten.
+computed past the tokens the target accepted is dropped: its KV there is overwritten. A draft
+with a recurrent state (a "state" KV group: Qwen3-Next, Qwen3.5) cannot be rewound: after a
+rejected proposal it recomputes the sequence from its start.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class _DraftSeq:
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
-    group_tables: list[list[int]] = field(default_factory=list)  # none: the draft has one group
+    group_tables: list[list[int]] = field(default_factory=list)  # groups 1..: BlockManager's
     dropped: list[int] = field(default_factory=list)
     sent_group_blocks: list[int] = field(default_factory=list)
 
@@ -71,8 +73,19 @@ class DraftModelProposer:
         except BaseException:
             self.runner.close()
             raise
-        self.block_size = self.runner.kv_spec.block_size
-        self.blocks = BlockManager(blocks, self.block_size, enable_prefix_caching=False)
+        kv = self.runner.kv_spec
+        self.block_size = kv.block_size
+        counts: int | list[int] = blocks
+        if kv.groups:  # one pool per KV group, shared out as the runner shares them
+            cfg = self.config
+            plans = kv.group_blocks(
+                blocks, core.session_len, cfg.max_num_batched_tokens, cfg.max_batch_size
+            )
+            counts = [p.blocks for p in plans]
+        self.groups = len(kv.groups)
+        self.blocks = BlockManager(counts, self.block_size, False, kv.groups)
+        # A recurrent state holds one position: it cannot take back rejected proposals.
+        self.rewinds = not any(g.kind == "state" for g in kv.groups)
         self.seqs: dict[int, _DraftSeq] = {}
         log.info("draft model %s: %d KV blocks of %d", spec.model_id, blocks, self.block_size)
 
@@ -96,6 +109,7 @@ class DraftModelProposer:
                         state.num_computed,
                         tuple(state.block_table),
                         (len(tokens) - 1,),
+                        group_tables=self._tables(state),
                     )
                 )
                 state.token_ids.extend(tokens)
@@ -110,6 +124,8 @@ class DraftModelProposer:
         step's proposals; False where its KV cache is full (no proposals this step)."""
         state = self.seqs.setdefault(seq.seq_id, _DraftSeq(seq.seq_id))
         keep = _common_prefix(state.token_ids, seq.token_ids, seq.num_tokens - 1)
+        if keep < state.num_computed and not self.rewinds:
+            keep = 0  # recompute from the start (the runner starts a fresh state at 0)
         del state.token_ids[keep:]
         # Positions up to num_tokens - 1 + (k - 1): the last proposal is never fed back.
         new = seq.num_tokens - state.num_computed + k - 1
@@ -117,6 +133,12 @@ class DraftModelProposer:
             return False
         self.blocks.allocate(state, new)  # type: ignore[arg-type]
         return True
+
+    def _tables(self, state: _DraftSeq) -> tuple[tuple[int, ...], ...]:
+        """Each KV group's table (none for a draft with one implicit group)."""
+        if not self.groups:
+            return ()
+        return tuple(tuple(self.blocks.table(state, g)) for g in range(self.groups))  # type: ignore[arg-type]
 
     def finish(self, seq_ids: Any) -> None:
         for seq_id in seq_ids:

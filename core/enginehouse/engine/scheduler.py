@@ -114,8 +114,9 @@ class Scheduler:
             return []
         drafts = drafts[: budget - n]
         need = self.bm.blocks_for(seq.num_computed + n + len(drafts)) - len(seq.block_table)
-        # Leave a block for every running sequence, which may need one this step.
-        if drafts and need > self.bm.num_free - len(self.running):
+        # Leave a block for every running sequence, which may need one this step (group 0's:
+        # the blocks of `block_table`).
+        if drafts and need > len(self.bm.pools[0].free) - len(self.running):
             return []
         return drafts
 
@@ -140,6 +141,8 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
+            if not self.bm.can_allocate(seq, n + len(seq.draft_ids)):
+                seq.draft_ids = []  # another KV group (a state snapshot) has no room for them
             n_all = n + len(seq.draft_ids)
             self.bm.allocate(seq, n_all)
             batch.append((seq, self._chunk(seq, n)))

@@ -10,6 +10,11 @@ What differs from `NativeRunner`:
   `enable_prefix_caching`): a chunk that reaches a block boundary saves the state there into
   the block the engine added to its state table, and a prefix hit, cut back by the engine to
   a block whose state was saved, starts from a copy of it (`native.state_pool.StepStates`);
+- speculative decoding (`verifies_tokens`): a verify chunk's linear-attention layers run the
+  recurrence token by token and keep the state after each position; the sequence's next
+  chunk, which starts right after the last accepted token, first takes the state there
+  (`native.state_pool.Verified`). The full-attention layers verify as `NativeRunner` does
+  (rejected tokens' KV slots are overwritten later);
 - the runner is told when a sequence's blocks are freed (`release_sequence`), to start its
   next first chunk afresh;
 - the torch path: the C++ CPU kernels, the one-call decode step and CUDA graphs do not know
@@ -27,14 +32,14 @@ from .native import kv_cache, kv_quant
 from .native.arch import arch_from_config, language_model
 from .native.attention import StepMeta, TorchAttention
 from .native.hybrid import hybrid_groups
-from .native.state_pool import StatePool, StepStates
-from .native_runner import NativeRunner
+from .native.state_pool import StatePool, StepStates, Verified
+from .native_runner import NativeRunner, _attends_as_decode
 
 FULL, STATE = 0, 1  # the KV groups, in `kv_spec.groups` order
 
 
 class HybridRunner(NativeRunner):
-    capabilities = RunnerCapabilities(profiles=True, releases_sequences=True)
+    capabilities = RunnerCapabilities(profiles=True, releases_sequences=True, verifies_tokens=True)
     # No LoRA: its targets (q/k/v/o, gate/up/down) miss the linear-attention layers, so the
     # inherited adapter methods are withdrawn rather than left undeclared.
     load_adapter = None
@@ -63,6 +68,8 @@ class HybridRunner(NativeRunner):
         self.states: StatePool | None = None
         self.started: set[int] = set()  # sequences whose live slot holds their state
         self.step_states: StepStates | None = None
+        # Sequences whose last step verified proposals: their states after each position.
+        self.verified: dict[int, Verified] = {}
         # The torch path: a quantized cache's reads dequantize what they gather (kv_quant.py).
         quantized = self.kv_kind != "auto"
         self.kernel = kv_quant.attention_for(self.kv_kind) if quantized else TorchAttention
@@ -101,6 +108,7 @@ class HybridRunner(NativeRunner):
         )
         self.states = StatePool(linear, slots, self.dtype, self.device)
         self.started.clear()
+        self.verified.clear()
         full = iter(range(len(self.groups[FULL].layers)))
         linear_index = iter(range(sum(linear.layers)))
         self.kv = [
@@ -111,8 +119,9 @@ class HybridRunner(NativeRunner):
     def _metadata(self, order: list[SeqChunk]) -> StepMeta:
         meta = super()._metadata(order)
         assert self.states is not None, "allocate_kv comes before execute"
+        decodes = sum(1 for c in order if _attends_as_decode(c))  # chunks, not rows
         self.step_states = StepStates.build(
-            self.states, order, meta.num_decode, STATE, self.block_size, self.started
+            self.states, order, decodes, STATE, self.block_size, self.started, self.verified
         )
         meta.linear = self.step_states.meta
         return meta
@@ -127,9 +136,11 @@ class HybridRunner(NativeRunner):
     def profile_run(self, num_tokens: int) -> None:
         super().profile_run(num_tokens)
         self.started.clear()  # the profiling sequence
+        self.verified.clear()
 
     def release_sequence(self, seq_id: int, block_table: tuple[int, ...]) -> None:
         self.started.discard(seq_id)
+        self.verified.pop(seq_id, None)
 
     def close(self) -> None:
         super().close()

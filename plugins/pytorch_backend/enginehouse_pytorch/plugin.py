@@ -132,8 +132,8 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
             NATIVE_PRIORITY,
             reason,
             tensor_parallel=True,
-            # NativeRunner declares it (speculative decoding); HybridRunner does not: a
-            # recurrent state cannot take back the rejected tokens it has already absorbed.
+            # NativeRunner and HybridRunner declare it (speculative decoding; the hybrid one
+            # keeps a state per verified position and resumes from the accepted one).
             verifies_tokens=verifies,
             lora=lora,
             # DraftingRunner (draft_runner.py): a draft head, where `drafts` gives no reason
@@ -181,8 +181,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + f"; {weights_line(scheme, arch, spec, config)}"
         + sharding
         + kv_cache_line(arch, spec, config),
-        # The hybrid runner has neither (see HybridRunner.capabilities).
-        verifies=arch.linear is None,
+        # The hybrid runner has no LoRA (see HybridRunner.capabilities).
         lora=arch.linear is None,
         drafts=draft_refusal(arch),
     )

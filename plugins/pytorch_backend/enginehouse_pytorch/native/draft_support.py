@@ -9,8 +9,9 @@ def draft_refusal(arch: Arch) -> str:
     """Why the native backend runs no draft head for `arch` ('' where it does)."""
     if arch.linear is not None:
         return (
-            f"runs no draft head for {arch.family}: its linear-attention layers keep a "
-            "recurrent state that cannot take back rejected tokens, so it verifies no proposals"
+            f"runs no draft head for {arch.family} yet: the hybrid runner verifies proposals "
+            "(its linear-attention states are kept per verified position), but the heads "
+            "(and Qwen3-Next's MTP layers) are built for the plain native runner only"
         )
     if any(arch.windows):
         return (

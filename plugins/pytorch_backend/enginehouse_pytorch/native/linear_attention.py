@@ -1,14 +1,17 @@
 """Gated DeltaNet linear attention (Qwen3-Next's and Qwen3.5's `linear_attn` layers).
 
 A layer keeps no KV per token: each sequence has a fixed-size state, the last `conv_kernel - 1`
-inputs of its short causal convolution and a recurrent matrix [v_heads, k_dim, v_dim] per
-layer, held in a slot of `state_pool.StatePool`. A step's decodes update their slots together
-(the recurrent form, one token each); each prefill chunk continues its sequence's state over
-its tokens in the chunked form, so a prompt split across engine steps gives the result of one
-pass. A prefill chunk asked to save its state at a block boundary inside it (prefix caching,
-`StateMeta.prefill_saves`) runs the chunked form in two parts, split there, and copies the
-state between them into the snapshot's slot. The recurrence, for each head, token t with
-decay g_t <= 0 (log space) and rate beta_t:
+inputs of its short causal convolution and a recurrent matrix [v_heads, k_dim, v_dim] per layer,
+held in a slot of `state_pool.StatePool`. A step's decodes update their slots together (the
+recurrent form, one token each); a verify chunk (speculative decoding: a sequence's last token
+and the K proposals after it) goes through the recurrent form too, one position per
+`DecodeStep`, and keeps its states after every position in a `VerifyScratch`, so that the runner
+can keep the one at the last accepted token (`state_pool.Verified`); each prefill chunk
+continues its sequence's state over its tokens in the chunked form, so a prompt split across
+engine steps gives the result of one pass. A prefill chunk asked to save its state at a block
+boundary inside it (prefix caching, `StateMeta.prefill_saves`) runs the chunked form in two
+parts, split there, and copies the state between them into the snapshot's slot. The recurrence,
+for each head, token t with decay g_t <= 0 (log space) and rate beta_t:
 
     S_t = exp(g_t) S_{t-1} + k_t u_t^T,  u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t),
     o_t = S_t^T q_t
@@ -38,18 +41,40 @@ class LayerState:
 
     conv: torch.Tensor  # [slots, conv_dim, conv_kernel - 1], the model's dtype
     recurrent: torch.Tensor  # [slots, v_heads, k_dim, v_dim], float32
+    index: int = 0  # which linear layer (counting linear layers only): its row of a scratch
+
+
+@dataclass
+class VerifyScratch:
+    """The states after each position of a step's verify chunks, every linear layer: one row
+    per verified token (rejected proposals' states included; the runner keeps one)."""
+
+    conv: torch.Tensor  # [linear layers, rows, conv_dim, conv_kernel - 1]
+    recurrent: torch.Tensor  # [linear layers, rows, v_heads, k_dim, v_dim], float32
+
+
+@dataclass
+class DecodeStep:
+    """One position of the step's decode rows, the recurrent form over every sequence that has
+    a token there: each decode at the first step, a verify chunk's K + 1 tokens one per step."""
+
+    rows: torch.Tensor | slice  # the tokens' rows in the step
+    slots: torch.Tensor  # their sequences' live slots, long
+    # Verify chunks' tokens: (which of `rows`, their scratch rows), to keep the states after.
+    keep: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
 class StateMeta:
-    """The state slot of each sequence in the step: the decodes' in row order, then one per
-    prefill chunk (in the order of `StepMeta.prefills`)."""
+    """The state slot of each sequence in the step: the decode rows' (`decode_steps`, decodes
+    and verify chunks), then one per prefill chunk (in the order of `StepMeta.prefills`)."""
 
-    decode_slots: torch.Tensor | None  # [decodes] long
+    decode_steps: list[DecodeStep]
     prefill_slots: list[int]
     # Per prefill chunk: (tokens into the chunk, slot) to save the state after those tokens
     # into, or None.
     prefill_saves: list[tuple[int, int] | None] | None = None
+    scratch: VerifyScratch | None = None  # where the verify chunks' states go
 
     def saves(self) -> list[tuple[int, int] | None]:
         return self.prefill_saves or [None] * len(self.prefill_slots)
@@ -161,13 +186,15 @@ class GatedDeltaNet(nn.Module):
         weight = self.conv1d.weight
         channels, keep = weight.shape[0], weight.shape[-1] - 1
         out = torch.empty_like(mixed)
-        lin, b = meta.linear, meta.num_decode
-        if b:
-            slots = lin.decode_slots
-            window = torch.cat([state.conv[slots], mixed[:b, :, None]], dim=-1)  # [B, C, K]
+        lin = meta.linear
+        for s in lin.decode_steps:
+            window = torch.cat([state.conv[s.slots], mixed[s.rows, :, None]], dim=-1)  # [B, C, K]
             # One output per channel: a product and a sum (F.conv1d costs far more here).
-            out[:b] = (window * weight[:, 0]).sum(dim=-1)
-            state.conv[slots] = window[..., 1:]
+            out[s.rows] = (window * weight[:, 0]).sum(dim=-1)
+            state.conv[s.slots] = window[..., 1:]
+            if s.keep is not None:
+                which, rows = s.keep
+                lin.scratch.conv[state.index, rows] = window[which, :, 1:]
         for p, slot, save in zip(meta.prefills, lin.prefill_slots, lin.saves()):
             window = torch.cat([state.conv[slot], mixed[p.begin : p.end].T], dim=-1)
             out[p.begin : p.end] = F.conv1d(window[None], weight, groups=channels)[0].T
@@ -190,12 +217,16 @@ class GatedDeltaNet(nn.Module):
         beta = b.float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out = torch.empty_like(v)
-        lin, n = meta.linear, meta.num_decode
-        if n:
-            slots = lin.decode_slots
-            out[:n], state.recurrent[slots] = delta_rule_step(
-                q[:n], k[:n], v[:n], g[:n], beta[:n], state.recurrent[slots]
+        lin = meta.linear
+        for s in lin.decode_steps:
+            r = s.rows
+            out[r], after = delta_rule_step(
+                q[r], k[r], v[r], g[r], beta[r], state.recurrent[s.slots]
             )
+            state.recurrent[s.slots] = after
+            if s.keep is not None:
+                which, rows = s.keep
+                lin.scratch.recurrent[state.index, rows] = after[which]
         for p, slot, save in zip(meta.prefills, lin.prefill_slots, lin.saves()):
             # Split where a snapshot is saved: the state between the parts is the one to keep.
             cuts = [p.begin, p.end] if save is None else [p.begin, p.begin + save[0], p.end]
