@@ -633,9 +633,9 @@ def test_eagle3_head_with_qk_norms_loads_and_keeps_the_tokens(target, plain, mod
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
 
 
-def test_mtp_on_qwen3_next_is_refused_with_the_reason(tmp_path):
-    """Qwen3-Next verifies proposals (n-gram, draft models) but runs no draft head yet: no
-    MTP (explain says why)."""
+def test_eagle_on_qwen3_next_is_refused_and_mtp_drafts(tmp_path):
+    """Qwen3-Next verifies proposals and drafts with its own MTP layers; EAGLE heads are
+    refused on it (explain says why)."""
     from test_qwen3_next import CONFIGS
 
     from enginehouse import explain
@@ -643,10 +643,12 @@ def test_mtp_on_qwen3_next_is_refused_with_the_reason(tmp_path):
     folder = build_model(tmp_path / "qwen3-next", CONFIGS["qwen3_next"]())
     report = explain(str(folder), engine_config={"speculative_config": spec("mtp", k=1)})
     native = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
+    assert native["supported"] and native["drafts_tokens"] and native["verifies_tokens"]
+    eagle = spec("eagle3", tmp_path, k=1)
+    report = explain(str(folder), engine_config={"speculative_config": eagle})
+    native = next(v for v in report["verdicts"] if v["backend"] == "pytorch")
     assert not native["supported"] and not native["drafts_tokens"]
-    assert "no speculative decoding" in native["reason"]
-    assert native["verifies_tokens"]
-    assert "runs no draft head for qwen3_next yet" in native["reason"]
+    assert "runs no EAGLE head for qwen3_next" in native["reason"]
 
 
 def test_mtp_head_matches_a_reference_on_transformers_layers(deepseek_mtp):
@@ -707,3 +709,143 @@ def test_mtp_head_matches_a_reference_on_transformers_layers(deepseek_mtp):
         runner.execute(ScheduledBatch((chunk,), runner.block_size))
         got = runner.propose_tokens([DraftRequest(4, prompt + [nxt], len(prompt), table, k)])
     assert got == [expected]
+
+
+# --- Qwen3-Next's and Qwen3.5's MTP layer (`mtp.*`) --------------------------------------------
+
+
+def hybrid_mtp(folder: Path, config, kind: str) -> Path:
+    """A loopy hybrid model (outputs scaled down, tied) with an MTP layer under `mtp.*`: its
+    layer a copy of the full-attention layer 2, with random `fc` and norms ("random"), or one
+    that passes the token's embedding on ("copy": `fc` keeps the embedding half, attention and
+    MLP add nothing, so the tied head proposes the token it is given)."""
+    from test_native import randomize_constant_tensors, rewrite_weights
+
+    config.tie_word_embeddings = True
+    folder = build_model(folder, config)
+    rewrite_weights(folder, randomize_constant_tensors)
+    t = load_file(folder / "model.safetensors")
+    for name in list(t):
+        if any(k in name for k in ("o_proj", "down_proj", "out_proj")):
+            t[name] = t[name] * 0.45
+        if name.startswith("model.layers.2."):
+            t[name.replace("model.layers.2.", "mtp.layers.0.")] = t[name].clone()
+    gen = torch.Generator().manual_seed(5)
+    t.update(
+        {
+            f"mtp.{n}.weight": torch.randn(H, generator=gen) * 0.3
+            for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")
+        }
+    )
+    t["mtp.fc.weight"] = torch.randn(H, 2 * H, generator=gen) * 0.2
+    if kind == "copy":
+        t["mtp.fc.weight"] = torch.cat([torch.eye(H), torch.zeros(H, H)], 1)
+        for name in list(t):
+            if name.startswith("mtp.") and any(k in name for k in ("o_proj", "down_proj")):
+                t[name] = torch.zeros_like(t[name])
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_mtp(models_dir):
+    from test_qwen3_next import CONFIGS
+
+    return {
+        (family, kind): hybrid_mtp(models_dir / f"{family}-mtp-{kind}", CONFIGS[family](), kind)
+        for family in ("qwen3_next", "qwen3_5")
+        for kind in ("random", "copy")
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+def test_qwen_mtp_head_matches_a_reference_on_transformers_layers(family, qwen_mtp):
+    """The MTP layer by hand (pre_fc_norm_embedding, pre_fc_norm_hidden, fc, norm: (1 + w)
+    norms) around transformers' own decoder layer (gated attention, the mixture with its
+    shared expert) loaded with `mtp.layers.0`; the logits are the target's tied head, and each
+    later proposal reads the normed output and reruns the layer over the whole sequence."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    folder, k = qwen_mtp[family, "random"], 3
+    prompt, nxt = PROMPTS[2][:15], 123
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    t = load_file(folder / "model.safetensors")
+    layer = type(hf.model.layers[2])(hf.config, layer_idx=2).eval()  # full attention
+    pre = "mtp.layers.0."
+    state = {n[len(pre) :]: v for n, v in t.items() if n.startswith(pre)}
+    experts = range(getattr(hf.config, "num_experts", 0) or 0)
+    if experts:  # the checkpoint's per-expert tensors, in transformers' fused layout
+        state["mlp.experts.gate_up_proj"] = torch.stack(
+            [
+                torch.cat([state[f"mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up")])
+                for e in experts
+            ]
+        )
+        state["mlp.experts.down_proj"] = torch.stack(
+            [state[f"mlp.experts.{e}.down_proj.weight"] for e in experts]
+        )
+    missing, _ = layer.load_state_dict(state, strict=False)
+    assert not missing
+
+    def norm(x, name):
+        return rms(x, 1 + t[f"mtp.{name}.weight"], hf.config.rms_norm_eps)
+
+    with torch.no_grad():
+        hidden = hf.model(torch.tensor([prompt])).last_hidden_state[0]  # after the final norm
+
+        def mtp(tokens: list[int], hid: torch.Tensor) -> torch.Tensor:
+            e = norm(hf.model.embed_tokens.weight[tokens], "pre_fc_norm_embedding")
+            x = torch.cat([e, norm(hid, "pre_fc_norm_hidden")], -1) @ t["mtp.fc.weight"].T
+            pos = torch.arange(len(tokens))[None]
+            mask = create_causal_mask(
+                config=hf.config, inputs_embeds=x[None], attention_mask=None, cache=None,
+                position_ids=pos,
+            )  # fmt: skip
+            pe = hf.model.rotary_emb(x[None], pos)
+            out = layer(x[None], attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            return norm(out[0], "norm")
+
+        tokens, hids, expected = prompt[1:] + [nxt], hidden, []
+        for _ in range(k):
+            out = mtp(tokens, hids)
+            expected.append(int(hf.lm_head(out[-1]).argmax()))
+            tokens, hids = tokens + [expected[-1]], torch.cat([hids, out[-1:]])
+
+    with open_pipe(folder, speculative_config=spec("mtp", k=k)) as pipe:
+        runner = pipe.runner
+        assert type(runner).__name__ == "HybridDraftingRunner"
+        table = tuple(range(8))
+        chunk = SeqChunk(4, tuple(prompt), 0, table, (len(prompt) - 1,))
+        runner.execute(ScheduledBatch((chunk,), runner.block_size))
+        got = runner.propose_tokens([DraftRequest(4, prompt + [nxt], len(prompt), table, k)])
+    assert got == [expected]
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["random", "copy"])
+def test_qwen_mtp_greedy_equals_plain_alone_and_batched(family, kind, qwen_mtp):
+    params = [fixed(n) for n in (14, 9, 20, 6)]
+    folder = qwen_mtp[family, kind]
+    with open_pipe(folder, max_batch_size=8) as pipe:
+        expected = run(pipe, PROMPTS, params)
+    with open_pipe(folder, max_batch_size=8, speculative_config=spec("mtp", k=2)) as pipe:
+        alone = [run(pipe, [p], [g])[0] for p, g in zip(PROMPTS, params)]
+        batched = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    for got in (alone, batched):
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_drafts"] > 0
+    if kind == "copy":
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_mtp_on_a_qwen3_next_without_mtp_weights_names_the_fix(tmp_path):
+    from test_qwen3_next import CONFIGS
+
+    folder = build_model(tmp_path / "qwen3-next", CONFIGS["qwen3_next"]())
+    with pytest.raises(EnginehouseError, match=r"no MTP layer.*no mtp\.\* weights.*'ngram'"):
+        open_pipe(folder, speculative_config=spec("mtp", k=1))

@@ -52,8 +52,10 @@ class DraftingRunner(NativeRunner):
         self.rank = context.rank  # rank 0 runs the head (it samples, so it proposes)
         groups = self.kv_spec.groups
         # One paged group (DeepSeek's latent cache) has group 0's table, the one the head's
-        # cache follows; several groups (sliding windows) do not share one table.
-        if len(groups) > 1 or any(g.kind not in ("full", "mla") for g in groups):
+        # cache follows; several paged groups (sliding windows) do not share one table. A
+        # hybrid's "state" group (one slot per sequence, after the paged one) has no table.
+        paged = [g for g in groups if g.kind != "state"]
+        if len(paged) > 1 or any(g.kind not in ("full", "mla") for g in groups[:1]):
             raise InvalidModelError(
                 f"speculative_config method {self.head_method!r}: {self.arch.family} has "
                 "sliding-window layers (KV groups), whose block tables the head's cache does "
@@ -63,7 +65,8 @@ class DraftingRunner(NativeRunner):
         per_token = head_bytes_per_token(self.head_method, self.head_folder, self.arch, self.dtype)
         if groups:  # a declared group is planned from its own bytes per token
             g = groups[0]
-            groups = (dataclasses.replace(g, bytes_per_token=g.bytes_per_token + per_token),)
+            g = dataclasses.replace(g, bytes_per_token=g.bytes_per_token + per_token)
+            groups = (g, *groups[1:])
         self.kv_spec = dataclasses.replace(
             self.kv_spec,
             bytes_per_block=self.kv_spec.bytes_per_block + per_token * self.block_size,
@@ -78,7 +81,11 @@ class DraftingRunner(NativeRunner):
     def allocate_kv(self, num_blocks: int) -> None:
         super().allocate_kv(num_blocks)
         self.graphs = None  # a captured step keeps no hidden states for the head
-        self.drafter.allocate(num_blocks)  # type: ignore[union-attr]
+        self.drafter.allocate(self._head_blocks(num_blocks))  # type: ignore[union-attr]
+
+    def _head_blocks(self, num_blocks: int) -> int:
+        """How many blocks the head's cache mirrors: the target's (group 0's) blocks."""
+        return num_blocks
 
     def profile_run(self, num_tokens: int) -> None:
         super().profile_run(num_tokens)
@@ -103,11 +110,17 @@ class DraftingRunner(NativeRunner):
 
 def pytorch_runner(spec: ModelSpec, config: EngineConfig, context: RunnerContext) -> NativeRunner:
     """The `pytorch` backend's runner: `DraftingRunner` where speculative_config names a draft
-    head, else the native (or hybrid) runner."""
+    head (`HybridDraftingRunner` for a hybrid model's MTP layers), else the native (or
+    hybrid) runner."""
     spec_config = config.speculative_config
     if spec_config is None or spec_config.method not in HEAD_METHODS:
         return native_runner(spec, config, context)
     arch = arch_from_config(*language_model(spec.architecture, spec.config, spec.facts))
+    refusal = draft_refusal(arch, spec_config.method)
+    if arch.linear is not None and refusal:
+        raise InvalidModelError(refusal)
     if arch.linear is not None:
-        raise InvalidModelError(draft_refusal(arch))
+        from .hybrid_drafting_runner import HybridDraftingRunner
+
+        return HybridDraftingRunner(spec, config, context)
     return DraftingRunner(spec, config, context)

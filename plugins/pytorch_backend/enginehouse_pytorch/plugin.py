@@ -174,6 +174,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
     cache = cache_kind(arch)
     if arch.linear is not None:
         cache = hybrid_line(arch, spec, config)
+    head_method = config.speculative_config.method if config.speculative_config else None
     return verdict(
         True,
         f"native {arch.family} implementation{window}{moe}: {cache}{images}"
@@ -183,7 +184,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         + kv_cache_line(arch, spec, config),
         # The hybrid runner has no LoRA (see HybridRunner.capabilities).
         lora=arch.linear is None,
-        drafts=draft_refusal(arch),
+        drafts=draft_refusal(arch, head_method),
     )
 
 

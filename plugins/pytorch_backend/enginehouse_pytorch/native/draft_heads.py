@@ -18,6 +18,12 @@ Their on-disk formats:
   `eh_proj` over concat(enorm(embedding), hnorm(hidden)), a full DeepSeek layer (latent
   attention and the mixture), `shared_head.norm` and `shared_head.head`. The hidden is the
   target's last one after the final norm, as for EAGLE.
+- MTP (Qwen3-Next, Qwen3.5; inside the target's checkpoint as `mtp.*`, `num_nextn_predict_layers`
+  or `mtp_num_hidden_layers` in its config): `fc` over concat(pre_fc_norm_embedding(embedding),
+  pre_fc_norm_hidden(hidden)), `layers.0` a full-attention layer of the target's kind (gated
+  attention; the mixture with its shared expert where the target has one), `norm`; the logits
+  are the target's `lm_head` of the normed output, which is also the hidden its next proposal
+  reads. All its norms scale by (1 + weight), as the target's do.
 Each head's `forward(embeds, hidden, meta, cache)` gives (the rows its logits come from, the
 hidden its next proposal reads); `propose(rows, target_logits)` the target token ids it
 proposes (greedy; EAGLE's through the target's head, `target_logits`).
@@ -142,6 +148,39 @@ class MtpHead(nn.Module):
         return self.shared_head.head(self.shared_head.norm(rows)).argmax(dim=-1)
 
 
+class QwenMtpHead(nn.Module):
+    """Qwen3-Next's (and Qwen3.5's) multi-token prediction layer (see the module docstring);
+    each later proposal runs the same layer again, as vLLM does."""
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        h, eps, plus_one = arch.hidden_size, arch.rms_norm_eps, arch.norm_plus_one
+        self.aux = None
+        self.pre_fc_norm_embedding = RMSNorm(h, eps, plus_one)
+        self.pre_fc_norm_hidden = RMSNorm(h, eps, plus_one)
+        self.fc = Linear(2 * h, [h])
+        self.layers = nn.ModuleList([DecoderLayer(arch, 0, TorchAttention, TensorParallel(arch))])
+        self.norm = RMSNorm(h, eps, plus_one)
+
+    def first_hidden(self, captured: torch.Tensor) -> torch.Tensor:
+        return captured
+
+    def forward(self, embeds, hidden, meta: StepMeta, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        e, h = self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)
+        out = self.norm(self.layers[0](self.fc(torch.cat([e, h], dim=-1)), meta, cache))
+        return out, out
+
+    def propose(self, rows: torch.Tensor, target_logits: Callable) -> torch.Tensor:
+        return target_logits(rows).argmax(dim=-1)
+
+
+def qwen_mtp_arch(target: Arch) -> Arch:
+    """The Qwen MTP layer's shape: one full-attention layer of the hybrid target, with the
+    mixture where the target has experts."""
+    moe = None if target.moe is None else dataclasses.replace(target.moe, layers=())
+    return dataclasses.replace(target, num_layers=1, linear=None, moe=moe, windows=())
+
+
 @dataclasses.dataclass
 class LoadedHead:
     head: nn.Module
@@ -151,6 +190,8 @@ class LoadedHead:
 
 def head_bytes_per_token(method: str, folder: str | None, target: Arch, dtype: torch.dtype) -> int:
     """What one token takes in the head's one-layer cache (read before the weights load)."""
+    if method == "mtp" and target.linear is not None:  # Qwen's: one full-attention layer
+        return 2 * target.num_kv_heads * target.head_dim * dtype.itemsize
     if method == "mtp":
         return target.mla.cache_width * dtype.itemsize if target.mla is not None else 0
     config = _head_config(method, folder)
@@ -209,6 +250,8 @@ def load_head(
 
 
 def _load_mtp(target_arch: Arch, spec: Any, make: Callable) -> LoadedHead:
+    if target_arch.linear is not None:
+        return _load_qwen_mtp(target_arch, spec, make)
     layers = int(spec.config.get("num_nextn_predict_layers") or 0)
     if target_arch.mla is None or not target_arch.family.startswith("deepseek"):
         raise InvalidModelError(
@@ -233,6 +276,28 @@ def _load_mtp(target_arch: Arch, spec: Any, make: Callable) -> LoadedHead:
     load_safetensors(head, files, False, prefixes)
     head.layer.self_attn.absorb()  # the latent-space decode's W_UK and W_UV
     return LoadedHead(head.eval(), target_arch, None)
+
+
+def _load_qwen_mtp(target_arch: Arch, spec: Any, make: Callable) -> LoadedHead:
+    config = spec.config.get("text_config") or spec.config
+    layers = config.get("num_nextn_predict_layers") or config.get("mtp_num_hidden_layers") or 0
+    files = [spec.path / f for f in spec.weight_files if f.endswith(".safetensors")]
+    if "mtp.fc.weight" not in _tensor_names(files):
+        raise InvalidModelError(
+            f"method 'mtp': {spec.model_id} has no MTP layer (mtp_num_hidden_layers / "
+            f"num_nextn_predict_layers={layers}, no mtp.* weights); use a checkpoint that ships "
+            f"its MTP weights ({target_arch.family}'s own, as Qwen publishes them), or method "
+            "'ngram' / 'draft_model'"
+        )
+    arch = qwen_mtp_arch(target_arch)
+    head = make(lambda: QwenMtpHead(arch))
+    # The first MTP layer only (Qwen's checkpoints have one); the target's embedding and head.
+    prefixes = {"mtp.layers.0.": "layers.0.", "mtp.layers.": None, "mtp.embed_tokens.": None}
+    load_safetensors(head, files, False, {**prefixes, "mtp.": ""})
+    for m in head.modules():  # (1 + w) into a plain weight, as the target's norms are
+        if isinstance(m, RMSNorm):
+            m.fold()
+    return LoadedHead(head.eval(), arch, None)
 
 
 def _tensor_names(files: list[Path]) -> set[str]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from .arch import Arch
 
 
-def draft_refusal(arch: Arch) -> str:
-    """Why the native backend runs no draft head for `arch` ('' where it does)."""
-    if arch.linear is not None:
+def draft_refusal(arch: Arch, method: str | None = None) -> str:
+    """Why the native backend runs no draft head `method` ('eagle3', 'eagle', 'mtp'; None:
+    any head) for `arch` ('' where it does). Hybrid models run their own MTP layers
+    (`HybridDraftingRunner`); whether the checkpoint has them is checked at load."""
+    if arch.linear is not None and method != "mtp":
         return (
-            f"runs no draft head for {arch.family} yet: the hybrid runner verifies proposals "
-            "(its linear-attention states are kept per verified position), but the heads "
-            "(and Qwen3-Next's MTP layers) are built for the plain native runner only"
+            f"runs no EAGLE head for {arch.family}: the hybrid runner drafts with the "
+            "checkpoint's own MTP layers only (method 'mtp'); EAGLE heads on its hidden states "
+            "are not built for it"
         )
     if any(arch.windows):
         return (
