@@ -849,3 +849,55 @@ def test_mtp_on_a_qwen3_next_without_mtp_weights_names_the_fix(tmp_path):
     folder = build_model(tmp_path / "qwen3-next", CONFIGS["qwen3_next"]())
     with pytest.raises(EnginehouseError, match=r"no MTP layer.*no mtp\.\* weights.*'ngram'"):
         open_pipe(folder, speculative_config=spec("mtp", k=1))
+
+
+def test_qwen_mtp_prefix_hits_and_preemption_keep_the_tokens(qwen_mtp):
+    """Prefix hits (the linear layers resume from a saved state; the head's cache follows the
+    full-attention group's blocks) and preemption (room for about one long context), with the
+    MTP head: plain decoding's tokens."""
+    folder = qwen_mtp["qwen3_next", "copy"]
+    params = [fixed(n) for n in (20, 16, 24, 12)]
+    with open_pipe(folder, block_size=4) as pipe:
+        expected = run(pipe, PROMPTS, params)
+    mtp = spec("mtp", k=2)
+    with open_pipe(folder, block_size=4, speculative_config=mtp) as pipe:
+        run(pipe, PROMPTS, params)
+        again = run(pipe, PROMPTS, params)
+        assert pipe.stats()["spec_decode_num_accepted_tokens"] > 0
+        full, state = pipe.engine.kv_spec.groups  # the head's bytes in the full group
+    assert [r.token_ids for r in again] == [r.token_ids for r in expected]
+    assert all(r.cached_tokens for r in again)
+    blocks = 70 // 4 + 1
+    budget = blocks * 4 * full.bytes_per_token + 8 * state.bytes_per_seq
+    tight = dict(block_size=4, max_batch_size=4, session_len=70, kv_cache_memory=f"{budget}B")
+    with open_pipe(folder, **tight, speculative_config=mtp) as pipe:
+        got = run(pipe, PROMPTS, params)
+        stats = pipe.stats()
+    assert stats["preemptions"] > 0
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_qwen_mtp_cache_is_counted_in_the_full_attention_group(qwen_mtp):
+    folder = qwen_mtp["qwen3_next", "random"]
+    with open_pipe(folder) as pipe:
+        plain_groups = pipe.engine.kv_spec.groups
+    with open_pipe(folder, speculative_config=spec("mtp", k=1)) as pipe:
+        groups = pipe.engine.kv_spec.groups
+    full, state = plain_groups
+    per_layer = full.bytes_per_token // len(full.layers)  # the head: one more such layer
+    assert groups[0].bytes_per_token == full.bytes_per_token + per_layer
+    assert groups[1] == state
+
+
+def test_qwen_mtp_at_tp2_gives_tp1s_tokens(qwen_mtp):
+    folder = qwen_mtp["qwen3_next", "copy"]
+    params = [fixed(n) for n in (14, 9)]
+    with open_pipe(folder) as pipe:
+        expected = run(pipe, PROMPTS[:2], params)
+    config = dict(tp=2, device="cpu", speculative_config=spec("mtp", k=2))
+    with open_pipe(folder, **config) as pipe:
+        got = run(pipe, PROMPTS[:2], params)
+        stats = pipe.stats()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert stats["spec_decode_num_accepted_tokens"] > 0

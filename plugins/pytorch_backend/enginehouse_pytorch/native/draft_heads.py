@@ -99,6 +99,8 @@ class Eagle1Head(nn.Module):
     """EAGLE's one layer: fc over (embedding, hidden), a Llama layer without its input norm,
     the target's lm_head."""
 
+    reads_target_head = True  # its logits are the target's lm_head's
+
     def __init__(self, arch: Arch, bias: bool):
         super().__init__()
         h = arch.hidden_size
@@ -151,6 +153,8 @@ class MtpHead(nn.Module):
 class QwenMtpHead(nn.Module):
     """Qwen3-Next's (and Qwen3.5's) multi-token prediction layer (see the module docstring);
     each later proposal runs the same layer again, as vLLM does."""
+
+    reads_target_head = True  # its logits are the target's lm_head's
 
     def __init__(self, arch: Arch):
         super().__init__()

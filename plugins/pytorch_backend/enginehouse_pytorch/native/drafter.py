@@ -91,7 +91,7 @@ class Drafter:
             files = [f for f in files if f.suffix == ".safetensors"]
             embed = read_tensor(files, "model.embed_tokens.weight")
             self.target_embed = embed.to(self.device, self.dtype)
-            if method == "eagle":
+            if getattr(self.head, "reads_target_head", False):  # EAGLE's, Qwen's MTP
                 head = embed if runner.arch.tie_embeddings else read_tensor(files, "lm_head.weight")
                 self.target_head = head.to(self.device, self.dtype)
 
