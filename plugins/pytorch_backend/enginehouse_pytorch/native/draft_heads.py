@@ -1,4 +1,5 @@
-"""Draft heads that run on the target's hidden states: EAGLE-3, EAGLE(-1) and DeepSeek's MTP.
+"""Draft heads that run on the target's hidden states: EAGLE-3, EAGLE(-1) and MTP (DeepSeek-V3's,
+Qwen3-Next's and Qwen3.5's).
 
 Each head is one decoder layer that takes a token's embedding and a hidden state of the target
 (or, from its second proposal on, its own previous output) and predicts the token after next.
