@@ -750,18 +750,21 @@ def hybrid_mtp(folder: Path, config, kind: str) -> Path:
     return folder
 
 
+QWEN_MTP_FAMILIES = ["qwen3_next", "qwen3_5", "qwen3_5_moe"]
+
+
 @pytest.fixture(scope="module")
 def qwen_mtp(models_dir):
     from test_qwen3_next import CONFIGS
 
     return {
         (family, kind): hybrid_mtp(models_dir / f"{family}-mtp-{kind}", CONFIGS[family](), kind)
-        for family in ("qwen3_next", "qwen3_5")
+        for family in QWEN_MTP_FAMILIES
         for kind in ("random", "copy")
     }
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("family", QWEN_MTP_FAMILIES)
 def test_qwen_mtp_head_matches_a_reference_on_transformers_layers(family, qwen_mtp):
     """The MTP layer by hand (pre_fc_norm_embedding, pre_fc_norm_hidden, fc, norm: (1 + w)
     norms) around transformers' own decoder layer (gated attention, the mixture with its
@@ -825,7 +828,7 @@ def test_qwen_mtp_head_matches_a_reference_on_transformers_layers(family, qwen_m
     assert got == [expected]
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("family", QWEN_MTP_FAMILIES)
 @pytest.mark.parametrize("kind", ["random", "copy"])
 def test_qwen_mtp_greedy_equals_plain_alone_and_batched(family, kind, qwen_mtp):
     params = [fixed(n) for n in (14, 9, 20, 6)]
