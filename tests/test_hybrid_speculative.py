@@ -203,3 +203,12 @@ def test_kit_verifies_tokens_and_explain_chooses_native(loopy):
     assert verdict["chosen"] == "pytorch"
     pytorch = next(v for v in verdict["verdicts"] if v["backend"] == "pytorch")
     assert pytorch["verifies_tokens"]
+
+
+def test_tp2_verifies_as_tp1(loopy, answers):
+    """Two CPU ranks: only rank 0 samples, so every rank learns the accepted length from the
+    sequence's next chunk alike."""
+    with open_pipe(loopy, device="cpu", tp=2, max_batch_size=4, speculative_config=NGRAM) as pipe:
+        got = run(pipe)
+        check_acceptance(pipe.stats())
+    assert got == answers
