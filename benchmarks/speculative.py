@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--sides", default="plain,ngram,draft-copy,draft-tenth")
+    parser.add_argument("--prompts", default="repeat,random")
     parser.add_argument("--side", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -153,12 +155,16 @@ def main() -> None:
     k = args.k
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4}
     ngram["prompt_lookup_min"] = 2
-    sides = {
-        "plain": "none",
-        "ngram": json.dumps(ngram),
-        "draft-copy": json.dumps({"model": str(draft_copy(target)), "num_speculative_tokens": k}),
-        "draft-tenth": json.dumps({"model": str(draft_tenth(target)), "num_speculative_tokens": k}),
-    }
+    wanted = args.sides.split(",")
+    sides = {"plain": "none", "ngram": json.dumps(ngram)}
+    if "draft-copy" in wanted:
+        sides["draft-copy"] = json.dumps(
+            {"model": str(draft_copy(target)), "num_speculative_tokens": k}
+        )
+    if "draft-tenth" in wanted:
+        draft = str(draft_tenth(target))
+        sides["draft-tenth"] = json.dumps({"model": draft, "num_speculative_tokens": k})
+    sides = {name: spec for name, spec in sides.items() if name in wanted or name == "plain"}
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next(
         (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "?"
@@ -166,7 +172,7 @@ def main() -> None:
     print(f"CPU: {model_name}; load average before: {os.getloadavg()}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for repeat in ("repeat", "random"):
+        for repeat in args.prompts.split(","):
             best: dict[str, dict] = {}
             for _ in range(args.rounds):
                 for name, spec in sides.items():

@@ -150,6 +150,57 @@ def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
         pipe.close()
 
 
+def test_verify_rows_equal_decoding_one_by_one(llama_dir):
+    """Speculative verify chunks (a sequence's last token and its proposals, rows read
+    together by the attention kernel, `query_starts`) through every CPU path: ids to logits
+    in one call, the layers in one call, and the per-op path at more rows than the one-call
+    step takes. Each gives exactly the others' logits at up to 4 rows, and every verified row
+    the logits of decoding its tokens one at a time."""
+    from enginehouse import ScheduledBatch, SeqChunk, pipeline
+
+    pipe = pipeline(str(llama_dir), backend="pytorch", progress=False)
+    try:
+        runner = pipe.runner
+        fast, step, bs = runner.decode, runner.model.step, runner.kv_spec.block_size
+        prompts = [[5, 9, 23, 41, 7, 11, 64, 3] * 2, [12, 99, 7], [8] * 15]
+        tables = [(4 * i, 4 * i + 1, 4 * i + 2) for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            runner.execute(ScheduledBatch((SeqChunk(i, tuple(p), 0, tables[i], (0,)),), bs))
+
+        def chunk(i: int, ids: tuple[int, ...]) -> SeqChunk:
+            at = tuple(range(len(ids)))
+            return SeqChunk(i, ids, len(prompts[i]), tables[i], at, verify=len(ids) > 1)
+
+        def one_by_one(i: int, ids: tuple[int, ...]) -> torch.Tensor:
+            rows = []
+            for j, t in enumerate(ids):
+                c = SeqChunk(i, (t,), len(prompts[i]) + j, tables[i], (0,))
+                rows.append(runner.execute(ScheduledBatch((c,), bs)))
+            return torch.cat(rows)
+
+        # 4 rows (one sequence's K = 3; K = 2 beside a decode): every path. 9 rows: per-op.
+        steps = [
+            ((0, (17, 18, 19, 20)),),
+            ((1, (30, 31, 32)), (2, (40,))),
+            ((0, (21, 22, 23, 24)), (1, (33, 34, 35)), (2, (41, 42))),
+        ]
+        for step_chunks in steps:
+            batch = ScheduledBatch(tuple(chunk(i, ids) for i, ids in step_chunks), bs)
+            rows = batch.num_tokens
+            if rows <= cpu_decode.SMALL_ROWS:
+                assert fast.run(batch) is not None  # the one-call path takes verify chunks
+            results = []
+            for runner.decode, runner.model.step in ((fast, step), (None, step), (None, None)):
+                results.append(runner.execute(batch))
+            runner.decode, runner.model.step = fast, step
+            for logits in results[1:]:
+                torch.testing.assert_close(logits, results[0], rtol=0, atol=0)
+            want = torch.cat([one_by_one(i, ids) for i, ids in step_chunks])
+            torch.testing.assert_close(results[0], want, rtol=1e-5, atol=1e-5)
+    finally:
+        pipe.close()
+
+
 AVX2_CHECK = """
 import torch, torch.nn.functional as F
 from enginehouse_pytorch.native import cpu_decode
@@ -177,6 +228,13 @@ for p in prompts:
 config = GenerationConfig(max_new_tokens=5, min_new_tokens=5)
 assert pipe([{"token_ids": prompts[0]}], config)[0].token_ids == want[0]
 assert [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], config)] == want
+pipe.close()
+# Speculative verify rows through this build's one-call step and kernel: the same tokens.
+ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+pipe = pipeline(sys.argv[1], backend="pytorch", progress=False,
+                engine_config={"speculative_config": ngram})
+assert [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], config)] == want
+assert pipe([{"token_ids": prompts[2]}], config)[0].token_ids == want[2]
 pipe.close()
 print("ok")
 """

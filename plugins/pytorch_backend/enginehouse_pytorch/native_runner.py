@@ -124,9 +124,12 @@ class NativeRunner:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
             return TorchAttention
-        if self.arch.sinks and self.kv_kind != "auto":  # the int8 kernels have no sinks yet
+        # A quantized KV cache's decode: the C++ paged kernel (int8 and fp8, sinks too) on the
+        # CPU; Triton's (int8, no sinks) on a GPU; the torch path otherwise.
+        if self.kv_kind != "auto" and self.device.type == "cpu" and cpu_kernels.load():
+            return cpu_kernels.quantized_attention(self.kv_kind)
+        if self.arch.sinks and self.kv_kind != "auto":  # Triton's int8 kernel has no sinks yet
             return kv_quant.attention_for(self.kv_kind)
-        # An int8 KV cache's decode is the C++ or Triton paged kernel; fp8's the torch path.
         if self.kv_kind == "int8" and self.device.type == "cuda":
             try:  # Triton's paged decode reads int8 with its scales
                 from .native.triton_ops import TritonInt8Attention
@@ -134,8 +137,6 @@ class NativeRunner:
                 return TritonInt8Attention
             except ImportError:
                 pass
-        if self.kv_kind == "int8" and self.device.type == "cpu" and cpu_kernels.load():
-            return cpu_kernels.CpuInt8Attention  # the C++ paged decode reads int8 in place
         if self.kv_kind != "auto":
             return kv_quant.attention_for(self.kv_kind)
         if self.device.type == "cpu":
@@ -185,17 +186,14 @@ class NativeRunner:
         load_safetensors(model, files, progress, self.prefixes, self.tp, rename, mxfp4=mxfp4)
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
-        model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
-        if len(self.layer_groups) > 1:
-            # Layers of different groups read different block tables: the one-call CPU decode
-            # step (cpu_step) takes one table for every layer, so these models use the per-op
-            # path (its C++ attention kernel still reads each group's table).
-            model.step = None
+        # Each layer's KV group, before finish_loading: the one-call CPU decode step
+        # (cpu_step) reads each layer's group's slots and block tables.
         for g, (_, layers) in enumerate(self.layer_groups):
             for i in layers:
                 attention = getattr(model.model.layers[i], "self_attn", None)
                 if attention is not None:  # a hybrid's linear-attention layers have none
                     attention.kv_group = g
+        model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
         self.model = model.eval()
         # One rope table per group (Gemma 3's local and global layers differ in base).
         self.ropes = []
@@ -325,6 +323,8 @@ class NativeRunner:
             sin=sin[:, None],
         )
         if decodes:
+            if self.paged and any(c.verify for c in decodes):
+                meta.query_starts = _query_starts(decodes)
             decode_metadata(
                 meta,
                 tables,
@@ -437,3 +437,12 @@ def _decode_rows(chunks: list[SeqChunk], group: int = 0) -> tuple[list[tuple[int
             tables.append(c.table(group))
             lens.append(pos + 1)
     return tables, lens
+
+
+def _query_starts(chunks: list[SeqChunk]) -> torch.Tensor:
+    """Each chunk's first decode row and the end: a verify chunk's rows are one sequence's,
+    which the CPU kernel attends together (`StepMeta.query_starts`)."""
+    starts = [0]
+    for c in chunks:
+        starts.append(starts[-1] + len(c.token_ids))
+    return torch.tensor(starts)

@@ -5,11 +5,14 @@ the weights' memory traffic is overhead: nine ops per layer, each a trip through
 module machinery and the dispatcher. `DecodeStep` hands all layers to `cpu_decode`'s
 `decode_layers` at once (the same kernels, in the same order, with the same roundings as the
 separate fused ops, so the numbers are the same). It applies to a decoder whose every layer is
-plain (gated SiLU MLP, rope over whole heads with no q/k norm, no sandwich norms), with packed
-float32 or bfloat16 projections and the C++ paged attention; others keep the per-op path.
+plain (gated SiLU MLP, rope over whole heads with no q/k norm, no sandwich norms, one rope for
+every layer), with packed float32 or bfloat16 projections and the C++ paged attention; others
+keep the per-op path. Layers may sit in several KV groups (sliding-window layers beside full
+ones, kv_cache.py): each layer reads its group's slots and block tables. Speculative verify rows
+of one sequence go to the attention together (`query_starts`: its K/V read once).
 `DecodeRunner` goes one further for the runner: a decode-only batch goes from its chunks' integers
 to float32 logits in one call (embedding rows, layers, head), skipping the step's metadata
-tensors. Measurements: benchmarks/RESULTS.md, issue 14.
+tensors. Measurements: benchmarks/RESULTS.md, issues 14, 24 and 25.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_decode
 from .attention import StepMeta
@@ -52,7 +56,9 @@ def _fits(model: DecoderLM) -> bool:
             return False
         if not isinstance(attn.attn, CpuPagedAttention) or attn.attn.sinks is not None:
             return False
-    return True
+    # One rope table for every layer (Gemma 3's local layers have their own base).
+    arch = model.arch
+    return all(arch.layer_rope(i) == arch.rope for i in range(arch.num_layers))
 
 
 class DecodeStep:
@@ -61,6 +67,7 @@ class DecodeStep:
     def __init__(self, model: DecoderLM) -> None:
         weights: list[torch.Tensor | None] = []
         self.windows: list[int] = []
+        self.groups: list[int] = []  # each layer's KV group (the runner sets `kv_group` first)
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for norm, pair in (
@@ -71,6 +78,7 @@ class DecodeStep:
                 for linear in pair:
                     weights += [linear.small, _bias(linear)]
             self.windows.append(attn.window or 0)
+            self.groups.append(attn.kv_group)
         weights.append(model.model.norm.weight.detach())
         self.weights = weights
         first = model.model.layers[0].self_attn
@@ -84,15 +92,22 @@ class DecodeStep:
 
     def __call__(self, x: torch.Tensor, meta: StepMeta, kv: list[KVCache]) -> torch.Tensor:
         caches = [t for pair in kv for t in pair]
+        metas = meta.by_group or [meta]
+        width = max(m.block_tables.shape[1] for m in metas)
+        tables = torch.stack(
+            [F.pad(m.block_tables, (0, width - m.block_tables.shape[1])) for m in metas]
+        )
         return torch.ops.enginehouse_decode.decode_layers(
             x,
             self.weights,
             caches,
             meta.cos.contiguous(),
             meta.sin.contiguous(),
-            meta.slots,
-            meta.block_tables,
+            torch.stack([m.slots for m in metas]),
+            tables,
             meta.context_lens,
+            meta.query_starts,
+            self.groups,
             meta.block_size,
             self.heads,
             self.kv_heads,
@@ -121,36 +136,44 @@ class DecodeRunner:
         self.head = model.lm_head.small
         self.vocab = model.lm_head.shards[-1]
         self.cos, self.sin = runner.cos.contiguous(), runner.sin.contiguous()
+        self.groups = len(runner.caches)  # KV groups: a slot and a table per row in each
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
         chunks = batch.chunks
         if batch.num_tokens > cpu_decode.SMALL_ROWS:
             return None
-        bs = batch.block_size
-        ids, positions, slots, lens, rows = [], [], [], [], []
-        width = max(len(c.block_table) for c in chunks)
+        bs, groups = batch.block_size, self.groups
+        ids, positions, lens, starts = [], [], [], [0]
+        slots: list[list[int]] = [[] for _ in range(groups)]
+        rows: list[list[tuple[int, ...]]] = [[] for _ in range(groups)]
         for c in chunks:
             plain = c.rope_positions is None and c.embeds is None
             every = c.logits_at == tuple(range(len(c.token_ids)))
             if not (plain and every and (c.is_decode or c.verify)):
                 return None
-            # A verify chunk's tokens are rows of their own, each over its own prefix.
-            for i, pos in enumerate(range(c.start_pos, c.end_pos)):
-                ids.append(c.token_ids[i])
-                positions.append(pos)
-                slots.append(c.block_table[pos // bs] * bs + pos % bs)
-                lens.append(pos + 1)
-                rows.append(c.block_table + (0,) * (width - len(c.block_table)))
-        tables = [b for row in rows for b in row]
+            # A verify chunk's tokens are rows of their own, each over its own prefix, read
+            # together by the attention (query_starts).
+            n = len(c.token_ids)
+            ids += c.token_ids
+            positions += range(c.start_pos, c.end_pos)
+            lens += range(c.start_pos + 1, c.end_pos + 1)
+            starts.append(starts[-1] + n)
+            for g in range(groups):
+                slots[g] += c.slots(bs, g)
+                rows[g] += [c.table(g)] * n
+        width = max(len(t) for group in rows for t in group)
+        tables = [b for group in rows for row in group for b in row + (0,) * (width - len(row))]
         step, runner = self.step, self.runner
         return torch.ops.enginehouse_decode.decode_logits(
             self.embed,
             ids,
             positions,
-            slots,
+            [s for group in slots for s in group],
             tables,
             width,
             lens,
+            starts if len(starts) <= len(ids) else [],  # all plain decodes: one row each
+            step.groups,
             self.cos,
             self.sin,
             step.weights,
