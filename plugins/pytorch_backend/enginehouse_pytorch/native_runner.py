@@ -323,8 +323,8 @@ class NativeRunner:
             sin=sin[:, None],
         )
         if decodes:
-            if self.paged and any(c.verify for c in decodes):
-                meta.query_starts = _query_starts(decodes)
+            if self.paged and (starts := cpu_step.query_starts(decodes)):
+                meta.query_starts = torch.tensor(starts)  # verify rows: read together
             decode_metadata(
                 meta,
                 tables,
@@ -437,12 +437,3 @@ def _decode_rows(chunks: list[SeqChunk], group: int = 0) -> tuple[list[tuple[int
             tables.append(c.table(group))
             lens.append(pos + 1)
     return tables, lens
-
-
-def _query_starts(chunks: list[SeqChunk]) -> torch.Tensor:
-    """Each chunk's first decode row and the end: a verify chunk's rows are one sequence's,
-    which the CPU kernel attends together (`StepMeta.query_starts`)."""
-    starts = [0]
-    for c in chunks:
-        starts.append(starts[-1] + len(c.token_ids))
-    return torch.tensor(starts)

@@ -143,7 +143,7 @@ class DecodeRunner:
         if batch.num_tokens > cpu_decode.SMALL_ROWS:
             return None
         bs, groups = batch.block_size, self.groups
-        ids, positions, lens, starts = [], [], [], [0]
+        ids, positions, lens = [], [], []
         slots: list[list[int]] = [[] for _ in range(groups)]
         rows: list[list[tuple[int, ...]]] = [[] for _ in range(groups)]
         for c in chunks:
@@ -157,7 +157,6 @@ class DecodeRunner:
             ids += c.token_ids
             positions += range(c.start_pos, c.end_pos)
             lens += range(c.start_pos + 1, c.end_pos + 1)
-            starts.append(starts[-1] + n)
             for g in range(groups):
                 slots[g] += c.slots(bs, g)
                 rows[g] += [c.table(g)] * n
@@ -172,7 +171,7 @@ class DecodeRunner:
             tables,
             width,
             lens,
-            starts if len(starts) <= len(ids) else [],  # all plain decodes: one row each
+            query_starts(chunks),
             step.groups,
             self.cos,
             self.sin,
@@ -187,6 +186,17 @@ class DecodeRunner:
             step.eps,
             step.scale,
         )
+
+
+def query_starts(chunks) -> list[int]:
+    """Each chunk's first row and the end, where some chunk is a verify chunk (its rows are
+    attended together, their K/V read once); [] for plain decodes, one row each."""
+    if not any(c.verify for c in chunks):
+        return []
+    starts = [0]
+    for c in chunks:
+        starts.append(starts[-1] + len(c.token_ids))
+    return starts
 
 
 def decode_runner(runner) -> DecodeRunner | None:
