@@ -1,9 +1,13 @@
 """One CPU decode step of the native backend, three ways, interleaved in one process.
 
     python benchmarks/cpu_decode_step.py [--rows 1] [--rounds 12] [--threads N]
+                                         [--model llama-56m | qwen2-sliding-56m]
     (pin it for a steadier number: taskset -c 0 python benchmarks/cpu_decode_step.py --threads 1)
 
-On the 56M Llama of `native_backend.py` (built under ./bench-models), a prompt of 128 tokens is
+On the 56M Llama of `native_backend.py` (built under ./bench-models), or `qwen2-sliding-56m`,
+the same shape as a Qwen2 whose layers from the fourth on attend through a sliding window of
+64 (two KV groups, each layer reading its group's block tables; before the one-call step took
+per-group tables such a model ran `per-op` only), a prompt of 128 tokens is
 prefilled, then the same decode step (position 128, `--rows` sequences) runs through the
 runner's `execute` again and again: `ids-to-logits` (`cpu_step.DecodeRunner`, one C++ call),
 `layers-in-one-call` (`DecodeStep`: the step's tensors built in Python, the layers in one call,
@@ -26,17 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from native_backend import build as build_model  # noqa: E402
 
 
+def qwen2_sliding() -> Path:
+    """The 56M Llama's shape as a Qwen2 with sliding-window layers (random weights)."""
+    import transformers
+
+    from enginehouse.testing import LLAMA_56M, build_tokenizer
+
+    folder = Path("bench-models") / "qwen2-sliding-56m"
+    if not (folder / "config.json").is_file():
+        build_tokenizer(folder, LLAMA_56M["vocab_size"])
+        config = transformers.Qwen2Config(
+            **LLAMA_56M, use_sliding_window=True, sliding_window=64, max_window_layers=4
+        )
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--model", default="llama-56m", choices=["llama-56m", "qwen2-sliding-56m"])
     args = parser.parse_args()
 
     from enginehouse import ScheduledBatch, SeqChunk, pipeline
 
     config = {"enable_prefix_caching": False}
-    pipe = pipeline(str(build_model("llama-56m")), backend="pytorch", engine_config=config)
+    path = build_model("llama-56m") if args.model == "llama-56m" else qwen2_sliding()
+    pipe = pipeline(str(path), backend="pytorch", engine_config=config)
+    print(f"{args.model}: KV groups {[g.describe() for g in pipe.runner.kv_spec.groups]}")
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = pipe.runner
