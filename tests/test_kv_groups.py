@@ -242,8 +242,8 @@ def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_
     assert 0 < most <= 2 * 5
     assert [got[0], got[1]] == expected
     assert stats["kv_blocks_used"] == 0
-    if one_call is not None:  # the decode steps (all but the prompts' few) went through it
-        assert sum(taken) >= 100, taken
+    if one_call is not None:  # the decode steps (both sequences in each) went through it
+        assert sum(taken) >= 55, taken
 
 
 def test_a_group_out_of_blocks_refuses_the_allocation_and_takes_nothing() -> None:
