@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from enginehouse.runner import kv_slot
-from enginehouse_pytorch.native import cpu_kernels
+from enginehouse_pytorch.native import cpu_build, cpu_kernels
 from enginehouse_pytorch.native.attention import StepMeta, TorchAttention, decode_metadata
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="no C++ toolchain to build it")
@@ -54,9 +58,9 @@ def test_kernel_equals_torch_path(heads, kv_heads, dim, window, softcap, dtype):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def quantized_cache(kind: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def quantized_cache(kind, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A layer's cache as the runner holds it: (keys, values) [kv_heads, slots, d] in
-    `kind`'s storage, and their scales where quantized (kv_quant.py)."""
+    `kind`'s storage (a torch dtype, "int8" or "fp8"), and their scales where quantized."""
     from enginehouse_pytorch.native.kv_quant import quantize_fp8, quantize_int8
 
     if kind == "int8":
@@ -108,7 +112,7 @@ def test_verify_rows_read_together_equal_the_torch_path(
             tables.append(table)
             lens.append(first + r)
         starts.append(starts[-1] + q_len)
-    cache = quantized_cache(kind if isinstance(kind, str) else kind, k, v)
+    cache = quantized_cache(kind, k, v)
     q = torch.randn(len(lens), heads, dim)
     scale = dim**-0.5
     if isinstance(kind, str):
@@ -174,3 +178,29 @@ def test_fp8_widening_is_exact():
         0,
     )
     torch.testing.assert_close(out[0], values * 0.5, rtol=0, atol=0)
+
+
+AVX2_CHECK = """
+import sys
+import torch
+from enginehouse_pytorch.native import cpu_kernels
+assert cpu_kernels.load(("-mno-avx512f",))
+cpu_kernels.load = lambda *a: True  # the AVX2 build is the one registered
+sys.path.insert(0, sys.argv[1])
+import test_cpu_kernels as t
+t.test_fp8_widening_is_exact()
+for shape in t.VERIFY_SHAPES:
+    for kind in (torch.float32, torch.bfloat16, "int8", "fp8"):
+        t.test_verify_rows_read_together_equal_the_torch_path(*shape, kind)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx512f" not in cpu_build.cpu_flags(), reason="the native build is AVX2")
+def test_avx2_build_reads_verify_rows_and_fp8_as_the_torch_path():
+    """CI's CPUs may have AVX2 only: the kernel's AVX2 variant (8-wide loads, its own e4m3
+    widening) built and checked here too, in a fresh process (both register the same ops)."""
+    here = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", AVX2_CHECK, here], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

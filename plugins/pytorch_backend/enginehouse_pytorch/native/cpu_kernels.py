@@ -458,9 +458,11 @@ SOURCE = KERNEL + OP
 
 
 @functools.cache
-def load() -> bool:
-    """Build (or find already built) and register the kernel; False where that fails."""
-    built = cpu_build.build("enginehouse_cpu_kernels", SOURCE, "CPU attention kernel")
+def load(flags: tuple[str, ...] = ()) -> bool:
+    """Build (or find already built) and register the kernel; False where that fails.
+    `flags`: extra compiler flags (tests build the AVX2 variant with `-mno-avx512f`)."""
+    what = "CPU attention kernel"
+    built = cpu_build.build("enginehouse_cpu_kernels", SOURCE, what, extra_flags=flags)
     return built and hasattr(torch.ops.enginehouse_cpu, "paged_decode")
 
 
