@@ -84,7 +84,7 @@ class NativeRunner:
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
-        # "int8" / "fp8": a quantized KV cache (native/kv_quant.py), read by the torch path.
+        # "int8" / "fp8": a quantized KV cache (native/kv_quant.py).
         self.kv_kind = config.kv_cache_dtype
         head = kv_quant.head_bytes(self.kv_kind, a.head_dim, self.dtype)
         per_token = 2 * a.num_layers * kv_heads * head
@@ -112,7 +112,7 @@ class NativeRunner:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kernel = self._attention_kernel()
         # A kernel that reads block tables, not the torch path's gathers (a quantized cache:
-        # the int8 decode kernels only).
+        # the kernels that read it in place only, `reads_tables`).
         quantized = self.kv_kind != "auto"
         self.paged = self.kernel is not TorchAttention and not quantized
         self.paged |= getattr(self.kernel, "reads_tables", False)

@@ -12,9 +12,11 @@
 
 The K/V of the tokens computed in a step are attended in full precision by that step's
 prefill; every read of the cache (decodes, later chunks of a prompt) dequantizes what it
-gathers. Only the torch attention path reads these caches: the CPU's C++ kernels, the
-one-call decode step and the GPU's Triton kernels keep the float cache, so a quantized cache
-runs on `QuantizedAttention` (native_runner picks it).
+reads. `QuantizedAttention` is the torch path (it dequantizes what it gathers); the decodes
+read the quantized cache in place where a kernel can: the C++ paged kernel on the CPU (int8
+and fp8, `cpu_kernels.CpuInt8Attention` / `CpuFp8Attention`), Triton's on CUDA (int8). The
+fused CPU ops and the one-call decode step write a float cache only: a quantized cache runs
+the per-op path (native_runner picks the attention).
 """
 
 from __future__ import annotations
