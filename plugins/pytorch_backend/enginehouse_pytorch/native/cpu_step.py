@@ -37,28 +37,32 @@ def _bias(linear: Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().float().contiguous()
 
 
+ACTIVATIONS = {"silu": False, "gelu_pytorch_tanh": True}  # name -> decode_layers' `gelu`
+
+
 def _fits(model: DecoderLM) -> bool:
-    """Every layer is one `decode_layers` handles (the per-op fused path, all of it)."""
-    if not model.fused or model.arch.embed_scale is not None:
-        return False
+    """Every layer is one `decode_layers` handles: q/k/v attention over whole-head rope (q/k
+    norms allowed), a gated SiLU or GELU-tanh MLP (sandwich norms allowed), projections packed
+    for small steps, the C++ paged attention without sinks or soft-capping."""
+    arch = model.arch
     # A sharded model (tensor parallel) reduces partial sums between its projections, which
     # this call would skip.
-    if model.tp.active:
+    if model.tp.active or arch.mla is not None or arch.linear is not None:
         return False
-    for layer in model.model.layers:
+    if arch.act not in ACTIVATIONS:
+        return False
+    for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if not (attn.fused_rope and attn.softcap is None and isinstance(mlp, GatedMLP)):
-            return False
-        if not (mlp.fused and mlp.silu):
+        rope = arch.layer_rope(i)
+        whole = (rope.rotary_dim or arch.head_dim) == arch.head_dim
+        if not (whole and not attn.gated and attn.softcap is None and isinstance(mlp, GatedMLP)):
             return False
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if not all(type(m) is Linear and m.small is not None for m in linears):
             return False
         if not isinstance(attn.attn, CpuPagedAttention) or attn.attn.sinks is not None:
             return False
-    # One rope table for every layer (Gemma 3's local layers have their own base).
-    arch = model.arch
-    return all(arch.layer_rope(i) == arch.rope for i in range(arch.num_layers))
+    return True
 
 
 class DecodeStep:
@@ -77,6 +81,14 @@ class DecodeStep:
                 weights.append(norm.weight.detach())
                 for linear in pair:
                     weights += [linear.small, _bias(linear)]
+            # Gemma: q/k norms, and the sandwich's norms before and after the MLP (or None).
+            extra = [
+                getattr(attn, "q_norm", None) if attn.qk_norm else None,
+                getattr(attn, "k_norm", None) if attn.qk_norm else None,
+                getattr(layer, "pre_feedforward_layernorm", None) if layer.sandwich else None,
+                getattr(layer, "post_feedforward_layernorm", None) if layer.sandwich else None,
+            ]
+            weights += [None if norm is None else norm.weight.detach() for norm in extra]
             self.windows.append(attn.window or 0)
             self.groups.append(attn.kv_group)
         weights.append(model.model.norm.weight.detach())
@@ -85,6 +97,8 @@ class DecodeStep:
         self.heads, self.kv_heads, _ = first.heads
         self.scale = first.attn.scale
         self.eps = model.model.norm.eps
+        self.gelu = ACTIVATIONS[model.arch.act]
+        self.embed_scale = model.arch.embed_scale or 0.0
 
     @staticmethod
     def applies(x: torch.Tensor, meta: StepMeta) -> bool:
@@ -93,6 +107,9 @@ class DecodeStep:
     def __call__(self, x: torch.Tensor, meta: StepMeta, kv: list[KVCache]) -> torch.Tensor:
         caches = [t for pair in kv for t in pair]
         metas = meta.by_group or [meta]
+        rows, d = x.shape[0], meta.cos.shape[-1]
+        cos = torch.stack([m.cos.reshape(rows, d) for m in metas])
+        sin = torch.stack([m.sin.reshape(rows, d) for m in metas])
         width = max(m.block_tables.shape[1] for m in metas)
         tables = torch.stack(
             [F.pad(m.block_tables, (0, width - m.block_tables.shape[1])) for m in metas]
@@ -101,8 +118,8 @@ class DecodeStep:
             x,
             self.weights,
             caches,
-            meta.cos.contiguous(),
-            meta.sin.contiguous(),
+            cos,
+            sin,
             torch.stack([m.slots for m in metas]),
             tables,
             meta.context_lens,
@@ -115,6 +132,7 @@ class DecodeStep:
             self.eps,
             self.scale,
             0.0,
+            self.gelu,
         )
 
 
@@ -135,7 +153,9 @@ class DecodeRunner:
         self.embed = model.model.embed_tokens.weight.detach()
         self.head = model.lm_head.small
         self.vocab = model.lm_head.shards[-1]
-        self.cos, self.sin = runner.cos.contiguous(), runner.sin.contiguous()
+        # One rope table per KV group (Gemma 3's local layers have their own base).
+        self.cos = [c.contiguous() for c, _ in runner.ropes]
+        self.sin = [s.contiguous() for _, s in runner.ropes]
         self.groups = len(runner.caches)  # KV groups: a slot and a table per row in each
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
@@ -175,6 +195,7 @@ class DecodeRunner:
             step.groups,
             self.cos,
             self.sin,
+            step.embed_scale,
             step.weights,
             [t for pair in runner.kv for t in pair],
             self.head,
@@ -185,6 +206,7 @@ class DecodeRunner:
             step.windows,
             step.eps,
             step.scale,
+            step.gelu,
         )
 
 
