@@ -523,7 +523,8 @@ at::Tensor decode_layers(at::Tensor x, const c10::List<c10::optional<at::Tensor>
 // `width` per row), context lengths and query starts (empty: every row its own sequence) come
 // as integer lists; cos / sin are the whole rope tables [positions, Dh], one per KV group.
 // embed_scale (Gemma; 0: none) multiplies the embedding rows, rounded to their dtype first as
-// the per-op path does. The embedding rows,
+// the per-op path does; softcap / final_softcap (Gemma 2; 0: none) cap the attention scores
+// and the logits. The embedding rows,
 // the layers (decode_layers) and the head (weights from blocked_pack) run here; the logits are
 // rounded to x's dtype before float32, as the per-op path rounds them.
 template <typename T>
@@ -533,7 +534,7 @@ static at::Tensor decode_logits_impl(const at::Tensor& embed, at::IntArrayRef id
                                      at::TensorList caches, at::TensorList cos,
                                      at::TensorList sin, double embed_scale,
                                      const at::Tensor& head, int64_t vocab, const StepRows& rows,
-                                     StepShape& s) {
+                                     StepShape& s, double final_softcap) {
   const int64_t M = s.M, D = s.D, Dh = s.Dh, G = static_cast<int64_t>(cos.size());
   auto x = at::empty({M, D}, embed.options());
   auto table = at::empty({2, G, M, Dh}, embed.options());
@@ -556,8 +557,10 @@ static at::Tensor decode_logits_impl(const at::Tensor& embed, at::IntArrayRef id
   auto logits = at::empty({M, vocab}, embed.options().dtype(at::kFloat));
   at::Tensor fh = hidden.to(at::kFloat);
   linear_f32(fh.data_ptr<float>(), head, nullptr, logits.data_ptr<float>(), M, D, vocab);
-  if constexpr (!std::is_same_v<T, float>) return logits.to(embed.scalar_type()).to(at::kFloat);
-  return logits;
+  if constexpr (!std::is_same_v<T, float>) logits = logits.to(embed.scalar_type());
+  if (final_softcap > 0.0)  // Gemma 2: tanh(logits / cap) * cap, in the logits' dtype
+    logits = at::tanh(logits / final_softcap) * final_softcap;
+  return logits.to(at::kFloat);
 }
 
 at::Tensor decode_logits(const at::Tensor& embed, at::IntArrayRef ids, at::IntArrayRef positions,
@@ -567,7 +570,8 @@ at::Tensor decode_logits(const at::Tensor& embed, at::IntArrayRef ids, at::IntAr
                          double embed_scale, const c10::List<c10::optional<at::Tensor>>& weights,
                          at::TensorList caches, const at::Tensor& head, int64_t vocab,
                          int64_t block_size, int64_t heads, int64_t kv_heads,
-                         at::IntArrayRef windows, double eps, double scale, bool gelu) {
+                         at::IntArrayRef windows, double eps, double scale, bool gelu,
+                         double softcap, double final_softcap) {
   const int64_t M = static_cast<int64_t>(ids.size()), layers = caches.size() / 2;
   const int64_t num_groups = M > 0 ? static_cast<int64_t>(slots.size()) / M : 0;
   TORCH_CHECK(M > 0 && positions.size() == ids.size() && lens.size() == ids.size() &&
@@ -589,15 +593,16 @@ at::Tensor decode_logits(const at::Tensor& embed, at::IntArrayRef ids, at::IntAr
   check_rows(M, layers, num_groups, groups, windows, qs, NS, "decode_logits");
   const at::Tensor& k0 = caches[0];
   StepShape s{M, embed.size(1), heads, kv_heads, k0.size(-1), width, block_size,
-              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale), 0.0f,
-              gelu};
+              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale),
+              static_cast<float>(softcap), gelu};
   StepRows rows{slots.data(), tables.data(), lens.data(), qs, NS, groups};
   if (embed.scalar_type() == at::kBFloat16)
     return decode_logits_impl<at::BFloat16>(embed, ids, positions, windows, weights, caches, cos,
-                                            sin, embed_scale, head, vocab, rows, s);
+                                            sin, embed_scale, head, vocab, rows, s,
+                                            final_softcap);
   TORCH_CHECK(embed.scalar_type() == at::kFloat, "decode_logits: float32 or bfloat16");
   return decode_logits_impl<float>(embed, ids, positions, windows, weights, caches, cos, sin,
-                                   embed_scale, head, vocab, rows, s);
+                                   embed_scale, head, vocab, rows, s, final_softcap);
 }
 
 TORCH_LIBRARY(enginehouse_decode, m) {
@@ -623,7 +628,7 @@ TORCH_LIBRARY(enginehouse_decode, m) {
         "int width, int[] lens, int[] query_starts, int[] groups, Tensor[] cos, Tensor[] sin, "
         "float embed_scale, Tensor?[] weights, Tensor(a!)[] caches, "
         "Tensor head, int vocab, int block_size, int heads, int kv_heads, int[] windows, "
-        "float eps, float scale, bool gelu) -> Tensor");
+        "float eps, float scale, bool gelu, float softcap, float final_softcap) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
   m.impl("decode_logits", c10::DispatchKey::CPU, &decode_logits);
 }

@@ -42,8 +42,8 @@ ACTIVATIONS = {"silu": False, "gelu_pytorch_tanh": True}  # name -> decode_layer
 
 def _fits(model: DecoderLM) -> bool:
     """Every layer is one `decode_layers` handles: q/k/v attention over whole-head rope (q/k
-    norms allowed), a gated SiLU or GELU-tanh MLP (sandwich norms allowed), projections packed
-    for small steps, the C++ paged attention without sinks or soft-capping."""
+    norms allowed, one soft-cap for every layer), a gated SiLU or GELU-tanh MLP (sandwich norms
+    allowed), projections packed for small steps, the C++ paged attention without sinks."""
     arch = model.arch
     # A sharded model (tensor parallel) reduces partial sums between its projections, which
     # this call would skip.
@@ -55,7 +55,9 @@ def _fits(model: DecoderLM) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         rope = arch.layer_rope(i)
         whole = (rope.rotary_dim or arch.head_dim) == arch.head_dim
-        if not (whole and not attn.gated and attn.softcap is None and isinstance(mlp, GatedMLP)):
+        if not (whole and not attn.gated and isinstance(mlp, GatedMLP)):
+            return False
+        if attn.softcap != model.model.layers[0].self_attn.softcap:  # one cap for all layers
             return False
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if not all(type(m) is Linear and m.small is not None for m in linears):
@@ -96,6 +98,7 @@ class DecodeStep:
         first = model.model.layers[0].self_attn
         self.heads, self.kv_heads, _ = first.heads
         self.scale = first.attn.scale
+        self.softcap = first.softcap or 0.0
         self.eps = model.model.norm.eps
         self.gelu = ACTIVATIONS[model.arch.act]
         self.embed_scale = model.arch.embed_scale or 0.0
@@ -131,7 +134,7 @@ class DecodeStep:
             self.windows,
             self.eps,
             self.scale,
-            0.0,
+            self.softcap,
             self.gelu,
         )
 
@@ -153,6 +156,7 @@ class DecodeRunner:
         self.embed = model.model.embed_tokens.weight.detach()
         self.head = model.lm_head.small
         self.vocab = model.lm_head.shards[-1]
+        self.final_softcap = model.arch.final_softcap or 0.0
         # One rope table per KV group (Gemma 3's local layers have their own base).
         self.cos = [c.contiguous() for c, _ in runner.ropes]
         self.sin = [s.contiguous() for _, s in runner.ropes]
@@ -207,6 +211,8 @@ class DecodeRunner:
             step.eps,
             step.scale,
             step.gelu,
+            step.softcap,
+            self.final_softcap,
         )
 
 
@@ -223,12 +229,12 @@ def query_starts(chunks) -> list[int]:
 
 def decode_runner(runner) -> DecodeRunner | None:
     """The one-call decode path for a CPU runner whose model has a `DecodeStep` and a plain
-    head (packed for small steps, no bias, no final soft-capping); None otherwise."""
+    head (packed for small steps, no bias); None otherwise."""
     model = getattr(runner, "model", None)
     if model is None or model.step is None:
         return None
     head = model.lm_head
     plain = type(head) is Linear and head.small is not None and head.bias is None
-    if not plain or model.arch.final_softcap is not None or runner.cos.dim() != 2:
+    if not plain or runner.cos.dim() != 2:
         return None
     return DecodeRunner(runner)
