@@ -4,12 +4,13 @@ At batch 1 a step reads every weight once and computes little with it, so what i
 the weights' memory traffic is overhead: nine ops per layer, each a trip through Python, the
 module machinery and the dispatcher. `DecodeStep` hands all layers to `cpu_decode`'s
 `decode_layers` at once (the same kernels, in the same order, with the same roundings as the
-separate fused ops, so the numbers are the same). It applies to a decoder whose every layer is
-plain (gated SiLU MLP, rope over whole heads with no q/k norm, no sandwich norms, one rope for
-every layer), with packed float32 or bfloat16 projections and the C++ paged attention; others
-keep the per-op path. Layers may sit in several KV groups (sliding-window layers beside full
-ones, kv_cache.py): each layer reads its group's slots and block tables. Speculative verify rows
-of one sequence go to the attention together (`query_starts`: its K/V read once).
+separate fused ops, so the numbers are the same). It applies to a dense decoder (a gated SiLU or
+GELU-tanh MLP, rope over whole heads; q/k norms, Gemma's sandwich norms, embedding scale and
+soft-caps allowed) with packed float32 or bfloat16 projections and the C++ paged attention
+without sinks; mixtures of experts and sharded models keep the per-op path. Layers may sit in
+several KV groups (sliding-window layers beside full ones, kv_cache.py): each layer reads its
+group's slots, block tables and rope table. Speculative verify rows of one sequence go to the
+attention together (`query_starts`: its K/V read once).
 `DecodeRunner` goes one further for the runner: a decode-only batch goes from its chunks' integers
 to float32 logits in one call (embedding rows, layers, head), skipping the step's metadata
 tensors. Measurements: benchmarks/RESULTS.md, issues 14, 24 and 25.
