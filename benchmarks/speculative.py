@@ -300,6 +300,10 @@ def main() -> None:
         help="the sides: n-gram and draft models (default), an EAGLE-3 head, MTP, or n-gram "
         "on a hybrid model",
     )
+    parser.add_argument(
+        "--sides", default="plain,ngram,draft-copy,draft-tenth", help="with ngram-draft"
+    )
+    parser.add_argument("--prompts", default="repeat,random")
     parser.add_argument("--side", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -316,15 +320,17 @@ def main() -> None:
     k = args.k
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4}
     ngram["prompt_lookup_min"] = 2
-    if args.method == "ngram-draft":
-        drafts = {"num_speculative_tokens": k}
-        sides = {
-            "plain": "none",
-            "ngram": json.dumps(ngram),
-            "draft-copy": json.dumps({"model": str(draft_copy(target)), **drafts}),
-            "draft-tenth": json.dumps({"model": str(draft_tenth(target)), **drafts}),
-        }
-    elif args.method == "eagle3":
+    wanted = args.sides.split(",")
+    sides = {"plain": "none", "ngram": json.dumps(ngram)}
+    if "draft-copy" in wanted and args.method == "ngram-draft":
+        sides["draft-copy"] = json.dumps(
+            {"model": str(draft_copy(target)), "num_speculative_tokens": k}
+        )
+    if "draft-tenth" in wanted and args.method == "ngram-draft":
+        draft = str(draft_tenth(target))
+        sides["draft-tenth"] = json.dumps({"model": draft, "num_speculative_tokens": k})
+    sides = {name: spec for name, spec in sides.items() if name in wanted or name == "plain"}
+    if args.method == "eagle3":
         head = {"method": "eagle3", "model": str(eagle3_head(target)), "num_speculative_tokens": k}
         sides = {"plain": "none", "eagle3-random": json.dumps(head)}
     elif args.method == "hybrid":
@@ -342,7 +348,7 @@ def main() -> None:
     print(f"CPU: {model_name}; load average before: {os.getloadavg()}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for repeat in ("repeat", "random"):
+        for repeat in args.prompts.split(","):
             best: dict[str, dict] = {}
             for _ in range(args.rounds):
                 for name, spec in sides.items():

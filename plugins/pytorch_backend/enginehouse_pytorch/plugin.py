@@ -153,7 +153,7 @@ def probe_native(spec: ModelSpec, config: EngineConfig) -> BackendProbe:
         scheme = read_scheme(spec.config, config.quantization, config.quantization_group_size)
         if scheme is not None:
             check_shapes(scheme, arch)
-            if arch.linear is not None:
+            if arch.linear is not None and scheme.method != "fp8":  # FP8: dequantized at load
                 raise UnsupportedModel("quantized hybrid (linear-attention) models: not yet")
         sharding = tensor_parallel(arch, scheme, config)
         if config.kv_cache_dtype != "auto" and arch.mla is not None:
@@ -281,7 +281,7 @@ def tensor_parallel(arch, scheme, config: EngineConfig) -> str:
     if tp == 1:
         return ""
     check_divisible(arch, tp)
-    if scheme is not None:
+    if scheme is not None and scheme.method != "fp8":
         raise UnsupportedModel(
             f"quantized weights ({scheme.describe()}) are not sharded natively yet; "
             "run them at tp=1"
@@ -321,7 +321,30 @@ def weights_line(scheme, arch, spec: ModelSpec, config: EngineConfig) -> str:
     if scheme is None:
         return f"weights {total} in {name}" + mxfp4_note(arch, spec, size, name)
     plain = format_size(weight_bytes(None, arch, size))
-    return f"{scheme.describe()}: weights about {total} ({name}: {plain})"
+    if scheme.method == "fp8":  # quant/fp8_float.py
+        from .native.quant.fp8_float import dequantizes_all
+
+        if why := dequantizes_all(arch, config.tp, scheme.block):
+            return f"{scheme.describe()}: dequantized at load ({why}), weights {plain} in {name}"
+    return f"{scheme.describe()}: weights about {total} ({name}: {plain})" + fp8_experts_note(
+        scheme, arch, size, name
+    )
+
+
+def fp8_experts_note(scheme, arch, float_bytes: int, dtype: str) -> str:
+    """For an FP8 mixture of experts: the routed experts' memory once dequantized at load
+    (quant/fp8_float.py), and as stored (a byte a value and a float32 scale per block)."""
+    moe = arch.moe
+    if scheme.method != "fp8" or moe is None:
+        return ""
+    layers = sum(moe.layers) if moe.layers else arch.num_layers
+    values = layers * moe.num_experts * 3 * moe.intermediate_size * arch.hidden_size
+    per_scale = scheme.block[0] * scheme.block[1] if scheme.block else values
+    held, stored = format_size(values * float_bytes), format_size(values + 4 * values // per_scale)
+    return (
+        f" besides the routed experts; FP8 experts dequantized at load: {held} in {dtype} "
+        f"({stored} as FP8)"
+    )
 
 
 def mxfp4_note(arch, spec: ModelSpec, float_bytes: int, dtype: str) -> str:

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,8 +92,9 @@ def _destination(model: nn.Module, param: torch.Tensor, name: str, expert, shard
     return dest[begin:end]
 
 
-def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str) -> bool:
-    """Hand a tensor to the layer that reads its own checkpoint tensors (`take`), if any."""
+def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str, tp=None) -> bool:
+    """Hand a tensor to the layer that reads its own checkpoint tensors (`take`), if any;
+    with an active `tp`, this rank's part of it (FP8 only: `quant/fp8_float.rank_part`)."""
     owner_name, _, suffix = pname.rpartition(".")
     try:
         owner = model.get_submodule(owner_name)
@@ -100,6 +102,11 @@ def _offer(model: nn.Module, pname: str, shard: int | None, read, name: str) -> 
         return False
     if not hasattr(owner, "take"):
         return False
+    if tp is not None and tp.active:
+        from .quant.fp8_float import rank_part
+
+        owner.take(suffix, shard, rank_part(tp, pname, shard, read, owner.scheme.block, name), name)
+        return True
     owner.take(suffix, shard, read(), name)
     return True
 
@@ -132,6 +139,7 @@ def load_safetensors(
     tp: TensorParallel | None = None,
     rename: Callable[[str], str] | None = None,
     mxfp4: bool = False,
+    fp8: Any = None,
 ) -> None:
     """Fill every parameter of `model` from `files`; raise if any is left unfilled.
 
@@ -139,15 +147,24 @@ def load_safetensors(
     language model inside a vision-language checkpoint. With an active `tp`, each tensor's
     part for this rank is read (`parallel.rank_tensor`). With `mxfp4` (gpt-oss's format),
     each pair of `_blocks` and `_scales` tensors is read as its dequantized float tensor.
-    part for this rank is read (`parallel.rank_tensor`). `rename` turns a plugin family's
-    checkpoint names into the native ones (`ModelFamily.weight_names`).
+    `rename` turns a plugin family's checkpoint names into the native ones
+    (`ModelFamily.weight_names`). With `fp8` (an FP8 checkpoint's `QuantScheme`), each FP8
+    projection the model holds in float (the experts, MLA's kv_b_proj; every one at tp > 1)
+    is read dequantized (`quant/fp8_float.py`).
     """
+    files = list(files)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> number of elements written
     unknown = []
     stream = tensors(files, progress)
     if mxfp4:
         stream = dequantized(stream)
+    if fp8 is not None:
+        from .quant import fp8_float
+
+        floated = fp8_float.held_in_float(params, rename, prefixes)
+        modules = {m for m in fp8_float.scan(files) if floated(m)}
+        stream = fp8_float.dequantized(stream, modules, fp8.block)
     for path, name, read in stream:
         ours = _renamed(rename(name) if rename else name, prefixes)
         if ours in params:  # a parameter of that very name (DeepSeek-V2-Lite's own q_proj)
@@ -157,7 +174,7 @@ def load_safetensors(
         if where is None:
             continue
         pname, expert, shard = where
-        if pname not in params and _offer(model, pname, shard, read, name):
+        if pname not in params and _offer(model, pname, shard, read, name, tp):
             continue  # a quantized layer took its own tensor (qweight, scales...)
         if pname not in params:
             if pname != "lm_head.weight":  # a tied head is the embedding itself

@@ -46,6 +46,10 @@ def quantized_modules(
                 where = None if ours is None else target(ours)
                 if where is not None:
                     found.add(where[0].rpartition(".")[0])
+    if scheme.method == "fp8":  # these stay float, dequantized at load (fp8_float.py)
+        from .fp8_float import FLOAT_MODULES
+
+        found = {m for m in found if not m.endswith(FLOAT_MODULES)}
     return found
 
 

@@ -320,9 +320,10 @@ def _latent_attention_shapes(arch: Arch) -> dict[str, tuple[list[int], int]]:
 def check_shapes(scheme: QuantScheme, arch: Arch) -> None:
     """Raise `UnsupportedModel` naming the first projection the scheme cannot cut into groups
     or packs (a group size or bit width that does not divide its sizes)."""
-    if arch.moe is not None:
+    if arch.moe is not None and scheme.method != "fp8":
         raise UnsupportedModel(
-            "quantized weights of a mixture-of-experts model are not supported natively"
+            f"{scheme.describe()} weights of a mixture-of-experts model are not supported "
+            "natively (FP8 checkpoints are: their experts are dequantized at load)"
         )
     pack = 32 // scheme.bits
     for name, (outs, k) in projection_shapes(arch).items():
