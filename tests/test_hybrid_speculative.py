@@ -12,13 +12,12 @@ check; explain no longer refuses.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_native import open_pipe, randomize_constant_tensors, rewrite_weights
 from test_qwen3_next import CONFIGS, fixed, ref_greedy
+from test_speculative import PROMPTS
 from transformers import AutoModelForCausalLM
 
 from enginehouse import GenerationConfig, explain
@@ -31,16 +30,6 @@ NGRAM = {
     "prompt_lookup_max": 3,
 }
 LENGTHS = [14, 9, 20, 12]
-
-
-def repeating(n: int, seed: int) -> list[int]:
-    """A prompt that repeats a random phrase, so that its tail has occurred before."""
-    rng = random.Random(seed)
-    phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
-    return (phrase * (n // len(phrase) + 1))[:n]
-
-
-PROMPTS = [repeating(n, seed) for seed, n in enumerate((9, 30, 17, 45))]
 
 
 @pytest.fixture(scope="module")
