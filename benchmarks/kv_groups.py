@@ -13,10 +13,11 @@ backend's own planner computes it (`kv_cache.kv_groups`, `kv_groups.total_blocks
 `decode` times a batch of 32 sequences on the random-weight 56M Llama of
 benchmarks/native_backend.py (float32, 8 layers, 4 KV heads of 64): 32 prompts of `--prompt`
 tokens, then the decode steps of `--new` tokens, for the float cache on the default path (the
-C++ kernels), the float cache on the torch path (the path a quantized cache takes), and the
-int8 and fp8 caches. Decode speed is the rows over the seconds of the decode-only steps'
-`execute` (best round of `--rounds`, sides alternating), and the fastest step of all 32 rows.
-Prints Markdown tables.
+C++ kernels), the float cache on the torch path, the int8 and fp8 caches (the C++ paged
+kernel reads both in place), and fp8 on the torch path (which dequantizes what it gathers; the
+only fp8 reader before the kernel). Decode speed is the rows over the seconds of the
+decode-only steps' `execute` (best round of `--rounds`, sides alternating), and the fastest
+step of all 32 rows. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -211,8 +212,18 @@ def open_side(path: Path, side: str, session: int):
         kv_cache_memory="4GiB",
         dtype="float32",
     )
-    if side in ("int8", "fp8"):
-        config["kv_cache_dtype"] = side
+    if side in ("int8", "fp8", "fp8-torch"):
+        config["kv_cache_dtype"] = side.removesuffix("-torch")
+    if side == "fp8-torch":  # fp8 on the torch path, as before the C++ kernel read it
+        from enginehouse_pytorch import native_runner
+        from enginehouse_pytorch.native import kv_quant
+
+        original = native_runner.NativeRunner._attention_kernel
+        native_runner.NativeRunner._attention_kernel = lambda self: kv_quant.Fp8Attention
+        try:
+            return pipeline(str(path), backend="pytorch", engine_config=config, progress=False)
+        finally:
+            native_runner.NativeRunner._attention_kernel = original
     if side == "float-torch":
         from enginehouse_pytorch import native_runner
         from enginehouse_pytorch.native.attention import TorchAttention
@@ -255,7 +266,7 @@ def decode(rounds: int, prompt: int, new: int) -> str:
     path = build("llama-56m")
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 32000) for _ in range(prompt)] for _ in range(32)]
-    sides = ["float-kernels", "float-torch", "int8", "fp8"]
+    sides = ["float-kernels", "float-torch", "int8", "fp8", "fp8-torch"]
     pipes = {s: open_side(path, s, prompt + new + 16) for s in sides}
     steps = {s: timed_decodes(p) for s, p in pipes.items()}
     best = {s: 0.0 for s in sides}  # decode tokens per second

@@ -28,6 +28,11 @@ against `{"method": "mtp"}` on a DeepSeek-V3 of hidden 256, 4 layers and 8 exper
 layer (`model.layers.4`) is random. Random heads share (nearly) no greedy token with the
 target: their acceptance is ~0, and these sides measure what running a head costs.
 
+`--method hybrid` runs plain against n-gram on a hybrid Qwen3.5 text model (hidden 512, 8
+layers: three Gated DeltaNet layers to one full-attention layer, vocabulary 32000, random weights
+with the layers' outputs scaled by 0.5 so that it falls into repeats; built under ./bench-models):
+its linear-attention layers keep a state per verified position.
+
 Every side runs in its own process (a fresh engine, the same weights, greedy, EOS masked),
 the sides alternate within each round, and each side's best round counts. Batch 1 is one
 request; batch 8 is eight at once. Tokens are checked identical to the plain side's.
@@ -191,6 +196,47 @@ def deepseek_mtp(root: Path) -> Path:
     return folder
 
 
+def hybrid_target(models: Path) -> Path:
+    """A random Qwen3.5 text model (hybrid: linear and full attention), its layers' outputs
+    scaled down so that greedy decoding repeats (prompt lookup's best case, as the Llama's)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from enginehouse.testing import build_tokenizer
+
+    folder = models / "qwen3.5-hybrid-bench"
+    if (folder / "config.json").is_file():
+        return folder
+    config = transformers.Qwen3_5TextConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    build_tokenizer(folder, 32000)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in tensors:
+        if any(k in name for k in ("o_proj", "down_proj", "out_proj")):
+            tensors[name] = tensors[name] * 0.5
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def prompts(batch: int, vocab: int, repeat: bool) -> list[list[int]]:
     import random
 
@@ -249,10 +295,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument(
         "--method",
-        choices=["ngram-draft", "eagle3", "mtp"],
+        choices=["ngram-draft", "eagle3", "mtp", "hybrid"],
         default="ngram-draft",
-        help="the sides: n-gram and draft models (default), an EAGLE-3 head, or MTP",
+        help="the sides: n-gram and draft models (default), an EAGLE-3 head, MTP, or n-gram "
+        "on a hybrid model",
     )
+    parser.add_argument(
+        "--sides", default="plain,ngram,draft-copy,draft-tenth", help="with ngram-draft"
+    )
+    parser.add_argument("--prompts", default="repeat,random")
     parser.add_argument("--side", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -262,19 +313,29 @@ def main() -> None:
 
     from native_backend import build
 
-    target = build("llama-56m").resolve()
+    if args.method == "hybrid":
+        target = Path("bench-models") / "llama-56m"  # not built: only its folder is used
+    else:
+        target = build("llama-56m").resolve()
     k = args.k
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4}
     ngram["prompt_lookup_min"] = 2
-    sides = {
-        "plain": "none",
-        "ngram": json.dumps(ngram),
-        "draft-copy": json.dumps({"model": str(draft_copy(target)), "num_speculative_tokens": k}),
-        "draft-tenth": json.dumps({"model": str(draft_tenth(target)), "num_speculative_tokens": k}),
-    }
+    wanted = args.sides.split(",")
+    sides = {"plain": "none", "ngram": json.dumps(ngram)}
+    if "draft-copy" in wanted and args.method == "ngram-draft":
+        sides["draft-copy"] = json.dumps(
+            {"model": str(draft_copy(target)), "num_speculative_tokens": k}
+        )
+    if "draft-tenth" in wanted and args.method == "ngram-draft":
+        draft = str(draft_tenth(target))
+        sides["draft-tenth"] = json.dumps({"model": draft, "num_speculative_tokens": k})
+    sides = {name: spec for name, spec in sides.items() if name in wanted or name == "plain"}
     if args.method == "eagle3":
         head = {"method": "eagle3", "model": str(eagle3_head(target)), "num_speculative_tokens": k}
         sides = {"plain": "none", "eagle3-random": json.dumps(head)}
+    elif args.method == "hybrid":
+        target = hybrid_target(target.parent.resolve()).resolve()
+        sides = {"plain": "none", "ngram": json.dumps(ngram)}
     elif args.method == "mtp":
         target = deepseek_mtp(target.parent).resolve()
         mtp = {"method": "mtp", "num_speculative_tokens": k}
@@ -287,7 +348,7 @@ def main() -> None:
     print(f"CPU: {model_name}; load average before: {os.getloadavg()}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for repeat in ("repeat", "random"):
+        for repeat in args.prompts.split(","):
             best: dict[str, dict] = {}
             for _ in range(args.rounds):
                 for name, spec in sides.items():

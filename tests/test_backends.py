@@ -170,6 +170,7 @@ def test_decision_as_dict_and_lookup():
                 "reason": "fine",
                 "verifies_tokens": False,
                 "lora_adapters": False,
+                "drafts_tokens": False,
             }
         ],
     }
@@ -373,7 +374,7 @@ def test_explain_reports_the_whole_decision(llama_dir):
     backends = set()
     for verdict in info["verdicts"]:
         keys = {"backend", "plugin", "supported", "priority", "reason"}
-        assert set(verdict) == keys | {"verifies_tokens", "lora_adapters"}
+        assert set(verdict) == keys | {"verifies_tokens", "lora_adapters", "drafts_tokens"}
         assert verdict["reason"]
         backends.add(verdict["backend"])
     assert INSTALLED_BACKENDS <= backends

@@ -52,7 +52,7 @@ def test_console_script_explains_and_generates(llama_dir):
     assert report["architecture"] == "LlamaForCausalLM"
     assert {"model", "facts", "verdicts"} <= set(report)
     keys = {"backend", "plugin", "supported", "priority", "reason", "verifies_tokens"}
-    keys |= {"lora_adapters"}
+    keys |= {"lora_adapters", "drafts_tokens"}
     assert keys == set(report["verdicts"][0])
     native, fallback = report["verdicts"][:2]
     assert (native["backend"], native["supported"]) == ("pytorch", True)

@@ -150,6 +150,92 @@ def test_whole_step_equals_the_per_op_path(llama_dir, dtype):
         pipe.close()
 
 
+@pytest.fixture(scope="module")
+def qwen2_sliding_dir(models_dir):
+    """A Qwen2 whose second layer attends through a window of 8: two KV groups."""
+    import transformers
+
+    from enginehouse.testing import TINY, build_model
+
+    config = transformers.Qwen2Config(
+        **TINY,
+        vocab_size=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+    )
+    return build_model(models_dir / "qwen2-sliding", config)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding"])
+def test_verify_rows_equal_decoding_one_by_one(family, llama_dir, qwen2_sliding_dir):
+    """Speculative verify chunks (a sequence's last token and its proposals, rows read
+    together by the attention kernel, `query_starts`) through every CPU path: ids to logits
+    in one call, the layers in one call, and the per-op path at more rows than the one-call
+    step takes. Each gives exactly the others' logits at up to 4 rows, and every verified row
+    the logits of decoding its tokens one at a time. The Qwen2 has two KV groups (each layer
+    reads its group's slots and tables; the verify rows cross the sliding window)."""
+    from enginehouse import ScheduledBatch, SeqChunk, pipeline
+
+    path = llama_dir if family == "llama" else qwen2_sliding_dir
+    pipe = pipeline(str(path), backend="pytorch", progress=False)
+    try:
+        runner = pipe.runner
+        fast, step, bs = runner.decode, runner.model.step, runner.kv_spec.block_size
+        assert fast is not None and step is not None
+        groups = len(runner.caches)
+        assert groups == (1 if family == "llama" else 2)
+        prompts = [[5, 9, 23, 41, 7, 11, 64, 3] * 2, [12, 99, 7], [8] * 15]
+        # The same block ids in each group's own pool.
+        tables = [
+            tuple(tuple(range(4 * i, 4 * i + 3)) for _ in range(groups))
+            for i in range(len(prompts))
+        ]
+
+        def seq_chunk(i: int, ids, start: int, at, verify: bool = False) -> SeqChunk:
+            t = tables[i]
+            return SeqChunk(i, tuple(ids), start, t[0], at, verify=verify, group_tables=t)
+
+        for i, p in enumerate(prompts):
+            runner.execute(ScheduledBatch((seq_chunk(i, p, 0, (0,)),), bs))
+
+        def chunk(i: int, ids: tuple[int, ...]) -> SeqChunk:
+            at = tuple(range(len(ids)))
+            return seq_chunk(i, ids, len(prompts[i]), at, verify=len(ids) > 1)
+
+        def one_by_one(i: int, ids: tuple[int, ...]) -> torch.Tensor:
+            rows = []
+            for j, t in enumerate(ids):
+                c = seq_chunk(i, (t,), len(prompts[i]) + j, (0,))
+                rows.append(runner.execute(ScheduledBatch((c,), bs)))
+            return torch.cat(rows)
+
+        # 4 rows (one sequence's K = 3; K = 2 beside a decode): every path. 9 rows: per-op.
+        steps = [
+            ((0, (17, 18, 19, 20)),),
+            ((1, (30, 31, 32)), (2, (40,))),
+            ((0, (21, 22, 23, 24)), (1, (33, 34, 35)), (2, (41, 42))),
+        ]
+        for step_chunks in steps:
+            batch = ScheduledBatch(tuple(chunk(i, ids) for i, ids in step_chunks), bs)
+            rows = batch.num_tokens
+            if rows <= cpu_decode.SMALL_ROWS:
+                assert fast.run(batch) is not None  # the one-call path takes verify chunks
+            results = []
+            for runner.decode, runner.model.step in ((fast, step), (None, step), (None, None)):
+                results.append(runner.execute(batch))
+            runner.decode, runner.model.step = fast, step
+            for logits in results[1:]:
+                torch.testing.assert_close(logits, results[0], rtol=0, atol=0)
+            want = torch.cat([one_by_one(i, ids) for i, ids in step_chunks])
+            torch.testing.assert_close(results[0], want, rtol=1e-5, atol=1e-5)
+    finally:
+        pipe.close()
+
+
 AVX2_CHECK = """
 import torch, torch.nn.functional as F
 from enginehouse_pytorch.native import cpu_decode
@@ -177,6 +263,13 @@ for p in prompts:
 config = GenerationConfig(max_new_tokens=5, min_new_tokens=5)
 assert pipe([{"token_ids": prompts[0]}], config)[0].token_ids == want[0]
 assert [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], config)] == want
+pipe.close()
+# Speculative verify rows through this build's one-call step and kernel: the same tokens.
+ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+pipe = pipeline(sys.argv[1], backend="pytorch", progress=False,
+                engine_config={"speculative_config": ngram})
+assert [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], config)] == want
+assert pipe([{"token_ids": prompts[2]}], config)[0].token_ids == want[2]
 pipe.close()
 print("ok")
 """

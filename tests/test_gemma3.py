@@ -1,4 +1,5 @@
-"""Gemma 3's text model on the native backend, against transformers.
+"""Gemma 3's text model on the native backend, against transformers (decodes through the C++
+one-call decode step, and the per-op path).
 
 A small random-weight `Gemma3TextConfig` model: six layers, five local (sliding window of 8
 tokens) to one global, each kind with its own rope (the global one with linear scaling, as
@@ -128,14 +129,28 @@ def test_logits_equal_transformers_prefill_decode_and_chunks(models, refs):
         rest = tuple(prompts[2][split:])
         got = run([SeqChunk(2, rest, split, tables[2], tuple(range(len(rest))))])
         torch.testing.assert_close(got, want[2][split:37], **LOGITS_TOL)
+        # Decodes through each CPU path: the one-call step from ids to logits (each layer
+        # reading its KV group's tables and rope; q/k, sandwich norms, GELU, the embedding
+        # scale inside), the layers in one call, and the per-op path.
+        fast, one_call = runner.decode, runner.model.step
+        assert fast is not None and one_call is not None
         for step in range(3):
             batch = [
                 SeqChunk(i, (fed[i][step],), len(p) + step, tables[i], (0,))
                 for i, p in enumerate(prompts)
             ]
-            got = run(batch)
-            for i, p in enumerate(prompts):
-                torch.testing.assert_close(got[i], want[i][len(p) + step], **LOGITS_TOL)
+            assert fast.run(ScheduledBatch(tuple(batch), bs)) is not None
+            try:
+                for runner.decode, runner.model.step in (
+                    (fast, one_call),
+                    (None, one_call),
+                    (None, None),
+                ):
+                    got = run(batch)
+                    for i, p in enumerate(prompts):
+                        torch.testing.assert_close(got[i], want[i][len(p) + step], **LOGITS_TOL)
+            finally:
+                runner.decode, runner.model.step = fast, one_call
 
 
 def test_greedy_alone_and_batched_with_small_chunks(models, refs):

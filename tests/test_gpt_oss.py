@@ -308,16 +308,22 @@ def test_explain_chooses_native(model_dir):
 
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 def test_quantized_kv_keeps_the_sinks(model_dir, kv):
-    """The int8 paged kernels have no sinks: gpt-oss's quantized cache takes the torch path,
-    whose decode and prefill add them; the greedy tokens of a short answer stay the float
+    """On the CPU the C++ int8 and fp8 paged kernels take the sinks (elsewhere the torch path,
+    whose decode and prefill add them); the greedy tokens of a short answer stay the float
     cache's (measured here, not a promise for long ones)."""
+    from enginehouse_pytorch.native import cpu_kernels
+
     prompts = greedy_prompts()[:2]
     gen = [fixed(4)] * 2
     with open_pipe(model_dir) as pipe:
         want = [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
     with open_pipe(model_dir, kv_cache_dtype=kv) as pipe:
         attn = pipe.runner.model.model.layers[0].self_attn.attn
-        assert type(attn).decode is TorchAttention.decode and attn.sinks is not None
+        if cpu_kernels.load():
+            assert type(attn) is cpu_kernels.quantized_attention(kv)
+        else:
+            assert type(attn).decode is TorchAttention.decode
+        assert attn.sinks is not None
         got = [r.token_ids for r in pipe([{"token_ids": p} for p in prompts], gen)]
     assert got == want
 

@@ -12,13 +12,12 @@ check; explain no longer refuses.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_native import open_pipe, randomize_constant_tensors, rewrite_weights
 from test_qwen3_next import CONFIGS, fixed, ref_greedy
+from test_speculative import PROMPTS
 from transformers import AutoModelForCausalLM
 
 from enginehouse import GenerationConfig, explain
@@ -31,16 +30,6 @@ NGRAM = {
     "prompt_lookup_max": 3,
 }
 LENGTHS = [14, 9, 20, 12]
-
-
-def repeating(n: int, seed: int) -> list[int]:
-    """A prompt that repeats a random phrase, so that its tail has occurred before."""
-    rng = random.Random(seed)
-    phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
-    return (phrase * (n // len(phrase) + 1))[:n]
-
-
-PROMPTS = [repeating(n, seed) for seed, n in enumerate((9, 30, 17, 45))]
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +192,12 @@ def test_kit_verifies_tokens_and_explain_chooses_native(loopy):
     assert verdict["chosen"] == "pytorch"
     pytorch = next(v for v in verdict["verdicts"] if v["backend"] == "pytorch")
     assert pytorch["verifies_tokens"]
+
+
+def test_tp2_verifies_as_tp1(loopy, answers):
+    """Two CPU ranks: only rank 0 samples, so every rank learns the accepted length from the
+    sequence's next chunk alike."""
+    with open_pipe(loopy, device="cpu", tp=2, max_batch_size=4, speculative_config=NGRAM) as pipe:
+        got = run(pipe)
+        check_acceptance(pipe.stats())
+    assert got == answers

@@ -259,8 +259,9 @@ def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_
     """Two sequences generate 60 tokens each with a window of 8 (blocks of 4): the sliding
     group's blocks in use (from `stats()`, read while the tokens stream) never exceed what the
     windows hold, the freed blocks are reused by the other sequence, and the tokens are
-    transformers' (Mistral's one sliding group runs the C++ one-call decode step; Gemma 3's
-    and Qwen2's two groups the per-op path)."""
+    transformers'. Every decode step runs the C++ one-call decode step (asserted taken): Mistral's
+    one sliding group, Qwen2's and Gemma 3's two (each layer reading its group's slots, block
+    tables and, for Gemma 3's local layers, rope table)."""
     import random
 
     import torch
@@ -293,6 +294,16 @@ def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_
     fixed = GenerationConfig(max_new_tokens=60, min_new_tokens=60)
     with pipeline(str(folder), backend="pytorch", engine_config=engine, progress=False) as pipe:
         assert [g.kind for g in pipe.runner.kv_spec.groups] == groups
+        one_call = pipe.runner.decode
+        assert one_call is not None
+        run, taken = one_call.run, []
+
+        def counted(batch):
+            logits = run(batch)
+            taken.append(logits is not None)
+            return logits
+
+        one_call.run = counted
         got: dict[int, list[int]] = {0: [], 1: []}
         most = 0
         for r in pipe.stream([{"token_ids": p} for p in prompts], fixed):
@@ -304,6 +315,7 @@ def test_memory_stays_bounded_by_the_window_past_several_windows(family, models_
     assert 0 < most <= 2 * 5
     assert [got[0], got[1]] == expected
     assert stats["kv_blocks_used"] == 0
+    assert sum(taken) >= 55, taken  # the decode steps (both sequences in each) went through it
 
 
 def test_a_group_out_of_blocks_refuses_the_allocation_and_takes_nothing() -> None:

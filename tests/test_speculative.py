@@ -161,6 +161,31 @@ def test_ngram_greedy_equals_plain_alone_and_batched(family, loopy, plain):
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_ngram_greedy_equals_plain_over_a_quantized_cache(kv, loopy):
+    """Verify rows over an int8 or fp8 KV cache (on the CPU the C++ paged kernel reads a
+    sequence's rows together from the quantized cache) give plain decoding's tokens over the
+    same cache, alone and batched. (fp8's per-tensor scales are set by a pipeline's first
+    store, so both pipelines run the same requests in the same order.)"""
+    from enginehouse_pytorch.native import cpu_kernels
+
+    lengths = [14, 9, 20, 6]
+    params = [fixed(n) for n in lengths]
+    config = dict(max_batch_size=8, kv_cache_dtype=kv)
+    answers = []
+    for spec in ({}, {"speculative_config": NGRAM}):
+        with open_pipe(loopy["llama"], **config, **spec) as pipe:
+            if cpu_kernels.load():
+                attn = pipe.runner.model.model.layers[0].self_attn.attn
+                assert type(attn) is cpu_kernels.quantized_attention(kv)
+            alone = [run(pipe, [p], [g])[0].token_ids for p, g in zip(PROMPTS, params)]
+            batched = [r.token_ids for r in run(pipe, PROMPTS, params)]
+            answers.append((alone, batched))
+            stats = pipe.stats()
+    assert answers[1] == answers[0]
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+
+
 def test_logprobs_stop_strings_and_n_as_without_speculation(loopy, plain):
     family = "llama"
     greedy_lp = fixed(12, logprobs=2)

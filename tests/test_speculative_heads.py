@@ -11,13 +11,13 @@ hidden states of the target (transformers has no EAGLE forward).
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
+from test_speculative import PROMPTS, fixed, open_pipe, run
 
 from enginehouse import EngineConfig, GenerationConfig, ScheduledBatch, SeqChunk, pipeline
 from enginehouse.errors import EnginehouseError
@@ -25,27 +25,6 @@ from enginehouse.runner import DraftRequest
 from enginehouse.testing import build_model, model_configs, tight_kv_config
 
 H, HEADS, INTER, VOCAB, DRAFT_VOCAB = 64, 4, 128, 512, 256
-
-
-def repeating(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    phrase = rng.choices(range(5, 512), k=rng.randint(4, 7))
-    return (phrase * (n // len(phrase) + 1))[:n]
-
-
-PROMPTS = [repeating(n, seed) for seed, n in enumerate((9, 30, 17, 45))]
-
-
-def fixed(n: int, **kw) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=n, min_new_tokens=n, **kw)
-
-
-def open_pipe(path, **config):
-    return pipeline(str(path), backend="pytorch", engine_config=config, progress=False)
-
-
-def run(pipe, prompts, params):
-    return pipe([{"token_ids": p} for p in prompts], params)
 
 
 def spec(method: str, head: Path | None = None, k: int = 3) -> dict:

@@ -95,7 +95,7 @@ class NativeRunner:
         self.context = context.session_len
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         a, kv_heads = self.arch, self.tp.kv_heads
-        # "int8" / "fp8": a quantized KV cache (native/kv_quant.py), read by the torch path.
+        # "int8" / "fp8": a quantized KV cache (native/kv_quant.py).
         self.kv_kind = config.kv_cache_dtype
         head = kv_quant.head_bytes(self.kv_kind, a.head_dim, self.dtype)
         per_token = 2 * a.num_layers * kv_heads * head
@@ -125,7 +125,7 @@ class NativeRunner:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kernel = self._attention_kernel()
         # A kernel that reads block tables, not the torch path's gathers (a quantized cache:
-        # the int8 decode kernels only).
+        # the kernels that read it in place only, `reads_tables`).
         quantized = self.kv_kind != "auto"
         self.paged = self.kernel is not TorchAttention and not quantized
         self.paged |= getattr(self.kernel, "reads_tables", False)
@@ -139,8 +139,11 @@ class NativeRunner:
         """Triton's paged kernels on a GPU where triton imports; torch ops otherwise."""
         if self.arch.mla is not None:  # these kernels read K/V heads: MLA attends in torch ops
             return TorchAttention
-        # A quantized KV cache's decode on a GPU: Triton's paged kernel reads int8 with its
-        # scales and fp8 (e4m3) with its per-tensor scales, sinks too.
+        # A quantized KV cache's decode: the C++ paged kernel (int8 and fp8, sinks too) on the
+        # CPU; Triton's (int8 with its scales, fp8 with its per-tensor scales, sinks too) on a
+        # GPU; the torch path otherwise.
+        if self.kv_kind != "auto" and self.device.type == "cpu" and cpu_kernels.load():
+            return cpu_kernels.quantized_attention(self.kv_kind)
         if self.kv_kind != "auto" and self.device.type == "cuda":
             try:
                 from .native.triton_ops import TritonFp8Attention, TritonInt8Attention
@@ -148,11 +151,6 @@ class NativeRunner:
                 return TritonInt8Attention if self.kv_kind == "int8" else TritonFp8Attention
             except ImportError:
                 pass
-        if self.arch.sinks and self.kv_kind != "auto":  # the C++ int8 kernel has no sinks yet
-            return kv_quant.attention_for(self.kv_kind)
-        # On the CPU an int8 KV cache's decode is the C++ paged kernel; fp8's the torch path.
-        if self.kv_kind == "int8" and self.device.type == "cpu" and cpu_kernels.load():
-            return cpu_kernels.CpuInt8Attention  # the C++ paged decode reads int8 in place
         if self.kv_kind != "auto":
             return kv_quant.attention_for(self.kv_kind)
         if self.device.type == "cpu":
@@ -204,17 +202,14 @@ class NativeRunner:
         )
         if self.quant is not None:
             quant.finish(model, self.quant, self.device)
-        model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
-        if len(self.layer_groups) > 1:
-            # Layers of different groups read different block tables: the one-call CPU decode
-            # step (cpu_step) takes one table for every layer, so these models use the per-op
-            # path (its C++ attention kernel still reads each group's table).
-            model.step = None
+        # Each layer's KV group, before finish_loading: the one-call CPU decode step
+        # (cpu_step) reads each layer's group's slots and block tables.
         for g, (_, layers) in enumerate(self.layer_groups):
             for i in layers:
                 attention = getattr(model.model.layers[i], "self_attn", None)
                 if attention is not None:  # a hybrid's linear-attention layers have none
                     attention.kv_group = g
+        model.finish_loading(pack=can_pack(self.device, self.dtype), fused=self._fused())
         self.model = model.eval()
         # One rope table per group (Gemma 3's local and global layers differ in base).
         self.ropes = []
@@ -346,6 +341,8 @@ class NativeRunner:
             sin=sin[:, None],
         )
         if decodes:
+            if self.paged and (starts := cpu_step.query_starts(decodes)):
+                meta.query_starts = torch.tensor(starts)  # verify rows: read together
             decode_metadata(
                 meta,
                 tables,

@@ -56,6 +56,9 @@ class StepMeta:
     context_lens: torch.Tensor | None = None  # [decodes] int32
     block_size: int = 0  # tokens per block, for the kernel to turn positions into slots
     queries: Queries | None = None  # verify steps of a multi-query kernel: tables per sequence
+    # Speculative verify rows: [sequences + 1] row offsets, each sequence's decode rows
+    # together (the CPU kernel reads their K/V once); None where every row is its own.
+    query_starts: torch.Tensor | None = None
     prefills: list[Prefill] = field(default_factory=list)
     linear: Any = None  # hybrid models: the state slots of the step (linear_attention.StateMeta)
     # With KV groups: each group's metadata (its slots, tables, window and rope); layers of

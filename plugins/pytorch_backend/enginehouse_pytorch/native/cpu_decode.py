@@ -323,8 +323,27 @@ at::Tensor rope_store_inplace(at::Tensor qkv, const at::Tensor& cos, const at::T
 // add + RMSNorm, qkv, rope + K/V store, paged attention, o, add + RMSNorm, gate_up,
 // SiLU-and-mul, down; then the final add + RMSNorm. The same kernels as the separate ops, in
 // the same order with the same roundings (so the same numbers), without a trip through Python
-// and the dispatcher between any two of them.
-constexpr int PER_LAYER = 10;  // weights per layer, in the order DecodeStep lists them
+// and the dispatcher between any two of them. Gemma 3's layers too: q/k norms before rope,
+// sandwich norms (the attention's and the MLP's outputs normalised before they are added, a
+// norm before the MLP), GELU (tanh) instead of SiLU, each KV group with its own rope.
+constexpr int PER_LAYER = 14;  // weights per layer, in the order DecodeStep lists them
+// 10, 11: q and k norms; 12, 13: the norms before and after the MLP (sandwich); None: absent.
+
+// gate_up [rows, 2I] -> gelu_tanh(gate) * up, rounded to the dtype after the GELU as
+// F.gelu(gate, approximate="tanh") * up does.
+template <typename T>
+static void gelu_tanh_mul_rows(const T* p, T* o, int64_t rows, int64_t I) {
+  constexpr float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = p + r * 2 * I;
+    const T* up = gate + I;
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = static_cast<float>(gate[i]);
+      const T gelu = static_cast<T>(0.5f * g * (1.0f + std::tanh(k0 * (g + k1 * g * g * g))));
+      o[r * I + i] = static_cast<T>(static_cast<float>(gelu) * static_cast<float>(up[i]));
+    }
+  }
+}
 
 // The projections read float32 rows: bfloat16 activations go through fx / fy.
 template <typename T>
@@ -341,15 +360,30 @@ static void linear_rows(const T* x, const at::Tensor& w, const c10::optional<at:
 }
 
 struct StepShape {
-  int64_t M, D, H, KVH, Dh, S, W, block_size, I;
+  int64_t M, D, H, KVH, Dh, W, block_size, I;
   float eps, scale, softcap;
+  bool gelu;  // the MLP's activation: GELU (tanh approximation) instead of SiLU
+};
+
+// Where each row's K/V goes and what it reads, per KV group (models with sliding-window
+// layers keep one pool per window, kv_cache.py): group g's slots are sp[g * M ..], its block
+// tables tp[g * M * W ..], its rope rows cos / sin [g * M * Dh ..]; layer l reads group
+// groups[l]'s. Rows of one sequence (speculative
+// verify rows) are qs[s] .. qs[s + 1] (nullptr: every row its own), attended together.
+struct StepRows {
+  const int64_t* sp;
+  const int64_t* tp;
+  const int64_t* lp;
+  const int64_t* qs;
+  int64_t NS;
+  at::IntArrayRef groups;
 };
 
 template <typename T>
 static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& w,
                                      at::TensorList caches, const T* cos, const T* sin,
-                                     const int64_t* sp, const int64_t* tp, const int64_t* lp,
-                                     at::IntArrayRef windows, const StepShape& s) {
+                                     const StepRows& rows, at::IntArrayRef windows,
+                                     const StepShape& s) {
   const int64_t M = s.M, D = s.D, Dh = s.Dh, HD = s.H * Dh, QKV = (s.H + 2 * s.KVH) * Dh;
   const int64_t I = s.I, layers = static_cast<int64_t>(caches.size()) / 2;
   const int64_t widest = std::max({D, QKV, HD, 2 * I});
@@ -374,11 +408,23 @@ static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optiona
     const at::Tensor& vc = caches[2 * l + 1];
     T* kp = kc.data_ptr<T>();
     T* vp = vc.data_ptr<T>();
+    const int64_t S = kc.size(1), g = rows.groups[l];  // this layer's group: its pool, slots
+    const int64_t* sp = rows.sp + g * M;
+    const int64_t* tp = rows.tp + g * M * s.W;
+    const T* gcos = cos + g * M * Dh;
+    const T* gsin = sin + g * M * Dh;
+    const bool sandwich = weight(12).has_value();
     add_rms_norm_rows<T>(xp, l == 0 ? nullptr : delta, norm(0), h, M, D, s.eps);
     linear_rows(h, *weight(1), weight(2), qkv, M, D, QKV, fx, fy);
+    if (weight(10).has_value())  // q and k norms, per head, in place
+      for (int64_t t = 0; t < M; ++t) {
+        T* row = qkv + t * QKV;
+        add_rms_norm_rows<T>(row, nullptr, norm(10), row, s.H, Dh, s.eps);
+        add_rms_norm_rows<T>(row + HD, nullptr, norm(11), row + HD, s.KVH, Dh, s.eps);
+      }
     for (int64_t t = 0; t < M; ++t)
-      rope_store_row(qkv + t * QKV, cos + t * Dh, sin + t * Dh, q + t * HD, kp, vp, sp[t], s.H,
-                     s.KVH, Dh, s.S);
+      rope_store_row(qkv + t * QKV, gcos + t * Dh, gsin + t * Dh, q + t * HD, kp, vp, sp[t], s.H,
+                     s.KVH, Dh, S);
     // Attention reads float32 queries and writes float32 rows, as the paged_decode op does.
     const float* fq = reinterpret_cast<const float*>(q);
     float* fo = reinterpret_cast<float*>(attn);
@@ -387,15 +433,23 @@ static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optiona
       fq = fx;
       fo = fy;
     }
-    paged_decode_impl(fq, static_cast<const T*>(kp), static_cast<const T*>(vp), tp, lp, fo, M,
-                      s.H, Dh, s.KVH, s.S, s.W, s.block_size, s.scale, s.softcap, windows[l]);
+    paged_decode_impl(fq, static_cast<const T*>(kp), static_cast<const T*>(vp), tp, rows.lp, fo,
+                      M, s.H, Dh, s.KVH, S, s.W, s.block_size, s.scale, s.softcap, windows[l],
+                      nullptr, nullptr, nullptr, rows.qs, rows.NS);
     if constexpr (!std::is_same_v<T, float>)
       for (int64_t i = 0; i < M * HD; ++i) attn[i] = static_cast<T>(fy[i]);
     linear_rows(attn, *weight(3), weight(4), o, M, HD, D, fx, fy);
-    add_rms_norm_rows<T>(xp, o, norm(5), h, M, D, s.eps);
+    if (sandwich) {  // x += norm(o); h = norm(x) before the MLP
+      add_rms_norm_rows<T>(o, nullptr, norm(5), o, M, D, s.eps);
+      add_rms_norm_rows<T>(xp, o, norm(12), h, M, D, s.eps);
+    } else {
+      add_rms_norm_rows<T>(xp, o, norm(5), h, M, D, s.eps);
+    }
     linear_rows(h, *weight(6), weight(7), gu, M, D, 2 * I, fx, fy);
-    silu_mul_rows(gu, mid, M, I);
+    if (s.gelu) gelu_tanh_mul_rows(gu, mid, M, I);
+    else silu_mul_rows(gu, mid, M, I);
     linear_rows(mid, *weight(8), weight(9), delta, M, I, D, fx, fy);
+    if (sandwich) add_rms_norm_rows<T>(delta, nullptr, norm(13), delta, M, D, s.eps);
   }
   auto out = at::empty_like(x);
   const T* final_norm = static_cast<const T*>(w.get(layers * PER_LAYER)->data_ptr());
@@ -403,97 +457,152 @@ static at::Tensor decode_layers_impl(at::Tensor& x, const c10::List<c10::optiona
   return out;
 }
 
+// What decode_layers and decode_logits check alike: a group per layer, each in range, and the
+// query starts (when given) from 0 to the number of rows.
+static void check_rows(int64_t M, int64_t layers, int64_t num_groups, at::IntArrayRef groups,
+                       at::IntArrayRef windows, const int64_t* qs, int64_t NS, const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(groups.size()) == layers &&
+                  static_cast<int64_t>(windows.size()) == layers,
+              op, ": a KV group and a window per layer");
+  for (int64_t g : groups)
+    TORCH_CHECK(g >= 0 && g < num_groups, op, ": a layer's KV group has no slots or tables");
+  if (qs != nullptr) {
+    TORCH_CHECK(NS >= 0 && qs[0] == 0 && qs[NS] == M, op,
+                ": query_starts [sequences + 1] from 0 to the number of rows");
+    for (int64_t i = 0; i < NS; ++i)
+      TORCH_CHECK(qs[i] <= qs[i + 1], op, ": query_starts must not decrease");
+  }
+}
+
 // x [M, D], the step's embeddings: the residual stream, updated in place. Returns the final
 // norm's output [M, D]. weights: PER_LAYER per layer (norms in x's dtype, packed projections,
 // float32 biases or None), then the final norm. caches: k, v of every layer [KVH, S, Dh].
+// slots [groups, M], tables [groups, M, W] (one block table per row and group); cos / sin
+// [groups, M, Dh]; groups: each layer's KV group; query_starts: see StepRows.
 at::Tensor decode_layers(at::Tensor x, const c10::List<c10::optional<at::Tensor>>& weights,
                          at::TensorList caches, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& slots, const at::Tensor& tables,
-                         const at::Tensor& lens, int64_t block_size, int64_t heads,
+                         const at::Tensor& lens, const c10::optional<at::Tensor>& query_starts,
+                         at::IntArrayRef groups, int64_t block_size, int64_t heads,
                          int64_t kv_heads, at::IntArrayRef windows, double eps, double scale,
-                         double softcap) {
-  const int64_t layers = static_cast<int64_t>(caches.size()) / 2;
+                         double softcap, bool gelu) {
+  const int64_t layers = static_cast<int64_t>(caches.size()) / 2, M = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x [rows, hidden]");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1 &&
-                  static_cast<int64_t>(windows.size()) == layers,
-              "decode_layers: weights and windows per layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1,
+              "decode_layers: weights per layer");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_layers: cos, sin");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(1) == M && tables.dim() == 3 &&
+                  tables.size(0) == slots.size(0) && tables.size(1) == M,
+              "decode_layers: slots [groups, rows] and tables [groups, rows, width]");
+  TORCH_CHECK(cos.numel() == sin.numel() && cos.numel() == slots.numel() * caches[0].size(-1),
+              "decode_layers: cos, sin [groups, rows, head_dim]");
   const at::Tensor& k0 = caches[0];
-  StepShape s{x.size(0), x.size(1), heads, kv_heads, k0.size(-1), k0.size(1), tables.size(1),
-              block_size, weights.get(8)->size(1), static_cast<float>(eps),
-              static_cast<float>(scale), static_cast<float>(softcap)};
+  StepShape s{M, x.size(1), heads, kv_heads, k0.size(-1), tables.size(2), block_size,
+              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale),
+              static_cast<float>(softcap), gelu};
   auto slots64 = slots.to(at::kLong).contiguous();
   auto tables64 = tables.to(at::kLong).contiguous();
   auto lens64 = lens.to(at::kLong).contiguous();
-  const int64_t* sp = slots64.data_ptr<int64_t>();
-  const int64_t* tp = tables64.data_ptr<int64_t>();
-  const int64_t* lp = lens64.data_ptr<int64_t>();
+  at::Tensor starts64;
+  if (query_starts.has_value()) starts64 = query_starts->to(at::kLong).contiguous();
+  const int64_t* qs = starts64.defined() ? starts64.data_ptr<int64_t>() : nullptr;
+  const int64_t NS = starts64.defined() ? starts64.numel() - 1 : M;
+  check_rows(M, layers, slots.size(0), groups, windows, qs, NS, "decode_layers");
+  StepRows rows{slots64.data_ptr<int64_t>(), tables64.data_ptr<int64_t>(),
+                lens64.data_ptr<int64_t>(), qs, NS, groups};
   if (x.scalar_type() == at::kBFloat16)
     return decode_layers_impl(x, weights, caches, cos.data_ptr<at::BFloat16>(),
-                              sin.data_ptr<at::BFloat16>(), sp, tp, lp, windows, s);
+                              sin.data_ptr<at::BFloat16>(), rows, windows, s);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: float32 or bfloat16");
-  return decode_layers_impl(x, weights, caches, cos.data_ptr<float>(), sin.data_ptr<float>(), sp,
-                            tp, lp, windows, s);
+  return decode_layers_impl(x, weights, caches, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                            rows, windows, s);
 }
 
 // A whole decode step from token ids to float32 logits, for a runner that skips building the
-// step's tensors: ids, positions, slots, block tables (flattened, `width` per row) and context
-// lengths come as integer lists; cos / sin are the whole rope tables [positions, Dh]. The
-// embedding rows, the layers (decode_layers) and the head (weights from blocked_pack) run here;
-// the logits are rounded to x's dtype before float32, as the per-op path rounds them.
+// step's tensors: ids, positions, slots (per group), block tables (per group, flattened,
+// `width` per row), context lengths and query starts (empty: every row its own sequence) come
+// as integer lists; cos / sin are the whole rope tables [positions, Dh], one per KV group.
+// embed_scale (Gemma; 0: none) multiplies the embedding rows, rounded to their dtype first as
+// the per-op path does; softcap / final_softcap (Gemma 2; 0: none) cap the attention scores
+// and the logits. The embedding rows,
+// the layers (decode_layers) and the head (weights from blocked_pack) run here; the logits are
+// rounded to x's dtype before float32, as the per-op path rounds them.
 template <typename T>
 static at::Tensor decode_logits_impl(const at::Tensor& embed, at::IntArrayRef ids,
                                      at::IntArrayRef positions, at::IntArrayRef windows,
                                      const c10::List<c10::optional<at::Tensor>>& weights,
-                                     at::TensorList caches, const at::Tensor& cos,
-                                     const at::Tensor& sin, const at::Tensor& head, int64_t vocab,
-                                     const int64_t* sp, const int64_t* tp, const int64_t* lp,
-                                     StepShape& s) {
-  const int64_t M = s.M, D = s.D, Dh = s.Dh;
+                                     at::TensorList caches, at::TensorList cos,
+                                     at::TensorList sin, double embed_scale,
+                                     const at::Tensor& head, int64_t vocab, const StepRows& rows,
+                                     StepShape& s, double final_softcap) {
+  const int64_t M = s.M, D = s.D, Dh = s.Dh, G = static_cast<int64_t>(cos.size());
   auto x = at::empty({M, D}, embed.options());
-  auto rows = at::empty({2, M, Dh}, embed.options());
-  T* c = rows.data_ptr<T>();
-  T* sn = c + M * Dh;
+  auto table = at::empty({2, G, M, Dh}, embed.options());
+  T* c = table.data_ptr<T>();
+  T* sn = c + G * M * Dh;
+  const float scale = static_cast<float>(static_cast<T>(static_cast<float>(embed_scale)));
   for (int64_t m = 0; m < M; ++m) {
-    std::copy_n(embed.data_ptr<T>() + ids[m] * D, D, x.data_ptr<T>() + m * D);
-    std::copy_n(cos.data_ptr<T>() + positions[m] * Dh, Dh, c + m * Dh);
-    std::copy_n(sin.data_ptr<T>() + positions[m] * Dh, Dh, sn + m * Dh);
+    const T* e = embed.data_ptr<T>() + ids[m] * D;
+    T* xm = x.data_ptr<T>() + m * D;
+    if (embed_scale != 0.0)
+      for (int64_t i = 0; i < D; ++i) xm[i] = static_cast<T>(static_cast<float>(e[i]) * scale);
+    else
+      std::copy_n(e, D, xm);
+    for (int64_t g = 0; g < G; ++g) {
+      std::copy_n(cos[g].data_ptr<T>() + positions[m] * Dh, Dh, c + (g * M + m) * Dh);
+      std::copy_n(sin[g].data_ptr<T>() + positions[m] * Dh, Dh, sn + (g * M + m) * Dh);
+    }
   }
-  at::Tensor hidden = decode_layers_impl<T>(x, weights, caches, c, sn, sp, tp, lp, windows, s);
+  at::Tensor hidden = decode_layers_impl<T>(x, weights, caches, c, sn, rows, windows, s);
   auto logits = at::empty({M, vocab}, embed.options().dtype(at::kFloat));
   at::Tensor fh = hidden.to(at::kFloat);
   linear_f32(fh.data_ptr<float>(), head, nullptr, logits.data_ptr<float>(), M, D, vocab);
-  if constexpr (!std::is_same_v<T, float>) return logits.to(embed.scalar_type()).to(at::kFloat);
-  return logits;
+  if constexpr (!std::is_same_v<T, float>) logits = logits.to(embed.scalar_type());
+  if (final_softcap > 0.0)  // Gemma 2: tanh(logits / cap) * cap, in the logits' dtype
+    logits = at::tanh(logits / final_softcap) * final_softcap;
+  return logits.to(at::kFloat);
 }
 
 at::Tensor decode_logits(const at::Tensor& embed, at::IntArrayRef ids, at::IntArrayRef positions,
                          at::IntArrayRef slots, at::IntArrayRef tables, int64_t width,
-                         at::IntArrayRef lens, const at::Tensor& cos, const at::Tensor& sin,
-                         const c10::List<c10::optional<at::Tensor>>& weights,
+                         at::IntArrayRef lens, at::IntArrayRef query_starts,
+                         at::IntArrayRef groups, at::TensorList cos, at::TensorList sin,
+                         double embed_scale, const c10::List<c10::optional<at::Tensor>>& weights,
                          at::TensorList caches, const at::Tensor& head, int64_t vocab,
                          int64_t block_size, int64_t heads, int64_t kv_heads,
-                         at::IntArrayRef windows, double eps, double scale) {
+                         at::IntArrayRef windows, double eps, double scale, bool gelu,
+                         double softcap, double final_softcap) {
   const int64_t M = static_cast<int64_t>(ids.size()), layers = caches.size() / 2;
-  TORCH_CHECK(positions.size() == ids.size() && slots.size() == ids.size() &&
-                  lens.size() == ids.size() && static_cast<int64_t>(tables.size()) == M * width,
-              "decode_logits: one position, slot, length and table row per id");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1 &&
-                  static_cast<int64_t>(windows.size()) == layers,
-              "decode_logits: weights and windows per layer");
-  TORCH_CHECK(embed.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
-                  cos.scalar_type() == embed.scalar_type(),
-              "decode_logits: embedding and rope tables");
+  const int64_t num_groups = M > 0 ? static_cast<int64_t>(slots.size()) / M : 0;
+  TORCH_CHECK(M > 0 && positions.size() == ids.size() && lens.size() == ids.size() &&
+                  static_cast<int64_t>(slots.size()) == num_groups * M &&
+                  static_cast<int64_t>(tables.size()) == num_groups * M * width,
+              "decode_logits: one position and length per id, a slot and a table row per id "
+              "and KV group");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * PER_LAYER + 1,
+              "decode_logits: weights per layer");
+  TORCH_CHECK(embed.is_contiguous() && static_cast<int64_t>(cos.size()) == num_groups &&
+                  sin.size() == cos.size(),
+              "decode_logits: the embedding, and a rope table per KV group");
+  for (size_t g = 0; g < cos.size(); ++g)
+    TORCH_CHECK(cos[g].is_contiguous() && sin[g].is_contiguous() &&
+                    cos[g].scalar_type() == embed.scalar_type(),
+                "decode_logits: rope tables [positions, head_dim] in the embedding's dtype");
+  const int64_t* qs = query_starts.empty() ? nullptr : query_starts.data();
+  const int64_t NS = query_starts.empty() ? M : static_cast<int64_t>(query_starts.size()) - 1;
+  check_rows(M, layers, num_groups, groups, windows, qs, NS, "decode_logits");
   const at::Tensor& k0 = caches[0];
-  StepShape s{M, embed.size(1), heads, kv_heads, k0.size(-1), k0.size(1), width, block_size,
-              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale), 0.0f};
+  StepShape s{M, embed.size(1), heads, kv_heads, k0.size(-1), width, block_size,
+              weights.get(8)->size(1), static_cast<float>(eps), static_cast<float>(scale),
+              static_cast<float>(softcap), gelu};
+  StepRows rows{slots.data(), tables.data(), lens.data(), qs, NS, groups};
   if (embed.scalar_type() == at::kBFloat16)
     return decode_logits_impl<at::BFloat16>(embed, ids, positions, windows, weights, caches, cos,
-                                            sin, head, vocab, slots.data(), tables.data(),
-                                            lens.data(), s);
+                                            sin, embed_scale, head, vocab, rows, s,
+                                            final_softcap);
   TORCH_CHECK(embed.scalar_type() == at::kFloat, "decode_logits: float32 or bfloat16");
   return decode_logits_impl<float>(embed, ids, positions, windows, weights, caches, cos, sin,
-                                   head, vocab, slots.data(), tables.data(), lens.data(), s);
+                                   embed_scale, head, vocab, rows, s, final_softcap);
 }
 
 TORCH_LIBRARY(enginehouse_decode, m) {
@@ -508,16 +617,18 @@ TORCH_LIBRARY(enginehouse_decode, m) {
   m.impl("add_rms_norm", c10::DispatchKey::CPU, &add_rms_norm);
   m.impl("silu_mul", c10::DispatchKey::CPU, &silu_mul);
   m.def("decode_layers(Tensor(a!) x, Tensor?[] weights, Tensor(b!)[] caches, Tensor cos, "
-        "Tensor sin, Tensor slots, Tensor tables, Tensor lens, int block_size, int heads, "
-        "int kv_heads, int[] windows, float eps, float scale, float softcap) -> Tensor");
+        "Tensor sin, Tensor slots, Tensor tables, Tensor lens, Tensor? query_starts, "
+        "int[] groups, int block_size, int heads, int kv_heads, int[] windows, float eps, "
+        "float scale, float softcap, bool gelu) -> Tensor");
   m.impl("rope_store", c10::DispatchKey::CPU, &rope_store);
   m.def("rope_store_inplace(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, Tensor slots, int heads, int kv_heads) -> Tensor(a!)");
   m.impl("rope_store_inplace", c10::DispatchKey::CPU, &rope_store_inplace);
   m.def("decode_logits(Tensor embed, int[] ids, int[] positions, int[] slots, int[] tables, "
-        "int width, int[] lens, Tensor cos, Tensor sin, Tensor?[] weights, Tensor(a!)[] caches, "
+        "int width, int[] lens, int[] query_starts, int[] groups, Tensor[] cos, Tensor[] sin, "
+        "float embed_scale, Tensor?[] weights, Tensor(a!)[] caches, "
         "Tensor head, int vocab, int block_size, int heads, int kv_heads, int[] windows, "
-        "float eps, float scale) -> Tensor");
+        "float eps, float scale, bool gelu, float softcap, float final_softcap) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, &decode_layers);
   m.impl("decode_logits", c10::DispatchKey::CPU, &decode_logits);
 }

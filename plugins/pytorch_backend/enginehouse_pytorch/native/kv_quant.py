@@ -12,10 +12,12 @@
 
 The K/V of the tokens computed in a step are attended in full precision by that step's
 prefill; every read of the cache (decodes, later chunks of a prompt) dequantizes what it
-gathers. The torch attention path (`QuantizedAttention`) reads both; the decode kernels that
-read them in place are the C++ int8 one on the CPU (`CpuInt8Attention`) and Triton's on CUDA,
-int8 and fp8 (`TritonInt8Attention`, `TritonFp8Attention`). The one-call CPU decode step and
-CUDA graphs keep to the float cache (native_runner picks the kernel).
+reads. `QuantizedAttention` is the torch path (it dequantizes what it gathers); the decodes
+read the quantized cache in place where a kernel can: the C++ paged kernel on the CPU (int8
+and fp8, `cpu_kernels.CpuInt8Attention` / `CpuFp8Attention`), Triton's on CUDA (int8 and fp8,
+`TritonInt8Attention`, `TritonFp8Attention`). The fused CPU ops, the one-call decode step and
+CUDA graphs write a float cache only: a quantized cache runs the per-op path (native_runner
+picks the attention).
 """
 
 from __future__ import annotations
