@@ -81,11 +81,8 @@ class DraftingRunner(NativeRunner):
     def allocate_kv(self, num_blocks: int) -> None:
         super().allocate_kv(num_blocks)
         self.graphs = None  # a captured step keeps no hidden states for the head
-        self.drafter.allocate(self._head_blocks(num_blocks))  # type: ignore[union-attr]
-
-    def _head_blocks(self, num_blocks: int) -> int:
-        """How many blocks the head's cache mirrors: the target's (group 0's) blocks."""
-        return num_blocks
+        # The head's cache mirrors group 0's blocks (the table it follows).
+        self.drafter.allocate(self._group_counts(num_blocks)[0])  # type: ignore[union-attr]
 
     def profile_run(self, num_tokens: int) -> None:
         super().profile_run(num_tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enginehouse.plugin_api import RunnerCapabilities
 
 from .draft_runner import DraftingRunner
-from .hybrid_runner import FULL, HybridRunner
+from .hybrid_runner import HybridRunner
 
 
 class HybridDraftingRunner(DraftingRunner, HybridRunner):
@@ -24,11 +24,3 @@ class HybridDraftingRunner(DraftingRunner, HybridRunner):
         drafts_tokens=True,
         finishes_sequences=True,
     )
-
-    def _head_blocks(self, num_blocks: int) -> int:
-        """The full-attention group's share of `num_blocks` (its block ids are below it)."""
-        cfg = self.config
-        plans = self.kv_spec.group_blocks(
-            num_blocks, self.context, cfg.max_num_batched_tokens, cfg.max_batch_size
-        )
-        return plans[FULL].blocks

@@ -83,11 +83,7 @@ class HybridRunner(NativeRunner):
         in `self.kv` is its part of the state pool, one slot per block of the state group.
         (The profiling pass's `counts` name the paged group only: one slot is enough.)"""
         if counts is None:
-            cfg = self.config
-            plans = self.kv_spec.group_blocks(
-                num_blocks, self.context, cfg.max_num_batched_tokens, cfg.max_batch_size
-            )
-            counts = [p.blocks for p in plans]
+            counts = self._group_counts(num_blocks)
         slots = counts[STATE] if len(counts) > STATE else 1
         a, linear = self.arch, self.linear
         (group,) = kv_cache.allocate(

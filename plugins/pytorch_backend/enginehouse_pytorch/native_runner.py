@@ -238,15 +238,21 @@ class NativeRunner:
         self.caches = []
         torch.cuda.synchronize(self.device)
 
+    def _group_counts(self, num_blocks: int) -> list[int]:
+        """Each KV group's share of `num_blocks`, as the engine shares them."""
+        if not self.kv_spec.groups:
+            return [num_blocks]
+        cfg = self.config
+        plans = self.kv_spec.group_blocks(
+            num_blocks, self.context, cfg.max_num_batched_tokens, cfg.max_batch_size
+        )
+        return [p.blocks for p in plans]
+
     def _allocate(self, num_blocks: int, counts: list[int] | None = None) -> None:
         """The KV tensors: one per layer group (`native.kv_cache`), `num_blocks` shared out
         between the groups as the engine shares them (`KVSpec.group_blocks`)."""
         if counts is None:
-            counts = [num_blocks]
-            if self.kv_spec.groups:
-                chunk = self.config.max_num_batched_tokens
-                plans = self.kv_spec.group_blocks(num_blocks, self.context, chunk)
-                counts = [p.blocks for p in plans]
+            counts = self._group_counts(num_blocks)
         a = self.arch
         if a.mla is not None:  # one group: a [slots, latent + rope key] tensor per layer
             null = counts[0] * self.block_size
