@@ -32,6 +32,14 @@ def spec(method: str, head: Path | None = None, k: int = 3) -> dict:
     return {**out, "model": str(head)} if head is not None else out
 
 
+def runner_proposals(runner, prompt: list[int], nxt: int, k: int, seq_id: int) -> list[list[int]]:
+    """The runner's head proposals after it prefilled `prompt` (blocks 0-7), `nxt` to follow."""
+    table = tuple(range(8))
+    chunk = SeqChunk(seq_id, tuple(prompt), 0, table, (len(prompt) - 1,))
+    runner.execute(ScheduledBatch((chunk,), runner.block_size))
+    return runner.propose_tokens([DraftRequest(seq_id, prompt + [nxt], len(prompt), table, k)])
+
+
 @pytest.fixture(scope="module")
 def target(models_dir):
     """A 4-layer Llama with tied embeddings and its layers' outputs scaled down (x0.1): it
@@ -295,10 +303,7 @@ def test_eagle3_head_matches_a_torch_reference(target, eagle3_head):
 
     with open_pipe(target, speculative_config=spec("eagle3", eagle3_head, k)) as pipe:
         runner = pipe.runner
-        table = tuple(range(8))
-        chunk = SeqChunk(9, tuple(prompt), 0, table, (len(prompt) - 1,))
-        runner.execute(ScheduledBatch((chunk,), runner.block_size))
-        got = runner.propose_tokens([DraftRequest(9, ids, len(prompt), table, k)])
+        got = runner_proposals(runner, prompt, nxt, k, seq_id=9)
         runner.finish_sequence(9)
     assert got == [expected]
     assert all(d % 2 == 1 for d in expected)  # mapped through d2t
@@ -524,10 +529,7 @@ def test_eagle1_head_matches_a_torch_reference(target, eagle1_heads):
 
     with open_pipe(target, speculative_config=spec("eagle", head, k)) as pipe:
         runner = pipe.runner
-        table = tuple(range(8))
-        chunk = SeqChunk(5, tuple(prompt), 0, table, (len(prompt) - 1,))
-        runner.execute(ScheduledBatch((chunk,), runner.block_size))
-        got = runner.propose_tokens([DraftRequest(5, ids, len(prompt), table, k)])
+        got = runner_proposals(runner, prompt, nxt, k, seq_id=5)
     assert got == [expected]
 
 
@@ -683,10 +685,7 @@ def test_mtp_head_matches_a_reference_on_transformers_layers(deepseek_mtp):
 
     with open_pipe(folder, speculative_config=spec("mtp", k=k)) as pipe:
         runner = pipe.runner
-        table = tuple(range(8))
-        chunk = SeqChunk(4, tuple(prompt), 0, table, (len(prompt) - 1,))
-        runner.execute(ScheduledBatch((chunk,), runner.block_size))
-        got = runner.propose_tokens([DraftRequest(4, prompt + [nxt], len(prompt), table, k)])
+        got = runner_proposals(runner, prompt, nxt, k, seq_id=4)
     assert got == [expected]
 
 
@@ -800,10 +799,7 @@ def test_qwen_mtp_head_matches_a_reference_on_transformers_layers(family, qwen_m
     with open_pipe(folder, speculative_config=spec("mtp", k=k)) as pipe:
         runner = pipe.runner
         assert type(runner).__name__ == "HybridDraftingRunner"
-        table = tuple(range(8))
-        chunk = SeqChunk(4, tuple(prompt), 0, table, (len(prompt) - 1,))
-        runner.execute(ScheduledBatch((chunk,), runner.block_size))
-        got = runner.propose_tokens([DraftRequest(4, prompt + [nxt], len(prompt), table, k)])
+        got = runner_proposals(runner, prompt, nxt, k, seq_id=4)
     assert got == [expected]
 
 
