@@ -492,11 +492,7 @@ def build_gemma3_vlm(folder: Path, tokens_per_image: int = 16) -> Path:
     )
     torch.manual_seed(0)
     model = tf.Gemma3ForConditionalGeneration(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    _randomize_constant_parameters(model)
     model.generation_config.do_sample = False
     model.save_pretrained(folder)
     # The PIL processor: the default one wants torchvision, and says so when it is missing.
@@ -579,11 +575,7 @@ def build_qwen3_5_vl(folder: Path, moe: bool = False) -> Path:
     )
     torch.manual_seed(0)
     model = cls(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # norms and biases: random, so that a dropped one would show
-        for p in model.parameters():
-            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    _randomize_constant_parameters(model)
     model.generation_config.do_sample = False
     model.save_pretrained(folder)
     # 4 to 16 merged tokens per image: 32x32-pixel units, 2x2 patches of 16 pixels each.
@@ -591,3 +583,15 @@ def build_qwen3_5_vl(folder: Path, moe: bool = False) -> Path:
         min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32, patch_size=16, merge_size=2
     ).save_pretrained(folder)
     return folder
+
+
+def _randomize_constant_parameters(model) -> None:
+    """transformers initialises norms to 1 (Gemma's to 0), biases and some projections to 0:
+    random values instead, so that a loader dropping or swapping one would show."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
