@@ -255,9 +255,10 @@ def phi3(config: Mapping[str, Any]) -> Arch:
     return Arch(**_common(config, "phi3"))
 
 
-def gemma2(config: Mapping[str, Any]) -> Arch:
-    return Arch(
-        **_common(config, "gemma2"),
+def _gemma(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What Gemma 2 and 3 share beyond the common fields: (1 + w) and sandwich norms, scaled
+    embeddings, the `query_pre_attn_scalar` scale and (Gemma 2's) soft-caps."""
+    return dict(
         norm_plus_one=True,
         sandwich_norm=True,
         embed_scale=config["hidden_size"] ** 0.5,
@@ -265,6 +266,10 @@ def gemma2(config: Mapping[str, Any]) -> Arch:
         attn_softcap=config.get("attn_logit_softcapping"),
         final_softcap=config.get("final_logit_softcapping"),
     )
+
+
+def gemma2(config: Mapping[str, Any]) -> Arch:
+    return Arch(**_common(config, "gemma2"), **_gemma(config))
 
 
 def gemma3(config: Mapping[str, Any]) -> Arch:
@@ -285,12 +290,7 @@ def gemma3(config: Mapping[str, Any]) -> Arch:
         **{**common, "rope": global_rope},
         rope_local=local_rope,
         qk_norm=True,
-        norm_plus_one=True,
-        sandwich_norm=True,
-        embed_scale=config["hidden_size"] ** 0.5,
-        attn_scale=config.get("query_pre_attn_scalar", 256) ** -0.5,
-        attn_softcap=config.get("attn_logit_softcapping"),
-        final_softcap=config.get("final_logit_softcapping"),
+        **_gemma(config),
     )
 
 
