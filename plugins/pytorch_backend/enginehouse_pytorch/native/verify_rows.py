@@ -1,11 +1,13 @@
 """Speculative verification for a kernel that takes several queries per sequence.
 
 A verify chunk (a sequence's last token and its K proposals, `SeqChunk.verify`) attends as
-K + 1 decode rows. The torch path and the CPU kernels take one row per position, each with its
-own table and length (`native_runner._decode_rows`), so each position re-reads its context. A
+K + 1 decode rows, each with its own table and length (`native_runner._decode_rows`). The torch
+path attends each row on its own, re-reading its context; the C++ CPU kernel groups a
+sequence's rows by `StepMeta.query_starts` (`cpu_step.query_starts`) and reads its K/V once. A
 kernel whose class says `multi_query = True` (`TritonAttention`) instead takes one table and
 length per sequence and `StepMeta.queries` saying which rows are its queries: the kernel reads
-each K/V tile once for all of a sequence's queries, causal among them.
+each K/V tile once for all of a sequence's queries, causal among them. (Two forms of the same
+grouping, one per kernel's interface.)
 """
 
 from __future__ import annotations
