@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from enginehouse.bench import format_table, measure, report
-from enginehouse.testing import build_tokenizer
+from enginehouse.testing import build_model
 
 SHAPE = dict(
     vocab_size=8000,
@@ -52,10 +52,7 @@ SHAPE = dict(
 def build() -> Path:
     folder = Path("bench-models") / "deepseek-v3-tiny"
     if not (folder / "config.json").is_file():
-        build_tokenizer(folder, SHAPE["vocab_size"])
-        torch.manual_seed(0)
-        config = transformers.DeepseekV3Config(**SHAPE)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        build_model(folder, transformers.DeepseekV3Config(**SHAPE))
     return folder
 
 

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from enginehouse.bench import format_table, measure, report
-from enginehouse.testing import build_tokenizer
+from enginehouse.testing import build_model
 
 COMMON = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, bos_token_id=1)
 COMMON.update(eos_token_id=2, pad_token_id=0, max_position_embeddings=4096)
@@ -74,11 +74,7 @@ def build(name: str) -> Path:
     folder = Path("bench-models") / "families" / name
     if not (folder / "config.json").is_file():
         config_class, shape = SHAPES[name]
-        build_tokenizer(folder, shape["vocab_size"])
-        torch.manual_seed(0)
-        config = getattr(transformers, config_class)(**shape)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(folder)
+        build_model(folder, getattr(transformers, config_class)(**shape))
     return folder
 
 

@@ -43,16 +43,11 @@ SHAPE = dict(
 def build() -> None:
     if (FOLDER / "config.json").is_file():
         return
-    import torch
     import transformers
 
-    from enginehouse.testing import build_tokenizer
+    from enginehouse.testing import build_model
 
-    build_tokenizer(FOLDER, SHAPE["vocab_size"])
-    torch.manual_seed(0)
-    config = transformers.GptOssConfig(**SHAPE)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(FOLDER)
+    build_model(FOLDER, transformers.GptOssConfig(**SHAPE))
 
 
 def measure(backend: str, rounds: int, new: int) -> dict:

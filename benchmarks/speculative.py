@@ -144,7 +144,7 @@ def deepseek_mtp(root: Path) -> Path:
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from enginehouse.testing import build_tokenizer
+    from enginehouse.testing import build_model
 
     folder = root / "deepseek-v3-mtp"
     if (folder / "config.json").is_file():
@@ -171,9 +171,7 @@ def deepseek_mtp(root: Path) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    build_tokenizer(folder, 32000)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_model(folder, config)
     tensors = load_file(folder / "model.safetensors")
     for name in list(tensors):
         if name.startswith("model.layers.3."):
@@ -199,11 +197,10 @@ def deepseek_mtp(root: Path) -> Path:
 def hybrid_target(models: Path) -> Path:
     """A random Qwen3.5 text model (hybrid: linear and full attention), its layers' outputs
     scaled down so that greedy decoding repeats (prompt lookup's best case, as the Llama's)."""
-    import torch
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from enginehouse.testing import build_tokenizer
+    from enginehouse.testing import build_model
 
     folder = models / "qwen3.5-hybrid-bench"
     if (folder / "config.json").is_file():
@@ -226,9 +223,7 @@ def hybrid_target(models: Path) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    build_tokenizer(folder, 32000)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_model(folder, config)
     tensors = load_file(folder / "model.safetensors")
     for name in tensors:
         if any(k in name for k in ("o_proj", "down_proj", "out_proj")):
